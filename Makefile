@@ -1,0 +1,73 @@
+# branchbox: the two commands a user needs are `make run` and `make test` (Debian 12, as root).
+# Every step is idempotent and skipped when nothing changed.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BB := $(VENV)/bin/branchbox
+DATA_DIR ?= /var/lib/branchbox
+export BRANCHBOX_DATA_DIR ?= $(DATA_DIR)
+# tests and benchmarks reuse the templates `make run` built (content-addressed, immutable)
+export BRANCHBOX_TEST_TEMPLATES ?= $(DATA_DIR)/templates
+PYTEST_WORKERS ?= 2
+PYTEST_ARGS ?=
+
+APT_PACKAGES := mmdebstrap bubblewrap busybox-static git ca-certificates iproute2 nftables libseccomp2 \
+	python3 python3-venv tar xz-utils zstd
+BENCH_APT_PACKAGES := docker.io
+
+.PHONY: help setup apt venv template run test test-fast bench lint format clean
+
+help:
+	@echo "make run    set up (apt packages, virtualenv, default template) and start the daemon on 127.0.0.1"
+	@echo "make test   same set-up, then the whole test suite"
+	@echo "make bench  benchmarks with baselines (docker, bwrap, unshare) -> bench/results/"
+	@echo "make lint   ruff + mypy strict"
+
+setup: apt venv template
+
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+template: apt venv
+	$(BB) template build --default --data-dir $(DATA_DIR)
+
+run: setup
+	$(BB) serve --data-dir $(DATA_DIR)
+
+test: setup
+	$(PY) -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+
+test-fast: venv
+	$(PY) -m pytest -n $(PYTEST_WORKERS) -m "not slow" $(PYTEST_ARGS)
+
+bench: setup
+	@missing=$$(for p in $(BENCH_APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
+	$(PY) bench/run.py --data-dir $(DATA_DIR)
+
+lint: venv
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/mypy
+
+format: venv
+	$(VENV)/bin/ruff format src tests bench
+	$(VENV)/bin/ruff check --fix src tests bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

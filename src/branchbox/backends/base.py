@@ -1,0 +1,103 @@
+"""The protocol every isolation backend implements, and the data it exchanges with the core.
+
+A backend only manages a sandbox's *lifecycle* (boot, pause, resume, destroy, re-attach). Everything that happens
+*inside* a sandbox goes through the agent protocol (:mod:`branchbox.agent`), the same for every backend: a backend
+hands the core the path of a unix socket on which the in-sandbox agent listens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from branchbox.core.models import Resources
+from branchbox.core.timing import PhaseTimer
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a backend can do. Callers check these instead of catching NotImplementedError."""
+
+    pause: bool = False
+    fs_snapshot: bool = False
+    memory_snapshot: bool = False
+    fork: bool = False  # filesystem fork (container) or memory fork (microvm, when memory_snapshot)
+    network: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class IdMap:
+    """Root inside a sandbox maps to ``host_base`` on the host; ``count`` ids are mapped."""
+
+    host_base: int = 100000
+    count: int = 65536
+
+
+@dataclass(frozen=True, slots=True)
+class BootSpec:
+    """Everything a backend needs to boot one sandbox. Paths are host paths."""
+
+    sandbox_id: str
+    layers: Sequence[Path]  # read-only lower layers, topmost first (the template rootfs is last)
+    upper_dir: Path  # writable overlay upper, owned by idmap.host_base
+    work_dir: Path  # overlay work dir, same filesystem as upper_dir
+    run_dir: Path  # host-only directory for the agent socket and backend bookkeeping (not visible inside)
+    agent_dir: Path  # host directory holding the agent code; bind-mounted read-only at /.branchbox inside
+    python: str  # python3 inside the rootfs that runs the agent
+    hostname: str
+    resources: Resources
+    env: Mapping[str, str] = field(default_factory=dict)  # base environment of every process the agent starts
+    workdir: str = "/"
+    idmap: IdMap = field(default_factory=IdMap)
+    network: bool = False  # False: loopback only
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxHandle:
+    """What the core keeps (and persists) about a booted sandbox to talk to it and re-attach after a restart."""
+
+    sandbox_id: str
+    pid: int  # host pid of the sandbox's init (the agent for containers, QEMU for microVMs)
+    pid_start_time: int  # from /proc/PID/stat field 22; guards against pid reuse after a restart
+    agent_socket: Path
+    extra: Mapping[str, str] = field(default_factory=dict)  # backend-specific (cgroup paths, ...)
+
+
+class Backend(Protocol):
+    """An isolation technology. Methods are idempotent where the docstring says so."""
+
+    name: str
+    capabilities: Capabilities
+
+    async def start(self) -> None:
+        """Prepare host-wide resources (helper processes, parent cgroups). Called once by the Manager."""
+
+    async def boot(self, spec: BootSpec, timer: PhaseTimer) -> SandboxHandle:
+        """Start a sandbox whose agent listens on the returned ``agent_socket``.
+
+        On failure everything made so far is removed before the error propagates (a BranchboxError).
+        """
+
+    def is_alive(self, handle: SandboxHandle) -> bool:
+        """True when the sandbox's init process still runs (pid and start time match)."""
+
+    async def wait_exit(self, handle: SandboxHandle) -> None:
+        """Return when the sandbox's init has exited (event-driven, no polling)."""
+
+    async def pause(self, handle: SandboxHandle) -> None:
+        """Freeze every process of the sandbox. Only when ``capabilities.pause``."""
+
+    async def resume(self, handle: SandboxHandle) -> None:
+        """Thaw a paused sandbox. Only when ``capabilities.pause``."""
+
+    async def destroy(self, sandbox_id: str, handle: SandboxHandle | None) -> None:
+        """Kill every process and remove every cgroup, mount and file the backend made. Idempotent; works for a
+        sandbox whose boot failed half-way (``handle`` is then None)."""
+
+    async def cleanup_orphans(self, keep: set[str]) -> list[str]:
+        """Remove backend resources (cgroups, processes, run dirs) of sandboxes not in ``keep``; return their ids."""
+
+    async def aclose(self) -> None:
+        """Release host-wide resources; running sandboxes are left running."""

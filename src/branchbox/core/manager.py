@@ -1,0 +1,603 @@
+"""The Manager: the only code that changes sandbox state.
+
+Every control-plane operation is one method here; HTTP, CLI and SDK only translate to and from these calls.
+Allowed states per command (anything else raises InvalidStateError, code ``invalid_state``):
+
+=====================  ===========================
+command                allowed in state
+=====================  ===========================
+create                 (new)
+get, list              any
+exec, spawn, attach,   running
+files, processes
+pause                  running
+resume                 paused
+set_timeout            running, paused
+destroy                any but destroyed
+=====================  ===========================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import shutil
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from branchbox.agent.client import AgentClient, ProcessHandle
+from branchbox.backends.base import Backend, BootSpec, SandboxHandle
+from branchbox.core import validate
+from branchbox.core.agent_install import install_agent
+from branchbox.core.events import ManagerEvent, Subscriber
+from branchbox.core.models import (
+    ExecResult,
+    FileEntry,
+    ProcessInfo,
+    Resources,
+    SandboxInfo,
+    SandboxState,
+    TemplateInfo,
+)
+from branchbox.core.settings import ManagerSettings
+from branchbox.core.store import Store
+from branchbox.core.timing import PhaseTimer
+from branchbox.errors import (
+    AgentDisconnectedError,
+    BranchboxError,
+    InvalidStateError,
+    LimitExceededError,
+    NotSupportedError,
+    SandboxNotFoundError,
+)
+from branchbox.images.store import TemplateStore
+from branchbox.storage.overlay import prepare_sandbox_dirs, remove_sandbox_dirs
+
+log = logging.getLogger("branchbox.manager")
+
+OutputCallback = Callable[[bytes], object]
+_ACTIVE = (SandboxState.CREATING, SandboxState.RUNNING, SandboxState.PAUSED)
+
+
+def new_sandbox_id() -> str:
+    """20 lowercase hex characters: safe in URLs, hostnames and cgroup names."""
+    return secrets.token_hex(10)
+
+
+def make_backend(kind: str, settings: ManagerSettings) -> Backend:
+    """The backend registry: kind -> backend, imported lazily so unused backends cost nothing."""
+    if kind == "container":
+        from branchbox.backends.container import ContainerBackend  # noqa: PLC0415 - lazy by design
+
+        return ContainerBackend(settings.data_dir / "run", cgroup_parent=settings.cgroup_parent)
+    raise NotSupportedError(f"backend {kind!r} is not available here; use one of: container")
+
+
+@dataclass(slots=True)
+class _Live:
+    """In-memory state of a sandbox that has (or had) processes."""
+
+    info: SandboxInfo
+    handle: SandboxHandle
+    agent: AgentClient
+    backend: Backend
+    watcher: asyncio.Task[None] | None = None
+    expiry: asyncio.TimerHandle | None = None
+    destroying: bool = False
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class Manager:
+    """In-process core. Use ``async with Manager.open(settings) as m``."""
+
+    def __init__(self, settings: ManagerSettings, *, backends: Mapping[str, Backend] | None = None) -> None:
+        self.settings = settings
+        self.templates = TemplateStore(settings.template_root, settings.idmap)
+        self._backends: dict[str, Backend] = dict(backends or {})
+        self._store: Store | None = None
+        self._live: dict[str, _Live] = {}
+        self._creating: set[str] = set()
+        self._subscribers: list[Subscriber] = []
+        self._agent_dir: Path | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle of the Manager
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(cls, settings: ManagerSettings | Path | str | None = None) -> AsyncIterator[Manager]:
+        if settings is None:
+            settings = ManagerSettings()
+        elif not isinstance(settings, ManagerSettings):
+            settings = ManagerSettings(data_dir=Path(settings))
+        m = cls(settings)
+        await m.start()
+        try:
+            yield m
+        finally:
+            await m.aclose()
+
+    async def start(self) -> None:
+        s = self.settings
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        (s.data_dir / "sandboxes").mkdir(exist_ok=True)
+        self._store = Store(s.data_dir / "state.db")
+        self._agent_dir = await asyncio.to_thread(install_agent, s.data_dir)
+        await self._backend(s.default_backend)
+        await self._reconcile()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if not self.settings.keep_sandboxes_on_shutdown:
+            await asyncio.gather(*(self._destroy(sid) for sid in list(self._live)), return_exceptions=True)
+        for live in list(self._live.values()):
+            self._cancel_timers(live)
+            await live.agent.aclose()
+        self._live.clear()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        for b in self._backends.values():
+            await b.aclose()
+        if self._store is not None:
+            self._store.close()
+
+    def subscribe(self, fn: Subscriber) -> None:
+        self._subscribers.append(fn)
+
+    # ------------------------------------------------------------------ sandbox lifecycle commands
+    async def create(
+        self,
+        *,
+        template: str = "default",
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        cpu: float = 1.0,
+        memory_mb: int = 512,
+        pids: int = 1024,
+        metadata: Mapping[str, str] | None = None,
+        backend: str | None = None,
+        hostname: str | None = None,
+    ) -> SandboxInfo:
+        """Create a sandbox from a template and return it running. Bad input changes nothing."""
+        timer = PhaseTimer()
+        kind = backend or self.settings.default_backend
+        try:
+            with timer.phase("validate"):
+                env_ = validate.env(env)
+                meta = validate.metadata(metadata)
+                ttl = validate.timeout(timeout, default=self.settings.default_timeout, maximum=self.settings.max_timeout)
+                validate.resources(cpu, memory_mb, pids)
+                if hostname is not None:
+                    validate.hostname(hostname)
+                if len(self._live) + len(self._creating) >= self.settings.max_sandboxes:
+                    raise LimitExceededError(
+                        f"{self.settings.max_sandboxes} sandboxes exist already: destroy some or raise max_sandboxes"
+                    )
+                tpl = self.templates.get(template)
+                be = await self._backend(kind)
+        except BranchboxError as exc:
+            self._emit(ManagerEvent("error", code=exc.code, operation="create"))
+            raise
+        sid = new_sandbox_id()
+        info = SandboxInfo(
+            id=sid,
+            template=tpl.name,
+            template_digest=tpl.digest,
+            backend=kind,
+            state=SandboxState.CREATING,
+            created_at=time.time(),
+            expires_at=None if ttl is None else time.time() + ttl,
+            resources=Resources(cpu=float(cpu), memory_mb=memory_mb, pids=pids),
+            metadata=meta,
+            env=env_,
+            hostname=hostname or f"bb-{sid[:12]}",
+            source="cold",
+        )
+        self._creating.add(sid)
+        handle: SandboxHandle | None = None
+        try:
+            with timer.phase("store"):
+                self._db.insert(info)
+            with timer.phase("dirs"):
+                sdir = self._sandbox_dir(sid)
+                upper, work, run = prepare_sandbox_dirs(sdir, self.settings.idmap)
+            spec = BootSpec(
+                sandbox_id=sid,
+                layers=[self.templates.rootfs(tpl.digest)],
+                upper_dir=upper,
+                work_dir=work,
+                run_dir=run,
+                agent_dir=self._agent_path,
+                python=tpl.python,
+                hostname=info.hostname,
+                resources=info.resources,
+                env={**tpl.env, **env_},
+                workdir=tpl.workdir,
+                idmap=self.settings.idmap,
+            )
+            handle = await be.boot(spec, timer)
+            with timer.phase("agent_connect"):
+                agent = await AgentClient.connect(handle.agent_socket, timeout=self.settings.agent_connect_timeout)
+            info = replace(info, state=SandboxState.RUNNING, timings=timer.as_dict())
+            with timer.phase("store"):
+                self._db.update(sid, state=info.state, handle=handle)
+        except BaseException as exc:
+            self._creating.discard(sid)
+            await self._cleanup(sid, kind, handle)
+            with contextlib.suppress(Exception):
+                self._db.delete(sid)
+            code = exc.code if isinstance(exc, BranchboxError) else "internal"
+            self._emit(ManagerEvent("create", sid, kind, "cold", "error", timer.total_ms / 1e3, code=code))
+            self._emit(ManagerEvent("error", sid, code=code, operation="create"))
+            raise
+        self._creating.discard(sid)
+        info = replace(info, timings=timer.as_dict())
+        self._db.update(sid, timings=info.timings)
+        live = _Live(info=info, handle=handle, agent=agent, backend=be)
+        self._live[sid] = live
+        self._watch(live)
+        self._schedule_expiry(live)
+        log.debug("created sandbox %s timings=%s", sid, info.timings, extra={"sandbox_id": sid})
+        self._emit(ManagerEvent("create", sid, kind, "cold", "ok", timer.total_ms / 1e3, timings=info.timings))
+        self._emit_counts()
+        return info
+
+    async def get(self, sandbox_id: str) -> SandboxInfo:
+        live = self._live.get(sandbox_id)
+        if live is not None:
+            return live.info
+        rec = self._db.get(sandbox_id)
+        if rec is None:
+            raise SandboxNotFoundError(f"sandbox {sandbox_id!r} does not exist (it may have been destroyed)")
+        return rec.info
+
+    async def list(
+        self, *, metadata: Mapping[str, str] | None = None, states: Collection[SandboxState] | None = None
+    ) -> list[SandboxInfo]:
+        out = []
+        for rec in self._db.all():
+            info = self._live[rec.info.id].info if rec.info.id in self._live else rec.info
+            if states is not None and info.state not in states:
+                continue
+            if metadata and any(info.metadata.get(k) != v for k, v in metadata.items()):
+                continue
+            out.append(info)
+        return out
+
+    async def set_timeout(self, sandbox_id: str, timeout: float | None) -> SandboxInfo:
+        """Reset the sandbox's time to live to ``timeout`` seconds from now (None: the default)."""
+        live = self._require(sandbox_id, SandboxState.RUNNING, SandboxState.PAUSED)
+        ttl = validate.timeout(timeout, default=self.settings.default_timeout, maximum=self.settings.max_timeout)
+        expires = None if ttl is None else time.time() + ttl
+        self._db.update(sandbox_id, expires_at=expires)
+        live.info = replace(live.info, expires_at=expires)
+        self._schedule_expiry(live)
+        return live.info
+
+    async def pause(self, sandbox_id: str) -> SandboxInfo:
+        live = self._require(sandbox_id, SandboxState.RUNNING)
+        if not live.backend.capabilities.pause:
+            raise NotSupportedError(f"backend {live.backend.name} cannot pause sandboxes")
+        async with live.lock:
+            await live.backend.pause(live.handle)
+            return self._set_state(live, SandboxState.PAUSED)
+
+    async def resume(self, sandbox_id: str) -> SandboxInfo:
+        live = self._require(sandbox_id, SandboxState.PAUSED)
+        async with live.lock:
+            await live.backend.resume(live.handle)
+            return self._set_state(live, SandboxState.RUNNING)
+
+    async def destroy(self, sandbox_id: str) -> None:
+        """Kill the sandbox and remove everything it used. Destroying a destroyed sandbox is not_found."""
+        t0 = time.perf_counter()
+        live = self._live.get(sandbox_id)
+        if live is None:
+            rec = self._db.get(sandbox_id)
+            if rec is None:
+                raise SandboxNotFoundError(f"sandbox {sandbox_id!r} does not exist (it may have been destroyed)")
+            # a dead sandbox (state error/stopped) whose record is kept for inspection
+            await self._cleanup(sandbox_id, rec.info.backend, rec.handle)
+            self._db.delete(sandbox_id)
+            return
+        await self._destroy(sandbox_id)
+        self._emit(ManagerEvent("destroy", sandbox_id, live.info.backend, seconds=time.perf_counter() - t0))
+
+    async def _destroy(self, sandbox_id: str) -> None:
+        live = self._live.get(sandbox_id)
+        if live is None or live.destroying:
+            return
+        live.destroying = True
+        self._cancel_timers(live)
+        await live.agent.aclose()
+        try:
+            await self._cleanup(sandbox_id, live.info.backend, live.handle)
+        finally:
+            self._live.pop(sandbox_id, None)
+            self._db.delete(sandbox_id)
+            self._emit_counts()
+
+    # ------------------------------------------------------------------ operations inside a sandbox
+    async def exec(
+        self,
+        sandbox_id: str,
+        cmd: str | Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        stdin: bytes | None = None,
+        timeout: float | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+    ) -> ExecResult:
+        live = self._require(sandbox_id, SandboxState.RUNNING)
+        env_ = validate.env(env)
+        t0 = time.perf_counter()
+        outcome = "error"
+        try:
+            res = await self._agent_call(
+                live,
+                live.agent.exec(
+                    cmd, env=env_, cwd=cwd, user=user, stdin=stdin, timeout=timeout,
+                    on_stdout=on_stdout, on_stderr=on_stderr,
+                ),
+            )  # fmt: skip
+            outcome = "ok"
+            return res
+        finally:
+            self._emit(ManagerEvent("exec", sandbox_id, live.info.backend, outcome=outcome,
+                                    seconds=time.perf_counter() - t0))  # fmt: skip
+
+    async def spawn(
+        self,
+        sandbox_id: str,
+        cmd: str | Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        tag: str | None = None,
+        stdin: bool = False,
+        pty: tuple[int, int] | None = None,
+        timeout: float | None = None,
+    ) -> ProcessHandle:
+        live = self._require(sandbox_id, SandboxState.RUNNING)
+        env_ = validate.env(env)
+        return await self._agent_call(
+            live, live.agent.spawn(cmd, env=env_, cwd=cwd, user=user, tag=tag, stdin=stdin, pty=pty, timeout=timeout)
+        )
+
+    async def attach(self, sandbox_id: str, pid: int) -> ProcessHandle:
+        live = self._require(sandbox_id, SandboxState.RUNNING)
+        return await self._agent_call(live, live.agent.attach(pid))
+
+    async def list_processes(self, sandbox_id: str) -> list[ProcessInfo]:
+        live = self._require(sandbox_id, SandboxState.RUNNING)
+        return await self._agent_call(live, live.agent.list_processes())
+
+    async def kill_process(self, sandbox_id: str, pid: int, signal: int = 9) -> None:
+        live = self._require(sandbox_id, SandboxState.RUNNING)
+        await self._agent_call(live, live.agent.kill(pid, signal))
+
+    async def read_file(self, sandbox_id: str, path: str) -> bytes:
+        live = self._require(sandbox_id, SandboxState.RUNNING)
+        return await self._agent_call(live, live.agent.read_file(path))
+
+    async def download(self, sandbox_id: str, path: str) -> AsyncIterator[bytes]:
+        """Stream a file out of the sandbox in chunks (bounded memory)."""
+        live = self._require(sandbox_id, SandboxState.RUNNING)
+        try:
+            async for chunk in live.agent.download(path):
+                yield chunk
+        except AgentDisconnectedError as exc:
+            raise self._disconnected(live) from exc
+
+    async def write_file(self, sandbox_id: str, path: str, data: bytes, *, mode: int | None = None) -> FileEntry:
+        live = self._require(sandbox_id, SandboxState.RUNNING)
+        return await self._agent_call(live, live.agent.write_file(path, data, mode=mode))
+
+    async def upload(
+        self, sandbox_id: str, path: str, chunks: AsyncIterable[bytes], *, mode: int | None = None
+    ) -> FileEntry:
+        live = self._require(sandbox_id, SandboxState.RUNNING)
+        return await self._agent_call(live, live.agent.upload(path, chunks, mode=mode))
+
+    async def list_files(self, sandbox_id: str, path: str, *, depth: int = 1) -> list[FileEntry]:
+        live = self._require(sandbox_id, SandboxState.RUNNING)
+        return await self._agent_call(live, live.agent.list_dir(path, depth=depth))
+
+    async def stat(self, sandbox_id: str, path: str) -> FileEntry:
+        live = self._require(sandbox_id, SandboxState.RUNNING)
+        return await self._agent_call(live, live.agent.stat(path))
+
+    async def mkdir(self, sandbox_id: str, path: str) -> FileEntry:
+        live = self._require(sandbox_id, SandboxState.RUNNING)
+        return await self._agent_call(live, live.agent.mkdir(path))
+
+    async def remove(self, sandbox_id: str, path: str, *, recursive: bool = False) -> None:
+        live = self._require(sandbox_id, SandboxState.RUNNING)
+        await self._agent_call(live, live.agent.remove(path, recursive=recursive))
+
+    async def rename(self, sandbox_id: str, src: str, dst: str) -> FileEntry:
+        live = self._require(sandbox_id, SandboxState.RUNNING)
+        return await self._agent_call(live, live.agent.rename(src, dst))
+
+    # ------------------------------------------------------------------ templates
+    async def list_templates(self) -> list[TemplateInfo]:
+        return self.templates.list()
+
+    # ------------------------------------------------------------------ internals
+    @property
+    def _db(self) -> Store:
+        if self._store is None:
+            raise InvalidStateError("the manager is not started: use `async with Manager.open(...)`")
+        return self._store
+
+    @property
+    def _agent_path(self) -> Path:
+        assert self._agent_dir is not None
+        return self._agent_dir
+
+    def _sandbox_dir(self, sandbox_id: str) -> Path:
+        return self.settings.data_dir / "sandboxes" / sandbox_id
+
+    async def _backend(self, kind: str) -> Backend:
+        be = self._backends.get(kind)
+        if be is None:
+            be = make_backend(kind, self.settings)
+            await be.start()
+            self._backends[kind] = be
+        return be
+
+    def _require(self, sandbox_id: str, *states: SandboxState) -> _Live:
+        live = self._live.get(sandbox_id)
+        if live is None or live.destroying:
+            rec = None if live is not None else self._db.get(sandbox_id)
+            if rec is None:
+                raise SandboxNotFoundError(f"sandbox {sandbox_id!r} does not exist (it may have been destroyed)")
+            raise InvalidStateError(
+                f"sandbox {sandbox_id} is {rec.info.state.value}"
+                + (f" ({rec.info.error})" if rec.info.error else "")
+                + ": create a new sandbox",
+                state=rec.info.state.value,
+            )
+        if live.info.state not in states:
+            hint = "resume it first" if live.info.state is SandboxState.PAUSED else "wait until it is running"
+            raise InvalidStateError(
+                f"sandbox {sandbox_id} is {live.info.state.value}; this needs "
+                f"{' or '.join(s.value for s in states)}: {hint}",
+                state=live.info.state.value,
+            )
+        return live
+
+    async def _agent_call(self, live: _Live, coro: Any) -> Any:
+        try:
+            return await coro
+        except AgentDisconnectedError as exc:
+            raise self._disconnected(live) from exc
+        except BranchboxError as exc:
+            self._emit(ManagerEvent("error", live.info.id, code=exc.code, operation="agent"))
+            raise
+
+    def _disconnected(self, live: _Live) -> BranchboxError:
+        if not live.backend.is_alive(live.handle):
+            return InvalidStateError(f"sandbox {live.info.id} has stopped: its init process exited")
+        return AgentDisconnectedError(f"lost the connection to the agent of sandbox {live.info.id}")
+
+    def _set_state(self, live: _Live, state: SandboxState, error: str | None = None) -> SandboxInfo:
+        live.info = replace(live.info, state=state, error=error)
+        self._db.update(live.info.id, state=state, error=error)
+        self._emit_counts()
+        return live.info
+
+    def _schedule_expiry(self, live: _Live) -> None:
+        if live.expiry is not None:
+            live.expiry.cancel()
+            live.expiry = None
+        if live.info.expires_at is None:
+            return
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, live.info.expires_at - time.time())
+        live.expiry = loop.call_at(loop.time() + delay, self._expire, live.info.id)
+
+    def _expire(self, sandbox_id: str) -> None:
+        log.info("sandbox %s reached its timeout; destroying it", sandbox_id, extra={"sandbox_id": sandbox_id})
+        self._spawn_bg(self._destroy(sandbox_id))
+
+    def _watch(self, live: _Live) -> None:
+        async def watch() -> None:
+            await live.backend.wait_exit(live.handle)
+            if live.destroying or self._closed:
+                return
+            log.warning("sandbox %s init exited unexpectedly", live.info.id, extra={"sandbox_id": live.info.id})
+            self._set_state(live, SandboxState.ERROR, "the sandbox's init process exited")
+            self._cancel_timers(live, watcher=False)
+            await live.agent.aclose()
+            self._live.pop(live.info.id, None)
+            await self._cleanup(live.info.id, live.info.backend, live.handle, keep_record_dir=False)
+
+        live.watcher = asyncio.get_running_loop().create_task(watch())
+
+    def _cancel_timers(self, live: _Live, *, watcher: bool = True) -> None:
+        if live.expiry is not None:
+            live.expiry.cancel()
+            live.expiry = None
+        if watcher and live.watcher is not None and live.watcher is not asyncio.current_task():
+            live.watcher.cancel()
+
+    def _spawn_bg(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _cleanup(
+        self, sandbox_id: str, kind: str, handle: SandboxHandle | None, *, keep_record_dir: bool = False
+    ) -> None:
+        """Remove everything of one sandbox; never raises for things already gone."""
+        try:
+            be = await self._backend(kind)
+            await be.destroy(sandbox_id, handle)
+        except Exception:
+            log.exception("backend cleanup of %s failed", sandbox_id, extra={"sandbox_id": sandbox_id})
+        if not keep_record_dir:
+            await asyncio.to_thread(remove_sandbox_dirs, self._sandbox_dir(sandbox_id))
+
+    async def _reconcile(self) -> None:
+        """Match the store with reality after a (re)start: re-attach, mark dead, remove orphans."""
+        for rec in list(self._db.all()):
+            info = rec.info
+            if info.state not in _ACTIVE:
+                continue
+            be = await self._backend(info.backend)
+            alive = rec.handle is not None and info.state is not SandboxState.CREATING and be.is_alive(rec.handle)
+            if not alive or rec.handle is None:
+                if info.state is SandboxState.CREATING:
+                    await self._cleanup(info.id, info.backend, rec.handle)
+                    self._db.delete(info.id)
+                else:
+                    await self._cleanup(info.id, info.backend, rec.handle)
+                    self._db.update(info.id, state=SandboxState.ERROR, error="the sandbox died while the daemon was down")
+                continue
+            try:
+                agent = await AgentClient.connect(rec.handle.agent_socket, timeout=self.settings.agent_connect_timeout)
+            except Exception as exc:
+                log.warning("cannot re-attach sandbox %s: %s", info.id, exc, extra={"sandbox_id": info.id})
+                await self._cleanup(info.id, info.backend, rec.handle)
+                self._db.update(info.id, state=SandboxState.ERROR, error=f"could not re-attach its agent: {exc}")
+                continue
+            live = _Live(info=info, handle=rec.handle, agent=agent, backend=be)
+            self._live[info.id] = live
+            self._watch(live)
+            self._schedule_expiry(live)
+        keep = set(self._live)
+        for be in list(self._backends.values()):
+            await be.cleanup_orphans(keep)
+        known = {rec.info.id for rec in self._db.all()}
+        for d in (self.settings.data_dir / "sandboxes").iterdir():
+            if d.name not in known:
+                await asyncio.to_thread(shutil.rmtree, d, True)
+        self._emit_counts()
+
+    def _emit(self, ev: ManagerEvent) -> None:
+        for fn in self._subscribers:
+            try:
+                fn(ev)
+            except Exception:
+                log.exception("event subscriber failed")
+
+    def _emit_counts(self) -> None:
+        if not self._subscribers:
+            return
+        counts = {s.value: 0 for s in SandboxState}
+        for live in self._live.values():
+            counts[live.info.state.value] += 1
+        counts[SandboxState.CREATING.value] += len(self._creating)
+        self._emit(ManagerEvent("state", counts=counts))

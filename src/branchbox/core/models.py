@@ -1,0 +1,95 @@
+"""Plain data shared by the core, the backends and the transports. No I/O here."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+class SandboxState(enum.StrEnum):
+    """Lifecycle: ``creating -> running <-> paused -> stopped -> destroyed``, plus ``error``."""
+
+    CREATING = "creating"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+    DESTROYED = "destroyed"
+    ERROR = "error"
+
+
+@dataclass(frozen=True, slots=True)
+class Resources:
+    """Limits applied to one sandbox. ``cpu`` is in cores (fractions allowed)."""
+
+    cpu: float = 1.0
+    memory_mb: int = 512
+    pids: int = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxInfo:
+    id: str
+    template: str
+    template_digest: str
+    backend: str
+    state: SandboxState
+    created_at: float  # wall clock, seconds since the epoch (for display and the API only)
+    expires_at: float | None  # wall clock; None means no TTL
+    resources: Resources
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict)
+    hostname: str = ""
+    source: str = "cold"  # cold | warm | snapshot
+    timings: Mapping[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ExecResult:
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    signal: int | None = None  # set when the process was killed by a signal (exit_code is then 128 + signal)
+    duration_ms: float = 0.0
+
+    @property
+    def stdout_text(self) -> str:
+        return self.stdout.decode("utf-8", "replace")
+
+    @property
+    def stderr_text(self) -> str:
+        return self.stderr.decode("utf-8", "replace")
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessInfo:
+    pid: int
+    cmd: list[str]
+    tag: str | None
+    running: bool
+    exit_code: int | None
+    pty: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    path: str
+    name: str
+    type: str  # file | dir | symlink | other
+    size: int
+    mode: int
+    mtime: float
+    symlink_target: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TemplateInfo:
+    name: str
+    digest: str
+    created_at: float
+    size_bytes: int
+    python: str  # path of python3 inside the rootfs, used to run the agent
+    env: Mapping[str, str] = field(default_factory=dict)
+    workdir: str = "/"
+    source: str = "spec"  # spec | import

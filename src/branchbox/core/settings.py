@@ -1,0 +1,34 @@
+"""Settings of the in-process core. Pure data; the daemon fills it from its config file, env and flags."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from branchbox.backends.base import IdMap
+
+DEFAULT_DATA_DIR = Path("/var/lib/branchbox")
+
+
+def default_data_dir() -> Path:
+    """``BRANCHBOX_DATA_DIR`` or /var/lib/branchbox."""
+    return Path(os.environ.get("BRANCHBOX_DATA_DIR") or DEFAULT_DATA_DIR)
+
+
+@dataclass(frozen=True, slots=True)
+class ManagerSettings:
+    data_dir: Path = field(default_factory=default_data_dir)
+    templates_dir: Path | None = None  # default: data_dir / "templates"
+    default_timeout: float = 300.0  # seconds a sandbox lives when create() gets no timeout
+    max_timeout: float = 86400.0
+    max_sandboxes: int = 1000
+    default_backend: str = "container"
+    keep_sandboxes_on_shutdown: bool = True  # False: aclose() destroys every sandbox
+    cgroup_parent: str = "branchbox"  # name of the parent cgroup (unique per daemon sharing a host)
+    idmap: IdMap = field(default_factory=IdMap)
+    agent_connect_timeout: float = 10.0
+
+    @property
+    def template_root(self) -> Path:
+        return self.templates_dir or self.data_dir / "templates"

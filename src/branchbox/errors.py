@@ -1,0 +1,175 @@
+"""Typed errors with stable codes.
+
+Every error branchbox raises is a :class:`BranchboxError`. Each class carries a stable ``code`` (the string the
+HTTP API puts in ``{"error": {"code", "message"}}`` and the SDK maps back to a class) and the HTTP status that
+goes with it. Messages say what to change.
+
+Hierarchy::
+
+    BranchboxError                      internal            500
+    ├── BadRequestError (ValueError)    bad_request         400
+    │   ├── InvalidPathError            invalid_path        400
+    │   ├── TemplateSpecError           invalid_template_spec 400
+    │   ├── NotADirectoryInSandboxError not_a_directory     400
+    │   └── IsADirectoryInSandboxError  is_a_directory      400
+    ├── UnauthorizedError               unauthorized        401
+    ├── NotFoundError (LookupError)     not_found           404
+    │   ├── SandboxNotFoundError        sandbox_not_found   404
+    │   ├── TemplateNotFoundError       template_not_found  404
+    │   ├── SnapshotNotFoundError       snapshot_not_found  404
+    │   ├── FileNotFoundInSandboxError  file_not_found      404
+    │   └── ProcessNotFoundError        process_not_found   404
+    ├── ConflictError                   conflict            409
+    │   ├── InvalidStateError           invalid_state       409
+    │   └── FileExistsInSandboxError    file_exists         409
+    ├── PermissionDeniedError           permission_denied   403
+    ├── LimitExceededError              limit_exceeded      429
+    ├── TimeoutError_ (TimeoutError)    timeout             504
+    ├── NotSupportedError               not_supported       501
+    ├── TemplateBuildError              template_build_failed 500
+    ├── BackendError                    backend_error       500
+    └── AgentError                      agent_error         502
+        └── AgentDisconnectedError      agent_disconnected  502
+
+``ERROR_CLASSES`` maps each code to its class (the SDK keeps its own copy of the same table).
+"""
+
+from __future__ import annotations
+
+import builtins
+from typing import Any, ClassVar
+
+
+class BranchboxError(Exception):
+    """Root of every branchbox error."""
+
+    code: ClassVar[str] = "internal"
+    http_status: ClassVar[int] = 500
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details: dict[str, Any] = details
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.details:
+            body["details"] = self.details
+        return body
+
+
+class BadRequestError(BranchboxError, ValueError):
+    code = "bad_request"
+    http_status = 400
+
+
+class InvalidPathError(BadRequestError):
+    code = "invalid_path"
+
+
+class TemplateSpecError(BadRequestError):
+    code = "invalid_template_spec"
+
+
+class UnauthorizedError(BranchboxError):
+    code = "unauthorized"
+    http_status = 401
+
+
+class PermissionDeniedError(BranchboxError):
+    code = "permission_denied"
+    http_status = 403
+
+
+class NotFoundError(BranchboxError, LookupError):
+    code = "not_found"
+    http_status = 404
+
+
+class SandboxNotFoundError(NotFoundError):
+    code = "sandbox_not_found"
+
+
+class TemplateNotFoundError(NotFoundError):
+    code = "template_not_found"
+
+
+class SnapshotNotFoundError(NotFoundError):
+    code = "snapshot_not_found"
+
+
+class FileNotFoundInSandboxError(NotFoundError):
+    code = "file_not_found"
+
+
+class ProcessNotFoundError(NotFoundError):
+    code = "process_not_found"
+
+
+class ConflictError(BranchboxError):
+    code = "conflict"
+    http_status = 409
+
+
+class InvalidStateError(ConflictError):
+    code = "invalid_state"
+
+
+class FileExistsInSandboxError(ConflictError):
+    code = "file_exists"
+
+
+class NotADirectoryInSandboxError(BadRequestError):
+    code = "not_a_directory"
+
+
+class IsADirectoryInSandboxError(BadRequestError):
+    code = "is_a_directory"
+
+
+class LimitExceededError(BranchboxError):
+    code = "limit_exceeded"
+    http_status = 429
+
+
+class TimeoutError_(BranchboxError, builtins.TimeoutError):  # noqa: N801 - mirrors the builtin it extends
+    code = "timeout"
+    http_status = 504
+
+
+class NotSupportedError(BranchboxError):
+    code = "not_supported"
+    http_status = 501
+
+
+class TemplateBuildError(BranchboxError):
+    code = "template_build_failed"
+
+
+class BackendError(BranchboxError):
+    code = "backend_error"
+
+
+class AgentError(BranchboxError):
+    code = "agent_error"
+    http_status = 502
+
+
+class AgentDisconnectedError(AgentError):
+    code = "agent_disconnected"
+
+
+def _all_subclasses(cls: type[BranchboxError]) -> list[type[BranchboxError]]:
+    out: list[type[BranchboxError]] = [cls]
+    for sub in cls.__subclasses__():
+        out.extend(_all_subclasses(sub))
+    return out
+
+
+ERROR_CLASSES: dict[str, type[BranchboxError]] = {c.code: c for c in _all_subclasses(BranchboxError)}
+
+
+def error_from_code(code: str, message: str, **details: Any) -> BranchboxError:
+    """Build the error class registered for ``code`` (unknown codes give the root class)."""
+    cls = ERROR_CLASSES.get(code, BranchboxError)
+    return cls(message, **details)

@@ -1,0 +1,59 @@
+"""Counts what sandboxes leave on the host: mounts, cgroups, processes, daemon fds."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def _cgroup_dirs(parent_name: str) -> set[str]:
+    found: set[str] = set()
+    for base in CGROUP_ROOT.iterdir():
+        if not base.is_dir():
+            continue
+        for d in base.rglob(parent_name):
+            if d.is_dir():
+                found.update(str(p) for p in d.rglob("*") if p.is_dir())
+    return found
+
+
+def _processes() -> set[int]:
+    return {int(p) for p in os.listdir("/proc") if p.isdigit()}
+
+
+@dataclass(frozen=True)
+class HostSnapshot:
+    mounts: int
+    cgroups: frozenset[str]
+    fds: int
+    processes: frozenset[int]
+    parent: str
+
+    @classmethod
+    def take(cls, cgroup_parent: str) -> HostSnapshot:
+        return cls(
+            mounts=len(Path("/proc/self/mountinfo").read_text().splitlines()),
+            cgroups=frozenset(_cgroup_dirs(cgroup_parent)),
+            fds=len(os.listdir("/proc/self/fd")),
+            processes=frozenset(_processes()),
+            parent=cgroup_parent,
+        )
+
+    def assert_same(self, before: HostSnapshot) -> None:
+        assert self.mounts == before.mounts, "host mounts leaked"
+        assert self.cgroups == before.cgroups, f"cgroups leaked: {sorted(self.cgroups - before.cgroups)[:5]}"
+        assert self.fds <= before.fds + 2, f"fds leaked: {before.fds} -> {self.fds}"
+        new = self.processes - before.processes
+        # processes of other tests may come and go; ours are children of the zygote or in our cgroups
+        leaked = [p for p in new if _in_cgroup_tree(p, self.parent)]
+        assert not leaked, f"sandbox processes leaked: {leaked}"
+
+
+def _in_cgroup_tree(pid: int, parent_name: str) -> bool:
+    try:
+        return f"/{parent_name}/" in Path(f"/proc/{pid}/cgroup").read_text()
+    except OSError:
+        return False
