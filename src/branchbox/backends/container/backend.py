@@ -1,0 +1,318 @@
+"""The container backend: Linux namespaces + overlayfs + cgroups, booted by a forking zygote.
+
+The daemon never forks itself (it is multi-threaded): :meth:`ContainerBackend.start` spawns the zygote
+(:mod:`branchbox.backends.container.zygote`) and every boot is one request to it over a SOCK_SEQPACKET socket.
+Teardown (kill, cgroup removal) happens here, found by sandbox id, so it works after a daemon restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import branchbox
+from branchbox.backends.base import BootSpec, Capabilities, SandboxHandle
+from branchbox.backends.container import cgroups as cg_mod
+from branchbox.backends.container import syscalls
+from branchbox.backends.container.zygote import AGENT_SOCKET, MAX_MESSAGE
+from branchbox.core.timing import PhaseTimer
+from branchbox.errors import BackendError, NotSupportedError, TimeoutError_
+
+PAUSE_TIMEOUT_S = 10.0
+DESTROY_TIMEOUT_S = 10.0
+ZYGOTE_START_TIMEOUT_S = 30.0
+
+
+class ContainerBackend:
+    """Sandboxes as unprivileged containers (user, mount, pid, uts, ipc, net and cgroup namespaces)."""
+
+    name = "container"
+    capabilities = Capabilities(pause=True, fs_snapshot=True, fork=True, memory_snapshot=False, network=False)
+
+    def __init__(self, run_root: Path, *, cgroup_parent: str = "branchbox") -> None:
+        self.run_root = Path(run_root)
+        self.cgroup_parent = cgroup_parent
+        self._cgroups: cg_mod.Cgroups | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._sock: socket.socket | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._ids = itertools.count(1)
+        self._lock = asyncio.Lock()
+        self._sockets: dict[str, Path] = {}
+        self.zygote_info: dict[str, Any] = {}
+
+    # -- zygote --------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.run_root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.run_root, 0o700)
+        try:
+            self._cgroups = cg_mod.detect(self.cgroup_parent)
+        except OSError as exc:
+            raise BackendError(f"container backend: {exc}; mount cgroup2 or the v1 controllers") from exc
+        await self._ensure_zygote()
+
+    async def _ensure_zygote(self) -> None:
+        async with self._lock:
+            if self._proc is not None and self._proc.poll() is None and self._sock is not None:
+                return
+            await self._stop_zygote()
+            await self._spawn_zygote()
+
+    async def _spawn_zygote(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self._proc = _popen_zygote(theirs, self.run_root / "zygote.log", self.cgroup_parent)
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(ZYGOTE_START_TIMEOUT_S):
+                raw = await loop.sock_recv(ours, MAX_MESSAGE)
+        except TimeoutError as exc:
+            ours.close()
+            raise BackendError(
+                "container backend: the zygote did not start; see zygote.log in run_root"
+            ) from exc
+        ready = (
+            json.loads(raw) if raw else {"ok": False, "error": "exited at start; see zygote.log in run_root"}
+        )
+        if not ready.get("ok"):
+            ours.close()
+            raise BackendError(f"container backend: zygote failed: {ready.get('error')}")
+        self.zygote_info = ready
+        self._sock = ours
+        self._reader = asyncio.create_task(self._read_replies(ours), name="branchbox-zygote-reader")
+
+    async def _read_replies(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while raw := await loop.sock_recv(sock, MAX_MESSAGE):
+                reply = json.loads(raw)
+                fut = self._pending.pop(reply.get("id"), None)
+                if fut is not None and not fut.done():
+                    fut.set_result(reply)
+                elif reply.get("ok"):  # the caller gave up (cancelled): do not leak the sandbox
+                    await self.destroy(reply["sandbox_id"], None)
+        except OSError:
+            pass
+        finally:
+            for fut in self._pending.values():
+                if not fut.done():
+                    fut.set_exception(BackendError("container backend: the zygote exited during a boot"))
+            self._pending.clear()
+            if self._sock is sock:
+                self._sock = None
+                sock.close()
+
+    async def _call(self, request: dict[str, Any]) -> dict[str, Any]:
+        await self._ensure_zygote()
+        sock = self._sock
+        assert sock is not None
+        req_id = next(self._ids)
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[req_id] = fut
+        try:
+            await asyncio.get_running_loop().sock_sendall(
+                sock, json.dumps({**request, "id": req_id}).encode()
+            )
+            return await fut
+        finally:
+            self._pending.pop(req_id, None)
+
+    async def _stop_zygote(self) -> None:
+        sock, self._sock = self._sock, None
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+            self._reader = None
+        if sock is not None:
+            sock.close()
+        if self._proc is not None:
+            proc, self._proc = self._proc, None
+            await asyncio.to_thread(proc.wait)
+
+    async def aclose(self) -> None:
+        await self._stop_zygote()
+        if self._cgroups is not None:
+            for parent in self._cgroups.parents.values():
+                with contextlib.suppress(OSError):  # still holds sandboxes (EBUSY): they keep running
+                    parent.rmdir()
+
+    @property
+    def zygote_pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    def _cg(self) -> cg_mod.Cgroups:
+        if self._cgroups is None:
+            raise BackendError("container backend: call start() first")
+        return self._cgroups
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    async def boot(self, spec: BootSpec, timer: PhaseTimer) -> SandboxHandle:
+        req = {
+            "sandbox_id": spec.sandbox_id,
+            "layers": [str(p) for p in spec.layers],
+            "upper_dir": str(spec.upper_dir),
+            "work_dir": str(spec.work_dir),
+            "run_dir": str(spec.run_dir),
+            "agent_dir": str(spec.agent_dir),
+            "python": spec.python,
+            "hostname": spec.hostname,
+            "cpu": spec.resources.cpu,
+            "memory_mb": spec.resources.memory_mb,
+            "pids": spec.resources.pids,
+            "uid_base": spec.idmap.host_base,
+            "id_count": spec.idmap.count,
+            "workdir": spec.workdir,
+            "env": dict(spec.env),
+            "network": spec.network,
+        }
+        if spec.network:
+            raise NotSupportedError(
+                "container backend: network access is not supported yet; pass network=False"
+            )
+        if not spec.layers:
+            raise BackendError(f"boot of {spec.sandbox_id}: no lower layers given")
+        t0 = time.perf_counter()
+        reply = await self._call({"op": "boot", "req": req})
+        wall_ms = (time.perf_counter() - t0) * 1000
+        phases: dict[str, float] = reply.get("phases") or {}
+        for name, ms in phases.items():
+            timer.add(name, ms)
+        timer.add("zygote_rtt", max(0.0, wall_ms - sum(phases.values())))
+        if not reply.get("ok"):
+            raise BackendError(
+                f"boot of {spec.sandbox_id} failed at step {reply.get('step')!r}: {reply.get('error')}",
+                sandbox_id=spec.sandbox_id,
+                step=reply.get("step"),
+            )
+        sock_path = spec.run_dir / AGENT_SOCKET
+        self._sockets[spec.sandbox_id] = sock_path
+        return SandboxHandle(
+            sandbox_id=spec.sandbox_id,
+            pid=int(reply["pid"]),
+            pid_start_time=int(reply["start_time"]),
+            agent_socket=sock_path,
+            extra={f"cgroup.{k}": v for k, v in reply.get("cgroups", {}).items()},
+        )
+
+    def is_alive(self, handle: SandboxHandle) -> bool:
+        try:
+            with open(f"/proc/{handle.pid}/stat", "rb") as f:
+                raw = f.read()
+        except OSError:
+            return False
+        fields = raw[raw.rindex(b")") + 2 :].split()
+        return fields[0] not in (b"Z", b"X") and int(fields[19]) == handle.pid_start_time
+
+    async def wait_exit(self, handle: SandboxHandle) -> None:
+        try:
+            pidfd = os.pidfd_open(handle.pid)
+        except ProcessLookupError:
+            return
+        try:
+            if not self.is_alive(handle):  # checked after opening: the pidfd is for the right process
+                return
+            loop = asyncio.get_running_loop()
+            fut: asyncio.Future[None] = loop.create_future()
+
+            def on_exit() -> None:
+                if not fut.done():
+                    fut.set_result(None)
+
+            loop.add_reader(pidfd, on_exit)
+            try:
+                await fut
+            finally:
+                loop.remove_reader(pidfd)
+        finally:
+            os.close(pidfd)
+
+    async def pause(self, handle: SandboxHandle) -> None:
+        await self._set_frozen(handle.sandbox_id, frozen=True)
+
+    async def resume(self, handle: SandboxHandle) -> None:
+        await self._set_frozen(handle.sandbox_id, frozen=False)
+
+    async def _set_frozen(self, sandbox_id: str, *, frozen: bool) -> None:
+        cg = self._cg()
+        try:
+            if frozen:
+                cg.freeze(sandbox_id)
+            else:
+                cg.thaw(sandbox_id)
+            # The freezer reports completion only through its state file (v1 has no notification): re-read it.
+            deadline = time.monotonic() + PAUSE_TIMEOUT_S
+            while cg.is_frozen(sandbox_id) != frozen:
+                if time.monotonic() > deadline:
+                    raise TimeoutError_(
+                        f"sandbox {sandbox_id}: freezer did not settle in {PAUSE_TIMEOUT_S} s"
+                    )
+                await asyncio.sleep(0.001)
+        except FileNotFoundError as exc:
+            raise BackendError(f"sandbox {sandbox_id} has no cgroup: it is not running") from exc
+
+    async def destroy(self, sandbox_id: str, handle: SandboxHandle | None) -> None:
+        cg = self._cg()
+        deadline = time.monotonic() + DESTROY_TIMEOUT_S
+        if cg.exists(sandbox_id):
+            cg.kill(sandbox_id)
+        if handle is not None and self.is_alive(handle):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(handle.pid, signal.SIGKILL)
+            async with asyncio.timeout(DESTROY_TIMEOUT_S):
+                await self.wait_exit(handle)
+        while not cg.remove(sandbox_id):
+            if time.monotonic() > deadline:
+                raise BackendError(
+                    f"sandbox {sandbox_id}: processes did not exit after SIGKILL", pids=cg.pids(sandbox_id)
+                )
+            cg.kill(sandbox_id)
+            await asyncio.sleep(0.002)  # killed processes are still exiting (teardown, off the hot path)
+        sock = handle.agent_socket if handle is not None else self._sockets.get(sandbox_id)
+        self._sockets.pop(sandbox_id, None)
+        if sock is not None:
+            with contextlib.suppress(FileNotFoundError):
+                sock.unlink()
+
+    async def cleanup_orphans(self, keep: set[str]) -> list[str]:
+        orphans = sorted(self._cg().list_ids() - keep)
+        for sandbox_id in orphans:
+            await self.destroy(sandbox_id, None)
+        return orphans
+
+
+def _popen_zygote(sock: socket.socket, log_path: Path, parent: str) -> subprocess.Popen[bytes]:
+    """Spawn the zygote (once per backend start; not on the boot path)."""
+    src = str(Path(branchbox.__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    cmd = [sys.executable, "-m", "branchbox.backends.container.zygote", "--fd", str(sock.fileno())]
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            [*cmd, "--parent", parent],
+            pass_fds=(sock.fileno(),),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env=env,
+            start_new_session=True,  # terminal signals to the daemon must not reach the zygote
+        )
+
+
+def host_pid_start_time(pid: int) -> int:
+    """Start time of a host process (clock ticks since boot), as stored in :class:`SandboxHandle`."""
+    return syscalls.pid_start_time(pid)

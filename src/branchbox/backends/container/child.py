@@ -1,0 +1,274 @@
+"""Code that runs in the forked children of the zygote: the namespace holder and the sandbox init.
+
+Process chain for one sandbox (all forks of the single-threaded zygote)::
+
+    zygote ── fork ──> holder: join cgroups, unshare namespaces, wait for the id maps, open the layers,
+                       become uid 0 of the new user namespace, fork, report the init's pid, exit
+                       └── fork ──> init (pid 1 of the new pid namespace): overlay root, /proc, /dev, /tmp,
+                                    /.branchbox, pivot_root, hostname, lo, capabilities, no_new_privs,
+                                    seccomp, execve(agent)
+
+Errors go to the status pipe as ``"<step>: <message>"``; EOF on that pipe without data means the agent was
+exec'd. Nothing here returns: every path ends in ``os._exit`` or ``os.execve``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import stat
+from dataclasses import dataclass, field
+
+from branchbox.backends.container import caps, devices, syscalls
+from branchbox.backends.container.cgroups import Cgroups
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+MOUNT_DIR = "mnt"  # in the run dir; holds the empty mount point "root"
+AGENT_CODE = "import sys;sys.path[:0]=['/.branchbox'];from bbagent.server import main;main()"
+
+
+@dataclass(frozen=True, slots=True)
+class BootRequest:
+    """One boot, as the zygote receives it (JSON)."""
+
+    sandbox_id: str
+    layers: list[str]
+    upper_dir: str
+    work_dir: str
+    run_dir: str
+    agent_dir: str
+    python: str
+    hostname: str
+    cpu: float
+    memory_mb: int
+    pids: int
+    uid_base: int
+    id_count: int
+    workdir: str = "/"
+    env: dict[str, str] = field(default_factory=dict)
+    network: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ChildFds:
+    """Pipes and files the zygote hands to the holder (all CLOEXEC except where exec'd into the agent)."""
+
+    status_w: int  # "<step>: <message>" on failure, EOF on exec
+    sync_w: int  # holder -> zygote: b"u" after unshare, then the init's pid
+    go_r: int  # zygote -> holder: one byte once the id maps are written
+    listen: int  # the agent's listening socket, becomes fd 3
+    log: int  # the agent's stdout/stderr
+    close: tuple[int, ...]  # zygote-only fds to close in the child
+
+
+def _fail(status_w: int, step: str, exc: BaseException) -> None:
+    msg = f"{step}: {exc}".encode(errors="replace")[:4000]
+    with contextlib.suppress(OSError):
+        os.write(status_w, msg)
+    os._exit(1)
+
+
+def run_holder(req: BootRequest, fds: ChildFds, cgroups: Cgroups, seccomp_bpf: bytes) -> None:
+    """Body of the holder process (never returns)."""
+    step = "holder"
+    try:
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGINT, signal.SIGCHLD, signal.SIGTERM, signal.SIGPIPE, signal.SIGXFSZ):
+            signal.signal(sig, signal.SIG_DFL)
+        for fd in fds.close:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        step = "join cgroups"
+        cgroups.join(req.sandbox_id)
+        step = "setgroups"
+        os.setgroups([])
+        step = "unshare"
+        syscalls.unshare(syscalls.SANDBOX_NAMESPACES)
+        os.write(fds.sync_w, b"u")
+        step = "wait for id maps"
+        if os.read(fds.go_r, 1) != b"g":
+            os._exit(1)
+        os.close(fds.go_r)
+        step = "make mounts private"
+        syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
+        step = "open layers"
+        # Opened while still host root inside the new mount namespace: the paths need not be searchable
+        # by the unprivileged sandbox uid, the mounts below use /proc/self/fd/N.
+        layer_fds = [_open_path(p, "lower layer") for p in req.layers]
+        upper_fd = _open_path(req.upper_dir, "upper dir")
+        work_fd = _open_path(req.work_dir, "work dir")
+        agent_fd = _open_path(req.agent_dir, "agent dir")
+        # The overlay goes on <run_dir>/mnt/root: cd there now, while the host-only run dir is searchable.
+        os.chdir(os.path.join(req.run_dir, MOUNT_DIR))
+        step = "setuid"
+        os.setresgid(0, 0, 0)
+        os.setresuid(0, 0, 0)
+        step = "fork init"
+        pid = os.fork()
+        if pid == 0:
+            os.close(fds.sync_w)
+            _run_init(
+                req,
+                fds,
+                seccomp_bpf,
+                layer_fds=layer_fds,
+                upper_fd=upper_fd,
+                work_fd=work_fd,
+                agent_fd=agent_fd,
+            )
+        os.write(fds.sync_w, str(pid).encode())
+        os._exit(0)
+    except BaseException as exc:  # reported to the zygote, then exit
+        _fail(fds.status_w, step, exc)
+
+
+def _open_path(path: str, what: str) -> int:
+    try:
+        return os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise OSError(exc.errno, f"{what} {path}: {exc.strerror}") from None
+
+
+def _fdpath(fd: int) -> str:
+    return f"/proc/self/fd/{fd}"
+
+
+def _run_init(
+    req: BootRequest,
+    fds: ChildFds,
+    seccomp_bpf: bytes,
+    *,
+    layer_fds: list[int],
+    upper_fd: int,
+    work_fd: int,
+    agent_fd: int,
+) -> None:
+    step = "init"
+    try:
+        os.setsid()
+        step = "mount overlay"
+        lower = ":".join(_fdpath(fd) for fd in layer_fds)
+        opts = f"lowerdir={lower},upperdir={_fdpath(upper_fd)},workdir={_fdpath(work_fd)},userxattr"
+        syscalls.mount("overlay", "root", "overlay", 0, opts)
+        os.chdir("root")
+        for fd in (*layer_fds, upper_fd, work_fd):
+            os.close(fd)
+        step = "mount /proc"
+        _mkdirs("proc", "dev", "sys", "tmp", ".branchbox")
+        nosuid_nodev_noexec = syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC
+        syscalls.mount("proc", "proc", "proc", nosuid_nodev_noexec)
+        step = "mount /dev"
+        _setup_dev()
+        step = "mount /sys"
+        try:
+            syscalls.mount("sysfs", "sys", "sysfs", nosuid_nodev_noexec | syscalls.MS_RDONLY)
+        except OSError:
+            # Not allowed (e.g. no own network namespace): an empty read-only tmpfs instead.
+            syscalls.mount("tmpfs", "sys", "tmpfs", nosuid_nodev_noexec | syscalls.MS_RDONLY, "size=0")
+        step = "mask /proc"
+        _mask_paths()
+        step = "mount /tmp"
+        syscalls.mount("tmpfs", "tmp", "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV, "mode=1777")
+        step = "mount /.branchbox"
+        syscalls.mount(_fdpath(agent_fd), ".branchbox", None, syscalls.MS_BIND | syscalls.MS_REC)
+        os.close(agent_fd)
+        _remount_ro(".branchbox")
+        step = "pivot_root"
+        syscalls.pivot_root(".", ".")
+        syscalls.umount2(".", syscalls.MNT_DETACH)
+        os.chdir("/")
+        step = "sethostname"
+        syscalls.sethostname(req.hostname)
+        step = "loopback up"
+        syscalls.interface_up("lo")
+        step = "stdio"
+        devnull = os.open("/dev/null", os.O_RDWR)
+        os.dup2(devnull, 0)
+        os.dup2(fds.log, 1)
+        os.dup2(fds.log, 2)
+        os.dup2(fds.listen, 3)
+        step = "capabilities"
+        caps.apply_default_caps()
+        step = "no_new_privs"
+        syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
+        step = "seccomp"
+        syscalls.load_seccomp_bpf(seccomp_bpf)
+        step = "exec agent"
+        env = {
+            "PATH": DEFAULT_PATH,
+            "BRANCHBOX_LISTEN_FD": "3",
+            "BRANCHBOX_ENV": json.dumps(req.env),
+            "BRANCHBOX_WORKDIR": req.workdir,
+        }
+        os.execve(req.python, [req.python, "-I", "-S", "-B", "-c", AGENT_CODE], env)  # noqa: S606 - argv list, no shell
+    except BaseException as exc:  # reported to the zygote, then exit
+        _fail(fds.status_w, step, exc)
+
+
+def _mkdirs(*names: str) -> None:
+    for name in names:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o755)
+
+
+def _setup_dev() -> None:
+    syscalls.mount(
+        "tmpfs", "dev", "tmpfs", syscalls.MS_NOSUID | syscalls.MS_STRICTATIME, "mode=755,size=65536k"
+    )
+    for name in devices.DEVICES:
+        path = f"dev/{name}"
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o666))
+        syscalls.mount(f"/dev/{name}", path, None, syscalls.MS_BIND)
+    os.mkdir("dev/pts", 0o755)
+    syscalls.mount(
+        "devpts",
+        "dev/pts",
+        "devpts",
+        syscalls.MS_NOSUID | syscalls.MS_NOEXEC,
+        "newinstance,ptmxmode=0666,mode=0620,gid=5",
+    )
+    os.mkdir("dev/shm", 0o1777)
+    syscalls.mount("shm", "dev/shm", "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV, "mode=1777,size=65536k")
+    for name, target in devices.DEV_LINKS.items():
+        os.symlink(target, f"dev/{name}")
+
+
+def _mask_paths() -> None:
+    for path in devices.MASKED_PATHS:
+        rel = path.lstrip("/")
+        try:
+            st = os.lstat(rel)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            syscalls.mount("tmpfs", rel, "tmpfs", syscalls.MS_RDONLY, "size=0")
+        else:
+            syscalls.mount("dev/null", rel, None, syscalls.MS_BIND)
+    for path in devices.READONLY_PATHS:
+        rel = path.lstrip("/")
+        if not os.path.exists(rel):
+            continue
+        syscalls.mount(rel, rel, None, syscalls.MS_BIND | syscalls.MS_REC)
+        _remount_ro(rel)
+
+
+_ST_TO_MS = (
+    (os.ST_NOSUID, syscalls.MS_NOSUID),
+    (os.ST_NODEV, syscalls.MS_NODEV),
+    (os.ST_NOEXEC, syscalls.MS_NOEXEC),
+    (os.ST_NOATIME, syscalls.MS_NOATIME),
+    (os.ST_NODIRATIME, syscalls.MS_NODIRATIME),
+    (os.ST_RELATIME, syscalls.MS_RELATIME),
+)
+
+
+def _remount_ro(path: str) -> None:
+    """Make a bind mount read-only, keeping the flags the kernel locks in a user namespace."""
+    st_flags = os.statvfs(path).f_flag
+    flags = syscalls.MS_BIND | syscalls.MS_REMOUNT | syscalls.MS_RDONLY
+    for st_bit, ms_bit in _ST_TO_MS:
+        if st_flags & st_bit:
+            flags |= ms_bit
+    syscalls.mount(None, path, None, flags)

@@ -1,0 +1,432 @@
+"""The container backend against the real kernel: namespaces, overlay, cgroups, seccomp, capabilities.
+
+Needs root and a Debian rootfs whose ownership is shifted by +100000 (``BRANCHBOX_TEST_ROOTFS``, default
+/var/tmp/bbdev/rootfs, made with ``mmdebstrap --variant=minbase --include=python3,bash,procps bookworm``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+import branchbox
+from branchbox.agent.client import AgentClient
+from branchbox.backends.base import BootSpec, IdMap, SandboxHandle
+from branchbox.backends.container import ContainerBackend
+from branchbox.core.models import ExecResult, Resources
+from branchbox.core.timing import PhaseTimer
+from branchbox.errors import BackendError
+from branchbox.storage.overlay import prepare_sandbox_dirs, remove_sandbox_dirs
+
+pytestmark = pytest.mark.root
+
+ROOTFS = Path(os.environ.get("BRANCHBOX_TEST_ROOTFS", "/var/tmp/bbdev/rootfs"))
+AGENT_SRC = Path(branchbox.__file__).parent / "agent"
+
+
+def _mountinfo() -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return sorted(" ".join(line.split()[3:5]) for line in f)
+
+
+def _fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def _eventually(pred: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        await asyncio.sleep(0.01)
+    return pred()
+
+
+class Sandbox:
+    def __init__(self, backend: ContainerBackend, handle: SandboxHandle, spec: BootSpec, client: AgentClient):
+        self.backend = backend
+        self.handle = handle
+        self.spec = spec
+        self.client = client
+
+    async def run(self, cmd: str | list[str], timeout: float | None = 30) -> ExecResult:
+        return await self.client.exec(cmd, timeout=timeout)
+
+    async def py(self, code: str) -> ExecResult:
+        return await self.client.exec(["python3", "-c", code], timeout=30)
+
+
+class Factory:
+    """Boots sandboxes and always tears down what it made."""
+
+    def __init__(self, backend: ContainerBackend, root: Path, agent_dir: Path) -> None:
+        self.backend = backend
+        self.root = root
+        self.agent_dir = agent_dir
+        self.made: dict[str, tuple[Path, SandboxHandle | None, AgentClient | None]] = {}
+
+    def spec(
+        self, sandbox_id: str | None = None, *, layers: list[Path] | None = None, **res: int
+    ) -> BootSpec:
+        sid = sandbox_id or f"t{uuid.uuid4().hex[:10]}"
+        sdir = self.root / sid
+        upper, work, run = prepare_sandbox_dirs(sdir, IdMap())
+        self.made[sid] = (sdir, None, None)
+        return BootSpec(
+            sandbox_id=sid,
+            layers=layers or [ROOTFS],
+            upper_dir=upper,
+            work_dir=work,
+            run_dir=run,
+            agent_dir=self.agent_dir,
+            python="/usr/bin/python3",
+            hostname=f"h-{sid}",
+            resources=Resources(**res),  # type: ignore[arg-type]
+            env={"BB_TEST": "1"},
+        )
+
+    async def boot(self, **res: int) -> Sandbox:
+        spec = self.spec(**res)
+        handle = await self.backend.boot(spec, PhaseTimer())
+        self.made[spec.sandbox_id] = (self.made[spec.sandbox_id][0], handle, None)
+        client = await AgentClient.connect(handle.agent_socket)
+        self.made[spec.sandbox_id] = (self.made[spec.sandbox_id][0], handle, client)
+        return Sandbox(self.backend, handle, spec, client)
+
+    async def destroy(self, sandbox_id: str) -> None:
+        sdir, handle, client = self.made.pop(sandbox_id)
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.aclose()
+        await self.backend.destroy(sandbox_id, handle)
+        remove_sandbox_dirs(sdir)
+
+    async def close(self) -> None:
+        for sid in list(self.made):
+            await self.destroy(sid)
+
+
+@pytest.fixture
+def agent_dir(tmp_path: Path) -> Path:
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    if not (ROOTFS / "usr/bin/python3").exists():
+        pytest.skip(f"no test rootfs at {ROOTFS} (set BRANCHBOX_TEST_ROOTFS)")
+    pkg = tmp_path / "agent" / "bbagent"
+    pkg.mkdir(parents=True)
+    for name in ("__init__.py", "wire.py", "server.py"):
+        shutil.copy(AGENT_SRC / name, pkg / name)
+    return tmp_path / "agent"
+
+
+@pytest.fixture
+async def backend(tmp_path: Path, agent_dir: Path) -> AsyncIterator[ContainerBackend]:
+    b = ContainerBackend(tmp_path / "run", cgroup_parent=f"bbtest-{uuid.uuid4().hex[:8]}")
+    await b.start()
+    try:
+        yield b
+    finally:
+        await b.cleanup_orphans(set())
+        await b.aclose()
+        assert b._cgroups is not None
+        for p in b._cgroups.parents.values():
+            with contextlib.suppress(OSError):
+                p.rmdir()
+
+
+@pytest.fixture
+async def sandboxes(backend: ContainerBackend, tmp_path: Path, agent_dir: Path) -> AsyncIterator[Factory]:
+    f = Factory(backend, tmp_path / "sandboxes", agent_dir)
+    try:
+        yield f
+    finally:
+        await f.close()
+
+
+async def test_boot_exec_destroy_leaves_nothing(backend: ContainerBackend, sandboxes: Factory) -> None:
+    mounts_before = _mountinfo()
+    sbx = await sandboxes.boot()
+    assert backend.is_alive(sbx.handle)
+    r = await sbx.run(["sh", "-c", "echo hello; echo $BB_TEST; hostname"])
+    assert r.exit_code == 0
+    assert r.stdout_text.split() == ["hello", "1", sbx.spec.hostname]
+    assert _mountinfo() == mounts_before  # every mount lives in the sandbox's own mount namespace
+    cg_dirs = [Path(v) for k, v in sbx.handle.extra.items() if k.startswith("cgroup.")]
+    assert cg_dirs
+    assert all(d.is_dir() for d in cg_dirs)
+    await sandboxes.destroy(sbx.spec.sandbox_id)
+    assert not backend.is_alive(sbx.handle)
+    assert not any(d.exists() for d in cg_dirs)
+    assert not sbx.handle.agent_socket.exists()
+    assert _mountinfo() == mounts_before
+
+
+async def test_sees_only_its_own_processes(sandboxes: Factory) -> None:
+    marker = f"{uuid.uuid4().int % 10**6}.5"
+    host = subprocess.Popen(["sleep", marker])
+    try:
+        sbx = await sandboxes.boot()
+        r = await sbx.run(["ps", "-eo", "pid,args"])
+        assert r.exit_code == 0, r.stderr_text
+        assert marker not in r.stdout_text
+        pids = [int(line.split()[0]) for line in r.stdout_text.splitlines()[1:]]
+        assert 1 in pids
+        assert max(pids) < 100
+        first = r.stdout_text.splitlines()[1]
+        assert "bbagent" in first  # the agent is PID 1
+    finally:
+        host.kill()
+        host.wait()
+
+
+async def test_filesystem_isolation_and_template_unchanged(sandboxes: Factory, tmp_path: Path) -> None:
+    secret = tmp_path / "host-secret.txt"
+    secret.write_text("top secret")
+    hostname_before = (ROOTFS / "etc/hostname").read_bytes()
+    sbx = await sandboxes.boot()
+    r = await sbx.run(["cat", str(secret)])
+    assert r.exit_code != 0
+    assert "top secret" not in r.stdout_text
+    r = await sbx.run(
+        ["sh", "-c", "echo changed > /etc/hostname && echo new > /etc/bb-new && cat /etc/hostname"]
+    )
+    assert r.exit_code == 0, r.stderr_text
+    assert r.stdout_text == "changed\n"
+    assert (ROOTFS / "etc/hostname").read_bytes() == hostname_before
+    assert not (ROOTFS / "etc/bb-new").exists()
+    upper_new = sbx.spec.upper_dir / "etc/bb-new"
+    assert upper_new.read_text() == "new\n"
+    assert upper_new.stat().st_uid == 100000  # uid 0 inside is 100000 outside
+    r = await sbx.run(["sh", "-c", "id -u; cat /proc/self/uid_map; ls -n /etc/bb-new"])
+    lines = r.stdout_text.splitlines()
+    assert lines[0] == "0"
+    assert lines[1].split() == ["0", "100000", "65536"]
+    assert lines[2].split()[2:4] == ["0", "0"]
+    r = await sbx.run(["sh", "-c", "echo x > /.branchbox/evil"])
+    assert r.exit_code != 0  # the agent code is read-only
+
+
+PROBE = r"""
+import ctypes, json, os, time
+libc = ctypes.CDLL(None, use_errno=True)
+def err(r):
+    return 0 if r == 0 else ctypes.get_errno()
+class TS(ctypes.Structure):
+    _fields_ = [("s", ctypes.c_long), ("ns", ctypes.c_long)]
+out = {}
+os.makedirs("/tmp/m", exist_ok=True)
+out["mount"] = err(libc.mount(b"none", b"/tmp/m", b"tmpfs", 0, None))
+out["umount"] = err(libc.umount2(b"/proc", 2))
+out["init_module"] = err(libc.syscall(175, None, 0, b""))
+out["finit_module"] = err(libc.syscall(313, -1, b"", 0))
+out["delete_module"] = err(libc.syscall(176, b"ext4", 0))
+out["reboot"] = err(libc.syscall(169, 0xfee1dead, 672274793, 0, None))
+out["sethostname"] = err(libc.sethostname(b"evil", 4))
+out["clock_settime"] = err(libc.clock_settime(0, ctypes.byref(TS(int(time.time()) + 86400, 0))))
+out["unshare_user"] = err(libc.unshare(0x10000000))
+out["unshare_net"] = err(libc.unshare(0x40000000))
+out["setns"] = err(libc.setns(0, 0))
+out["bpf"] = err(libc.syscall(321, 0, None, 0))
+out["keyctl"] = err(libc.syscall(250, 0, 0, 0, 0, 0))
+out["chroot"] = err(libc.chroot(b"/"))
+print(json.dumps(out))
+"""
+
+
+async def test_privileged_operations_are_denied(sandboxes: Factory) -> None:
+    host_name = socket.gethostname()
+    host_time = time.time()
+    sbx = await sandboxes.boot()
+    r = await sbx.py(PROBE)
+    assert r.exit_code == 0, r.stderr_text
+    res = json.loads(r.stdout_text)
+    denied = {k: v for k, v in res.items() if k != "chroot"}
+    assert all(v == 1 for v in denied.values()), res  # EPERM
+    assert res["chroot"] == 0  # CAP_SYS_CHROOT is in Docker's default set
+    assert socket.gethostname() == host_name
+    assert abs(time.time() - host_time) < 3600
+    r = await sbx.run(["sh", "-c", "grep Cap /proc/self/status; grep NoNewPrivs /proc/self/status"])
+    caps = dict(line.split(":\t") for line in r.stdout_text.splitlines())
+    assert caps["CapBnd"] == caps["CapEff"] == "00000000a80425fb"
+    assert caps["CapAmb"] == "0000000000000000"
+    assert caps["NoNewPrivs"] == "1"
+    r = await sbx.run(["sh", "-c", "cat /proc/kcore /proc/keys /proc/timer_list 2>/dev/null | wc -c"])
+    assert r.stdout_text.strip() == "0"
+    r = await sbx.run(["sh", "-c", "echo 1 > /proc/sys/kernel/panic"])
+    assert r.exit_code != 0
+
+
+async def test_no_network_but_loopback(sandboxes: Factory) -> None:
+    sbx = await sandboxes.boot()
+    r = await sbx.py(
+        "import socket, os;"
+        "print(sorted(os.listdir('/sys/class/net')));"
+        "s=socket.socket();s.bind(('127.0.0.1',0));s.listen();"
+        "c=socket.create_connection(s.getsockname());print('lo-ok')"
+    )
+    assert r.exit_code == 0, r.stderr_text
+    assert r.stdout_text.splitlines() == ["['lo']", "lo-ok"]
+    r = await sbx.py("import socket;socket.create_connection(('1.1.1.1',53),timeout=2)")
+    assert r.exit_code != 0
+    assert "unreachable" in r.stderr_text.lower()
+
+
+async def test_fork_bomb_stays_inside_pids_limit(sandboxes: Factory) -> None:
+    bomb = await sandboxes.boot(pids=64)
+    other = await sandboxes.boot()
+    pids_dir = Path(bomb.handle.extra.get("cgroup.pids", bomb.handle.extra.get("cgroup.unified", "")))
+    task = asyncio.create_task(
+        bomb.run(
+            ["python3", "-c", "import os\nwhile True:\n    try: os.fork()\n    except OSError: pass"],
+            timeout=5,
+        )
+    )
+    try:
+        saw_limit = await _eventually(lambda: int((pids_dir / "pids.current").read_text()) >= 60)
+        assert saw_limit
+        r = await other.run(["echo", "fine"])
+        assert r.stdout_text == "fine\n"
+        host = subprocess.run(["true"], check=False)
+        assert host.returncode == 0
+        assert int((pids_dir / "pids.current").read_text()) <= 64
+    finally:
+        with contextlib.suppress(Exception):
+            await task
+    # The agent's timeout killed the bomb's process group: the sandbox still answers.
+    await bomb.run(["sh", "-c", "kill -9 -1 2>/dev/null; true"])
+    assert await _eventually(lambda: int((pids_dir / "pids.current").read_text()) < 10)
+    r = await bomb.run(["echo", "alive"])
+    assert r.stdout_text == "alive\n"
+
+
+async def test_memory_bomb_is_oom_killed_and_sandbox_survives(sandboxes: Factory) -> None:
+    sbx = await sandboxes.boot(memory_mb=64)
+    r = await sbx.py("x = []\nwhile True:\n    x.append(bytearray(1 << 20))")
+    assert r.exit_code != 0
+    assert r.signal == signal.SIGKILL or r.exit_code == 128 + signal.SIGKILL
+    assert sbx.backend.is_alive(sbx.handle)
+    r = await sbx.run(["echo", "still here"])
+    assert r.stdout_text == "still here\n"
+    mem = sbx.handle.extra.get("cgroup.memory")
+    if mem:  # v1: the kill was the cgroup's OOM killer, not the host's
+        stats = dict(line.split() for line in (Path(mem) / "memory.oom_control").read_text().splitlines())
+        assert int(stats["oom_kill"]) >= 1
+
+
+async def test_twenty_sandboxes_at_once(sandboxes: Factory) -> None:
+    boxes = await asyncio.gather(*(sandboxes.boot() for _ in range(20)))
+    results = await asyncio.gather(*(b.run(["hostname"]) for b in boxes))
+    assert [r.stdout_text.strip() for r in results] == [b.spec.hostname for b in boxes]
+    assert len({b.handle.pid for b in boxes}) == 20
+
+
+async def test_half_failed_boot_leaves_nothing(backend: ContainerBackend, sandboxes: Factory) -> None:
+    spec = sandboxes.spec(layers=[Path("/nonexistent/layer")])
+    with pytest.raises(BackendError) as info:
+        await backend.boot(spec, PhaseTimer())
+    assert "lower layer /nonexistent/layer" in str(info.value)
+    assert info.value.details["step"] == "open layers"
+    assert spec.sandbox_id not in backend._cg().list_ids()
+    assert not (spec.run_dir / "agent.sock").exists()
+    await backend.destroy(spec.sandbox_id, None)  # idempotent
+    await sandboxes.destroy(spec.sandbox_id)
+    assert not spec.upper_dir.exists()
+
+
+async def test_bad_python_reports_exec_step(backend: ContainerBackend, sandboxes: Factory) -> None:
+    spec = sandboxes.spec()
+    spec = BootSpec(**{**{f: getattr(spec, f) for f in spec.__dataclass_fields__}, "python": "/no/python"})
+    with pytest.raises(BackendError) as info:
+        await backend.boot(spec, PhaseTimer())
+    assert info.value.details["step"] == "exec agent"
+    assert spec.sandbox_id not in backend._cg().list_ids()
+
+
+async def test_pause_resume(backend: ContainerBackend, sandboxes: Factory) -> None:
+    sbx = await sandboxes.boot()
+    await backend.pause(sbx.handle)
+    assert backend._cg().is_frozen(sbx.spec.sandbox_id)
+    pending = asyncio.create_task(sbx.run(["echo", "after"]))
+    await asyncio.sleep(0.2)
+    assert not pending.done()  # a frozen agent cannot answer
+    await backend.resume(sbx.handle)
+    r = await pending
+    assert r.stdout_text == "after\n"
+    assert not backend._cg().is_frozen(sbx.spec.sandbox_id)
+
+
+async def test_wait_exit_and_no_zombie(backend: ContainerBackend, sandboxes: Factory) -> None:
+    sbx = await sandboxes.boot()
+    waiter = asyncio.create_task(backend.wait_exit(sbx.handle))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    os.kill(sbx.handle.pid, signal.SIGKILL)
+    await asyncio.wait_for(waiter, 10)
+    assert not backend.is_alive(sbx.handle)
+    assert await _eventually(lambda: not Path(f"/proc/{sbx.handle.pid}").exists())  # reaped by the zygote
+
+
+async def test_sandbox_survives_zygote_and_daemon_restart(
+    backend: ContainerBackend, sandboxes: Factory, tmp_path: Path
+) -> None:
+    sbx = await sandboxes.boot()
+    zygote = backend.zygote_pid
+    assert zygote is not None
+    os.kill(zygote, signal.SIGKILL)
+    await backend.aclose()
+    assert backend.is_alive(sbx.handle)
+    r = await sbx.run(["echo", "up"])
+    assert r.stdout_text == "up\n"
+    # A "restarted daemon": a new backend object finds the sandbox by id.
+    again = ContainerBackend(tmp_path / "run", cgroup_parent=backend.cgroup_parent)
+    await again.start()
+    try:
+        assert again.is_alive(sbx.handle)
+        assert sbx.spec.sandbox_id in again._cg().list_ids()
+        removed = await again.cleanup_orphans(keep=set())
+        assert removed == [sbx.spec.sandbox_id]
+        assert await _eventually(lambda: not again.is_alive(sbx.handle))
+        # boot still works on the new zygote
+        await backend.start()
+    finally:
+        await again.aclose()
+
+
+@pytest.mark.slow
+async def test_create_destroy_200_times_leaves_nothing(backend: ContainerBackend, sandboxes: Factory) -> None:
+    await sandboxes.close()
+    mounts, fds = _mountinfo(), _fd_count()
+    for _ in range(200):
+        sbx = await sandboxes.boot()
+        r = await sbx.run(["true"])
+        assert r.exit_code == 0
+        await sandboxes.destroy(sbx.spec.sandbox_id)
+        assert not sbx.spec.run_dir.exists()
+    assert _mountinfo() == mounts
+    assert _fd_count() == fds
+    assert backend._cg().list_ids() == set()
+    assert list(sandboxes.root.iterdir()) == []
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
+    assert "bbagent" not in out
+
+
+async def test_boot_records_phases(sandboxes: Factory, backend: ContainerBackend) -> None:
+    spec = sandboxes.spec()
+    timer = PhaseTimer()
+    handle = await backend.boot(spec, timer)
+    sandboxes.made[spec.sandbox_id] = (sandboxes.made[spec.sandbox_id][0], handle, None)
+    phases = timer.as_dict()
+    for name in ("cgroup", "fork", "unshare", "userns_map", "init", "zygote_rtt"):
+        assert name in phases
