@@ -1,7 +1,6 @@
 """The container backend against the real kernel: namespaces, overlay, cgroups, seccomp, capabilities.
 
-Needs root and a Debian rootfs whose ownership is shifted by +100000 (``BRANCHBOX_TEST_ROOTFS``, default
-/var/tmp/bbdev/rootfs, made with ``mmdebstrap --variant=minbase --include=python3,bash,procps bookworm``).
+Needs root; uses the default template (built once and cached by the session fixture ``default_template``).
 """
 
 from __future__ import annotations
@@ -21,19 +20,19 @@ from pathlib import Path
 
 import pytest
 
-import branchbox
 from branchbox.agent.client import AgentClient
 from branchbox.backends.base import BootSpec, IdMap, SandboxHandle
 from branchbox.backends.container import ContainerBackend
-from branchbox.core.models import ExecResult, Resources
+from branchbox.core.models import ExecResult, Resources, TemplateInfo
 from branchbox.core.timing import PhaseTimer
 from branchbox.errors import BackendError
+from branchbox.images.shift import shift_tree
+from branchbox.images.store import TemplateStore
 from branchbox.storage.overlay import prepare_sandbox_dirs, remove_sandbox_dirs
+from tests.conftest import templates_dir
 
 pytestmark = pytest.mark.root
 
-ROOTFS = Path(os.environ.get("BRANCHBOX_TEST_ROOTFS", "/var/tmp/bbdev/rootfs"))
-AGENT_SRC = Path(branchbox.__file__).parent / "agent"
 
 
 def _mountinfo() -> list[str]:
@@ -71,10 +70,10 @@ class Sandbox:
 class Factory:
     """Boots sandboxes and always tears down what it made."""
 
-    def __init__(self, backend: ContainerBackend, root: Path, agent_dir: Path) -> None:
+    def __init__(self, backend: ContainerBackend, root: Path, rootfs: Path) -> None:
         self.backend = backend
         self.root = root
-        self.agent_dir = agent_dir
+        self.rootfs = rootfs
         self.made: dict[str, tuple[Path, SandboxHandle | None, AgentClient | None]] = {}
 
     def spec(
@@ -86,19 +85,17 @@ class Factory:
         self.made[sid] = (sdir, None, None)
         return BootSpec(
             sandbox_id=sid,
-            layers=layers or [ROOTFS],
+            layers=layers or [self.rootfs],
             upper_dir=upper,
             work_dir=work,
             run_dir=run,
-            agent_dir=self.agent_dir,
-            python="/usr/bin/python3",
             hostname=f"h-{sid}",
             resources=Resources(**res),  # type: ignore[arg-type]
             env={"BB_TEST": "1"},
         )
 
-    async def boot(self, **res: int) -> Sandbox:
-        spec = self.spec(**res)
+    async def boot(self, *, layers: list[Path] | None = None, **res: int) -> Sandbox:
+        spec = self.spec(layers=layers, **res)
         handle = await self.backend.boot(spec, PhaseTimer())
         self.made[spec.sandbox_id] = (self.made[spec.sandbox_id][0], handle, None)
         client = await AgentClient.connect(handle.agent_socket)
@@ -119,20 +116,12 @@ class Factory:
 
 
 @pytest.fixture
-def agent_dir(tmp_path: Path) -> Path:
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
-    if not (ROOTFS / "usr/bin/python3").exists():
-        pytest.skip(f"no test rootfs at {ROOTFS} (set BRANCHBOX_TEST_ROOTFS)")
-    pkg = tmp_path / "agent" / "bbagent"
-    pkg.mkdir(parents=True)
-    for name in ("__init__.py", "wire.py", "server.py"):
-        shutil.copy(AGENT_SRC / name, pkg / name)
-    return tmp_path / "agent"
+def rootfs(default_template: TemplateInfo) -> Path:
+    return TemplateStore(templates_dir()).rootfs(default_template.digest)
 
 
 @pytest.fixture
-async def backend(tmp_path: Path, agent_dir: Path) -> AsyncIterator[ContainerBackend]:
+async def backend(tmp_path: Path) -> AsyncIterator[ContainerBackend]:
     b = ContainerBackend(tmp_path / "run", cgroup_parent=f"bbtest-{uuid.uuid4().hex[:8]}")
     await b.start()
     try:
@@ -147,8 +136,8 @@ async def backend(tmp_path: Path, agent_dir: Path) -> AsyncIterator[ContainerBac
 
 
 @pytest.fixture
-async def sandboxes(backend: ContainerBackend, tmp_path: Path, agent_dir: Path) -> AsyncIterator[Factory]:
-    f = Factory(backend, tmp_path / "sandboxes", agent_dir)
+async def sandboxes(backend: ContainerBackend, tmp_path: Path, rootfs: Path) -> AsyncIterator[Factory]:
+    f = Factory(backend, tmp_path / "sandboxes", rootfs)
     try:
         yield f
     finally:
@@ -185,7 +174,7 @@ async def test_sees_only_its_own_processes(sandboxes: Factory) -> None:
         assert 1 in pids
         assert max(pids) < 100
         first = r.stdout_text.splitlines()[1]
-        assert "bbagent" in first  # the agent is PID 1
+        assert "branchbox-agent" in first  # the agent is PID 1
     finally:
         host.kill()
         host.wait()
@@ -194,7 +183,8 @@ async def test_sees_only_its_own_processes(sandboxes: Factory) -> None:
 async def test_filesystem_isolation_and_template_unchanged(sandboxes: Factory, tmp_path: Path) -> None:
     secret = tmp_path / "host-secret.txt"
     secret.write_text("top secret")
-    hostname_before = (ROOTFS / "etc/hostname").read_bytes()
+    rootfs = sandboxes.rootfs
+    hostname_before = (rootfs / "etc/hostname").read_bytes()
     sbx = await sandboxes.boot()
     r = await sbx.run(["cat", str(secret)])
     assert r.exit_code != 0
@@ -204,8 +194,8 @@ async def test_filesystem_isolation_and_template_unchanged(sandboxes: Factory, t
     )
     assert r.exit_code == 0, r.stderr_text
     assert r.stdout_text == "changed\n"
-    assert (ROOTFS / "etc/hostname").read_bytes() == hostname_before
-    assert not (ROOTFS / "etc/bb-new").exists()
+    assert (rootfs / "etc/hostname").read_bytes() == hostname_before
+    assert not (rootfs / "etc/bb-new").exists()
     upper_new = sbx.spec.upper_dir / "etc/bb-new"
     assert upper_new.read_text() == "new\n"
     assert upper_new.stat().st_uid == 100000  # uid 0 inside is 100000 outside
@@ -214,8 +204,14 @@ async def test_filesystem_isolation_and_template_unchanged(sandboxes: Factory, t
     assert lines[0] == "0"
     assert lines[1].split() == ["0", "100000", "65536"]
     assert lines[2].split()[2:4] == ["0", "0"]
-    r = await sbx.run(["sh", "-c", "echo x > /.branchbox/evil"])
-    assert r.exit_code != 0  # the agent code is read-only
+    r = await sbx.run(["sh", "-c", "ls -a /; cat /proc/1/cmdline"])
+    assert ".branchbox" not in r.stdout_text.split()  # no host path is bound in: the agent runs from memory
+    # the agent is a fork of the zygote: neither the host's command line nor its environment shows through
+    assert "PYTEST_CURRENT_TEST" in os.environ
+    r = await sbx.run(["sh", "-c", "cat /proc/1/cmdline /proc/1/environ; echo; head -c 16 /proc/1/mem"])
+    assert "PYTEST_CURRENT_TEST" not in r.stdout_text
+    assert "/work/main" not in r.stdout_text and "python" not in r.stdout_text
+    assert "Permission denied" in r.stderr_text  # not dumpable: its memory cannot be read
 
 
 PROBE = r"""
@@ -345,13 +341,19 @@ async def test_half_failed_boot_leaves_nothing(backend: ContainerBackend, sandbo
     assert not spec.upper_dir.exists()
 
 
-async def test_bad_python_reports_exec_step(backend: ContainerBackend, sandboxes: Factory) -> None:
-    spec = sandboxes.spec()
-    spec = BootSpec(**{**{f: getattr(spec, f) for f in spec.__dataclass_fields__}, "python": "/no/python"})
-    with pytest.raises(BackendError) as info:
-        await backend.boot(spec, PhaseTimer())
-    assert info.value.details["step"] == "exec agent"
-    assert spec.sandbox_id not in backend._cg().list_ids()
+async def test_rootfs_without_python_works(backend: ContainerBackend, sandboxes: Factory, tmp_path: Path) -> None:
+    """The agent is forked from the zygote, so an image needs no python (here: only a static busybox)."""
+    busybox = Path("/bin/busybox")
+    tiny = tmp_path / "tiny"
+    (tiny / "bin").mkdir(parents=True)
+    shutil.copy2(busybox, tiny / "bin/busybox")
+    (tiny / "bin/sh").symlink_to("busybox")
+    (tiny / "work").mkdir()
+    shift_tree(tiny, IdMap())
+    sbx = await sandboxes.boot(layers=[tiny])
+    r = await sbx.run("echo hello from busybox; /bin/busybox id -u")
+    assert r.exit_code == 0, r.stderr_text
+    assert r.stdout_text.split() == ["hello", "from", "busybox", "0"]
 
 
 async def test_pause_resume(backend: ContainerBackend, sandboxes: Factory) -> None:

@@ -106,7 +106,7 @@ async def test_ttl_reaper_destroys_expired_sandbox(manager: Manager) -> None:
     sbx = await manager.create(timeout=1)
 
     def on_event(ev: ManagerEvent) -> None:
-        if ev.kind == "state" and sbx.id not in {s for s in manager._live}:
+        if ev.kind == "state" and sbx.id not in set(manager._live):
             gone.set()
 
     manager.subscribe(on_event)

@@ -132,7 +132,7 @@ class LimitExceededError(BranchboxError):
     http_status = 429
 
 
-class TimeoutError_(BranchboxError, builtins.TimeoutError):  # noqa: N801 - mirrors the builtin it extends
+class TimeoutError_(BranchboxError, builtins.TimeoutError):
     code = "timeout"
     http_status = 504
 

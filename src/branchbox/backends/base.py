@@ -44,8 +44,6 @@ class BootSpec:
     upper_dir: Path  # writable overlay upper, owned by idmap.host_base
     work_dir: Path  # overlay work dir, same filesystem as upper_dir
     run_dir: Path  # host-only directory for the agent socket and backend bookkeeping (not visible inside)
-    agent_dir: Path  # host directory holding the agent code; bind-mounted read-only at /.branchbox inside
-    python: str  # python3 inside the rootfs that runs the agent
     hostname: str
     resources: Resources
     env: Mapping[str, str] = field(default_factory=dict)  # base environment of every process the agent starts

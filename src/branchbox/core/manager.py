@@ -20,20 +20,20 @@ destroy                any but destroyed
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import logging
 import secrets
 import shutil
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from branchbox.agent.client import AgentClient, ProcessHandle
 from branchbox.backends.base import Backend, BootSpec, SandboxHandle
 from branchbox.core import validate
-from branchbox.core.agent_install import install_agent
 from branchbox.core.events import ManagerEvent, Subscriber
 from branchbox.core.models import (
     ExecResult,
@@ -61,6 +61,7 @@ from branchbox.storage.overlay import prepare_sandbox_dirs, remove_sandbox_dirs
 log = logging.getLogger("branchbox.manager")
 
 OutputCallback = Callable[[bytes], object]
+_T = TypeVar("_T")
 _ACTIVE = (SandboxState.CREATING, SandboxState.RUNNING, SandboxState.PAUSED)
 
 
@@ -103,7 +104,6 @@ class Manager:
         self._live: dict[str, _Live] = {}
         self._creating: set[str] = set()
         self._subscribers: list[Subscriber] = []
-        self._agent_dir: Path | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._closed = False
 
@@ -127,7 +127,6 @@ class Manager:
         s.data_dir.mkdir(parents=True, exist_ok=True)
         (s.data_dir / "sandboxes").mkdir(exist_ok=True)
         self._store = Store(s.data_dir / "state.db")
-        self._agent_dir = await asyncio.to_thread(install_agent, s.data_dir)
         await self._backend(s.default_backend)
         await self._reconcile()
 
@@ -172,7 +171,9 @@ class Manager:
             with timer.phase("validate"):
                 env_ = validate.env(env)
                 meta = validate.metadata(metadata)
-                ttl = validate.timeout(timeout, default=self.settings.default_timeout, maximum=self.settings.max_timeout)
+                ttl = validate.timeout(
+                    timeout, default=self.settings.default_timeout, maximum=self.settings.max_timeout
+                )
                 validate.resources(cpu, memory_mb, pids)
                 if hostname is not None:
                     validate.hostname(hostname)
@@ -214,8 +215,6 @@ class Manager:
                 upper_dir=upper,
                 work_dir=work,
                 run_dir=run,
-                agent_dir=self._agent_path,
-                python=tpl.python,
                 hostname=info.hostname,
                 resources=info.resources,
                 env={**tpl.env, **env_},
@@ -260,7 +259,7 @@ class Manager:
 
     async def list(
         self, *, metadata: Mapping[str, str] | None = None, states: Collection[SandboxState] | None = None
-    ) -> list[SandboxInfo]:
+    ) -> builtins.list[SandboxInfo]:
         out = []
         for rec in self._db.all():
             info = self._live[rec.info.id].info if rec.info.id in self._live else rec.info
@@ -379,7 +378,7 @@ class Manager:
         live = self._require(sandbox_id, SandboxState.RUNNING)
         return await self._agent_call(live, live.agent.attach(pid))
 
-    async def list_processes(self, sandbox_id: str) -> list[ProcessInfo]:
+    async def list_processes(self, sandbox_id: str) -> builtins.list[ProcessInfo]:
         live = self._require(sandbox_id, SandboxState.RUNNING)
         return await self._agent_call(live, live.agent.list_processes())
 
@@ -410,7 +409,7 @@ class Manager:
         live = self._require(sandbox_id, SandboxState.RUNNING)
         return await self._agent_call(live, live.agent.upload(path, chunks, mode=mode))
 
-    async def list_files(self, sandbox_id: str, path: str, *, depth: int = 1) -> list[FileEntry]:
+    async def list_files(self, sandbox_id: str, path: str, *, depth: int = 1) -> builtins.list[FileEntry]:
         live = self._require(sandbox_id, SandboxState.RUNNING)
         return await self._agent_call(live, live.agent.list_dir(path, depth=depth))
 
@@ -431,7 +430,7 @@ class Manager:
         return await self._agent_call(live, live.agent.rename(src, dst))
 
     # ------------------------------------------------------------------ templates
-    async def list_templates(self) -> list[TemplateInfo]:
+    async def list_templates(self) -> builtins.list[TemplateInfo]:
         return self.templates.list()
 
     # ------------------------------------------------------------------ internals
@@ -440,11 +439,6 @@ class Manager:
         if self._store is None:
             raise InvalidStateError("the manager is not started: use `async with Manager.open(...)`")
         return self._store
-
-    @property
-    def _agent_path(self) -> Path:
-        assert self._agent_dir is not None
-        return self._agent_dir
 
     def _sandbox_dir(self, sandbox_id: str) -> Path:
         return self.settings.data_dir / "sandboxes" / sandbox_id
@@ -478,7 +472,7 @@ class Manager:
             )
         return live
 
-    async def _agent_call(self, live: _Live, coro: Any) -> Any:
+    async def _agent_call(self, live: _Live, coro: Awaitable[_T]) -> _T:
         try:
             return await coro
         except AgentDisconnectedError as exc:
@@ -564,7 +558,9 @@ class Manager:
                     self._db.delete(info.id)
                 else:
                     await self._cleanup(info.id, info.backend, rec.handle)
-                    self._db.update(info.id, state=SandboxState.ERROR, error="the sandbox died while the daemon was down")
+                    self._db.update(
+                        info.id, state=SandboxState.ERROR, error="the sandbox died while the daemon was down"
+                    )
                 continue
             try:
                 agent = await AgentClient.connect(rec.handle.agent_socket, timeout=self.settings.agent_connect_timeout)

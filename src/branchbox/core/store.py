@@ -117,13 +117,14 @@ class Store:
         """Update columns; ``state`` may be a SandboxState, ``handle`` a SandboxHandle, dicts are JSON-encoded."""
         cols: list[str] = []
         vals: list[Any] = []
-        for k, v in fields.items():
+        for k, value in fields.items():
+            v = value
             if k == "handle":
-                v = _handle_to_json(v)
-            elif isinstance(v, SandboxState):
-                v = v.value
-            elif isinstance(v, Mapping):
-                v = json.dumps(dict(v))
+                v = _handle_to_json(value)
+            elif isinstance(value, SandboxState):
+                v = value.value
+            elif isinstance(value, Mapping):
+                v = json.dumps(dict(value))
             cols.append(f"{k}=?")
             vals.append(v)
         vals.append(sandbox_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -59,7 +60,7 @@ def timeout(value: float | None, *, default: float, maximum: float) -> float | N
     """``None`` means the default; 0 or less is an error; returns seconds."""
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:  # NaN
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
         raise BadRequestError("timeout must be a number of seconds")
     if value <= 0:
         raise BadRequestError(f"timeout is {value}: pass a positive number of seconds (at most {maximum:g})")

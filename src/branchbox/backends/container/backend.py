@@ -168,8 +168,6 @@ class ContainerBackend:
             "upper_dir": str(spec.upper_dir),
             "work_dir": str(spec.work_dir),
             "run_dir": str(spec.run_dir),
-            "agent_dir": str(spec.agent_dir),
-            "python": spec.python,
             "hostname": spec.hostname,
             "cpu": spec.resources.cpu,
             "memory_mb": spec.resources.memory_mb,

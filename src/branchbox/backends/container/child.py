@@ -5,11 +5,11 @@ Process chain for one sandbox (all forks of the single-threaded zygote)::
     zygote ── fork ──> holder: join cgroups, unshare namespaces, wait for the id maps, open the layers,
                        become uid 0 of the new user namespace, fork, report the init's pid, exit
                        └── fork ──> init (pid 1 of the new pid namespace): overlay root, /proc, /dev, /tmp,
-                                    /.branchbox, pivot_root, hostname, lo, capabilities, no_new_privs,
-                                    seccomp, execve(agent)
+                                    pivot_root, hostname, lo, capabilities, no_new_privs, seccomp,
+                                    then runs the agent in place (no exec: it is preloaded in the zygote)
 
-Errors go to the status pipe as ``"<step>: <message>"``; EOF on that pipe without data means the agent was
-exec'd. Nothing here returns: every path ends in ``os._exit`` or ``os.execve``.
+Errors go to the status pipe as ``"<step>: <message>"``; EOF on that pipe without data means the agent started.
+Nothing here returns: every path ends in ``os._exit``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import json
 import os
 import signal
 import stat
+import sys
 from dataclasses import dataclass, field
 
 from branchbox.backends.container import caps, devices, syscalls
@@ -26,7 +27,6 @@ from branchbox.backends.container.cgroups import Cgroups
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MOUNT_DIR = "mnt"  # in the run dir; holds the empty mount point "root"
-AGENT_CODE = "import sys;sys.path[:0]=['/.branchbox'];from bbagent.server import main;main()"
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,8 +38,6 @@ class BootRequest:
     upper_dir: str
     work_dir: str
     run_dir: str
-    agent_dir: str
-    python: str
     hostname: str
     cpu: float
     memory_mb: int
@@ -99,7 +97,6 @@ def run_holder(req: BootRequest, fds: ChildFds, cgroups: Cgroups, seccomp_bpf: b
         layer_fds = [_open_path(p, "lower layer") for p in req.layers]
         upper_fd = _open_path(req.upper_dir, "upper dir")
         work_fd = _open_path(req.work_dir, "work dir")
-        agent_fd = _open_path(req.agent_dir, "agent dir")
         # The overlay goes on <run_dir>/mnt/root: cd there now, while the host-only run dir is searchable.
         os.chdir(os.path.join(req.run_dir, MOUNT_DIR))
         step = "setuid"
@@ -116,7 +113,6 @@ def run_holder(req: BootRequest, fds: ChildFds, cgroups: Cgroups, seccomp_bpf: b
                 layer_fds=layer_fds,
                 upper_fd=upper_fd,
                 work_fd=work_fd,
-                agent_fd=agent_fd,
             )
         os.write(fds.sync_w, str(pid).encode())
         os._exit(0)
@@ -143,7 +139,6 @@ def _run_init(
     layer_fds: list[int],
     upper_fd: int,
     work_fd: int,
-    agent_fd: int,
 ) -> None:
     step = "init"
     try:
@@ -156,7 +151,7 @@ def _run_init(
         for fd in (*layer_fds, upper_fd, work_fd):
             os.close(fd)
         step = "mount /proc"
-        _mkdirs("proc", "dev", "sys", "tmp", ".branchbox")
+        _mkdirs("proc", "dev", "sys", "tmp")
         nosuid_nodev_noexec = syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC
         syscalls.mount("proc", "proc", "proc", nosuid_nodev_noexec)
         step = "mount /dev"
@@ -171,10 +166,6 @@ def _run_init(
         _mask_paths()
         step = "mount /tmp"
         syscalls.mount("tmpfs", "tmp", "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV, "mode=1777")
-        step = "mount /.branchbox"
-        syscalls.mount(_fdpath(agent_fd), ".branchbox", None, syscalls.MS_BIND | syscalls.MS_REC)
-        os.close(agent_fd)
-        _remount_ro(".branchbox")
         step = "pivot_root"
         syscalls.pivot_root(".", ".")
         syscalls.umount2(".", syscalls.MNT_DETACH)
@@ -195,16 +186,38 @@ def _run_init(
         syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
         step = "seccomp"
         syscalls.load_seccomp_bpf(seccomp_bpf)
-        step = "exec agent"
-        env = {
+        step = "start agent"
+        _run_agent(req)
+    except BaseException as exc:  # reported to the zygote, then exit
+        _fail(fds.status_w, step, exc)
+
+
+def _run_agent(req: BootRequest) -> None:
+    """Become the agent without exec: its code is already imported in the zygote (see ``zygote.preload_agent``).
+
+    Closing every fd above 3 also closes the status pipe, which tells the zygote the boot succeeded. Imports can no
+    longer load files (``sys.path`` is emptied): nothing the sandbox writes can ever run inside the agent's process.
+    """
+    from branchbox.agent import server  # noqa: PLC0415 - in sys.modules already (preloaded by the zygote)
+
+    os.closerange(4, os.sysconf("SC_OPEN_MAX"))
+    syscalls.scrub_process_image(b"branchbox-agent")
+    # Not dumpable: the sandbox's root (no CAP_SYS_PTRACE) cannot ptrace or read the memory this process
+    # shares with the zygote. Children the agent execs are dumpable again (exec resets it).
+    syscalls.prctl(syscalls.PR_SET_DUMPABLE, 0)
+    os.environ.clear()
+    os.environ.update(
+        {
             "PATH": DEFAULT_PATH,
             "BRANCHBOX_LISTEN_FD": "3",
             "BRANCHBOX_ENV": json.dumps(req.env),
             "BRANCHBOX_WORKDIR": req.workdir,
         }
-        os.execve(req.python, [req.python, "-I", "-S", "-B", "-c", AGENT_CODE], env)  # noqa: S606 - argv list, no shell
-    except BaseException as exc:  # reported to the zygote, then exit
-        _fail(fds.status_w, step, exc)
+    )
+    sys.path[:] = []
+    sys.argv[:] = ["branchbox-agent"]
+    server.main()
+    os._exit(0)
 
 
 def _mkdirs(*names: str) -> None:

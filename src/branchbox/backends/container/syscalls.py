@@ -65,6 +65,8 @@ _NR = _ARCH_NR.get(platform.machine(), _ARCH_NR["x86_64"])
 
 # prctl(2).
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
+PR_SET_NAME = 15
 PR_SET_SECCOMP = 22
 PR_CAPBSET_DROP = 24
 PR_SET_CHILD_SUBREAPER = 36
@@ -207,3 +209,18 @@ def pid_start_time(pid: int) -> int:
     with open(f"/proc/{pid}/stat", "rb") as f:
         raw = f.read()
     return int(raw[raw.rindex(b")") + 2 :].split()[19])
+
+
+def scrub_process_image(title: bytes) -> None:
+    """Overwrite this process's argv and environ areas (what /proc/PID/cmdline and environ show) and set its
+    name: a process forked from the zygote must not show the host's command line or environment."""
+    with open("/proc/self/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    # fields after the command name start at field 3 of proc(5): arg_start is field 48, env_end field 51
+    arg_start, arg_end, env_start, env_end = (int(x) for x in fields[45:49])
+    for start, end, text in ((arg_start, arg_end, title), (env_start, env_end, b"")):
+        n = end - start
+        if n > 0:
+            ctypes.memmove(start, text[: n - 1].ljust(n, b"\0"), n)
+    name = ctypes.create_string_buffer(title[:15])
+    _libc.prctl(PR_SET_NAME, ctypes.addressof(name), 0, 0, 0)

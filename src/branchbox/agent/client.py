@@ -1,0 +1,698 @@
+"""Host-side asyncio client of the in-sandbox agent (protocol in :mod:`branchbox.agent.wire`).
+
+One :class:`AgentClient` holds one connection; any number of calls run concurrently over it. A call is a
+future, not a task: frames are parsed and dispatched from the protocol's ``data_received``. Errors the agent
+returns become :mod:`branchbox.errors` classes by code; a dropped connection fails every pending call with
+:class:`~branchbox.errors.AgentDisconnectedError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from branchbox.agent import wire
+from branchbox.core.models import ExecResult, FileEntry, ProcessInfo
+from branchbox.errors import (
+    AgentDisconnectedError,
+    AgentError,
+    BranchboxError,
+    InvalidStateError,
+    TimeoutError_,
+    error_from_code,
+)
+
+ACK_EVERY = wire.INITIAL_WINDOW // 4
+
+
+@dataclass(frozen=True, slots=True)
+class OutputChunk:
+    stream: Literal["stdout", "stderr"]
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessExit:
+    exit_code: int
+    signal: int | None
+
+
+_STREAMS: dict[int, Literal["stdout", "stderr"]] = {wire.STDOUT: "stdout", wire.STDERR: "stderr"}
+
+
+def _error(body: Mapping[str, Any]) -> BranchboxError:
+    err = body.get("error")
+    if not isinstance(err, dict):
+        return AgentError(f"malformed RESULT from the agent: {body!r}")
+    details = err.get("details")
+    return error_from_code(
+        str(err.get("code", "internal")),
+        str(err.get("message", "")),
+        **(details if isinstance(details, dict) else {}),
+    )
+
+
+def _entry(d: Mapping[str, Any]) -> FileEntry:
+    return FileEntry(
+        path=d["path"],
+        name=d["name"],
+        type=d["type"],
+        size=d["size"],
+        mode=d["mode"],
+        mtime=d["mtime"],
+        symlink_target=d.get("symlink_target"),
+    )
+
+
+class _Call:
+    """One call in flight: receives the frames of its channel; RESULT resolves ``future``."""
+
+    __slots__ = ("channel", "conn", "credit", "credit_waiter", "done", "future", "unacked")
+
+    def __init__(self, conn: _Connection) -> None:
+        self.conn = conn
+        self.channel = conn.register(self)
+        self.future: asyncio.Future[Any] = conn.loop.create_future()
+        self.credit = wire.INITIAL_WINDOW
+        self.credit_waiter: asyncio.Future[None] | None = None
+        self.done = False
+        self.unacked = 0
+
+    def on_data(self, stream: int, data: bytes) -> None:
+        """Agent output (ignored unless overridden)."""
+
+    def on_event(self, event: Any) -> None:
+        """EVENT frame (ignored unless overridden)."""
+
+    def on_result(self, body: Any) -> None:
+        if not isinstance(body, dict):
+            self.fail(AgentError(f"malformed RESULT from the agent: {body!r}"))
+        elif "error" in body:
+            self.fail(_error(body))
+        else:
+            self.finish(body.get("result"))
+
+    def finish(self, result: Any) -> None:
+        self.done = True
+        if not self.future.done():
+            self.future.set_result(result)
+        self._wake()
+
+    def fail(self, exc: BaseException) -> None:
+        self.done = True
+        if not self.future.done():
+            self.future.set_exception(exc)
+            self.future.exception()  # whoever awaits still gets it; nobody may (a dropped handle)
+        self._wake()
+
+    def on_window(self, credit: int) -> None:
+        self.credit += credit
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self.credit_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def ack(self, n: int) -> None:
+        """We consumed ``n`` bytes of the agent's DATA: return credit in batches."""
+        self.unacked += n
+        if self.unacked >= ACK_EVERY and not self.done:
+            self.conn.write(wire.encode_window(self.channel, self.unacked))
+            self.unacked = 0
+
+    async def send_stream(self, stream: int, data: bytes) -> None:
+        """Send DATA within the agent's credit and the transport's buffer limits."""
+        view = memoryview(data)
+        while view and not self.done:
+            while self.credit <= 0 and not self.done:
+                self.credit_waiter = self.conn.loop.create_future()
+                await self.credit_waiter
+                self.credit_waiter = None
+            if self.done:
+                break
+            n = min(len(view), self.credit, wire.CHUNK_SIZE)
+            self.credit -= n
+            self.conn.write(wire.encode_data(self.channel, stream, bytes(view[:n])))
+            view = view[n:]
+            await self.conn.drain()
+
+    def cancel(self) -> None:
+        """Tell the agent to stop this call and forget it locally."""
+        if not self.done:
+            self.done = True
+            self.conn.write(wire.encode_cancel(self.channel))
+        self.conn.forget(self)
+
+
+class _ExecCall(_Call):
+    __slots__ = ("on_stderr", "on_stdout", "stderr", "stdout")
+
+    def __init__(
+        self,
+        conn: _Connection,
+        on_stdout: Callable[[bytes], object] | None,
+        on_stderr: Callable[[bytes], object] | None,
+    ) -> None:
+        super().__init__(conn)
+        self.stdout: list[bytes] = []
+        self.stderr: list[bytes] = []
+        self.on_stdout = on_stdout
+        self.on_stderr = on_stderr
+
+    def on_data(self, stream: int, data: bytes) -> None:
+        if stream == wire.STDERR:
+            self.stderr.append(data)
+            callback = self.on_stderr
+        else:
+            self.stdout.append(data)
+            callback = self.on_stdout
+        self.ack(len(data))
+        if callback is not None:
+            try:
+                callback(data)
+            except Exception as exc:  # a failing callback fails this call, not the connection
+                self.cancel()
+                self.fail(exc)
+
+
+_END = object()
+
+
+class _StreamCall(_Call):
+    """A call whose DATA is consumed by an async reader (process output, file download)."""
+
+    __slots__ = ("items", "started", "waiter")
+
+    def __init__(self, conn: _Connection) -> None:
+        super().__init__(conn)
+        self.items: deque[tuple[int, bytes]] = deque()
+        self.waiter: asyncio.Future[None] | None = None
+        self.started: asyncio.Future[dict[str, Any]] = conn.loop.create_future()
+
+    def on_data(self, stream: int, data: bytes) -> None:
+        self.items.append((stream, data))
+        self._notify()
+
+    def on_event(self, event: Any) -> None:
+        if isinstance(event, dict) and event.get("event") in ("started", "attached") and not self.started.done():
+            self.started.set_result(event)
+
+    def finish(self, result: Any) -> None:
+        super().finish(result)
+        self._settle_started()
+        self._notify()
+
+    def fail(self, exc: BaseException) -> None:
+        super().fail(exc)
+        self._settle_started()
+        self._notify()
+
+    def _settle_started(self) -> None:
+        if not self.started.done():
+            exc = self.future.exception() if self.future.done() else None
+            self.started.set_exception(exc or AgentError("the call ended before the process started"))
+            self.started.exception()  # mark retrieved: the caller may be gone
+
+    def _notify(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def next_chunk(self) -> tuple[int, bytes] | None:
+        """The next DATA (credit returned), or None after RESULT (raises the call's error)."""
+        while not self.items:
+            if self.future.done():
+                self.future.result()  # raises the error, if any
+                return None
+            self.waiter = self.conn.loop.create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        stream, data = self.items.popleft()
+        self.ack(len(data))
+        return stream, data
+
+
+class _Connection(asyncio.Protocol):
+    """The protocol object: frame parsing, the call table, write flow control."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.parser = wire.FrameParser()
+        self.calls: dict[int, _Call] = {}
+        self.channels = itertools.count(1)
+        self.transport: asyncio.Transport | None = None
+        self.hello: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self.lost: asyncio.Future[None] = loop.create_future()
+        self.closing = False
+        self.write_paused: asyncio.Future[None] | None = None
+
+    # -- asyncio.Protocol ----------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if self.closing:
+            err = AgentDisconnectedError("the agent connection was closed by this client")
+        else:
+            err = AgentDisconnectedError(f"lost the connection to the agent ({exc or 'closed by the agent'})")
+        if not self.hello.done():
+            self.hello.set_exception(err)
+            self.hello.exception()
+        calls = list(self.calls.values())
+        self.calls.clear()
+        for call in calls:
+            call.fail(err)
+        if self.write_paused is not None and not self.write_paused.done():
+            self.write_paused.set_result(None)
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+    def pause_writing(self) -> None:
+        if self.write_paused is None:
+            self.write_paused = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        waiter, self.write_paused = self.write_paused, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self.parser.feed(data)
+            for kind, channel, payload in frames:
+                call = self.calls.get(channel)
+                if kind == wire.DATA:
+                    if call is not None:
+                        stream, chunk = wire.split_stream(payload)
+                        call.on_data(stream, chunk)
+                elif kind == wire.RESULT:
+                    if call is not None:
+                        del self.calls[channel]
+                        call.on_result(wire.decode_json(payload))
+                elif kind == wire.EVENT:
+                    if call is not None:
+                        call.on_event(wire.decode_json(payload))
+                elif kind == wire.WINDOW:
+                    if call is not None:
+                        call.on_window(wire.decode_window(payload))
+                elif kind == wire.HELLO and not self.hello.done():
+                    self.on_hello(wire.decode_json(payload))
+        except wire.ProtocolError as exc:
+            if not self.hello.done():
+                self.hello.set_exception(AgentError(f"agent protocol error: {exc}"))
+            if self.transport is not None:
+                self.transport.abort()
+
+    def on_hello(self, hello: Any) -> None:
+        if not isinstance(hello, dict):
+            raise wire.ProtocolError("HELLO payload is not an object")
+        self.hello.set_result(hello)
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def register(self, call: _Call) -> int:
+        if self.transport is None:
+            raise AgentDisconnectedError("the agent connection is closed: reconnect with AgentClient.connect")
+        channel = next(self.channels) & 0xFFFFFFFF
+        self.calls[channel] = call
+        return channel
+
+    def forget(self, call: _Call) -> None:
+        if self.calls.get(call.channel) is call:
+            del self.calls[call.channel]
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        waiter = self.write_paused
+        if waiter is not None:
+            await waiter
+
+
+def _call_frame(channel: int, method: str, params: Mapping[str, Any]) -> bytes:
+    return wire.encode_json(wire.CALL, channel, {"method": method, "params": params})
+
+
+def _exec_params(
+    cmd: str | Sequence[str],
+    env: Mapping[str, str] | None,
+    cwd: str | None,
+    user: str | None,
+    timeout: float | None,
+) -> dict[str, Any]:
+    params: dict[str, Any] = {"cmd": cmd if isinstance(cmd, str) else list(cmd)}
+    if env:
+        params["env"] = dict(env)
+    if cwd is not None:
+        params["cwd"] = cwd
+    if user is not None:
+        params["user"] = user
+    if timeout is not None:
+        params["timeout"] = timeout
+    return params
+
+
+class ProcessHandle:
+    """A background process: iterate for OutputChunk items and a final ProcessExit."""
+
+    def __init__(self, client: AgentClient, call: _StreamCall, pid: int) -> None:
+        self.pid = pid
+        self._client = client
+        self._call = call
+        self._exit: ProcessExit | None = None
+        self._ended = False
+
+    def __aiter__(self) -> ProcessHandle:
+        return self
+
+    async def __anext__(self) -> OutputChunk | ProcessExit:
+        if self._ended:
+            raise StopAsyncIteration
+        try:
+            item = await self._call.next_chunk()
+        except BaseException:
+            self._ended = True
+            raise
+        if item is not None:
+            return OutputChunk(_STREAMS.get(item[0], "stdout"), item[1])
+        self._ended = True
+        result = self._call.future.result()
+        if isinstance(result, dict) and "exit_code" in result:
+            self._exit = ProcessExit(int(result["exit_code"]), result.get("signal"))
+            return self._exit
+        raise StopAsyncIteration  # detached
+
+    @property
+    def exit(self) -> ProcessExit | None:
+        """The exit status once iteration reached it."""
+        return self._exit
+
+    async def wait(self) -> ProcessExit:
+        """Drain output until the process exits."""
+        async for item in self:
+            if isinstance(item, ProcessExit):
+                return item
+        if self._exit is not None:
+            return self._exit
+        raise InvalidStateError(f"process {self.pid} was detached: attach again to wait for it")
+
+    async def send_stdin(self, data: bytes) -> None:
+        if self._call.done:
+            raise InvalidStateError(f"process {self.pid} is no longer attached: attach again to send input")
+        await self._call.send_stream(wire.STDIN, data)
+
+    async def close_stdin(self) -> None:
+        """EOF on stdin (a pty process receives ^D instead)."""
+        if not self._call.done:
+            self._call.conn.write(wire.encode_eof(self._call.channel, wire.STDIN))
+
+    async def resize(self, cols: int, rows: int) -> None:
+        await self._client._request("pty.resize", {"pid": self.pid, "cols": cols, "rows": rows})
+
+    async def kill(self, signal: int = 9) -> None:
+        await self._client.kill(self.pid, signal)
+
+    async def detach(self) -> None:
+        """Stop streaming; the process keeps running."""
+        call = self._call
+        if not call.done:
+            call.conn.write(wire.encode_cancel(call.channel))
+            with contextlib.suppress(AgentDisconnectedError):
+                await asyncio.shield(call.future)
+        call.items.clear()
+        self._ended = True
+
+
+class AgentClient:
+    """One connection to one agent. Create with :meth:`connect`; close with :meth:`aclose`."""
+
+    def __init__(self, conn: _Connection, hello: dict[str, Any]) -> None:
+        self._conn = conn
+        self.hello: dict[str, object] = hello
+
+    @classmethod
+    async def connect(cls, socket_path: Path, *, timeout: float = 10.0) -> AgentClient:  # noqa: ASYNC109
+        """Connect and wait for the agent's HELLO (the agent may still be starting)."""
+        loop = asyncio.get_running_loop()
+        conn = _Connection(loop)
+        try:
+            async with asyncio.timeout(timeout):
+                await loop.create_unix_connection(lambda: conn, str(socket_path))
+                hello = await conn.hello
+        except TimeoutError:
+            if conn.transport is not None:
+                conn.closing = True
+                conn.transport.abort()
+            raise TimeoutError_(
+                f"no HELLO from the agent on {socket_path} within {timeout} s: is the sandbox running?"
+            ) from None
+        except OSError as exc:
+            raise AgentDisconnectedError(f"cannot connect to the agent on {socket_path}: {exc}") from exc
+        if hello.get("protocol") != wire.PROTOCOL_VERSION:
+            conn.closing = True
+            if conn.transport is not None:
+                conn.transport.close()
+            raise AgentError(
+                f"agent speaks protocol {hello.get('protocol')!r}, this client {wire.PROTOCOL_VERSION}: "
+                "rebuild the sandbox with a matching agent"
+            )
+        return cls(conn, hello)
+
+    @property
+    def closed(self) -> bool:
+        return self._conn.transport is None
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._conn.lost)
+
+    async def aclose(self) -> None:
+        conn = self._conn
+        if conn.transport is not None:
+            conn.closing = True
+            conn.transport.close()
+        await asyncio.shield(conn.lost)
+
+    async def __aenter__(self) -> AgentClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # -- plumbing ------------------------------------------------------------------------------------
+    async def _wait(self, call: _Call) -> Any:
+        try:
+            return await call.future
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+
+    async def _request(self, method: str, params: Mapping[str, Any]) -> Any:
+        call = _Call(self._conn)
+        self._conn.write(_call_frame(call.channel, method, params))
+        return await self._wait(call)
+
+    # -- calls ---------------------------------------------------------------------------------------
+    async def ping(self) -> float:
+        """Round-trip time in seconds."""
+        start = time.perf_counter()
+        await self._request("ping", {})
+        return time.perf_counter() - start
+
+    async def exec(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        stdin: bytes | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - enforced by the agent, which kills the group
+        on_stdout: Callable[[bytes], object] | None = None,
+        on_stderr: Callable[[bytes], object] | None = None,
+    ) -> ExecResult:
+        """Run a command to completion; a str runs in a shell (or directly when simple)."""
+        conn = self._conn
+        call = _ExecCall(conn, on_stdout, on_stderr)
+        params = _exec_params(cmd, env, cwd, user, timeout)
+        start = time.perf_counter()
+        frame = _call_frame(call.channel, "exec", params)
+        rest = b""
+        if stdin is not None:
+            params["stdin"] = True
+            frame = _call_frame(call.channel, "exec", params)
+            if len(stdin) <= min(call.credit, wire.CHUNK_SIZE):
+                call.credit -= len(stdin)
+                if stdin:
+                    frame += wire.encode_data(call.channel, wire.STDIN, stdin)
+                frame += wire.encode_eof(call.channel, wire.STDIN)
+            else:
+                rest = stdin
+        conn.write(frame)
+        try:
+            if rest:
+                await call.send_stream(wire.STDIN, rest)
+                if not call.done:
+                    conn.write(wire.encode_eof(call.channel, wire.STDIN))
+            result = await call.future
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+        return ExecResult(
+            exit_code=int(result["exit_code"]),
+            stdout=b"".join(call.stdout),
+            stderr=b"".join(call.stderr),
+            signal=result.get("signal"),
+            duration_ms=(time.perf_counter() - start) * 1000.0,
+        )
+
+    async def spawn(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        tag: str | None = None,
+        stdin: bool = False,
+        pty: tuple[int, int] | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - enforced by the agent, which kills the group
+    ) -> ProcessHandle:
+        """Start a background process and stream its output from the start. ``pty`` is (cols, rows)."""
+        params = _exec_params(cmd, env, cwd, user, timeout)
+        params.update(background=True, attach=True, stdin=stdin)
+        if tag is not None:
+            params["tag"] = tag
+        if pty is not None:
+            params["pty"] = [pty[0], pty[1]]
+        return await self._open_stream("exec", params)
+
+    async def attach(self, pid: int) -> ProcessHandle:
+        """Stream a running (or exited) process: its recent output tail, then live output and exit."""
+        return await self._open_stream("processes.attach", {"pid": pid})
+
+    async def _open_stream(self, method: str, params: Mapping[str, Any]) -> ProcessHandle:
+        call = _StreamCall(self._conn)
+        self._conn.write(_call_frame(call.channel, method, params))
+        try:
+            event = await call.started
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+        return ProcessHandle(self, call, int(event["pid"]))
+
+    async def list_processes(self) -> list[ProcessInfo]:
+        result = await self._request("processes.list", {})
+        return [
+            ProcessInfo(
+                pid=p["pid"],
+                cmd=list(p["cmd"]),
+                tag=p.get("tag"),
+                running=bool(p["running"]),
+                exit_code=p.get("exit_code"),
+                pty=bool(p.get("pty")),
+            )
+            for p in result["processes"]
+        ]
+
+    async def kill(self, pid: int, signal: int = 9) -> None:
+        """Send ``signal`` to the process group of ``pid``."""
+        await self._request("processes.kill", {"pid": pid, "signal": signal})
+
+    # -- files ---------------------------------------------------------------------------------------
+    async def read_file(self, path: str) -> bytes:
+        return b"".join([chunk async for chunk in self.download(path)])
+
+    async def download(self, path: str) -> AsyncIterator[bytes]:
+        """Stream a file in chunks of at most 256 KiB; memory stays bounded by the flow-control window."""
+        call = _StreamCall(self._conn)
+        self._conn.write(_call_frame(call.channel, "files.read", {"path": path}))
+        try:
+            while True:
+                item = await call.next_chunk()
+                if item is None:
+                    return
+                yield item[1]
+        finally:
+            if not call.future.done():
+                call.cancel()
+
+    async def write_file(self, path: str, data: bytes, *, mode: int | None = None) -> FileEntry:
+        """Atomically replace ``path`` (parent directories are created)."""
+        if len(data) > wire.CHUNK_SIZE:
+            return await self.upload(path, _one(data), mode=mode)
+        call = _Call(self._conn)
+        frames = _call_frame(call.channel, "files.write", _write_params(path, mode))
+        if data:
+            frames += wire.encode_data(call.channel, wire.STDIN, data)
+        self._conn.write(frames + wire.encode_eof(call.channel, wire.STDIN))
+        return _entry(await self._wait(call))
+
+    async def upload(self, path: str, chunks: AsyncIterable[bytes], *, mode: int | None = None) -> FileEntry:
+        """Stream ``chunks`` into ``path`` atomically, holding at most one window in flight."""
+        conn = self._conn
+        call = _Call(conn)
+        conn.write(_call_frame(call.channel, "files.write", _write_params(path, mode)))
+        try:
+            async for chunk in chunks:
+                if call.done:
+                    break
+                await call.send_stream(wire.STDIN, chunk)
+            if not call.done:
+                conn.write(wire.encode_eof(call.channel, wire.STDIN))
+            return _entry(await call.future)
+        except BaseException:
+            if not call.future.done():
+                call.cancel()
+            raise
+
+    async def list_dir(self, path: str, *, depth: int = 1) -> list[FileEntry]:
+        call = _ListCall(self._conn)
+        self._conn.write(_call_frame(call.channel, "files.list", {"path": path, "depth": depth}))
+        result = await self._wait(call)
+        return [_entry(e) for e in [*call.entries, *result["entries"]]]
+
+    async def stat(self, path: str) -> FileEntry:
+        return _entry(await self._request("files.stat", {"path": path}))
+
+    async def mkdir(self, path: str) -> FileEntry:
+        """Create a directory and its parents (no error when it exists)."""
+        return _entry(await self._request("files.mkdir", {"path": path, "parents": True}))
+
+    async def remove(self, path: str, *, recursive: bool = False) -> None:
+        await self._request("files.remove", {"path": path, "recursive": recursive})
+
+    async def rename(self, src: str, dst: str) -> FileEntry:
+        return _entry(await self._request("files.rename", {"src": src, "dst": dst}))
+
+
+class _ListCall(_Call):
+    __slots__ = ("entries",)
+
+    def __init__(self, conn: _Connection) -> None:
+        super().__init__(conn)
+        self.entries: list[dict[str, Any]] = []
+
+    def on_event(self, event: Any) -> None:
+        if isinstance(event, dict) and isinstance(event.get("entries"), list):
+            self.entries.extend(event["entries"])
+
+
+def _write_params(path: str, mode: int | None) -> dict[str, Any]:
+    return {"path": path} if mode is None else {"path": path, "mode": mode}
+
+
+async def _one(data: bytes) -> AsyncIterator[bytes]:
+    yield data

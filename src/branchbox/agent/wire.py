@@ -1,0 +1,138 @@
+"""Agent wire protocol, version 1: frame constants, encoders and an incremental parser.
+
+Stdlib only and free of I/O: this module is copied into every sandbox next to the agent. A frame is a 9-byte
+header ``!IBI`` (payload length, kind, channel id) followed by the payload. See docs/agent-protocol.md.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+PROTOCOL_VERSION = 1
+
+HEADER = struct.Struct("!IBI")
+HEADER_SIZE = HEADER.size
+MAX_PAYLOAD = 1 << 20  # 1 MiB
+CHUNK_SIZE = 256 * 1024  # largest DATA chunk either side sends
+INITIAL_WINDOW = 4 * 1024 * 1024  # DATA bytes a sender may have unacknowledged per call and direction
+_U32 = struct.Struct("!I")
+
+# Frame kinds.
+HELLO = 0
+CALL = 1
+RESULT = 2
+EVENT = 3
+DATA = 4
+EOF = 5
+CANCEL = 6
+WINDOW = 7
+KIND_NAMES = ("HELLO", "CALL", "RESULT", "EVENT", "DATA", "EOF", "CANCEL", "WINDOW")
+
+# Streams (first payload byte of DATA and EOF).
+STDIN = 0
+STDOUT = 1
+STDERR = 2
+
+Frame = tuple[int, int, bytes]  # (kind, channel, payload)
+
+
+class ProtocolError(Exception):
+    """The byte stream is not a valid sequence of frames; the connection must be closed."""
+
+
+def encode(kind: int, channel: int, payload: bytes = b"") -> bytes:
+    """One frame as bytes."""
+    if len(payload) > MAX_PAYLOAD:
+        raise ProtocolError(f"payload of {len(payload)} bytes exceeds the {MAX_PAYLOAD} byte limit")
+    return HEADER.pack(len(payload), kind, channel) + payload
+
+
+def dumps(obj: Any) -> bytes:
+    """Compact UTF-8 JSON."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def encode_json(kind: int, channel: int, obj: Any) -> bytes:
+    """A frame whose payload is ``obj`` as JSON."""
+    return encode(kind, channel, dumps(obj))
+
+
+def encode_data(channel: int, stream: int, data: bytes) -> bytes:
+    """A DATA frame; ``data`` must be at most ``MAX_PAYLOAD - 1`` bytes."""
+    if len(data) >= MAX_PAYLOAD:
+        raise ProtocolError(f"DATA chunk of {len(data)} bytes exceeds the {MAX_PAYLOAD - 1} byte limit")
+    return HEADER.pack(len(data) + 1, DATA, channel) + bytes((stream,)) + data
+
+
+def encode_eof(channel: int, stream: int) -> bytes:
+    return HEADER.pack(1, EOF, channel) + bytes((stream,))
+
+
+def encode_window(channel: int, credit: int) -> bytes:
+    return HEADER.pack(4, WINDOW, channel) + _U32.pack(credit)
+
+
+def encode_cancel(channel: int) -> bytes:
+    return HEADER.pack(0, CANCEL, channel)
+
+
+def decode_json(payload: bytes) -> Any:
+    """Parse a JSON payload, raising ProtocolError when it is not JSON."""
+    try:
+        return json.loads(payload)
+    except ValueError as exc:
+        raise ProtocolError(f"invalid JSON payload: {exc}") from exc
+
+
+def decode_window(payload: bytes) -> int:
+    if len(payload) != 4:
+        raise ProtocolError(f"WINDOW payload must be 4 bytes, got {len(payload)}")
+    credit: int = _U32.unpack(payload)[0]
+    return credit
+
+
+def split_stream(payload: bytes) -> tuple[int, bytes]:
+    """Stream id and bytes of a DATA or EOF payload."""
+    if not payload:
+        raise ProtocolError("DATA/EOF payload lacks its stream byte")
+    if payload[0] > STDERR:
+        raise ProtocolError(f"unknown stream {payload[0]}")
+    return payload[0], payload[1:]
+
+
+class FrameParser:
+    """Incremental parser: ``feed`` bytes as they arrive, get back every complete frame."""
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for an incomplete frame."""
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[Frame]:
+        buf = self._buf
+        buf += data
+        frames: list[Frame] = []
+        pos = 0
+        size = len(buf)
+        unpack = HEADER.unpack_from
+        while size - pos >= HEADER_SIZE:
+            length, kind, channel = unpack(buf, pos)
+            if length > MAX_PAYLOAD:
+                raise ProtocolError(f"frame of {length} bytes exceeds the {MAX_PAYLOAD} byte limit")
+            if kind > WINDOW:
+                raise ProtocolError(f"unknown frame kind {kind}")
+            end = pos + HEADER_SIZE + length
+            if end > size:
+                break
+            frames.append((kind, channel, bytes(buf[pos + HEADER_SIZE : end])))
+            pos = end
+        if pos:
+            del buf[:pos]
+        return frames
