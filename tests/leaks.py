@@ -51,6 +51,9 @@ class HostSnapshot:
         leaked = [p for p in new if _in_cgroup_tree(p, self.parent)]
         assert not leaked, f"sandbox processes leaked: {leaked}"
 
+    def assert_no_cgroups(self) -> None:
+        assert not self.cgroups, f"cgroups left: {sorted(self.cgroups)[:5]}"
+
 
 def _in_cgroup_tree(pid: int, parent_name: str) -> bool:
     try:

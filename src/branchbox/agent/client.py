@@ -444,13 +444,14 @@ class AgentClient:
         self.hello: dict[str, object] = hello
 
     @classmethod
-    async def connect(cls, socket_path: Path, *, timeout: float = 10.0) -> AgentClient:  # noqa: ASYNC109
+    async def connect(cls, socket_path: Path, *, timeout: float = 10.0) -> AgentClient:
         """Connect and wait for the agent's HELLO (the agent may still be starting)."""
         loop = asyncio.get_running_loop()
         conn = _Connection(loop)
         try:
             async with asyncio.timeout(timeout):
-                await loop.create_unix_connection(lambda: conn, str(socket_path))
+                with wire.short_unix_path(socket_path) as path:
+                    await loop.create_unix_connection(lambda: conn, path)
                 hello = await conn.hello
         except TimeoutError:
             if conn.transport is not None:
@@ -511,6 +512,17 @@ class AgentClient:
         await self._request("ping", {})
         return time.perf_counter() - start
 
+    async def configure(
+        self, *, env: Mapping[str, str] | None = None, workdir: str | None = None, user: str | None = None
+    ) -> None:
+        """Set the base environment (boot env + ``env``), default working directory and default user."""
+        params: dict[str, Any] = {"env": dict(env or {})}
+        if workdir is not None:
+            params["workdir"] = workdir
+        if user is not None:
+            params["user"] = user
+        await self._request("configure", params)
+
     async def exec(
         self,
         cmd: str | Sequence[str],
@@ -519,7 +531,7 @@ class AgentClient:
         cwd: str | None = None,
         user: str | None = None,
         stdin: bytes | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109 - enforced by the agent, which kills the group
+        timeout: float | None = None,
         on_stdout: Callable[[bytes], object] | None = None,
         on_stderr: Callable[[bytes], object] | None = None,
     ) -> ExecResult:
@@ -568,7 +580,7 @@ class AgentClient:
         tag: str | None = None,
         stdin: bool = False,
         pty: tuple[int, int] | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109 - enforced by the agent, which kills the group
+        timeout: float | None = None,
     ) -> ProcessHandle:
         """Start a background process and stream its output from the start. ``pty`` is (cols, rows)."""
         params = _exec_params(cmd, env, cwd, user, timeout)

@@ -108,8 +108,10 @@ class Agent:
     """Process-wide state: settings, the process table and the open connections."""
 
     def __init__(self, env: dict[str, str], workdir: str) -> None:
+        self.boot_env = dict(env)  # the template's environment, kept for configure()
         self.env = env
         self.workdir = workdir
+        self.user: str | None = None  # default user of exec (None: the agent's own, root)
         self.procs: dict[int, Proc] = {}
         self.exited: deque[int] = deque()
         self.connections: set[Connection] = set()
@@ -919,6 +921,23 @@ def m_ping(conn: Connection, channel: int, params: dict[str, Any]) -> dict[str, 
     return {"pong": True, "pid": os.getpid()}
 
 
+def m_configure(conn: Connection, channel: int, params: dict[str, Any]) -> dict[str, Any]:
+    """Personalise a (pooled) sandbox: base env = boot env + ``env``; default ``workdir`` and ``user``."""
+    agent = conn.agent
+    env = params.get("env") or {}
+    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise CallError("bad_request", "env must be an object of strings")
+    workdir = params.get("workdir")
+    if workdir is not None:
+        agent.workdir = agent.path(workdir, "workdir")
+    user = params.get("user")
+    if user is not None and not isinstance(user, str):
+        raise CallError("bad_request", "user must be a string")
+    agent.env = {**agent.boot_env, **env}
+    agent.user = user or None
+    return {"workdir": agent.workdir, "user": agent.user}
+
+
 def _int_param(params: dict[str, Any], name: str, default: int | None = None) -> int | None:
     value = params.get(name, default)
     if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
@@ -948,7 +967,7 @@ def m_exec(conn: Connection, channel: int, params: dict[str, Any]) -> dict[str, 
     except OSError as exc:
         raise os_error(exc, cwd) from exc
     ids = None
-    user = params.get("user")
+    user = params.get("user") or agent.user
     if user is not None:
         uid, gid, groups, name, home = _resolve_user(user)
         ids = (uid, gid, groups)
@@ -1133,6 +1152,7 @@ def m_files_rename(conn: Connection, channel: int, params: dict[str, Any]) -> di
 
 METHODS: dict[str, Method] = {
     "ping": m_ping,
+    "configure": m_configure,
     "exec": m_exec,
     "processes.list": m_processes_list,
     "processes.attach": m_processes_attach,

@@ -6,8 +6,11 @@ header ``!IBI`` (payload length, kind, channel id) followed by the payload. See 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import struct
+from collections.abc import Iterator
 from typing import Any
 
 PROTOCOL_VERSION = 1
@@ -136,3 +139,19 @@ class FrameParser:
         if pos:
             del buf[:pos]
         return frames
+
+
+@contextlib.contextmanager
+def short_unix_path(path: str | os.PathLike[str]) -> Iterator[str]:
+    """A path for bind()/connect() of an AF_UNIX socket that fits the 108-byte limit however deep ``path`` is:
+    ``/proc/self/fd/<dir fd>/<name>`` through an O_PATH descriptor of the parent directory."""
+    full = os.fspath(path)
+    if len(full.encode()) < 100:
+        yield full
+        return
+    parent, name = os.path.split(full)
+    fd = os.open(parent or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{fd}/{name}"
+    finally:
+        os.close(fd)

@@ -84,6 +84,9 @@ class Backend(Protocol):
     async def wait_exit(self, handle: SandboxHandle) -> None:
         """Return when the sandbox's init has exited (event-driven, no polling)."""
 
+    def set_hostname(self, handle: SandboxHandle, hostname: str) -> None:
+        """Change the hostname of a running sandbox (fast: no process, no agent call)."""
+
     async def pause(self, handle: SandboxHandle) -> None:
         """Freeze every process of the sandbox. Only when ``capabilities.pause``."""
 

@@ -44,6 +44,7 @@ from branchbox.core.models import (
     SandboxState,
     TemplateInfo,
 )
+from branchbox.core.pool import Pool, PoolConfig, PoolStats
 from branchbox.core.settings import ManagerSettings
 from branchbox.core.store import Store
 from branchbox.core.timing import PhaseTimer
@@ -52,6 +53,7 @@ from branchbox.errors import (
     BranchboxError,
     InvalidStateError,
     LimitExceededError,
+    NotFoundError,
     NotSupportedError,
     SandboxNotFoundError,
 )
@@ -90,6 +92,8 @@ class _Live:
     watcher: asyncio.Task[None] | None = None
     expiry: asyncio.TimerHandle | None = None
     destroying: bool = False
+    pooled: str | None = None  # template of the pool this member waits in (invisible to users)
+    from_pool: str | None = None  # template of the pool this sandbox was claimed from
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -104,6 +108,7 @@ class Manager:
         self._live: dict[str, _Live] = {}
         self._creating: set[str] = set()
         self._subscribers: list[Subscriber] = []
+        self._pools: dict[str, Pool[_Live]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._closed = False
 
@@ -128,12 +133,19 @@ class Manager:
         (s.data_dir / "sandboxes").mkdir(exist_ok=True)
         self._store = Store(s.data_dir / "state.db")
         await self._backend(s.default_backend)
+        for cfg in s.pools:
+            self.templates.get(cfg.template)  # a pool of an unknown template is a configuration error
+            self._pools[cfg.template] = Pool(cfg, self._boot_member)
         await self._reconcile()
+        for pool in self._pools.values():
+            pool.start()
 
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
+        for pool in self._pools.values():
+            await pool.aclose()  # ready members stay running and re-join their pool on the next start
         if not self.settings.keep_sandboxes_on_shutdown:
             await asyncio.gather(*(self._destroy(sid) for sid in list(self._live)), return_exceptions=True)
         for live in list(self._live.values()):
@@ -186,29 +198,69 @@ class Manager:
         except BranchboxError as exc:
             self._emit(ManagerEvent("error", code=exc.code, operation="create"))
             raise
+        pool = self._pools.get(tpl.name) if kind == self.settings.default_backend else None
+        if pool is not None and pool.config.matches(cpu, memory_mb, pids):
+            member = pool.take()
+            if member is not None:
+                try:
+                    return await self._claim(member, pool, env_, meta, ttl, hostname, timer)
+                except BranchboxError as exc:  # a broken member: drop it, fall back to a cold create
+                    log.warning("pool %s: claim of %s failed (%s)", tpl.name, member.info.id, exc)
+                    self._spawn_bg(self._destroy(member.info.id))
+        info = self._new_info(tpl, kind, Resources(cpu=float(cpu), memory_mb=memory_mb, pids=pids), env_, meta, ttl,
+                              hostname)  # fmt: skip
+        try:
+            live = await self._boot_live(info, tpl, be, timer)
+        except BaseException as exc:
+            code = exc.code if isinstance(exc, BranchboxError) else "internal"
+            self._emit(ManagerEvent("create", info.id, kind, "cold", "error", timer.total_ms / 1e3, code=code))
+            self._emit(ManagerEvent("error", info.id, code=code, operation="create"))
+            raise
+        self._schedule_expiry(live)
+        log.debug("created sandbox %s timings=%s", info.id, live.info.timings, extra={"sandbox_id": info.id})
+        self._emit(ManagerEvent("create", info.id, kind, "cold", "ok", timer.total_ms / 1e3, timings=live.info.timings))
+        self._emit_counts()
+        return live.info
+
+    def _new_info(
+        self,
+        tpl: TemplateInfo,
+        kind: str,
+        resources: Resources,
+        env: Mapping[str, str],
+        metadata: Mapping[str, str],
+        ttl: float | None,
+        hostname: str | None,
+    ) -> SandboxInfo:
         sid = new_sandbox_id()
-        info = SandboxInfo(
+        now = time.time()
+        return SandboxInfo(
             id=sid,
             template=tpl.name,
             template_digest=tpl.digest,
             backend=kind,
             state=SandboxState.CREATING,
-            created_at=time.time(),
-            expires_at=None if ttl is None else time.time() + ttl,
-            resources=Resources(cpu=float(cpu), memory_mb=memory_mb, pids=pids),
-            metadata=meta,
-            env=env_,
+            created_at=now,
+            expires_at=None if ttl is None else now + ttl,
+            resources=resources,
+            metadata=dict(metadata),
+            env=dict(env),
             hostname=hostname or f"bb-{sid[:12]}",
             source="cold",
         )
+
+    async def _boot_live(
+        self, info: SandboxInfo, tpl: TemplateInfo, be: Backend, timer: PhaseTimer, *, pool: str | None = None
+    ) -> _Live:
+        """Boot a sandbox for ``info`` and register it (running, watched). On failure nothing is left."""
+        sid = info.id
         self._creating.add(sid)
         handle: SandboxHandle | None = None
         try:
             with timer.phase("store"):
-                self._db.insert(info)
+                self._db.insert(info, pool=pool)
             with timer.phase("dirs"):
-                sdir = self._sandbox_dir(sid)
-                upper, work, run = prepare_sandbox_dirs(sdir, self.settings.idmap)
+                upper, work, run = prepare_sandbox_dirs(self._sandbox_dir(sid), self.settings.idmap)
             spec = BootSpec(
                 sandbox_id=sid,
                 layers=[self.templates.rootfs(tpl.digest)],
@@ -217,7 +269,7 @@ class Manager:
                 run_dir=run,
                 hostname=info.hostname,
                 resources=info.resources,
-                env={**tpl.env, **env_},
+                env={**tpl.env, **info.env},
                 workdir=tpl.workdir,
                 idmap=self.settings.idmap,
             )
@@ -225,35 +277,64 @@ class Manager:
             with timer.phase("agent_connect"):
                 agent = await AgentClient.connect(handle.agent_socket, timeout=self.settings.agent_connect_timeout)
             info = replace(info, state=SandboxState.RUNNING, timings=timer.as_dict())
-            with timer.phase("store"):
-                self._db.update(sid, state=info.state, handle=handle)
-        except BaseException as exc:
+            self._db.update(sid, state=info.state, handle=handle, timings=info.timings)
+        except BaseException:
             self._creating.discard(sid)
-            await self._cleanup(sid, kind, handle)
+            await self._cleanup(sid, info.backend, handle)
             with contextlib.suppress(Exception):
                 self._db.delete(sid)
-            code = exc.code if isinstance(exc, BranchboxError) else "internal"
-            self._emit(ManagerEvent("create", sid, kind, "cold", "error", timer.total_ms / 1e3, code=code))
-            self._emit(ManagerEvent("error", sid, code=code, operation="create"))
             raise
         self._creating.discard(sid)
-        info = replace(info, timings=timer.as_dict())
-        self._db.update(sid, timings=info.timings)
-        live = _Live(info=info, handle=handle, agent=agent, backend=be)
+        live = _Live(info=info, handle=handle, agent=agent, backend=be, pooled=pool)
         self._live[sid] = live
         self._watch(live)
+        return live
+
+    async def _claim(
+        self,
+        live: _Live,
+        pool: Pool[_Live],
+        env: Mapping[str, str],
+        metadata: Mapping[str, str],
+        ttl: float | None,
+        hostname: str | None,
+        timer: PhaseTimer,
+    ) -> SandboxInfo:
+        """The fast path: personalise a ready pool member in at most one agent round trip."""
+        with timer.phase("claim"):
+            if env:
+                await live.agent.configure(env=env)
+            if hostname is not None and hostname != live.info.hostname:
+                live.backend.set_hostname(live.handle, hostname)
+        now = time.time()
+        with timer.phase("store"):
+            live.info = replace(
+                live.info,
+                created_at=now,
+                expires_at=None if ttl is None else now + ttl,
+                metadata=dict(metadata),
+                env=dict(env),
+                hostname=hostname or live.info.hostname,
+                source="warm",
+            )
+            live.pooled = None
+            live.from_pool = pool.config.template
+            live.info = replace(live.info, timings=timer.as_dict())
+            i = live.info
+            self._db.update(i.id, pool=None, created_at=i.created_at, expires_at=i.expires_at, metadata=i.metadata,
+                            env=i.env, hostname=i.hostname, source=i.source, timings=i.timings)  # fmt: skip
         self._schedule_expiry(live)
-        log.debug("created sandbox %s timings=%s", sid, info.timings, extra={"sandbox_id": sid})
-        self._emit(ManagerEvent("create", sid, kind, "cold", "ok", timer.total_ms / 1e3, timings=info.timings))
+        pool.record_claim(timer.total_ms)
+        self._emit(ManagerEvent("create", i.id, i.backend, "warm", "ok", timer.total_ms / 1e3, timings=i.timings))
         self._emit_counts()
-        return info
+        return live.info
 
     async def get(self, sandbox_id: str) -> SandboxInfo:
         live = self._live.get(sandbox_id)
-        if live is not None:
+        if live is not None and live.pooled is None:
             return live.info
-        rec = self._db.get(sandbox_id)
-        if rec is None:
+        rec = None if live is not None else self._db.get(sandbox_id)
+        if rec is None or rec.pool is not None:
             raise SandboxNotFoundError(f"sandbox {sandbox_id!r} does not exist (it may have been destroyed)")
         return rec.info
 
@@ -262,7 +343,10 @@ class Manager:
     ) -> builtins.list[SandboxInfo]:
         out = []
         for rec in self._db.all():
-            info = self._live[rec.info.id].info if rec.info.id in self._live else rec.info
+            live = self._live.get(rec.info.id)
+            if (live.pooled if live is not None else rec.pool) is not None:
+                continue  # warm pool members are not sandboxes of any user yet
+            info = live.info if live is not None else rec.info
             if states is not None and info.state not in states:
                 continue
             if metadata and any(info.metadata.get(k) != v for k, v in metadata.items()):
@@ -298,9 +382,11 @@ class Manager:
         """Kill the sandbox and remove everything it used. Destroying a destroyed sandbox is not_found."""
         t0 = time.perf_counter()
         live = self._live.get(sandbox_id)
+        if live is not None and live.pooled is not None:
+            raise SandboxNotFoundError(f"sandbox {sandbox_id!r} does not exist (it may have been destroyed)")
         if live is None:
             rec = self._db.get(sandbox_id)
-            if rec is None:
+            if rec is None or rec.pool is not None:
                 raise SandboxNotFoundError(f"sandbox {sandbox_id!r} does not exist (it may have been destroyed)")
             # a dead sandbox (state error/stopped) whose record is kept for inspection
             await self._cleanup(sandbox_id, rec.info.backend, rec.handle)
@@ -322,6 +408,11 @@ class Manager:
             self._live.pop(sandbox_id, None)
             self._db.delete(sandbox_id)
             self._emit_counts()
+            pool = self._pools.get(live.from_pool) if live.from_pool else None
+            if pool is not None:
+                # golden reset: nothing of the released sandbox is kept (processes, upper layer, /tmp, env);
+                # the pool refills with a pristine member right away
+                pool.released(recycled=pool.config.reuse)
 
     # ------------------------------------------------------------------ operations inside a sandbox
     async def exec(
@@ -429,6 +520,54 @@ class Manager:
         live = self._require(sandbox_id, SandboxState.RUNNING)
         return await self._agent_call(live, live.agent.rename(src, dst))
 
+    # ------------------------------------------------------------------ warm pools
+    def pool_statistics(self) -> builtins.list[PoolStats]:
+        return [p.statistics() for p in self._pools.values()]
+
+    async def configure_pool(self, config: PoolConfig) -> PoolStats:
+        """Create or change the warm pool of ``config.template``, live. Members that no longer fit go."""
+        self.templates.get(config.template)
+        pool = self._pools.get(config.template)
+        if pool is None:
+            pool = Pool(config, self._boot_member)
+            self._pools[config.template] = pool
+            pool.start()
+            return pool.statistics()
+        old = pool.config
+        pool.config = config
+        if not config.matches(old.cpu, old.memory_mb, old.pids):
+            stale = list(pool.ready)
+            pool.ready.clear()
+        else:
+            stale = pool.surplus()
+        for member in stale:
+            member.pooled = None
+            self._spawn_bg(self._destroy(member.info.id))
+        pool.wake()
+        return pool.statistics()
+
+    async def remove_pool(self, template: str) -> None:
+        pool = self._pools.pop(template, None)
+        if pool is None:
+            raise NotFoundError(f"there is no warm pool for template {template!r}")
+        for member in await pool.aclose():
+            member.pooled = None
+            await self._destroy(member.info.id)
+
+    async def wait_pool_ready(self, template: str, count: int | None = None) -> None:
+        """Wait until the pool of ``template`` has ``count`` (default: its target) ready members."""
+        pool = self._pools.get(template)
+        if pool is None:
+            raise NotFoundError(f"there is no warm pool for template {template!r}")
+        await pool.wait_ready(count)
+
+    async def _boot_member(self, config: PoolConfig) -> _Live:
+        tpl = self.templates.get(config.template)
+        be = await self._backend(self.settings.default_backend)
+        res = Resources(cpu=float(config.cpu), memory_mb=config.memory_mb, pids=config.pids)
+        info = replace(self._new_info(tpl, be.name, res, {}, {}, None, None), source="warm")
+        return await self._boot_live(info, tpl, be, PhaseTimer(), pool=config.template)
+
     # ------------------------------------------------------------------ templates
     async def list_templates(self) -> builtins.list[TemplateInfo]:
         return self.templates.list()
@@ -453,6 +592,8 @@ class Manager:
 
     def _require(self, sandbox_id: str, *states: SandboxState) -> _Live:
         live = self._live.get(sandbox_id)
+        if live is not None and live.pooled is not None:
+            raise SandboxNotFoundError(f"sandbox {sandbox_id!r} does not exist (it may have been destroyed)")
         if live is None or live.destroying:
             rec = None if live is not None else self._db.get(sandbox_id)
             if rec is None:
@@ -511,6 +652,17 @@ class Manager:
             await live.backend.wait_exit(live.handle)
             if live.destroying or self._closed:
                 return
+            pool = self._pools.get(live.pooled) if live.pooled else None
+            if pool is not None:  # a ready member died: forget it, the pool boots a replacement
+                log.warning("pool %s: member %s died; replacing it", live.pooled, live.info.id)
+                live.destroying = True
+                pool.discard(live)
+                self._cancel_timers(live, watcher=False)
+                await live.agent.aclose()
+                self._live.pop(live.info.id, None)
+                self._db.delete(live.info.id)
+                await self._cleanup(live.info.id, live.info.backend, live.handle)
+                return
             log.warning("sandbox %s init exited unexpectedly", live.info.id, extra={"sandbox_id": live.info.id})
             self._set_state(live, SandboxState.ERROR, "the sandbox's init process exited")
             self._cancel_timers(live, watcher=False)
@@ -553,7 +705,7 @@ class Manager:
             be = await self._backend(info.backend)
             alive = rec.handle is not None and info.state is not SandboxState.CREATING and be.is_alive(rec.handle)
             if not alive or rec.handle is None:
-                if info.state is SandboxState.CREATING:
+                if info.state is SandboxState.CREATING or rec.pool is not None:
                     await self._cleanup(info.id, info.backend, rec.handle)
                     self._db.delete(info.id)
                 else:
@@ -569,10 +721,21 @@ class Manager:
                 await self._cleanup(info.id, info.backend, rec.handle)
                 self._db.update(info.id, state=SandboxState.ERROR, error=f"could not re-attach its agent: {exc}")
                 continue
-            live = _Live(info=info, handle=rec.handle, agent=agent, backend=be)
+            pool = self._pools.get(rec.pool) if rec.pool else None
+            if rec.pool is not None and (pool is None or pool.config.template != info.template or not
+                                         pool.config.matches(info.resources.cpu, info.resources.memory_mb,
+                                                             info.resources.pids)):  # fmt: skip
+                await agent.aclose()  # a member of a pool that is gone or changed
+                await self._cleanup(info.id, info.backend, rec.handle)
+                self._db.delete(info.id)
+                continue
+            live = _Live(info=info, handle=rec.handle, agent=agent, backend=be, pooled=rec.pool)
             self._live[info.id] = live
             self._watch(live)
-            self._schedule_expiry(live)
+            if pool is not None:
+                pool.ready.append(live)
+            else:
+                self._schedule_expiry(live)
         keep = set(self._live)
         for be in list(self._backends.values()):
             await be.cleanup_orphans(keep)
@@ -594,6 +757,7 @@ class Manager:
             return
         counts = {s.value: 0 for s in SandboxState}
         for live in self._live.values():
-            counts[live.info.state.value] += 1
+            if live.pooled is None:
+                counts[live.info.state.value] += 1
         counts[SandboxState.CREATING.value] += len(self._creating)
         self._emit(ManagerEvent("state", counts=counts))

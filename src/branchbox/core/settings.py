@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from branchbox.backends.base import IdMap
+from branchbox.core.pool import PoolConfig
 
 DEFAULT_DATA_DIR = Path("/var/lib/branchbox")
 
@@ -28,6 +29,7 @@ class ManagerSettings:
     cgroup_parent: str = "branchbox"  # name of the parent cgroup (unique per daemon sharing a host)
     idmap: IdMap = field(default_factory=IdMap)
     agent_connect_timeout: float = 10.0
+    pools: tuple[PoolConfig, ...] = ()  # warm pools started with the Manager (changeable live)
 
     @property
     def template_root(self) -> Path:

@@ -32,7 +32,8 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     source TEXT NOT NULL,
     timings TEXT NOT NULL,
     error TEXT,
-    handle TEXT
+    handle TEXT,
+    pool TEXT
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
@@ -43,6 +44,7 @@ SCHEMA_VERSION = "1"
 class SandboxRecord:
     info: SandboxInfo
     handle: SandboxHandle | None
+    pool: str | None = None  # set while the sandbox waits, unclaimed, in the warm pool of that template
 
 
 def _handle_to_json(h: SandboxHandle | None) -> str | None:
@@ -87,11 +89,11 @@ class Store:
     def close(self) -> None:
         self._db.close()
 
-    def insert(self, info: SandboxInfo, handle: SandboxHandle | None = None) -> None:
+    def insert(self, info: SandboxInfo, handle: SandboxHandle | None = None, *, pool: str | None = None) -> None:
         self._db.execute(
             "INSERT INTO sandboxes (id, template, template_digest, backend, state, created_at, expires_at,"
-            " resources, metadata, env, hostname, source, timings, error, handle)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " resources, metadata, env, hostname, source, timings, error, handle, pool)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 info.id,
                 info.template,
@@ -110,6 +112,7 @@ class Store:
                 json.dumps(dict(info.timings)),
                 info.error,
                 _handle_to_json(handle),
+                pool,
             ),
         )
 
@@ -144,7 +147,7 @@ class Store:
     @staticmethod
     def _record(row: tuple[Any, ...]) -> SandboxRecord:
         (sid, template, digest, backend, state, created_at, expires_at, resources, metadata, env, hostname,
-         source, timings, error, handle) = row  # fmt: skip
+         source, timings, error, handle, pool) = row  # fmt: skip
         r = json.loads(resources)
         info = SandboxInfo(
             id=sid,
@@ -162,4 +165,4 @@ class Store:
             timings=json.loads(timings),
             error=error,
         )
-        return SandboxRecord(info=info, handle=_handle_from_json(handle))
+        return SandboxRecord(info=info, handle=_handle_from_json(handle), pool=pool)

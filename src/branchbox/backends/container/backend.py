@@ -82,12 +82,8 @@ class ContainerBackend:
                 raw = await loop.sock_recv(ours, MAX_MESSAGE)
         except TimeoutError as exc:
             ours.close()
-            raise BackendError(
-                "container backend: the zygote did not start; see zygote.log in run_root"
-            ) from exc
-        ready = (
-            json.loads(raw) if raw else {"ok": False, "error": "exited at start; see zygote.log in run_root"}
-        )
+            raise BackendError("container backend: the zygote did not start; see zygote.log in run_root") from exc
+        ready = json.loads(raw) if raw else {"ok": False, "error": "exited at start; see zygote.log in run_root"}
         if not ready.get("ok"):
             ours.close()
             raise BackendError(f"container backend: zygote failed: {ready.get('error')}")
@@ -124,9 +120,7 @@ class ContainerBackend:
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[req_id] = fut
         try:
-            await asyncio.get_running_loop().sock_sendall(
-                sock, json.dumps({**request, "id": req_id}).encode()
-            )
+            await asyncio.get_running_loop().sock_sendall(sock, json.dumps({**request, "id": req_id}).encode())
             return await fut
         finally:
             self._pending.pop(req_id, None)
@@ -179,9 +173,7 @@ class ContainerBackend:
             "network": spec.network,
         }
         if spec.network:
-            raise NotSupportedError(
-                "container backend: network access is not supported yet; pass network=False"
-            )
+            raise NotSupportedError("container backend: network access is not supported yet; pass network=False")
         if not spec.layers:
             raise BackendError(f"boot of {spec.sandbox_id}: no lower layers given")
         t0 = time.perf_counter()
@@ -239,6 +231,12 @@ class ContainerBackend:
         finally:
             os.close(pidfd)
 
+    def set_hostname(self, handle: SandboxHandle, hostname: str) -> None:
+        """Rename a running sandbox (used when a warm sandbox is claimed): syscalls only, no process."""
+        if not self.is_alive(handle):
+            raise BackendError(f"sandbox {handle.sandbox_id} is not running")
+        syscalls.set_hostname_of(handle.pid, hostname)
+
     async def pause(self, handle: SandboxHandle) -> None:
         await self._set_frozen(handle.sandbox_id, frozen=True)
 
@@ -256,9 +254,7 @@ class ContainerBackend:
             deadline = time.monotonic() + PAUSE_TIMEOUT_S
             while cg.is_frozen(sandbox_id) != frozen:
                 if time.monotonic() > deadline:
-                    raise TimeoutError_(
-                        f"sandbox {sandbox_id}: freezer did not settle in {PAUSE_TIMEOUT_S} s"
-                    )
+                    raise TimeoutError_(f"sandbox {sandbox_id}: freezer did not settle in {PAUSE_TIMEOUT_S} s")
                 await asyncio.sleep(0.001)
         except FileNotFoundError as exc:
             raise BackendError(f"sandbox {sandbox_id} has no cgroup: it is not running") from exc

@@ -227,9 +227,7 @@ def _mkdirs(*names: str) -> None:
 
 
 def _setup_dev() -> None:
-    syscalls.mount(
-        "tmpfs", "dev", "tmpfs", syscalls.MS_NOSUID | syscalls.MS_STRICTATIME, "mode=755,size=65536k"
-    )
+    syscalls.mount("tmpfs", "dev", "tmpfs", syscalls.MS_NOSUID | syscalls.MS_STRICTATIME, "mode=755,size=65536k")
     for name in devices.DEVICES:
         path = f"dev/{name}"
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o666))

@@ -97,9 +97,7 @@ def unshare(flags: int) -> None:
     _check(_libc.unshare(flags), "unshare")
 
 
-def mount(
-    source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None
-) -> None:
+def mount(source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None) -> None:
     _check(_libc.mount(_b(source), _b(target), _b(fstype), flags, _b(data)), f"mount {target}")
 
 
@@ -116,6 +114,27 @@ def sethostname(name: str) -> None:
     _check(_libc.sethostname(raw, len(raw)), "sethostname")
 
 
+def setns(fd: int, nstype: int) -> None:
+    _check(_libc.setns(fd, nstype), "setns")
+
+
+def set_hostname_of(pid: int, name: str) -> None:
+    """Set the hostname in the uts namespace of ``pid`` from this thread, then return to our own namespace.
+
+    Only the calling thread changes namespace, for three syscalls; host root may enter any sandbox's uts ns."""
+    own = os.open("/proc/thread-self/ns/uts", os.O_RDONLY | os.O_CLOEXEC)
+    target = os.open(f"/proc/{pid}/ns/uts", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        setns(target, CLONE_NEWUTS)
+        try:
+            sethostname(name)
+        finally:
+            setns(own, CLONE_NEWUTS)
+    finally:
+        os.close(target)
+        os.close(own)
+
+
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
     return _check(_libc.prctl(option, arg2, arg3, arg4, arg5), f"prctl({option})")
 
@@ -130,9 +149,7 @@ def fsconfig_string(fs_fd: int, key: str, value: str) -> None:
 
 
 def fsconfig_flag(fs_fd: int, key: str) -> None:
-    _check(
-        _syscall(_NR_FSCONFIG, ctypes.c_int(fs_fd), FSCONFIG_SET_FLAG, _b(key), None, 0), f"fsconfig {key}"
-    )
+    _check(_syscall(_NR_FSCONFIG, ctypes.c_int(fs_fd), FSCONFIG_SET_FLAG, _b(key), None, 0), f"fsconfig {key}")
 
 
 def fsconfig_create(fs_fd: int) -> None:
@@ -145,9 +162,7 @@ def fsmount(fs_fd: int, attr_flags: int = 0) -> int:
 
 def move_mount_fd(mount_fd: int, target: str) -> None:
     """Attach the detached mount ``mount_fd`` at ``target``."""
-    res = _syscall(
-        _NR_MOVE_MOUNT, ctypes.c_int(mount_fd), b"", ctypes.c_int(-100), _b(target), MOVE_MOUNT_F_EMPTY_PATH
-    )
+    res = _syscall(_NR_MOVE_MOUNT, ctypes.c_int(mount_fd), b"", ctypes.c_int(-100), _b(target), MOVE_MOUNT_F_EMPTY_PATH)
     _check(res, f"move_mount {target}")
 
 

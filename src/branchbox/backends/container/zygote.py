@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from branchbox.agent.wire import short_unix_path
 from branchbox.backends.container import cgroups as cg_mod
 from branchbox.backends.container import seccomp_policy, syscalls
 from branchbox.backends.container.child import MOUNT_DIR, BootRequest, ChildFds, run_holder
@@ -76,9 +77,7 @@ class Zygote:
             fds.append(listener.detach())
             listen_fd = fds[-1]
             _bind_listen(listen_fd, sock_path)
-            log_fd = os.open(
-                Path(req.run_dir) / AGENT_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
-            )
+            log_fd = os.open(Path(req.run_dir) / AGENT_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC)
             fds.append(log_fd)
             status_r, status_w = os.pipe2(os.O_CLOEXEC)
             sync_r, sync_w = os.pipe2(os.O_CLOEXEC)
@@ -167,7 +166,8 @@ class Zygote:
 def _bind_listen(fd: int, path: Path) -> None:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=fd)
     try:
-        sock.bind(str(path))
+        with short_unix_path(path) as short:
+            sock.bind(short)
         os.chmod(path, 0o600)
         sock.listen(128)
     finally:
