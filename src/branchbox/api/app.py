@@ -1,0 +1,227 @@
+"""The ASGI app: ``create_app(manager, settings)``.
+
+FastAPI (on Starlette) because its pydantic models give us the OpenAPI document we check in and test against,
+and Starlette gives WebSockets and streamed bodies. Every error leaves as ``{"error": {"code", "message"}}``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from branchbox.api import routes_commands, routes_files, routes_sandboxes, streams
+from branchbox.api.auth import ApiKeyChecker
+from branchbox.api.context import AppContext, Ctx, require_api_key
+from branchbox.api.metrics import CONTENT_TYPE, Metrics
+from branchbox.api.schemas import ErrorResponse, HealthResponse, VersionResponse
+from branchbox.api.settings import ApiSettings
+from branchbox.errors import BranchboxError
+
+if TYPE_CHECKING:
+    from branchbox.core.manager import Manager
+
+_HTTP_CODES = {401: "unauthorized", 403: "permission_denied", 404: "not_found", 429: "limit_exceeded"}
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": desc}
+    for status, desc in [
+        (400, "Invalid request (code bad_request, invalid_path, ...)"),
+        (401, "Missing or invalid API key"),
+        (404, "Not found (sandbox_not_found, file_not_found, ...)"),
+        (403, "Permission denied"),
+        (409, "Conflict (invalid_state, file_exists)"),
+        (429, "A limit was reached (limit_exceeded)"),
+        (500, "Internal error (internal, backend_error)"),
+        (501, "Not supported by this backend (not_supported)"),
+        (502, "The in-sandbox agent failed (agent_error, agent_disconnected)"),
+        (504, "Timed out (timeout)"),
+    ]
+}
+
+
+class _App(FastAPI):
+    """FastAPI whose OpenAPI document shows validation errors the way they are sent: 400 ErrorResponse."""
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None:
+            schema = super().openapi()
+            for item in schema.get("paths", {}).values():
+                for op in item.values():
+                    op.get("responses", {}).pop("422", None)
+            schemas = schema.get("components", {}).get("schemas", {})
+            schemas.pop("HTTPValidationError", None)
+            schemas.pop("ValidationError", None)
+            self.openapi_schema = schema
+        return self.openapi_schema
+
+
+def _error_json(status: int, code: str, message: str, details: dict[str, Any] | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"code": code, "message": message}
+    if details:
+        body["details"] = details
+    return JSONResponse({"error": body}, status_code=status)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err.get("loc", ()))
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return "invalid request: " + "; ".join(parts) + " (see docs/openapi.json for the expected shape)"
+
+
+class _Observe:
+    """Pure ASGI middleware: request latency histogram, access log, fresh log context per request."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, log: structlog.typing.FilteringBoundLogger) -> None:
+        self.app, self.metrics, self.log = app, metrics, log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        structlog.contextvars.clear_contextvars()
+        if scope["type"] == "websocket":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = 500
+
+        async def send_wrapped(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapped)
+        finally:
+            seconds = time.perf_counter() - t0
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            self.metrics.observe_request(scope["method"], template, status, seconds)
+            self.log.info(
+                "http.request",
+                method=scope["method"],
+                path=template,
+                status=status,
+                ms=round(seconds * 1000, 3),
+            )
+
+
+def _build(settings: ApiSettings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        ctx: AppContext | None = getattr(app.state, "ctx", None)
+        if ctx is not None:  # seed the by-state gauge; later changes come from Manager events
+            counts: dict[str, int] = {}
+            for info in await ctx.manager.list():
+                counts[info.state.value] = counts.get(info.state.value, 0) + 1
+            ctx.metrics.set_state_counts(counts)
+        yield
+
+    app = _App(
+        title="branchbox",
+        version=settings.version,
+        summary="Sandboxes for AI agents: create, run commands, edit files, stream output.",
+        lifespan=lifespan,
+        responses=_ERROR_RESPONSES,
+    )
+    auth = [Depends(require_api_key), Depends(HTTPBearer(auto_error=False))]
+    for module in (routes_sandboxes, routes_commands, routes_files):
+        app.include_router(module.router, dependencies=auth)
+    app.include_router(streams.router)
+
+    @app.get("/health", response_model=HealthResponse, tags=["meta"], summary="Liveness")
+    async def health() -> HealthResponse:
+        return HealthResponse()
+
+    @app.get("/version", response_model=VersionResponse, tags=["meta"], summary="Daemon version")
+    async def version() -> VersionResponse:
+        return VersionResponse(version=settings.version)
+
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        dependencies=auth,
+        tags=["meta"],
+        summary="Prometheus metrics",
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    )
+    async def metrics(ctx: Ctx) -> Response:
+        return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.exception_handler(BranchboxError)
+    async def on_branchbox_error(request: Request, exc: BranchboxError) -> JSONResponse:
+        _count(request, exc.code)
+        if exc.http_status >= 500:
+            structlog.get_logger("branchbox.api").error("api.error", code=exc.code, message=exc.message)
+        return _error_json(exc.http_status, exc.code, exc.message, exc.details or None)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        _count(request, "bad_request")
+        return _error_json(400, "bad_request", _validation_message(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, "bad_request" if exc.status_code < 500 else "internal")
+        _count(request, code)
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            message = f"no such route {request.method} {request.url.path}: see /docs or docs/api.md for the routes"
+        elif exc.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path}: see docs/api.md"
+        return _error_json(exc.status_code, code, message)
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        _count(request, "internal")
+        structlog.get_logger("branchbox.api").exception("api.unexpected", error_type=type(exc).__name__)
+        return _error_json(500, "internal", f"internal error ({type(exc).__name__}); see the daemon log")
+
+    return app
+
+
+def _count(request: Request, code: str) -> None:
+    ctx: AppContext | None = getattr(request.app.state, "ctx", None)
+    if ctx is not None:
+        ctx.metrics.count_api_error(code)
+
+
+def create_app(manager: Manager, settings: ApiSettings | None = None, *, metrics: Metrics | None = None) -> FastAPI:
+    """The HTTP app over one open Manager. Subscribes the app's metrics to the Manager's events."""
+    settings = settings or ApiSettings()
+    metrics = metrics or Metrics()
+    log: structlog.typing.FilteringBoundLogger = structlog.get_logger("branchbox.api")
+    app = _build(settings)
+    app.state.ctx = AppContext(
+        manager=manager,
+        settings=settings,
+        metrics=metrics,
+        checker=ApiKeyChecker(settings.api_key_hashes, required=settings.auth_required),
+        log=log,
+    )
+    manager.subscribe(metrics.on_event)
+    app.add_middleware(_Observe, metrics=metrics, log=log)
+    return app
+
+
+def openapi_document(settings: ApiSettings | None = None) -> dict[str, Any]:
+    """The OpenAPI document of the app (no Manager needed): what docs/openapi.json holds."""
+    return _build(settings or ApiSettings()).openapi()
+
+
+def openapi_json(settings: ApiSettings | None = None) -> str:
+    """The checked-in form: sorted keys, 2-space indent, trailing newline."""
+    return json.dumps(openapi_document(settings), indent=2, sort_keys=True) + "\n"

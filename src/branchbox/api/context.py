@@ -1,0 +1,46 @@
+"""What every route needs, kept on ``app.state.ctx`` (no module globals)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated
+
+import structlog
+from fastapi import Depends
+from starlette.requests import HTTPConnection
+
+from branchbox.api.auth import ApiKeyChecker
+from branchbox.api.metrics import Metrics
+from branchbox.api.settings import ApiSettings
+
+if TYPE_CHECKING:
+    from branchbox.core.manager import Manager
+
+
+@dataclass(slots=True)
+class AppContext:
+    manager: Manager
+    settings: ApiSettings
+    metrics: Metrics
+    checker: ApiKeyChecker
+    log: structlog.typing.FilteringBoundLogger
+
+
+def get_ctx(conn: HTTPConnection) -> AppContext:
+    ctx: AppContext = conn.app.state.ctx
+    return ctx
+
+
+def require_api_key(conn: HTTPConnection) -> None:
+    """Route dependency: checks ``Authorization: Bearer`` (HTTP and WebSocket alike)."""
+    get_ctx(conn).checker.check(conn.headers.get("authorization"))
+
+
+async def bind_sandbox(sandbox_id: str) -> str:
+    """Path dependency: binds sandbox_id into the structured log context of this request."""
+    structlog.contextvars.bind_contextvars(sandbox_id=sandbox_id)
+    return sandbox_id
+
+
+Ctx = Annotated[AppContext, Depends(get_ctx)]
+SandboxId = Annotated[str, Depends(bind_sandbox)]

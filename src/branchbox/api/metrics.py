@@ -1,0 +1,94 @@
+"""Prometheus metrics on a registry owned by one app (never the global default registry)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from branchbox.core.events import ManagerEvent
+from branchbox.core.models import SandboxState
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+_FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    """Every metric the daemon exports. ``on_event`` is the Manager subscriber."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.create_duration = Histogram(
+            "branchbox_create_duration_seconds",
+            "Sandbox create latency, by backend, source (warm|cold|snapshot) and outcome (ok|error).",
+            ["backend", "source", "outcome"],
+            buckets=_FAST_BUCKETS,
+            registry=r,
+        )
+        self.exec_duration = Histogram(
+            "branchbox_exec_duration_seconds",
+            "Command run latency (start to exit) inside sandboxes.",
+            ["backend", "outcome"],
+            buckets=_FAST_BUCKETS,
+            registry=r,
+        )
+        self.destroy_duration = Histogram(
+            "branchbox_destroy_duration_seconds",
+            "Sandbox destroy latency.",
+            ["backend", "outcome"],
+            buckets=_FAST_BUCKETS,
+            registry=r,
+        )
+        self.api_duration = Histogram(
+            "branchbox_api_request_duration_seconds",
+            "HTTP request latency, by method, route template and status code.",
+            ["method", "route", "status"],
+            buckets=_FAST_BUCKETS,
+            registry=r,
+        )
+        self.sandboxes = Gauge("branchbox_sandboxes", "Sandboxes by state.", ["state"], registry=r)
+        self.errors = Counter(
+            "branchbox_errors",
+            "Errors by stable code; layer is core (Manager operations) or api (error responses).",
+            ["code", "layer"],
+            registry=r,
+        )
+        for state in SandboxState:
+            self.sandboxes.labels(state=state.value).set(0)
+
+    def on_event(self, event: ManagerEvent) -> None:
+        """Manager subscriber: fast, never raises."""
+        try:
+            if event.kind == "create":
+                self.create_duration.labels(
+                    backend=event.backend or "unknown", source=event.source or "cold", outcome=event.outcome
+                ).observe(event.seconds)
+            elif event.kind == "exec":
+                self.exec_duration.labels(backend=event.backend or "unknown", outcome=event.outcome).observe(
+                    event.seconds
+                )
+            elif event.kind == "destroy":
+                self.destroy_duration.labels(backend=event.backend or "unknown", outcome=event.outcome).observe(
+                    event.seconds
+                )
+            elif event.kind == "error":
+                self.errors.labels(code=event.code or "internal", layer="core").inc()
+            elif event.kind == "state":
+                self.set_state_counts(event.counts)
+        except Exception:  # noqa: S110 - a metrics bug must never break a Manager operation
+            pass
+
+    def set_state_counts(self, counts: Mapping[str, int]) -> None:
+        for state in SandboxState:
+            self.sandboxes.labels(state=state.value).set(counts.get(state.value, 0))
+
+    def count_api_error(self, code: str) -> None:
+        self.errors.labels(code=code, layer="api").inc()
+
+    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.api_duration.labels(method=method, route=route, status=str(status)).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

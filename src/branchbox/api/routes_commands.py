@@ -1,0 +1,75 @@
+"""Commands over plain HTTP: run (wait for the result or start in the background), list, kill."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from branchbox.api.context import Ctx, SandboxId
+from branchbox.api.schemas import (
+    BackgroundCommand,
+    CommandResult,
+    KillRequest,
+    ProcessResponse,
+    RunCommandRequest,
+)
+from branchbox.errors import BadRequestError
+
+router = APIRouter(tags=["commands"])
+
+
+@router.post(
+    "/v1/sandboxes/{sandbox_id}/commands",
+    response_model=CommandResult | BackgroundCommand,
+    summary="Run a command",
+    description="Waits for the exit and returns the output, or with background=true returns the pid at once. "
+    "A non-zero exit is a result, not an error.",
+)
+async def run_command(sandbox_id: SandboxId, body: RunCommandRequest, ctx: Ctx) -> CommandResult | BackgroundCommand:
+    if body.background:
+        if body.stdin is not None:
+            raise BadRequestError("stdin= is not allowed with background=true: use the commands/stream WebSocket")
+        handle = await ctx.manager.spawn(
+            sandbox_id,
+            body.cmd,
+            env=body.envs,
+            cwd=body.cwd,
+            user=body.user,
+            tag=body.tag,
+            timeout=body.timeout,
+        )
+        pid = handle.pid
+        await handle.detach()
+        ctx.log.info("command.started", pid=pid)
+        return BackgroundCommand(pid=pid)
+    result = await ctx.manager.exec(
+        sandbox_id,
+        body.cmd,
+        env=body.envs,
+        cwd=body.cwd,
+        user=body.user,
+        stdin=None if body.stdin is None else body.stdin.encode("utf-8"),
+        timeout=body.timeout,
+    )
+    return CommandResult(
+        exit_code=result.exit_code,
+        stdout=result.stdout_text,
+        stderr=result.stderr_text,
+        signal=result.signal,
+        duration_ms=result.duration_ms,
+    )
+
+
+@router.get("/v1/sandboxes/{sandbox_id}/commands", response_model=list[ProcessResponse], summary="List processes")
+async def list_commands(sandbox_id: SandboxId, ctx: Ctx) -> list[ProcessResponse]:
+    return [ProcessResponse.of(p) for p in await ctx.manager.list_processes(sandbox_id)]
+
+
+@router.post(
+    "/v1/sandboxes/{sandbox_id}/commands/{pid}/kill",
+    status_code=204,
+    response_class=Response,
+    summary="Send a signal to a process",
+)
+async def kill_command(sandbox_id: SandboxId, pid: int, ctx: Ctx, body: KillRequest | None = None) -> Response:
+    await ctx.manager.kill_process(sandbox_id, pid, (body or KillRequest()).signal)
+    return Response(status_code=204)

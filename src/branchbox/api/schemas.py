@@ -1,0 +1,235 @@
+"""Request and response bodies of the HTTP API (pydantic models; they make the checked-in OpenAPI document).
+
+Field names follow the E2B API where one exists (``sandbox_id``, ``template_id``, ``metadata``,
+``started_at``, ``end_at``) so an E2B-compatible facade is a renaming, not a second implementation.
+``stdout``/``stderr`` in JSON results are UTF-8 decoded with ``errors="replace"``; use the streaming
+WebSocket with ``?encoding=base64`` for exact bytes.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from branchbox.core.models import FileEntry, ProcessInfo, SandboxInfo, SandboxState, TemplateInfo
+
+MAX_TIMEOUT_S = 31_536_000.0  # one year: larger values are a mistake, not a wish
+EnvMap = Annotated[dict[str, str], Field(max_length=4096)]
+Path_ = Annotated[str, Field(min_length=1, max_length=4096, description="Absolute path inside the sandbox.")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="Stable machine-readable code, e.g. sandbox_not_found.")
+    message: str = Field(description="What went wrong and what to change.")
+    details: dict[str, Any] | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class CreateSandboxRequest(_Strict):
+    template: Annotated[str, Field(min_length=1, max_length=255)] = "default"
+    timeout: Annotated[float | None, Field(gt=0, le=MAX_TIMEOUT_S)] = Field(
+        default=None, description="Seconds until the sandbox is destroyed; null uses the daemon's default."
+    )
+    envs: EnvMap | None = None
+    metadata: EnvMap | None = None
+    cpu: Annotated[float, Field(gt=0, le=256)] = 1.0
+    memory_mb: Annotated[int, Field(ge=16, le=1_048_576)] = 512
+    pids: Annotated[int, Field(ge=8, le=1_000_000)] = 1024
+    backend: Annotated[str | None, Field(max_length=64)] = None
+    hostname: Annotated[str | None, Field(min_length=1, max_length=63)] = None
+
+
+class SandboxResponse(BaseModel):
+    sandbox_id: str
+    template_id: str
+    template_digest: str
+    backend: str
+    state: SandboxState
+    metadata: dict[str, str]
+    hostname: str
+    started_at: datetime
+    end_at: datetime | None = Field(description="When the sandbox times out; null means never.")
+    cpu: float
+    memory_mb: int
+    pids: int
+    source: str = Field(description="cold, warm or snapshot.")
+    timings: dict[str, float] = Field(description="Per-phase duration of the create, in milliseconds.")
+    error: str | None = None
+
+    @classmethod
+    def of(cls, info: SandboxInfo) -> SandboxResponse:
+        return cls(
+            sandbox_id=info.id,
+            template_id=info.template,
+            template_digest=info.template_digest,
+            backend=info.backend,
+            state=info.state,
+            metadata=dict(info.metadata),
+            hostname=info.hostname,
+            started_at=datetime.fromtimestamp(info.created_at, UTC),
+            end_at=None if info.expires_at is None else datetime.fromtimestamp(info.expires_at, UTC),
+            cpu=info.resources.cpu,
+            memory_mb=info.resources.memory_mb,
+            pids=info.resources.pids,
+            source=info.source,
+            timings=dict(info.timings),
+            error=info.error,
+        )
+
+
+class TimeoutRequest(_Strict):
+    timeout: Annotated[float | None, Field(gt=0, le=MAX_TIMEOUT_S)] = Field(
+        description="Seconds from now until the sandbox is destroyed; null removes the timeout."
+    )
+
+
+class RunCommandRequest(_Strict):
+    cmd: (
+        Annotated[str, Field(min_length=1, max_length=1_000_000)]
+        | Annotated[list[Annotated[str, Field(max_length=1_000_000)]], Field(min_length=1, max_length=10_000)]
+    ) = Field(description="A string runs under /bin/sh -c; a list is an argv.")
+    envs: EnvMap | None = None
+    cwd: Annotated[str | None, Field(min_length=1, max_length=4096)] = None
+    user: Annotated[str | None, Field(min_length=1, max_length=64)] = None
+    stdin: str | None = Field(default=None, description="Text written to the command's stdin, then closed.")
+    timeout: Annotated[float | None, Field(gt=0, le=MAX_TIMEOUT_S)] = None
+    background: bool = Field(default=False, description="Return at once with the pid instead of waiting.")
+    tag: Annotated[str | None, Field(max_length=255)] = None
+
+
+class CommandResult(BaseModel):
+    exit_code: int
+    stdout: str = Field(description="UTF-8 decoded with errors='replace'.")
+    stderr: str = Field(description="UTF-8 decoded with errors='replace'.")
+    signal: int | None = None
+    duration_ms: float
+
+
+class BackgroundCommand(BaseModel):
+    pid: int
+    background: Literal[True] = True
+
+
+class ProcessResponse(BaseModel):
+    pid: int
+    cmd: list[str]
+    tag: str | None
+    running: bool
+    exit_code: int | None
+    pty: bool
+
+    @classmethod
+    def of(cls, p: ProcessInfo) -> ProcessResponse:
+        return cls(pid=p.pid, cmd=list(p.cmd), tag=p.tag, running=p.running, exit_code=p.exit_code, pty=p.pty)
+
+
+class KillRequest(_Strict):
+    signal: Annotated[int, Field(ge=1, le=64)] = 9
+
+
+class FileEntryResponse(BaseModel):
+    path: str
+    name: str
+    type: str = Field(description="file, dir, symlink or other.")
+    size: int
+    mode: int
+    mtime: float = Field(description="Seconds since the epoch.")
+    symlink_target: str | None = None
+
+    @classmethod
+    def of(cls, e: FileEntry) -> FileEntryResponse:
+        return cls(
+            path=e.path,
+            name=e.name,
+            type=e.type,
+            size=e.size,
+            mode=e.mode,
+            mtime=e.mtime,
+            symlink_target=e.symlink_target,
+        )
+
+
+class PathRequest(_Strict):
+    path: Path_
+
+
+class RenameRequest(_Strict):
+    src: Path_
+    dst: Path_
+
+
+class TemplateResponse(BaseModel):
+    name: str
+    digest: str
+    created_at: datetime
+    size_bytes: int
+    source: str
+    workdir: str
+
+    @classmethod
+    def of(cls, t: TemplateInfo) -> TemplateResponse:
+        return cls(
+            name=t.name,
+            digest=t.digest,
+            created_at=datetime.fromtimestamp(t.created_at, UTC),
+            size_bytes=t.size_bytes,
+            source=t.source,
+            workdir=t.workdir,
+        )
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class VersionResponse(BaseModel):
+    version: str
+    api: Literal["v1"] = "v1"
+
+
+class StreamStart(_Strict):
+    """First WebSocket message on ``commands/stream``."""
+
+    cmd: Annotated[str, Field(min_length=1)] | Annotated[list[str], Field(min_length=1)]
+    envs: EnvMap | None = None
+    cwd: Annotated[str | None, Field(min_length=1, max_length=4096)] = None
+    user: Annotated[str | None, Field(min_length=1, max_length=64)] = None
+    timeout: Annotated[float | None, Field(gt=0, le=MAX_TIMEOUT_S)] = None
+    tag: Annotated[str | None, Field(max_length=255)] = None
+    stdin: bool = Field(default=False, description="Keep stdin open for 'stdin' messages.")
+    kill_on_disconnect: bool = False
+
+
+class PtyStart(_Strict):
+    """First WebSocket message on ``pty``."""
+
+    cols: Annotated[int, Field(ge=1, le=10_000)] = 80
+    rows: Annotated[int, Field(ge=1, le=10_000)] = 24
+    cmd: Annotated[str, Field(min_length=1)] | Annotated[list[str], Field(min_length=1)] = Field(
+        default_factory=lambda: ["/bin/bash", "-l"]
+    )
+    envs: EnvMap | None = None
+    cwd: Annotated[str | None, Field(min_length=1, max_length=4096)] = None
+    user: Annotated[str | None, Field(min_length=1, max_length=64)] = None
+    timeout: Annotated[float | None, Field(gt=0, le=MAX_TIMEOUT_S)] = None
+    tag: Annotated[str | None, Field(max_length=255)] = None
+    kill_on_disconnect: bool = True
+
+
+class ClientFrame(_Strict):
+    """Messages a client sends after the start: stdin, close_stdin, resize, kill."""
+
+    type: Literal["stdin", "close_stdin", "resize", "kill"]
+    data: str | None = None
+    cols: Annotated[int | None, Field(ge=1, le=10_000)] = None
+    rows: Annotated[int | None, Field(ge=1, le=10_000)] = None
+    signal: Annotated[int | None, Field(ge=1, le=64)] = None

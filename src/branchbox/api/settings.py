@@ -1,0 +1,28 @@
+"""Settings of the HTTP app (pure data; the daemon fills them from its config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+@dataclass(frozen=True, slots=True)
+class ApiSettings:
+    """``api_key_hashes`` are sha256 hex digests of the accepted keys (see :mod:`branchbox.api.auth`).
+
+    Keys are required when ``require_auth`` is True, or when it is None and ``host`` is not loopback.
+    When keys are optional but some are configured, a request that carries a key must carry a valid one.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 7077
+    api_key_hashes: tuple[str, ...] = ()
+    require_auth: bool | None = None
+    version: str = "0.1.0"
+
+    @property
+    def auth_required(self) -> bool:
+        if self.require_auth is not None:
+            return self.require_auth
+        return self.host not in LOOPBACK_HOSTS

@@ -1,0 +1,5 @@
+"""``python -m branchbox.cli``."""
+
+from branchbox.cli.main import main
+
+main()

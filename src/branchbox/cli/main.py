@@ -1,0 +1,361 @@
+"""The ``branchbox`` command line. Sandbox commands go through the SDK to a running daemon; ``serve`` runs
+the daemon; ``template`` works locally on the data directory; ``openapi`` prints the API document."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from branchbox.cli import shell as shell_mod
+from branchbox.cli.templates import template
+from branchbox.sdk import Sandbox, SandboxError, SandboxInfo
+
+out = Console()
+err = Console(stderr=True)
+
+
+def _pairs(values: tuple[str, ...], what: str) -> dict[str, str]:
+    result: dict[str, str] = {}
+    for v in values:
+        key, sep, val = v.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{v!r} is not KEY=VALUE", param_hint=what)
+        result[key] = val
+    return result
+
+
+class _Conn:
+    def __init__(self, url: str | None, api_key: str | None) -> None:
+        self.url, self.api_key = url, api_key
+
+    def connect(self, sandbox_id: str) -> Sandbox:
+        return Sandbox.connect(sandbox_id, base_url=self.url, api_key=self.api_key)
+
+
+class _Group(click.Group):
+    """Turns SDK errors into one red line and exit status 1 instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SandboxError as exc:
+            err.print(f"[red]error[/red] ({exc.code}): {exc.message}", highlight=False)
+            sys.exit(1)
+
+
+@click.group(cls=_Group)
+@click.option("--url", envvar="BRANCHBOX_URL", default=None, help="Daemon URL [env BRANCHBOX_URL].")
+@click.option("--api-key", envvar="BRANCHBOX_API_KEY", default=None, help="API key [env BRANCHBOX_API_KEY].")
+@click.version_option(package_name="branchbox", message="branchbox %(version)s")
+@click.pass_context
+def cli(ctx: click.Context, url: str | None, api_key: str | None) -> None:
+    """branchbox: sandboxes for AI agents."""
+    ctx.obj = _Conn(url, api_key)
+
+
+def _state_style(state: str) -> str:
+    return {"running": "green", "paused": "yellow", "error": "red"}.get(state, "dim")
+
+
+def _info_json(i: SandboxInfo) -> dict[str, Any]:
+    return {
+        "sandbox_id": i.sandbox_id,
+        "template_id": i.template_id,
+        "state": i.state,
+        "metadata": i.metadata,
+        "started_at": i.started_at.isoformat(),
+        "end_at": i.end_at.isoformat() if i.end_at else None,
+        "backend": i.backend,
+        "source": i.source,
+        "timings": i.timings,
+    }
+
+
+@cli.command()
+@click.option("-t", "--template", default="default", show_default=True)
+@click.option("--timeout", type=float, default=None, help="Lifetime in seconds (default: the daemon's).")
+@click.option("-e", "--env", "envs", multiple=True, metavar="KEY=VALUE")
+@click.option("-m", "--metadata", multiple=True, metavar="KEY=VALUE")
+@click.option("--cpu", type=float, default=None)
+@click.option("--memory-mb", type=int, default=None)
+@click.option("--json", "as_json", is_flag=True, help="Print the sandbox as JSON.")
+@click.option("--timings", is_flag=True, help="Show the per-phase create timing.")
+@click.pass_obj
+def create(  # noqa: PLR0917 - click passes each option as a parameter
+    conn: _Conn,
+    template: str,
+    timeout: float | None,
+    envs: tuple[str, ...],
+    metadata: tuple[str, ...],
+    cpu: float | None,
+    memory_mb: int | None,
+    as_json: bool,
+    timings: bool,
+) -> None:
+    """Create a sandbox and print its id."""
+    with err.status(f"creating a sandbox from {template}..."):
+        sbx = Sandbox.create(
+            template,
+            timeout=timeout,
+            envs=_pairs(envs, "--env"),
+            metadata=_pairs(metadata, "--metadata"),
+            cpu=cpu,
+            memory_mb=memory_mb,
+            base_url=conn.url,
+            api_key=conn.api_key,
+        )
+    sbx.close()
+    if as_json:
+        click.echo(json.dumps(_info_json(sbx.info), indent=2))
+        return
+    click.echo(sbx.sandbox_id)
+    if timings:
+        table = Table("phase", "ms", title=f"create ({sbx.info.source})")
+        for phase, ms in sbx.info.timings.items():
+            table.add_row(phase, f"{ms:.2f}")
+        err.print(table)
+
+
+@cli.command(name="ls")
+@click.option("-m", "--metadata", multiple=True, metavar="KEY=VALUE", help="Only sandboxes with this metadata.")
+@click.option("--state", multiple=True, help="Only these states.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def ls_(conn: _Conn, metadata: tuple[str, ...], state: tuple[str, ...], as_json: bool) -> None:
+    """List sandboxes."""
+    infos = Sandbox.list(
+        metadata=_pairs(metadata, "--metadata"),
+        state=list(state) or None,
+        base_url=conn.url,
+        api_key=conn.api_key,
+    )
+    if as_json:
+        click.echo(json.dumps([_info_json(i) for i in infos], indent=2))
+        return
+    table = Table("SANDBOX ID", "TEMPLATE", "STATE", "STARTED", "ENDS", "METADATA", box=None)
+    for i in infos:
+        table.add_row(
+            i.sandbox_id,
+            i.template_id,
+            f"[{_state_style(i.state)}]{i.state}[/]",
+            i.started_at.strftime("%Y-%m-%d %H:%M:%S"),
+            i.end_at.strftime("%H:%M:%S") if i.end_at else "-",
+            ",".join(f"{k}={v}" for k, v in i.metadata.items()),
+        )
+    out.print(table)
+
+
+@cli.command()
+@click.argument("sandbox_ids", nargs=-1, required=True)
+@click.pass_obj
+def rm(conn: _Conn, sandbox_ids: tuple[str, ...]) -> None:
+    """Destroy sandboxes."""
+    failed = False
+    for sid in sandbox_ids:
+        try:
+            sbx = conn.connect(sid)
+            sbx.kill()
+            sbx.close()
+            click.echo(sid)
+        except SandboxError as exc:
+            err.print(f"[red]{sid}[/red]: {exc.message}", highlight=False)
+            failed = True
+    if failed:
+        sys.exit(1)
+
+
+@cli.command(name="exec", context_settings={"ignore_unknown_options": True})
+@click.argument("sandbox_id")
+@click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("-e", "--env", "envs", multiple=True, metavar="KEY=VALUE")
+@click.option("--cwd", default=None)
+@click.option("--user", default=None)
+@click.option("--timeout", type=float, default=None, help="Kill the command after this many seconds.")
+@click.pass_obj
+def exec_(  # noqa: PLR0917 - click passes each option as a parameter
+    conn: _Conn,
+    sandbox_id: str,
+    cmd: tuple[str, ...],
+    envs: tuple[str, ...],
+    cwd: str | None,
+    user: str | None,
+    timeout: float | None,
+) -> None:
+    """Run a command, streaming its output; exits with its exit code.
+
+    One argument runs under /bin/sh -c; several form an argv: branchbox exec ID -- ls -la /
+    """
+    sbx = conn.connect(sandbox_id)
+
+    def to_out(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def to_err(text: str) -> None:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+
+    try:
+        command: str | list[str] = cmd[0] if len(cmd) == 1 else list(cmd)
+        result = sbx.commands.run(
+            command,
+            envs=_pairs(envs, "--env"),
+            cwd=cwd,
+            user=user,
+            timeout=timeout,
+            on_stdout=to_out,
+            on_stderr=to_err,
+        )
+    finally:
+        sbx.close()
+    sys.exit(result.exit_code)
+
+
+@cli.command()
+@click.argument("sandbox_id")
+@click.pass_obj
+def ps(conn: _Conn, sandbox_id: str) -> None:
+    """List the processes the agent started in a sandbox."""
+    sbx = conn.connect(sandbox_id)
+    try:
+        procs = sbx.commands.list()
+    finally:
+        sbx.close()
+    table = Table("PID", "RUNNING", "EXIT", "TAG", "COMMAND", box=None)
+    for p in procs:
+        exit_code = "" if p.exit_code is None else str(p.exit_code)
+        table.add_row(str(p.pid), "yes" if p.running else "no", exit_code, p.tag or "", " ".join(p.cmd))
+    out.print(table)
+
+
+@cli.command()
+@click.argument("sandbox_id")
+@click.argument("pid", type=int)
+@click.pass_obj
+def logs(conn: _Conn, sandbox_id: str, pid: int) -> None:
+    """Attach to a running process and stream its output until it exits."""
+    sbx = conn.connect(sandbox_id)
+    try:
+        result = sbx.commands.connect(pid).wait(
+            on_stdout=lambda t: (sys.stdout.write(t), sys.stdout.flush()),
+            on_stderr=lambda t: (sys.stderr.write(t), sys.stderr.flush()),
+        )
+    finally:
+        sbx.close()
+    sys.exit(result.exit_code)
+
+
+@cli.command()
+@click.argument("sandbox_id")
+@click.option("--cmd", default=None, help="Program to run instead of a login bash.")
+@click.pass_obj
+def shell(conn: _Conn, sandbox_id: str, cmd: str | None) -> None:
+    """Open an interactive terminal in a sandbox."""
+    sbx = conn.connect(sandbox_id)
+    try:
+        code = shell_mod.run_shell(sbx, cmd)
+    finally:
+        sbx.close()
+    sys.exit(code)
+
+
+def _split_remote(spec: str) -> tuple[str, str] | None:
+    """``ID:/path`` -> (ID, /path); a local path -> None."""
+    sid, sep, path = spec.partition(":")
+    if sep and path.startswith("/") and sid and "/" not in sid:
+        return sid, path
+    return None
+
+
+@cli.command()
+@click.argument("src")
+@click.argument("dst")
+@click.pass_obj
+def cp(conn: _Conn, src: str, dst: str) -> None:
+    """Copy a file between the host and a sandbox (streamed): cp ./a ID:/work/a, or cp ID:/etc/os-release ."""
+    rsrc, rdst = _split_remote(src), _split_remote(dst)
+    if (rsrc is None) == (rdst is None):
+        raise click.UsageError("exactly one of SRC and DST must be a sandbox path, written ID:/absolute/path")
+    if rdst is not None:
+        sbx = conn.connect(rdst[0])
+        try:
+            entry = sbx.files.upload(rdst[1], src)
+        finally:
+            sbx.close()
+        err.print(f"{src} -> {dst} ({entry.size} bytes)", highlight=False)
+        return
+    assert rsrc is not None
+    target = Path(dst)
+    if target.is_dir():
+        target = target / Path(rsrc[1]).name
+    sbx = conn.connect(rsrc[0])
+    try:
+        n = sbx.files.download(rsrc[1], target)
+    finally:
+        sbx.close()
+    err.print(f"{src} -> {target} ({n} bytes)", highlight=False)
+
+
+@cli.command()
+@click.option("--config", "config_file", type=click.Path(path_type=Path), default=None, help="TOML config file.")
+@click.option("--host", default=None, help="Bind address (default 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Port (default 7077).")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None)
+@click.option("--templates-dir", type=click.Path(path_type=Path), default=None)
+@click.option("--backend", "default_backend", default=None)
+@click.option("--api-keys-file", type=click.Path(path_type=Path), default=None)
+@click.option("--keep-sandboxes/--stop-sandboxes", "keep_sandboxes_on_shutdown", default=None)
+@click.option("--log-level", default=None, type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--log-format", default=None, type=click.Choice(["json", "console"]))
+def serve(config_file: Path | None, **flags: Any) -> None:
+    """Run the daemon. Precedence: flags > BRANCHBOX_* env > config file > defaults."""
+    from branchbox.daemon.config import ConfigError, load_config  # noqa: PLC0415 - keep CLI start-up light
+    from branchbox.daemon.serve import run  # noqa: PLC0415
+
+    try:
+        cfg = load_config(config_file, flags=flags)
+    except ConfigError as exc:
+        err.print(f"[red]config error[/red]: {exc.message}", highlight=False)
+        sys.exit(2)
+    run(cfg)
+
+
+@cli.command()
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="Write here (default stdout).")
+def openapi(output: Path | None) -> None:
+    """Print the OpenAPI document (the checked-in docs/openapi.json is this output)."""
+    from branchbox.api.app import openapi_json  # noqa: PLC0415
+
+    text = openapi_json()
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        output.write_text(text)
+
+
+@cli.group()
+def key() -> None:
+    """API keys."""
+
+
+@key.command(name="new")
+def key_new() -> None:
+    """Print a new API key and the sha256 hash the daemon stores (api_key_hashes / api_keys_file)."""
+    from branchbox.api.auth import generate_api_key, hash_api_key  # noqa: PLC0415
+
+    k = generate_api_key()
+    click.echo(f"key:  {k}\nhash: {hash_api_key(k)}")
+
+
+cli.add_command(template)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    cli.main(args=argv, prog_name="branchbox")

@@ -1,0 +1,110 @@
+"""``branchbox template build|import|ls``: local operations on the template store, with a progress display."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from branchbox.core.models import TemplateInfo
+from branchbox.core.settings import DEFAULT_DATA_DIR
+from branchbox.errors import BranchboxError
+from branchbox.images import BuildEvent, TemplateStore, default_spec, load_spec
+
+err = Console(stderr=True)
+out = Console()
+
+
+def _store(data_dir: Path | None, templates_dir: Path | None) -> TemplateStore:
+    root = templates_dir or (data_dir or Path(os.environ.get("BRANCHBOX_DATA_DIR") or DEFAULT_DATA_DIR)) / "templates"
+    return TemplateStore(root)
+
+
+def _with_progress(title: str, work: object) -> TemplateInfo:
+    """Run a build/import coroutine factory with a rich progress bar fed by its BuildEvents."""
+    columns = (
+        SpinnerColumn(),
+        TextColumn("[bold]{task.fields[step]}"),
+        BarColumn(),
+        TextColumn("{task.description}"),
+    )
+    with Progress(*columns, TimeElapsedColumn(), console=err, transient=False) as progress:
+        task = progress.add_task(title, total=1.0, step="start")
+
+        def on_event(ev: BuildEvent) -> None:
+            progress.update(task, description=ev.message[:80], step=ev.step)
+            if ev.fraction is not None:
+                progress.update(task, completed=ev.fraction)
+
+        assert callable(work)
+        try:
+            info: TemplateInfo = asyncio.run(work(on_event))
+        except BranchboxError as exc:
+            progress.stop()
+            err.print(f"[red]error[/red] ({exc.code}): {exc.message}", highlight=False)
+            raise SystemExit(1) from exc
+        progress.update(task, completed=1.0, step="done")
+    return info
+
+
+_dirs = [
+    click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="[env BRANCHBOX_DATA_DIR]"),
+    click.option("--templates-dir", type=click.Path(path_type=Path), default=None, help="Default DATA/templates."),
+]
+
+
+def _with_dirs(f: click.decorators.FC) -> click.decorators.FC:
+    for opt in reversed(_dirs):
+        f = opt(f)
+    return f
+
+
+@click.group()
+def template() -> None:
+    """Templates on this machine (local; no daemon needed)."""
+
+
+@template.command(name="build")
+@click.argument("spec", required=False)
+@click.option("--default", "use_default", is_flag=True, help="Build the bundled default template.")
+@click.option("--force", is_flag=True, help="Rebuild even when cached.")
+@_with_dirs
+def build(spec: str | None, use_default: bool, force: bool, data_dir: Path | None, templates_dir: Path | None) -> None:
+    """Build a template from SPEC (a TOML spec file, or 'default'; same as --default)."""
+    if (spec is None and not use_default) or (spec not in (None, "default") and use_default):
+        raise click.UsageError("give a SPEC file or --default (not both)")
+    store = _store(data_dir, templates_dir)
+    try:
+        tspec = default_spec() if use_default or spec == "default" else load_spec(Path(spec or ""))
+    except BranchboxError as exc:
+        err.print(f"[red]error[/red] ({exc.code}): {exc.message}", highlight=False)
+        raise SystemExit(1) from exc
+    info = _with_progress(f"building {tspec.name}", lambda p: store.build(tspec, progress=p, force=force))
+    click.echo(f"{info.name} {info.digest}")
+
+
+@template.command(name="import")
+@click.argument("tar", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--name", required=True, help="Template name.")
+@click.option("--python", default="/usr/bin/python3", show_default=True, help="python3 inside the rootfs.")
+@_with_dirs
+def import_(tar: Path, name: str, python: str, data_dir: Path | None, templates_dir: Path | None) -> None:
+    """Import a rootfs tarball as template NAME."""
+    store = _store(data_dir, templates_dir)
+    info = _with_progress(f"importing {name}", lambda p: store.import_tar(tar, name=name, python=python, progress=p))
+    click.echo(f"{info.name} {info.digest}")
+
+
+@template.command(name="ls")
+@_with_dirs
+def ls_(data_dir: Path | None, templates_dir: Path | None) -> None:
+    """List templates."""
+    table = Table("NAME", "DIGEST", "SIZE", "SOURCE", box=None)
+    for t in _store(data_dir, templates_dir).list():
+        table.add_row(t.name, t.digest[:12], f"{t.size_bytes / 1e6:.0f} MB", t.source)
+    out.print(table)

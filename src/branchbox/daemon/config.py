@@ -1,0 +1,216 @@
+"""Daemon configuration: flags > environment (``BRANCHBOX_*``) > TOML config file > defaults.
+
+The config file is ``--config PATH``, else ``$BRANCHBOX_CONFIG``, else /etc/branchbox/config.toml if it
+exists. Its keys are the field names of :class:`DaemonConfig` at top level (or grouped under ``[server]``,
+``[manager]``, ``[log]`` tables, which is the same). Each field's environment variable is ``BRANCHBOX_`` + the
+upper-case name, e.g. ``BRANCHBOX_PORT=7078``; lists (``api_key_hashes``) are comma-separated there.
+
+API keys are never stored in clear: ``api_key_hashes`` holds sha256 hex digests (``branchbox key new`` prints
+a key and its digest) and ``api_keys_file`` names a file with one digest per line (``#`` comments allowed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from branchbox.api.auth import is_key_hash
+from branchbox.api.settings import ApiSettings
+from branchbox.core.settings import DEFAULT_DATA_DIR, ManagerSettings
+from branchbox.errors import BadRequestError
+
+DEFAULT_CONFIG_FILE = Path("/etc/branchbox/config.toml")
+_TABLES = ("server", "manager", "log")
+
+
+class ConfigError(BadRequestError):
+    """The configuration is invalid; the message names the setting and its source."""
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    host: str = "127.0.0.1"
+    port: int = 7077
+    data_dir: Path = DEFAULT_DATA_DIR
+    templates_dir: Path | None = None
+    default_timeout: float = 300.0
+    max_timeout: float = 86400.0
+    max_sandboxes: int = 1000
+    default_backend: str = "container"
+    keep_sandboxes_on_shutdown: bool = True
+    cgroup_parent: str = "branchbox"  # unique per daemon sharing a host
+    api_key_hashes: tuple[str, ...] = ()
+    api_keys_file: Path | None = None
+    require_auth: bool | None = None
+    log_level: str = "info"
+    log_format: str = "json"  # json | console
+    graceful_timeout: float = 10.0  # seconds to let open requests and streams finish on SIGTERM
+
+    def manager_settings(self) -> ManagerSettings:
+        return ManagerSettings(
+            data_dir=self.data_dir,
+            templates_dir=self.templates_dir,
+            default_timeout=self.default_timeout,
+            max_timeout=self.max_timeout,
+            max_sandboxes=self.max_sandboxes,
+            default_backend=self.default_backend,
+            keep_sandboxes_on_shutdown=self.keep_sandboxes_on_shutdown,
+            cgroup_parent=self.cgroup_parent,
+        )
+
+    def api_settings(self, version: str) -> ApiSettings:
+        return ApiSettings(
+            host=self.host,
+            port=self.port,
+            api_key_hashes=self.all_key_hashes(),
+            require_auth=self.require_auth,
+            version=version,
+        )
+
+    def all_key_hashes(self) -> tuple[str, ...]:
+        hashes = list(self.api_key_hashes)
+        if self.api_keys_file is not None:
+            try:
+                text = self.api_keys_file.read_text()
+            except OSError as exc:
+                raise ConfigError(f"cannot read api_keys_file {self.api_keys_file}: {exc.strerror}") from exc
+            for n, raw in enumerate(text.splitlines(), 1):
+                line = raw.split("#", 1)[0].strip()
+                if not line:
+                    continue
+                if not is_key_hash(line.lower()):
+                    raise ConfigError(
+                        f"{self.api_keys_file}:{n} is not a sha256 hex digest: store hashes, not keys "
+                        "(`branchbox key new` prints both)"
+                    )
+                hashes.append(line.lower())
+        return tuple(hashes)
+
+
+_FIELDS = {f.name: f for f in fields(DaemonConfig)}
+
+
+def _convert(name: str, value: Any, source: str) -> Any:
+    """Turn a TOML/env/flag value into the field's type, or raise ConfigError naming the source."""
+    try:
+        return _coerce(str(_FIELDS[name].type), value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid {name}={value!r} from {source}: {exc}") from exc
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _number(value: Any, kind: type[int] | type[float]) -> int | float:
+    if isinstance(value, bool):
+        raise TypeError(f"expected {kind.__name__}, got a boolean")
+    return kind(value)
+
+
+def _hashes(value: Any) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else list(value)
+    out = tuple(str(i).strip().lower() for i in items if str(i).strip())
+    if any(not is_key_hash(i) for i in out):
+        raise ValueError("every entry must be a sha256 hex digest of a key, not the key itself")
+    return out
+
+
+def _coerce(kind: str, value: Any) -> Any:  # noqa: PLR0911 - a flat dispatch on the field type
+    optional = "None" in kind
+    if value is None or (optional and isinstance(value, str) and not value.strip()):
+        if optional:
+            return None
+        raise ValueError("must not be empty")
+    if kind.startswith("bool"):
+        return _bool(value)
+    if kind == "int":
+        return _number(value, int)
+    if kind == "float":
+        return _number(value, float)
+    if kind.startswith("Path"):
+        return Path(str(value)).expanduser()
+    if kind.startswith("tuple"):
+        return _hashes(value)
+    return str(value)
+
+
+def _flatten(doc: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in doc.items():
+        if key in _TABLES and isinstance(value, Mapping):
+            flat.update(value)
+        else:
+            flat[key] = value
+    unknown = sorted(set(flat) - set(_FIELDS))
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)} in {path}; known: {', '.join(sorted(_FIELDS))}")
+    return flat
+
+
+def find_config_file(flag: Path | None, env: Mapping[str, str]) -> Path | None:
+    if flag is not None:
+        return flag
+    if env.get("BRANCHBOX_CONFIG"):
+        return Path(env["BRANCHBOX_CONFIG"])
+    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.exists() else None
+
+
+def load_config(
+    config_file: Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> DaemonConfig:
+    """Merge defaults, the config file, the environment and flags (``None`` flags are 'not given')."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    path = find_config_file(config_file, env)
+    if path is not None:
+        try:
+            doc = tomllib.loads(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+        for name, value in _flatten(doc, path).items():
+            values[name] = _convert(name, value, str(path))
+    for name in _FIELDS:
+        var = "BRANCHBOX_" + name.upper()
+        if var in env:
+            values[name] = _convert(name, env[var], f"${var}")
+    for name, value in (flags or {}).items():
+        if name not in _FIELDS:
+            raise ConfigError(f"unknown flag setting {name}")
+        if value is not None:
+            values[name] = _convert(name, value, f"--{name.replace('_', '-')}")
+    cfg = DaemonConfig(**values)
+    return _check(cfg)
+
+
+def _check(cfg: DaemonConfig) -> DaemonConfig:
+    if not 0 < cfg.port < 65536:
+        raise ConfigError(f"port {cfg.port} is out of range: use 1-65535")
+    if cfg.log_format not in ("json", "console"):
+        raise ConfigError(f"log_format {cfg.log_format!r}: use json or console")
+    if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"log_level {cfg.log_level!r}: use debug, info, warning or error")
+    api = cfg.api_settings("check")
+    if api.auth_required and not api.api_key_hashes:
+        raise ConfigError(
+            f"host {cfg.host} is not loopback, so API keys are required but none are configured: run "
+            "`branchbox key new` and put the hash in api_key_hashes or api_keys_file (or bind 127.0.0.1)"
+        )
+    return dataclasses.replace(cfg, log_level=cfg.log_level.lower())

@@ -1,0 +1,82 @@
+"""``branchbox serve``: one Manager, one HTTP app, uvicorn, graceful shutdown on SIGTERM/SIGINT.
+
+On shutdown open requests get ``graceful_timeout`` seconds, then the Manager closes: sandboxes keep running
+(``keep_sandboxes_on_shutdown = true``, the default) and are re-attached by the next start, or are destroyed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import signal
+from collections.abc import Iterator
+
+import structlog
+import uvicorn
+
+from branchbox.api import create_app
+from branchbox.daemon.config import DaemonConfig
+from branchbox.daemon.logs import configure_logging
+
+
+class _Server(uvicorn.Server):
+    """uvicorn re-raises SIGTERM after its own shutdown, which would kill us before the Manager closes."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        sigs = (signal.SIGINT, signal.SIGTERM)
+        for sig in sigs:
+            loop.add_signal_handler(sig, self.handle_exit, sig, None)
+        try:
+            yield
+        finally:
+            for sig in sigs:
+                loop.remove_signal_handler(sig)
+
+
+def daemon_version() -> str:
+    from branchbox import __version__  # noqa: PLC0415 - the package root imports this module lazily
+
+    return __version__
+
+
+async def serve(cfg: DaemonConfig) -> None:
+    """Run until SIGTERM/SIGINT. Logging must already be configured."""
+    from branchbox.core.manager import Manager  # noqa: PLC0415 - heavy; keeps `branchbox --help` fast
+
+    log = structlog.get_logger("branchbox.daemon")
+    api_settings = cfg.api_settings(daemon_version())  # reads the keys file: fail before touching state
+    log.info("daemon.starting", data_dir=str(cfg.data_dir), backend=cfg.default_backend)
+    async with Manager.open(cfg.manager_settings()) as manager:
+        app = create_app(manager, api_settings)
+        config = uvicorn.Config(
+            app,
+            host=cfg.host,
+            port=cfg.port,
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+            ws="websockets-sansio",
+            ws_max_size=16 * 1024 * 1024,
+            timeout_graceful_shutdown=math.ceil(cfg.graceful_timeout),
+            server_header=False,
+        )
+        server = _Server(config)
+        log.info(
+            "daemon.listening",
+            host=cfg.host,
+            port=cfg.port,
+            auth_required=api_settings.auth_required,
+            keys=len(api_settings.api_key_hashes),
+        )
+        await server.serve()
+        log.info("daemon.stopping", keep_sandboxes=cfg.keep_sandboxes_on_shutdown)
+    log.info("daemon.stopped")
+
+
+def run(cfg: DaemonConfig) -> None:
+    """Configure logging and serve (blocking)."""
+    configure_logging(cfg.log_level, cfg.log_format)
+    asyncio.run(serve(cfg))

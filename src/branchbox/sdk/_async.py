@@ -1,0 +1,641 @@
+"""The asynchronous SDK: ``AsyncSandbox``, the same methods as ``Sandbox``, awaited.
+
+``timeout=`` parameters are the command's or the sandbox's lifetime (E2B naming), not a deadline of the call
+itself, hence the ASYNC109 exemptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import dataclasses
+import inspect
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Literal, overload
+
+import httpx
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from branchbox.sdk import _requests as rq
+from branchbox.sdk._config import UNSET, ConnectionConfig, _Unset, default_ssl_context
+from branchbox.sdk._errors import (
+    ConnectionError_,
+    FileNotFoundError_,
+    NotFoundError,
+    SandboxError,
+    SandboxNotFoundError,
+    TimeoutException,
+)
+from branchbox.sdk._models import CommandResult, EntryInfo, ProcessInfo, SandboxInfo, TemplateInfo
+
+CHUNK = 256 * 1024
+Timeout = float | None | _Unset
+OutputCallback = Callable[[str], object]  # may return an awaitable, which is awaited
+
+
+async def _call(cb: Callable[[Any], object] | None, arg: Any) -> None:
+    if cb is not None:
+        result = cb(arg)
+        if inspect.isawaitable(result):
+            await result
+
+
+class _AsyncHttp:
+    def __init__(self, config: ConnectionConfig) -> None:
+        self.config = config
+        self.client = httpx.AsyncClient(
+            base_url=config.base_url,
+            headers=config.headers(),
+            timeout=config.request_timeout,
+            verify=default_ssl_context(),
+        )
+
+    def _timeout(self, req: rq.Req, request_timeout: Timeout) -> float | None:
+        if not req.use_default_timeout:
+            return req.timeout
+        return self.config.with_timeout(request_timeout).request_timeout
+
+    async def send(self, req: rq.Req, *, request_timeout: Timeout = UNSET, content: Any = None) -> httpx.Response:
+        try:
+            resp = await self.client.request(
+                req.method,
+                req.path,
+                params=req.params or None,
+                json=req.json,
+                content=content,
+                timeout=self._timeout(req, request_timeout),
+            )
+        except httpx.TimeoutException as exc:
+            raise TimeoutException(
+                f"{req.method} {req.path} timed out: pass request_timeout= or set BRANCHBOX_REQUEST_TIMEOUT",
+                code="timeout",
+            ) from exc
+        except httpx.TransportError as exc:
+            raise ConnectionError_(
+                f"cannot reach the branchbox daemon at {self.config.base_url} ({exc}): is `branchbox serve` "
+                "running? set BRANCHBOX_URL or base_url=",
+                code="connection_error",
+            ) from exc
+        rq.raise_for_status(resp.status_code, resp.content)
+        return resp
+
+    @asynccontextmanager
+    async def stream(self, req: rq.Req, *, request_timeout: Timeout = UNSET) -> AsyncIterator[httpx.Response]:
+        try:
+            async with self.client.stream(
+                req.method, req.path, params=req.params or None, timeout=self._timeout(req, request_timeout)
+            ) as resp:
+                if resp.status_code >= 400:
+                    rq.raise_for_status(resp.status_code, await resp.aread())
+                yield resp
+        except httpx.TimeoutException as exc:
+            raise TimeoutException(f"{req.method} {req.path} timed out: pass request_timeout=", code="timeout") from exc
+        except httpx.TransportError as exc:
+            raise ConnectionError_(
+                f"connection to {self.config.base_url} failed: {exc}", code="connection_error"
+            ) from exc
+
+    async def ws(self, path: str, *, binary: bool) -> ClientConnection:
+        url = self.config.ws_url(path, encoding="base64" if binary else "text")
+        try:
+            return await connect(
+                url,
+                additional_headers=self.config.headers(),
+                open_timeout=self.config.request_timeout,
+                max_size=None,
+                compression=None,
+                proxy=None,
+            )
+        except InvalidStatus as exc:
+            rq.raise_for_status(exc.response.status_code, bytes(exc.response.body or b""))
+            raise
+        except (OSError, InvalidHandshake, TimeoutError) as exc:
+            raise ConnectionError_(f"WebSocket to {url} failed: {exc}", code="connection_error") from exc
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+async def _consume(
+    ws: ClientConnection,
+    *,
+    binary: bool,
+    on_stdout: OutputCallback | None,
+    on_stderr: OutputCallback | None,
+) -> CommandResult:
+    t0 = time.perf_counter()
+    out: list[str] = []
+    err: list[str] = []
+    try:
+        async for raw in ws:
+            ev = rq.parse_event(raw, binary=binary)
+            if ev.kind == "stdout":
+                out.append(ev.text)
+                await _call(on_stdout, ev.text)
+            elif ev.kind == "stderr":
+                err.append(ev.text)
+                await _call(on_stderr, ev.text)
+            elif ev.kind == "exit":
+                return CommandResult(
+                    exit_code=ev.exit_code,
+                    stdout="".join(out),
+                    stderr="".join(err),
+                    signal=ev.signal,
+                    duration_ms=(time.perf_counter() - t0) * 1000,
+                )
+            elif ev.error is not None:
+                raise ev.error
+    except ConnectionClosed as exc:
+        rcvd = exc.rcvd
+        raise rq.ws_close_error(rcvd.code if rcvd else None, rcvd.reason if rcvd else "") from exc
+    raise rq.ws_close_error(ws.close_code, ws.close_reason or "")
+
+
+class AsyncCommandHandle:
+    """A background command: ``await wait()`` for its result, ``await kill()`` it."""
+
+    def __init__(self, sandbox: AsyncSandbox, pid: int) -> None:
+        self._sandbox = sandbox
+        self.pid = pid
+
+    async def wait(
+        self, *, on_stdout: OutputCallback | None = None, on_stderr: OutputCallback | None = None
+    ) -> CommandResult:
+        path = f"/v1/sandboxes/{self._sandbox.sandbox_id}/commands/{self.pid}/attach"
+        ws = await self._sandbox._http.ws(path, binary=False)
+        async with ws:
+            return await _consume(ws, binary=False, on_stdout=on_stdout, on_stderr=on_stderr)
+
+    async def kill(self, signal: int = 9) -> bool:
+        return await self._sandbox.commands.kill(self.pid, signal=signal)
+
+
+class AsyncCommands:
+    """``sbx.commands``: run, list, kill, connect."""
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sandbox = sandbox
+
+    @overload
+    async def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        background: Literal[False] = ...,
+        envs: Mapping[str, str] | None = ...,
+        cwd: str | None = ...,
+        user: str | None = ...,
+        stdin: str | None = ...,
+        on_stdout: OutputCallback | None = ...,
+        on_stderr: OutputCallback | None = ...,
+        timeout: float | None = ...,  # noqa: ASYNC109
+        tag: str | None = ...,
+        request_timeout: Timeout = ...,
+    ) -> CommandResult: ...
+
+    @overload
+    async def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        background: Literal[True],
+        envs: Mapping[str, str] | None = ...,
+        cwd: str | None = ...,
+        user: str | None = ...,
+        stdin: str | None = ...,
+        on_stdout: OutputCallback | None = ...,
+        on_stderr: OutputCallback | None = ...,
+        timeout: float | None = ...,  # noqa: ASYNC109
+        tag: str | None = ...,
+        request_timeout: Timeout = ...,
+    ) -> AsyncCommandHandle: ...
+
+    async def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        background: bool = False,
+        envs: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        stdin: str | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        timeout: float | None = 60.0,  # noqa: ASYNC109
+        tag: str | None = None,
+        request_timeout: Timeout = UNSET,
+    ) -> CommandResult | AsyncCommandHandle:
+        """Same as :meth:`branchbox.Sandbox.commands.run`; callbacks may be coroutine functions."""
+        sid = self._sandbox.sandbox_id
+        http = self._sandbox._http
+        if background:
+            req = rq.run_command(
+                sid,
+                cmd,
+                background=True,
+                envs=envs,
+                cwd=cwd,
+                user=user,
+                stdin=None,
+                timeout=timeout,
+                tag=tag,
+                request_timeout=None,
+            )
+            pid = int((await http.send(req, request_timeout=request_timeout)).json()["pid"])
+            return AsyncCommandHandle(self._sandbox, pid)
+        if on_stdout is None and on_stderr is None:
+            rt = http.config.with_timeout(request_timeout).request_timeout
+            req = rq.run_command(
+                sid,
+                cmd,
+                background=False,
+                envs=envs,
+                cwd=cwd,
+                user=user,
+                stdin=stdin,
+                timeout=timeout,
+                tag=tag,
+                request_timeout=rt,
+            )
+            if not isinstance(request_timeout, _Unset):  # an explicit per-call limit wins
+                req = dataclasses.replace(req, timeout=request_timeout)
+            return CommandResult.from_json((await http.send(req)).json())
+        start = rq.stream_start(cmd, envs=envs, cwd=cwd, user=user, timeout=timeout, tag=tag, stdin=stdin is not None)
+        ws = await http.ws(f"/v1/sandboxes/{sid}/commands/stream", binary=False)
+        async with ws:
+            await ws.send(start)
+            if stdin is not None:
+                await ws.send(rq.stdin_frame(stdin, binary=False))
+                await ws.send(rq.CLOSE_STDIN)
+            return await _consume(ws, binary=False, on_stdout=on_stdout, on_stderr=on_stderr)
+
+    async def list(self, *, request_timeout: Timeout = UNSET) -> list[ProcessInfo]:
+        resp = await self._sandbox._http.send(
+            rq.list_commands(self._sandbox.sandbox_id), request_timeout=request_timeout
+        )
+        return [ProcessInfo.from_json(p) for p in resp.json()]
+
+    async def kill(self, pid: int, *, signal: int = 9, request_timeout: Timeout = UNSET) -> bool:
+        """Send ``signal``; False when there is no such process."""
+        try:
+            await self._sandbox._http.send(
+                rq.kill_command(self._sandbox.sandbox_id, pid, signal), request_timeout=request_timeout
+            )
+        except NotFoundError as exc:
+            if exc.code == "process_not_found":
+                return False
+            raise
+        return True
+
+    def connect(self, pid: int) -> AsyncCommandHandle:
+        return AsyncCommandHandle(self._sandbox, pid)
+
+
+class AsyncFiles:
+    """``sbx.files``: read, write, list, stat, mkdir, remove, rename; streamed upload and download."""
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sandbox = sandbox
+
+    @property
+    def _sid(self) -> str:
+        return self._sandbox.sandbox_id
+
+    @overload
+    async def read(self, path: str, *, format: Literal["text"] = ..., request_timeout: Timeout = ...) -> str: ...
+    @overload
+    async def read(self, path: str, *, format: Literal["bytes"], request_timeout: Timeout = ...) -> bytes: ...
+    async def read(
+        self, path: str, *, format: Literal["text", "bytes"] = "text", request_timeout: Timeout = UNSET
+    ) -> str | bytes:
+        resp = await self._sandbox._http.send(rq.read_file(self._sid, path), request_timeout=request_timeout)
+        return resp.content.decode("utf-8") if format == "text" else resp.content
+
+    async def download(self, path: str, target: str | Path | IO[bytes], *, request_timeout: Timeout = UNSET) -> int:
+        """Stream a sandbox file into a local path or binary file object; returns the byte count."""
+        n = 0
+        async with self._sandbox._http.stream(rq.read_file(self._sid, path), request_timeout=request_timeout) as resp:
+            f = open(target, "wb") if isinstance(target, str | Path) else target  # noqa: SIM115, ASYNC230
+            try:
+                async for chunk in resp.aiter_bytes(CHUNK):
+                    f.write(chunk)
+                    n += len(chunk)
+            finally:
+                if f is not target:
+                    f.close()
+        return n
+
+    async def write(
+        self,
+        path: str,
+        data: str | bytes | IO[bytes],
+        *,
+        mode: int | None = None,
+        request_timeout: Timeout = UNSET,
+    ) -> EntryInfo:
+        """Write a file (parents are created). A file object is streamed in chunks."""
+        content: Any
+        if isinstance(data, str):
+            content = data.encode("utf-8")
+        elif isinstance(data, bytes | bytearray | memoryview):
+            content = bytes(data)
+        else:
+            content = _achunks(data)
+        resp = await self._sandbox._http.send(
+            rq.write_file(self._sid, path, mode), request_timeout=request_timeout, content=content
+        )
+        return EntryInfo.from_json(resp.json())
+
+    async def upload(self, path: str, source: str | Path, *, mode: int | None = None) -> EntryInfo:
+        """Stream a local file into the sandbox."""
+        with open(source, "rb") as f:  # noqa: ASYNC230 - reads are chunked and small
+            return await self.write(path, f, mode=mode)
+
+    async def list(self, path: str, *, depth: int = 1, request_timeout: Timeout = UNSET) -> list[EntryInfo]:
+        resp = await self._sandbox._http.send(rq.list_files(self._sid, path, depth), request_timeout=request_timeout)
+        return [EntryInfo.from_json(e) for e in resp.json()]
+
+    async def get_info(self, path: str, *, request_timeout: Timeout = UNSET) -> EntryInfo:
+        resp = await self._sandbox._http.send(rq.stat(self._sid, path), request_timeout=request_timeout)
+        return EntryInfo.from_json(resp.json())
+
+    async def exists(self, path: str) -> bool:
+        try:
+            await self.get_info(path)
+        except FileNotFoundError_:
+            return False
+        return True
+
+    async def make_dir(self, path: str, *, request_timeout: Timeout = UNSET) -> EntryInfo:
+        resp = await self._sandbox._http.send(rq.mkdir(self._sid, path), request_timeout=request_timeout)
+        return EntryInfo.from_json(resp.json())
+
+    async def remove(self, path: str, *, recursive: bool = False, request_timeout: Timeout = UNSET) -> None:
+        await self._sandbox._http.send(rq.remove(self._sid, path, recursive), request_timeout=request_timeout)
+
+    async def rename(self, old_path: str, new_path: str, *, request_timeout: Timeout = UNSET) -> EntryInfo:
+        resp = await self._sandbox._http.send(rq.rename(self._sid, old_path, new_path), request_timeout=request_timeout)
+        return EntryInfo.from_json(resp.json())
+
+
+async def _achunks(f: IO[bytes]) -> AsyncIterator[bytes]:
+    while chunk := f.read(CHUNK):
+        yield chunk
+
+
+class AsyncPtyHandle:
+    """An interactive terminal. Output goes to ``on_data`` (bytes; may be async) or is collected."""
+
+    def __init__(self, ws: ClientConnection, on_data: Callable[[bytes], object] | None) -> None:
+        self._ws = ws
+        self._on_data = on_data
+        self._collected = bytearray()
+        self._started = asyncio.get_running_loop().create_future()
+        self.pid = 0
+        self._task = asyncio.create_task(self._read())
+
+    async def _read(self) -> CommandResult:
+        try:
+            return await self._loop()
+        except ConnectionClosed as exc:
+            rcvd = exc.rcvd
+            err = rq.ws_close_error(rcvd.code if rcvd else None, rcvd.reason if rcvd else "")
+            if not self._started.done():
+                self._started.set_exception(err)
+            raise err from exc
+        except BaseException as exc:
+            if not self._started.done():
+                self._started.set_exception(exc)
+            raise
+
+    async def _loop(self) -> CommandResult:
+        t0 = time.perf_counter()
+        async for raw in self._ws:
+            ev = rq.parse_event(raw, binary=True)
+            if ev.kind == "started":
+                self.pid = ev.pid
+                self._started.set_result(ev.pid)
+            elif ev.kind in ("stdout", "stderr"):
+                if self._on_data is not None:
+                    await _call(self._on_data, ev.data)
+                else:
+                    self._collected += ev.data
+            elif ev.kind == "exit":
+                out = self._collected.decode("utf-8", "replace")
+                return CommandResult(ev.exit_code, out, "", ev.signal, (time.perf_counter() - t0) * 1000)
+            elif ev.error is not None:
+                raise ev.error
+        raise rq.ws_close_error(self._ws.close_code, self._ws.close_reason or "")
+
+    async def wait_started(self) -> int:
+        return int(await self._started)
+
+    async def send_input(self, data: str | bytes) -> None:
+        await self._ws.send(rq.stdin_frame(data, binary=True))
+
+    async def resize(self, cols: int, rows: int) -> None:
+        await self._ws.send(rq.resize_frame(cols, rows))
+
+    async def kill(self, signal: int = 9) -> None:
+        await self._ws.send(rq.kill_frame(signal))
+
+    async def wait(self) -> CommandResult:
+        """Until the shell exits; the result's stdout holds the output when no on_data was given."""
+        try:
+            return await self._task
+        finally:
+            await self._ws.close()
+
+    async def close(self) -> None:
+        """Disconnect (the daemon kills the shell)."""
+        await self._ws.close()
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
+class AsyncPty:
+    """``sbx.pty``: interactive terminals."""
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sandbox = sandbox
+
+    async def create(
+        self,
+        *,
+        cols: int = 80,
+        rows: int = 24,
+        on_data: Callable[[bytes], object] | None = None,
+        cmd: str | Sequence[str] | None = None,
+        envs: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> AsyncPtyHandle:
+        ws = await self._sandbox._http.ws(f"/v1/sandboxes/{self._sandbox.sandbox_id}/pty", binary=True)
+        try:
+            await ws.send(rq.pty_start(cols=cols, rows=rows, cmd=cmd, envs=envs, cwd=cwd, user=user, timeout=timeout))
+            handle = AsyncPtyHandle(ws, on_data)
+            await handle.wait_started()
+        except BaseException:
+            await ws.close()
+            raise
+        return handle
+
+
+class AsyncSandbox:
+    """A sandbox on a branchbox daemon, async. Make one with ``await AsyncSandbox.create()``.
+
+    ``async with await AsyncSandbox.create() as sbx:`` kills the sandbox at the end of the block.
+    """
+
+    def __init__(self, info: SandboxInfo, http: _AsyncHttp) -> None:
+        self._info = info
+        self._http = http
+        self.commands = AsyncCommands(self)
+        self.files = AsyncFiles(self)
+        self.pty = AsyncPty(self)
+
+    @property
+    def sandbox_id(self) -> str:
+        return self._info.sandbox_id
+
+    @property
+    def info(self) -> SandboxInfo:
+        return self._info
+
+    @classmethod
+    async def create(
+        cls,
+        template: str = "default",
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+        metadata: Mapping[str, str] | None = None,
+        envs: Mapping[str, str] | None = None,
+        cpu: float | None = None,
+        memory_mb: int | None = None,
+        pids: int | None = None,
+        backend: str | None = None,
+        hostname: str | None = None,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        request_timeout: Timeout = UNSET,
+    ) -> AsyncSandbox:
+        http = _AsyncHttp(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
+        try:
+            req = rq.create_sandbox(
+                template=template,
+                timeout=timeout,
+                metadata=metadata,
+                envs=envs,
+                cpu=cpu,
+                memory_mb=memory_mb,
+                pids=pids,
+                backend=backend,
+                hostname=hostname,
+            )
+            info = SandboxInfo.from_json((await http.send(req)).json())
+        except BaseException:
+            await http.aclose()
+            raise
+        return cls(info, http)
+
+    @classmethod
+    async def connect(
+        cls,
+        sandbox_id: str,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        request_timeout: Timeout = UNSET,
+    ) -> AsyncSandbox:
+        http = _AsyncHttp(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
+        try:
+            info = SandboxInfo.from_json((await http.send(rq.get_sandbox(sandbox_id))).json())
+        except BaseException:
+            await http.aclose()
+            raise
+        return cls(info, http)
+
+    @staticmethod
+    async def list(
+        *,
+        metadata: Mapping[str, str] | None = None,
+        state: Sequence[str] | None = None,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        request_timeout: Timeout = UNSET,
+    ) -> list[SandboxInfo]:
+        http = _AsyncHttp(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
+        try:
+            resp = await http.send(rq.list_sandboxes(metadata=metadata, state=state))
+            return [SandboxInfo.from_json(d) for d in resp.json()]
+        finally:
+            await http.aclose()
+
+    @staticmethod
+    async def templates(
+        *, base_url: str | None = None, api_key: str | None = None, request_timeout: Timeout = UNSET
+    ) -> builtins.list[TemplateInfo]:
+        http = _AsyncHttp(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
+        try:
+            return [TemplateInfo.from_json(d) for d in (await http.send(rq.list_templates())).json()]
+        finally:
+            await http.aclose()
+
+    async def get_info(self, *, request_timeout: Timeout = UNSET) -> SandboxInfo:
+        resp = await self._http.send(rq.get_sandbox(self.sandbox_id), request_timeout=request_timeout)
+        self._info = SandboxInfo.from_json(resp.json())
+        return self._info
+
+    async def is_running(self) -> bool:
+        try:
+            return (await self.get_info()).state == "running"
+        except NotFoundError:
+            return False
+
+    async def set_timeout(self, timeout: float | None, *, request_timeout: Timeout = UNSET) -> SandboxInfo:  # noqa: ASYNC109
+        resp = await self._http.send(rq.set_timeout(self.sandbox_id, timeout), request_timeout=request_timeout)
+        self._info = SandboxInfo.from_json(resp.json())
+        return self._info
+
+    async def pause(self, *, request_timeout: Timeout = UNSET) -> SandboxInfo:
+        resp = await self._http.send(rq.pause(self.sandbox_id), request_timeout=request_timeout)
+        self._info = SandboxInfo.from_json(resp.json())
+        return self._info
+
+    async def resume(self, *, request_timeout: Timeout = UNSET) -> SandboxInfo:
+        resp = await self._http.send(rq.resume(self.sandbox_id), request_timeout=request_timeout)
+        self._info = SandboxInfo.from_json(resp.json())
+        return self._info
+
+    async def kill(self, *, request_timeout: Timeout = UNSET) -> bool:
+        try:
+            await self._http.send(rq.kill_sandbox(self.sandbox_id), request_timeout=request_timeout)
+        except SandboxNotFoundError:
+            return False
+        return True
+
+    async def close(self) -> None:
+        """Close HTTP connections (the sandbox keeps running)."""
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncSandbox:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            await self.kill()
+        except SandboxError:
+            pass
+        finally:
+            await self.close()
+
+    def __repr__(self) -> str:
+        return f"AsyncSandbox(sandbox_id={self.sandbox_id!r}, template={self._info.template_id!r})"

@@ -1,0 +1,147 @@
+"""SDK exceptions, mapped from the API's stable ``error.code`` by a table (mirrors branchbox.errors).
+
+Hierarchy::
+
+    SandboxError
+    ├── BadRequestError (ValueError)  bad_request, invalid_path, invalid_template_spec, not_a_directory,
+    │                                 is_a_directory
+    ├── AuthenticationError           unauthorized
+    ├── PermissionDeniedError         permission_denied
+    ├── NotFoundError (LookupError)   not_found, sandbox_not_found, template_not_found, snapshot_not_found,
+    │                                 file_not_found, process_not_found
+    ├── ConflictError                 conflict, invalid_state, file_exists
+    ├── RateLimitError                limit_exceeded
+    ├── TimeoutException (TimeoutError) timeout, and client-side request timeouts
+    ├── NotSupportedError             not_supported
+    ├── AgentError                    agent_error, agent_disconnected
+    ├── ServerError                   internal, backend_error, template_build_failed, unknown codes
+    └── ConnectionError_ (ConnectionError) the daemon could not be reached
+"""
+
+from __future__ import annotations
+
+import builtins
+from typing import Any
+
+
+class SandboxError(Exception):
+    """Root of every SDK error. ``code``: the API's stable error code; ``status``: HTTP status (0: none)."""
+
+    def __init__(self, message: str, *, code: str = "internal", status: int = 0, details: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.status = status
+        self.details = details
+
+
+class BadRequestError(SandboxError, ValueError):
+    pass
+
+
+class AuthenticationError(SandboxError):
+    pass
+
+
+class PermissionDeniedError(SandboxError):
+    pass
+
+
+class NotFoundError(SandboxError, LookupError):
+    pass
+
+
+class SandboxNotFoundError(NotFoundError):
+    pass
+
+
+class TemplateNotFoundError(NotFoundError):
+    pass
+
+
+class FileNotFoundError_(NotFoundError):
+    pass
+
+
+class ProcessNotFoundError(NotFoundError):
+    pass
+
+
+class ConflictError(SandboxError):
+    pass
+
+
+class InvalidStateError(ConflictError):
+    pass
+
+
+class RateLimitError(SandboxError):
+    pass
+
+
+class TimeoutException(SandboxError, builtins.TimeoutError):
+    pass
+
+
+class NotSupportedError(SandboxError):
+    pass
+
+
+class AgentError(SandboxError):
+    pass
+
+
+class ServerError(SandboxError):
+    pass
+
+
+class ConnectionError_(SandboxError, builtins.ConnectionError):
+    pass
+
+
+ERROR_TABLE: dict[str, type[SandboxError]] = {
+    "bad_request": BadRequestError,
+    "invalid_path": BadRequestError,
+    "invalid_template_spec": BadRequestError,
+    "not_a_directory": BadRequestError,
+    "is_a_directory": BadRequestError,
+    "unauthorized": AuthenticationError,
+    "permission_denied": PermissionDeniedError,
+    "not_found": NotFoundError,
+    "sandbox_not_found": SandboxNotFoundError,
+    "template_not_found": TemplateNotFoundError,
+    "snapshot_not_found": NotFoundError,
+    "file_not_found": FileNotFoundError_,
+    "process_not_found": ProcessNotFoundError,
+    "conflict": ConflictError,
+    "invalid_state": InvalidStateError,
+    "file_exists": ConflictError,
+    "limit_exceeded": RateLimitError,
+    "timeout": TimeoutException,
+    "not_supported": NotSupportedError,
+    "agent_error": AgentError,
+    "agent_disconnected": AgentError,
+    "internal": ServerError,
+    "backend_error": ServerError,
+    "template_build_failed": ServerError,
+}
+
+
+def error_for(code: str, message: str, *, status: int = 0, details: Any = None) -> SandboxError:
+    """The exception for an API error code (unknown codes: by status, else ServerError)."""
+    cls = ERROR_TABLE.get(code)
+    if cls is None:
+        cls = _BY_STATUS.get(status, ServerError if status >= 500 or status == 0 else BadRequestError)
+    return cls(message, code=code, status=status, details=details)
+
+
+_BY_STATUS: dict[int, type[SandboxError]] = {
+    400: BadRequestError,
+    401: AuthenticationError,
+    403: PermissionDeniedError,
+    404: NotFoundError,
+    409: ConflictError,
+    429: RateLimitError,
+    501: NotSupportedError,
+    504: TimeoutException,
+}

@@ -1,0 +1,298 @@
+"""Request building and response parsing shared by Sandbox and AsyncSandbox. No I/O here."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+from branchbox.sdk._errors import SandboxError, error_for
+
+Param = str | int | float | bool | None
+COMMAND_GRACE_S = 10.0  # an HTTP run waits this much longer than the command's own timeout
+
+
+@dataclass(frozen=True, slots=True)
+class Req:
+    """One HTTP request to make. ``timeout`` None means no limit; ``use_default`` keeps the client's."""
+
+    method: str
+    path: str
+    params: list[tuple[str, Param]] = field(default_factory=list)
+    json: Any = None
+    use_default_timeout: bool = True
+    timeout: float | None = None
+
+
+def _sbx(sandbox_id: str) -> str:
+    if not sandbox_id:
+        raise ValueError("sandbox_id must not be empty")
+    return "/v1/sandboxes/" + quote(sandbox_id, safe="")
+
+
+def _drop_none(d: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def create_sandbox(
+    *,
+    template: str,
+    timeout: float | None,
+    metadata: Mapping[str, str] | None,
+    envs: Mapping[str, str] | None,
+    cpu: float | None,
+    memory_mb: int | None,
+    pids: int | None,
+    backend: str | None,
+    hostname: str | None,
+) -> Req:
+    body = _drop_none(
+        {
+            "template": template,
+            "timeout": timeout,
+            "metadata": dict(metadata) if metadata is not None else None,
+            "envs": dict(envs) if envs is not None else None,
+            "cpu": cpu,
+            "memory_mb": memory_mb,
+            "pids": pids,
+            "backend": backend,
+            "hostname": hostname,
+        }
+    )
+    return Req("POST", "/v1/sandboxes", json=body)
+
+
+def get_sandbox(sandbox_id: str) -> Req:
+    return Req("GET", _sbx(sandbox_id))
+
+
+def list_sandboxes(*, metadata: Mapping[str, str] | None, state: Iterable[str] | None) -> Req:
+    params: list[tuple[str, Param]] = [("metadata", f"{k}={v}") for k, v in (metadata or {}).items()]
+    params += [("state", s) for s in (state or ())]
+    return Req("GET", "/v1/sandboxes", params=params)
+
+
+def kill_sandbox(sandbox_id: str) -> Req:
+    return Req("DELETE", _sbx(sandbox_id))
+
+
+def set_timeout(sandbox_id: str, timeout: float | None) -> Req:
+    return Req("POST", _sbx(sandbox_id) + "/timeout", json={"timeout": timeout})
+
+
+def pause(sandbox_id: str) -> Req:
+    return Req("POST", _sbx(sandbox_id) + "/pause")
+
+
+def resume(sandbox_id: str) -> Req:
+    return Req("POST", _sbx(sandbox_id) + "/resume")
+
+
+def run_command(
+    sandbox_id: str,
+    cmd: str | Sequence[str],
+    *,
+    background: bool,
+    envs: Mapping[str, str] | None,
+    cwd: str | None,
+    user: str | None,
+    stdin: str | None,
+    timeout: float | None,
+    tag: str | None,
+    request_timeout: float | None,
+) -> Req:
+    body = _drop_none(
+        {
+            "cmd": cmd if isinstance(cmd, str) else list(cmd),
+            "envs": dict(envs) if envs is not None else None,
+            "cwd": cwd,
+            "user": user,
+            "stdin": stdin,
+            "timeout": timeout,
+            "tag": tag,
+        }
+    )
+    if background:
+        body["background"] = True
+        return Req("POST", _sbx(sandbox_id) + "/commands", json=body)
+    # the request must outlive the command: no limit when the command has none
+    http_timeout = None if timeout is None else timeout + max(COMMAND_GRACE_S, request_timeout or 0.0)
+    return Req("POST", _sbx(sandbox_id) + "/commands", json=body, use_default_timeout=False, timeout=http_timeout)
+
+
+def list_commands(sandbox_id: str) -> Req:
+    return Req("GET", _sbx(sandbox_id) + "/commands")
+
+
+def kill_command(sandbox_id: str, pid: int, signal: int) -> Req:
+    return Req("POST", f"{_sbx(sandbox_id)}/commands/{int(pid)}/kill", json={"signal": signal})
+
+
+def read_file(sandbox_id: str, path: str) -> Req:
+    return Req("GET", _sbx(sandbox_id) + "/files", params=[("path", path)])
+
+
+def write_file(sandbox_id: str, path: str, mode: int | None) -> Req:
+    params: list[tuple[str, Param]] = [("path", path)]
+    if mode is not None:
+        params.append(("mode", str(mode)))
+    return Req("PUT", _sbx(sandbox_id) + "/files", params=params)
+
+
+def list_files(sandbox_id: str, path: str, depth: int) -> Req:
+    return Req("GET", _sbx(sandbox_id) + "/files/list", params=[("path", path), ("depth", str(depth))])
+
+
+def stat(sandbox_id: str, path: str) -> Req:
+    return Req("GET", _sbx(sandbox_id) + "/files/stat", params=[("path", path)])
+
+
+def mkdir(sandbox_id: str, path: str) -> Req:
+    return Req("POST", _sbx(sandbox_id) + "/files/mkdir", json={"path": path})
+
+
+def remove(sandbox_id: str, path: str, recursive: bool) -> Req:
+    return Req("DELETE", _sbx(sandbox_id) + "/files", params=[("path", path), ("recursive", str(recursive).lower())])
+
+
+def rename(sandbox_id: str, src: str, dst: str) -> Req:
+    return Req("POST", _sbx(sandbox_id) + "/files/rename", json={"src": src, "dst": dst})
+
+
+def list_templates() -> Req:
+    return Req("GET", "/v1/templates")
+
+
+def health() -> Req:
+    return Req("GET", "/health")
+
+
+# ---------------------------------------------------------------- responses
+
+
+def raise_for_status(status: int, body: bytes) -> None:
+    """Raise the SDK exception for an error response (the ``error.code`` picks the class)."""
+    if status < 400:
+        return
+    code, message, details = "internal", f"HTTP {status}", None
+    try:
+        err = json.loads(body)["error"]
+        code, message, details = str(err["code"]), str(err["message"]), err.get("details")
+    except (ValueError, KeyError, TypeError):
+        text = body[:200].decode("utf-8", "replace").strip()
+        message = f"HTTP {status} with a non-JSON body: {text!r} (is BRANCHBOX_URL a branchbox daemon?)"
+    raise error_for(code, message, status=status, details=details)
+
+
+# ---------------------------------------------------------------- WebSocket frames
+
+
+def stream_start(
+    cmd: str | Sequence[str],
+    *,
+    envs: Mapping[str, str] | None,
+    cwd: str | None,
+    user: str | None,
+    timeout: float | None,
+    tag: str | None,
+    stdin: bool,
+) -> str:
+    return json.dumps(
+        _drop_none(
+            {
+                "cmd": cmd if isinstance(cmd, str) else list(cmd),
+                "envs": dict(envs) if envs is not None else None,
+                "cwd": cwd,
+                "user": user,
+                "timeout": timeout,
+                "tag": tag,
+                "stdin": stdin,
+            }
+        )
+    )
+
+
+def pty_start(
+    *,
+    cols: int,
+    rows: int,
+    cmd: str | Sequence[str] | None,
+    envs: Mapping[str, str] | None,
+    cwd: str | None,
+    user: str | None,
+    timeout: float | None,
+) -> str:
+    body = _drop_none(
+        {
+            "cols": cols,
+            "rows": rows,
+            "cmd": None if cmd is None else (cmd if isinstance(cmd, str) else list(cmd)),
+            "envs": dict(envs) if envs is not None else None,
+            "cwd": cwd,
+            "user": user,
+            "timeout": timeout,
+        }
+    )
+    return json.dumps(body)
+
+
+def stdin_frame(data: str | bytes, *, binary: bool) -> str:
+    if binary:
+        raw = data.encode("utf-8") if isinstance(data, str) else data
+        return json.dumps({"type": "stdin", "data": base64.b64encode(raw).decode("ascii")})
+    text = data if isinstance(data, str) else data.decode("utf-8")
+    return json.dumps({"type": "stdin", "data": text})
+
+
+def resize_frame(cols: int, rows: int) -> str:
+    return json.dumps({"type": "resize", "cols": cols, "rows": rows})
+
+
+def kill_frame(signal: int) -> str:
+    return json.dumps({"type": "kill", "signal": signal})
+
+
+CLOSE_STDIN = json.dumps({"type": "close_stdin"})
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One server message: kind is started, stdout, stderr, exit or error."""
+
+    kind: str
+    text: str = ""
+    data: bytes = b""
+    pid: int = 0
+    exit_code: int = 0
+    signal: int | None = None
+    error: SandboxError | None = None
+
+
+def parse_event(raw: str | bytes, *, binary: bool) -> Event:
+    msg = json.loads(raw)
+    kind = msg.get("type", "")
+    if kind in ("stdout", "stderr"):
+        if binary:
+            data = base64.b64decode(msg.get("data", ""))
+            return Event(kind, text=data.decode("utf-8", "replace"), data=data)
+        text = msg.get("data", "")
+        return Event(kind, text=text, data=text.encode("utf-8"))
+    if kind == "started":
+        return Event(kind, pid=int(msg["pid"]))
+    if kind == "exit":
+        return Event(kind, exit_code=int(msg["exit_code"]), signal=msg.get("signal"))
+    if kind == "error":
+        err = msg.get("error") or {}
+        exc = error_for(str(err.get("code", "internal")), str(err.get("message", "stream error")))
+        return Event(kind, error=exc)
+    raise SandboxError(f"unexpected message from the daemon: {msg!r}")
+
+
+def ws_close_error(code: int | None, reason: str) -> SandboxError:
+    """The error for a socket closed before an exit message."""
+    if code is not None and 4000 <= code < 5000:
+        return error_for(reason or "internal", f"stream closed by the daemon ({reason})", status=code - 4000)
+    return error_for("agent_disconnected", f"stream closed before the process exited (close code {code})")

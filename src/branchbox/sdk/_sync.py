@@ -1,0 +1,659 @@
+"""The synchronous SDK: ``Sandbox`` (httpx for HTTP, websockets' sync client for streams)."""
+
+from __future__ import annotations
+
+import builtins
+import dataclasses
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Literal, overload
+
+import httpx
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.sync.client import ClientConnection, connect
+
+from branchbox.sdk import _requests as rq
+from branchbox.sdk._config import UNSET, ConnectionConfig, _Unset, default_ssl_context
+from branchbox.sdk._errors import (
+    ConnectionError_,
+    FileNotFoundError_,
+    NotFoundError,
+    SandboxError,
+    SandboxNotFoundError,
+    TimeoutException,
+)
+from branchbox.sdk._models import CommandResult, EntryInfo, ProcessInfo, SandboxInfo, TemplateInfo
+
+CHUNK = 256 * 1024
+Timeout = float | None | _Unset
+OutputCallback = Callable[[str], object]
+
+
+class _Http:
+    """One httpx client per sandbox object (keep-alive connections)."""
+
+    def __init__(self, config: ConnectionConfig) -> None:
+        self.config = config
+        self.client = httpx.Client(
+            base_url=config.base_url,
+            headers=config.headers(),
+            timeout=config.request_timeout,
+            verify=default_ssl_context(),
+        )
+
+    def _timeout(self, req: rq.Req, request_timeout: Timeout) -> float | None:
+        if not req.use_default_timeout:
+            return req.timeout
+        return self.config.with_timeout(request_timeout).request_timeout
+
+    def send(self, req: rq.Req, *, request_timeout: Timeout = UNSET, content: Any = None) -> httpx.Response:
+        try:
+            resp = self.client.request(
+                req.method,
+                req.path,
+                params=req.params or None,
+                json=req.json,
+                content=content,
+                timeout=self._timeout(req, request_timeout),
+            )
+        except httpx.TimeoutException as exc:
+            raise TimeoutException(
+                f"{req.method} {req.path} timed out: pass request_timeout= or set BRANCHBOX_REQUEST_TIMEOUT",
+                code="timeout",
+            ) from exc
+        except httpx.TransportError as exc:
+            raise ConnectionError_(
+                f"cannot reach the branchbox daemon at {self.config.base_url} ({exc}): is `branchbox serve` "
+                "running? set BRANCHBOX_URL or base_url=",
+                code="connection_error",
+            ) from exc
+        rq.raise_for_status(resp.status_code, resp.content)
+        return resp
+
+    @contextmanager
+    def stream(self, req: rq.Req, *, request_timeout: Timeout = UNSET) -> Iterator[httpx.Response]:
+        try:
+            with self.client.stream(
+                req.method, req.path, params=req.params or None, timeout=self._timeout(req, request_timeout)
+            ) as resp:
+                if resp.status_code >= 400:
+                    rq.raise_for_status(resp.status_code, resp.read())
+                yield resp
+        except httpx.TimeoutException as exc:
+            raise TimeoutException(f"{req.method} {req.path} timed out: pass request_timeout=", code="timeout") from exc
+        except httpx.TransportError as exc:
+            raise ConnectionError_(
+                f"connection to {self.config.base_url} failed: {exc}", code="connection_error"
+            ) from exc
+
+    def ws(self, path: str, *, binary: bool) -> ClientConnection:
+        url = self.config.ws_url(path, encoding="base64" if binary else "text")
+        try:
+            ws = connect(
+                url,
+                additional_headers=self.config.headers(),
+                open_timeout=self.config.request_timeout,
+                max_size=None,
+                compression=None,
+                proxy=None,
+            )
+        except InvalidStatus as exc:
+            rq.raise_for_status(exc.response.status_code, bytes(exc.response.body or b""))
+            raise
+        except (OSError, InvalidHandshake, TimeoutError) as exc:
+            raise ConnectionError_(f"WebSocket to {url} failed: {exc}", code="connection_error") from exc
+        return ws.__enter__()  # entered here: the handle owns it (and may outlive a with-block)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _consume(
+    ws: ClientConnection,
+    *,
+    binary: bool,
+    on_stdout: OutputCallback | None,
+    on_stderr: OutputCallback | None,
+    started: Callable[[int], None] | None = None,
+) -> CommandResult:
+    t0 = time.perf_counter()
+    out: list[str] = []
+    err: list[str] = []
+    try:
+        for raw in ws:
+            ev = rq.parse_event(raw, binary=binary)
+            if ev.kind == "stdout":
+                out.append(ev.text)
+                if on_stdout is not None:
+                    on_stdout(ev.text)
+            elif ev.kind == "stderr":
+                err.append(ev.text)
+                if on_stderr is not None:
+                    on_stderr(ev.text)
+            elif ev.kind == "started":
+                if started is not None:
+                    started(ev.pid)
+            elif ev.kind == "exit":
+                return CommandResult(
+                    exit_code=ev.exit_code,
+                    stdout="".join(out),
+                    stderr="".join(err),
+                    signal=ev.signal,
+                    duration_ms=(time.perf_counter() - t0) * 1000,
+                )
+            elif ev.error is not None:
+                raise ev.error
+    except ConnectionClosed as exc:
+        rcvd = exc.rcvd
+        raise rq.ws_close_error(rcvd.code if rcvd else None, rcvd.reason if rcvd else "") from exc
+    raise rq.ws_close_error(ws.close_code, ws.close_reason or "")
+
+
+class CommandHandle:
+    """A background command: ``wait()`` for its result, ``kill()`` it."""
+
+    def __init__(self, sandbox: Sandbox, pid: int) -> None:
+        self._sandbox = sandbox
+        self.pid = pid
+
+    def wait(
+        self, *, on_stdout: OutputCallback | None = None, on_stderr: OutputCallback | None = None
+    ) -> CommandResult:
+        """Attach and stream output until the command exits (the agent replays a bounded tail of earlier output)."""
+        path = f"/v1/sandboxes/{self._sandbox.sandbox_id}/commands/{self.pid}/attach"
+        with self._sandbox._http.ws(path, binary=False) as ws:
+            return _consume(ws, binary=False, on_stdout=on_stdout, on_stderr=on_stderr)
+
+    def kill(self, signal: int = 9) -> bool:
+        return self._sandbox.commands.kill(self.pid, signal=signal)
+
+
+class Commands:
+    """``sbx.commands``: run, list, kill, connect."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sandbox = sandbox
+
+    @overload
+    def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        background: Literal[False] = ...,
+        envs: Mapping[str, str] | None = ...,
+        cwd: str | None = ...,
+        user: str | None = ...,
+        stdin: str | None = ...,
+        on_stdout: OutputCallback | None = ...,
+        on_stderr: OutputCallback | None = ...,
+        timeout: float | None = ...,
+        tag: str | None = ...,
+        request_timeout: Timeout = ...,
+    ) -> CommandResult: ...
+
+    @overload
+    def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        background: Literal[True],
+        envs: Mapping[str, str] | None = ...,
+        cwd: str | None = ...,
+        user: str | None = ...,
+        stdin: str | None = ...,
+        on_stdout: OutputCallback | None = ...,
+        on_stderr: OutputCallback | None = ...,
+        timeout: float | None = ...,
+        tag: str | None = ...,
+        request_timeout: Timeout = ...,
+    ) -> CommandHandle: ...
+
+    def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        background: bool = False,
+        envs: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        stdin: str | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        timeout: float | None = 60.0,
+        tag: str | None = None,
+        request_timeout: Timeout = UNSET,
+    ) -> CommandResult | CommandHandle:
+        """Run ``cmd`` (a string runs under /bin/sh -c). ``timeout`` (s) limits the command; None: no limit.
+
+        With ``on_stdout``/``on_stderr`` the output streams over a WebSocket as it is produced; the result
+        still holds all of it. ``background=True`` returns a :class:`CommandHandle` at once.
+        """
+        sid = self._sandbox.sandbox_id
+        http = self._sandbox._http
+        if background:
+            req = rq.run_command(
+                sid,
+                cmd,
+                background=True,
+                envs=envs,
+                cwd=cwd,
+                user=user,
+                stdin=None,
+                timeout=timeout,
+                tag=tag,
+                request_timeout=None,
+            )
+            pid = int(http.send(req, request_timeout=request_timeout).json()["pid"])
+            return CommandHandle(self._sandbox, pid)
+        if on_stdout is None and on_stderr is None:
+            rt = http.config.with_timeout(request_timeout).request_timeout
+            req = rq.run_command(
+                sid,
+                cmd,
+                background=False,
+                envs=envs,
+                cwd=cwd,
+                user=user,
+                stdin=stdin,
+                timeout=timeout,
+                tag=tag,
+                request_timeout=rt,
+            )
+            if not isinstance(request_timeout, _Unset):  # an explicit per-call limit wins
+                req = dataclasses.replace(req, timeout=request_timeout)
+            return CommandResult.from_json(http.send(req).json())
+        start = rq.stream_start(cmd, envs=envs, cwd=cwd, user=user, timeout=timeout, tag=tag, stdin=stdin is not None)
+        with http.ws(f"/v1/sandboxes/{sid}/commands/stream", binary=False) as ws:
+            ws.send(start)
+            if stdin is not None:
+                ws.send(rq.stdin_frame(stdin, binary=False))
+                ws.send(rq.CLOSE_STDIN)
+            return _consume(ws, binary=False, on_stdout=on_stdout, on_stderr=on_stderr)
+
+    def list(self, *, request_timeout: Timeout = UNSET) -> list[ProcessInfo]:
+        resp = self._sandbox._http.send(rq.list_commands(self._sandbox.sandbox_id), request_timeout=request_timeout)
+        return [ProcessInfo.from_json(p) for p in resp.json()]
+
+    def kill(self, pid: int, *, signal: int = 9, request_timeout: Timeout = UNSET) -> bool:
+        """Send ``signal``; False when there is no such process."""
+        try:
+            self._sandbox._http.send(
+                rq.kill_command(self._sandbox.sandbox_id, pid, signal), request_timeout=request_timeout
+            )
+        except NotFoundError as exc:
+            if exc.code == "process_not_found":
+                return False
+            raise
+        return True
+
+    def connect(self, pid: int) -> CommandHandle:
+        """A handle on a running process (``wait()`` streams its output)."""
+        return CommandHandle(self._sandbox, pid)
+
+
+class Files:
+    """``sbx.files``: read, write, list, stat, mkdir, remove, rename; streamed upload and download."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sandbox = sandbox
+
+    @property
+    def _sid(self) -> str:
+        return self._sandbox.sandbox_id
+
+    @overload
+    def read(self, path: str, *, format: Literal["text"] = ..., request_timeout: Timeout = ...) -> str: ...
+    @overload
+    def read(self, path: str, *, format: Literal["bytes"], request_timeout: Timeout = ...) -> bytes: ...
+    def read(
+        self, path: str, *, format: Literal["text", "bytes"] = "text", request_timeout: Timeout = UNSET
+    ) -> str | bytes:
+        data = self._sandbox._http.send(rq.read_file(self._sid, path), request_timeout=request_timeout).content
+        return data.decode("utf-8") if format == "text" else data
+
+    def download(self, path: str, target: str | Path | IO[bytes], *, request_timeout: Timeout = UNSET) -> int:
+        """Stream a sandbox file into a local path or binary file object; returns the byte count."""
+        with self._sandbox._http.stream(rq.read_file(self._sid, path), request_timeout=request_timeout) as resp:
+            if isinstance(target, str | Path):
+                with open(target, "wb") as f:
+                    return _copy(resp.iter_bytes(CHUNK), f)
+            return _copy(resp.iter_bytes(CHUNK), target)
+
+    def write(
+        self,
+        path: str,
+        data: str | bytes | IO[bytes],
+        *,
+        mode: int | None = None,
+        request_timeout: Timeout = UNSET,
+    ) -> EntryInfo:
+        """Write a file (parents are created). A file object is streamed in chunks."""
+        content: Any
+        if isinstance(data, str):
+            content = data.encode("utf-8")
+        elif isinstance(data, bytes | bytearray | memoryview):
+            content = bytes(data)
+        else:
+            content = _chunks(data)
+        resp = self._sandbox._http.send(
+            rq.write_file(self._sid, path, mode), request_timeout=request_timeout, content=content
+        )
+        return EntryInfo.from_json(resp.json())
+
+    def upload(self, path: str, source: str | Path, *, mode: int | None = None) -> EntryInfo:
+        """Stream a local file into the sandbox."""
+        with open(source, "rb") as f:
+            return self.write(path, f, mode=mode)
+
+    def list(self, path: str, *, depth: int = 1, request_timeout: Timeout = UNSET) -> list[EntryInfo]:
+        resp = self._sandbox._http.send(rq.list_files(self._sid, path, depth), request_timeout=request_timeout)
+        return [EntryInfo.from_json(e) for e in resp.json()]
+
+    def get_info(self, path: str, *, request_timeout: Timeout = UNSET) -> EntryInfo:
+        resp = self._sandbox._http.send(rq.stat(self._sid, path), request_timeout=request_timeout)
+        return EntryInfo.from_json(resp.json())
+
+    def exists(self, path: str) -> bool:
+        try:
+            self.get_info(path)
+        except FileNotFoundError_:
+            return False
+        return True
+
+    def make_dir(self, path: str, *, request_timeout: Timeout = UNSET) -> EntryInfo:
+        resp = self._sandbox._http.send(rq.mkdir(self._sid, path), request_timeout=request_timeout)
+        return EntryInfo.from_json(resp.json())
+
+    def remove(self, path: str, *, recursive: bool = False, request_timeout: Timeout = UNSET) -> None:
+        self._sandbox._http.send(rq.remove(self._sid, path, recursive), request_timeout=request_timeout)
+
+    def rename(self, old_path: str, new_path: str, *, request_timeout: Timeout = UNSET) -> EntryInfo:
+        resp = self._sandbox._http.send(rq.rename(self._sid, old_path, new_path), request_timeout=request_timeout)
+        return EntryInfo.from_json(resp.json())
+
+
+def _chunks(f: IO[bytes]) -> Iterator[bytes]:
+    while chunk := f.read(CHUNK):
+        yield chunk
+
+
+def _copy(chunks: Iterator[bytes], f: IO[bytes]) -> int:
+    n = 0
+    for chunk in chunks:
+        f.write(chunk)
+        n += len(chunk)
+    return n
+
+
+class PtyHandle:
+    """An interactive terminal. Output goes to ``on_data`` (bytes) from a reader thread, or is collected."""
+
+    def __init__(self, ws: ClientConnection, on_data: Callable[[bytes], object] | None) -> None:
+        self._ws = ws
+        self._on_data = on_data
+        self._collected = bytearray()
+        self._result: CommandResult | None = None
+        self._error: BaseException | None = None
+        self._pid = threading.Event()
+        self.pid = 0
+        self._thread = threading.Thread(target=self._read, name="branchbox-pty", daemon=True)
+        self._thread.start()
+
+    def _started(self, pid: int) -> None:
+        self.pid = pid
+        self._pid.set()
+
+    def _read(self) -> None:
+        try:
+            t0 = time.perf_counter()
+            for raw in self._ws:
+                ev = rq.parse_event(raw, binary=True)
+                if ev.kind == "started":
+                    self._started(ev.pid)
+                elif ev.kind in ("stdout", "stderr"):
+                    if self._on_data is not None:
+                        self._on_data(ev.data)
+                    else:
+                        self._collected += ev.data
+                elif ev.kind == "exit":
+                    out = self._collected.decode("utf-8", "replace")
+                    dur = (time.perf_counter() - t0) * 1000
+                    self._result = CommandResult(ev.exit_code, out, "", ev.signal, dur)
+                    return
+                elif ev.error is not None:
+                    self._error = ev.error
+                    return
+            self._error = rq.ws_close_error(self._ws.close_code, self._ws.close_reason or "")
+        except ConnectionClosed as exc:
+            rcvd = exc.rcvd
+            self._error = rq.ws_close_error(rcvd.code if rcvd else None, rcvd.reason if rcvd else "")
+        except BaseException as exc:  # delivered to wait()
+            self._error = exc
+        finally:
+            self._pid.set()
+
+    def wait_started(self, timeout: float | None = 30.0) -> int:
+        self._pid.wait(timeout)
+        if self._error is not None and not self.pid:
+            raise self._error
+        return self.pid
+
+    def send_input(self, data: str | bytes) -> None:
+        self._ws.send(rq.stdin_frame(data, binary=True))
+
+    def resize(self, cols: int, rows: int) -> None:
+        self._ws.send(rq.resize_frame(cols, rows))
+
+    def kill(self, signal: int = 9) -> None:
+        self._ws.send(rq.kill_frame(signal))
+
+    def wait(self, timeout: float | None = None) -> CommandResult:
+        """Block until the shell exits; the result's stdout holds the output when no on_data was given."""
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutException(f"the pty did not exit within {timeout} s", code="timeout")
+        self._ws.close()
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+    def close(self) -> None:
+        """Disconnect (the daemon kills the shell)."""
+        self._ws.close()
+        self._thread.join(5)
+
+
+class Pty:
+    """``sbx.pty``: interactive terminals."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sandbox = sandbox
+
+    def create(
+        self,
+        *,
+        cols: int = 80,
+        rows: int = 24,
+        on_data: Callable[[bytes], object] | None = None,
+        cmd: str | Sequence[str] | None = None,
+        envs: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+    ) -> PtyHandle:
+        ws = self._sandbox._http.ws(f"/v1/sandboxes/{self._sandbox.sandbox_id}/pty", binary=True)
+        try:
+            ws.send(rq.pty_start(cols=cols, rows=rows, cmd=cmd, envs=envs, cwd=cwd, user=user, timeout=timeout))
+        except BaseException:
+            ws.close()
+            raise
+        handle = PtyHandle(ws, on_data)
+        handle.wait_started()
+        return handle
+
+
+class Sandbox:
+    """A sandbox on a branchbox daemon. Make one with :meth:`create` or :meth:`connect`.
+
+    ``with Sandbox.create() as sbx:`` kills the sandbox at the end of the block.
+    """
+
+    def __init__(self, info: SandboxInfo, http: _Http) -> None:
+        self._info = info
+        self._http = http
+        self.commands = Commands(self)
+        self.files = Files(self)
+        self.pty = Pty(self)
+
+    @property
+    def sandbox_id(self) -> str:
+        return self._info.sandbox_id
+
+    @property
+    def info(self) -> SandboxInfo:
+        """What the daemon said at create/connect time (``get_info()`` asks again)."""
+        return self._info
+
+    @classmethod
+    def create(
+        cls,
+        template: str = "default",
+        *,
+        timeout: float | None = None,
+        metadata: Mapping[str, str] | None = None,
+        envs: Mapping[str, str] | None = None,
+        cpu: float | None = None,
+        memory_mb: int | None = None,
+        pids: int | None = None,
+        backend: str | None = None,
+        hostname: str | None = None,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        request_timeout: Timeout = UNSET,
+    ) -> Sandbox:
+        """Create a sandbox. ``timeout`` is its lifetime in seconds (None: the daemon's default)."""
+        http = _Http(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
+        try:
+            req = rq.create_sandbox(
+                template=template,
+                timeout=timeout,
+                metadata=metadata,
+                envs=envs,
+                cpu=cpu,
+                memory_mb=memory_mb,
+                pids=pids,
+                backend=backend,
+                hostname=hostname,
+            )
+            info = SandboxInfo.from_json(http.send(req).json())
+        except BaseException:
+            http.close()
+            raise
+        return cls(info, http)
+
+    @classmethod
+    def connect(
+        cls,
+        sandbox_id: str,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        request_timeout: Timeout = UNSET,
+    ) -> Sandbox:
+        """Connect to an existing sandbox by id."""
+        http = _Http(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
+        try:
+            info = SandboxInfo.from_json(http.send(rq.get_sandbox(sandbox_id)).json())
+        except BaseException:
+            http.close()
+            raise
+        return cls(info, http)
+
+    @staticmethod
+    def list(
+        *,
+        metadata: Mapping[str, str] | None = None,
+        state: Sequence[str] | None = None,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        request_timeout: Timeout = UNSET,
+    ) -> list[SandboxInfo]:
+        """Sandboxes whose metadata has all the given pairs (and, if given, in one of ``state``)."""
+        http = _Http(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
+        try:
+            resp = http.send(rq.list_sandboxes(metadata=metadata, state=state))
+            return [SandboxInfo.from_json(d) for d in resp.json()]
+        finally:
+            http.close()
+
+    @staticmethod
+    def templates(
+        *, base_url: str | None = None, api_key: str | None = None, request_timeout: Timeout = UNSET
+    ) -> builtins.list[TemplateInfo]:
+        http = _Http(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
+        try:
+            return [TemplateInfo.from_json(d) for d in http.send(rq.list_templates()).json()]
+        finally:
+            http.close()
+
+    def get_info(self, *, request_timeout: Timeout = UNSET) -> SandboxInfo:
+        self._info = SandboxInfo.from_json(
+            self._http.send(rq.get_sandbox(self.sandbox_id), request_timeout=request_timeout).json()
+        )
+        return self._info
+
+    def is_running(self) -> bool:
+        try:
+            return self.get_info().state == "running"
+        except NotFoundError:
+            return False
+
+    def set_timeout(self, timeout: float | None, *, request_timeout: Timeout = UNSET) -> SandboxInfo:
+        """The sandbox now lives ``timeout`` more seconds (None: no timeout)."""
+        resp = self._http.send(rq.set_timeout(self.sandbox_id, timeout), request_timeout=request_timeout)
+        self._info = SandboxInfo.from_json(resp.json())
+        return self._info
+
+    def pause(self, *, request_timeout: Timeout = UNSET) -> SandboxInfo:
+        self._info = SandboxInfo.from_json(
+            self._http.send(rq.pause(self.sandbox_id), request_timeout=request_timeout).json()
+        )
+        return self._info
+
+    def resume(self, *, request_timeout: Timeout = UNSET) -> SandboxInfo:
+        resp = self._http.send(rq.resume(self.sandbox_id), request_timeout=request_timeout)
+        self._info = SandboxInfo.from_json(resp.json())
+        return self._info
+
+    def kill(self, *, request_timeout: Timeout = UNSET) -> bool:
+        """Destroy the sandbox; False if it was already gone."""
+        try:
+            self._http.send(rq.kill_sandbox(self.sandbox_id), request_timeout=request_timeout)
+        except SandboxNotFoundError:
+            return False
+        return True
+
+    def close(self) -> None:
+        """Close HTTP connections (the sandbox keeps running)."""
+        self._http.close()
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            self.kill()
+        except SandboxError:
+            pass
+        finally:
+            self.close()
+
+    def __repr__(self) -> str:
+        return f"Sandbox(sandbox_id={self.sandbox_id!r}, template={self._info.template_id!r})"

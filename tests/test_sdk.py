@@ -1,0 +1,335 @@
+"""The SDK: pure request building, config precedence and error mapping; then Sandbox and AsyncSandbox against a
+real ``branchbox serve`` subprocess on loopback (including 50 parallel creates + execs)."""
+
+# ruff: noqa: F811 - the shared daemon fixtures are imported, then named as test parameters
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import branchbox.sdk as sdk
+from branchbox.api.auth import generate_api_key, hash_api_key
+from branchbox.errors import ERROR_CLASSES
+from branchbox.sdk import (
+    AsyncSandbox,
+    AuthenticationError,
+    BadRequestError,
+    CommandResult,
+    ConnectionError_,
+    FileNotFoundError_,
+    NotFoundError,
+    Sandbox,
+    SandboxNotFoundError,
+    TimeoutException,
+)
+from branchbox.sdk import _requests as rq
+from branchbox.sdk._config import ConnectionConfig
+from tests.test_daemon import DaemonProc, cli_env, daemon, daemon_factory  # noqa: F401 - fixtures
+
+# ------------------------------------------------------------------ pure
+
+
+def test_all_is_exported() -> None:
+    for name in sdk.__all__:
+        assert hasattr(sdk, name), name
+    assert len(set(sdk.__all__)) == len(sdk.__all__)
+
+
+def test_sdk_imports_nothing_of_the_daemon() -> None:
+    code = (
+        "import sys, branchbox.sdk\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('fastapi', 'uvicorn', 'starlette', 'structlog')\n"
+        "       or m.startswith(('branchbox.core', 'branchbox.api', 'branchbox.daemon', 'branchbox.agent'))]\n"
+        "print(bad)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    sdk_dir = Path(sdk.__file__).parent
+    assert (sdk_dir / "py.typed").is_file()
+    for f in sdk_dir.glob("*.py"):  # the only branchbox imports are of branchbox.sdk itself
+        for line in f.read_text().splitlines():
+            if line.startswith(("import branchbox", "from branchbox")):
+                assert line.startswith(("from branchbox.sdk", "import branchbox.sdk")), (f.name, line)
+
+
+def test_error_table_covers_every_core_code() -> None:
+    for code, core_cls in ERROR_CLASSES.items():
+        exc = sdk.error_for(code, "m", status=core_cls.http_status)
+        assert exc.code == code
+        assert exc.status == core_cls.http_status
+        # the builtin families match: LookupError, ValueError, TimeoutError
+        for builtin in (LookupError, ValueError, TimeoutError):
+            assert isinstance(exc, builtin) == issubclass(core_cls, builtin), code
+    assert isinstance(sdk.error_for("brand_new_code", "m", status=404), NotFoundError)
+    assert type(sdk.error_for("brand_new_code", "m", status=500)) is sdk.ServerError
+
+
+def test_raise_for_status_maps_codes_and_non_json_bodies() -> None:
+    body = json.dumps({"error": {"code": "sandbox_not_found", "message": "no sandbox x: list them"}}).encode()
+    with pytest.raises(SandboxNotFoundError, match="list them") as info:
+        rq.raise_for_status(404, body)
+    assert info.value.code == "sandbox_not_found"
+    with pytest.raises(sdk.ServerError, match="non-JSON"):
+        rq.raise_for_status(502, b"<html>bad gateway</html>")
+    rq.raise_for_status(204, b"")
+
+
+def test_config_precedence_call_over_client_over_env_over_default() -> None:
+    env = {"BRANCHBOX_URL": "http://env:1", "BRANCHBOX_API_KEY": "envkey", "BRANCHBOX_REQUEST_TIMEOUT": "5"}
+    assert ConnectionConfig.resolve(env={}) == ConnectionConfig("http://127.0.0.1:7077", None, 60.0)
+    from_env = ConnectionConfig.resolve(env=env)
+    assert from_env == ConnectionConfig("http://env:1", "envkey", 5.0)
+    client = ConnectionConfig.resolve(base_url="http://client:2/", api_key="ck", request_timeout=None, env=env)
+    assert client == ConnectionConfig("http://client:2", "ck", None)
+    assert client.with_timeout(3.0).request_timeout == 3.0  # per call
+    assert client.with_timeout(sdk._config.UNSET) is client
+    assert client.headers()["authorization"] == "Bearer ck"
+    assert ConnectionConfig.resolve(base_url="https://h:3/x", env={}).ws_url("/p", a="b") == "wss://h:3/x/p?a=b"
+    with pytest.raises(ValueError, match="BRANCHBOX_URL"):
+        ConnectionConfig.resolve(base_url="localhost:7077", env={})
+
+
+def test_request_building() -> None:
+    r = rq.list_sandboxes(metadata={"a": "1", "b": "x=y"}, state=["running", "paused"])
+    assert r.params == [("metadata", "a=1"), ("metadata", "b=x=y"), ("state", "running"), ("state", "paused")]
+    assert rq.get_sandbox("a/b").path == "/v1/sandboxes/a%2Fb"
+    run = rq.run_command(
+        "s", ["ls", "-l"], background=False, envs=None, cwd=None, user=None, stdin=None, timeout=30.0,
+        tag=None, request_timeout=60.0,
+    )  # fmt: skip
+    assert run.json == {"cmd": ["ls", "-l"], "timeout": 30.0}
+    assert run.use_default_timeout is False
+    assert run.timeout is not None
+    assert run.timeout > 30.0
+    unlimited = rq.run_command(
+        "s", "x", background=False, envs=None, cwd=None, user=None, stdin=None, timeout=None, tag=None,
+        request_timeout=60.0,
+    )  # fmt: skip
+    assert unlimited.timeout is None
+    bg = rq.run_command(
+        "s", "x", background=True, envs={"A": "1"}, cwd="/w", user=None, stdin=None, timeout=None, tag="t",
+        request_timeout=None,
+    )  # fmt: skip
+    assert bg.json == {"cmd": "x", "envs": {"A": "1"}, "cwd": "/w", "tag": "t", "background": True}
+    assert bg.use_default_timeout
+    assert rq.remove("s", "/a", True).params == [("path", "/a"), ("recursive", "true")]
+    with pytest.raises(ValueError, match="sandbox_id"):
+        rq.get_sandbox("")
+
+
+def test_stream_frames_roundtrip() -> None:
+    assert json.loads(rq.stdin_frame(b"\xff\x00", binary=True)) == {"type": "stdin", "data": "/wA="}
+    ev = rq.parse_event(json.dumps({"type": "stdout", "data": "/wA="}), binary=True)
+    assert ev.data == b"\xff\x00"
+    ev = rq.parse_event(json.dumps({"type": "exit", "exit_code": 3, "signal": None}), binary=False)
+    assert (ev.kind, ev.exit_code) == ("exit", 3)
+    ev = rq.parse_event(json.dumps({"type": "error", "error": {"code": "invalid_state", "message": "m"}}), binary=False)
+    assert isinstance(ev.error, sdk.InvalidStateError)
+    assert isinstance(rq.ws_close_error(4404, "sandbox_not_found"), SandboxNotFoundError)
+
+
+def test_unreachable_daemon_is_a_connection_error() -> None:
+    with pytest.raises(ConnectionError_, match="branchbox serve"):
+        Sandbox.list(base_url="http://127.0.0.1:9")
+
+
+# ------------------------------------------------------------------ against a real daemon
+
+
+@pytest.mark.root
+def test_user_flow_sync(daemon: DaemonProc) -> None:
+    url = daemon.url
+    with Sandbox.create(template="default", timeout=300, metadata={"task": "t1"}, envs={"A": "1"}, base_url=url) as sbx:
+        assert sbx.info.timings["total"] > 0
+        assert sbx.info.state == "running"
+        chunks: list[str] = []
+        r = sbx.commands.run("echo $A; ls /", on_stdout=chunks.append, timeout=60)
+        assert r.exit_code == 0
+        assert r.stdout.startswith("1\n")
+        assert "etc" in r.stdout.split()
+        assert "".join(chunks) == r.stdout
+        r2 = sbx.commands.run("echo out; echo err >&2; exit 3")
+        assert (r2.exit_code, r2.stdout, r2.stderr) == (3, "out\n", "err\n")
+        assert sbx.commands.run("cat", stdin="piped").stdout == "piped"
+        assert sbx.commands.run("cat", stdin="streamed", on_stderr=print).stdout == "streamed"
+        h = sbx.commands.run("sleep 100", background=True)
+        assert any(p.pid == h.pid and p.running for p in sbx.commands.list())
+        assert sbx.commands.kill(h.pid) is True
+        assert sbx.commands.kill(999_999) is False
+        sbx.files.write("/work/x.py", "print(1)")
+        assert sbx.files.read("/work/x.py") == "print(1)"
+        assert [e.name for e in sbx.files.list("/work")] == ["x.py"]
+        assert sbx.commands.run(["python3", "/work/x.py"]).stdout == "1\n"
+        assert sbx.files.make_dir("/work/d/e").type == "dir"
+        assert sbx.files.rename("/work/x.py", "/work/d/y.py").path == "/work/d/y.py"
+        assert sbx.files.exists("/work/d/y.py")
+        assert not sbx.files.exists("/work/x.py")
+        sbx.files.remove("/work/d", recursive=True)
+        with pytest.raises(FileNotFoundError_):
+            sbx.files.read("/work/d/y.py")
+        assert [i.sandbox_id for i in Sandbox.list(metadata={"task": "t1"}, base_url=url)] == [sbx.sandbox_id]
+        assert Sandbox.list(metadata={"task": "other"}, base_url=url) == []
+        again = Sandbox.connect(sbx.sandbox_id, base_url=url)
+        before = again.info.end_at
+        assert before is not None
+        after = again.set_timeout(600).end_at
+        assert after is not None
+        assert after > before
+        again.close()
+        sid = sbx.sandbox_id
+    with pytest.raises(SandboxNotFoundError):
+        Sandbox.connect(sid, base_url=url)
+
+
+@pytest.mark.root
+def test_background_wait_and_pty(daemon: DaemonProc) -> None:
+    with Sandbox.create(base_url=daemon.url) as sbx:
+        h = sbx.commands.run("sleep 0.2; echo done; exit 4", background=True)
+        res = h.wait()
+        assert res.exit_code == 4
+        out: list[bytes] = []
+        term = sbx.pty.create(cols=80, rows=24, on_data=out.append)
+        assert term.pid > 0
+        term.resize(120, 40)
+        term.send_input("stty size; echo hi-$((40+2))\n")
+        term.send_input(b"exit 5\n")
+        result = term.wait(timeout=60)
+        assert result.exit_code == 5
+        text = b"".join(out).decode()
+        assert "40 120" in text
+        assert "hi-42" in text
+        collected = sbx.pty.create(cmd=["/bin/sh"])
+        collected.send_input("echo via-sh\nexit\n")
+        assert "via-sh" in collected.wait(timeout=60).stdout
+        killed = sbx.pty.create()
+        killed.kill()
+        assert killed.wait(timeout=60).signal == 9
+
+
+@pytest.mark.root
+def test_large_file_streams_both_ways(daemon: DaemonProc, tmp_path: Path) -> None:
+    blob = (bytes(range(256)) * 4096) * 24  # 24 MiB, not a multiple of any chunk size after the tail below
+    blob += b"tail"
+    src = tmp_path / "big.bin"
+    src.write_bytes(blob)
+    with Sandbox.create(base_url=daemon.url) as sbx:
+        entry = sbx.files.upload("/work/big.bin", src)
+        assert entry.size == len(blob)
+        r = sbx.commands.run("sha256sum /work/big.bin")
+        assert r.stdout.split()[0] == hashlib.sha256(blob).hexdigest()
+        sink = io.BytesIO()
+        assert sbx.files.download("/work/big.bin", sink) == len(blob)
+        assert sink.getvalue() == blob
+        assert sbx.files.read("/work/big.bin", format="bytes") == blob
+
+
+@pytest.mark.root
+def test_errors_are_typed(daemon: DaemonProc) -> None:
+    url = daemon.url
+    with pytest.raises(SandboxNotFoundError, match="no-such"):
+        Sandbox.connect("no-such", base_url=url)
+    with pytest.raises(sdk.TemplateNotFoundError):
+        Sandbox.create(template="no-such-template", base_url=url)
+    with pytest.raises(BadRequestError):
+        Sandbox.create(timeout=-1, base_url=url)
+    with Sandbox.create(base_url=url) as sbx:
+        with pytest.raises(FileNotFoundError_):
+            sbx.files.read("/nope")
+        with pytest.raises(TimeoutException):
+            sbx.commands.run("sleep 5", request_timeout=0.2, timeout=None)
+
+
+@pytest.mark.root
+def test_api_key_daemon(daemon_factory: Any) -> None:
+    key = generate_api_key()
+    d: DaemonProc = daemon_factory(
+        env={"BRANCHBOX_REQUIRE_AUTH": "true", "BRANCHBOX_API_KEY_HASHES": hash_api_key(key)}
+    )
+    with pytest.raises(AuthenticationError, match="API key is required"):
+        Sandbox.list(base_url=d.url, api_key="")
+    with pytest.raises(AuthenticationError, match="invalid API key"):
+        Sandbox.list(base_url=d.url, api_key="wrong")
+    with Sandbox.create(base_url=d.url, api_key=key) as sbx:
+        assert sbx.commands.run("echo ok", on_stdout=lambda _: None).stdout == "ok\n"  # the WebSocket too
+        assert Sandbox.list(base_url=d.url, api_key=key)[0].sandbox_id == sbx.sandbox_id
+
+
+@pytest.mark.root
+def test_env_settings_are_used(daemon: DaemonProc, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BRANCHBOX_URL", daemon.url)
+    assert Sandbox.list() == []
+    monkeypatch.setenv("BRANCHBOX_URL", "http://127.0.0.1:9")
+    assert Sandbox.list(base_url=daemon.url) == []  # client beats env
+
+
+@pytest.mark.root
+async def test_user_flow_async(daemon: DaemonProc) -> None:
+    url = daemon.url
+    async with await AsyncSandbox.create(metadata={"task": "a"}, envs={"A": "2"}, base_url=url) as sbx:
+        seen: list[str] = []
+
+        async def on_out(text: str) -> None:
+            seen.append(text)
+
+        r = await sbx.commands.run("echo $A", on_stdout=on_out)
+        assert r == CommandResult(0, "2\n", "", None, r.duration_ms)
+        assert seen == ["2\n"]
+        assert (await sbx.commands.run("exit 7")).exit_code == 7
+        h = await sbx.commands.run("sleep 100", background=True)
+        assert h.pid in [p.pid for p in await sbx.commands.list()]
+        assert await h.kill()
+        await sbx.files.write("/work/a.txt", b"bytes\x00here")
+        assert await sbx.files.read("/work/a.txt", format="bytes") == b"bytes\x00here"
+        assert (await sbx.files.get_info("/work/a.txt")).size == 10
+        assert [i.sandbox_id for i in await AsyncSandbox.list(metadata={"task": "a"}, base_url=url)] == [sbx.sandbox_id]
+        data: list[bytes] = []
+        term = await sbx.pty.create(on_data=data.append)
+        await term.send_input("echo pty-$((2*3))\n")
+        await term.send_input("exit 0\n")
+        assert (await term.wait()).exit_code == 0
+        assert b"pty-6" in b"".join(data)
+        templates = await AsyncSandbox.templates(base_url=url)
+        assert "default" in [t.name for t in templates]
+
+
+@pytest.mark.root
+@pytest.mark.timeout(600)
+async def test_50_parallel_creates_and_execs(daemon: DaemonProc) -> None:
+    url = daemon.url
+
+    async def one(i: int) -> tuple[str, str]:
+        sbx = await AsyncSandbox.create(metadata={"batch": "p50", "i": str(i)}, base_url=url, request_timeout=300)
+        try:
+            r = await sbx.commands.run(f"echo {i}; hostname", request_timeout=300)
+            assert r.exit_code == 0
+            return sbx.sandbox_id, r.stdout
+        finally:
+            await sbx.close()
+
+    results = await asyncio.gather(*(one(i) for i in range(50)))
+    ids = [sid for sid, _ in results]
+    assert len(set(ids)) == 50
+    for i, (_, stdout) in enumerate(results):
+        assert stdout.split("\n")[0] == str(i)
+    assert len({stdout.split("\n")[1] for _, stdout in results}) == 50  # every hostname differs
+    listed = await AsyncSandbox.list(metadata={"batch": "p50"}, base_url=url, request_timeout=120)
+    assert sorted(i.sandbox_id for i in listed) == sorted(ids)
+
+    async def kill(sid: str) -> bool:
+        sbx = await AsyncSandbox.connect(sid, base_url=url, request_timeout=300)
+        try:
+            return await sbx.kill()
+        finally:
+            await sbx.close()
+
+    assert all(await asyncio.gather(*(kill(s) for s in ids)))
+    assert await AsyncSandbox.list(base_url=url) == []
