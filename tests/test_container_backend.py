@@ -34,7 +34,6 @@ from tests.conftest import templates_dir
 pytestmark = pytest.mark.root
 
 
-
 def _mountinfo() -> list[str]:
     with open("/proc/self/mountinfo") as f:
         return sorted(" ".join(line.split()[3:5]) for line in f)
@@ -76,9 +75,7 @@ class Factory:
         self.rootfs = rootfs
         self.made: dict[str, tuple[Path, SandboxHandle | None, AgentClient | None]] = {}
 
-    def spec(
-        self, sandbox_id: str | None = None, *, layers: list[Path] | None = None, **res: int
-    ) -> BootSpec:
+    def spec(self, sandbox_id: str | None = None, *, layers: list[Path] | None = None, **res: int) -> BootSpec:
         sid = sandbox_id or f"t{uuid.uuid4().hex[:10]}"
         sdir = self.root / sid
         upper, work, run = prepare_sandbox_dirs(sdir, IdMap())
@@ -189,9 +186,7 @@ async def test_filesystem_isolation_and_template_unchanged(sandboxes: Factory, t
     r = await sbx.run(["cat", str(secret)])
     assert r.exit_code != 0
     assert "top secret" not in r.stdout_text
-    r = await sbx.run(
-        ["sh", "-c", "echo changed > /etc/hostname && echo new > /etc/bb-new && cat /etc/hostname"]
-    )
+    r = await sbx.run(["sh", "-c", "echo changed > /etc/hostname && echo new > /etc/bb-new && cat /etc/hostname"])
     assert r.exit_code == 0, r.stderr_text
     assert r.stdout_text == "changed\n"
     assert (rootfs / "etc/hostname").read_bytes() == hostname_before

@@ -102,8 +102,7 @@ def test_digest_ignores_key_order_and_package_order(tmp_path: Path) -> None:
     a = _spec(tmp_path, BASIC)
     b = _spec(
         tmp_path,
-        'workdir = "/work"\nrun = ["echo hi > /hi"]\npackages = ["git", "python3"]\nname = "demo"\n'
-        + REORDERED,
+        'workdir = "/work"\nrun = ["echo hi > /hi"]\npackages = ["git", "python3"]\nname = "demo"\n' + REORDERED,
     )
     assert a.env == b.env
     assert a.files == b.files
@@ -293,9 +292,7 @@ async def test_import_zstd(store_dir: Path, tmp_path: Path) -> None:
     if shutil.which("zstd") is None:
         pytest.skip("zstd is not installed (apt-get install zstd)")
     plain = _tiny_rootfs_tar(tmp_path / "rootfs.tar")
-    proc = await asyncio.create_subprocess_exec(
-        "zstd", "-q", str(plain), "-o", str(tmp_path / "rootfs.tar.zst")
-    )
+    proc = await asyncio.create_subprocess_exec("zstd", "-q", str(plain), "-o", str(tmp_path / "rootfs.tar.zst"))
     assert await proc.wait() == 0
     info = await TemplateStore(store_dir).import_tar(tmp_path / "rootfs.tar.zst", name="z")
     assert (store_dir / info.digest / "rootfs/usr/bin/dash").is_file()
@@ -484,9 +481,7 @@ async def test_import_of_built_rootfs(
     assert (root / "opt/run.txt").read_text() == "built-by-run-step\n"
     assert os.lstat(root / "etc/passwd").st_uid == BASE
     assert os.lstat(root / "etc/shadow").st_gid == os.lstat(src / "etc/shadow").st_gid
-    assert stat.S_IMODE(os.lstat(root / "usr/bin/su").st_mode) == stat.S_IMODE(
-        os.lstat(src / "usr/bin/su").st_mode
-    )
+    assert stat.S_IMODE(os.lstat(root / "usr/bin/su").st_mode) == stat.S_IMODE(os.lstat(src / "usr/bin/su").st_mode)
     assert imported.metadata("reimported")["python_version"].startswith("3.")
 
 

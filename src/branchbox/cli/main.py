@@ -87,7 +87,7 @@ def _info_json(i: SandboxInfo) -> dict[str, Any]:
 @click.option("--json", "as_json", is_flag=True, help="Print the sandbox as JSON.")
 @click.option("--timings", is_flag=True, help="Show the per-phase create timing.")
 @click.pass_obj
-def create(  # noqa: PLR0917 - click passes each option as a parameter
+def create(
     conn: _Conn,
     template: str,
     timeout: float | None,
@@ -178,7 +178,7 @@ def rm(conn: _Conn, sandbox_ids: tuple[str, ...]) -> None:
 @click.option("--user", default=None)
 @click.option("--timeout", type=float, default=None, help="Kill the command after this many seconds.")
 @click.pass_obj
-def exec_(  # noqa: PLR0917 - click passes each option as a parameter
+def exec_(
     conn: _Conn,
     sandbox_id: str,
     cmd: tuple[str, ...],

@@ -129,8 +129,7 @@ async def run_logged(
         output = "\n".join(tail)
         what = label or step
         raise TemplateBuildError(
-            f"template build step {what} failed (exit code {code}); "
-            f"last {len(tail)} lines of its output:\n{output}",
+            f"template build step {what} failed (exit code {code}); last {len(tail)} lines of its output:\n{output}",
             step=step,
             exit_code=code,
         )

@@ -129,9 +129,7 @@ def _open_tar(path: Path) -> Iterator[tarfile.TarFile]:
             with tarfile.open(path, "r:*") as tar:
                 yield tar
         except tarfile.ReadError as exc:
-            raise TemplateSpecError(
-                f"{path} is not a tar archive (plain, gz, bz2, xz or zst): {exc}"
-            ) from exc
+            raise TemplateSpecError(f"{path} is not a tar archive (plain, gz, bz2, xz or zst): {exc}") from exc
         return
     proc = subprocess.Popen(["zstd", "-dcq", str(path)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     assert proc.stdout is not None

@@ -160,9 +160,7 @@ def check_name(name: str) -> str:
 
 
 def _check_abs(fieldname: str, value: str) -> None:
-    ok = value == "/" or (
-        value.startswith("/") and not value.startswith("//") and posixpath.normpath(value) == value
-    )
+    ok = value == "/" or (value.startswith("/") and not value.startswith("//") and posixpath.normpath(value) == value)
     if not ok or "\0" in value:
         raise TemplateSpecError(
             f"{fieldname}: {value!r} must be a normalised absolute path inside the sandbox (e.g. '/work')"
@@ -187,9 +185,7 @@ def _validate(spec: TemplateSpec) -> None:
                 f"pip_packages: {req!r} is not a pip requirement: use 'name', 'name==1.2' or 'name[extra]>=1'"
             )
     if spec.pip_packages and "python3-pip" not in {p.split("=")[0].split(":")[0] for p in spec.packages}:
-        raise TemplateSpecError(
-            "pip_packages: installing pip packages needs pip: add 'python3-pip' to packages"
-        )
+        raise TemplateSpecError("pip_packages: installing pip packages needs pip: add 'python3-pip' to packages")
     for path, f in spec.files.items():
         _check_abs("files", path)
         if path == "/":

@@ -112,9 +112,7 @@ class TemplateStore:
             "import a rootfs tar (TemplateStore.import_tar / "
             f"`branchbox template import ROOTFS.tar --name {what}`)"
         )
-        return TemplateNotFoundError(
-            f"template {what!r} does not exist in {self.root}: {hint}", template=what
-        )
+        return TemplateNotFoundError(f"template {what!r} does not exist in {self.root}: {hint}", template=what)
 
     def resolve(self, name_or_digest: str) -> str:
         """The digest a name (or digest, or unique digest prefix of 12+ characters) refers to."""
@@ -252,9 +250,7 @@ class TemplateStore:
 
     # ---- build, import, remove ----
 
-    async def build(
-        self, spec: TemplateSpec, *, progress: Progress | None = None, force: bool = False
-    ) -> TemplateInfo:
+    async def build(self, spec: TemplateSpec, *, progress: Progress | None = None, force: bool = False) -> TemplateInfo:
         """Build ``spec`` (or return the cached template with the same digest) and point its name at it."""
         digest = spec.digest()
         if not force and (self.root / digest / _META).is_file():
@@ -311,9 +307,7 @@ class TemplateStore:
         check_name(name)
         path = Path(path)
         if not path.is_file():
-            raise TemplateSpecError(
-                f"cannot import {str(path)!r}: not a file; pass the path of a rootfs tarball"
-            )
+            raise TemplateSpecError(f"cannot import {str(path)!r}: not a file; pass the path of a rootfs tarball")
         spec_check = TemplateSpec(name=name, python=python, env=dict(env or {}), workdir=workdir)
         _emit(progress, "hash", f"sha256 of {path}")
         digest = await asyncio.to_thread(_sha256_file, path)

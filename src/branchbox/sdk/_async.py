@@ -193,7 +193,7 @@ class AsyncCommands:
         stdin: str | None = ...,
         on_stdout: OutputCallback | None = ...,
         on_stderr: OutputCallback | None = ...,
-        timeout: float | None = ...,  # noqa: ASYNC109
+        timeout: float | None = ...,
         tag: str | None = ...,
         request_timeout: Timeout = ...,
     ) -> CommandResult: ...
@@ -210,7 +210,7 @@ class AsyncCommands:
         stdin: str | None = ...,
         on_stdout: OutputCallback | None = ...,
         on_stderr: OutputCallback | None = ...,
-        timeout: float | None = ...,  # noqa: ASYNC109
+        timeout: float | None = ...,
         tag: str | None = ...,
         request_timeout: Timeout = ...,
     ) -> AsyncCommandHandle: ...
@@ -226,7 +226,7 @@ class AsyncCommands:
         stdin: str | None = None,
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
-        timeout: float | None = 60.0,  # noqa: ASYNC109
+        timeout: float | None = 60.0,
         tag: str | None = None,
         request_timeout: Timeout = UNSET,
     ) -> CommandResult | AsyncCommandHandle:
@@ -474,7 +474,7 @@ class AsyncPty:
         envs: Mapping[str, str] | None = None,
         cwd: str | None = None,
         user: str | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109
+        timeout: float | None = None,
     ) -> AsyncPtyHandle:
         ws = await self._sandbox._http.ws(f"/v1/sandboxes/{self._sandbox.sandbox_id}/pty", binary=True)
         try:
@@ -513,7 +513,7 @@ class AsyncSandbox:
         cls,
         template: str = "default",
         *,
-        timeout: float | None = None,  # noqa: ASYNC109
+        timeout: float | None = None,
         metadata: Mapping[str, str] | None = None,
         envs: Mapping[str, str] | None = None,
         cpu: float | None = None,
@@ -598,7 +598,7 @@ class AsyncSandbox:
         except NotFoundError:
             return False
 
-    async def set_timeout(self, timeout: float | None, *, request_timeout: Timeout = UNSET) -> SandboxInfo:  # noqa: ASYNC109
+    async def set_timeout(self, timeout: float | None, *, request_timeout: Timeout = UNSET) -> SandboxInfo:
         resp = await self._http.send(rq.set_timeout(self.sandbox_id, timeout), request_timeout=request_timeout)
         self._info = SandboxInfo.from_json(resp.json())
         return self._info
