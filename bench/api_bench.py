@@ -1,6 +1,12 @@
 """API-level numbers for ``make bench``: the SDK over HTTP against a real ``branchbox serve`` on loopback.
 
-Compare with the in-process ``core:`` rows of the same run; the goal is <= 1 ms p50 added by the API.
+``bench_api``: cold create -> first exec, destroy, exec round trips, the HTTP floor. Compare with the in-process
+``core:`` rows of the same run; the goal is <= 1 ms p50 added by the API.
+
+``bench_pools`` (called from ``bench_api``): a daemon with a warm pool of 32 for the default template; create ->
+first command result warm and cold, sequential and in bursts of 32 concurrent. The pool refills between
+measurements, waited for by polling ``GET /v1/pools/default`` outside the timed region. The ``docker run`` baseline
+of the same run is ``bench_docker`` in run.py.
 """
 
 from __future__ import annotations
@@ -16,11 +22,17 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
+
 from branchbox.core.settings import ManagerSettings
 from branchbox.sdk import AsyncSandbox, Sandbox
 from stats import Summary, summarize
 
 Results = dict[str, Summary]
+POOL_SIZE = 32
+POOL_MEMORY_MB = 128  # small, so 32 members fit anywhere; a create with other resources misses the pool
+BURSTS = 5
+MIN_SEQUENTIAL = 50
 
 
 def _free_port() -> int:
@@ -29,10 +41,19 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _destroy_all(url: str) -> None:
+    with contextlib.suppress(httpx.HTTPError):
+        for sbx in httpx.get(url + "/v1/sandboxes", timeout=30).json():
+            httpx.delete(f"{url}/v1/sandboxes/{sbx['sandbox_id']}", timeout=60)
+
+
 @contextlib.contextmanager
-def running_daemon(settings: ManagerSettings) -> Iterator[str]:
-    """A daemon subprocess on a free port (warning-level logs, sandboxes stopped on exit); yields its URL."""
-    data_dir = settings.data_dir / "api"
+def running_daemon(settings: ManagerSettings, name: str = "api", config: str | None = None) -> Iterator[str]:
+    """A daemon subprocess on a free port (warning-level logs, sandboxes stopped on exit); yields its URL.
+
+    Every sandbox is destroyed and the daemon stopped at the end, also when the benchmark fails.
+    """
+    data_dir = settings.data_dir / name
     data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(data_dir, 0o711)
     port = _free_port()
@@ -40,7 +61,7 @@ def running_daemon(settings: ManagerSettings) -> Iterator[str]:
     src = str(Path(__file__).resolve().parent.parent / "src")
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.update(
-        BRANCHBOX_CGROUP_PARENT=f"{settings.cgroup_parent}-api",
+        BRANCHBOX_CGROUP_PARENT=f"{settings.cgroup_parent}-{name}",
         BRANCHBOX_KEEP_SANDBOXES_ON_SHUTDOWN="false",
         BRANCHBOX_LOG_LEVEL="warning",
     )
@@ -48,6 +69,9 @@ def running_daemon(settings: ManagerSettings) -> Iterator[str]:
         sys.executable, "-m", "branchbox.cli", "serve", "--port", str(port),
         "--data-dir", str(data_dir), "--templates-dir", str(settings.template_root),
     ]  # fmt: skip
+    if config is not None:
+        (data_dir / "config.toml").write_text(config)
+        argv += ["--config", str(data_dir / "config.toml")]
     log = open(data_dir / "daemon.log", "ab")  # noqa: SIM115 - closed below, after the process
     proc = subprocess.Popen(argv, env=env, stdout=log, stderr=log, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -65,6 +89,8 @@ def running_daemon(settings: ManagerSettings) -> Iterator[str]:
                 time.sleep(0.05)
         yield url
     finally:
+        if proc.poll() is None:
+            _destroy_all(url)
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(60)
@@ -114,11 +140,12 @@ def bench_api(settings: ManagerSettings, runs: int, results: Results) -> None:
         health = []
         for _ in range(runs * 4):
             t0 = time.perf_counter()
-            warm._http.client.get("/health")
+            warm._http.wire.request("GET", "/health", None, 10.0)  # the SDK's keep-alive path
             health.append(_ms(t0))
-        results["api: HTTP floor (GET /health, keep-alive)"] = summarize(health)
+        results["api: HTTP floor (GET /health, SDK keep-alive path)"] = summarize(health)
         warm.kill()
         warm.close()
+    bench_pools(settings, runs, results)
 
 
 async def _async_exec(url: str, sandbox_id: str, n: int) -> list[float]:
@@ -132,3 +159,108 @@ async def _async_exec(url: str, sandbox_id: str, n: int) -> list[float]:
     finally:
         await sbx.close()
     return out
+
+
+# ---------------------------------------------------------------- warm pools
+
+POOL_CONFIG = f"""
+[pools.default]
+min_size = {POOL_SIZE}
+target_free = {POOL_SIZE}
+max_size = {POOL_SIZE}
+memory_mb = {POOL_MEMORY_MB}
+max_parallel_boots = 4
+"""
+
+
+def wait_pool_full(url: str, want: int = POOL_SIZE, timeout: float = 300.0) -> None:
+    """Poll GET /v1/pools/default until ``want`` members are ready and none boot (never inside a timed region)."""
+    deadline = time.monotonic() + timeout
+    with httpx.Client(base_url=url, timeout=30) as c:
+        while True:
+            s = c.get("/v1/pools/default").json()
+            if s["ready"] >= want and s["booting"] == 0:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the pool did not refill to {want} within {timeout} s: {s}")
+            time.sleep(0.02)
+
+
+def _create_first(url: str, memory_mb: int) -> tuple[float, Sandbox]:
+    t0 = time.perf_counter()
+    sbx = Sandbox.create(memory_mb=memory_mb, base_url=url)
+    result = sbx.commands.run("true")
+    ms = _ms(t0)
+    assert result.exit_code == 0
+    return ms, sbx
+
+
+def _sequential(url: str, n: int, *, warm: bool) -> list[float]:
+    samples = []
+    for _ in range(n):
+        if warm:
+            wait_pool_full(url)
+        ms, sbx = _create_first(url, POOL_MEMORY_MB if warm else POOL_MEMORY_MB * 2)
+        try:
+            assert sbx.info.source == ("warm" if warm else "cold"), sbx.info.source
+        finally:
+            sbx.kill()
+            sbx.close()
+        samples.append(ms)
+    return samples
+
+
+async def _burst(url: str, n: int, memory_mb: int) -> tuple[float, list[float], list[str]]:
+    """``n`` concurrent create -> first exec; returns (whole burst ms, per-sandbox ms, sources)."""
+
+    async def one() -> tuple[float, AsyncSandbox]:
+        t0 = time.perf_counter()
+        sbx = await AsyncSandbox.create(memory_mb=memory_mb, base_url=url)
+        try:
+            r = await sbx.commands.run("true")
+        except BaseException:
+            await sbx.kill()
+            await sbx.close()
+            raise
+        assert r.exit_code == 0
+        return _ms(t0), sbx
+
+    t0 = time.perf_counter()
+    done = await asyncio.gather(*(one() for _ in range(n)), return_exceptions=True)
+    whole = _ms(t0)
+    sbxs = [d[1] for d in done if not isinstance(d, BaseException)]
+    try:
+        errors = [d for d in done if isinstance(d, BaseException)]
+        if errors:
+            raise errors[0]
+        return whole, [d[0] for d in done if not isinstance(d, BaseException)], [s.info.source for s in sbxs]
+    finally:
+        await asyncio.gather(*(s.kill() for s in sbxs), return_exceptions=True)
+        await asyncio.gather(*(s.close() for s in sbxs), return_exceptions=True)
+
+
+def bench_pools(settings: ManagerSettings, runs: int, results: Results) -> None:
+    """Warm vs cold create -> first command result through the SDK, sequential and in bursts of 32."""
+    n = max(MIN_SEQUENTIAL, runs)
+    with running_daemon(settings, "pools", POOL_CONFIG) as url:
+        wait_pool_full(url)
+        _sequential(url, 3, warm=True)  # warm up the client side (imports, TLS context, first connections)
+        results["pool: warm create -> first exec (SDK, sequential)"] = summarize(_sequential(url, n, warm=True))
+        results["pool: cold create -> first exec (SDK, sequential)"] = summarize(_sequential(url, n, warm=False))
+        for label, memory_mb in (("warm", POOL_MEMORY_MB), ("cold", POOL_MEMORY_MB * 2)):
+            wholes: list[float] = []
+            each: list[float] = []
+            for _ in range(BURSTS):
+                wait_pool_full(url)
+                whole, per, sources = asyncio.run(_burst(url, POOL_SIZE, memory_mb))
+                assert set(sources) == {label}, sources
+                wholes.append(whole)
+                each.extend(per)
+            results[f"pool: {label} burst of {POOL_SIZE} (whole burst, async SDK)"] = summarize(wholes)
+            results[f"pool: {label} burst of {POOL_SIZE} (each create -> first exec)"] = summarize(each)
+        stats = httpx.get(url + "/v1/pools/default", timeout=30).json()
+        print(
+            f"pool stats: hits={stats['hits']} misses={stats['misses']} boots={stats['boots']} "
+            f"claim p50={stats['claim_p50_ms']} ms p99={stats['claim_p99_ms']} ms",
+            file=sys.stderr,
+        )

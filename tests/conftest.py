@@ -1,19 +1,30 @@
-"""Shared fixtures: the default template (built once, cached across runs), Managers on fresh data dirs, and a
-check that tests leave no processes, cgroups or mounts behind."""
+"""Shared fixtures: the default template (built once, cached across runs), Managers on fresh data dirs, real
+``branchbox serve`` subprocesses (``DaemonProc``, ``daemon``, ``daemon_factory``), and a check that tests leave no
+processes, cgroups or mounts behind."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
+import branchbox
 from branchbox.core.models import TemplateInfo
 from branchbox.core.settings import ManagerSettings
+from tests.leaks import _cgroup_dirs, _in_cgroup_tree
 
 TEST_ROOT = Path(os.environ.get("BRANCHBOX_TEST_ROOT", "/var/tmp/branchbox-test"))
 
@@ -61,3 +72,157 @@ async def manager(default_template: TemplateInfo, data_dir: Path) -> AsyncIterat
 
     async with Manager.open(make_settings(data_dir)) as m:
         yield m
+
+
+# ------------------------------------------------------------------ real daemons
+
+SRC = str(Path(branchbox.__file__).resolve().parent.parent)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def new_data_dir() -> Path:
+    TEST_ROOT.mkdir(parents=True, exist_ok=True)
+    os.chmod(TEST_ROOT, 0o711)
+    d = TEST_ROOT / f"data-{secrets.token_hex(4)}"
+    d.mkdir(mode=0o711)
+    return d
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """Environment for a branchbox subprocess: this checkout on PYTHONPATH, no inherited BRANCHBOX_* settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BRANCHBOX_")}
+    env["PYTHONPATH"] = SRC + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.update(extra)
+    return env
+
+
+class DaemonProc:
+    """A ``branchbox serve`` subprocess on a free loopback port with its own data dir and cgroup parent."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        keep: bool = False,
+        env: dict[str, str] | None = None,
+        api_key: str | None = None,
+        config: str | None = None,
+    ) -> None:
+        self.headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cgroup_parent = f"bbtest-{data_dir.name}"
+        self.log_path = data_dir / "daemon.log"
+        self.keep = keep
+        self.extra_env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.config_path: Path | None = None
+        if config is not None:
+            self.config_path = data_dir / "config.toml"
+            self.config_path.write_text(config)
+
+    def start(self, timeout: float = 60.0) -> None:
+        env = cli_env(
+            BRANCHBOX_CGROUP_PARENT=self.cgroup_parent,
+            BRANCHBOX_KEEP_SANDBOXES_ON_SHUTDOWN="true" if self.keep else "false",
+            BRANCHBOX_LOG_LEVEL="debug",
+            **self.extra_env,
+        )
+        argv = [
+            sys.executable, "-m", "branchbox.cli", "serve", "--port", str(self.port),
+            "--data-dir", str(self.data_dir), "--templates-dir", str(templates_dir()),
+        ]  # fmt: skip
+        if self.config_path is not None:
+            argv += ["--config", str(self.config_path)]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:  # readiness: the only wait that must poll (a separate process, no event to wait on)
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"daemon not healthy after {timeout} s:\n{self.log()}")
+            time.sleep(0.05)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text()[-8000:]
+        except OSError:
+            return ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def destroy_all(self) -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            resp = httpx.get(self.url + "/v1/sandboxes", headers=self.headers, timeout=30)
+            resp.raise_for_status()
+            for sbx in resp.json():
+                httpx.delete(f"{self.url}/v1/sandboxes/{sbx['sandbox_id']}", headers=self.headers, timeout=60)
+
+    def leftovers(self) -> list[str]:
+        """Cgroups and processes of this daemon's sandboxes still on the host."""
+        cgroups = sorted(_cgroup_dirs(self.cgroup_parent))
+        procs = [str(p) for p in os.listdir("/proc") if p.isdigit() and _in_cgroup_tree(int(p), self.cgroup_parent)]
+        return cgroups + procs
+
+    def cleanup(self) -> None:
+        """Destroy every sandbox (restarting the daemon if it died) and stop it; then remove the data dir."""
+        try:
+            if self.proc is None or self.proc.poll() is not None:
+                self.keep = False
+                with contextlib.suppress(RuntimeError):
+                    self.start()
+            self.destroy_all()
+        finally:
+            self.stop()
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon_factory(default_template: Any) -> Iterator[Any]:
+    """Start daemons with ``daemon_factory(keep=..., env=..., config=TOML)``; all are cleaned up at the end."""
+    made: list[DaemonProc] = []
+
+    def make(
+        *,
+        keep: bool = False,
+        env: dict[str, str] | None = None,
+        api_key: str | None = None,
+        config: str | None = None,
+        start: bool = True,
+    ) -> DaemonProc:
+        d = DaemonProc(new_data_dir(), keep=keep, env=env, api_key=api_key, config=config)
+        made.append(d)
+        if start:
+            d.start()
+        return d
+
+    yield make
+    for d in made:
+        d.cleanup()
+
+
+@pytest.fixture
+def daemon(daemon_factory: Any) -> DaemonProc:
+    d: DaemonProc = daemon_factory()
+    return d

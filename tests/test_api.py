@@ -127,3 +127,49 @@ async def test_keys_optional_on_loopback(manager: Any) -> None:
     async with await _client(app) as anon:
         assert (await anon.get("/v1/sandboxes")).status_code == 200
         _assert_error(await anon.get("/v1/sandboxes", headers={"authorization": "Bearer nope"}), 401, "unauthorized")
+
+
+@pytest.mark.root
+async def test_fast_path_routes_match_the_fastapi_routes(manager: Any) -> None:
+    """create, get and a foreground run skip FastAPI (api/fastpath.py): same bodies, errors, auth and metrics."""
+    key = generate_api_key()
+    app = create_app(manager, ApiSettings(host="0.0.0.0", api_key_hashes=(hash_api_key(key),)))
+    async with await _client(app) as anon:
+        _assert_error(await anon.post("/v1/sandboxes", json={}), 401, "unauthorized")
+        _assert_error(await anon.get("/v1/sandboxes/x"), 401, "unauthorized")
+        _assert_error(await anon.post("/v1/sandboxes/x/commands", json={"cmd": "true"}), 401, "unauthorized")
+    async with await _client(app, {"authorization": f"Bearer {key}"}) as api:
+        try:
+            r = await api.post("/v1/sandboxes", json={"metadata": {"k": "v"}})
+            assert r.status_code == 201, r.text
+            assert r.headers["content-type"] == "application/json"
+            sid = r.json()["sandbox_id"]
+            one = (await api.get(f"/v1/sandboxes/{sid}")).json()  # fast path
+            listed = (await api.get("/v1/sandboxes")).json()  # FastAPI route, FastAPI's serialisation
+            assert listed == [one]
+            assert one == r.json()
+            base = f"/v1/sandboxes/{sid}/commands"
+            run = await api.post(base, json={"cmd": ["sh", "-c", "echo out; echo err >&2; exit 3"]})
+            assert run.status_code == 200
+            assert {k: v for k, v in run.json().items() if k != "duration_ms"} == {
+                "exit_code": 3, "stdout": "out\n", "stderr": "err\n", "signal": None,
+            }  # fmt: skip
+            bg = await api.post(base, json={"cmd": "sleep 30", "background": True})  # handed on to FastAPI
+            assert bg.json() == {"pid": bg.json()["pid"], "background": True}
+            # invalid bodies are handed on too, so the 400 messages are FastAPI's
+            err = _assert_error(await api.post(base, json={"cmd": []}), 400, "bad_request")
+            assert "cmd" in err["message"]
+            _assert_error(await api.post(base, content=b"cmd=true", headers={"content-type": "text/plain"}), 400,
+                          "bad_request")  # fmt: skip
+            _assert_error(await api.post("/v1/sandboxes", json={"cpu": 0}), 400, "bad_request")
+            _assert_error(await api.post("/v1/sandboxes/nope/commands", json={"cmd": "true"}), 404,
+                          "sandbox_not_found")  # fmt: skip
+            _assert_error(await api.get("/v1/sandboxes/nope"), 404, "sandbox_not_found")
+            metrics = (await api.get("/metrics")).text
+            assert 'route="/v1/sandboxes/{sandbox_id}/commands",status="200"' in metrics
+            assert 'route="/v1/sandboxes",status="201"' in metrics
+            assert 'branchbox_errors_total{code="unauthorized",layer="api"} 3.0' in metrics
+            assert 'branchbox_errors_total{code="sandbox_not_found",layer="api"} 2.0' in metrics
+        finally:
+            for info in await manager.list():
+                await manager.destroy(info.id)

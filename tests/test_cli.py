@@ -1,7 +1,5 @@
 """The ``branchbox`` CLI as a subprocess against a real daemon."""
 
-# ruff: noqa: F811 - the shared daemon fixtures are imported, then named as test parameters
-
 from __future__ import annotations
 
 import json
@@ -13,8 +11,7 @@ import pytest
 
 from branchbox.api.auth import hash_api_key
 from branchbox.sdk import Sandbox
-from tests.conftest import templates_dir
-from tests.test_daemon import DaemonProc, cli_env, daemon, daemon_factory  # noqa: F401 - fixtures
+from tests.conftest import DaemonProc, cli_env, templates_dir
 
 
 def bb(*args: str, url: str | None = None, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:

@@ -1,8 +1,6 @@
 """The checked-in OpenAPI document: it is what the app generates, live responses of a real daemon match it, and
 schemathesis fuzzing against it (valid and invalid input) finds no 5xx."""
 
-# ruff: noqa: F811 - the shared daemon fixtures are imported, then named as test parameters
-
 from __future__ import annotations
 
 import itertools
@@ -22,7 +20,7 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
 from branchbox.api import openapi_json
-from tests.test_daemon import DaemonProc, cli_env, daemon, daemon_factory  # noqa: F401 - fixtures
+from tests.conftest import DaemonProc, cli_env
 
 DOC_PATH = Path(__file__).resolve().parent.parent / "docs" / "openapi.json"
 
@@ -129,6 +127,15 @@ def test_live_responses_match_the_document(daemon: DaemonProc) -> None:
         ck(c.post(base + "/resume"))
         ck(c.delete(base))
         ck(c.delete(base))
+        ck(c.get("/v1/pools"))
+        ck(c.put("/v1/pools/default", json={"min_size": 0, "target_free": 0, "max_size": 1, "memory_mb": 64}))
+        ck(c.put("/v1/pools/default", json={"min_size": 2, "max_size": 1}))
+        ck(c.put("/v1/pools/missing", json={}))
+        ck(c.get("/v1/pools"))
+        ck(c.get("/v1/pools/default"))
+        ck(c.get("/v1/pools/missing"))
+        ck(c.delete("/v1/pools/default"))
+        ck(c.delete("/v1/pools/default"))
     statuses = {s for _, _, s in contract.seen}
     assert {200, 201, 204, 400, 404, 409} <= statuses
 

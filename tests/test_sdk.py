@@ -1,18 +1,19 @@
 """The SDK: pure request building, config precedence and error mapping; then Sandbox and AsyncSandbox against a
 real ``branchbox serve`` subprocess on loopback (including 50 parallel creates + execs)."""
 
-# ruff: noqa: F811 - the shared daemon fixtures are imported, then named as test parameters
-
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import http.server
 import io
 import json
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -30,10 +31,12 @@ from branchbox.sdk import (
     Sandbox,
     SandboxNotFoundError,
     TimeoutException,
+    _awire,
 )
 from branchbox.sdk import _requests as rq
 from branchbox.sdk._config import ConnectionConfig
-from tests.test_daemon import DaemonProc, cli_env, daemon, daemon_factory  # noqa: F401 - fixtures
+from branchbox.sdk._wire import Wire, shared_wire
+from tests.conftest import DaemonProc, cli_env
 
 # ------------------------------------------------------------------ pure
 
@@ -140,6 +143,106 @@ def test_stream_frames_roundtrip() -> None:
 def test_unreachable_daemon_is_a_connection_error() -> None:
     with pytest.raises(ConnectionError_, match="branchbox serve"):
         Sandbox.list(base_url="http://127.0.0.1:9")
+
+
+def test_unreachable_daemon_on_the_keep_alive_path_is_a_connection_error() -> None:
+    with pytest.raises(ConnectionError_, match="branchbox serve"):
+        Sandbox.create(base_url="http://127.0.0.1:9")
+    with pytest.raises(ConnectionError_, match="branchbox serve"):
+        asyncio.run(AsyncSandbox.create(base_url="http://127.0.0.1:9"))
+
+
+# ------------------------------------------------------------------ keep-alive connections (a real local server)
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """HTTP/1.1 keep-alive JSON server: ``/close`` answers with Connection: close, ``/drop`` closes the
+    connection after answering without saying so (like an idle timeout), ``/chunked`` uses chunked encoding."""
+
+    protocol_version = "HTTP/1.1"
+    connections: ClassVar[set[tuple[str, int]]] = set()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _answer(self) -> None:
+        type(self).connections.add(self.client_address)
+        length = int(self.headers.get("content-length") or 0)
+        got = json.loads(self.rfile.read(length)) if length else None
+        body = json.dumps({"path": self.path, "method": self.command, "got": got}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        if self.path == "/chunked":
+            self.send_header("transfer-encoding", "chunked")
+            self.end_headers()
+            for part in (body[:5], body[5:]):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+            self.wfile.write(b"0\r\n\r\n")
+            return
+        if self.path == "/close":
+            self.send_header("connection", "close")
+            self.close_connection = True
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        if self.path == "/drop":
+            self.close_connection = True
+
+    do_GET = do_POST = do_DELETE = _answer
+
+
+@pytest.fixture
+def local_server() -> Iterator[str]:
+    _Handler.connections = set()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def test_sync_wire_keeps_connections_alive_and_replaces_closed_ones(local_server: str) -> None:
+    wire = Wire(ConnectionConfig.resolve(base_url=local_server, env={}))
+    try:
+        for _ in range(3):
+            assert wire.request("POST", "/a", b'{"x":1}', 10).json() == {
+                "path": "/a",
+                "method": "POST",
+                "got": {"x": 1},
+            }
+        assert len(_Handler.connections) == 1  # one connection, kept alive
+        assert wire.request("GET", "/close", None, 10).status_code == 200  # Connection: close is honoured
+        assert wire.request("GET", "/drop", None, 10).status_code == 200  # closed silently after the answer
+        assert wire.request("DELETE", "/b", None, 10).json()["method"] == "DELETE"  # a new connection, no error
+        assert len(_Handler.connections) == 3
+    finally:
+        wire.close()
+    assert shared_wire(ConnectionConfig.resolve(base_url=local_server, env={})) is shared_wire(
+        ConnectionConfig.resolve(base_url=local_server + "/", env={})
+    )
+
+
+async def test_async_wire_pools_per_loop_and_closes_with_the_last_user(local_server: str) -> None:
+    config = ConnectionConfig.resolve(base_url=local_server, env={})
+    first, second = _awire.acquire(config), _awire.acquire(config)
+    assert first is second
+    replies = await asyncio.gather(*(first.request("POST", f"/{i}", b"{}", 10) for i in range(8)))
+    assert [r.json()["path"] for r in replies] == [f"/{i}" for i in range(8)]
+    assert (await first.request("GET", "/chunked", None, 10)).json()["path"] == "/chunked"
+    assert (await first.request("GET", "/drop", None, 10)).status_code == 200
+    assert (await first.request("GET", "/after-drop", None, 10)).json()["path"] == "/after-drop"
+    assert len(_Handler.connections) <= 9  # concurrent requests open connections; later ones reuse them
+    _awire.release(config, first)
+    assert first._idle  # another user still holds the pool
+    _awire.release(config, second)
+    assert first._idle == []
+    assert _awire.acquire(config) is not first  # a fresh pool after the last user left
+    _awire.release(config, _awire.acquire(config))
 
 
 # ------------------------------------------------------------------ against a real daemon

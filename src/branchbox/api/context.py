@@ -31,7 +31,13 @@ def get_ctx(conn: HTTPConnection) -> AppContext:
     return ctx
 
 
-def require_api_key(conn: HTTPConnection) -> None:
+async def _ctx(conn: HTTPConnection) -> AppContext:
+    """Route dependency. Dependencies are ``async def`` on purpose: FastAPI runs plain ``def`` ones in a thread
+    pool, a thread hop per dependency per request."""
+    return get_ctx(conn)
+
+
+async def require_api_key(conn: HTTPConnection) -> None:
     """Route dependency: checks ``Authorization: Bearer`` (HTTP and WebSocket alike)."""
     get_ctx(conn).checker.check(conn.headers.get("authorization"))
 
@@ -42,5 +48,5 @@ async def bind_sandbox(sandbox_id: str) -> str:
     return sandbox_id
 
 
-Ctx = Annotated[AppContext, Depends(get_ctx)]
+Ctx = Annotated[AppContext, Depends(_ctx)]
 SandboxId = Annotated[str, Depends(bind_sandbox)]

@@ -2,16 +2,59 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from branchbox.core.events import ManagerEvent
 from branchbox.core.models import SandboxState
+from branchbox.core.pool import PoolStats
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class PoolCollector(Collector):
+    """Per-pool gauges and counters read from the Manager's pool statistics at scrape time."""
+
+    def __init__(self, source: Callable[[], Sequence[PoolStats]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterable[Metric]:
+        stats = self._source()
+        gauges = {
+            "ready": GaugeMetricFamily("branchbox_pool_ready", "Ready members of a warm pool.", labels=["template"]),
+            "booting": GaugeMetricFamily("branchbox_pool_booting", "Members booting.", labels=["template"]),
+            "claimed": GaugeMetricFamily(
+                "branchbox_pool_claimed", "Sandboxes claimed from a pool, still alive.", labels=["template"]
+            ),
+            "target": GaugeMetricFamily(
+                "branchbox_pool_target", "Members the replenisher aims for.", labels=["template"]
+            ),
+        }
+        counters = {
+            "hits": CounterMetricFamily("branchbox_pool_hits", "Creates served warm.", labels=["template"]),
+            "misses": CounterMetricFamily(
+                "branchbox_pool_misses", "Creates that found the pool empty.", labels=["template"]
+            ),
+            "boot_failures": CounterMetricFamily(
+                "branchbox_pool_boot_failures", "Failed member boots.", labels=["template"]
+            ),
+            "replaced": CounterMetricFamily(
+                "branchbox_pool_replaced", "Members that died and were replaced.", labels=["template"]
+            ),
+        }
+        for s in stats:
+            for name, g in gauges.items():
+                g.add_metric([s.template], s.config.target if name == "target" else getattr(s, name))
+            for name, c in counters.items():
+                c.add_metric([s.template], getattr(s, name))
+        yield from gauges.values()
+        yield from counters.values()
 
 
 class Metrics:
@@ -57,6 +100,7 @@ class Metrics:
         )
         for state in SandboxState:
             self.sandboxes.labels(state=state.value).set(0)
+        self._pools: PoolCollector | None = None
 
     def on_event(self, event: ManagerEvent) -> None:
         """Manager subscriber: fast, never raises."""
@@ -79,6 +123,12 @@ class Metrics:
                 self.set_state_counts(event.counts)
         except Exception:  # noqa: S110 - a metrics bug must never break a Manager operation
             pass
+
+    def watch_pools(self, source: Callable[[], Sequence[PoolStats]]) -> None:
+        """Export the pools ``source`` reports (called at each scrape). Once per Metrics."""
+        if self._pools is None:
+            self._pools = PoolCollector(source)
+            self.registry.register(self._pools)
 
     def set_state_counts(self, counts: Mapping[str, int]) -> None:
         for state in SandboxState:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
-from branchbox.api.context import Ctx, SandboxId
+from branchbox.api.context import AppContext, Ctx, SandboxId
+from branchbox.api.responses import json_response
 from branchbox.api.schemas import (
     BackgroundCommand,
     CommandResult,
@@ -24,7 +25,7 @@ router = APIRouter(tags=["commands"])
     description="Waits for the exit and returns the output, or with background=true returns the pid at once. "
     "A non-zero exit is a result, not an error.",
 )
-async def run_command(sandbox_id: SandboxId, body: RunCommandRequest, ctx: Ctx) -> CommandResult | BackgroundCommand:
+async def run_command(sandbox_id: SandboxId, body: RunCommandRequest, ctx: Ctx) -> Response:
     if body.background:
         if body.stdin is not None:
             raise BadRequestError("stdin= is not allowed with background=true: use the commands/stream WebSocket")
@@ -40,7 +41,12 @@ async def run_command(sandbox_id: SandboxId, body: RunCommandRequest, ctx: Ctx) 
         pid = handle.pid
         await handle.detach()
         ctx.log.info("command.started", pid=pid)
-        return BackgroundCommand(pid=pid)
+        return json_response(BackgroundCommand(pid=pid))
+    return json_response(await run_foreground(ctx, sandbox_id, body))
+
+
+async def run_foreground(ctx: AppContext, sandbox_id: str, body: RunCommandRequest) -> CommandResult:
+    """Run a command to its exit (shared with the fast path in :mod:`branchbox.api.fastpath`)."""
     result = await ctx.manager.exec(
         sandbox_id,
         body.cmd,

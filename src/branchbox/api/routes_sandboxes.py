@@ -8,7 +8,8 @@ from urllib.parse import unquote
 import structlog
 from fastapi import APIRouter, Query, Response
 
-from branchbox.api.context import Ctx, SandboxId
+from branchbox.api.context import AppContext, Ctx, SandboxId
+from branchbox.api.responses import json_response
 from branchbox.api.schemas import CreateSandboxRequest, SandboxResponse, TemplateResponse, TimeoutRequest
 from branchbox.core.models import SandboxState
 from branchbox.errors import BadRequestError
@@ -31,7 +32,12 @@ def parse_metadata_filter(values: list[str]) -> dict[str, str]:
 
 
 @router.post("/v1/sandboxes", status_code=201, response_model=SandboxResponse, summary="Create a sandbox")
-async def create_sandbox(body: CreateSandboxRequest, ctx: Ctx) -> SandboxResponse:
+async def create_sandbox(body: CreateSandboxRequest, ctx: Ctx) -> Response:
+    return json_response(await create(ctx, body), status_code=201)
+
+
+async def create(ctx: AppContext, body: CreateSandboxRequest) -> SandboxResponse:
+    """Create a sandbox (shared with the fast path in :mod:`branchbox.api.fastpath`)."""
     info = await ctx.manager.create(
         template=body.template,
         env=body.envs,
@@ -42,6 +48,7 @@ async def create_sandbox(body: CreateSandboxRequest, ctx: Ctx) -> SandboxRespons
         metadata=body.metadata,
         backend=body.backend,
         hostname=body.hostname,
+        snapshot=body.snapshot,
     )
     log = ctx.log.bind(sandbox_id=info.id, backend=info.backend, source=info.source)
     log.info("sandbox.created", template=info.template, total_ms=info.timings.get("total"))
@@ -64,8 +71,8 @@ async def list_sandboxes(
 
 
 @router.get("/v1/sandboxes/{sandbox_id}", response_model=SandboxResponse, summary="Get one sandbox")
-async def get_sandbox(sandbox_id: SandboxId, ctx: Ctx) -> SandboxResponse:
-    return SandboxResponse.of(await ctx.manager.get(sandbox_id))
+async def get_sandbox(sandbox_id: SandboxId, ctx: Ctx) -> Response:
+    return json_response(SandboxResponse.of(await ctx.manager.get(sandbox_id)))
 
 
 @router.delete("/v1/sandboxes/{sandbox_id}", status_code=204, response_class=Response, summary="Destroy a sandbox")

@@ -13,7 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from branchbox.core.models import FileEntry, ProcessInfo, SandboxInfo, SandboxState, TemplateInfo
+from branchbox.core.models import FileEntry, ProcessInfo, SandboxInfo, SandboxState, SnapshotInfo, TemplateInfo
+from branchbox.core.pool import PoolConfig, PoolStats
 
 MAX_TIMEOUT_S = 31_536_000.0  # one year: larger values are a mistake, not a wish
 EnvMap = Annotated[dict[str, str], Field(max_length=4096)]
@@ -46,6 +47,9 @@ class CreateSandboxRequest(_Strict):
     pids: Annotated[int, Field(ge=8, le=1_000_000)] = 1024
     backend: Annotated[str | None, Field(max_length=64)] = None
     hostname: Annotated[str | None, Field(min_length=1, max_length=63)] = None
+    snapshot: Annotated[str | None, Field(min_length=1, max_length=255)] = Field(
+        default=None, description="Restore this snapshot (id or name); its template is used, not `template`."
+    )
 
 
 class SandboxResponse(BaseModel):
@@ -61,7 +65,7 @@ class SandboxResponse(BaseModel):
     cpu: float
     memory_mb: int
     pids: int
-    source: str = Field(description="cold, warm or snapshot.")
+    source: str = Field(description="cold, warm, snapshot (a restore) or fork.")
     timings: dict[str, float] = Field(description="Per-phase duration of the create, in milliseconds.")
     error: str | None = None
 
@@ -233,3 +237,131 @@ class ClientFrame(_Strict):
     cols: Annotated[int | None, Field(ge=1, le=10_000)] = None
     rows: Annotated[int | None, Field(ge=1, le=10_000)] = None
     signal: Annotated[int | None, Field(ge=1, le=64)] = None
+
+
+class PoolSettings(_Strict):
+    """The settings of one warm pool (``[pools.<template>]`` in the daemon's config, without the template)."""
+
+    min_size: Annotated[int, Field(ge=0, le=1024, description="Members kept at all times.")] = 0
+    max_size: Annotated[int, Field(ge=0, le=1024, description="Never more members (ready + booting).")] = 8
+    target_free: Annotated[int, Field(ge=0, le=1024, description="Ready members the replenisher keeps.")] = 2
+    max_memory_mb: Annotated[int | None, Field(ge=0, description="Memory budget of idle members; null: none.")] = None
+    max_parallel_boots: Annotated[int, Field(ge=1, le=1024)] = 2
+    reuse: bool = Field(default=False, description="Reset released sandboxes into the pool (golden reset).")
+    cpu: Annotated[float, Field(gt=0, le=256)] = 1.0
+    memory_mb: Annotated[int, Field(ge=16, le=1_048_576)] = 512
+    pids: Annotated[int, Field(ge=8, le=1_000_000)] = 1024
+
+    @classmethod
+    def of(cls, c: PoolConfig) -> PoolSettings:
+        return cls(
+            min_size=c.min_size,
+            max_size=c.max_size,
+            target_free=c.target_free,
+            max_memory_mb=c.max_memory_mb,
+            max_parallel_boots=c.max_parallel_boots,
+            reuse=c.reuse,
+            cpu=c.cpu,
+            memory_mb=c.memory_mb,
+            pids=c.pids,
+        )
+
+    def config(self, template: str) -> PoolConfig:
+        return PoolConfig(template=template, **self.model_dump())
+
+
+class PoolResponse(BaseModel):
+    """Statistics of one warm pool. A create with the pool's cpu/memory_mb/pids is served from it."""
+
+    template: str
+    ready: int = Field(description="Members booted and waiting to be claimed.")
+    booting: int
+    claimed: int = Field(description="Sandboxes claimed from this pool that are still alive.")
+    hits: int = Field(description="Creates served warm.")
+    misses: int = Field(description="Creates that found the pool empty and booted cold.")
+    boots: int
+    boot_failures: int
+    replaced: int = Field(description="Members that died and were replaced.")
+    recycled: int = Field(description="Released sandboxes reset into the pool (reuse).")
+    claim_p50_ms: float | None
+    claim_p99_ms: float | None
+    target: int = Field(description="Members (ready + booting) the replenisher aims for.")
+    config: PoolSettings
+
+    @classmethod
+    def of(cls, s: PoolStats) -> PoolResponse:
+        return cls(
+            template=s.template,
+            ready=s.ready,
+            booting=s.booting,
+            claimed=s.claimed,
+            hits=s.hits,
+            misses=s.misses,
+            boots=s.boots,
+            boot_failures=s.boot_failures,
+            replaced=s.replaced,
+            recycled=s.recycled,
+            claim_p50_ms=s.claim_p50_ms,
+            claim_p99_ms=s.claim_p99_ms,
+            target=s.config.target,
+            config=PoolSettings.of(s.config),
+        )
+
+
+class CreateSnapshotRequest(_Strict):
+    name: Annotated[str | None, Field(min_length=1, max_length=128)] = Field(
+        default=None, description="Unique name (letters, digits, _ . : -); null: unnamed."
+    )
+
+
+class SnapshotResponse(BaseModel):
+    """An immutable capture of a sandbox's files (container backend: no processes)."""
+
+    snapshot_id: str
+    name: str | None
+    sandbox_id: str | None = Field(description="The sandbox it was taken from (it may be gone since).")
+    template_id: str
+    template_digest: str
+    created_at: datetime
+    layers: list[str] = Field(description="Layer ids, topmost first; the template is below the last.")
+    driver: str = Field(description="Storage driver: overlay or btrfs.")
+    size_bytes: int | None = Field(description="Disk used by the snapshot's own layer; null until measured.")
+    files: int | None
+    timings: dict[str, float] = Field(description="freeze, capture, thaw, store, total (ms).")
+
+    @classmethod
+    def of(cls, s: SnapshotInfo) -> SnapshotResponse:
+        return cls(
+            snapshot_id=s.id,
+            name=s.name,
+            sandbox_id=s.sandbox_id,
+            template_id=s.template,
+            template_digest=s.template_digest,
+            created_at=datetime.fromtimestamp(s.created_at, UTC),
+            layers=list(s.layers),
+            driver=s.driver,
+            size_bytes=s.size_bytes,
+            files=s.files,
+            timings=dict(s.timings),
+        )
+
+
+class ForkRequest(_Strict):
+    count: int = Field(default=1, description="Number of children (1..64).")
+
+
+class ForkResult(BaseModel):
+    """One child of a fork: its sandbox, or the error it met (one failure does not hide the others)."""
+
+    sandbox: SandboxResponse | None = None
+    error: ErrorBody | None = None
+
+
+class ForkResponse(BaseModel):
+    results: list[ForkResult]
+
+
+class ResetRequest(_Strict):
+    snapshot: Annotated[str | None, Field(min_length=1, max_length=255)] = Field(
+        default=None, description="Snapshot id or name to reset to; null: the sandbox's template."
+    )

@@ -10,9 +10,12 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from branchbox.cli import shell as shell_mod
+from branchbox.cli.pools import pools
+from branchbox.cli.snapshots import fork, reset, restore, snapshot
 from branchbox.cli.templates import template
 from branchbox.sdk import Sandbox, SandboxError, SandboxInfo
 
@@ -45,7 +48,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except SandboxError as exc:
-            err.print(f"[red]error[/red] ({exc.code}): {exc.message}", highlight=False)
+            err.print(f"[red]error[/red] ({exc.code}): {escape(exc.message)}", highlight=False)
             sys.exit(1)
 
 
@@ -164,7 +167,7 @@ def rm(conn: _Conn, sandbox_ids: tuple[str, ...]) -> None:
             sbx.close()
             click.echo(sid)
         except SandboxError as exc:
-            err.print(f"[red]{sid}[/red]: {exc.message}", highlight=False)
+            err.print(f"[red]{sid}[/red]: {escape(exc.message)}", highlight=False)
             failed = True
     if failed:
         sys.exit(1)
@@ -321,7 +324,7 @@ def serve(config_file: Path | None, **flags: Any) -> None:
     try:
         cfg = load_config(config_file, flags=flags)
     except ConfigError as exc:
-        err.print(f"[red]config error[/red]: {exc.message}", highlight=False)
+        err.print(f"[red]config error[/red]: {escape(exc.message)}", highlight=False)
         sys.exit(2)
     run(cfg)
 
@@ -354,6 +357,9 @@ def key_new() -> None:
 
 
 cli.add_command(template)
+cli.add_command(pools)
+for _cmd in (snapshot, fork, restore, reset):
+    cli.add_command(_cmd)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,6 +5,15 @@ exists. Its keys are the field names of :class:`DaemonConfig` at top level (or g
 ``[manager]``, ``[log]`` tables, which is the same). Each field's environment variable is ``BRANCHBOX_`` + the
 upper-case name, e.g. ``BRANCHBOX_PORT=7078``; lists (``api_key_hashes``) are comma-separated there.
 
+Warm pools are ``[pools.<template>]`` tables (file only, no environment variables) whose keys are the fields of
+:class:`~branchbox.core.pool.PoolConfig` except ``template``::
+
+    [pools.default]
+    min_size = 4
+    target_free = 4
+    max_size = 16
+    memory_mb = 256
+
 API keys are never stored in clear: ``api_key_hashes`` holds sha256 hex digests (``branchbox key new`` prints
 a key and its digest) and ``api_keys_file`` names a file with one digest per line (``#`` comments allowed).
 """
@@ -12,6 +21,7 @@ a key and its digest) and ``api_keys_file`` names a file with one digest per lin
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import tomllib
 from collections.abc import Mapping
@@ -21,11 +31,13 @@ from typing import Any
 
 from branchbox.api.auth import is_key_hash
 from branchbox.api.settings import ApiSettings
+from branchbox.core.pool import PoolConfig
 from branchbox.core.settings import DEFAULT_DATA_DIR, ManagerSettings
 from branchbox.errors import BadRequestError
 
 DEFAULT_CONFIG_FILE = Path("/etc/branchbox/config.toml")
 _TABLES = ("server", "manager", "log")
+_POOL_KEYS = tuple(f.name for f in fields(PoolConfig) if f.name != "template")
 
 
 class ConfigError(BadRequestError):
@@ -50,6 +62,8 @@ class DaemonConfig:
     log_level: str = "info"
     log_format: str = "json"  # json | console
     graceful_timeout: float = 10.0  # seconds to let open requests and streams finish on SIGTERM
+    event_loop: str = "auto"  # asyncio | uvloop | auto (uvloop when installed)
+    pools: tuple[PoolConfig, ...] = ()  # [pools.<template>] tables; only from the config file
 
     def manager_settings(self) -> ManagerSettings:
         return ManagerSettings(
@@ -61,6 +75,7 @@ class DaemonConfig:
             default_backend=self.default_backend,
             keep_sandboxes_on_shutdown=self.keep_sandboxes_on_shutdown,
             cgroup_parent=self.cgroup_parent,
+            pools=self.pools,
         )
 
     def api_settings(self, version: str) -> ApiSettings:
@@ -92,7 +107,7 @@ class DaemonConfig:
         return tuple(hashes)
 
 
-_FIELDS = {f.name: f for f in fields(DaemonConfig)}
+_FIELDS = {f.name: f for f in fields(DaemonConfig) if f.name != "pools"}
 
 
 def _convert(name: str, value: Any, source: str) -> Any:
@@ -147,9 +162,57 @@ def _coerce(kind: str, value: Any) -> Any:  # noqa: PLR0911 - a flat dispatch on
     return str(value)
 
 
+def _pool_value(key: str, value: Any) -> Any:
+    """TOML already types values; only reject what PoolConfig would not catch (bools as numbers, text)."""
+    if key == "reuse":
+        if not isinstance(value, bool):
+            raise TypeError("expected true or false")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"expected a number, got {value!r}")
+    if key == "cpu":
+        if value <= 0:
+            raise ValueError("must be > 0")
+        return float(value)
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"expected a whole number, got {value!r}")
+        return int(value)
+    return value
+
+
+def parse_pools(doc: Any, source: str) -> tuple[PoolConfig, ...]:
+    """``[pools.<template>]`` tables -> PoolConfigs; errors name the section, the field and ``source``."""
+    if not isinstance(doc, Mapping):
+        raise ConfigError(f"pools in {source} must be tables: [pools.<template>]")
+    out: list[PoolConfig] = []
+    for template, table in doc.items():
+        section = f"[pools.{template}]"
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{section} in {source} must be a table of settings ({', '.join(_POOL_KEYS)})")
+        unknown = sorted(set(table) - set(_POOL_KEYS))
+        if unknown:
+            raise ConfigError(
+                f"unknown setting(s) {', '.join(unknown)} in {section} of {source}; known: {', '.join(_POOL_KEYS)}"
+            )
+        values: dict[str, Any] = {}
+        for key, value in table.items():
+            try:
+                values[key] = _pool_value(key, value)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"invalid {key}={value!r} in {section} of {source}: {exc}") from exc
+        try:
+            out.append(PoolConfig(template=str(template), **values))
+        except BadRequestError as exc:
+            raise ConfigError(f"{section} in {source}: {exc.message}") from exc
+    return tuple(out)
+
+
 def _flatten(doc: Mapping[str, Any], path: Path) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in doc.items():
+        if key == "pools":
+            continue
         if key in _TABLES and isinstance(value, Mapping):
             flat.update(value)
         else:
@@ -187,6 +250,8 @@ def load_config(
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
         for name, value in _flatten(doc, path).items():
             values[name] = _convert(name, value, str(path))
+        if "pools" in doc:
+            values["pools"] = parse_pools(doc["pools"], str(path))
     for name in _FIELDS:
         var = "BRANCHBOX_" + name.upper()
         if var in env:
@@ -203,6 +268,10 @@ def load_config(
 def _check(cfg: DaemonConfig) -> DaemonConfig:
     if not 0 < cfg.port < 65536:
         raise ConfigError(f"port {cfg.port} is out of range: use 1-65535")
+    if cfg.event_loop not in ("asyncio", "uvloop", "auto"):
+        raise ConfigError(f"event_loop {cfg.event_loop!r}: use asyncio, uvloop or auto")
+    if cfg.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        raise ConfigError("event_loop is uvloop but uvloop is not installed: pip install uvloop, or use asyncio")
     if cfg.log_format not in ("json", "console"):
         raise ConfigError(f"log_format {cfg.log_format!r}: use json or console")
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):

@@ -2,15 +2,20 @@
 
 On shutdown open requests get ``graceful_timeout`` seconds, then the Manager closes: sandboxes keep running
 (``keep_sandboxes_on_shutdown = true``, the default) and are re-attached by the next start, or are destroyed.
+
+The HTTP parser is httptools when installed (else h11). The event loop is ``event_loop`` in the config:
+``asyncio`` (the default), ``uvloop``, or ``auto`` (uvloop when installed).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import math
 import signal
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 
 import structlog
 import uvicorn
@@ -18,6 +23,25 @@ import uvicorn
 from branchbox.api import create_app
 from branchbox.daemon.config import DaemonConfig
 from branchbox.daemon.logs import configure_logging
+from branchbox.errors import BranchboxError
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def http_impl() -> str:
+    """uvicorn's HTTP/1.1 implementation: httptools (C parser) when installed, else h11."""
+    return "httptools" if _has("httptools") else "h11"
+
+
+def loop_factory(choice: str = "auto") -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop for ``choice`` (asyncio | uvloop | auto); None is asyncio's default loop."""
+    if choice == "asyncio" or (choice == "auto" and not _has("uvloop")):
+        return None
+    import uvloop  # noqa: PLC0415 - optional at run time
+
+    return uvloop.new_event_loop
 
 
 class _Server(uvicorn.Server):
@@ -58,6 +82,7 @@ async def serve(cfg: DaemonConfig) -> None:
             log_config=None,
             access_log=False,
             lifespan="on",
+            http=http_impl(),
             ws="websockets-sansio",
             ws_max_size=16 * 1024 * 1024,
             timeout_graceful_shutdown=math.ceil(cfg.graceful_timeout),
@@ -68,6 +93,9 @@ async def serve(cfg: DaemonConfig) -> None:
             "daemon.listening",
             host=cfg.host,
             port=cfg.port,
+            http=config.http,
+            loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
+            pools=[p.template for p in cfg.pools],
             auth_required=api_settings.auth_required,
             keys=len(api_settings.api_key_hashes),
         )
@@ -77,6 +105,12 @@ async def serve(cfg: DaemonConfig) -> None:
 
 
 def run(cfg: DaemonConfig) -> None:
-    """Configure logging and serve (blocking)."""
+    """Configure logging and serve (blocking). A branchbox error at start (e.g. a pool of an unknown template)
+    is logged and exits with status 2."""
     configure_logging(cfg.log_level, cfg.log_format)
-    asyncio.run(serve(cfg))
+    try:
+        with asyncio.Runner(loop_factory=loop_factory(cfg.event_loop)) as runner:
+            runner.run(serve(cfg))
+    except BranchboxError as exc:
+        structlog.get_logger("branchbox.daemon").error("daemon.failed", code=exc.code, message=exc.message)
+        sys.exit(2)

@@ -3,6 +3,15 @@
 Settings precedence: per call (``request_timeout=``) > client (``Sandbox.create(base_url=, api_key=)``) >
 environment (``BRANCHBOX_URL``, ``BRANCHBOX_API_KEY``, ``BRANCHBOX_REQUEST_TIMEOUT``) > defaults
 (``http://127.0.0.1:7077``, no key, 60 s).
+
+Warm pools are daemon-wide, so their helpers are static like ``Sandbox.list``: ``Sandbox.pools()`` (statistics
+of every pool), ``Sandbox.get_pool(template)``, ``Sandbox.configure_pool(template, min_size=..., ...)`` (create
+or replace, live) and ``Sandbox.remove_pool(template)``; ``AsyncSandbox`` has the same, awaited.
+
+Snapshots and forks: ``sbx.create_snapshot(name=)``, ``Sandbox.create(snapshot=)`` (restore),
+``sbx.fork(count=)`` (one Sandbox or exception per child), ``sbx.reset(snapshot=None)``,
+``Sandbox.snapshots()``/``get_snapshot()``/``delete_snapshot()``, and ``explore(sbx, cmds)`` (one fork per
+command, run in parallel, results in order; ``aexplore`` for AsyncSandbox).
 """
 
 from branchbox.sdk._async import AsyncCommandHandle, AsyncPtyHandle, AsyncSandbox
@@ -28,7 +37,17 @@ from branchbox.sdk._errors import (
     TimeoutException,
     error_for,
 )
-from branchbox.sdk._models import CommandResult, EntryInfo, ProcessInfo, SandboxInfo, TemplateInfo
+from branchbox.sdk._explore import aexplore, explore
+from branchbox.sdk._models import (
+    CommandResult,
+    EntryInfo,
+    PoolInfo,
+    PoolSettings,
+    ProcessInfo,
+    SandboxInfo,
+    SnapshotInfo,
+    TemplateInfo,
+)
 from branchbox.sdk._sync import CommandHandle, PtyHandle, Sandbox
 
 __all__ = [
@@ -51,6 +70,8 @@ __all__ = [
     "NotFoundError",
     "NotSupportedError",
     "PermissionDeniedError",
+    "PoolInfo",
+    "PoolSettings",
     "ProcessInfo",
     "ProcessNotFoundError",
     "PtyHandle",
@@ -60,8 +81,11 @@ __all__ = [
     "SandboxInfo",
     "SandboxNotFoundError",
     "ServerError",
+    "SnapshotInfo",
     "TemplateInfo",
     "TemplateNotFoundError",
     "TimeoutException",
+    "aexplore",
     "error_for",
+    "explore",
 ]

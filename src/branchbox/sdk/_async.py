@@ -10,6 +10,7 @@ import asyncio
 import builtins
 import dataclasses
 import inspect
+import json
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -21,6 +22,7 @@ import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from branchbox.sdk import _awire
 from branchbox.sdk import _requests as rq
 from branchbox.sdk._config import UNSET, ConnectionConfig, _Unset, default_ssl_context
 from branchbox.sdk._errors import (
@@ -31,7 +33,16 @@ from branchbox.sdk._errors import (
     SandboxNotFoundError,
     TimeoutException,
 )
-from branchbox.sdk._models import CommandResult, EntryInfo, ProcessInfo, SandboxInfo, TemplateInfo
+from branchbox.sdk._models import (
+    CommandResult,
+    EntryInfo,
+    PoolInfo,
+    ProcessInfo,
+    SandboxInfo,
+    SnapshotInfo,
+    TemplateInfo,
+)
+from branchbox.sdk._wire import Reply
 
 CHUNK = 256 * 1024
 Timeout = float | None | _Unset
@@ -46,30 +57,52 @@ async def _call(cb: Callable[[Any], object] | None, arg: Any) -> None:
 
 
 class _AsyncHttp:
+    """Per sandbox object: the event loop's keep-alive connections to its daemon for small JSON requests
+    (:mod:`branchbox.sdk._awire`) and its own httpx client, made on first use, for streams and queries."""
+
     def __init__(self, config: ConnectionConfig) -> None:
         self.config = config
-        self.client = httpx.AsyncClient(
-            base_url=config.base_url,
-            headers=config.headers(),
-            timeout=config.request_timeout,
-            verify=default_ssl_context(),
-        )
+        self.wire: _awire.AsyncWire | None = _awire.acquire(config)
+        self._client: httpx.AsyncClient | None = None
+        self._closed = False
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._closed:
+            raise RuntimeError("this sandbox object was closed: connect again with AsyncSandbox.connect()")
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                base_url=self.config.base_url,
+                headers=self.config.headers(),
+                timeout=self.config.request_timeout,
+                verify=default_ssl_context(),
+            )
+        return self._client
 
     def _timeout(self, req: rq.Req, request_timeout: Timeout) -> float | None:
         if not req.use_default_timeout:
             return req.timeout
         return self.config.with_timeout(request_timeout).request_timeout
 
-    async def send(self, req: rq.Req, *, request_timeout: Timeout = UNSET, content: Any = None) -> httpx.Response:
+    async def send(
+        self, req: rq.Req, *, request_timeout: Timeout = UNSET, content: Any = None
+    ) -> httpx.Response | Reply:
         try:
-            resp = await self.client.request(
-                req.method,
-                req.path,
-                params=req.params or None,
-                json=req.json,
-                content=content,
-                timeout=self._timeout(req, request_timeout),
-            )
+            if content is None and not req.params and not self._closed:
+                assert self.wire is not None
+                body = None if req.json is None else json.dumps(req.json, separators=(",", ":")).encode("utf-8")
+                resp: httpx.Response | Reply = await self.wire.request(
+                    req.method, req.path, body, self._timeout(req, request_timeout)
+                )
+            else:
+                resp = await self.client.request(
+                    req.method,
+                    req.path,
+                    params=req.params or None,
+                    json=req.json,
+                    content=content,
+                    timeout=self._timeout(req, request_timeout),
+                )
         except httpx.TimeoutException as exc:
             raise TimeoutException(
                 f"{req.method} {req.path} timed out: pass request_timeout= or set BRANCHBOX_REQUEST_TIMEOUT",
@@ -118,7 +151,12 @@ class _AsyncHttp:
             raise ConnectionError_(f"WebSocket to {url} failed: {exc}", code="connection_error") from exc
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        self._closed = True
+        if self.wire is not None:
+            _awire.release(self.config, self.wire)
+            self.wire = None
+        if self._client is not None:
+            await self._client.aclose()
 
 
 async def _consume(
@@ -521,6 +559,7 @@ class AsyncSandbox:
         pids: int | None = None,
         backend: str | None = None,
         hostname: str | None = None,
+        snapshot: str | None = None,
         base_url: str | None = None,
         api_key: str | None = None,
         request_timeout: Timeout = UNSET,
@@ -537,6 +576,7 @@ class AsyncSandbox:
                 pids=pids,
                 backend=backend,
                 hostname=hostname,
+                snapshot=snapshot,
             )
             info = SandboxInfo.from_json((await http.send(req)).json())
         except BaseException:
@@ -584,6 +624,127 @@ class AsyncSandbox:
         http = _AsyncHttp(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
         try:
             return [TemplateInfo.from_json(d) for d in (await http.send(rq.list_templates())).json()]
+        finally:
+            await http.aclose()
+
+    # -- warm pools (daemon-wide, like list/templates) ------------------------------------------
+    @staticmethod
+    async def pools(
+        *, base_url: str | None = None, api_key: str | None = None, request_timeout: Timeout = UNSET
+    ) -> builtins.list[PoolInfo]:
+        """Statistics of every warm pool on the daemon."""
+        http = _AsyncHttp(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
+        try:
+            return [PoolInfo.from_json(d) for d in (await http.send(rq.list_pools())).json()]
+        finally:
+            await http.aclose()
+
+    @staticmethod
+    async def get_pool(
+        template: str, *, base_url: str | None = None, api_key: str | None = None, request_timeout: Timeout = UNSET
+    ) -> PoolInfo:
+        """Statistics of the warm pool of ``template`` (NotFoundError if it has none)."""
+        http = _AsyncHttp(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
+        try:
+            return PoolInfo.from_json((await http.send(rq.get_pool(template))).json())
+        finally:
+            await http.aclose()
+
+    @staticmethod
+    async def configure_pool(
+        template: str,
+        *,
+        min_size: int | None = None,
+        max_size: int | None = None,
+        target_free: int | None = None,
+        max_memory_mb: int | None = None,
+        max_parallel_boots: int | None = None,
+        reuse: bool | None = None,
+        cpu: float | None = None,
+        memory_mb: int | None = None,
+        pids: int | None = None,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        request_timeout: Timeout = UNSET,
+    ) -> PoolInfo:
+        """Create or replace the warm pool of ``template``, live. Settings not given take the daemon's defaults.
+
+        Creates with the pool's ``cpu``/``memory_mb``/``pids`` are served from it.
+        """
+        settings = {
+            "min_size": min_size, "max_size": max_size, "target_free": target_free, "max_memory_mb": max_memory_mb,
+            "max_parallel_boots": max_parallel_boots, "reuse": reuse, "cpu": cpu, "memory_mb": memory_mb,
+            "pids": pids,
+        }  # fmt: skip
+        http = _AsyncHttp(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
+        try:
+            return PoolInfo.from_json((await http.send(rq.configure_pool(template, settings))).json())
+        finally:
+            await http.aclose()
+
+    @staticmethod
+    async def remove_pool(
+        template: str, *, base_url: str | None = None, api_key: str | None = None, request_timeout: Timeout = UNSET
+    ) -> None:
+        """Remove the warm pool of ``template``; its ready members are destroyed (claimed sandboxes stay)."""
+        http = _AsyncHttp(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
+        try:
+            await http.send(rq.remove_pool(template))
+        finally:
+            await http.aclose()
+
+    # -- snapshots, forks, reset -------------------------------------------------------------------
+    async def create_snapshot(self, *, name: str | None = None, request_timeout: Timeout = UNSET) -> SnapshotInfo:
+        """Capture the sandbox's files (frozen meanwhile, then thawed) into an immutable snapshot."""
+        resp = await self._http.send(rq.create_snapshot(self.sandbox_id, name), request_timeout=request_timeout)
+        return SnapshotInfo.from_json(resp.json())
+
+    async def fork(
+        self, *, count: int = 1, request_timeout: Timeout = UNSET
+    ) -> builtins.list[AsyncSandbox | SandboxError]:
+        """``count`` new sandboxes continuing from this one's current files (not its processes, on containers).
+
+        One entry per child, in order: an :class:`AsyncSandbox` or the exception that child met."""
+        body = (await self._http.send(rq.fork(self.sandbox_id, count), request_timeout=request_timeout)).json()
+        return [
+            r if isinstance(r, SandboxError) else AsyncSandbox(SandboxInfo.from_json(r), _AsyncHttp(self._http.config))
+            for r in rq.parse_fork(body)
+        ]
+
+    async def reset(self, snapshot: str | None = None, *, request_timeout: Timeout = UNSET) -> SandboxInfo:
+        """Back to its template (or to ``snapshot``): processes, files and /tmp are discarded; same id."""
+        resp = await self._http.send(rq.reset(self.sandbox_id, snapshot), request_timeout=request_timeout)
+        self._info = SandboxInfo.from_json(resp.json())
+        return self._info
+
+    @staticmethod
+    async def snapshots(
+        *, base_url: str | None = None, api_key: str | None = None, request_timeout: Timeout = UNSET
+    ) -> builtins.list[SnapshotInfo]:
+        http = _AsyncHttp(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
+        try:
+            return [SnapshotInfo.from_json(d) for d in (await http.send(rq.list_snapshots())).json()]
+        finally:
+            await http.aclose()
+
+    @staticmethod
+    async def get_snapshot(
+        snapshot: str, *, base_url: str | None = None, api_key: str | None = None, request_timeout: Timeout = UNSET
+    ) -> SnapshotInfo:
+        http = _AsyncHttp(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
+        try:
+            return SnapshotInfo.from_json((await http.send(rq.get_snapshot(snapshot))).json())
+        finally:
+            await http.aclose()
+
+    @staticmethod
+    async def delete_snapshot(
+        snapshot: str, *, base_url: str | None = None, api_key: str | None = None, request_timeout: Timeout = UNSET
+    ) -> None:
+        """Delete a snapshot (sandboxes made from it keep working)."""
+        http = _AsyncHttp(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
+        try:
+            await http.send(rq.delete_snapshot(snapshot))
         finally:
             await http.aclose()
 

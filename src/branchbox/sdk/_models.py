@@ -140,3 +140,111 @@ class TemplateInfo:
             source=d.get("source", ""),
             workdir=d.get("workdir", "/"),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSettings:
+    """The settings of a warm pool (see ``Sandbox.configure_pool``)."""
+
+    min_size: int = 0
+    max_size: int = 8
+    target_free: int = 2
+    max_memory_mb: int | None = None
+    max_parallel_boots: int = 2
+    reuse: bool = False
+    cpu: float = 1.0
+    memory_mb: int = 512
+    pids: int = 1024
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> PoolSettings:
+        mem = d.get("max_memory_mb")
+        return cls(
+            min_size=int(d.get("min_size", 0)),
+            max_size=int(d.get("max_size", 8)),
+            target_free=int(d.get("target_free", 2)),
+            max_memory_mb=None if mem is None else int(mem),
+            max_parallel_boots=int(d.get("max_parallel_boots", 2)),
+            reuse=bool(d.get("reuse", False)),
+            cpu=float(d.get("cpu", 1.0)),
+            memory_mb=int(d.get("memory_mb", 512)),
+            pids=int(d.get("pids", 1024)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PoolInfo:
+    """Statistics of one warm pool at the time of the call."""
+
+    template: str
+    ready: int
+    booting: int
+    claimed: int
+    hits: int
+    misses: int
+    target: int
+    settings: PoolSettings
+    boots: int = 0
+    boot_failures: int = 0
+    replaced: int = 0
+    recycled: int = 0
+    claim_p50_ms: float | None = None
+    claim_p99_ms: float | None = None
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> PoolInfo:
+        def opt(key: str) -> float | None:
+            v = d.get(key)
+            return None if v is None else float(v)
+
+        return cls(
+            template=d["template"],
+            ready=int(d["ready"]),
+            booting=int(d["booting"]),
+            claimed=int(d["claimed"]),
+            hits=int(d["hits"]),
+            misses=int(d["misses"]),
+            target=int(d.get("target", 0)),
+            settings=PoolSettings.from_json(d.get("config") or {}),
+            boots=int(d.get("boots", 0)),
+            boot_failures=int(d.get("boot_failures", 0)),
+            replaced=int(d.get("replaced", 0)),
+            recycled=int(d.get("recycled", 0)),
+            claim_p50_ms=opt("claim_p50_ms"),
+            claim_p99_ms=opt("claim_p99_ms"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotInfo:
+    """An immutable capture of a sandbox's files; restore it with ``Sandbox.create(snapshot=...)``."""
+
+    snapshot_id: str
+    name: str | None
+    sandbox_id: str | None
+    template_id: str
+    created_at: datetime
+    layers: list[str] = field(default_factory=list)
+    driver: str = ""
+    size_bytes: int | None = None
+    files: int | None = None
+    template_digest: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> SnapshotInfo:
+        created = _dt(d["created_at"])
+        assert created is not None
+        return cls(
+            snapshot_id=d["snapshot_id"],
+            name=d.get("name"),
+            sandbox_id=d.get("sandbox_id"),
+            template_id=d.get("template_id", ""),
+            created_at=created,
+            layers=list(d.get("layers") or []),
+            driver=d.get("driver", ""),
+            size_bytes=d.get("size_bytes"),
+            files=d.get("files"),
+            template_digest=d.get("template_digest", ""),
+            timings={k: float(v) for k, v in (d.get("timings") or {}).items()},
+        )

@@ -48,6 +48,7 @@ def create_sandbox(
     pids: int | None,
     backend: str | None,
     hostname: str | None,
+    snapshot: str | None = None,
 ) -> Req:
     body = _drop_none(
         {
@@ -60,8 +61,11 @@ def create_sandbox(
             "pids": pids,
             "backend": backend,
             "hostname": hostname,
+            "snapshot": snapshot,
         }
     )
+    if snapshot is not None and template == "default":
+        body.pop("template")  # a restore takes the snapshot's template
     return Req("POST", "/v1/sandboxes", json=body)
 
 
@@ -164,6 +168,71 @@ def rename(sandbox_id: str, src: str, dst: str) -> Req:
 
 def list_templates() -> Req:
     return Req("GET", "/v1/templates")
+
+
+def _pool(template: str) -> str:
+    if not template:
+        raise ValueError("template must not be empty")
+    return "/v1/pools/" + quote(template, safe="")
+
+
+def list_pools() -> Req:
+    return Req("GET", "/v1/pools")
+
+
+def get_pool(template: str) -> Req:
+    return Req("GET", _pool(template))
+
+
+def configure_pool(template: str, settings: Mapping[str, Any]) -> Req:
+    """PUT semantics: settings left out (None) take the daemon's defaults."""
+    return Req("PUT", _pool(template), json=_drop_none(settings))
+
+
+def remove_pool(template: str) -> Req:
+    return Req("DELETE", _pool(template))
+
+
+def _snap(ref: str) -> str:
+    if not ref:
+        raise ValueError("snapshot id or name must not be empty")
+    return "/v1/snapshots/" + quote(ref, safe="")
+
+
+def create_snapshot(sandbox_id: str, name: str | None) -> Req:
+    return Req("POST", _sbx(sandbox_id) + "/snapshots", json=_drop_none({"name": name}))
+
+
+def list_snapshots() -> Req:
+    return Req("GET", "/v1/snapshots")
+
+
+def get_snapshot(ref: str) -> Req:
+    return Req("GET", _snap(ref))
+
+
+def delete_snapshot(ref: str) -> Req:
+    return Req("DELETE", _snap(ref))
+
+
+def fork(sandbox_id: str, count: int) -> Req:
+    return Req("POST", _sbx(sandbox_id) + "/fork", json={"count": count})
+
+
+def reset(sandbox_id: str, snapshot: str | None) -> Req:
+    return Req("POST", _sbx(sandbox_id) + "/reset", json=_drop_none({"snapshot": snapshot}))
+
+
+def parse_fork(body: Any) -> list[dict[str, Any] | SandboxError]:
+    """One entry per child: the sandbox's JSON, or the SDK exception for the error that child met."""
+    out: list[dict[str, Any] | SandboxError] = []
+    for r in body["results"]:
+        if r.get("sandbox") is not None:
+            out.append(r["sandbox"])
+        else:
+            err = r.get("error") or {}
+            out.append(error_for(str(err.get("code", "internal")), str(err.get("message", "fork failed"))))
+    return out
 
 
 def health() -> Req:

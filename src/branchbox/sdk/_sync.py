@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -26,7 +27,16 @@ from branchbox.sdk._errors import (
     SandboxNotFoundError,
     TimeoutException,
 )
-from branchbox.sdk._models import CommandResult, EntryInfo, ProcessInfo, SandboxInfo, TemplateInfo
+from branchbox.sdk._models import (
+    CommandResult,
+    EntryInfo,
+    PoolInfo,
+    ProcessInfo,
+    SandboxInfo,
+    SnapshotInfo,
+    TemplateInfo,
+)
+from branchbox.sdk._wire import Reply, shared_wire
 
 CHUNK = 256 * 1024
 Timeout = float | None | _Unset
@@ -34,32 +44,52 @@ OutputCallback = Callable[[str], object]
 
 
 class _Http:
-    """One httpx client per sandbox object (keep-alive connections)."""
+    """Per sandbox object: the process-wide keep-alive connections to its daemon for small JSON requests
+    (:func:`shared_wire`) and its own httpx client for streams and queries."""
 
     def __init__(self, config: ConnectionConfig) -> None:
         self.config = config
-        self.client = httpx.Client(
-            base_url=config.base_url,
-            headers=config.headers(),
-            timeout=config.request_timeout,
-            verify=default_ssl_context(),
-        )
+        self.wire = shared_wire(config)
+        self._client: httpx.Client | None = None
+        self._closed = False
+
+    @property
+    def client(self) -> httpx.Client:
+        """The httpx client, made on first use (most sandbox objects never stream)."""
+        if self._closed:
+            raise RuntimeError("this sandbox object was closed: connect again with Sandbox.connect()")
+        if self._client is None:
+            self._client = httpx.Client(
+                base_url=self.config.base_url,
+                headers=self.config.headers(),
+                timeout=self.config.request_timeout,
+                verify=default_ssl_context(),
+            )
+        return self._client
 
     def _timeout(self, req: rq.Req, request_timeout: Timeout) -> float | None:
         if not req.use_default_timeout:
             return req.timeout
         return self.config.with_timeout(request_timeout).request_timeout
 
-    def send(self, req: rq.Req, *, request_timeout: Timeout = UNSET, content: Any = None) -> httpx.Response:
+    def send(self, req: rq.Req, *, request_timeout: Timeout = UNSET, content: Any = None) -> httpx.Response | Reply:
         try:
-            resp = self.client.request(
-                req.method,
-                req.path,
-                params=req.params or None,
-                json=req.json,
-                content=content,
-                timeout=self._timeout(req, request_timeout),
-            )
+            if self._closed:
+                raise RuntimeError("this sandbox object was closed: connect again with Sandbox.connect()")
+            if content is None and not req.params:
+                body = None if req.json is None else json.dumps(req.json, separators=(",", ":")).encode("utf-8")
+                resp: httpx.Response | Reply = self.wire.request(
+                    req.method, req.path, body, self._timeout(req, request_timeout)
+                )
+            else:
+                resp = self.client.request(
+                    req.method,
+                    req.path,
+                    params=req.params or None,
+                    json=req.json,
+                    content=content,
+                    timeout=self._timeout(req, request_timeout),
+                )
         except httpx.TimeoutException as exc:
             raise TimeoutException(
                 f"{req.method} {req.path} timed out: pass request_timeout= or set BRANCHBOX_REQUEST_TIMEOUT",
@@ -109,7 +139,9 @@ class _Http:
         return ws.__enter__()  # entered here: the handle owns it (and may outlive a with-block)
 
     def close(self) -> None:
-        self.client.close()
+        self._closed = True
+        if self._client is not None:
+            self._client.close()
 
 
 def _consume(
@@ -532,11 +564,14 @@ class Sandbox:
         pids: int | None = None,
         backend: str | None = None,
         hostname: str | None = None,
+        snapshot: str | None = None,
         base_url: str | None = None,
         api_key: str | None = None,
         request_timeout: Timeout = UNSET,
     ) -> Sandbox:
-        """Create a sandbox. ``timeout`` is its lifetime in seconds (None: the daemon's default)."""
+        """Create a sandbox. ``timeout`` is its lifetime in seconds (None: the daemon's default).
+
+        ``snapshot`` (id or name) restores that snapshot into the new sandbox (its template wins)."""
         http = _Http(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
         try:
             req = rq.create_sandbox(
@@ -549,6 +584,7 @@ class Sandbox:
                 pids=pids,
                 backend=backend,
                 hostname=hostname,
+                snapshot=snapshot,
             )
             info = SandboxInfo.from_json(http.send(req).json())
         except BaseException:
@@ -601,6 +637,125 @@ class Sandbox:
         finally:
             http.close()
 
+    # -- warm pools (daemon-wide, like list/templates) ------------------------------------------
+    @staticmethod
+    def pools(
+        *, base_url: str | None = None, api_key: str | None = None, request_timeout: Timeout = UNSET
+    ) -> builtins.list[PoolInfo]:
+        """Statistics of every warm pool on the daemon."""
+        http = _Http(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
+        try:
+            return [PoolInfo.from_json(d) for d in http.send(rq.list_pools()).json()]
+        finally:
+            http.close()
+
+    @staticmethod
+    def get_pool(
+        template: str, *, base_url: str | None = None, api_key: str | None = None, request_timeout: Timeout = UNSET
+    ) -> PoolInfo:
+        """Statistics of the warm pool of ``template`` (NotFoundError if it has none)."""
+        http = _Http(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
+        try:
+            return PoolInfo.from_json(http.send(rq.get_pool(template)).json())
+        finally:
+            http.close()
+
+    @staticmethod
+    def configure_pool(
+        template: str,
+        *,
+        min_size: int | None = None,
+        max_size: int | None = None,
+        target_free: int | None = None,
+        max_memory_mb: int | None = None,
+        max_parallel_boots: int | None = None,
+        reuse: bool | None = None,
+        cpu: float | None = None,
+        memory_mb: int | None = None,
+        pids: int | None = None,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        request_timeout: Timeout = UNSET,
+    ) -> PoolInfo:
+        """Create or replace the warm pool of ``template``, live. Settings not given take the daemon's defaults.
+
+        Creates with the pool's ``cpu``/``memory_mb``/``pids`` are served from it.
+        """
+        settings = {
+            "min_size": min_size, "max_size": max_size, "target_free": target_free, "max_memory_mb": max_memory_mb,
+            "max_parallel_boots": max_parallel_boots, "reuse": reuse, "cpu": cpu, "memory_mb": memory_mb,
+            "pids": pids,
+        }  # fmt: skip
+        http = _Http(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
+        try:
+            return PoolInfo.from_json(http.send(rq.configure_pool(template, settings)).json())
+        finally:
+            http.close()
+
+    @staticmethod
+    def remove_pool(
+        template: str, *, base_url: str | None = None, api_key: str | None = None, request_timeout: Timeout = UNSET
+    ) -> None:
+        """Remove the warm pool of ``template``; its ready members are destroyed (claimed sandboxes stay)."""
+        http = _Http(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
+        try:
+            http.send(rq.remove_pool(template))
+        finally:
+            http.close()
+
+    # -- snapshots, forks, reset -------------------------------------------------------------------
+    def create_snapshot(self, *, name: str | None = None, request_timeout: Timeout = UNSET) -> SnapshotInfo:
+        """Capture the sandbox's files (frozen meanwhile, then thawed) into an immutable snapshot."""
+        resp = self._http.send(rq.create_snapshot(self.sandbox_id, name), request_timeout=request_timeout)
+        return SnapshotInfo.from_json(resp.json())
+
+    def fork(self, *, count: int = 1, request_timeout: Timeout = UNSET) -> builtins.list[Sandbox | SandboxError]:
+        """``count`` new sandboxes continuing from this one's current files (not its processes, on containers).
+
+        One entry per child, in order: a :class:`Sandbox` or the exception that child met."""
+        body = self._http.send(rq.fork(self.sandbox_id, count), request_timeout=request_timeout).json()
+        return [
+            r if isinstance(r, SandboxError) else Sandbox(SandboxInfo.from_json(r), _Http(self._http.config))
+            for r in rq.parse_fork(body)
+        ]
+
+    def reset(self, snapshot: str | None = None, *, request_timeout: Timeout = UNSET) -> SandboxInfo:
+        """Back to its template (or to ``snapshot``): processes, files and /tmp are discarded; same id."""
+        resp = self._http.send(rq.reset(self.sandbox_id, snapshot), request_timeout=request_timeout)
+        self._info = SandboxInfo.from_json(resp.json())
+        return self._info
+
+    @staticmethod
+    def snapshots(
+        *, base_url: str | None = None, api_key: str | None = None, request_timeout: Timeout = UNSET
+    ) -> builtins.list[SnapshotInfo]:
+        http = _Http(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
+        try:
+            return [SnapshotInfo.from_json(d) for d in http.send(rq.list_snapshots()).json()]
+        finally:
+            http.close()
+
+    @staticmethod
+    def get_snapshot(
+        snapshot: str, *, base_url: str | None = None, api_key: str | None = None, request_timeout: Timeout = UNSET
+    ) -> SnapshotInfo:
+        http = _Http(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
+        try:
+            return SnapshotInfo.from_json(http.send(rq.get_snapshot(snapshot)).json())
+        finally:
+            http.close()
+
+    @staticmethod
+    def delete_snapshot(
+        snapshot: str, *, base_url: str | None = None, api_key: str | None = None, request_timeout: Timeout = UNSET
+    ) -> None:
+        """Delete a snapshot (sandboxes made from it keep working)."""
+        http = _Http(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
+        try:
+            http.send(rq.delete_snapshot(snapshot))
+        finally:
+            http.close()
+
     def get_info(self, *, request_timeout: Timeout = UNSET) -> SandboxInfo:
         self._info = SandboxInfo.from_json(
             self._http.send(rq.get_sandbox(self.sandbox_id), request_timeout=request_timeout).json()
@@ -639,7 +794,8 @@ class Sandbox:
         return True
 
     def close(self) -> None:
-        """Close HTTP connections (the sandbox keeps running)."""
+        """Release HTTP connections (the sandbox keeps running). Idle keep-alive connections stay pooled per
+        daemon for the next sandbox object of this process."""
         self._http.close()
 
     def __enter__(self) -> Sandbox:

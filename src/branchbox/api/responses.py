@@ -1,0 +1,19 @@
+"""The fast path for JSON responses: serialise a response model once, in pydantic-core, and hand FastAPI a
+finished ``Response`` (it then skips re-validating and re-encoding the return value). Routes keep their
+``response_model=`` so the OpenAPI document still describes the body."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+from starlette.responses import Response
+
+_JSON = "application/json"
+
+
+class JsonResponse(Response):
+    media_type = _JSON
+
+
+def json_response(model: BaseModel, status_code: int = 200) -> Response:
+    """One model -> a JSON response (pydantic's JSON mode: datetimes as ISO 8601, enums as values)."""
+    return JsonResponse(model.__pydantic_serializer__.to_json(model), status_code=status_code)

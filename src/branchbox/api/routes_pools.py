@@ -1,0 +1,47 @@
+"""Warm pools: ``/v1/pools`` (statistics, live configuration)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Response
+
+from branchbox.api.context import Ctx
+from branchbox.api.schemas import PoolResponse, PoolSettings
+from branchbox.errors import NotFoundError
+
+router = APIRouter(tags=["pools"])
+Template = Annotated[str, Path(min_length=1, max_length=255, description="Template name.")]
+
+
+@router.get("/v1/pools", response_model=list[PoolResponse], summary="List warm pools")
+async def list_pools(ctx: Ctx) -> list[PoolResponse]:
+    return [PoolResponse.of(s) for s in ctx.manager.pool_statistics()]
+
+
+@router.get("/v1/pools/{template}", response_model=PoolResponse, summary="Get one warm pool")
+async def get_pool(template: Template, ctx: Ctx) -> PoolResponse:
+    for s in ctx.manager.pool_statistics():
+        if s.template == template:
+            return PoolResponse.of(s)
+    raise NotFoundError(f"there is no warm pool for template {template!r}: PUT /v1/pools/{template} makes one")
+
+
+@router.put(
+    "/v1/pools/{template}",
+    response_model=PoolResponse,
+    summary="Create or change a warm pool",
+    description="Replaces the pool's settings live (fields left out take their defaults). Ready members that no "
+    "longer fit (other resources, above the new target) are destroyed; missing ones boot in the background.",
+)
+async def put_pool(template: Template, body: PoolSettings, ctx: Ctx) -> PoolResponse:
+    stats = await ctx.manager.configure_pool(body.config(template))
+    ctx.log.info("pool.configured", template=template, **body.model_dump())
+    return PoolResponse.of(stats)
+
+
+@router.delete("/v1/pools/{template}", status_code=204, response_class=Response, summary="Remove a warm pool")
+async def delete_pool(template: Template, ctx: Ctx) -> Response:
+    await ctx.manager.remove_pool(template)
+    ctx.log.info("pool.removed", template=template)
+    return Response(status_code=204)
