@@ -50,6 +50,7 @@ class BootSpec:
     workdir: str = "/"
     idmap: IdMap = field(default_factory=IdMap)
     network: bool = False  # False: loopback only
+    background: bool = False  # boot at low CPU priority (warm pool refills must not slow users' sandboxes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +84,9 @@ class Backend(Protocol):
 
     async def wait_exit(self, handle: SandboxHandle) -> None:
         """Return when the sandbox's init has exited (event-driven, no polling)."""
+
+    def foreground(self, handle: SandboxHandle) -> None:
+        """Give a sandbox booted with ``background=True`` normal CPU priority (a pool member being claimed)."""
 
     def set_hostname(self, handle: SandboxHandle, hostname: str) -> None:
         """Change the hostname of a running sandbox (fast: no process, no agent call)."""

@@ -29,6 +29,7 @@ from branchbox.core.timing import PhaseTimer
 from branchbox.errors import BackendError, NotSupportedError, TimeoutError_
 
 PAUSE_TIMEOUT_S = 10.0
+BACKGROUND_NICE = 10  # CPU weight ~1/10 of a normal process: refills yield to users' work
 DESTROY_TIMEOUT_S = 10.0
 ZYGOTE_START_TIMEOUT_S = 30.0
 
@@ -171,6 +172,7 @@ class ContainerBackend:
             "workdir": spec.workdir,
             "env": dict(spec.env),
             "network": spec.network,
+            "nice": BACKGROUND_NICE if spec.background else 0,
         }
         if spec.network:
             raise NotSupportedError("container backend: network access is not supported yet; pass network=False")
@@ -230,6 +232,11 @@ class ContainerBackend:
                 loop.remove_reader(pidfd)
         finally:
             os.close(pidfd)
+
+    def foreground(self, handle: SandboxHandle) -> None:
+        """Back to nice 0: an idle pool member has only its agent, whose children inherit its priority."""
+        with contextlib.suppress(ProcessLookupError):
+            os.setpriority(os.PRIO_PROCESS, handle.pid, 0)
 
     def set_hostname(self, handle: SandboxHandle, hostname: str) -> None:
         """Rename a running sandbox (used when a warm sandbox is claimed): syscalls only, no process."""

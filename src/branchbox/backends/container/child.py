@@ -47,6 +47,7 @@ class BootRequest:
     workdir: str = "/"
     env: dict[str, str] = field(default_factory=dict)
     network: bool = False
+    nice: int = 0  # niceness of the boot and of the idle agent (raised for warm pool refills)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +79,8 @@ def run_holder(req: BootRequest, fds: ChildFds, cgroups: Cgroups, seccomp_bpf: b
         for fd in fds.close:
             with contextlib.suppress(OSError):
                 os.close(fd)
+        if req.nice:
+            os.setpriority(os.PRIO_PROCESS, 0, req.nice)
         step = "join cgroups"
         cgroups.join(req.sandbox_id)
         step = "setgroups"
