@@ -15,7 +15,7 @@ PYTEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 
 APT_PACKAGES := mmdebstrap bubblewrap busybox-static git ca-certificates iproute2 nftables libseccomp2 \
-	python3 python3-venv tar xz-utils zstd
+	python3 python3-venv tar xz-utils zstd btrfs-progs
 BENCH_APT_PACKAGES := docker.io
 
 .PHONY: help setup apt venv template run test test-fast bench lint format clean
@@ -47,7 +47,7 @@ template: apt venv
 	$(BB) template build --default --data-dir $(DATA_DIR)
 
 run: setup
-	$(BB) serve --data-dir $(DATA_DIR)
+	$(BB) serve --config etc/branchbox.toml --data-dir $(DATA_DIR)
 
 test: setup
 	$(PY) -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
