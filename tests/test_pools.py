@@ -162,3 +162,18 @@ async def _until(pred: object) -> None:
     assert callable(pred)
     while not pred():
         await asyncio.sleep(0.01)
+
+
+def _nice(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[16])  # field 19 of proc(5)
+
+
+async def test_members_boot_in_the_background_and_claims_run_at_normal_priority(pooled: Manager) -> None:
+    member = pooled._pools["default"].ready[0]
+    assert _nice(member.handle.pid) > 0  # refills yield the CPU to users' sandboxes
+    sbx = await pooled.create(memory_mb=256)
+    assert sbx.id == member.info.id
+    assert _nice(member.handle.pid) == 0
+    r = await pooled.exec(sbx.id, ["sh", "-c", "cut -d' ' -f19 /proc/self/stat"])
+    assert r.stdout == b"0\n"

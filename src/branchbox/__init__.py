@@ -28,14 +28,25 @@ _LAZY = {
     "ManagerSettings": "branchbox.core.settings",
     "Sandbox": "branchbox.sdk",
     "AsyncSandbox": "branchbox.sdk",
+    "explore": "branchbox.sdk",
+    "aexplore": "branchbox.sdk",
 }
 
-__all__ = ["AsyncSandbox", "BranchboxError", "Manager", "ManagerSettings", "Sandbox", "__version__"]
+__all__ = [
+    "AsyncSandbox",
+    "BranchboxError",
+    "Manager",
+    "ManagerSettings",
+    "Sandbox",
+    "__version__",
+    "aexplore",
+    "explore",
+]
 
 if TYPE_CHECKING:
     from branchbox.core.manager import Manager
     from branchbox.core.settings import ManagerSettings
-    from branchbox.sdk import AsyncSandbox, Sandbox
+    from branchbox.sdk import AsyncSandbox, Sandbox, aexplore, explore
 
 
 def __getattr__(name: str) -> Any:

@@ -14,7 +14,13 @@ pause                  running
 resume                 paused
 set_timeout            running, paused
 destroy                any but destroyed
+snapshot, fork         running, paused (frozen while capturing, then left as it was)
+reset                  running, paused (comes back running)
+create(snapshot=)      (new); list/get/delete_snapshot: any
 =====================  ===========================
+
+Snapshots, restores and forks (container backend: filesystem only, running processes are not copied) are
+described in docs/snapshots.md.
 """
 
 from __future__ import annotations
@@ -24,7 +30,6 @@ import builtins
 import contextlib
 import logging
 import secrets
-import shutil
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -33,6 +38,7 @@ from typing import Any, TypeVar
 
 from branchbox.agent.client import AgentClient, ProcessHandle
 from branchbox.backends.base import Backend, BootSpec, SandboxHandle
+from branchbox.core import snapshots as snaps
 from branchbox.core import validate
 from branchbox.core.events import ManagerEvent, Subscriber
 from branchbox.core.models import (
@@ -42,23 +48,28 @@ from branchbox.core.models import (
     Resources,
     SandboxInfo,
     SandboxState,
+    SnapshotInfo,
     TemplateInfo,
 )
 from branchbox.core.pool import Pool, PoolConfig, PoolStats
 from branchbox.core.settings import ManagerSettings
-from branchbox.core.store import Store
+from branchbox.core.store import LayerRecord, Store
 from branchbox.core.timing import PhaseTimer
 from branchbox.errors import (
     AgentDisconnectedError,
+    BackendError,
     BranchboxError,
+    ConflictError,
     InvalidStateError,
     LimitExceededError,
     NotFoundError,
     NotSupportedError,
     SandboxNotFoundError,
+    SnapshotNotFoundError,
 )
 from branchbox.images.store import TemplateStore
-from branchbox.storage.overlay import prepare_sandbox_dirs, remove_sandbox_dirs
+from branchbox.storage.base import SandboxDirs, StorageDriver
+from branchbox.storage.select import make_driver
 
 log = logging.getLogger("branchbox.manager")
 
@@ -100,8 +111,18 @@ class _Live:
 class Manager:
     """In-process core. Use ``async with Manager.open(settings) as m``."""
 
-    def __init__(self, settings: ManagerSettings, *, backends: Mapping[str, Backend] | None = None) -> None:
+    def __init__(
+        self,
+        settings: ManagerSettings,
+        *,
+        backends: Mapping[str, Backend] | None = None,
+        storage: StorageDriver | str = "auto",
+    ) -> None:
         self.settings = settings
+        self._storage_choice = storage
+        self._storage: StorageDriver | None = None
+        self._gc_task: asyncio.Task[None] | None = None
+        self._gc_again = False
         self.templates = TemplateStore(settings.template_root, settings.idmap)
         self._backends: dict[str, Backend] = dict(backends or {})
         self._store: Store | None = None
@@ -131,6 +152,9 @@ class Manager:
         s = self.settings
         s.data_dir.mkdir(parents=True, exist_ok=True)
         (s.data_dir / "sandboxes").mkdir(exist_ok=True)
+        (s.data_dir / "layers").mkdir(mode=0o711, exist_ok=True)
+        choice = self._storage_choice
+        self._storage = make_driver(choice, s.data_dir) if isinstance(choice, str) else choice
         self._store = Store(s.data_dir / "state.db")
         await self._backend(s.default_backend)
         for cfg in s.pools:
@@ -175,8 +199,11 @@ class Manager:
         metadata: Mapping[str, str] | None = None,
         backend: str | None = None,
         hostname: str | None = None,
+        snapshot: str | None = None,
     ) -> SandboxInfo:
-        """Create a sandbox from a template and return it running. Bad input changes nothing."""
+        """Create a sandbox from a template (or restore ``snapshot``: its template wins) and return it running.
+
+        Bad input changes nothing."""
         timer = PhaseTimer()
         kind = backend or self.settings.default_backend
         try:
@@ -193,11 +220,20 @@ class Manager:
                     raise LimitExceededError(
                         f"{self.settings.max_sandboxes} sandboxes exist already: destroy some or raise max_sandboxes"
                     )
+                if snapshot is not None:
+                    snap = self._snapshot_or_raise(snapshot)
+                    template = snap.template_digest
                 tpl = self.templates.get(template)
                 be = await self._backend(kind)
+                if snapshot is not None:
+                    snap = self._snapshot_or_raise(snapshot)  # again: it may have been deleted meanwhile
         except BranchboxError as exc:
             self._emit(ManagerEvent("error", code=exc.code, operation="create"))
             raise
+        if snapshot is not None:
+            res = Resources(cpu=float(cpu), memory_mb=memory_mb, pids=pids)
+            info = replace(self._new_info(tpl, kind, res, env_, meta, ttl, hostname), source="snapshot")
+            return await self._restore(info, tpl, be, snap, timer)
         pool = self._pools.get(tpl.name) if kind == self.settings.default_backend else None
         if pool is not None and pool.config.matches(cpu, memory_mb, pids):
             member = pool.take()
@@ -250,39 +286,63 @@ class Manager:
         )
 
     async def _boot_live(
-        self, info: SandboxInfo, tpl: TemplateInfo, be: Backend, timer: PhaseTimer, *, pool: str | None = None
+        self,
+        info: SandboxInfo,
+        tpl: TemplateInfo,
+        be: Backend,
+        timer: PhaseTimer,
+        *,
+        pool: str | None = None,
+        lowers: Sequence[str] = (),
+        base: str | None = None,
+        fresh_machine_id: bool = False,
+        existing: bool = False,
     ) -> _Live:
-        """Boot a sandbox for ``info`` and register it (running, watched). On failure nothing is left."""
+        """Boot a sandbox for ``info`` and register it (running, watched). On failure nothing is left.
+
+        ``lowers``: layer ids stacked above the template (topmost first); ``base``: a layer the upper starts as
+        a clone of (drivers that clone); ``existing``: the record exists already (reset)."""
         sid = info.id
         self._creating.add(sid)
         handle: SandboxHandle | None = None
         try:
             with timer.phase("store"):
-                self._db.insert(info, pool=pool)
+                pinned = [base, *lowers] if base is not None else list(lowers)  # nothing frees them meanwhile
+                if existing:
+                    self._db.update(sid, state=info.state, layers=pinned, handle=None, error=None)
+                else:
+                    self._db.insert(info, pool=pool, layers=pinned)
+                lower_paths = [self._lower_path(lid) for lid in lowers]
+                base_path = None if base is None else self._layer_path(base)
             with timer.phase("dirs"):
-                upper, work, run = prepare_sandbox_dirs(self._sandbox_dir(sid), self.settings.idmap)
+                root = self.templates.rootfs(tpl.digest)
+                dirs = await self._prepare_dirs(sid, base_path, [*lower_paths, root], fresh_machine_id)
             spec = BootSpec(
                 sandbox_id=sid,
-                layers=[self.templates.rootfs(tpl.digest)],
-                upper_dir=upper,
-                work_dir=work,
-                run_dir=run,
+                layers=[*lower_paths, root],
+                upper_dir=dirs.upper,
+                work_dir=dirs.work,
+                run_dir=dirs.run,
                 hostname=info.hostname,
                 resources=info.resources,
                 env={**tpl.env, **info.env},
                 workdir=tpl.workdir,
                 idmap=self.settings.idmap,
+                background=pool is not None,
             )
             handle = await be.boot(spec, timer)
             with timer.phase("agent_connect"):
                 agent = await AgentClient.connect(handle.agent_socket, timeout=self.settings.agent_connect_timeout)
             info = replace(info, state=SandboxState.RUNNING, timings=timer.as_dict())
-            self._db.update(sid, state=info.state, handle=handle, timings=info.timings)
+            if base is not None:  # the upper is a clone of base now: only the lowers are used
+                self._db.update(sid, state=info.state, handle=handle, timings=info.timings, layers=list(lowers))
+            else:
+                self._db.update(sid, state=info.state, handle=handle, timings=info.timings)
         except BaseException:
             self._creating.discard(sid)
             await self._cleanup(sid, info.backend, handle)
             with contextlib.suppress(Exception):
-                self._db.delete(sid)
+                self._forget(sid)
             raise
         self._creating.discard(sid)
         live = _Live(info=info, handle=handle, agent=agent, backend=be, pooled=pool)
@@ -302,6 +362,7 @@ class Manager:
     ) -> SandboxInfo:
         """The fast path: personalise a ready pool member in at most one agent round trip."""
         with timer.phase("claim"):
+            live.backend.foreground(live.handle)
             if env:
                 await live.agent.configure(env=env)
             if hostname is not None and hostname != live.info.hostname:
@@ -390,7 +451,7 @@ class Manager:
                 raise SandboxNotFoundError(f"sandbox {sandbox_id!r} does not exist (it may have been destroyed)")
             # a dead sandbox (state error/stopped) whose record is kept for inspection
             await self._cleanup(sandbox_id, rec.info.backend, rec.handle)
-            self._db.delete(sandbox_id)
+            self._forget(sandbox_id)
             return
         await self._destroy(sandbox_id)
         self._emit(ManagerEvent("destroy", sandbox_id, live.info.backend, seconds=time.perf_counter() - t0))
@@ -406,7 +467,7 @@ class Manager:
             await self._cleanup(sandbox_id, live.info.backend, live.handle)
         finally:
             self._live.pop(sandbox_id, None)
-            self._db.delete(sandbox_id)
+            self._forget(sandbox_id)
             self._emit_counts()
             pool = self._pools.get(live.from_pool) if live.from_pool else None
             if pool is not None:
@@ -520,6 +581,328 @@ class Manager:
         live = self._require(sandbox_id, SandboxState.RUNNING)
         return await self._agent_call(live, live.agent.rename(src, dst))
 
+    # ------------------------------------------------------------------ snapshots, restores, forks, reset
+    async def snapshot(self, sandbox_id: str, *, name: str | None = None) -> SnapshotInfo:
+        """Capture the sandbox's files as an immutable, durable snapshot. The sandbox keeps running."""
+        timer = PhaseTimer()
+        name = snaps.snapshot_name(name)
+        live = self._require(sandbox_id, SandboxState.RUNNING, SandboxState.PAUSED)
+        if name is not None and self._db.get_snapshot(name, hidden=True) is not None:
+            raise ConflictError(f"a snapshot named {name!r} exists already: pick another name or delete it first")
+        snap = await self._capture(live, name, timer, hidden=False)
+        self._emit(ManagerEvent("snapshot", sandbox_id, live.info.backend, seconds=timer.total_ms / 1e3,
+                                timings=snap.timings))  # fmt: skip
+        return snap
+
+    async def list_snapshots(self) -> builtins.list[SnapshotInfo]:
+        return self._db.snapshots()
+
+    async def get_snapshot(self, id_or_name: str) -> SnapshotInfo:
+        return self._snapshot_or_raise(id_or_name)
+
+    async def delete_snapshot(self, id_or_name: str) -> None:
+        """Delete a snapshot; its layers go once no other snapshot or sandbox uses them (children keep theirs)."""
+        snap = self._snapshot_or_raise(id_or_name)
+        with self._db.durable():
+            self._db.delete_snapshot(snap.id)
+        self._schedule_gc()
+
+    async def fork(self, sandbox_id: str, count: int = 1) -> builtins.list[SandboxInfo | BranchboxError]:
+        """``count`` new sandboxes continuing from the sandbox's current files (not its processes).
+
+        Returns one result per child, in order: its SandboxInfo or the error that child met."""
+        timer = PhaseTimer()
+        live = self._require(sandbox_id, SandboxState.RUNNING, SandboxState.PAUSED)
+        if not live.backend.capabilities.fork:
+            raise NotSupportedError(f"backend {live.backend.name} cannot fork sandboxes")
+        snaps.fork_count(count, self.settings.max_sandboxes - len(self._live) - len(self._creating))
+        snap = await self._capture(live, None, timer, hidden=True)
+        snap_ms = timer.total_ms
+        parent = live.info
+        ttl = validate.timeout(None, default=self.settings.default_timeout, maximum=self.settings.max_timeout)
+
+        async def child() -> SandboxInfo:
+            t = PhaseTimer()
+            t.add("snapshot", snap_ms)
+            tpl = self.templates.get(snap.template_digest)
+            info = replace(
+                self._new_info(tpl, parent.backend, parent.resources, parent.env, parent.metadata, ttl, None),
+                source="fork",
+            )
+            return await self._restore(info, tpl, live.backend, snap, t)
+
+        try:
+            results = await asyncio.gather(*(child() for _ in range(count)), return_exceptions=True)
+        finally:
+            self._db.delete_snapshot(snap.id)  # the children's records keep the layers they use
+            self._schedule_gc()
+        out: builtins.list[SandboxInfo | BranchboxError] = []
+        for r in results:
+            if isinstance(r, BranchboxError | SandboxInfo):
+                out.append(r)
+            elif isinstance(r, asyncio.CancelledError):
+                raise r
+            else:
+                out.append(BackendError(f"fork child of {sandbox_id} failed: {r!r}"))
+        ok = sum(isinstance(r, SandboxInfo) for r in out)
+        self._emit(ManagerEvent("fork", sandbox_id, parent.backend, outcome="ok" if ok == count else "error",
+                                seconds=timer.total_ms / 1e3))  # fmt: skip
+        return out
+
+    async def reset(self, sandbox_id: str, snapshot: str | None = None) -> SandboxInfo:
+        """Back to its template (or to ``snapshot``), keeping id, hostname, env, metadata and TTL.
+
+        Processes, the upper layer and /tmp are discarded and the sandbox boots again; it comes back running.
+        If that boot fails the sandbox is gone (its record is removed) and the error is raised."""
+        timer = PhaseTimer()
+        live = self._require(sandbox_id, SandboxState.RUNNING, SandboxState.PAUSED)
+        snap = None if snapshot is None else self._snapshot_or_raise(snapshot)
+        tpl = self.templates.get(snap.template_digest if snap is not None else live.info.template_digest)
+        async with live.lock:
+            if live.destroying:
+                raise InvalidStateError(f"sandbox {sandbox_id} is being destroyed", state=live.info.state.value)
+            live.destroying = True
+            self._cancel_timers(live)
+            self._creating.add(sandbox_id)
+            # pin the chain to boot on in the record now: nothing can free those layers during the teardown
+            chain = list(snap.layers) if snap is not None else []
+            self._db.update(sandbox_id, state=SandboxState.CREATING, layers=chain)
+            with timer.phase("teardown"):
+                self._live.pop(sandbox_id, None)
+                await live.agent.aclose()
+                await self._cleanup(sandbox_id, live.info.backend, live.handle)
+        info = replace(live.info, state=SandboxState.CREATING, timings={}, error=None)
+        if snap is not None:
+            new = await self._boot_chain(info, tpl, live.backend, snap.layers, timer, existing=True)
+        else:
+            new = await self._boot_live(info, tpl, live.backend, timer, existing=True)
+        new.from_pool = live.from_pool
+        self._schedule_expiry(new)
+        self._emit_counts()
+        return new.info
+
+    async def wait_background(self) -> None:
+        """Wait until background work started so far (layer removal, flattening, size measurement) is done."""
+        while pending := [t for t in self._background if not t.done()]:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    def _snapshot_or_raise(self, id_or_name: str) -> SnapshotInfo:
+        snap = self._db.get_snapshot(id_or_name)
+        if snap is None:
+            raise SnapshotNotFoundError(f"snapshot {id_or_name!r} does not exist: list them with list_snapshots()")
+        return snap
+
+    async def _capture(self, live: _Live, name: str | None, timer: PhaseTimer, *, hidden: bool) -> SnapshotInfo:
+        """Freeze the sandbox, turn its upper into a durable layer, thaw; record layer + snapshot durably."""
+        sid = live.info.id
+        async with live.lock:
+            if live.destroying or live.info.state not in (SandboxState.RUNNING, SandboxState.PAUSED):
+                raise InvalidStateError(f"sandbox {sid} is {live.info.state.value}", state=live.info.state.value)
+            rec = self._db.get(sid)
+            lowers = rec.layers if rec is not None else ()
+            lid = snaps.new_layer_id()
+            dest = self._layer_path(lid)
+            running = live.info.state is SandboxState.RUNNING
+            with timer.phase("freeze"):
+                if running:
+                    await live.backend.pause(live.handle)
+            try:
+                with timer.phase("capture"):
+                    upper = self._driver.upper_dir(self._sandbox_dir(sid))
+                    layer = await asyncio.to_thread(self._driver.freeze_upper, upper, dest)
+            except BaseException as exc:
+                await asyncio.to_thread(self._driver.remove_layer, dest)
+                if live.destroying:
+                    raise SandboxNotFoundError(f"sandbox {sid} was destroyed during the snapshot") from exc
+                raise
+            finally:
+                if running and not live.destroying:
+                    with timer.phase("thaw"):
+                        await live.backend.resume(live.handle)
+            if live.destroying:  # destroyed meanwhile: its lowers may be freed already
+                await asyncio.to_thread(self._driver.remove_layer, dest)
+                raise SandboxNotFoundError(f"sandbox {sid} was destroyed during the snapshot")
+        now = time.time()
+        snap = SnapshotInfo(
+            id=snaps.new_snapshot_id(),
+            name=name,
+            sandbox_id=sid,
+            template=live.info.template,
+            template_digest=live.info.template_digest,
+            created_at=now,
+            layers=(lid, *lowers),
+            driver=self._driver.name,
+            size_bytes=layer.size_bytes,
+            files=layer.files,
+        )
+        try:
+            with timer.phase("store"), self._db.durable():
+                self._db.insert_layer(LayerRecord(lid, dest, lowers[0] if lowers else None, self._driver.name,
+                                                  layer.size_bytes, layer.files, now))  # fmt: skip
+                self._db.insert_snapshot(replace(snap, timings=timer.as_dict()), hidden=hidden)
+        except Exception as exc:
+            await asyncio.to_thread(self._driver.remove_layer, dest)
+            if name is not None and self._db.get_snapshot(name, hidden=True) is not None:
+                raise ConflictError(f"a snapshot named {name!r} exists already: pick another name") from exc
+            raise
+        if layer.size_bytes is None:
+            self._spawn_bg(self._measure(lid, dest))
+        if not hidden and len(snap.layers) > snaps.FLATTEN_DEPTH:
+            self._spawn_bg(self._flatten_bg(snap))
+        return replace(snap, timings=timer.as_dict())
+
+    async def _restore(
+        self, info: SandboxInfo, tpl: TemplateInfo, be: Backend, snap: SnapshotInfo, timer: PhaseTimer
+    ) -> SandboxInfo:
+        """Boot a new sandbox on a fresh upper over ``snap``'s chain, with a fresh machine-id."""
+        try:
+            live = await self._boot_chain(info, tpl, be, snap.layers, timer)
+        except BaseException as exc:
+            code = exc.code if isinstance(exc, BranchboxError) else "internal"
+            self._emit(ManagerEvent("create", info.id, info.backend, info.source, "error", timer.total_ms / 1e3,
+                                    code=code))  # fmt: skip
+            raise
+        self._schedule_expiry(live)
+        self._emit(ManagerEvent("create", info.id, info.backend, "snapshot", "ok", timer.total_ms / 1e3,
+                                timings=live.info.timings))  # fmt: skip
+        self._emit_counts()
+        return live.info
+
+    async def _boot_chain(
+        self,
+        info: SandboxInfo,
+        tpl: TemplateInfo,
+        be: Backend,
+        chain: Sequence[str],
+        timer: PhaseTimer,
+        *,
+        existing: bool = False,
+    ) -> _Live:
+        """Boot on a chain of layers (topmost first); a driver that clones starts the upper as the top layer."""
+        if len(chain) > snaps.MAX_CHAIN:
+            with timer.phase("flatten"):
+                chain = [await self._flatten_now(chain)]
+        if self._driver.clones_layers and chain:
+            base, lowers = chain[0], list(chain[1:])
+        else:
+            base, lowers = None, list(chain)
+        return await self._boot_live(
+            info, tpl, be, timer, lowers=lowers, base=base, fresh_machine_id=True, existing=existing
+        )
+
+    async def _prepare_dirs(self, sid: str, base: Path | None, lowers: Sequence[Path], machine_id: bool) -> SandboxDirs:
+        def prepare() -> SandboxDirs:
+            dirs = self._driver.prepare_sandbox(self._sandbox_dir(sid), self.settings.idmap, base=base)
+            if machine_id:
+                snaps.write_machine_id(dirs.upper, lowers, self.settings.idmap)
+            return dirs
+
+        if base is None and not machine_id:
+            return prepare()  # a few mkdirs: cheaper than a thread hop on the cold create path
+        return await asyncio.to_thread(prepare)
+
+    def _layer_path(self, layer_id: str) -> Path:
+        return self.settings.data_dir / "layers" / layer_id
+
+    def _lower_path(self, layer_id: str) -> Path:
+        return self._driver.layer_lower(self._layer_path(layer_id))
+
+    @property
+    def _driver(self) -> StorageDriver:
+        if self._storage is None:
+            raise InvalidStateError("the manager is not started: use `async with Manager.open(...)`")
+        return self._storage
+
+    @property
+    def storage_driver(self) -> str:
+        return self._driver.name
+
+    async def _flatten_now(self, chain: Sequence[str]) -> str:
+        """Merge ``chain`` into a new layer and record it (unreferenced: the caller must reference it at once)."""
+        lid = snaps.new_layer_id()
+        dest = self._layer_path(lid)
+        paths = [self._lower_path(x) for x in chain]
+        try:
+            layer = await asyncio.to_thread(self._driver.flatten, paths, dest)
+        except BaseException:
+            await asyncio.to_thread(self._driver.remove_layer, dest)
+            raise
+        with self._db.durable():
+            self._db.insert_layer(LayerRecord(lid, dest, None, self._driver.name, layer.size_bytes, layer.files,
+                                              time.time()))  # fmt: skip
+        return lid
+
+    async def _flatten_bg(self, snap: SnapshotInfo) -> None:
+        """Replace a deep snapshot chain by one flat layer; living children keep the old layers they use."""
+        lid = snaps.new_layer_id()
+        dest = self._layer_path(lid)
+        paths = [self._lower_path(x) for x in snap.layers]
+        try:
+            layer = await asyncio.to_thread(self._driver.flatten, paths, dest)
+        except Exception:
+            log.exception("flattening snapshot %s failed; it keeps its chain", snap.id)
+            await asyncio.to_thread(self._driver.remove_layer, dest)
+            return
+        cur = self._db.get_snapshot(snap.id, hidden=True)
+        if cur is None or cur.layers != snap.layers or self._closed:
+            await asyncio.to_thread(self._driver.remove_layer, dest)
+            return
+        with self._db.durable():
+            self._db.insert_layer(LayerRecord(lid, dest, None, self._driver.name, layer.size_bytes, layer.files,
+                                              time.time()))  # fmt: skip
+            self._db.set_snapshot_layers(snap.id, [lid])
+        self._schedule_gc()
+
+    async def _measure(self, layer_id: str, path: Path) -> None:
+        try:
+            usage = await asyncio.to_thread(self._driver.disk_usage, path)
+        except OSError:
+            return
+        if self._db.get_layer(layer_id) is not None and not self._closed:
+            self._db.set_layer_usage(layer_id, usage.size_bytes, usage.files)
+
+    def _forget(self, sandbox_id: str) -> None:
+        """Delete a sandbox record; layers only it used are freed in the background."""
+        self._db.delete(sandbox_id)
+        self._schedule_gc()
+
+    def _schedule_gc(self) -> None:
+        if self._gc_task is not None and not self._gc_task.done():
+            self._gc_again = True
+            return
+        self._gc_task = asyncio.get_running_loop().create_task(self._gc())
+        self._background.add(self._gc_task)
+        self._gc_task.add_done_callback(self._background.discard)
+
+    async def _gc(self) -> None:
+        """Remove layers that no snapshot and no sandbox references (row first: a crash leaves an orphan dir)."""
+        while True:
+            self._gc_again = False
+            for layer in self._db.unreferenced_layers():
+                self._db.delete_layer(layer.id)
+                try:
+                    await asyncio.to_thread(self._driver.remove_layer, layer.path)
+                except OSError:
+                    log.exception("removing layer %s failed", layer.id)
+            if not self._gc_again:
+                return
+
+    async def _reconcile_layers(self) -> None:
+        """After a restart: drop hidden snapshots of interrupted forks, orphan layer dirs, unmeasured sizes."""
+        visible = {s.id for s in self._db.snapshots()}
+        for s in self._db.snapshots(hidden=True):
+            if s.id not in visible:
+                self._db.delete_snapshot(s.id)
+        layers = self._db.all_layers()
+        known = {x.id for x in layers}
+        for d in (self.settings.data_dir / "layers").iterdir():
+            if d.name not in known:
+                await asyncio.to_thread(self._driver.remove_layer, d)
+        for x in layers:
+            if x.size_bytes is None:
+                self._spawn_bg(self._measure(x.id, x.path))
+        self._schedule_gc()
+
     # ------------------------------------------------------------------ warm pools
     def pool_statistics(self) -> builtins.list[PoolStats]:
         return [p.statistics() for p in self._pools.values()]
@@ -566,7 +949,16 @@ class Manager:
         be = await self._backend(self.settings.default_backend)
         res = Resources(cpu=float(config.cpu), memory_mb=config.memory_mb, pids=config.pids)
         info = replace(self._new_info(tpl, be.name, res, {}, {}, None, None), source="warm")
-        return await self._boot_live(info, tpl, be, PhaseTimer(), pool=config.template)
+        live = await self._boot_live(info, tpl, be, PhaseTimer(), pool=config.template)
+        # one throw-away command warms the agent's code paths (a forked agent's first exec pays its copy-on-write
+        # page faults, ~1 ms here), so the user's first command in a claimed sandbox runs at full speed
+        try:
+            await live.agent.exec(["true"], timeout=30)
+        except BaseException:
+            live.pooled = None
+            await self._destroy(info.id)
+            raise
+        return live
 
     # ------------------------------------------------------------------ templates
     async def list_templates(self) -> builtins.list[TemplateInfo]:
@@ -660,7 +1052,7 @@ class Manager:
                 self._cancel_timers(live, watcher=False)
                 await live.agent.aclose()
                 self._live.pop(live.info.id, None)
-                self._db.delete(live.info.id)
+                self._forget(live.info.id)
                 await self._cleanup(live.info.id, live.info.backend, live.handle)
                 return
             log.warning("sandbox %s init exited unexpectedly", live.info.id, extra={"sandbox_id": live.info.id})
@@ -694,7 +1086,7 @@ class Manager:
         except Exception:
             log.exception("backend cleanup of %s failed", sandbox_id, extra={"sandbox_id": sandbox_id})
         if not keep_record_dir:
-            await asyncio.to_thread(remove_sandbox_dirs, self._sandbox_dir(sandbox_id))
+            await asyncio.to_thread(self._driver.remove_sandbox, self._sandbox_dir(sandbox_id))
 
     async def _reconcile(self) -> None:
         """Match the store with reality after a (re)start: re-attach, mark dead, remove orphans."""
@@ -707,7 +1099,7 @@ class Manager:
             if not alive or rec.handle is None:
                 if info.state is SandboxState.CREATING or rec.pool is not None:
                     await self._cleanup(info.id, info.backend, rec.handle)
-                    self._db.delete(info.id)
+                    self._forget(info.id)
                 else:
                     await self._cleanup(info.id, info.backend, rec.handle)
                     self._db.update(
@@ -727,7 +1119,7 @@ class Manager:
                                                              info.resources.pids)):  # fmt: skip
                 await agent.aclose()  # a member of a pool that is gone or changed
                 await self._cleanup(info.id, info.backend, rec.handle)
-                self._db.delete(info.id)
+                self._forget(info.id)
                 continue
             live = _Live(info=info, handle=rec.handle, agent=agent, backend=be, pooled=rec.pool)
             self._live[info.id] = live
@@ -742,7 +1134,8 @@ class Manager:
         known = {rec.info.id for rec in self._db.all()}
         for d in (self.settings.data_dir / "sandboxes").iterdir():
             if d.name not in known:
-                await asyncio.to_thread(shutil.rmtree, d, True)
+                await asyncio.to_thread(self._driver.remove_sandbox, d)
+        await self._reconcile_layers()
         self._emit_counts()
 
     def _emit(self, ev: ManagerEvent) -> None:

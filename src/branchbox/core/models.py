@@ -93,3 +93,20 @@ class TemplateInfo:
     env: Mapping[str, str] = field(default_factory=dict)
     workdir: str = "/"
     source: str = "spec"  # spec | import
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotInfo:
+    """An immutable capture of a sandbox's filesystem (container backend: files only, no processes)."""
+
+    id: str
+    name: str | None
+    sandbox_id: str | None  # the sandbox it was taken from (it may be gone since)
+    template: str
+    template_digest: str
+    created_at: float  # wall clock, seconds since the epoch
+    layers: tuple[str, ...]  # layer ids, topmost first (the template is below the last one)
+    driver: str  # storage driver: overlay | btrfs
+    size_bytes: int | None = None  # disk used by the snapshot's own layer; None until measured (off the hot path)
+    files: int | None = None  # entries in that layer
+    timings: Mapping[str, float] = field(default_factory=dict)

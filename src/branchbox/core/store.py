@@ -1,20 +1,25 @@
-"""SQLite (WAL) store of sandbox records. Only the Manager writes it.
+"""SQLite (WAL) store of sandbox, snapshot and layer records. Only the Manager writes it.
 
 Durability: WAL with ``synchronous=NORMAL`` survives a crash of the daemon process at any point (a committed
-transaction is in the WAL file before commit returns); only an OS crash can lose the last commits.
+transaction is in the WAL file before commit returns); only an OS crash can lose the last commits. Snapshot and
+layer changes go through :meth:`Store.durable` (``synchronous=FULL`` for that transaction: fsync'd on commit).
+
+A layer is referenced by the ``layers`` chains (JSON lists of layer ids, topmost first) of snapshots and
+sandboxes; :meth:`Store.unreferenced_layers` lists those nothing references any more.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from branchbox.backends.base import SandboxHandle
-from branchbox.core.models import Resources, SandboxInfo, SandboxState
+from branchbox.core.models import Resources, SandboxInfo, SandboxState, SnapshotInfo
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sandboxes (
@@ -36,6 +41,27 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     pool TEXT
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS layers (
+    id TEXT PRIMARY KEY,
+    path TEXT NOT NULL,
+    parent TEXT,
+    driver TEXT NOT NULL,
+    size_bytes INTEGER,
+    files INTEGER,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS snapshots (
+    id TEXT PRIMARY KEY,
+    name TEXT UNIQUE,
+    sandbox_id TEXT,
+    template TEXT NOT NULL,
+    template_digest TEXT NOT NULL,
+    layers TEXT NOT NULL,
+    driver TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    hidden INTEGER NOT NULL DEFAULT 0,
+    timings TEXT NOT NULL
+);
 """
 SCHEMA_VERSION = "1"
 
@@ -45,6 +71,18 @@ class SandboxRecord:
     info: SandboxInfo
     handle: SandboxHandle | None
     pool: str | None = None  # set while the sandbox waits, unclaimed, in the warm pool of that template
+    layers: tuple[str, ...] = ()  # the lower chain its overlay mounts above the template, topmost first
+
+
+@dataclass(frozen=True, slots=True)
+class LayerRecord:
+    id: str
+    path: Path
+    parent: str | None
+    driver: str
+    size_bytes: int | None
+    files: int | None
+    created_at: float
 
 
 def _handle_to_json(h: SandboxHandle | None) -> str | None:
@@ -85,15 +123,40 @@ class Store:
         row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         if row is None:
             self._db.execute("INSERT INTO meta(key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,))
+        cols = {r[1] for r in self._db.execute("PRAGMA table_info(sandboxes)")}
+        if "layers" not in cols:  # data dirs made before snapshots existed
+            self._db.execute("ALTER TABLE sandboxes ADD COLUMN layers TEXT NOT NULL DEFAULT '[]'")
+
+    @contextlib.contextmanager
+    def durable(self) -> Iterator[None]:
+        """One transaction that is on disk (fsync'd) when the block returns, not only in the OS cache."""
+        self._db.execute("PRAGMA synchronous=FULL")
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        finally:
+            self._db.execute("PRAGMA synchronous=NORMAL")
 
     def close(self) -> None:
         self._db.close()
 
-    def insert(self, info: SandboxInfo, handle: SandboxHandle | None = None, *, pool: str | None = None) -> None:
+    def insert(
+        self,
+        info: SandboxInfo,
+        handle: SandboxHandle | None = None,
+        *,
+        pool: str | None = None,
+        layers: Sequence[str] = (),
+    ) -> None:
         self._db.execute(
             "INSERT INTO sandboxes (id, template, template_digest, backend, state, created_at, expires_at,"
-            " resources, metadata, env, hostname, source, timings, error, handle, pool)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " resources, metadata, env, hostname, source, timings, error, handle, pool, layers)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 info.id,
                 info.template,
@@ -113,6 +176,7 @@ class Store:
                 info.error,
                 _handle_to_json(handle),
                 pool,
+                json.dumps(list(layers)),
             ),
         )
 
@@ -128,6 +192,8 @@ class Store:
                 v = value.value
             elif isinstance(value, Mapping):
                 v = json.dumps(dict(value))
+            elif k == "layers":
+                v = json.dumps(list(value))
             cols.append(f"{k}=?")
             vals.append(v)
         vals.append(sandbox_id)
@@ -147,7 +213,7 @@ class Store:
     @staticmethod
     def _record(row: tuple[Any, ...]) -> SandboxRecord:
         (sid, template, digest, backend, state, created_at, expires_at, resources, metadata, env, hostname,
-         source, timings, error, handle, pool) = row  # fmt: skip
+         source, timings, error, handle, pool, layers) = row  # fmt: skip
         r = json.loads(resources)
         info = SandboxInfo(
             id=sid,
@@ -165,4 +231,87 @@ class Store:
             timings=json.loads(timings),
             error=error,
         )
-        return SandboxRecord(info=info, handle=_handle_from_json(handle), pool=pool)
+        return SandboxRecord(
+            info=info, handle=_handle_from_json(handle), pool=pool, layers=tuple(json.loads(layers or "[]"))
+        )
+
+    # ------------------------------------------------------------------ layers and snapshots
+    def insert_layer(self, layer: LayerRecord) -> None:
+        self._db.execute(
+            "INSERT INTO layers (id, path, parent, driver, size_bytes, files, created_at) VALUES (?,?,?,?,?,?,?)",
+            (layer.id, str(layer.path), layer.parent, layer.driver, layer.size_bytes, layer.files, layer.created_at),
+        )
+
+    def set_layer_usage(self, layer_id: str, size_bytes: int | None, files: int | None) -> None:
+        self._db.execute("UPDATE layers SET size_bytes=?, files=? WHERE id=?", (size_bytes, files, layer_id))
+
+    def get_layer(self, layer_id: str) -> LayerRecord | None:
+        row = self._db.execute("SELECT * FROM layers WHERE id=?", (layer_id,)).fetchone()
+        return None if row is None else self._layer(row)
+
+    def all_layers(self) -> list[LayerRecord]:
+        return [self._layer(r) for r in self._db.execute("SELECT * FROM layers ORDER BY created_at")]
+
+    def delete_layer(self, layer_id: str) -> None:
+        self._db.execute("DELETE FROM layers WHERE id=?", (layer_id,))
+
+    def unreferenced_layers(self) -> list[LayerRecord]:
+        """Layers that no snapshot and no sandbox record names in its chain."""
+        rows = self._db.execute(
+            "SELECT * FROM layers WHERE id NOT IN (SELECT j.value FROM snapshots, json_each(snapshots.layers) j)"
+            " AND id NOT IN (SELECT j.value FROM sandboxes, json_each(sandboxes.layers) j)"
+        )
+        return [self._layer(r) for r in rows]
+
+    def insert_snapshot(self, snap: SnapshotInfo, *, hidden: bool = False) -> None:
+        self._db.execute(
+            "INSERT INTO snapshots (id, name, sandbox_id, template, template_digest, layers, driver, created_at,"
+            " hidden, timings) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (snap.id, snap.name, snap.sandbox_id, snap.template, snap.template_digest, json.dumps(list(snap.layers)),
+             snap.driver, snap.created_at, int(hidden), json.dumps(dict(snap.timings))),
+        )  # fmt: skip
+
+    def set_snapshot_layers(self, snapshot_id: str, layers: Sequence[str]) -> None:
+        self._db.execute("UPDATE snapshots SET layers=? WHERE id=?", (json.dumps(list(layers)), snapshot_id))
+
+    def get_snapshot(self, id_or_name: str, *, hidden: bool = False) -> SnapshotInfo | None:
+        row = self._db.execute(
+            f"{_SNAPSHOT_SELECT} WHERE (s.id=? OR s.name=?) AND s.hidden<=? ORDER BY s.id=? DESC LIMIT 1",
+            (id_or_name, id_or_name, int(hidden), id_or_name),
+        ).fetchone()
+        return None if row is None else self._snapshot(row)
+
+    def snapshots(self, *, hidden: bool = False) -> list[SnapshotInfo]:
+        rows = self._db.execute(f"{_SNAPSHOT_SELECT} WHERE s.hidden<=? ORDER BY s.created_at", (int(hidden),))
+        return [self._snapshot(r) for r in rows]
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        self._db.execute("DELETE FROM snapshots WHERE id=?", (snapshot_id,))
+
+    @staticmethod
+    def _layer(row: tuple[Any, ...]) -> LayerRecord:
+        lid, path, parent, driver, size, files, created = row
+        return LayerRecord(lid, Path(path), parent, driver, size, files, created)
+
+    @staticmethod
+    def _snapshot(row: tuple[Any, ...]) -> SnapshotInfo:
+        sid, name, sandbox_id, template, digest, layers, driver, created, timings, size, files = row
+        return SnapshotInfo(
+            id=sid,
+            name=name,
+            sandbox_id=sandbox_id,
+            template=template,
+            template_digest=digest,
+            created_at=created,
+            layers=tuple(json.loads(layers)),
+            driver=driver,
+            size_bytes=size,
+            files=files,
+            timings=json.loads(timings),
+        )
+
+
+_SNAPSHOT_SELECT = (
+    "SELECT s.id, s.name, s.sandbox_id, s.template, s.template_digest, s.layers, s.driver, s.created_at,"
+    " s.timings, l.size_bytes, l.files FROM snapshots s LEFT JOIN layers l ON l.id = json_extract(s.layers, '$[0]')"
+)

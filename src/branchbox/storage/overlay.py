@@ -1,4 +1,5 @@
-"""Per-sandbox directories on the host: overlay ``upper`` and ``work`` (owned by the sandbox's root), ``run``.
+"""Per-sandbox directories on the host: overlay ``upper`` and ``work`` (owned by the sandbox's root), ``run``;
+and the ``overlay`` storage driver (any filesystem: snapshot layers are copies of uppers).
 
 ``run`` holds the agent socket and backend bookkeeping; it is host-root only and never visible inside.
 """
@@ -7,10 +8,13 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from branchbox.backends.base import IdMap
+from branchbox.storage.base import LayerInfo, SandboxDirs
+from branchbox.storage.flatten import flatten_into
+from branchbox.storage.fsutil import copy_tree, disk_usage, fsync_dir, syncfs
 
 
 def prepare_sandbox_dirs(sandbox_dir: Path, idmap: IdMap) -> tuple[Path, Path, Path]:
@@ -41,3 +45,59 @@ def remove_sandbox_dirs(sandbox_dir: Path) -> None:
         sandbox_dir.unlink()
         return
     shutil.rmtree(sandbox_dir, onerror=onerror)  # onexc only exists from 3.12
+
+
+class OverlayDriver:
+    """Works on any filesystem: a frozen layer is a full copy of the sandbox's upper (``cp -a``), then syncfs."""
+
+    name = "overlay"
+    clones_layers = False
+
+    def prepare_sandbox(self, sandbox_dir: Path, idmap: IdMap, *, base: Path | None = None) -> SandboxDirs:
+        upper, work, run = prepare_sandbox_dirs(sandbox_dir, idmap)
+        if base is not None:
+            os.rmdir(upper)
+            copy_tree(base, upper)
+        return SandboxDirs(upper, work, run)
+
+    def upper_dir(self, sandbox_dir: Path) -> Path:
+        return sandbox_dir / "upper"
+
+    def layer_lower(self, layer: Path) -> Path:
+        return layer
+
+    def remove_sandbox(self, sandbox_dir: Path) -> None:
+        remove_sandbox_dirs(sandbox_dir)
+
+    def freeze_upper(self, upper: Path, dest: Path) -> LayerInfo:
+        tmp = dest.with_name(dest.name + ".tmp")
+        remove_sandbox_dirs(tmp)
+        try:
+            copy_tree(upper, tmp)
+            os.chmod(tmp, os.stat(upper).st_mode & 0o7777)
+            syncfs(tmp)
+            os.rename(tmp, dest)
+        except BaseException:
+            remove_sandbox_dirs(tmp)
+            raise
+        fsync_dir(dest.parent)
+        return LayerInfo(path=dest)
+
+    def remove_layer(self, path: Path) -> None:
+        remove_sandbox_dirs(path)
+
+    def flatten(self, layers: Sequence[Path], dest: Path) -> LayerInfo:
+        tmp = dest.with_name(dest.name + ".tmp")
+        remove_sandbox_dirs(tmp)
+        try:
+            flatten_into(layers, tmp)
+            syncfs(tmp)
+            os.rename(tmp, dest)
+        except BaseException:
+            remove_sandbox_dirs(tmp)
+            raise
+        fsync_dir(dest.parent)
+        return disk_usage(dest)
+
+    def disk_usage(self, path: Path) -> LayerInfo:
+        return disk_usage(path)

@@ -1,0 +1,64 @@
+"""The storage driver protocol: per-sandbox writable layers, immutable snapshot layers, flattening, disk usage.
+
+A sandbox's root filesystem is an overlay: ``lowers`` (immutable layers, topmost first, the template last) plus a
+writable ``upper``. A snapshot freezes a sandbox's upper into a new immutable layer; restores stack a fresh upper
+on the snapshot's chain of layers. Overlay whiteouts (char 0/0 devices) and opaque directories (the
+``user.overlay.opaque`` xattr: mounts use ``userxattr``) are kept in layers as the overlay wrote them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from branchbox.backends.base import IdMap
+
+
+@dataclass(frozen=True, slots=True)
+class LayerInfo:
+    """An immutable layer on disk. Sizes are ``None`` when not measured yet (measured off the hot path)."""
+
+    path: Path
+    size_bytes: int | None = None
+    files: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxDirs:
+    upper: Path
+    work: Path
+    run: Path
+
+
+class StorageDriver(Protocol):
+    """Where layers live and how they are made. Methods are synchronous (run them in a thread)."""
+
+    name: str
+    clones_layers: bool  # True: a restore clones the top layer as the new upper in O(1) (btrfs snapshots)
+
+    def prepare_sandbox(self, sandbox_dir: Path, idmap: IdMap, *, base: Path | None = None) -> SandboxDirs:
+        """Create ``sandbox_dir/{upper,work,run}``. ``base``: a layer whose content the upper starts with."""
+
+    def upper_dir(self, sandbox_dir: Path) -> Path:
+        """Where ``prepare_sandbox`` put the sandbox's upper."""
+
+    def layer_lower(self, layer: Path) -> Path:
+        """The directory of layer ``layer`` (as made by freeze_upper/flatten) to mount as an overlay lower."""
+
+    def remove_sandbox(self, sandbox_dir: Path) -> None:
+        """Remove a sandbox's directories whatever state they are in. Missing is fine."""
+
+    def freeze_upper(self, upper: Path, dest: Path) -> LayerInfo:
+        """Make an immutable layer at ``dest`` from ``upper`` (the sandbox is frozen meanwhile). Durable on return."""
+
+    def remove_layer(self, path: Path) -> None:
+        """Remove a layer. Missing is fine."""
+
+    def flatten(self, layers: Sequence[Path], dest: Path) -> LayerInfo:
+        """Merge lower dirs ``layers`` (topmost first) into one layer at ``dest`` that looks the same over any
+        lower."""
+
+    def disk_usage(self, path: Path) -> LayerInfo:
+        """Allocated bytes and number of entries under ``path`` (hard links counted once)."""

@@ -1,0 +1,27 @@
+"""Pick the storage driver for a data dir: ``btrfs`` when it lives on btrfs, else ``overlay``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from branchbox.errors import NotSupportedError
+from branchbox.storage.base import StorageDriver
+from branchbox.storage.btrfs import BtrfsDriver
+from branchbox.storage.fsutil import BTRFS_SUPER_MAGIC, fs_type
+from branchbox.storage.overlay import OverlayDriver
+
+DRIVERS = ("overlay", "btrfs")
+
+
+def make_driver(kind: str, data_dir: Path) -> StorageDriver:
+    """``auto`` | ``overlay`` | ``btrfs``. ``btrfs`` needs the data dir on a btrfs filesystem."""
+    on_btrfs = fs_type(data_dir) == BTRFS_SUPER_MAGIC
+    if kind == "auto":
+        kind = "btrfs" if on_btrfs else "overlay"
+    if kind == "overlay":
+        return OverlayDriver()
+    if kind == "btrfs":
+        if not on_btrfs:
+            raise NotSupportedError(f"storage driver btrfs needs {data_dir} on btrfs; use overlay")
+        return BtrfsDriver()
+    raise NotSupportedError(f"storage driver {kind!r} does not exist; use one of: auto, {', '.join(DRIVERS)}")
