@@ -173,7 +173,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data-dir", type=Path, default=Path(os.environ.get("BRANCHBOX_DATA_DIR", "/var/lib/branchbox")))
     ap.add_argument("--runs", type=int, default=int(os.environ.get("BRANCHBOX_BENCH_RUNS", "60")))
-    ap.add_argument("--only", default="", help="comma-separated: core, baselines, docker, api")
+    ap.add_argument("--only", default="", help="comma-separated: core, api, snapshots, baselines, docker")
     ap.add_argument("--no-docker", action="store_true")
     args = ap.parse_args()
     only = set(filter(None, args.only.split(",")))
@@ -200,6 +200,10 @@ def main() -> None:
         from api_bench import bench_api  # noqa: PLC0415 - optional section
 
         bench_api(settings, args.runs, results)
+    if want("snapshots"):
+        from snapshot_bench import bench_snapshots  # noqa: PLC0415 - optional section
+
+        bench_snapshots(settings, args.runs, results)
     if want("baselines"):
         bench_baselines(rootfs, args.runs, results)
     if want("docker") and not args.no_docker:
