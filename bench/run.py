@@ -203,7 +203,7 @@ def main() -> None:
     if want("snapshots"):
         from snapshot_bench import bench_snapshots  # noqa: PLC0415 - optional section
 
-        bench_snapshots(settings, min(args.runs, 20), results)  # 20k-file copies: bounded
+        asyncio.run(bench_snapshots(settings, min(args.runs, 20), results))  # 20k-file copies: bounded
     if want("baselines"):
         bench_baselines(rootfs, args.runs, results)
     if want("docker") and not args.no_docker:
