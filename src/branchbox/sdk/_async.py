@@ -159,6 +159,15 @@ class _AsyncHttp:
             await self._client.aclose()
 
 
+async def _oneshot(request: rq.Req, *, base_url: str | None, api_key: str | None, request_timeout: Timeout) -> Any:
+    """One daemon-wide request (list, templates, pools, snapshots) on a connection of its own."""
+    http = _AsyncHttp(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
+    try:
+        return await http.send(request)
+    finally:
+        await http.aclose()
+
+
 async def _consume(
     ws: ClientConnection,
     *,
@@ -610,22 +619,24 @@ class AsyncSandbox:
         api_key: str | None = None,
         request_timeout: Timeout = UNSET,
     ) -> list[SandboxInfo]:
-        http = _AsyncHttp(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
-        try:
-            resp = await http.send(rq.list_sandboxes(metadata=metadata, state=state))
-            return [SandboxInfo.from_json(d) for d in resp.json()]
-        finally:
-            await http.aclose()
+        resp = await _oneshot(
+            rq.list_sandboxes(metadata=metadata, state=state),
+            base_url=base_url,
+            api_key=api_key,
+            request_timeout=request_timeout,
+        )
+        return [SandboxInfo.from_json(d) for d in resp.json()]
 
     @staticmethod
     async def templates(
         *, base_url: str | None = None, api_key: str | None = None, request_timeout: Timeout = UNSET
     ) -> builtins.list[TemplateInfo]:
-        http = _AsyncHttp(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
-        try:
-            return [TemplateInfo.from_json(d) for d in (await http.send(rq.list_templates())).json()]
-        finally:
-            await http.aclose()
+        return [
+            TemplateInfo.from_json(d)
+            for d in (
+                await _oneshot(rq.list_templates(), base_url=base_url, api_key=api_key, request_timeout=request_timeout)
+            ).json()
+        ]
 
     # -- warm pools (daemon-wide, like list/templates) ------------------------------------------
     @staticmethod
@@ -633,22 +644,25 @@ class AsyncSandbox:
         *, base_url: str | None = None, api_key: str | None = None, request_timeout: Timeout = UNSET
     ) -> builtins.list[PoolInfo]:
         """Statistics of every warm pool on the daemon."""
-        http = _AsyncHttp(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
-        try:
-            return [PoolInfo.from_json(d) for d in (await http.send(rq.list_pools())).json()]
-        finally:
-            await http.aclose()
+        return [
+            PoolInfo.from_json(d)
+            for d in (
+                await _oneshot(rq.list_pools(), base_url=base_url, api_key=api_key, request_timeout=request_timeout)
+            ).json()
+        ]
 
     @staticmethod
     async def get_pool(
         template: str, *, base_url: str | None = None, api_key: str | None = None, request_timeout: Timeout = UNSET
     ) -> PoolInfo:
         """Statistics of the warm pool of ``template`` (NotFoundError if it has none)."""
-        http = _AsyncHttp(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
-        try:
-            return PoolInfo.from_json((await http.send(rq.get_pool(template))).json())
-        finally:
-            await http.aclose()
+        return PoolInfo.from_json(
+            (
+                await _oneshot(
+                    rq.get_pool(template), base_url=base_url, api_key=api_key, request_timeout=request_timeout
+                )
+            ).json()
+        )
 
     @staticmethod
     async def configure_pool(
@@ -676,22 +690,23 @@ class AsyncSandbox:
             "max_parallel_boots": max_parallel_boots, "reuse": reuse, "cpu": cpu, "memory_mb": memory_mb,
             "pids": pids,
         }  # fmt: skip
-        http = _AsyncHttp(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
-        try:
-            return PoolInfo.from_json((await http.send(rq.configure_pool(template, settings))).json())
-        finally:
-            await http.aclose()
+        return PoolInfo.from_json(
+            (
+                await _oneshot(
+                    rq.configure_pool(template, settings),
+                    base_url=base_url,
+                    api_key=api_key,
+                    request_timeout=request_timeout,
+                )
+            ).json()
+        )
 
     @staticmethod
     async def remove_pool(
         template: str, *, base_url: str | None = None, api_key: str | None = None, request_timeout: Timeout = UNSET
     ) -> None:
         """Remove the warm pool of ``template``; its ready members are destroyed (claimed sandboxes stay)."""
-        http = _AsyncHttp(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
-        try:
-            await http.send(rq.remove_pool(template))
-        finally:
-            await http.aclose()
+        await _oneshot(rq.remove_pool(template), base_url=base_url, api_key=api_key, request_timeout=request_timeout)
 
     # -- snapshots, forks, reset -------------------------------------------------------------------
     async def create_snapshot(self, *, name: str | None = None, request_timeout: Timeout = UNSET) -> SnapshotInfo:
@@ -721,32 +736,33 @@ class AsyncSandbox:
     async def snapshots(
         *, base_url: str | None = None, api_key: str | None = None, request_timeout: Timeout = UNSET
     ) -> builtins.list[SnapshotInfo]:
-        http = _AsyncHttp(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
-        try:
-            return [SnapshotInfo.from_json(d) for d in (await http.send(rq.list_snapshots())).json()]
-        finally:
-            await http.aclose()
+        return [
+            SnapshotInfo.from_json(d)
+            for d in (
+                await _oneshot(rq.list_snapshots(), base_url=base_url, api_key=api_key, request_timeout=request_timeout)
+            ).json()
+        ]
 
     @staticmethod
     async def get_snapshot(
         snapshot: str, *, base_url: str | None = None, api_key: str | None = None, request_timeout: Timeout = UNSET
     ) -> SnapshotInfo:
-        http = _AsyncHttp(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
-        try:
-            return SnapshotInfo.from_json((await http.send(rq.get_snapshot(snapshot))).json())
-        finally:
-            await http.aclose()
+        return SnapshotInfo.from_json(
+            (
+                await _oneshot(
+                    rq.get_snapshot(snapshot), base_url=base_url, api_key=api_key, request_timeout=request_timeout
+                )
+            ).json()
+        )
 
     @staticmethod
     async def delete_snapshot(
         snapshot: str, *, base_url: str | None = None, api_key: str | None = None, request_timeout: Timeout = UNSET
     ) -> None:
         """Delete a snapshot (sandboxes made from it keep working)."""
-        http = _AsyncHttp(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
-        try:
-            await http.send(rq.delete_snapshot(snapshot))
-        finally:
-            await http.aclose()
+        await _oneshot(
+            rq.delete_snapshot(snapshot), base_url=base_url, api_key=api_key, request_timeout=request_timeout
+        )
 
     async def get_info(self, *, request_timeout: Timeout = UNSET) -> SandboxInfo:
         resp = await self._http.send(rq.get_sandbox(self.sandbox_id), request_timeout=request_timeout)

@@ -144,6 +144,15 @@ class _Http:
             self._client.close()
 
 
+def _oneshot(request: rq.Req, *, base_url: str | None, api_key: str | None, request_timeout: Timeout) -> Any:
+    """One daemon-wide request (list, templates, pools, snapshots) on a connection of its own."""
+    http = _Http(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
+    try:
+        return http.send(request)
+    finally:
+        http.close()
+
+
 def _consume(
     ws: ClientConnection,
     *,
@@ -620,22 +629,24 @@ class Sandbox:
         request_timeout: Timeout = UNSET,
     ) -> list[SandboxInfo]:
         """Sandboxes whose metadata has all the given pairs (and, if given, in one of ``state``)."""
-        http = _Http(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
-        try:
-            resp = http.send(rq.list_sandboxes(metadata=metadata, state=state))
-            return [SandboxInfo.from_json(d) for d in resp.json()]
-        finally:
-            http.close()
+        resp = _oneshot(
+            rq.list_sandboxes(metadata=metadata, state=state),
+            base_url=base_url,
+            api_key=api_key,
+            request_timeout=request_timeout,
+        )
+        return [SandboxInfo.from_json(d) for d in resp.json()]
 
     @staticmethod
     def templates(
         *, base_url: str | None = None, api_key: str | None = None, request_timeout: Timeout = UNSET
     ) -> builtins.list[TemplateInfo]:
-        http = _Http(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
-        try:
-            return [TemplateInfo.from_json(d) for d in http.send(rq.list_templates()).json()]
-        finally:
-            http.close()
+        return [
+            TemplateInfo.from_json(d)
+            for d in _oneshot(
+                rq.list_templates(), base_url=base_url, api_key=api_key, request_timeout=request_timeout
+            ).json()
+        ]
 
     # -- warm pools (daemon-wide, like list/templates) ------------------------------------------
     @staticmethod
@@ -643,22 +654,21 @@ class Sandbox:
         *, base_url: str | None = None, api_key: str | None = None, request_timeout: Timeout = UNSET
     ) -> builtins.list[PoolInfo]:
         """Statistics of every warm pool on the daemon."""
-        http = _Http(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
-        try:
-            return [PoolInfo.from_json(d) for d in http.send(rq.list_pools()).json()]
-        finally:
-            http.close()
+        return [
+            PoolInfo.from_json(d)
+            for d in _oneshot(
+                rq.list_pools(), base_url=base_url, api_key=api_key, request_timeout=request_timeout
+            ).json()
+        ]
 
     @staticmethod
     def get_pool(
         template: str, *, base_url: str | None = None, api_key: str | None = None, request_timeout: Timeout = UNSET
     ) -> PoolInfo:
         """Statistics of the warm pool of ``template`` (NotFoundError if it has none)."""
-        http = _Http(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
-        try:
-            return PoolInfo.from_json(http.send(rq.get_pool(template)).json())
-        finally:
-            http.close()
+        return PoolInfo.from_json(
+            _oneshot(rq.get_pool(template), base_url=base_url, api_key=api_key, request_timeout=request_timeout).json()
+        )
 
     @staticmethod
     def configure_pool(
@@ -686,22 +696,21 @@ class Sandbox:
             "max_parallel_boots": max_parallel_boots, "reuse": reuse, "cpu": cpu, "memory_mb": memory_mb,
             "pids": pids,
         }  # fmt: skip
-        http = _Http(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
-        try:
-            return PoolInfo.from_json(http.send(rq.configure_pool(template, settings)).json())
-        finally:
-            http.close()
+        return PoolInfo.from_json(
+            _oneshot(
+                rq.configure_pool(template, settings),
+                base_url=base_url,
+                api_key=api_key,
+                request_timeout=request_timeout,
+            ).json()
+        )
 
     @staticmethod
     def remove_pool(
         template: str, *, base_url: str | None = None, api_key: str | None = None, request_timeout: Timeout = UNSET
     ) -> None:
         """Remove the warm pool of ``template``; its ready members are destroyed (claimed sandboxes stay)."""
-        http = _Http(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
-        try:
-            http.send(rq.remove_pool(template))
-        finally:
-            http.close()
+        _oneshot(rq.remove_pool(template), base_url=base_url, api_key=api_key, request_timeout=request_timeout)
 
     # -- snapshots, forks, reset -------------------------------------------------------------------
     def create_snapshot(self, *, name: str | None = None, request_timeout: Timeout = UNSET) -> SnapshotInfo:
@@ -729,32 +738,29 @@ class Sandbox:
     def snapshots(
         *, base_url: str | None = None, api_key: str | None = None, request_timeout: Timeout = UNSET
     ) -> builtins.list[SnapshotInfo]:
-        http = _Http(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
-        try:
-            return [SnapshotInfo.from_json(d) for d in http.send(rq.list_snapshots()).json()]
-        finally:
-            http.close()
+        return [
+            SnapshotInfo.from_json(d)
+            for d in _oneshot(
+                rq.list_snapshots(), base_url=base_url, api_key=api_key, request_timeout=request_timeout
+            ).json()
+        ]
 
     @staticmethod
     def get_snapshot(
         snapshot: str, *, base_url: str | None = None, api_key: str | None = None, request_timeout: Timeout = UNSET
     ) -> SnapshotInfo:
-        http = _Http(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
-        try:
-            return SnapshotInfo.from_json(http.send(rq.get_snapshot(snapshot)).json())
-        finally:
-            http.close()
+        return SnapshotInfo.from_json(
+            _oneshot(
+                rq.get_snapshot(snapshot), base_url=base_url, api_key=api_key, request_timeout=request_timeout
+            ).json()
+        )
 
     @staticmethod
     def delete_snapshot(
         snapshot: str, *, base_url: str | None = None, api_key: str | None = None, request_timeout: Timeout = UNSET
     ) -> None:
         """Delete a snapshot (sandboxes made from it keep working)."""
-        http = _Http(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
-        try:
-            http.send(rq.delete_snapshot(snapshot))
-        finally:
-            http.close()
+        _oneshot(rq.delete_snapshot(snapshot), base_url=base_url, api_key=api_key, request_timeout=request_timeout)
 
     def get_info(self, *, request_timeout: Timeout = UNSET) -> SandboxInfo:
         self._info = SandboxInfo.from_json(
