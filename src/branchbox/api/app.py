@@ -111,7 +111,9 @@ class _Observe:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             self.metrics.observe_request(scope["method"], template, status, seconds)
-            self.log.info(
+            # successful requests are logged at debug level (the latency histogram counts them): formatting a JSON
+            # log line costs ~15% of a hot request
+            (self.log.info if status >= 400 else self.log.debug)(
                 "http.request",
                 method=scope["method"],
                 path=template,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import fcntl
 import hashlib
 import json
@@ -74,6 +75,8 @@ class TemplateStore:
         self.idmap = idmap
         self._names = self.root / "names"
         self._locks = self.root / "locks"
+        # template.json of a digest never changes (content-addressed); resolve() checks the template still exists
+        self._meta_cache: dict[str, dict[str, Any]] = {}
 
     # ---- lookups ----
 
@@ -129,10 +132,14 @@ class TemplateStore:
         raise self._not_found(name_or_digest)
 
     def _meta(self, digest: str) -> dict[str, Any]:
+        cached = self._meta_cache.get(digest)
+        if cached is not None:
+            return cached
         try:
             data: dict[str, Any] = json.loads((self.root / digest / _META).read_text())
         except FileNotFoundError:
             raise self._not_found(digest) from None
+        self._meta_cache[digest] = data
         return data
 
     def _info(self, digest: str, name: str) -> TemplateInfo:
@@ -158,7 +165,7 @@ class TemplateStore:
 
     def metadata(self, name_or_digest: str) -> dict[str, Any]:
         """The full template.json (spec, user, python_version, build time, ...)."""
-        return self._meta(self.resolve(name_or_digest))
+        return copy.deepcopy(self._meta(self.resolve(name_or_digest)))
 
     def rootfs(self, name_or_digest: str) -> Path:
         """Host path of the template's immutable rootfs (an overlay lower layer)."""
