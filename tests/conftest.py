@@ -70,8 +70,11 @@ def make_settings(data_dir: Path, **overrides: object) -> ManagerSettings:
 async def manager(default_template: TemplateInfo, data_dir: Path) -> AsyncIterator[object]:
     from branchbox.core.manager import Manager
 
-    async with Manager.open(make_settings(data_dir)) as m:
+    settings = make_settings(data_dir)
+    async with Manager.open(settings) as m:
         yield m
+    leftover = list(Path("/sys/fs/cgroup").glob(f"*/{settings.cgroup_parent}"))
+    assert not leftover, f"cgroups left behind after the Manager closed: {leftover}"
 
 
 # ------------------------------------------------------------------ real daemons

@@ -143,8 +143,7 @@ class ContainerBackend:
         await self._stop_zygote()
         if self._cgroups is not None:
             for parent in self._cgroups.parents.values():
-                with contextlib.suppress(OSError):  # still holds sandboxes (EBUSY): they keep running
-                    parent.rmdir()
+                await _remove_parent_cgroup(parent)
 
     @property
     def zygote_pid(self) -> int | None:
@@ -317,3 +316,21 @@ def _popen_zygote(sock: socket.socket, log_path: Path, parent: str) -> subproces
 def host_pid_start_time(pid: int) -> int:
     """Start time of a host process (clock ticks since boot), as stored in :class:`SandboxHandle`."""
     return syscalls.pid_start_time(pid)
+
+
+async def _remove_parent_cgroup(parent: Path) -> None:
+    """Remove our parent cgroup unless sandboxes still live in it (they keep running, re-attached later).
+
+    cgroup v1 releases a removed child asynchronously, so the parent can be busy for a moment after the last
+    sandbox went: retry briefly (shutdown path only)."""
+    for _ in range(100):
+        try:
+            os.rmdir(parent)  # cgroupfs: an instant syscall
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            with os.scandir(parent) as entries:
+                if any(e.is_dir() for e in entries):
+                    return  # sandboxes still live in it
+            await asyncio.sleep(0.01)
