@@ -323,7 +323,7 @@ async def _remove_parent_cgroup(parent: Path) -> None:
 
     cgroup v1 releases a removed child asynchronously, so the parent can be busy for a moment after the last
     sandbox went: retry briefly (shutdown path only)."""
-    for _ in range(100):
+    for _ in range(500):  # up to 5 s
         try:
             os.rmdir(parent)  # cgroupfs: an instant syscall
             return
