@@ -142,8 +142,8 @@ class Manager:
         elif not isinstance(settings, ManagerSettings):
             settings = ManagerSettings(data_dir=Path(settings))
         m = cls(settings)
-        await m.start()
         try:
+            await m.start()  # a failed start (bad pool config, ...) still releases what it made
             yield m
         finally:
             await m.aclose()
