@@ -254,17 +254,9 @@ class PoolSettings(_Strict):
 
     @classmethod
     def of(cls, c: PoolConfig) -> PoolSettings:
-        return cls(
-            min_size=c.min_size,
-            max_size=c.max_size,
-            target_free=c.target_free,
-            max_memory_mb=c.max_memory_mb,
-            max_parallel_boots=c.max_parallel_boots,
-            reuse=c.reuse,
-            cpu=c.cpu,
-            memory_mb=c.memory_mb,
-            pids=c.pids,
-        )
+        fields = c.as_dict()
+        del fields["template"]
+        return cls(**fields)
 
     def config(self, template: str) -> PoolConfig:
         return PoolConfig(template=template, **self.model_dump())

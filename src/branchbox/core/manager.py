@@ -377,10 +377,10 @@ class Manager:
                 env=dict(env),
                 hostname=hostname or live.info.hostname,
                 source="warm",
+                timings=timer.as_dict(),
             )
             live.pooled = None
             live.from_pool = pool.config.template
-            live.info = replace(live.info, timings=timer.as_dict())
             i = live.info
             self._db.update(i.id, pool=None, created_at=i.created_at, expires_at=i.expires_at, metadata=i.metadata,
                             env=i.env, hostname=i.hostname, source=i.source, timings=i.timings)  # fmt: skip

@@ -313,11 +313,6 @@ def _popen_zygote(sock: socket.socket, log_path: Path, parent: str) -> subproces
         )
 
 
-def host_pid_start_time(pid: int) -> int:
-    """Start time of a host process (clock ticks since boot), as stored in :class:`SandboxHandle`."""
-    return syscalls.pid_start_time(pid)
-
-
 async def _remove_parent_cgroup(parent: Path) -> None:
     """Remove our parent cgroup unless sandboxes still live in it (they keep running, re-attached later).
 

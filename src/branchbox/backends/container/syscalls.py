@@ -45,16 +45,6 @@ MS_STRICTATIME = 1 << 24
 MNT_DETACH = 2
 
 # New mount API (same numbers on every architecture since 5.2).
-FSOPEN_CLOEXEC = 1
-FSMOUNT_CLOEXEC = 1
-FSCONFIG_SET_FLAG = 0
-FSCONFIG_SET_STRING = 1
-FSCONFIG_CMD_CREATE = 6
-MOVE_MOUNT_F_EMPTY_PATH = 4
-_NR_MOVE_MOUNT = 429
-_NR_FSOPEN = 430
-_NR_FSCONFIG = 431
-_NR_FSMOUNT = 432
 
 # Architecture-specific syscall numbers.
 _ARCH_NR = {
@@ -137,33 +127,6 @@ def set_hostname_of(pid: int, name: str) -> None:
 
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
     return _check(_libc.prctl(option, arg2, arg3, arg4, arg5), f"prctl({option})")
-
-
-def fsopen(fstype: str) -> int:
-    return _check(_syscall(_NR_FSOPEN, _b(fstype), FSOPEN_CLOEXEC), f"fsopen {fstype}")
-
-
-def fsconfig_string(fs_fd: int, key: str, value: str) -> None:
-    res = _syscall(_NR_FSCONFIG, ctypes.c_int(fs_fd), FSCONFIG_SET_STRING, _b(key), _b(value), 0)
-    _check(res, f"fsconfig {key}={value}")
-
-
-def fsconfig_flag(fs_fd: int, key: str) -> None:
-    _check(_syscall(_NR_FSCONFIG, ctypes.c_int(fs_fd), FSCONFIG_SET_FLAG, _b(key), None, 0), f"fsconfig {key}")
-
-
-def fsconfig_create(fs_fd: int) -> None:
-    _check(_syscall(_NR_FSCONFIG, ctypes.c_int(fs_fd), FSCONFIG_CMD_CREATE, None, None, 0), "fsconfig create")
-
-
-def fsmount(fs_fd: int, attr_flags: int = 0) -> int:
-    return _check(_syscall(_NR_FSMOUNT, ctypes.c_int(fs_fd), FSMOUNT_CLOEXEC, attr_flags), "fsmount")
-
-
-def move_mount_fd(mount_fd: int, target: str) -> None:
-    """Attach the detached mount ``mount_fd`` at ``target``."""
-    res = _syscall(_NR_MOVE_MOUNT, ctypes.c_int(mount_fd), b"", ctypes.c_int(-100), _b(target), MOVE_MOUNT_F_EMPTY_PATH)
-    _check(res, f"move_mount {target}")
 
 
 class _CapHeader(ctypes.Structure):
