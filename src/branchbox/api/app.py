@@ -51,7 +51,20 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 class _App(FastAPI):
-    """FastAPI whose OpenAPI document shows validation errors the way they are sent: 400 ErrorResponse."""
+    """FastAPI whose OpenAPI document shows validation errors the way they are sent: 400 ErrorResponse, and whose
+    hot routes (``fast``) are served before Starlette's middleware stack is entered at all."""
+
+    fast: FastPath | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.fast is not None and scope["type"] == "http":
+            await self.fast(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+    async def stack(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The normal FastAPI/Starlette path (middlewares, routing): what the fast path hands over to."""
+        await super().__call__(scope, receive, send)
 
     def openapi(self) -> dict[str, Any]:
         if self.openapi_schema is None:
@@ -107,22 +120,24 @@ class _Observe:
         try:
             await self.app(scope, receive, send_wrapped)
         finally:
-            seconds = time.perf_counter() - t0
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
-            self.metrics.observe_request(scope["method"], template, status, seconds)
-            # successful requests are logged at debug level (the latency histogram counts them): formatting a JSON
-            # log line costs ~15% of a hot request
-            (self.log.info if status >= 400 else self.log.debug)(
-                "http.request",
-                method=scope["method"],
-                path=template,
-                status=status,
-                ms=round(seconds * 1000, 3),
-            )
+            observe(self.metrics, self.log, scope, status, time.perf_counter() - t0)
 
 
-def _build(settings: ApiSettings) -> FastAPI:
+def observe(
+    metrics: Metrics, log: structlog.typing.FilteringBoundLogger, scope: Scope, status: int, seconds: float
+) -> None:
+    """Record one HTTP request: the latency histogram, and a log line (debug when it succeeded)."""
+    route = scope.get("route")
+    template = getattr(route, "path", None) or "unmatched"
+    metrics.observe_request(scope["method"], template, status, seconds)
+    # successful requests are logged at debug level (the latency histogram counts them): formatting a JSON
+    # log line costs ~15% of a hot request
+    (log.info if status >= 400 else log.debug)(
+        "http.request", method=scope["method"], path=template, status=status, ms=round(seconds * 1000, 3)
+    )
+
+
+def _build(settings: ApiSettings) -> _App:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         ctx: AppContext | None = getattr(app.state, "ctx", None)
@@ -217,8 +232,8 @@ def create_app(manager: Manager, settings: ApiSettings | None = None, *, metrics
     )
     manager.subscribe(metrics.on_event)
     metrics.watch_pools(manager.pool_statistics)
-    app.add_middleware(FastPath, fastapi=app)  # inside _Observe: the hot routes are timed and logged too
     app.add_middleware(_Observe, metrics=metrics, log=log)
+    app.fast = FastPath(app.stack, app, observe=lambda scope, status, s: observe(metrics, log, scope, status, s))
     return app
 
 

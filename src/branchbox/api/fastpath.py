@@ -1,17 +1,19 @@
-"""The hot routes without FastAPI's per-request machinery (dependency solving, routing through every route,
-response re-validation): ``POST /v1/sandboxes``, ``GET /v1/sandboxes/{id}`` and a foreground
+"""The hot routes without FastAPI's per-request machinery (middleware stack, dependency solving, routing through
+every route, response re-validation): ``POST /v1/sandboxes``, ``GET /v1/sandboxes/{id}`` and a foreground
 ``POST /v1/sandboxes/{id}/commands``.
 
-A pure ASGI middleware: it parses the body with the same pydantic model as the FastAPI route, checks the API key
-the same way and runs the same shared function. Whatever it does not handle the normal way (another route, not
-JSON, ``background=true``, a body that fails validation) goes on to FastAPI with the body replayed, so error
-messages and the OpenAPI document stay those of the FastAPI routes.
+It runs in front of the whole Starlette stack (``_App.__call__``) and does its own timing and logging. It parses
+the body with the same pydantic model as the FastAPI route, checks the API key the same way and runs the same
+shared function. Whatever it does not handle the normal way (another route, not JSON, ``background=true``, a body
+that fails validation) goes on to FastAPI with the body replayed, so error messages and the OpenAPI document stay
+those of the FastAPI routes.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -78,19 +80,26 @@ async def _read_body(receive: Receive) -> bytes:
 
 
 class FastPath:
-    """Serves the hot routes directly; everything else (and anything unusual) goes to ``app``."""
+    """Serves the hot routes directly; everything else (and anything unusual) goes to ``app``.
 
-    def __init__(self, app: ASGIApp, fastapi: FastAPI) -> None:
+    ``observe(scope, status, seconds)`` records each request it serves itself (``app`` records the others)."""
+
+    def __init__(self, app: ASGIApp, fastapi: FastAPI, *, observe: Callable[[Scope, int, float], None]) -> None:
         self.app = app
         self.fastapi = fastapi
+        self.observe = observe
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            rest = await self._fast(scope, receive, send)
-            if rest is not None:
-                await self.app(scope, rest, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
             return
-        await self.app(scope, receive, send)
+        structlog.contextvars.clear_contextvars()
+        t0 = time.perf_counter()
+        rest = await self._fast(scope, receive, send)
+        if rest is not None:
+            await self.app(scope, rest, send)
+        elif "route" in scope:  # served here (not a client that went away before its body came)
+            self.observe(scope, scope.pop("branchbox.status", 500), time.perf_counter() - t0)
 
     async def _fast(self, scope: Scope, receive: Receive, send: Send) -> Receive | None:  # noqa: PLR0911 - flat
         """Serve a hot route; else return the ``receive`` to hand to the app (the body replayed if it was read)."""
@@ -150,8 +159,17 @@ class FastPath:
             ctx.metrics.count_api_error(exc.code)
             if exc.http_status >= 500:
                 ctx.log.error("api.error", code=exc.code, message=exc.message)  # noqa: TRY400 - expected, no trace
+            scope["branchbox.status"] = exc.http_status
             await _respond(send, exc.http_status, error_json(exc.code, exc.message, exc.details or None))
             return
+        except Exception as exc:  # the same answer as the app's handler of unexpected errors
+            ctx.metrics.count_api_error("internal")
+            ctx.log.exception("api.unexpected", error_type=type(exc).__name__)
+            scope["branchbox.status"] = 500
+            message = f"internal error ({type(exc).__name__}); see the daemon log"
+            await _respond(send, 500, error_json("internal", message))
+            return
+        scope["branchbox.status"] = status
         await _respond(send, status, model.__pydantic_serializer__.to_json(model))
 
 
