@@ -210,6 +210,18 @@ def test_simple_command_detection() -> None:
     assert agent_server.shell_argv("echo a && echo b")[1:] == ["-c", "echo a && echo b"]
 
 
+def test_builtins_with_a_program_twin_skip_the_shell(tmp_path: Path) -> None:
+    """true/false/echo run as programs when they exist on PATH and mean the same; otherwise the shell runs them."""
+    argv = agent_server.shell_argv
+    assert argv("true") == ["true"]
+    assert argv("echo hello world") == ["echo", "hello", "world"]
+    assert argv("echo --help")[1] == "-c"  # coreutils echo would print its help
+    assert argv("true x")[1] == "-c"  # coreutils true parses --help/--version
+    assert argv("echo $HOME")[1] == "-c"
+    assert argv("cd /tmp")[1] == "-c"
+    assert argv("true", str(tmp_path))[1] == "-c"  # no such program on this PATH
+
+
 # -- exec ---------------------------------------------------------------------------------------------
 
 
