@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -22,8 +23,15 @@ MIN_PIDS = 16
 MAX_PIDS = 65536
 
 
+@functools.cache
 def host_memory_mb() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
+
+
+@functools.cache
+def host_cpus() -> int:
+    """Cores of this host (read once: ``os.cpu_count`` reads sysfs on every call)."""
+    return os.cpu_count() or 1
 
 
 def env(values: Mapping[str, str] | None) -> dict[str, str]:
@@ -70,7 +78,7 @@ def timeout(value: float | None, *, default: float, maximum: float) -> float | N
 
 
 def resources(cpu: float, memory_mb: int, pids: int) -> None:
-    ncpu = os.cpu_count() or 1
+    ncpu = host_cpus()
     if isinstance(cpu, bool) or not isinstance(cpu, int | float) or not (0.01 <= cpu <= ncpu):
         raise BadRequestError(f"cpu is {cpu!r}: pass a number of cores between 0.01 and {ncpu} (this host)")
     mem_max = host_memory_mb()

@@ -91,10 +91,10 @@ class TemplateStore:
 
     def _name_target(self, name: str) -> str | None:
         try:
-            target = os.path.basename(os.readlink(self._names / name))
-        except (FileNotFoundError, NotADirectoryError, OSError):
+            target = os.path.basename(os.readlink(f"{self._names}/{name}"))
+        except OSError:
             return None
-        return target if (self.root / target / _META).is_file() else None
+        return target if os.path.isfile(f"{self.root}/{target}/{_META}") else None
 
     def _names_by_digest(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
@@ -119,16 +119,20 @@ class TemplateStore:
 
     def resolve(self, name_or_digest: str) -> str:
         """The digest a name (or digest, or unique digest prefix of 12+ characters) refers to."""
-        if is_digest(name_or_digest) and (self.root / name_or_digest / _META).is_file():
-            return name_or_digest
+        return self._resolve(name_or_digest)[0]
+
+    def _resolve(self, name_or_digest: str) -> tuple[str, bool]:
+        """(digest, True when ``name_or_digest`` is a name)."""
+        if is_digest(name_or_digest) and os.path.isfile(f"{self.root}/{name_or_digest}/{_META}"):
+            return name_or_digest, False
         if "/" not in name_or_digest and name_or_digest not in ("", ".", ".."):
             digest = self._name_target(name_or_digest)
             if digest is not None:
-                return digest
+                return digest, True
         if len(name_or_digest) >= 12 and all(c in "0123456789abcdef" for c in name_or_digest):
             matches = [d for d in self._digest_dirs() if d.startswith(name_or_digest)]
             if len(matches) == 1:
-                return matches[0]
+                return matches[0], False
         raise self._not_found(name_or_digest)
 
     def _meta(self, digest: str) -> dict[str, Any]:
@@ -157,8 +161,8 @@ class TemplateStore:
 
     def get(self, name_or_digest: str) -> TemplateInfo:
         """Metadata of a template; TemplateNotFoundError says how to build it."""
-        digest = self.resolve(name_or_digest)
-        if digest == name_or_digest or not self._name_target(name_or_digest):
+        digest, by_name = self._resolve(name_or_digest)
+        if not by_name:
             names = self._names_by_digest().get(digest, [])
             return self._info(digest, names[0] if names else digest)
         return self._info(digest, name_or_digest)
