@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
+import httpx
 import pytest
 
 import branchbox.sdk as sdk
@@ -220,6 +221,11 @@ def test_sync_wire_keeps_connections_alive_and_replaces_closed_ones(local_server
         assert wire.request("GET", "/drop", None, 10).status_code == 200  # closed silently after the answer
         assert wire.request("DELETE", "/b", None, 10).json()["method"] == "DELETE"  # a new connection, no error
         assert len(_Handler.connections) == 3
+        assert wire.request("GET", "/chunked", None, 10).json()["path"] == "/chunked"
+        assert wire.request("GET", "/after-chunked", None, 10).json()["path"] == "/after-chunked"  # still in sync
+        assert len(_Handler.connections) == 3
+        with pytest.raises(httpx.InvalidURL):
+            wire.request("GET", "/x\r\nInjected: 1", None, 10)
     finally:
         wire.close()
     assert shared_wire(ConnectionConfig.resolve(base_url=local_server, env={})) is shared_wire(

@@ -1,4 +1,4 @@
-"""The sync SDK's fast path for small JSON requests: keep-alive HTTP/1.1 on the standard library's http.client.
+"""The sync SDK's fast path for small JSON requests: keep-alive HTTP/1.1 on plain sockets.
 
 httpx costs about 0.5 ms of Python per request (URL merging, its h11 state machine, two sends per request);
 create, exec and get are single small request/response pairs, so they go through this lean path instead:
@@ -16,7 +16,9 @@ import atexit
 import http.client
 import json
 import os
+import re
 import select
+import socket
 import threading
 from typing import Any
 from urllib.parse import urlsplit
@@ -46,6 +48,92 @@ class Reply:
         return json.loads(self.content)
 
 
+class _Conn:
+    """One keep-alive HTTP/1.1 connection: requests written in one ``sendall``, responses parsed by hand
+    (http.client parses headers with the email package: ~0.2 ms per response)."""
+
+    __slots__ = ("buf", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+
+    def idle_ok(self) -> bool:
+        """An idle keep-alive connection must have nothing to read; readable means closed by the daemon."""
+        return not self.buf and not select.select([self.sock], [], [], 0)[0]
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise http.client.RemoteDisconnected("the daemon closed the connection")
+        self.buf += chunk
+
+    def _take(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            self._fill()
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def _line(self) -> bytes:
+        while (i := self.buf.find(b"\r\n")) < 0:
+            if len(self.buf) > _MAX_HEAD:
+                raise http.client.LineTooLong("response header line")
+            self._fill()
+        out, self.buf = self.buf[:i], self.buf[i + 2 :]
+        return out
+
+    def exchange(self, request: bytes, head_only: bool) -> tuple[Reply, bool]:
+        """Send ``request``; return the reply and whether the connection can be reused."""
+        self.sock.sendall(request)
+        while (end := self.buf.find(b"\r\n\r\n")) < 0:
+            if len(self.buf) > _MAX_HEAD:
+                raise http.client.LineTooLong("response header")
+            self._fill()
+        head, self.buf = self.buf[:end].decode("latin-1"), self.buf[end + 4 :]
+        status_line, *lines = head.split("\r\n")
+        parts = status_line.split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+            raise http.client.BadStatusLine(status_line)
+        status = int(parts[1])
+        headers: dict[str, str] = {}
+        for line in lines:
+            key, sep, value = line.partition(":")
+            if sep:
+                headers[key.strip().lower()] = value.strip()
+        keep = parts[0] == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
+        if head_only or status in (204, 304) or 100 <= status < 200:
+            content = b""
+        elif "content-length" in headers:
+            content = self._take(int(headers["content-length"]))
+        elif headers.get("transfer-encoding", "").lower() == "chunked":
+            content = self._chunked()
+        else:  # delimited by the end of the connection
+            content, keep = self._rest(), False
+        return Reply(status, headers, content), keep
+
+    def _chunked(self) -> bytes:
+        chunks = []
+        while size := int(self._line().split(b";", 1)[0], 16):
+            chunks.append(self._take(size))
+            self._take(2)
+        while self._line():  # trailers, then the empty line
+            pass
+        return b"".join(chunks)
+
+    def _rest(self) -> bytes:
+        while chunk := self.sock.recv(65536):
+            self.buf += chunk
+        out, self.buf = self.buf, b""
+        return out
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+_MAX_HEAD = 65536
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 class Wire:
     """A small pool of keep-alive connections to one daemon. Thread-safe; ``close()`` drops them all."""
 
@@ -55,28 +143,32 @@ class Wire:
         self._host = parts.hostname or "127.0.0.1"
         self._port = parts.port or (443 if self._https else 80)
         self._prefix = parts.path.rstrip("/")
-        self._headers = {**config.headers(), "host": parts.netloc, "accept": "application/json"}
-        self._idle: list[http.client.HTTPConnection] = []
+        headers = {**config.headers(), "host": parts.netloc, "accept": "application/json"}
+        for key, value in headers.items():
+            if _CONTROL.search(key) or _CONTROL.search(value):
+                raise httpx.InvalidURL(f"header {key!r} holds a control character: check the URL and API key")
+        self._head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        self._idle: list[_Conn] = []
         self._lock = threading.Lock()
         self._closed = False
 
-    def _new(self, timeout: float | None) -> http.client.HTTPConnection:
+    def _new(self, timeout: float | None) -> _Conn:
+        sock = socket.create_connection((self._host, self._port), timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self._https:
-            return http.client.HTTPSConnection(self._host, self._port, timeout=timeout, context=default_ssl_context())
-        return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+            sock = default_ssl_context().wrap_socket(sock, server_hostname=self._host)
+        return _Conn(sock)
 
-    def _take(self) -> http.client.HTTPConnection | None:
+    def _take(self) -> _Conn | None:
         with self._lock:
             while self._idle:
                 conn = self._idle.pop()
-                sock = conn.sock
-                # an idle keep-alive connection must have nothing to read; readable means closed by the daemon
-                if sock is not None and not select.select([sock], [], [], 0)[0]:
+                if conn.idle_ok():
                     return conn
                 conn.close()
         return None
 
-    def _give_back(self, conn: http.client.HTTPConnection) -> None:
+    def _give_back(self, conn: _Conn) -> None:
         with self._lock:
             if not self._closed and len(self._idle) < MAX_IDLE:
                 self._idle.append(conn)
@@ -86,33 +178,33 @@ class Wire:
     def request(self, method: str, path: str, body: bytes | None, timeout: float | None) -> Reply:
         """One request. A reused connection the daemon closed meanwhile is retried once on a new one (the
         request never reached the daemon: it closes idle connections only between requests)."""
+        if _CONTROL.search(path) or " " in path:
+            raise httpx.InvalidURL(f"the request path {path!r} holds a space or control character")
+        head = f"{method} {self._prefix}{path} HTTP/1.1\r\n{self._head}"
+        if body is None:
+            raw = (head + "\r\n").encode("latin-1")
+        else:
+            raw = (head + f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n").encode(
+                "latin-1"
+            ) + body
         conn = self._take()
         if conn is not None:
             try:
-                return self._exchange(conn, method, path, body, timeout, reused=True)
+                return self._exchange(conn, raw, method, timeout, reused=True)
             except _Stale:
                 pass
-        return self._exchange(self._new(timeout), method, path, body, timeout, reused=False)
-
-    def _exchange(
-        self,
-        conn: http.client.HTTPConnection,
-        method: str,
-        path: str,
-        body: bytes | None,
-        timeout: float | None,
-        *,
-        reused: bool,
-    ) -> Reply:
-        headers = dict(self._headers)
-        if body is not None:
-            headers["content-type"] = "application/json"
         try:
-            if conn.sock is not None:
-                conn.sock.settimeout(timeout)
-            conn.request(method, self._prefix + path, body=body, headers=headers)
-            resp = conn.getresponse()
-            content = resp.read()
+            conn = self._new(timeout)
+        except TimeoutError as exc:
+            raise httpx.ConnectTimeout(f"no connection within {timeout} s") from exc
+        except OSError as exc:
+            raise httpx.ConnectError(str(exc) or type(exc).__name__) from exc
+        return self._exchange(conn, raw, method, timeout, reused=False)
+
+    def _exchange(self, conn: _Conn, raw: bytes, method: str, timeout: float | None, *, reused: bool) -> Reply:
+        try:
+            conn.sock.settimeout(timeout)
+            reply, keep = conn.exchange(raw, method == "HEAD")
         except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
             conn.close()
             if reused:
@@ -121,14 +213,13 @@ class Wire:
         except TimeoutError as exc:
             conn.close()
             raise httpx.ReadTimeout(f"no answer within {timeout} s") from exc
-        except (OSError, http.client.HTTPException) as exc:
+        except (OSError, ValueError, http.client.HTTPException) as exc:
             conn.close()
             raise httpx.ConnectError(str(exc) or type(exc).__name__) from exc
-        reply = Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, content)
-        if resp.will_close:
-            conn.close()
-        else:
+        if keep:
             self._give_back(conn)
+        else:
+            conn.close()
         return reply
 
     def close(self) -> None:
