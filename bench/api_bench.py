@@ -1,7 +1,8 @@
 """API-level numbers for ``make bench``: the SDK over HTTP against a real ``branchbox serve`` on loopback.
 
-``bench_api``: cold create -> first exec, destroy, exec round trips, the HTTP floor. Compare with the in-process
-``core:`` rows of the same run; the goal is <= 1 ms p50 added by the API.
+``bench_api``: cold create -> first exec, destroy, exec round trips, the HTTP floor. ``bench_paired`` measures what
+the API adds: in-process Manager calls and the same calls through the SDK over HTTP, interleaved one by one in one
+event loop, so both see the same machine load (the goal is <= 1 ms p50 added by the API).
 
 ``bench_pools`` (called from ``bench_api``): a daemon with a warm pool of 32 for the default template; create ->
 first command result warm and cold, sequential and in bursts of 32 concurrent. The pool refills between
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import httpx
 
+from branchbox.core.manager import Manager
 from branchbox.core.settings import ManagerSettings
 from branchbox.sdk import AsyncSandbox, Sandbox
 from stats import Summary, summarize
@@ -145,7 +147,56 @@ def bench_api(settings: ManagerSettings, runs: int, results: Results) -> None:
         results["api: HTTP floor (GET /health, SDK keep-alive path)"] = summarize(health)
         warm.kill()
         warm.close()
+        asyncio.run(bench_paired(settings, url, runs, results))
     bench_pools(settings, runs, results)
+
+
+async def bench_paired(settings: ManagerSettings, url: str, runs: int, results: Results) -> None:
+    """In-process vs over HTTP, alternating call by call: cold create -> first exec, and the exec round trip."""
+    inproc_dir = settings.data_dir / "paired"
+    inproc_dir.mkdir(parents=True, exist_ok=True)
+    local = ManagerSettings(
+        data_dir=inproc_dir,
+        templates_dir=settings.template_root,
+        cgroup_parent=f"{settings.cgroup_parent}-paired",
+        keep_sandboxes_on_shutdown=False,
+    )
+    rows: dict[str, list[float]] = {k: [] for k in ("create_local", "create_http", "exec_local", "exec_http")}
+    async with Manager.open(local) as m:
+        info = await m.create()
+        sbx = await AsyncSandbox.create(base_url=url)
+        try:
+            for _ in range(3):  # warm both paths
+                await m.exec(info.id, "true")
+                await sbx.commands.run("true")
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                new = await m.create()
+                await m.exec(new.id, "true")
+                rows["create_local"].append(_ms(t0))
+                await m.destroy(new.id)
+                t0 = time.perf_counter()
+                other = await AsyncSandbox.create(base_url=url)
+                await other.commands.run("true")
+                rows["create_http"].append(_ms(t0))
+                await other.kill()
+                await other.close()
+                for _ in range(4):
+                    t0 = time.perf_counter()
+                    await m.exec(info.id, "true")
+                    rows["exec_local"].append(_ms(t0))
+                    t0 = time.perf_counter()
+                    await sbx.commands.run("true")
+                    rows["exec_http"].append(_ms(t0))
+        finally:
+            await sbx.kill()
+            await sbx.close()
+            await m.destroy(info.id)
+    for what, label in (("create", "cold create -> first exec"), ("exec", "exec round trip (true)")):
+        local_s, http_s = summarize(rows[f"{what}_local"]), summarize(rows[f"{what}_http"])
+        results[f"paired: {label}, in-process Manager"] = local_s
+        results[f"paired: {label}, async SDK over HTTP"] = http_s
+        print(f"paired {label}: the API adds {http_s.p50 - local_s.p50:.2f} ms at p50", file=sys.stderr)
 
 
 async def _async_exec(url: str, sandbox_id: str, n: int) -> list[float]:

@@ -146,6 +146,32 @@ def bench_docker(rootfs: Path, runs: int, results: Results) -> None:
         base = ["docker", "-H", f"unix://{d.sock}", "run", "--rm", "--network", "none", "branchbox-bench:latest"]
         subprocess.run([*base, "true"], check=True, capture_output=True)  # first run warms the image
         results["baseline: docker run --rm (template image) true"] = summarize(timed_subprocess([*base, "true"], runs))
+        bench_docker_commit(d, max(3, runs // 6), results)
+
+
+def bench_docker_commit(d: Dockerd, runs: int, results: Results) -> None:
+    """The snapshot baseline: ``docker commit`` of a container holding the 20k-file tree, and ``docker run`` of the
+    committed image (a fork, the docker way)."""
+    from snapshot_bench import TREE  # noqa: PLC0415 - the same tree the snapshot section uses
+
+    name = "branchbox-bench-tree"
+    d.docker("rm", "-f", name, check=False)
+    d.docker("run", "--name", name, "--network", "none", "branchbox-bench:latest", "python3", "-c", TREE)
+    commit: list[float] = []
+    run_from: list[float] = []
+    try:
+        for i in range(runs):
+            image = f"branchbox-bench-snap:{i}"
+            t0 = time.perf_counter()
+            d.docker("commit", name, image)
+            commit.append((time.perf_counter() - t0) * 1e3)
+            t0 = time.perf_counter()
+            d.docker("run", "--rm", "--network", "none", image, "true")
+            run_from.append((time.perf_counter() - t0) * 1e3)
+    finally:
+        d.docker("rm", "-f", name, check=False)
+    results["baseline: docker commit (20k-file container)"] = summarize(commit)
+    results["baseline: docker run --rm of the committed image, true"] = summarize(run_from)
 
 
 def write_results(results: Results, meta: dict[str, object]) -> Path:
