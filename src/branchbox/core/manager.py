@@ -709,7 +709,7 @@ class Manager:
             try:
                 with timer.phase("capture"):
                     upper = self._driver.upper_dir(self._sandbox_dir(sid))
-                    layer = await asyncio.to_thread(self._driver.freeze_upper, upper, dest)
+                    layer = await asyncio.to_thread(self._driver.freeze_upper, upper, dest, durable=not hidden)
             except BaseException as exc:
                 await asyncio.to_thread(self._driver.remove_layer, dest)
                 if live.destroying:
@@ -736,7 +736,7 @@ class Manager:
             files=layer.files,
         )
         try:
-            with timer.phase("store"), self._db.durable():
+            with timer.phase("store"), self._db.durable() if not hidden else contextlib.nullcontext():
                 self._db.insert_layer(LayerRecord(lid, dest, lowers[0] if lowers else None, self._driver.name,
                                                   layer.size_bytes, layer.files, now))  # fmt: skip
                 self._db.insert_snapshot(replace(snap, timings=timer.as_dict()), hidden=hidden)

@@ -50,8 +50,10 @@ class StorageDriver(Protocol):
     def remove_sandbox(self, sandbox_dir: Path) -> None:
         """Remove a sandbox's directories whatever state they are in. Missing is fine."""
 
-    def freeze_upper(self, upper: Path, dest: Path) -> LayerInfo:
-        """Make an immutable layer at ``dest`` from ``upper`` (the sandbox is frozen meanwhile). Durable on return."""
+    def freeze_upper(self, upper: Path, dest: Path, *, durable: bool = True) -> LayerInfo:
+        """Make an immutable layer at ``dest`` from ``upper`` (the sandbox is frozen meanwhile). With ``durable``
+        it is on disk on return; without (a fork's throw-away layer: its children die with the host anyway) the
+        OS writes it back when it likes."""
 
     def remove_layer(self, path: Path) -> None:
         """Remove a layer. Missing is fine."""

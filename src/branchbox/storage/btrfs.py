@@ -136,10 +136,11 @@ class BtrfsDriver:
         delete_subvolume(sandbox_dir / "fs")
         remove_sandbox_dirs(sandbox_dir)
 
-    def freeze_upper(self, upper: Path, dest: Path) -> LayerInfo:
+    def freeze_upper(self, upper: Path, dest: Path, *, durable: bool = True) -> LayerInfo:
         delete_subvolume(dest)
         snapshot(upper.parent, dest, readonly=True)
-        fsync_dir(dest.parent)
+        if durable:
+            fsync_dir(dest.parent)
         return LayerInfo(path=dest)
 
     def remove_layer(self, path: Path) -> None:
