@@ -18,7 +18,7 @@ APT_PACKAGES := mmdebstrap bubblewrap busybox-static git ca-certificates iproute
 	python3 python3-venv tar xz-utils zstd btrfs-progs
 BENCH_APT_PACKAGES := docker.io
 
-.PHONY: help setup apt venv template run test test-fast bench lint format clean
+.PHONY: help setup apt venv storage template run test test-fast bench lint format clean
 
 help:
 	@echo "make run    set up (apt packages, virtualenv, default template) and start the daemon on 127.0.0.1"
@@ -26,7 +26,7 @@ help:
 	@echo "make bench  benchmarks with baselines (docker, bwrap, unshare) -> bench/results/"
 	@echo "make lint   ruff + mypy strict"
 
-setup: apt venv template
+setup: apt venv storage template
 
 apt:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
@@ -43,7 +43,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $@
 
-template: apt venv
+# a fresh data dir gets its own btrfs filesystem (a sparse file next to it): O(1) snapshots and forks
+storage: apt venv
+	$(BB) storage prepare --data-dir $(DATA_DIR)
+
+template: apt venv storage
 	$(BB) template build --default --data-dir $(DATA_DIR)
 
 run: setup

@@ -20,13 +20,27 @@ def _cgroup_dirs(parent_name: str) -> set[str]:
     return found
 
 
+# Loop filesystems that test fixtures mount for a whole module (other workers mount them at any time).
+FIXTURE_MOUNTS = ("btrfs-", "prep-")
+
+
+def _mounts() -> frozenset[str]:
+    """Mount points of the host, without the fixtures' own loop filesystems."""
+    out = set()
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = line.split(" ", 5)[4]
+        if not Path(point).name.startswith(FIXTURE_MOUNTS):
+            out.add(point)
+    return frozenset(out)
+
+
 def _processes() -> set[int]:
     return {int(p) for p in os.listdir("/proc") if p.isdigit()}
 
 
 @dataclass(frozen=True)
 class HostSnapshot:
-    mounts: int
+    mounts: frozenset[str]
     cgroups: frozenset[str]
     fds: int
     processes: frozenset[int]
@@ -35,7 +49,7 @@ class HostSnapshot:
     @classmethod
     def take(cls, cgroup_parent: str) -> HostSnapshot:
         return cls(
-            mounts=len(Path("/proc/self/mountinfo").read_text().splitlines()),
+            mounts=_mounts(),
             cgroups=frozenset(_cgroup_dirs(cgroup_parent)),
             fds=len(os.listdir("/proc/self/fd")),
             processes=frozenset(_processes()),
@@ -43,7 +57,7 @@ class HostSnapshot:
         )
 
     def assert_same(self, before: HostSnapshot) -> None:
-        assert self.mounts == before.mounts, "host mounts leaked"
+        assert self.mounts <= before.mounts, f"host mounts leaked: {sorted(self.mounts - before.mounts)[:5]}"
         assert self.cgroups == before.cgroups, f"cgroups leaked: {sorted(self.cgroups - before.cgroups)[:5]}"
         assert self.fds <= before.fds + 2, f"fds leaked: {before.fds} -> {self.fds}"
         new = self.processes - before.processes

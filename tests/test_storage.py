@@ -4,8 +4,10 @@ overlay's rules; btrfs subvolume ioctls. Needs root (device whiteouts, chown, lo
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import stat
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,9 +19,11 @@ from branchbox.storage import btrfs
 from branchbox.storage.base import StorageDriver
 from branchbox.storage.btrfs import BtrfsDriver
 from branchbox.storage.flatten import is_opaque, is_whiteout
-from branchbox.storage.fsutil import OPAQUE_XATTR
+from branchbox.storage.fsutil import BTRFS_SUPER_MAGIC, OPAQUE_XATTR, fs_type
 from branchbox.storage.overlay import OverlayDriver
+from branchbox.storage.prepare import image_path, prepare
 from branchbox.storage.select import make_driver
+from tests.conftest import TEST_ROOT
 from tests.test_snapshots import btrfs_root  # noqa: F401 - the session's btrfs loop filesystem
 
 pytestmark = [pytest.mark.root]
@@ -162,3 +166,39 @@ def test_btrfs_snapshot_ioctls(btrfs_root: Path) -> None:  # noqa: F811
         btrfs.delete_subvolume(snap)
         btrfs.delete_subvolume(vol)
     assert not vol.exists() and not snap.exists()
+
+
+@pytest.fixture
+def fresh_data_dir() -> Iterator[Path]:
+    """A data dir path that does not exist yet; whatever ``prepare`` mounts there is unmounted afterwards."""
+    d = TEST_ROOT / f"prep-{secrets.token_hex(4)}"
+    try:
+        yield d
+    finally:
+        if d.is_dir() and fs_type(d) == BTRFS_SUPER_MAGIC:
+            subprocess.run(["umount", str(d)], check=False)
+        shutil.rmtree(d, ignore_errors=True)
+        image_path(d).unlink(missing_ok=True)
+
+
+@pytest.mark.skipif(shutil.which("mkfs.btrfs") is None, reason="mkfs.btrfs is missing: apt-get install btrfs-progs")
+def test_prepare_gives_a_fresh_data_dir_btrfs_and_mounts_it_again(fresh_data_dir: Path) -> None:
+    first = prepare(fresh_data_dir, size_gb=1)
+    assert first.action == "created"
+    assert fs_type(fresh_data_dir) == BTRFS_SUPER_MAGIC
+    assert make_driver("auto", fresh_data_dir).name == "btrfs"
+    assert os.stat(image_path(fresh_data_dir)).st_blocks * 512 < 1 << 30  # sparse
+    assert prepare(fresh_data_dir).action == "already-btrfs"  # idempotent
+    subprocess.run(["umount", str(fresh_data_dir)], check=True)  # as after a reboot
+    assert prepare(fresh_data_dir).action == "mounted"
+    assert fs_type(fresh_data_dir) == BTRFS_SUPER_MAGIC
+
+
+def test_prepare_keeps_a_data_dir_that_holds_data(fresh_data_dir: Path) -> None:
+    fresh_data_dir.mkdir(parents=True)
+    (fresh_data_dir / "state.db").write_bytes(b"x")
+    done = prepare(fresh_data_dir, size_gb=1)
+    assert done.action == "kept-existing-data"
+    assert "move" in done.message  # says what to do for snapshots in O(1)
+    assert not image_path(fresh_data_dir).exists()
+    assert (fresh_data_dir / "state.db").read_bytes() == b"x"

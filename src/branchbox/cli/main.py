@@ -16,6 +16,7 @@ from rich.table import Table
 from branchbox.cli import shell as shell_mod
 from branchbox.cli.pools import pools
 from branchbox.cli.snapshots import fork, reset, restore, snapshot
+from branchbox.cli.storage import storage
 from branchbox.cli.templates import template
 from branchbox.sdk import Sandbox, SandboxError, SandboxInfo
 
@@ -358,6 +359,7 @@ def key_new() -> None:
 
 cli.add_command(template)
 cli.add_command(pools)
+cli.add_command(storage)
 for _cmd in (snapshot, fork, restore, reset):
     cli.add_command(_cmd)
 
