@@ -184,7 +184,7 @@ class DaemonProc:
 
     def leftovers(self) -> list[str]:
         """Cgroups and processes of this daemon's sandboxes still on the host."""
-        cgroups = sorted(_cgroup_dirs(self.cgroup_parent))
+        cgroups = sorted(_cgroup_dirs(self.cgroup_parent, spares=True))
         procs = [str(p) for p in os.listdir("/proc") if p.isdigit() and _in_cgroup_tree(int(p), self.cgroup_parent)]
         return cgroups + procs
 

@@ -15,14 +15,16 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from branchbox.agent.client import AgentClient
 from branchbox.backends.base import BootSpec, IdMap, SandboxHandle
 from branchbox.backends.container import ContainerBackend
+from branchbox.backends.container.zygote import SPARE_PREFIX, SPARES
 from branchbox.core.models import ExecResult, Resources, TemplateInfo
 from branchbox.core.timing import PhaseTimer
 from branchbox.errors import BackendError
@@ -41,6 +43,17 @@ def _mountinfo() -> list[str]:
 
 def _fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+async def _eventually_async(
+    get: Callable[[], Awaitable[dict[str, Any]]], pred: Callable[[dict[str, Any]], bool], timeout: float = 10.0
+) -> bool:
+    deadline = time.monotonic() + timeout
+    while not pred(await get()):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
 
 
 async def _eventually(pred: Callable[[], bool], timeout: float = 10.0) -> bool:
@@ -413,17 +426,42 @@ async def test_create_destroy_200_times_leaves_nothing(backend: ContainerBackend
         assert not sbx.spec.run_dir.exists()
     assert _mountinfo() == mounts
     assert _fd_count() == fds
-    assert backend._cg().list_ids() == set()
+    left = backend._cg().list_ids()
+    spares = {i for i in left if i.startswith(SPARE_PREFIX)}
+    assert left == spares  # only the zygote's spare shells, which never pile up:
+    assert len(spares) <= SPARES
     assert list(sandboxes.root.iterdir()) == []
     out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
     assert "bbagent" not in out
 
 
 async def test_boot_records_phases(sandboxes: Factory, backend: ContainerBackend) -> None:
-    spec = sandboxes.spec()
-    timer = PhaseTimer()
-    handle = await backend.boot(spec, timer)
-    sandboxes.made[spec.sandbox_id] = (sandboxes.made[spec.sandbox_id][0], handle, None)
-    phases = timer.as_dict()
-    for name in ("cgroup", "fork", "unshare", "userns_map", "init", "zygote_rtt"):
-        assert name in phases
+    """A burst larger than the spare shells: the first boots claim spares, the others make their own shell."""
+    assert await _eventually_async(backend.zygote_status, lambda st: st["spares_ready"] == SPARES)
+    specs = [sandboxes.spec() for _ in range(SPARES + 2)]
+    timers = [PhaseTimer() for _ in specs]
+    handles = await asyncio.gather(*(backend.boot(spec, t) for spec, t in zip(specs, timers, strict=True)))
+    paths = set()
+    for spec, handle, timer in zip(specs, handles, timers, strict=True):
+        sandboxes.made[spec.sandbox_id] = (sandboxes.made[spec.sandbox_id][0], handle, None)
+        phases = timer.as_dict()
+        for name in ("request", "holder", "init", "zygote_rtt"):
+            assert name in phases
+        assert ("cgroup" in phases) != ("shell" in phases and "unshare" in phases)
+        paths.add("spare" if "cgroup" in phases else "own")
+    assert paths == {"spare", "own"}
+
+
+async def test_a_spare_shell_killed_from_outside_is_replaced(sandboxes: Factory, backend: ContainerBackend) -> None:
+    assert await _eventually_async(backend.zygote_status, lambda st: st["spares_ready"] == SPARES)
+    cg = backend._cg()
+    spares = sorted(i for i in cg.list_ids() if i.startswith(SPARE_PREFIX))
+    victims = cg.pids(spares[0])
+    assert victims  # the holder waits in its cgroup
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    sbxs = [await sandboxes.boot() for _ in range(SPARES + 1)]  # more boots than spares: all still work
+    for sbx in sbxs:
+        assert (await sbx.run(["true"])).exit_code == 0
+    assert await _eventually(lambda: spares[0] not in cg.list_ids())  # the dead spare's cgroup went
+    assert await _eventually_async(backend.zygote_status, lambda st: st["spares_ready"] == SPARES)

@@ -88,7 +88,7 @@ def make_backend(kind: str, settings: ManagerSettings) -> Backend:
     if kind == "container":
         from branchbox.backends.container import ContainerBackend  # noqa: PLC0415 - lazy by design
 
-        return ContainerBackend(settings.data_dir / "run", cgroup_parent=settings.cgroup_parent)
+        return ContainerBackend(settings.data_dir / "run", cgroup_parent=settings.cgroup_parent, idmap=settings.idmap)
     raise NotSupportedError(f"backend {kind!r} is not available here; use one of: container")
 
 

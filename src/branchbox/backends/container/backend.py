@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import branchbox
-from branchbox.backends.base import BootSpec, Capabilities, SandboxHandle
+from branchbox.backends.base import BootSpec, Capabilities, IdMap, SandboxHandle
 from branchbox.backends.container import cgroups as cg_mod
 from branchbox.backends.container import syscalls
-from branchbox.backends.container.zygote import AGENT_SOCKET, MAX_MESSAGE
+from branchbox.backends.container.zygote import AGENT_SOCKET, MAX_MESSAGE, SPARE_PREFIX
 from branchbox.core.timing import PhaseTimer
 from branchbox.errors import BackendError, NotSupportedError, TimeoutError_
 
@@ -40,9 +40,10 @@ class ContainerBackend:
     name = "container"
     capabilities = Capabilities(pause=True, fs_snapshot=True, fork=True, memory_snapshot=False, network=False)
 
-    def __init__(self, run_root: Path, *, cgroup_parent: str = "branchbox") -> None:
+    def __init__(self, run_root: Path, *, cgroup_parent: str = "branchbox", idmap: IdMap | None = None) -> None:
         self.run_root = Path(run_root)
         self.cgroup_parent = cgroup_parent
+        self.idmap = idmap or IdMap()  # the range the zygote's spare shells are mapped to
         self._cgroups: cg_mod.Cgroups | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
@@ -73,7 +74,7 @@ class ContainerBackend:
     async def _spawn_zygote(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            self._proc = _popen_zygote(theirs, self.run_root / "zygote.log", self.cgroup_parent)
+            self._proc = _popen_zygote(theirs, self.run_root / "zygote.log", self.cgroup_parent, self.idmap)
         finally:
             theirs.close()
         ours.setblocking(False)
@@ -90,6 +91,7 @@ class ContainerBackend:
             raise BackendError(f"container backend: zygote failed: {ready.get('error')}")
         self.zygote_info = ready
         self._sock = ours
+        await self._remove_stale_spares()
         self._reader = asyncio.create_task(self._read_replies(ours), name="branchbox-zygote-reader")
 
     async def _read_replies(self, sock: socket.socket) -> None:
@@ -200,6 +202,10 @@ class ContainerBackend:
             extra={f"cgroup.{k}": v for k, v in reply.get("cgroups", {}).items()},
         )
 
+    async def zygote_status(self) -> dict[str, Any]:
+        """The zygote's spare shells (ready, being made) and boots in flight."""
+        return await self._call({"op": "status"})
+
     def is_alive(self, handle: SandboxHandle) -> bool:
         try:
             with open(f"/proc/{handle.pid}/stat", "rb") as f:
@@ -289,13 +295,22 @@ class ContainerBackend:
                 sock.unlink()
 
     async def cleanup_orphans(self, keep: set[str]) -> list[str]:
-        orphans = sorted(self._cg().list_ids() - keep)
+        orphans = sorted(i for i in self._cg().list_ids() - keep if not i.startswith(SPARE_PREFIX))
         for sandbox_id in orphans:
             await self.destroy(sandbox_id, None)
+        await self._remove_stale_spares()
         return orphans
 
+    async def _remove_stale_spares(self) -> None:
+        """Cgroups of spare shells of a zygote that is gone (killed: its shells died with it)."""
+        live = f"{SPARE_PREFIX}{self.zygote_pid}-"
+        for name in self._cg().list_ids():
+            if name.startswith(SPARE_PREFIX) and not name.startswith(live):
+                with contextlib.suppress(BackendError):
+                    await self.destroy(name, None)
 
-def _popen_zygote(sock: socket.socket, log_path: Path, parent: str) -> subprocess.Popen[bytes]:
+
+def _popen_zygote(sock: socket.socket, log_path: Path, parent: str, idmap: IdMap) -> subprocess.Popen[bytes]:
     """Spawn the zygote (once per backend start; not on the boot path)."""
     src = str(Path(branchbox.__file__).resolve().parent.parent)
     env = dict(os.environ)
@@ -303,7 +318,7 @@ def _popen_zygote(sock: socket.socket, log_path: Path, parent: str) -> subproces
     cmd = [sys.executable, "-m", "branchbox.backends.container.zygote", "--fd", str(sock.fileno())]
     with open(log_path, "ab") as log:
         return subprocess.Popen(
-            [*cmd, "--parent", parent],
+            [*cmd, "--parent", parent, "--id-base", str(idmap.host_base), "--id-count", str(idmap.count)],
             pass_fds=(sock.fileno(),),
             stdin=subprocess.DEVNULL,
             stdout=log,

@@ -80,6 +80,26 @@ class Cgroups:
             p.mkdir(parents=True, exist_ok=True)
 
     def create(self, sandbox_id: str, cpu: float, memory_mb: int, pids: int) -> dict[str, Path]:
+        """Make the sandbox's directory in every hierarchy and write its limits."""
+        dirs = self.dirs(sandbox_id)
+        made: list[Path] = []
+        try:
+            for d in dirs.values():
+                d.mkdir()
+                made.append(d)
+            self.set_limits(sandbox_id, cpu, memory_mb, pids)
+        except OSError:
+            for d in made:
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+            raise
+        return dirs
+
+    def set_limits(self, sandbox_id: str, cpu: float, memory_mb: int, pids: int) -> None:
+        raise OSError(errno.ENOSYS, "abstract")  # pragma: no cover
+
+    def adopt(self, spare: str, sandbox_id: str, pid: int, cpu: float, memory_mb: int, pids: int) -> dict[str, Path]:
+        """Give the cgroups of a spare (whose only process is ``pid``) to ``sandbox_id``, with its limits."""
         raise OSError(errno.ENOSYS, "abstract")  # pragma: no cover
 
     def join(self, sandbox_id: str, pid: int = 0) -> None:
@@ -166,9 +186,8 @@ class CgroupsV2(Cgroups):
         if wanted:
             _write(self.parent / "cgroup.subtree_control", " ".join("+" + c for c in wanted))
 
-    def create(self, sandbox_id: str, cpu: float, memory_mb: int, pids: int) -> dict[str, Path]:
+    def set_limits(self, sandbox_id: str, cpu: float, memory_mb: int, pids: int) -> None:
         d = self.parent / sandbox_id
-        d.mkdir()
         have = self.available(d)
         if "memory" in have:
             _write(d / "memory.max", str(memory_mb * 1024 * 1024))
@@ -178,7 +197,17 @@ class CgroupsV2(Cgroups):
             _write(d / "cpu.max", f"{int(cpu * CPU_PERIOD_US)} {CPU_PERIOD_US}")
         if "pids" in have:
             _write(d / "pids.max", str(pids))
-        return {"unified": d}
+
+    def adopt(self, spare: str, sandbox_id: str, pid: int, cpu: float, memory_mb: int, pids: int) -> dict[str, Path]:
+        """cgroup2 forbids renaming: make the sandbox's cgroup and move the spare's process into it."""
+        dirs = self.create(sandbox_id, cpu, memory_mb, pids)
+        try:
+            self.join(sandbox_id, pid)
+        except OSError:
+            self.remove(sandbox_id)
+            raise
+        self.remove(spare)
+        return dirs
 
     def freeze(self, sandbox_id: str) -> None:
         _write(self.parent / sandbox_id / "cgroup.freeze", "1")
@@ -208,29 +237,42 @@ class CgroupsV2(Cgroups):
 class CgroupsV1(Cgroups):
     version = 1
 
-    def create(self, sandbox_id: str, cpu: float, memory_mb: int, pids: int) -> dict[str, Path]:
+    def set_limits(self, sandbox_id: str, cpu: float, memory_mb: int, pids: int) -> None:
         dirs = self.dirs(sandbox_id)
-        made: list[Path] = []
-        try:
-            for d in dirs.values():
-                d.mkdir()
-                made.append(d)
-        except OSError:
-            for d in made:
-                d.rmdir()
-            raise
         if "memory" in dirs:
             limit = str(memory_mb * 1024 * 1024)
-            _write(dirs["memory"] / "memory.limit_in_bytes", limit)
             memsw = dirs["memory"] / "memory.memsw.limit_in_bytes"
-            if memsw.exists():
-                _write(memsw, limit)
+            has_memsw = memsw.exists()
+            if has_memsw:  # memsw may never be below the memory limit: order the writes by direction
+                try:
+                    _write(memsw, limit)
+                    _write(dirs["memory"] / "memory.limit_in_bytes", limit)
+                except OSError:
+                    _write(dirs["memory"] / "memory.limit_in_bytes", limit)
+                    _write(memsw, limit)
+            else:
+                _write(dirs["memory"] / "memory.limit_in_bytes", limit)
         if "cpu" in dirs and cpu > 0:
             _write(dirs["cpu"] / "cpu.cfs_period_us", str(CPU_PERIOD_US))
             _write(dirs["cpu"] / "cpu.cfs_quota_us", str(int(cpu * CPU_PERIOD_US)))
         if "pids" in dirs:
             _write(dirs["pids"] / "pids.max", str(pids))
-        return dirs
+
+    def adopt(self, spare: str, sandbox_id: str, pid: int, cpu: float, memory_mb: int, pids: int) -> dict[str, Path]:
+        """v1 renames the spare's directories (no process moves: moving one costs a synchronize_rcu)."""
+        done: list[tuple[Path, Path]] = []
+        try:
+            for key, new in self.dirs(sandbox_id).items():
+                old = self.parents[key] / spare
+                os.rename(old, new)
+                done.append((old, new))
+            self.set_limits(sandbox_id, cpu, memory_mb, pids)
+        except OSError:
+            for old, new in reversed(done):
+                with contextlib.suppress(OSError):
+                    os.rename(new, old)
+            raise
+        return self.dirs(sandbox_id)
 
     def _freezer(self, sandbox_id: str) -> Path | None:
         p = self.parents.get("freezer")

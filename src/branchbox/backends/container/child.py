@@ -2,7 +2,8 @@
 
 Process chain for one sandbox (all forks of the single-threaded zygote)::
 
-    zygote ── fork ──> holder: join cgroups, unshare namespaces, wait for the id maps, open the layers,
+    zygote ── fork ──> holder: join cgroups, unshare namespaces, wait for the id maps (now a "shell": spares
+                       wait here, made ahead of demand), receive the boot request, open the layers,
                        become uid 0 of the new user namespace, fork, report the init's pid, exit
                        └── fork ──> init (pid 1 of the new pid namespace): overlay root, /proc, /dev, /tmp,
                                     pivot_root, hostname, lo, capabilities, no_new_privs, seccomp,
@@ -18,6 +19,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import stat
 import sys
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ from branchbox.backends.container.cgroups import Cgroups
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MOUNT_DIR = "mnt"  # in the run dir; holds the empty mount point "root"
+MAX_REQUEST = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,13 +55,21 @@ class BootRequest:
 
 @dataclass(frozen=True, slots=True)
 class ChildFds:
-    """Pipes and files the zygote hands to the holder (all CLOEXEC except where exec'd into the agent)."""
+    """What the sandbox init inherits from its holder."""
 
-    status_w: int  # "<step>: <message>" on failure, EOF on exec
-    sync_w: int  # holder -> zygote: b"u" after unshare, then the init's pid
-    go_r: int  # zygote -> holder: one byte once the id maps are written
+    status_w: int  # "<step>: <message>" on failure, EOF once the agent runs
     listen: int  # the agent's listening socket, becomes fd 3
     log: int  # the agent's stdout/stderr
+
+
+@dataclass(frozen=True, slots=True)
+class HolderFds:
+    """Pipes the zygote hands to a holder (all CLOEXEC)."""
+
+    status_w: int  # "<step>: <message>" on failure
+    sync_w: int  # holder -> zygote: b"u" after unshare, then the init's pid
+    go_r: int  # zygote -> holder: one byte once the id maps are written
+    ctl: int  # SOCK_SEQPACKET: the boot request (JSON) with the agent's listening socket and log file
     close: tuple[int, ...]  # zygote-only fds to close in the child
 
 
@@ -69,8 +80,12 @@ def _fail(status_w: int, step: str, exc: BaseException) -> None:
     os._exit(1)
 
 
-def run_holder(req: BootRequest, fds: ChildFds, cgroups: Cgroups, seccomp_bpf: bytes) -> None:
-    """Body of the holder process (never returns)."""
+def run_holder(cgroup: str, fds: HolderFds, cgroups: Cgroups, seccomp_bpf: bytes) -> None:
+    """Body of the holder process (never returns).
+
+    First it becomes a *shell*: in the cgroup ``cgroup``, in new namespaces with its id maps written, mounts
+    private. Then it waits for a boot request on ``fds.ctl`` (a spare shell waits until one is claimed; EOF: the
+    zygote is gone, exit) and boots it: open the layers, become uid 0 inside, fork the init, report its pid."""
     step = "holder"
     try:
         signal.set_wakeup_fd(-1)
@@ -79,10 +94,9 @@ def run_holder(req: BootRequest, fds: ChildFds, cgroups: Cgroups, seccomp_bpf: b
         for fd in fds.close:
             with contextlib.suppress(OSError):
                 os.close(fd)
-        if req.nice:
-            os.setpriority(os.PRIO_PROCESS, 0, req.nice)
+        syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)  # a spare never outlives the zygote
         step = "join cgroups"
-        cgroups.join(req.sandbox_id)
+        cgroups.join(cgroup)
         step = "setgroups"
         os.setgroups([])
         step = "unshare"
@@ -94,6 +108,26 @@ def run_holder(req: BootRequest, fds: ChildFds, cgroups: Cgroups, seccomp_bpf: b
         os.close(fds.go_r)
         step = "make mounts private"
         syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
+        step = "wait for a boot request"
+        ctl = socket.socket(fileno=fds.ctl)
+        raw, passed, _, _ = socket.recv_fds(ctl, MAX_REQUEST, 2)
+        if not raw:
+            os._exit(0)
+        ctl.close()
+        step = "boot request"
+        if len(passed) != 2:
+            _fail(fds.status_w, step, OSError(f"expected 2 descriptors with the request, got {len(passed)}"))
+        req = BootRequest(**json.loads(raw))
+        _boot(req, fds, ChildFds(status_w=fds.status_w, listen=passed[0], log=passed[1]), seccomp_bpf)
+    except BaseException as exc:  # reported to the zygote, then exit
+        _fail(fds.status_w, step, exc)
+
+
+def _boot(req: BootRequest, fds: HolderFds, child: ChildFds, seccomp_bpf: bytes) -> None:
+    step = "priority"
+    try:
+        if req.nice:
+            os.setpriority(os.PRIO_PROCESS, 0, req.nice)
         step = "open layers"
         # Opened while still host root inside the new mount namespace: the paths need not be searchable
         # by the unprivileged sandbox uid, the mounts below use /proc/self/fd/N.
@@ -109,14 +143,7 @@ def run_holder(req: BootRequest, fds: ChildFds, cgroups: Cgroups, seccomp_bpf: b
         pid = os.fork()
         if pid == 0:
             os.close(fds.sync_w)
-            _run_init(
-                req,
-                fds,
-                seccomp_bpf,
-                layer_fds=layer_fds,
-                upper_fd=upper_fd,
-                work_fd=work_fd,
-            )
+            _run_init(req, child, seccomp_bpf, layer_fds=layer_fds, upper_fd=upper_fd, work_fd=work_fd)
         os.write(fds.sync_w, str(pid).encode())
         os._exit(0)
     except BaseException as exc:  # reported to the zygote, then exit
