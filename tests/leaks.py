@@ -26,11 +26,13 @@ FIXTURE_MOUNTS = ("btrfs-", "prep-")
 
 
 def _mounts() -> frozenset[str]:
-    """Mount points of the host, without the fixtures' own loop filesystems."""
+    """Mount points in the tests' area of the host (where a leak of ours would be), without the fixtures' own loop
+    filesystems; mounts elsewhere come and go with other programs."""
+    root = os.environ.get("BRANCHBOX_TEST_ROOT", "/var/tmp/branchbox-test")
     out = set()
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
         point = line.split(" ", 5)[4]
-        if not Path(point).name.startswith(FIXTURE_MOUNTS):
+        if (point == root or point.startswith(root + "/")) and not Path(point).name.startswith(FIXTURE_MOUNTS):
             out.add(point)
     return frozenset(out)
 
