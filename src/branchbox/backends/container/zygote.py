@@ -34,6 +34,8 @@ from branchbox.backends.container.child import MOUNT_DIR, BootRequest, HolderFds
 MAX_MESSAGE = 1 << 20
 MAX_IN_FLIGHT = 32  # boots advancing at once; further requests wait in order
 SPARES = 4  # shells kept ready (in their namespaces and cgroup) for the next boots
+MAX_SPARES = 16  # after a burst of N boots, N spares (at most this many) are kept ...
+BURST_MEMORY_S = 120.0  # ... for this long
 SPARE_PREFIX = "shell-"  # cgroup names of spare shells: shell-<zygote pid>-<n>
 AGENT_SOCKET = "agent.sock"
 AGENT_LOG = "agent.log"
@@ -106,7 +108,9 @@ class Zygote:
         self.cgroups = cgroups
         self.seccomp_bpf = seccomp_bpf
         self.close_in_child = close_in_child
-        self.spares = spares
+        self.spares = spares  # the base number of spares; bursts raise the target for a while (``want``)
+        self.target = spares
+        self.burst_at = 0.0
         self.id_base, self.id_count = id_base, id_count  # the range spares map (others make their own shell)
         self.ready: list[_Shell] = []  # spare shells that take a request
         self.making: list[_Shell] = []  # spare shells not ready yet
@@ -187,14 +191,18 @@ class Zygote:
             time.sleep(0.002)  # off the boot path: killed processes are still exiting
 
     def spare_wanted(self) -> bool:
-        return len(self.ready) + len(self.making) < self.spares
+        """Whether to make a spare now: up to the base number, or up to the last burst's size (at most
+        ``MAX_SPARES``) for ``BURST_MEMORY_S`` after it (a fork of 16 is often followed by another)."""
+        if self.target > self.spares and time.monotonic() - self.burst_at > BURST_MEMORY_S:
+            self.target = self.spares
+        return len(self.ready) + len(self.making) < self.target
 
     def make_spare(self) -> _Shell | None:
         """Start one spare shell (default limits: a claim writes the sandbox's own)."""
         try:
             shell = self._make_shell(f"{SPARE_PREFIX}{os.getpid()}-{next(self._count)}", 1.0, 512, 1024)
         except (BootFailure, OSError):
-            self.spares = 0  # this host refuses (e.g. no cgroup room): boot without spares from now on
+            self.spares = self.target = 0  # this host refuses (e.g. no cgroup room): no spares from now on
             return None
         self.making.append(shell)
         return shell
@@ -228,6 +236,9 @@ class Zygote:
         was sent to a spare that failed, the reply."""
         boot = _Boot(req, Path(req.run_dir) / AGENT_SOCKET)
         self.booting.append(boot)
+        if self.spares and len(self.booting) > self.target:
+            self.target = min(MAX_SPARES, len(self.booting))
+            self.burst_at = time.monotonic()
         try:
             spare = self._live_spare() if (req.uid_base, req.id_count) == (self.id_base, self.id_count) else None
             if spare is not None:
