@@ -25,14 +25,15 @@ def _cgroup_dirs(parent_name: str, *, spares: bool = False) -> set[str]:
 FIXTURE_MOUNTS = ("btrfs-", "prep-")
 
 
-def _mounts() -> frozenset[str]:
-    """Mount points in the tests' area of the host (where a leak of ours would be), without the fixtures' own loop
-    filesystems; mounts elsewhere come and go with other programs."""
-    root = os.environ.get("BRANCHBOX_TEST_ROOT", "/var/tmp/branchbox-test")
+def _mounts(*roots: str) -> frozenset[str]:
+    """Mount points in the tests' areas of the host (where a leak of ours would be: the test root, and ``roots``),
+    without the fixtures' own loop filesystems; mounts elsewhere come and go with other programs."""
+    areas = (os.environ.get("BRANCHBOX_TEST_ROOT", "/var/tmp/branchbox-test"), *roots)
     out = set()
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
         point = line.split(" ", 5)[4]
-        if (point == root or point.startswith(root + "/")) and not Path(point).name.startswith(FIXTURE_MOUNTS):
+        inside = any(point == a or point.startswith(a.rstrip("/") + "/") for a in areas)
+        if inside and not Path(point).name.startswith(FIXTURE_MOUNTS):
             out.add(point)
     return frozenset(out)
 

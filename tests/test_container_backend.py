@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -32,13 +33,14 @@ from branchbox.images.shift import shift_tree
 from branchbox.images.store import TemplateStore
 from branchbox.storage.overlay import prepare_sandbox_dirs, remove_sandbox_dirs
 from tests.conftest import templates_dir
+from tests.leaks import _mounts
 
 pytestmark = pytest.mark.root
 
 
-def _mountinfo() -> list[str]:
-    with open("/proc/self/mountinfo") as f:
-        return sorted(" ".join(line.split()[3:5]) for line in f)
+def _mountinfo() -> frozenset[str]:
+    """Host mount points where a leak of ours would show (see tests.leaks): the test root and pytest's tmp dirs."""
+    return _mounts(tempfile.gettempdir())
 
 
 def _fd_count() -> int:
