@@ -141,7 +141,10 @@ class MicroVMBackend:
                 with timer.phase("vm_template"):
                     tpl = await self.memory_template(digest, base, m)
                 return await self.restore(sid, tpl, timer, nice=10 if spec.background else 0, pool=True)
-            return await self.cold_boot(sid, base, m, timer, hostname=spec.hostname)
+            handle = await self.cold_boot(sid, base, m, timer, hostname=spec.hostname)
+            with timer.phase("vm_boot"):  # a boot takes seconds under TCG: wait here, with the boot timeout
+                await (await self._wait_agent(handle)).aclose()
+            return handle
         except BaseException:
             await self.destroy(sid, None)
             raise
@@ -301,7 +304,7 @@ class MicroVMBackend:
                                                  open_session=True)  # fmt: skip
             except BranchboxError:
                 if not self.is_alive(handle):
-                    raise BackendError(f"the template VM died while booting: {self._tail(handle)}") from None
+                    raise BackendError(f"the VM died while booting: {self._tail(handle)}") from None
                 if loop.time() >= deadline:
                     raise
 
