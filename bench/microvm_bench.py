@@ -107,23 +107,24 @@ async def _templated(settings: ManagerSettings, runs: int, pool: int) -> tuple[l
     return out, phases
 
 
-async def _warm_claims(settings: ManagerSettings, runs: int) -> list[float]:
+async def _warm_claims(settings: ManagerSettings, runs: int) -> tuple[list[float], list[float]]:
     pool = PoolConfig(template="default", min_size=1, target_free=1, max_size=2, memory_mb=MEM)
     s = dataclasses.replace(settings, default_backend="microvm", pools=(pool,))
     be = MicroVMBackend(_config(s, 1))
-    out = []
+    out, claims = [], []
     async with _manager(s, be) as m:
         for _ in range(runs):
             await m.wait_pool_ready("default")
             t0 = time.perf_counter()
             info = await m.create(template="default", memory_mb=MEM)
+            claims.append(_ms(t0))
             r = await m.exec(info.id, ["true"])
             out.append(_ms(t0))
             assert info.source == "warm"
             assert r.exit_code == 0
             await m.destroy(info.id)
         await m.remove_pool("default")
-    return out
+    return out, claims
 
 
 async def _forks_and_snapshots(settings: ManagerSettings, runs: int, results: Results) -> None:
@@ -162,7 +163,7 @@ async def bench_microvm(settings: ManagerSettings, runs: int, results: Results) 
         cold = await _cold_boots(s, max(3, runs // 6))
         fresh, phases = await _templated(s, max(5, runs // 3), pool=0)
         pooled, pphases = await _templated(s, max(5, runs // 3), pool=1)
-        warm = await _warm_claims(s, max(5, runs // 3))
+        warm, claims = await _warm_claims(s, max(5, runs // 3))
         await _forks_and_snapshots(s, max(3, runs // 6), results)
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -175,6 +176,7 @@ async def bench_microvm(settings: ManagerSettings, runs: int, results: Results) 
         if k in phases:
             results[f"microvm: templated start (fresh) phase {k}"] = summarize(phases[k])
     results["microvm: warm claim -> first command"] = summarize(warm)
+    results["microvm: warm claim (create only)"] = summarize(claims)
     c, p = summarize(cold).p50, summarize(pooled).p50
     results["microvm: ratio cold boot / templated start (pool), p50"] = summarize([c / p])
 
