@@ -1324,10 +1324,12 @@ class CharDevice(asyncio.Transport):
                 self.wait_host()
                 return
             del self.out[:n]
-        want = bool(self.out)
-        if want != self.writing:
-            (self.loop.add_writer if want else self.loop.remove_writer)(self.fd, *((self.flush,) if want else ()))
-            self.writing = want
+        if self.out and not self.writing:
+            self.loop.add_writer(self.fd, self.flush)  # the host is slow (or away): resume when writable
+            self.writing = True
+        elif not self.out and self.writing:
+            self.loop.remove_writer(self.fd)
+            self.writing = False
 
     def abort(self) -> None:
         """A protocol error: drop the session and keep reading; the host's next HELLO starts a new one."""

@@ -201,11 +201,16 @@ class MicroVMBackend:
             if nice == 0:
                 with contextlib.suppress(ProcessLookupError):
                     os.setpriority(os.PRIO_PROCESS, pid, 0)
-        (self.paths(vmid).dir / "owner").write_text(sid)
-        self._qmp[sid] = q
-        handle = self._handle(sid, vmid, pid, saved.machine)
-        with timer.phase("vm_incoming"):
-            await self.incoming(q, saved)
+        try:
+            (self.paths(vmid).dir / "owner").write_text(sid)
+            self._qmp[sid] = q
+            handle = self._handle(sid, vmid, pid, saved.machine)
+            with timer.phase("vm_incoming"):
+                await self.incoming(q, saved)
+        except BaseException:
+            if vmid != sid:  # a pool slot: boot()'s cleanup only knows the sandbox id
+                await self.remove_vm(self.paths(vmid).dir)
+            raise
         return handle
 
     async def prepare(self, vmid: str, saved: Saved) -> None:
