@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import secrets
 import time
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
@@ -255,6 +256,7 @@ class _Connection(asyncio.Protocol):
         self.lost: asyncio.Future[None] = loop.create_future()
         self.closing = False
         self.write_paused: asyncio.Future[None] | None = None
+        self.nonce: str | None = None  # set when this client opens the session (character-device agents)
 
     # -- asyncio.Protocol ----------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -318,6 +320,8 @@ class _Connection(asyncio.Protocol):
     def on_hello(self, hello: Any) -> None:
         if not isinstance(hello, dict):
             raise wire.ProtocolError("HELLO payload is not an object")
+        if self.nonce is not None and hello.get("nonce") != self.nonce:
+            return  # the answer to an earlier session's HELLO (a restored memory snapshot): not ours
         self.hello.set_result(hello)
 
     # -- helpers -------------------------------------------------------------------------------------
@@ -444,14 +448,20 @@ class AgentClient:
         self.hello: dict[str, object] = hello
 
     @classmethod
-    async def connect(cls, socket_path: Path, *, timeout: float = 10.0) -> AgentClient:
-        """Connect and wait for the agent's HELLO (the agent may still be starting)."""
+    async def connect(cls, socket_path: Path, *, timeout: float = 10.0, open_session: bool = False) -> AgentClient:
+        """Connect and wait for the agent's HELLO (the agent may still be starting).
+
+        ``open_session``: the stream is a character device relayed by a VMM (virtio-serial), not an accepted
+        connection: send HELLO first (with a nonce) and wait for the agent's HELLO echoing it."""
         loop = asyncio.get_running_loop()
         conn = _Connection(loop)
         try:
             async with asyncio.timeout(timeout):
                 with wire.short_unix_path(socket_path) as path:
                     await loop.create_unix_connection(lambda: conn, path)
+                if open_session:
+                    conn.nonce = secrets.token_hex(8)
+                    conn.write(wire.encode_json(wire.HELLO, 0, {"nonce": conn.nonce}))
                 hello = await conn.hello
         except TimeoutError:
             if conn.transport is not None:
@@ -522,6 +532,26 @@ class AgentClient:
         if user is not None:
             params["user"] = user
         await self._request("configure", params)
+
+    async def identity(
+        self,
+        *,
+        hostname: str | None = None,
+        machine_id: str | None = None,
+        entropy: bytes | None = None,
+        clock: float | None = None,
+    ) -> dict[str, Any]:
+        """Make a cloned sandbox unique: hostname, /etc/machine-id, RNG reseed with ``entropy``, wall clock."""
+        params: dict[str, Any] = {}
+        if hostname is not None:
+            params["hostname"] = hostname
+        if machine_id is not None:
+            params["machine_id"] = machine_id
+        if entropy is not None:
+            params["entropy"] = entropy.hex()
+        if clock is not None:
+            params["time"] = clock
+        return cast(dict[str, Any], await self._request("identity", params))
 
     async def exec(
         self,

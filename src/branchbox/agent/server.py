@@ -1,7 +1,8 @@
 """The in-sandbox agent: serves exec, processes, pty and files over the framed protocol in ``wire``.
 
 Runs as PID 1 (or under a tiny init) on the sandbox's own python3, stdlib only. Started with a listening
-unix socket on fd ``BRANCHBOX_LISTEN_FD`` (default 3), the base environment of every child in
+unix socket on fd ``BRANCHBOX_LISTEN_FD`` (default 3) or a character device ``BRANCHBOX_CHARDEV`` (a microVM's
+virtio-serial port, see :class:`CharDevice`), the base environment of every child in
 ``BRANCHBOX_ENV`` (JSON) and the default working directory in ``BRANCHBOX_WORKDIR``. Event-driven: one asyncio
 loop, one SIGCHLD handler that reaps every child (orphans too), readers/writers on pipes, no polling.
 See docs/agent-protocol.md.
@@ -17,6 +18,7 @@ import json
 import os
 import pwd
 import re
+import select
 import shutil
 import signal
 import socket
@@ -839,8 +841,9 @@ def entry(path: str, name: str, st: os.stat_result | None = None) -> dict[str, A
 class Connection(asyncio.Protocol):
     """One host connection: parses frames and dispatches them to methods and running calls."""
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: Agent, *, host_starts: bool = False) -> None:
         self.agent = agent
+        self.host_starts = host_starts  # a character device: the host opens each session with a HELLO
         self.parser = wire.FrameParser()
         self.calls: dict[int, Handler] = {}
         self.transport: asyncio.Transport | None = None
@@ -849,14 +852,33 @@ class Connection(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         self.agent.connections.add(self)
-        hello = {
+        if not self.host_starts:
+            transport.write(wire.encode_json(wire.HELLO, 0, self.hello()))
+
+    def hello(self, nonce: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {
             "protocol": wire.PROTOCOL_VERSION,
             "agent_version": AGENT_VERSION,
             "pid": os.getpid(),
             "python": sys.version.split()[0],
             "methods": sorted(METHODS),
         }
-        transport.write(wire.encode_json(wire.HELLO, 0, hello))
+        if nonce is not None:
+            body["nonce"] = nonce
+        return body
+
+    def new_session(self, payload: bytes) -> None:
+        """A HELLO from the host: the calls of the previous session end as on a lost connection; answer HELLO."""
+        calls = list(self.calls.values())
+        self.calls.clear()
+        for call in calls:
+            call.on_lost()
+        try:
+            req = wire.decode_json(payload) if payload else {}
+        except wire.ProtocolError:
+            req = {}
+        nonce = req.get("nonce") if isinstance(req, dict) else None
+        self.send(wire.encode_json(wire.HELLO, 0, self.hello(nonce if isinstance(nonce, str) else None)))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.agent.connections.discard(self)
@@ -876,6 +898,9 @@ class Connection(asyncio.Protocol):
             for kind, channel, payload in frames:
                 if kind == wire.CALL:
                     self.on_call(channel, payload)
+                    continue
+                if kind == wire.HELLO:
+                    self.new_session(payload)
                     continue
                 call = self.calls.get(channel)
                 if call is None:
@@ -953,6 +978,50 @@ def m_configure(conn: Connection, channel: int, params: dict[str, Any]) -> dict[
     agent.env = {**agent.boot_env, **env}
     agent.user = user or None
     return {"workdir": agent.workdir, "user": agent.user}
+
+
+RNDADDENTROPY = 0x40085203  # _IOW('R', 3, int[2])
+RNDRESEEDCRNG = 0x5207  # _IO('R', 7)
+
+
+def m_identity(conn: Connection, channel: int, params: dict[str, Any]) -> dict[str, Any]:
+    """Make a clone unique (a VM restored from a memory snapshot): hostname, machine-id, RNG reseed, clock."""
+    done: dict[str, Any] = {}
+    hostname = params.get("hostname")
+    if hostname is not None:
+        if not isinstance(hostname, str) or not 0 < len(hostname) <= 64:
+            raise CallError("bad_request", "hostname must be a string of 1-64 characters")
+        socket.sethostname(hostname)
+        done["hostname"] = hostname
+    machine_id = params.get("machine_id")
+    if machine_id is not None:
+        if not isinstance(machine_id, str) or not re.fullmatch(r"[0-9a-f]{32}", machine_id):
+            raise CallError("bad_request", "machine_id must be 32 lowercase hex digits")
+        tmp = "/etc/.machine-id.bbtmp"
+        with open(tmp, "w") as f:
+            f.write(machine_id + "\n")
+        os.chmod(tmp, 0o444)
+        os.rename(tmp, "/etc/machine-id")
+        done["machine_id"] = machine_id
+    entropy = params.get("entropy")
+    if entropy is not None:
+        seed = bytes.fromhex(str(entropy))
+        fd = os.open("/dev/urandom", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            try:  # credit the host's randomness and reseed the CRNG now (root in a VM)
+                fcntl.ioctl(fd, RNDADDENTROPY, struct.pack("ii", len(seed) * 8, len(seed)) + seed)
+                fcntl.ioctl(fd, RNDRESEEDCRNG)
+                done["reseeded"] = True
+            except OSError:
+                os.write(fd, seed)  # mixed in, not credited
+                done["reseeded"] = False
+        finally:
+            os.close(fd)
+    now = params.get("time")
+    if now is not None:
+        time.clock_settime(time.CLOCK_REALTIME, float(now))
+        done["time"] = time.time()
+    return done
 
 
 def _int_param(params: dict[str, Any], name: str, default: int | None = None) -> int | None:
@@ -1170,6 +1239,7 @@ def m_files_rename(conn: Connection, channel: int, params: dict[str, Any]) -> di
 METHODS: dict[str, Method] = {
     "ping": m_ping,
     "configure": m_configure,
+    "identity": m_identity,
     "exec": m_exec,
     "processes.list": m_processes_list,
     "processes.attach": m_processes_attach,
@@ -1185,8 +1255,114 @@ METHODS: dict[str, Method] = {
 }
 
 
-async def serve(listen_fd: int, env: dict[str, str], workdir: str) -> None:
-    """Serve connections on the listening socket ``listen_fd`` until SIGTERM/SIGINT."""
+class CharDevice(asyncio.Transport):
+    """Sessions over a character device (a virtio-serial port): one stream that exists while the host is connected.
+
+    A port can be opened once and reads EOF while the host side is disconnected. On EOF the session ends (its
+    calls end as on a lost connection) and reading stops; the port is switched to ``O_ASYNC``, whose SIGIO the
+    kernel sends when the host connects again (or data arrives), so waiting for the host costs nothing. The host
+    opens every session with a HELLO frame, answered with HELLO (the agent cannot see a quick reconnect, a
+    memory snapshot restored in a new VM, or a new host process on the same stream)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, path: str, agent: Agent) -> None:
+        super().__init__()
+        self.loop = loop
+        self.agent = agent
+        self.fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        fcntl.fcntl(self.fd, fcntl.F_SETOWN, os.getpid())
+        self.out = bytearray()
+        self.conn: Connection | None = None
+        self.reading = False
+        self.writing = False
+        loop.add_signal_handler(signal.SIGIO, self.on_sigio)
+        self.start_reading()
+
+    def _async(self, on: bool) -> None:
+        flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, (flags | os.O_ASYNC) if on else (flags & ~os.O_ASYNC))
+
+    def start_reading(self) -> None:
+        self._async(False)
+        self.reading = True
+        self.conn = Connection(self.agent, host_starts=True)
+        self.conn.connection_made(self)
+        self.loop.add_reader(self.fd, self.on_readable)
+
+    def end_session(self) -> None:
+        if self.reading:
+            self.loop.remove_reader(self.fd)
+            self.reading = False
+        if self.writing:
+            self.loop.remove_writer(self.fd)
+            self.writing = False
+        self.out.clear()
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.connection_lost(None)
+
+    def wait_host(self) -> None:
+        self.end_session()
+        self._async(True)
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        if not any(ev & select.POLLHUP for _, ev in poller.poll(0)):
+            self.start_reading()  # the host came back before O_ASYNC was on
+
+    def on_sigio(self) -> None:
+        if not self.reading:
+            self.start_reading()
+
+    def on_readable(self) -> None:
+        try:
+            data = os.read(self.fd, wire.CHUNK_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.wait_host()
+        elif self.conn is not None:
+            self.conn.data_received(data)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not self.reading:
+            return  # no host: the session is gone, its output with it
+        self.out += data
+        if not self.writing:
+            self.flush()
+
+    def flush(self) -> None:
+        while self.out:
+            try:
+                n = os.write(self.fd, self.out)
+            except BlockingIOError:
+                break
+            except OSError:
+                self.wait_host()
+                return
+            del self.out[:n]
+        if self.out and not self.writing:
+            self.loop.add_writer(self.fd, self.flush)  # the host is slow (or away): resume when writable
+            self.writing = True
+        elif not self.out and self.writing:
+            self.loop.remove_writer(self.fd)
+            self.writing = False
+
+    def abort(self) -> None:
+        """A protocol error: drop the session and keep reading; the host's next HELLO starts a new one."""
+        self.end_session()
+        self.start_reading()
+
+    def close(self) -> None:
+        self.abort()
+
+    def is_closing(self) -> bool:
+        return False
+
+
+async def serve(listen_fd: int, env: dict[str, str], workdir: str, chardev: str | None = None) -> None:
+    """Serve connections on the listening socket ``listen_fd`` (or sessions on the character device
+    ``chardev``) until SIGTERM/SIGINT."""
     agent = Agent(env, workdir)
     loop = agent.loop
     loop.add_signal_handler(signal.SIGCHLD, agent.reap)
@@ -1199,13 +1375,22 @@ async def serve(listen_fd: int, env: dict[str, str], workdir: str) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop)
     agent.reap()
-    sock = socket.socket(fileno=listen_fd)
-    sock.setblocking(False)
-    server = await loop.create_unix_server(lambda: Connection(agent), sock=sock)
     try:
-        await stop
+        if chardev is not None:
+            device = CharDevice(loop, chardev, agent)
+            try:
+                await stop
+            finally:
+                device.end_session()
+        else:
+            sock = socket.socket(fileno=listen_fd)
+            sock.setblocking(False)
+            server = await loop.create_unix_server(lambda: Connection(agent), sock=sock)
+            try:
+                await stop
+            finally:
+                server.close()
     finally:
-        server.close()
         for proc in list(agent.procs.values()):
             if proc.exit_code is None:
                 proc.kill(signal.SIGKILL)
@@ -1222,6 +1407,6 @@ def main() -> None:
     workdir = os.environ.get("BRANCHBOX_WORKDIR") or "/"
     started = time.monotonic()
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(listen_fd, env, workdir))
+        asyncio.run(serve(listen_fd, env, workdir, os.environ.get("BRANCHBOX_CHARDEV") or None))
     if os.getpid() == 1:
         print(f"branchbox agent: exiting after {time.monotonic() - started:.1f} s", file=sys.stderr)

@@ -10,10 +10,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from branchbox.core.models import Resources
 from branchbox.core.timing import PhaseTimer
+
+if TYPE_CHECKING:
+    from branchbox.storage.base import LayerInfo
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +28,9 @@ class Capabilities:
     memory_snapshot: bool = False
     fork: bool = False  # filesystem fork (container) or memory fork (microvm, when memory_snapshot)
     network: bool = False
+    # the agent's stream is a character device relayed by a VMM: the host opens each session with HELLO, and sets
+    # hostname/identity/env through the agent after boot (AgentClient.identity / configure), not set_hostname
+    agent_session: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +57,7 @@ class BootSpec:
     idmap: IdMap = field(default_factory=IdMap)
     network: bool = False  # False: loopback only
     background: bool = False  # boot at low CPU priority (warm pool refills must not slow users' sandboxes)
+    memory_snapshot: Path | None = None  # a memory snapshot layer to continue from (capabilities.memory_snapshot)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,3 +113,12 @@ class Backend(Protocol):
 
     async def aclose(self) -> None:
         """Release host-wide resources; running sandboxes are left running."""
+
+
+@runtime_checkable
+class MemorySnapshots(Protocol):
+    """What a backend with ``capabilities.memory_snapshot`` adds to :class:`Backend`."""
+
+    async def capture(self, handle: SandboxHandle, dest: Path) -> LayerInfo:
+        """Save a *paused* sandbox's memory, devices and disk into the new layer dir ``dest`` (durable on return).
+        A BootSpec with ``memory_snapshot=dest`` boots a sandbox that continues from it."""

@@ -37,9 +37,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from branchbox.agent.client import AgentClient, ProcessHandle
-from branchbox.backends.base import Backend, BootSpec, SandboxHandle
+from branchbox.backends.base import Backend, BootSpec, MemorySnapshots, SandboxHandle
+from branchbox.core import identity, validate
 from branchbox.core import snapshots as snaps
-from branchbox.core import validate
 from branchbox.core.events import ManagerEvent, Subscriber
 from branchbox.core.models import (
     ExecResult,
@@ -89,7 +89,12 @@ def make_backend(kind: str, settings: ManagerSettings) -> Backend:
         from branchbox.backends.container import ContainerBackend  # noqa: PLC0415 - lazy by design
 
         return ContainerBackend(settings.data_dir / "run", cgroup_parent=settings.cgroup_parent, idmap=settings.idmap)
-    raise NotSupportedError(f"backend {kind!r} is not available here; use one of: container")
+    if kind == "microvm":
+        from branchbox.backends.microvm import MicroVMBackend  # noqa: PLC0415 - lazy by design
+        from branchbox.backends.microvm.config import config_from_env  # noqa: PLC0415
+
+        return MicroVMBackend(config_from_env(settings.data_dir))
+    raise NotSupportedError(f"backend {kind!r} is not available here; use one of: container, microvm")
 
 
 @dataclass(slots=True)
@@ -297,11 +302,13 @@ class Manager:
         base: str | None = None,
         fresh_machine_id: bool = False,
         existing: bool = False,
+        memory: str | None = None,
     ) -> _Live:
         """Boot a sandbox for ``info`` and register it (running, watched). On failure nothing is left.
 
         ``lowers``: layer ids stacked above the template (topmost first); ``base``: a layer the upper starts as
-        a clone of (drivers that clone); ``existing``: the record exists already (reset)."""
+        a clone of (drivers that clone); ``existing``: the record exists already (reset); ``memory``: a memory
+        snapshot layer to continue from (backends with memory snapshots)."""
         sid = info.id
         self._creating.add(sid)
         handle: SandboxHandle | None = None
@@ -329,10 +336,14 @@ class Manager:
                 workdir=tpl.workdir,
                 idmap=self.settings.idmap,
                 background=pool is not None,
+                memory_snapshot=None if memory is None else self._layer_path(memory),
             )
             handle = await be.boot(spec, timer)
             with timer.phase("agent_connect"):
-                agent = await AgentClient.connect(handle.agent_socket, timeout=self.settings.agent_connect_timeout)
+                agent = await self._connect_agent(be, handle)
+            if be.capabilities.agent_session:
+                with timer.phase("identity"):
+                    await identity.personalise(agent, hostname=info.hostname, env=spec.env, workdir=spec.workdir)
             info = replace(info, state=SandboxState.RUNNING, timings=timer.as_dict())
             if base is not None:  # the upper is a clone of base now: only the lowers are used
                 self._db.update(sid, state=info.state, handle=handle, timings=info.timings, layers=list(lowers))
@@ -363,10 +374,20 @@ class Manager:
         """The fast path: personalise a ready pool member in at most one agent round trip."""
         with timer.phase("claim"):
             live.backend.foreground(live.handle)
-            if env:
-                await live.agent.configure(env=env)
-            if hostname is not None and hostname != live.info.hostname:
-                live.backend.set_hostname(live.handle, hostname)
+            rename = hostname is not None and hostname != live.info.hostname
+            if live.backend.capabilities.agent_session:  # env and hostname through the agent, in one round trip
+                calls: builtins.list[Awaitable[Any]] = []
+                if env:
+                    tpl_env = self.templates.get(live.info.template_digest).env
+                    calls.append(live.agent.configure(env={**tpl_env, **env}))
+                if rename:
+                    calls.append(live.agent.identity(hostname=hostname))
+                await asyncio.gather(*calls)
+            else:
+                if env:
+                    await live.agent.configure(env=env)
+                if hostname is not None and rename:
+                    live.backend.set_hostname(live.handle, hostname)
         now = time.time()
         with timer.phase("store"):
             live.info = replace(
@@ -708,8 +729,11 @@ class Manager:
                     await live.backend.pause(live.handle)
             try:
                 with timer.phase("capture"):
-                    upper = self._driver.upper_dir(self._sandbox_dir(sid))
-                    layer = await asyncio.to_thread(self._driver.freeze_upper, upper, dest, durable=not hidden)
+                    if isinstance(live.backend, MemorySnapshots) and live.backend.capabilities.memory_snapshot:
+                        layer = await live.backend.capture(live.handle, dest)  # memory, devices and disk
+                    else:
+                        upper = self._driver.upper_dir(self._sandbox_dir(sid))
+                        layer = await asyncio.to_thread(self._driver.freeze_upper, upper, dest, durable=not hidden)
             except BaseException as exc:
                 await asyncio.to_thread(self._driver.remove_layer, dest)
                 if live.destroying:
@@ -747,7 +771,7 @@ class Manager:
             raise
         if layer.size_bytes is None:
             self._spawn_bg(self._measure(lid, dest))
-        if not hidden and len(snap.layers) > snaps.FLATTEN_DEPTH:
+        if not hidden and len(snap.layers) > snaps.FLATTEN_DEPTH and not live.backend.capabilities.memory_snapshot:
             self._spawn_bg(self._flatten_bg(snap))
         return replace(snap, timings=timer.as_dict())
 
@@ -790,6 +814,8 @@ class Manager:
         """Boot on a chain of layers (topmost first); a driver that clones starts the upper as the top layer,
         unless ``stack``: then every layer stays a lower (a fork's children: a btrfs snapshot per child commits a
         transaction, ~4 ms each and one at a time, while stacking one more read-only layer costs nothing)."""
+        if be.capabilities.memory_snapshot and chain:  # a VM continues from the top layer (its disk chains down)
+            return await self._boot_live(info, tpl, be, timer, lowers=list(chain), memory=chain[0], existing=existing)
         if len(chain) > snaps.MAX_CHAIN:
             with timer.phase("flatten"):
                 chain = [await self._flatten_now(chain)]
@@ -985,6 +1011,10 @@ class Manager:
     def _sandbox_dir(self, sandbox_id: str) -> Path:
         return self.settings.data_dir / "sandboxes" / sandbox_id
 
+    async def _connect_agent(self, be: Backend, handle: SandboxHandle) -> AgentClient:
+        return await AgentClient.connect(handle.agent_socket, timeout=self.settings.agent_connect_timeout,
+                                         open_session=be.capabilities.agent_session)  # fmt: skip
+
     async def _backend(self, kind: str) -> Backend:
         be = self._backends.get(kind)
         if be is None:
@@ -1118,7 +1148,7 @@ class Manager:
                     )
                 continue
             try:
-                agent = await AgentClient.connect(rec.handle.agent_socket, timeout=self.settings.agent_connect_timeout)
+                agent = await self._connect_agent(be, rec.handle)
             except Exception as exc:
                 log.warning("cannot re-attach sandbox %s: %s", info.id, exc, extra={"sandbox_id": info.id})
                 await self._cleanup(info.id, info.backend, rec.handle)

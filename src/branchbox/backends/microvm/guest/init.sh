@@ -1,0 +1,41 @@
+#!/bin/busybox sh
+# branchbox microVM init (PID 1 in the initrd): load the virtio modules, mount the root disk, put the agent in
+# /.branchbox (tmpfs) and switch_root to the shim, which starts the agent. No init system.
+B=/bin/busybox
+fail() { echo "branchbox-init: $*" > /dev/console; $B reboot -f; }
+$B mount -t devtmpfs -o nosuid,mode=0755 dev /dev
+$B mount -t proc -o nosuid,nodev,noexec proc /proc
+$B mount -t sysfs -o nosuid,nodev,noexec sys /sys
+case " $($B cat /proc/cmdline) " in *" bb.probe "*) echo branchbox-probe-ok > /dev/console; $B reboot -f ;; esac
+while read -r m; do $B insmod "/modules/$m.ko" || fail "insmod $m failed"; done < /modules/order
+hostname=branchbox
+for arg in $($B cat /proc/cmdline); do
+  case "$arg" in bb.hostname=*) hostname="${arg#bb.hostname=}" ;; esac
+done
+i=0
+while [ ! -b /dev/vda ]; do
+  i=$((i + 1)); [ "$i" -gt 2000 ] && fail "no root disk /dev/vda"; $B usleep 1000
+done
+$B mount -t ext4 -o noatime /dev/vda /newroot || fail "cannot mount /dev/vda"
+port=
+i=0
+while [ -z "$port" ]; do
+  for p in /sys/class/virtio-ports/*; do
+    [ "$($B cat "$p/name" 2>/dev/null)" = agent ] && port="/dev/${p##*/}"
+  done
+  if [ -z "$port" ]; then i=$((i + 1)); [ "$i" -gt 2000 ] && fail "no virtio-serial port 'agent'"; $B usleep 1000; fi
+done
+$B mkdir -p /newroot/.branchbox /newroot/dev /newroot/proc /newroot/sys /newroot/tmp
+$B mount -t tmpfs -o mode=0755,size=16m,nosuid,nodev branchbox /newroot/.branchbox
+$B cp -r /bbagent /newroot/.branchbox/bbagent
+$B cp /bin/busybox /shim /newroot/.branchbox/
+$B hostname "$hostname"
+$B mount --move /dev /newroot/dev
+$B mount --move /proc /newroot/proc
+$B mount --move /sys /newroot/sys
+$B mkdir -p /newroot/dev/pts /newroot/dev/shm
+$B mount -t devpts -o nosuid,noexec,newinstance,ptmxmode=0666,mode=0620 devpts /newroot/dev/pts
+$B mount -t tmpfs -o nosuid,nodev,mode=1777 shm /newroot/dev/shm
+$B mount -t tmpfs -o nosuid,nodev,mode=1777 tmp /newroot/tmp
+export BRANCHBOX_CHARDEV="$port"
+exec $B switch_root /newroot /.branchbox/busybox sh /.branchbox/shim

@@ -1,0 +1,199 @@
+"""QEMU processes: the ``microvm`` command line, spawning with pre-bound sockets, liveness by pid + start time.
+
+The daemon binds the QMP and agent sockets itself and hands them to QEMU as fds 3 and 4
+(``-chardev socket,fd=N,server=on``): it can connect the moment QEMU is spawned, without waiting for a file to
+appear. QEMU runs in its own session, so it outlives a daemon restart and is re-attached through the same sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from branchbox.agent import wire
+from branchbox.errors import BackendError
+
+QEMU = "qemu-system-x86_64"
+QMP_FD = 3
+AGENT_FD = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Machine:
+    """What must be equal between a saved VM and the QEMU that restores it."""
+
+    vcpus: int
+    memory_mb: int
+    accel: str  # "kvm" | "tcg"
+    kernel: Path
+    initrd: Path
+    cmdline: str
+
+    def key(self) -> str:
+        return f"{self.accel}-{self.vcpus}c-{self.memory_mb}m-{self.initrd.stem}"
+
+
+@dataclass(frozen=True, slots=True)
+class VmPaths:
+    """One VM's files. ``dir`` is on the data disk, ``ram`` on tmpfs."""
+
+    dir: Path
+    ram: Path
+
+    @property
+    def qmp(self) -> Path:
+        return self.dir / "qmp.sock"
+
+    @property
+    def agent(self) -> Path:
+        return self.dir / "agent.sock"
+
+    @property
+    def disk(self) -> Path:
+        return self.dir / "disk.qcow2"
+
+    @property
+    def console(self) -> Path:
+        return self.dir / "console.log"
+
+    @property
+    def log(self) -> Path:
+        return self.dir / "qemu.log"
+
+
+def command(m: Machine, paths: VmPaths, *, incoming: bool) -> list[str]:
+    cpu = ["-cpu", "host"] if m.accel == "kvm" else []
+    argv = [
+        QEMU,
+        "-name", f"branchbox,process=branchbox-vm-{paths.dir.name}",
+        "-M", "microvm,x-option-roms=off,rtc=on,isa-serial=on",
+        "-accel", m.accel, *cpu,
+        "-smp", str(m.vcpus),
+        "-m", f"{m.memory_mb}M",
+        "-object", f"memory-backend-file,id=mem,size={m.memory_mb}M,mem-path={paths.ram},share=on",
+        "-machine", "memory-backend=mem",
+        "-kernel", str(m.kernel),
+        "-initrd", str(m.initrd),
+        "-append", m.cmdline,
+        "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+        "-serial", f"file:{paths.console}",
+        "-drive", f"id=root,file={paths.disk},format=qcow2,if=none,discard=unmap",
+        "-device", "virtio-blk-device,drive=root",
+        "-device", "virtio-serial-device",
+        "-chardev", f"socket,id=agent,fd={AGENT_FD},server=on,wait=off",
+        "-device", "virtserialport,chardev=agent,name=agent",
+        "-chardev", f"socket,id=qmp,fd={QMP_FD},server=on,wait=off",
+        "-mon", "chardev=qmp,mode=control",
+    ]  # fmt: skip
+    if incoming:
+        argv += ["-incoming", "defer"]
+    return argv
+
+
+def _bind(path: Path) -> socket.socket:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        with wire.short_unix_path(path) as p:
+            sock.bind(p)
+        sock.listen(4)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def spawn(argv: Sequence[str], paths: VmPaths, *, nice: int = 0) -> int:
+    """Start QEMU in its own session with the QMP and agent sockets bound; returns its pid."""
+    qmp, agent = _bind(paths.qmp), _bind(paths.agent)
+    log = os.open(paths.log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        actions = [
+            (os.POSIX_SPAWN_DUP2, null, 0),
+            (os.POSIX_SPAWN_DUP2, log, 1),
+            (os.POSIX_SPAWN_DUP2, log, 2),
+            (os.POSIX_SPAWN_DUP2, qmp.fileno(), QMP_FD),
+            (os.POSIX_SPAWN_DUP2, agent.fileno(), AGENT_FD),
+        ]
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+        try:
+            pid = os.posix_spawnp(argv[0], list(argv), env, file_actions=actions, setsid=True)
+        except OSError as exc:
+            raise BackendError(f"cannot start {argv[0]}: {exc}; install qemu-system-x86 (make apt)") from exc
+    finally:
+        for fd in (log, null):
+            os.close(fd)
+        qmp.close()
+        agent.close()
+    if nice:
+        with contextlib.suppress(ProcessLookupError):
+            os.setpriority(os.PRIO_PROCESS, pid, nice)
+    return pid
+
+
+def start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat (None: no such process, or a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = raw[raw.rindex(b")") + 2 :].split()
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[19])
+
+
+def alive(pid: int, started: int) -> bool:
+    return pid > 0 and start_time(pid) == started
+
+
+def reap(pid: int) -> None:
+    """Collect the exit status if QEMU is our child (it is not after a daemon restart)."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+async def wait_exit(pid: int, started: int) -> None:
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        reap(pid)
+        return
+    try:
+        if not alive(pid, started):
+            reap(pid)
+            return
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+
+        def on_exit() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        loop.add_reader(pidfd, on_exit)
+        try:
+            await fut
+        finally:
+            loop.remove_reader(pidfd)
+        reap(pid)
+    finally:
+        os.close(pidfd)
+
+
+async def kill(pid: int, started: int) -> None:
+    """SIGKILL QEMU (if it is still that process) and wait until it is gone."""
+    if not alive(pid, started):
+        reap(pid)
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    await wait_exit(pid, started)

@@ -1,0 +1,65 @@
+"""Pieces of the microVM backend that need no VM: sparse RAM copies, module ordering, the initrd archive."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from branchbox.backends.microvm import image, memfile
+from branchbox.errors import BackendError
+
+
+@pytest.mark.parametrize("where", ["/dev/shm", "/var/tmp"])
+def test_sparse_copy_copies_data_and_keeps_holes(tmp_path: Path, where: str) -> None:
+    src = Path("/dev/shm") / f"bbtest-src-{os.getpid()}"
+    dst = Path(where) / f"bbtest-dst-{os.getpid()}"
+    try:
+        with open(src, "wb") as f:
+            f.truncate(64 << 20)
+            f.seek(1 << 20)
+            f.write(b"a" * 8192)
+            f.seek(40 << 20)
+            f.write(b"b" * 4096)
+        copied = memfile.sparse_copy(src, dst)
+        assert dst.stat().st_size == 64 << 20
+        assert src.read_bytes() == dst.read_bytes()
+        assert copied < 1 << 20  # only the data, not 64 MiB
+        assert dst.stat().st_blocks * 512 < 4 << 20  # the holes stay holes
+    finally:
+        memfile.remove(src)
+        memfile.remove(dst)
+
+
+def _ko(depends: str) -> bytes:
+    return b"\x7fELF....\0license=GPL\0depends=" + depends.encode() + b"\0name=x\0"
+
+
+def test_module_order_puts_dependencies_first(tmp_path: Path) -> None:
+    mods = {"virtio": "", "virtio_ring": "", "virtio_mmio": "virtio,virtio_ring", "virtio_blk": "virtio,virtio_ring"}
+    for name, deps in mods.items():
+        (tmp_path / f"{name.replace('_', '-')}.ko").write_bytes(_ko(deps))
+    index = image._index_modules(tmp_path)
+    order = image.module_order(("virtio_mmio", "virtio_blk"), index)
+    assert order.index("virtio") < order.index("virtio_mmio")
+    assert order.index("virtio_ring") < order.index("virtio_blk")
+    assert sorted(order) == sorted(mods)
+    with pytest.raises(BackendError, match="not in the kernel package"):
+        image.module_order(("vsock",), index)
+
+
+def test_decompress_refuses_a_kernel_without_lz4() -> None:
+    with pytest.raises(BackendError, match="LZ4"):
+        image.decompress_vmlinuz(b"MZ" + b"\0" * 4096)
+
+
+@pytest.mark.skipif(not shutil.which("cpio"), reason="cpio is not installed (make apt)")
+def test_newc_archive_lists_with_cpio(tmp_path: Path) -> None:
+    data = image._newc("dev", 0o040755, ino=1) + image._newc("dev/console", 0o020600, rdev=(5, 1), ino=2)
+    data += image._newc("init", 0o100755, b"#!/bin/sh\necho hi\n", ino=3) + image._newc("TRAILER!!!", 0)
+    out = subprocess.run(["cpio", "-itv"], input=data, capture_output=True, check=True).stdout.decode()
+    assert "dev/console" in out and "init" in out
+    assert out.splitlines()[1].startswith("crw")
