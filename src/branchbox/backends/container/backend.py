@@ -25,6 +25,7 @@ from branchbox.backends.base import BootSpec, Capabilities, IdMap, SandboxHandle
 from branchbox.backends.container import cgroups as cg_mod
 from branchbox.backends.container import syscalls
 from branchbox.backends.container.zygote import AGENT_SOCKET, MAX_MESSAGE, SPARE_PREFIX
+from branchbox.backends.process import wait_pid_exit
 from branchbox.core.timing import PhaseTimer
 from branchbox.errors import BackendError, NotSupportedError, TimeoutError_
 
@@ -216,27 +217,7 @@ class ContainerBackend:
         return fields[0] not in (b"Z", b"X") and int(fields[19]) == handle.pid_start_time
 
     async def wait_exit(self, handle: SandboxHandle) -> None:
-        try:
-            pidfd = os.pidfd_open(handle.pid)
-        except ProcessLookupError:
-            return
-        try:
-            if not self.is_alive(handle):  # checked after opening: the pidfd is for the right process
-                return
-            loop = asyncio.get_running_loop()
-            fut: asyncio.Future[None] = loop.create_future()
-
-            def on_exit() -> None:
-                if not fut.done():
-                    fut.set_result(None)
-
-            loop.add_reader(pidfd, on_exit)
-            try:
-                await fut
-            finally:
-                loop.remove_reader(pidfd)
-        finally:
-            os.close(pidfd)
+        await wait_pid_exit(handle.pid, lambda: self.is_alive(handle))
 
     def foreground(self, handle: SandboxHandle) -> None:
         """Back to nice 0: an idle pool member has only its agent, whose children inherit its priority."""

@@ -306,9 +306,7 @@ class Zygote:
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             passed.append(listener.detach())
             _bind_listen(passed[0], boot.sock_path)
-            passed.append(
-                os.open(Path(req.run_dir) / AGENT_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC)
-            )
+            passed.append(os.open(Path(req.run_dir) / AGENT_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC))
             mnt = Path(req.run_dir) / MOUNT_DIR
             (mnt / "root").mkdir(parents=True, exist_ok=True)
             os.chmod(mnt, 0o711)  # noqa: S103 - the sandbox uid must search it to reach the mount point
@@ -505,8 +503,15 @@ def serve(ctl: socket.socket, zygote: Zygote) -> None:
                         queued.append(msg)
                     elif msg.get("op") == "status":
                         in_flight += 1
-                        reply(msg.get("id"), {"ok": True, "spares_ready": len(zygote.ready),
-                                              "spares_making": len(zygote.making), "booting": len(zygote.booting)})
+                        reply(
+                            msg.get("id"),
+                            {
+                                "ok": True,
+                                "spares_ready": len(zygote.ready),
+                                "spares_making": len(zygote.making),
+                                "booting": len(zygote.booting),
+                            },
+                        )
                     else:
                         in_flight += 1
                         reply(msg.get("id"), {"ok": False, "step": "request",

@@ -7,7 +7,6 @@ appear. QEMU runs in its own session, so it outlives a daemon restart and is re-
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from branchbox.agent import wire
+from branchbox.backends.process import wait_pid_exit
 from branchbox.errors import BackendError
 
 QEMU = "qemu-system-x86_64"
@@ -163,30 +163,8 @@ def reap(pid: int) -> None:
 
 
 async def wait_exit(pid: int, started: int) -> None:
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        reap(pid)
-        return
-    try:
-        if not alive(pid, started):
-            reap(pid)
-            return
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
-
-        def on_exit() -> None:
-            if not fut.done():
-                fut.set_result(None)
-
-        loop.add_reader(pidfd, on_exit)
-        try:
-            await fut
-        finally:
-            loop.remove_reader(pidfd)
-        reap(pid)
-    finally:
-        os.close(pidfd)
+    await wait_pid_exit(pid, lambda: alive(pid, started))
+    reap(pid)
 
 
 async def kill(pid: int, started: int) -> None:
