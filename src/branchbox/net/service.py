@@ -1,0 +1,222 @@
+"""Sandbox networking on one host: :class:`Network`, owned and called by the Manager.
+
+``attach`` (at boot, also for warm pool members: off the claim path) gives a sandbox a /30 slot, its nftables
+chain and sets, and a veth pair into its network namespace. ``apply`` changes its policy in one nftables
+transaction (~0.1 ms, in-process: cheap enough for a claim). ``detach`` removes the rules, the veth and frees
+the slot. ``start`` enables IPv4 forwarding, (re)creates the daemon's table and starts the DNS forwarder;
+``aclose`` removes the table (sandboxes kept running lose egress until the daemon starts again and re-attaches
+them through :meth:`restore`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from dnslib import DNSRecord
+
+from branchbox.errors import NetworkError
+from branchbox.net import links, rules
+from branchbox.net.addresses import AddressPool, Slot
+from branchbox.net.dns import Client, DnsForwarder, addresses_of, ask_upstream
+from branchbox.net.nftables import Nft
+from branchbox.net.policy import NetworkPolicy
+from branchbox.net.settings import NetworkSettings
+
+log = logging.getLogger("branchbox.net")
+
+EXTRA_SLOT = "net.slot"
+EXTRA_POLICY = "net.policy"
+
+
+@dataclass(slots=True)
+class Attachment:
+    sandbox_id: str
+    slot: Slot
+    ifname: str
+    policy: NetworkPolicy
+
+    @property
+    def address(self) -> str:
+        return str(self.slot.sandbox)
+
+    def extra(self) -> dict[str, str]:
+        """What the Manager persists in the sandbox's handle to re-attach after a restart."""
+        return {EXTRA_SLOT: str(self.slot.index), EXTRA_POLICY: self.policy.to_json()}
+
+
+class Network:
+    def __init__(self, settings: NetworkSettings) -> None:
+        self.settings = settings
+        self.prefix = settings.if_prefix + "-"
+        self.addresses = AddressPool(settings.network)
+        self._nft: Nft | None = None
+        self._dns: DnsForwarder | None = None
+        self._by_id: dict[str, Attachment] = {}
+        self._by_ip: dict[str, Attachment] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------------ daemon lifecycle
+    async def start(self) -> None:
+        s = self.settings
+        if s.enable_ip_forward and links.set_ip_forward():
+            log.info("enabled net.ipv4.ip_forward (needed to route sandbox traffic)")
+        self._nft = Nft()
+        self._dns = DnsForwarder(self._client, s.upstream(), timeout=s.dns_timeout)
+        try:
+            port = await self._dns.start(s.dns_port)
+            self._nft.run(rules.table_script(s.table, self.prefix, s.subnet, port))
+        except BaseException:
+            await self.aclose()
+            raise
+        log.info("sandbox network %s: table inet %s, DNS forwarder on port %d", s.subnet, s.table, port)
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._dns is not None:
+            await self._dns.aclose()
+            self._dns = None
+        if self._nft is not None:
+            with contextlib.suppress(NetworkError):
+                self._nft.run(rules.delete_table_script(self.settings.table))
+            self._nft.close()
+            self._nft = None
+        self._by_id.clear()
+        self._by_ip.clear()
+
+    @property
+    def dns_port(self) -> int:
+        return 0 if self._dns is None else self._dns.port
+
+    def _run(self, script: str) -> None:
+        if self._nft is None:
+            raise NetworkError("sandbox networking is not started")
+        self._nft.run(script)
+
+    # ------------------------------------------------------------------ per sandbox
+    async def attach(self, sandbox_id: str, netns_pid: int, policy: NetworkPolicy) -> Attachment:
+        """Give a booted sandbox its network. On failure nothing is left."""
+        slot = self.addresses.allocate()
+        att = Attachment(sandbox_id, slot, rules.ifname(self.prefix, slot.index), policy)
+        try:
+            await links.delete_veth(att.ifname)  # a leftover of a crashed daemon
+            self._run(rules.add_sandbox_script(self.settings.table, self.prefix, slot, policy))
+            try:
+                await links.create_veth(att.ifname, slot, netns_pid)
+            except BaseException:
+                self._remove_rules(att)
+                raise
+        except BaseException:
+            self.addresses.release(slot.index)
+            raise
+        self._register(att)
+        return att
+
+    def restore(self, sandbox_id: str, extra: Mapping[str, str]) -> Attachment | None:
+        """Re-attach a sandbox that kept running while the daemon was down (its veth still exists)."""
+        if EXTRA_SLOT not in extra:
+            return None
+        slot = self.addresses.reserve(int(extra[EXTRA_SLOT]))
+        policy = NetworkPolicy.from_json(extra.get(EXTRA_POLICY, "{}"))
+        att = Attachment(sandbox_id, slot, rules.ifname(self.prefix, slot.index), policy)
+        self._run(rules.add_sandbox_script(self.settings.table, self.prefix, slot, policy))
+        self._register(att)
+        return att
+
+    def _register(self, att: Attachment) -> None:
+        self._by_id[att.sandbox_id] = att
+        self._by_ip[att.address] = att
+        self._pin_denied(att)
+
+    def apply(self, sandbox_id: str, policy: NetworkPolicy) -> Attachment:
+        """Replace the sandbox's policy (one nftables transaction; established connections follow at once)."""
+        att = self.get(sandbox_id)
+        self._run(rules.update_sandbox_script(self.settings.table, att.slot, policy))
+        att.policy = policy
+        self._pin_denied(att)
+        return att
+
+    def get(self, sandbox_id: str) -> Attachment:
+        att = self._by_id.get(sandbox_id)
+        if att is None:
+            raise NetworkError(f"sandbox {sandbox_id} has no network")
+        return att
+
+    def find(self, sandbox_id: str) -> Attachment | None:
+        return self._by_id.get(sandbox_id)
+
+    async def detach(self, sandbox_id: str, extra: Mapping[str, str] | None = None) -> None:
+        """Remove the sandbox's rules and veth and free its slot. Idempotent; works from a persisted handle."""
+        att = self._by_id.pop(sandbox_id, None)
+        if att is None and extra is not None and EXTRA_SLOT in extra:
+            index = int(extra[EXTRA_SLOT])
+            slot = self.addresses.slot(index)
+            att = Attachment(sandbox_id, slot, rules.ifname(self.prefix, index), NetworkPolicy())
+        if att is None:
+            return
+        if self._by_ip.get(att.address) is att:
+            del self._by_ip[att.address]
+        self._remove_rules(att)
+        await links.delete_veth(att.ifname)
+        if not any(a.slot.index == att.slot.index for a in self._by_id.values()):
+            self.addresses.release(att.slot.index)
+
+    def _remove_rules(self, att: Attachment) -> None:
+        with contextlib.suppress(NetworkError):  # already gone (a restart recreated the table)
+            self._run(rules.remove_sandbox_script(self.settings.table, self.prefix, att.slot))
+
+    async def remove_orphans(self) -> list[str]:
+        """Delete veths of this daemon's prefix that no attached sandbox owns (after a crash)."""
+        mine = {a.ifname for a in self._by_id.values()}
+        gone = []
+        for name in sorted(os.listdir("/sys/class/net")):
+            if name.startswith(self.prefix) and name not in mine:
+                await links.delete_veth(name)
+                gone.append(name)
+        return gone
+
+    def interfaces(self) -> list[str]:
+        return sorted(n for n in os.listdir("/sys/class/net") if n.startswith(self.prefix))
+
+    # ------------------------------------------------------------------ DNS
+    def _client(self, source: str) -> Client | None:
+        att = self._by_ip.get(source)
+        if att is None:
+            return None
+        return Client(att.policy, lambda addrs: self._pin(att, addrs, allow=True))
+
+    def _pin(self, att: Attachment, addrs: list[str], *, allow: bool) -> None:
+        if self._by_id.get(att.sandbox_id) is not att:
+            return  # destroyed meanwhile
+        try:
+            self._run(rules.pin_script(self.settings.table, att.slot, addrs, allow=allow))
+        except NetworkError as exc:
+            log.warning("pinning %s for sandbox %s failed: %s", addrs, att.sandbox_id, exc)
+
+    def _pin_denied(self, att: Attachment) -> None:
+        """Resolve the sandbox's denied names (not wildcards) and block their addresses too, so a sandbox
+        that learnt an address elsewhere cannot connect to a denied name directly. Off the caller's path."""
+        names = [d for d in att.policy.deny_out.domains if not d.startswith("*.")]
+        if not names or self._dns is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._resolve_and_deny(att, names))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _resolve_and_deny(self, att: Attachment, names: list[str]) -> None:
+        for name in names:
+            query = bytes(DNSRecord.question(name, "A").pack())
+            try:
+                reply = await ask_upstream(self.settings.upstream(), query, self.settings.dns_timeout)
+            except (TimeoutError, OSError):
+                continue
+            addrs = addresses_of(reply)
+            if addrs:
+                self._pin(att, addrs, allow=False)
