@@ -106,8 +106,8 @@ class Internet:
         sh("ip", "link", "set", self.host_if, "up")
         inner = (
             f"addr add {self.link_ns}/30 dev eth0\nlink set eth0 up\nlink set lo up\n"
-            f"addr add {self.public_a}/32 dev lo\naddr add {self.public_b}/32 dev lo\naddr add {self.private}/32 dev lo\n"
-            f"route add default via {self.link_host}\n"
+            + "".join(f"addr add {a}/32 dev lo\n" for a in (self.public_a, self.public_b, self.private))
+            + f"route add default via {self.link_host}\n"
         )
         sh("nsenter", ns, "ip", "-batch", "-", stdin=inner)
         for r in self.routes():

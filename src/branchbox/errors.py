@@ -30,6 +30,7 @@ Hierarchy::
     ├── TemplateBuildError              template_build_failed 500
     ├── BackendError                    backend_error       500
     │   └── NetworkError                network_error       500
+    ├── PortUnreachableError            port_unreachable    502
     └── AgentError                      agent_error         502
         └── AgentDisconnectedError      agent_disconnected  502
 
@@ -162,6 +163,13 @@ class NetworkError(BackendError):
     """Setting up a sandbox's network (veth, addresses, nftables, DNS) failed on the host."""
 
     code = "network_error"
+
+
+class PortUnreachableError(BranchboxError):
+    """The port proxy could not connect to the sandbox's port (nothing listens there, or not on 0.0.0.0)."""
+
+    code = "port_unreachable"
+    http_status = 502
 
 
 class AgentError(BranchboxError):

@@ -14,7 +14,8 @@ Hierarchy::
     ├── TimeoutException (TimeoutError) timeout, and client-side request timeouts
     ├── NotSupportedError             not_supported
     ├── AgentError                    agent_error, agent_disconnected
-    ├── ServerError                   internal, backend_error, network_error, template_build_failed,
+    ├── ServerError                   internal, backend_error, network_error, port_unreachable,
+    │                                 template_build_failed,
     │                                 unknown codes
     └── ConnectionError_ (ConnectionError) the daemon could not be reached
 """
@@ -127,6 +128,7 @@ ERROR_TABLE: dict[str, type[SandboxError]] = {
     "backend_error": ServerError,
     "template_build_failed": ServerError,
     "network_error": ServerError,
+    "port_unreachable": ServerError,
 }
 
 

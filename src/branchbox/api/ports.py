@@ -1,0 +1,249 @@
+"""The port proxy: ``/v1/sandboxes/{id}/ports/{port}/{path}`` (any method, and WebSocket) reaches ``{path}`` on
+port ``{port}`` of the sandbox, over its veth (the daemon's host reaches every sandbox; sandboxes never reach the
+host). A pure ASGI middleware: bodies are streamed both ways, nothing is buffered.
+
+Auth: the daemon's API key (``Authorization: Bearer``; not forwarded to the sandbox), or the sandbox's port
+token (``X-Branchbox-Token`` header or ``?bb_token=`` query parameter; removed before forwarding; any
+``Authorization`` header then belongs to the sandbox's app and is forwarded). A daemon on loopback without keys
+needs neither. Servers in the sandbox must listen on 0.0.0.0 (or its eth0 address), not 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl, urlencode
+
+import httpx
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from branchbox.api.context import AppContext
+from branchbox.api.fastpath import RouteName, error_json
+from branchbox.errors import BadRequestError, BranchboxError, PortUnreachableError, TimeoutError_, UnauthorizedError
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+_PORTS = re.compile(r"^/v1/sandboxes/([^/]+)/ports/(\d{1,5})(/.*)?$")
+ROUTE = RouteName("/v1/sandboxes/{sandbox_id}/ports/{port}/{path}")
+TOKEN_HEADER = b"x-branchbox-token"
+TOKEN_PARAM = "bb_token"  # noqa: S105 - the name of a query parameter, not a secret
+_HOP = frozenset(
+    {
+        b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
+        b"trailers", b"transfer-encoding", b"upgrade", b"content-length",
+    }
+)  # fmt: skip
+_WS_SKIP = _HOP | {b"sec-websocket-key", b"sec-websocket-version", b"sec-websocket-extensions",
+                   b"sec-websocket-protocol", b"host"}  # fmt: skip
+CONNECT_TIMEOUT_S = 10.0
+
+
+class PortProxy:
+    def __init__(self, app: ASGIApp, fastapi: FastAPI) -> None:
+        self.app = app
+        self.fastapi = fastapi
+        self._client: httpx.AsyncClient | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        m = _PORTS.match(scope["path"]) if scope["type"] in ("http", "websocket") else None
+        if m is None:
+            if scope["type"] == "lifespan":
+                await self._lifespan(scope, receive, send)
+                return
+            await self.app(scope, receive, send)
+            return
+        scope["route"] = ROUTE
+        ctx: AppContext = self.fastapi.state.ctx
+        sandbox_id, port, path = m.group(1), int(m.group(2)), m.group(3) or "/"
+        try:
+            headers, query = _authorize(ctx, scope, sandbox_id)
+            if not 0 < port < 65536:
+                raise BadRequestError(f"port {port} is out of range: use 1-65535")
+            address = (await ctx.manager.get_network(sandbox_id)).address
+        except BranchboxError as exc:
+            ctx.metrics.count_api_error(exc.code)
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008, "reason": exc.message[:120]})
+            else:
+                await _error(send, exc)
+            return
+        target = f"{address}:{port}{path}" + (f"?{query}" if query else "")
+        if scope["type"] == "websocket":
+            await self._websocket(ctx, target, headers, scope, receive, send)
+        else:
+            await self._http(ctx, target, headers, scope, receive, send, port, sandbox_id)
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def receive_and_close() -> Message:
+            msg = await receive()
+            if msg["type"] == "lifespan.shutdown" and self._client is not None:
+                await self._client.aclose()
+                self._client = None
+            return msg
+
+        await self.app(scope, receive_and_close, send)
+
+    def _http_client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                trust_env=False,
+                follow_redirects=False,
+                timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT_S),
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+            )
+        return self._client
+
+    async def _http(
+        self,
+        ctx: AppContext,
+        target: str,
+        headers: list[tuple[bytes, bytes]],
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        port: int,
+        sandbox_id: str,
+    ) -> None:
+        client = self._http_client()
+        request = client.build_request(scope["method"], "http://" + target, headers=headers, content=_body(receive))
+        try:
+            response = await client.send(request, stream=True)
+        except httpx.ConnectError:
+            await _error(send, PortUnreachableError(
+                f"nothing accepts connections on port {port} of sandbox {sandbox_id}: start a server there that "
+                "listens on 0.0.0.0 (127.0.0.1 is not reachable from outside the sandbox)"))  # fmt: skip
+            ctx.metrics.count_api_error("port_unreachable")
+            return
+        except httpx.TimeoutException:
+            await _error(send, TimeoutError_(f"port {port} of sandbox {sandbox_id} did not answer in time"))
+            return
+        try:
+            out_headers = [(k, v) for k, v in response.headers.raw if k.lower() not in _HOP]
+            await send({"type": "http.response.start", "status": response.status_code, "headers": out_headers})
+            async for chunk in response.aiter_raw():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except httpx.HTTPError:
+            with contextlib.suppress(Exception):  # the response had started: all we can do is end it
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            await response.aclose()
+
+    async def _websocket(
+        self,
+        ctx: AppContext,
+        target: str,
+        headers: list[tuple[bytes, bytes]],
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        msg = await receive()
+        if msg["type"] != "websocket.connect":
+            return
+        extra = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers if k.lower() not in _WS_SKIP]
+        subprotocols = scope.get("subprotocols") or None
+        try:
+            upstream = await connect(
+                "ws://" + target,
+                additional_headers=extra,
+                subprotocols=subprotocols,
+                open_timeout=CONNECT_TIMEOUT_S,
+                max_size=None,
+                compression=None,
+                proxy=None,
+            )
+        except (OSError, InvalidHandshake, TimeoutError) as exc:
+            code = 4004 if isinstance(exc, InvalidStatus) else 1011
+            ctx.metrics.count_api_error("port_unreachable")
+            await send({"type": "websocket.close", "code": code, "reason": f"sandbox port: {exc}"[:120]})
+            return
+        await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol})
+        await _relay(upstream, receive, send)
+
+
+async def _relay(upstream: ClientConnection, receive: Receive, send: Send) -> None:
+    async def client_to_upstream() -> None:
+        while True:
+            msg = await receive()
+            if msg["type"] == "websocket.disconnect":
+                await upstream.close()
+                return
+            if msg.get("bytes") is not None:
+                await upstream.send(msg["bytes"])
+            elif msg.get("text") is not None:
+                await upstream.send(msg["text"])
+
+    async def upstream_to_client() -> None:
+        try:
+            async for data in upstream:
+                if isinstance(data, bytes):
+                    await send({"type": "websocket.send", "bytes": data})
+                else:
+                    await send({"type": "websocket.send", "text": data})
+        except ConnectionClosed:
+            pass
+        code = upstream.close_code or 1000
+        with contextlib.suppress(Exception):
+            await send({"type": "websocket.close", "code": code, "reason": upstream.close_reason or ""})
+
+    tasks = [asyncio.create_task(client_to_upstream()), asyncio.create_task(upstream_to_client())]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await upstream.close()
+
+
+def _authorize(ctx: AppContext, scope: Scope, sandbox_id: str) -> tuple[list[tuple[bytes, bytes]], str]:
+    """Check the caller; return the headers and query string to forward (daemon credentials removed)."""
+    raw_query = scope.get("query_string", b"").decode("latin-1")
+    params = parse_qsl(raw_query, keep_blank_values=True)
+    token = next((v for k, v in params if k == TOKEN_PARAM), None)
+    headers: list[tuple[bytes, bytes]] = []
+    authorization: str | None = None
+    for k, v in scope["headers"]:
+        if k == TOKEN_HEADER:
+            token = v.decode("latin-1")
+            continue
+        if k == b"authorization":
+            authorization = v.decode("latin-1")
+        headers.append((k, v))
+    query = urlencode([(k, v) for k, v in params if k != TOKEN_PARAM]) if token is not None else raw_query
+    if token is not None:
+        if not ctx.port_tokens.check(sandbox_id, token):
+            raise UnauthorizedError(
+                "invalid port token: get the current one from GET /v1/sandboxes/{id}/network (port_token)"
+            )
+        return headers, query
+    ctx.checker.check(authorization)
+    if ctx.checker.is_api_key(authorization):
+        headers = [(k, v) for k, v in headers if k != b"authorization"]
+    return headers, query
+
+
+async def _body(receive: Receive) -> AsyncIterator[bytes]:
+    while True:
+        msg = await receive()
+        if msg["type"] != "http.request":
+            return
+        chunk = msg.get("body", b"")
+        if chunk:
+            yield chunk
+        if not msg.get("more_body", False):
+            return
+
+
+async def _error(send: Send, exc: BranchboxError) -> None:
+    body = error_json(exc.code, exc.message, exc.details or None)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": exc.http_status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
