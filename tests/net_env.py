@@ -139,6 +139,10 @@ class Internet:
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()
+        if self.server is not None:
+            for pipe in (self.server.stdin, self.server.stdout):
+                if pipe is not None:
+                    pipe.close()
         for r in self.routes():
             sh("ip", "route", "del", r, check=False)
         sh("ip", "link", "del", self.host_if, check=False)  # usually gone with the namespace already

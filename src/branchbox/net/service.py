@@ -91,6 +91,11 @@ class Network:
         self._by_id.clear()
         self._by_ip.clear()
 
+    async def wait_idle(self) -> None:
+        """Wait until background work (resolving denied names) started so far is done."""
+        while pending := [t for t in self._tasks if not t.done()]:
+            await asyncio.gather(*pending, return_exceptions=True)
+
     @property
     def dns_port(self) -> int:
         return 0 if self._dns is None else self._dns.port
