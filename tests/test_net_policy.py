@@ -1,0 +1,127 @@
+"""Network policies, address slots and the nftables scripts (loaded into a real, uniquely named table)."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import secrets
+
+import pytest
+
+from branchbox.errors import LimitExceededError, NetworkError, NetworkPolicyError
+from branchbox.net import rules
+from branchbox.net.addresses import AddressPool
+from branchbox.net.nftables import Nft
+from branchbox.net.policy import NetworkPolicy, Rules
+from branchbox.net.settings import NetworkSettings
+from tests.net_env import sh
+
+
+def test_default_policy_is_internet_without_private_ranges() -> None:
+    p = NetworkPolicy.of()
+    assert p.internet is True
+    assert p.allow_out == Rules() and p.deny_out == Rules()
+    assert NetworkPolicy.of(False).internet is False
+    assert NetworkPolicy.of(None, {"allow_internet_access": False}).internet is False
+
+
+def test_entries_split_into_cidrs_and_domains() -> None:
+    p = NetworkPolicy.of(
+        None, {"allow_out": ["203.0.113.0/24", "1.2.3.4", "PyPI.org.", "*.Example.com", "1.2.3.4"], "deny_out": []}
+    )
+    assert p.allow_out.cidrs == ("203.0.113.0/24", "1.2.3.4/32")
+    assert p.allow_out.domains == ("pypi.org", "*.example.com")
+    assert p.allow_out.matches_domain("pypi.org.")
+    assert not p.allow_out.matches_domain("files.pypi.org")
+    assert p.allow_out.matches_domain("a.b.example.com")
+    assert not p.allow_out.matches_domain("example.com")
+    assert NetworkPolicy.from_json(p.to_json()) == p
+    assert json.loads(p.to_json())["allow_out"] == ["203.0.113.0/24", "1.2.3.4/32", "pypi.org", "*.example.com"]
+
+
+@pytest.mark.parametrize(
+    "patch",
+    [
+        {"allow_out": ["exa mple.com"]},
+        {"allow_out": ["-bad.com"]},
+        {"allow_out": ["localhost"]},  # a single label is not a domain on the internet
+        {"allow_out": ["1.2.3.4.5"]},
+        {"deny_out": ["::1"]},
+        {"deny_out": ["fc00::/7"]},
+        {"allow_out": "pypi.org"},
+        {"allow_out": [7]},
+        {"allow_out": [""]},
+        {"allow_out": ["x" * 300 + ".com"]},
+        {"allow_internet_access": "yes"},
+        {"egress": ["1.2.3.4"]},
+    ],
+)
+def test_invalid_entries_are_rejected_with_a_stable_code(patch: dict[str, object]) -> None:
+    with pytest.raises(NetworkPolicyError) as exc:
+        NetworkPolicy().updated(patch)
+    assert exc.value.code == "invalid_network_policy"
+    assert exc.value.http_status == 400
+
+
+def test_update_replaces_only_the_given_keys() -> None:
+    p = NetworkPolicy.of(None, {"allow_out": ["pypi.org"], "deny_out": ["0.0.0.0/0"]})
+    q = p.updated({"deny_out": []})
+    assert q.allow_out == p.allow_out and q.deny_out == Rules() and q.internet
+    assert p.updated({"allow_internet_access": False}).allow_out == p.allow_out
+    assert not p.uses_dns or p.internet
+    assert NetworkPolicy(internet=False).uses_dns is False
+    assert NetworkPolicy(internet=False, allow_out=Rules(domains=("pypi.org",))).uses_dns is True
+
+
+def test_address_slots_round_robin_and_exhaustion() -> None:
+    pool = AddressPool(ipaddress.IPv4Network("10.9.0.0/28"))  # 4 slots
+    slots = [pool.allocate() for _ in range(4)]
+    assert [str(s.sandbox) for s in slots] == ["10.9.0.2", "10.9.0.6", "10.9.0.10", "10.9.0.14"]
+    assert str(slots[1].host) == "10.9.0.5"
+    with pytest.raises(LimitExceededError):
+        pool.allocate()
+    pool.release(1)
+    pool.release(0)
+    assert pool.allocate().index == 0  # the next free after the last given (3) wraps to 0
+    assert pool.allocate().index == 1
+    assert pool.index_of("10.9.0.6") == 1
+    assert pool.index_of("10.9.0.5") is None
+    assert pool.index_of("192.0.2.1") is None
+
+
+def test_settings_are_validated() -> None:
+    for bad in ({"subnet": "10.0.0.0/30"}, {"subnet": "fd00::/64"}, {"table": "Bad-Name"}, {"if_prefix": "x"}):
+        with pytest.raises(ValueError):
+            NetworkSettings(**bad)  # type: ignore[arg-type]
+    assert NetworkSettings(dns_upstream="192.0.2.53:5353").upstream() == ("192.0.2.53", 5353)
+    assert NetworkSettings(dns_upstream="192.0.2.53").upstream() == ("192.0.2.53", 53)
+
+
+@pytest.mark.root
+def test_rule_scripts_load_update_and_unload_in_a_real_table() -> None:
+    table = f"bbu{secrets.token_hex(4)}"
+    prefix = f"u{secrets.token_hex(2)}-"
+    nft = Nft()
+    pool = AddressPool(ipaddress.IPv4Network("10.9.0.0/24"))
+    try:
+        nft.run(rules.table_script(table, prefix, "10.9.0.0/24", 5353))
+        slot = pool.allocate()
+        policy = NetworkPolicy.of(None, {"allow_out": ["192.168.1.0/24", "pypi.org"], "deny_out": ["0.0.0.0/0"]})
+        nft.run(rules.add_sandbox_script(table, prefix, slot, policy))
+        nft.run(rules.pin_script(table, slot, ["198.51.100.7", "198.51.100.8"], allow=True))
+        listing = sh("nft", "list", "table", "inet", table)
+        assert "192.168.1.0/24" in listing and "198.51.100.7" in listing and "0.0.0.0/0" in listing
+        assert f'"{prefix}0" : jump s0' in listing
+        nft.run(rules.update_sandbox_script(table, slot, NetworkPolicy(internet=False)))
+        listing = sh("nft", "list", "chain", "inet", table, "s0")
+        assert listing.strip().splitlines()[-3].strip() == "drop"  # the last rule: no internet
+        assert "198.51.100.7" not in sh("nft", "list", "set", "inet", table, "p0")  # pins cleared
+        nft.run(rules.remove_sandbox_script(table, prefix, slot))
+        assert " s0 " not in sh("nft", "list", "table", "inet", table)
+        with pytest.raises(NetworkError) as exc:
+            nft.run("add rule inet nosuchtable nochain drop")
+        assert exc.value.code == "network_error"
+    finally:
+        nft.run(rules.delete_table_script(table))
+        nft.close()
+    assert table not in sh("nft", "list", "tables")
