@@ -3,6 +3,7 @@ WebSocket, auth by API key or per-sandbox token). Sandboxes reach the tests' own
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -143,3 +144,24 @@ def test_port_proxy_auth_with_api_key_or_sandbox_token(daemon_factory: Any) -> N
         with Sandbox.create(base_url=d.url, api_key=key) as other:
             foreign = f"{d.url}/v1/sandboxes/{other.sandbox_id}/ports/8000/?bb_token={token}"
             assert httpx.get(foreign, timeout=30).status_code == 401
+
+
+def test_cli_network_and_port(net_daemon: DaemonProc, internet: Internet) -> None:
+    from tests.test_cli import bb
+
+    url = net_daemon.url
+    made = bb("create", "--no-internet", "--allow-out", internet.public_a, "--json", url=url)
+    assert made.returncode == 0, made.stderr
+    sid = json.loads(made.stdout)["sandbox_id"]
+    shown = json.loads(bb("network", sid, url=url).stdout)
+    assert shown["allow_internet_access"] is False
+    assert shown["allow_out"] == [f"{internet.public_a}/32"]
+    changed = bb("network", sid, "--internet", "--allow-out", "", "--deny-out", "b.example.test", url=url)
+    assert changed.returncode == 0, changed.stderr
+    after = json.loads(changed.stdout)
+    assert (after["allow_internet_access"], after["allow_out"], after["deny_out"]) == (True, [], ["b.example.test"])
+    bad = bb("network", sid, "--allow-out", "nope nope", url=url)
+    assert bad.returncode == 1
+    assert "invalid_network_policy" in bad.stderr
+    assert bb("port", sid, "8000", url=url).stdout.strip() == f"{url}/v1/sandboxes/{sid}/ports/8000/"
+    assert bb("rm", sid, url=url).returncode == 0
