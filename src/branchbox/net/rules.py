@@ -133,6 +133,13 @@ def remove_sandbox_script(table: str, prefix: str, slot: Slot) -> str:
 
 
 def pin_script(table: str, slot: Slot, addresses: list[str], *, allow: bool) -> str:
+    """Pin addresses for PIN_TIMEOUT_S from now: add (so it exists), delete, add again, in one transaction, so
+    an address pinned before gets a fresh timeout without a moment of not being in the set."""
     name = f"{'p' if allow else 'q'}{slot.index}"
-    elems = ", ".join(f"{a} timeout {PIN_TIMEOUT_S}s" for a in addresses)
-    return f"add element inet {table} {name} {{ {elems} }}\n"
+    plain = ", ".join(addresses)
+    timed = ", ".join(f"{a} timeout {PIN_TIMEOUT_S}s" for a in addresses)
+    return (
+        f"add element inet {table} {name} {{ {timed} }}\n"
+        f"delete element inet {table} {name} {{ {plain} }}\n"
+        f"add element inet {table} {name} {{ {timed} }}\n"
+    )
