@@ -104,7 +104,7 @@ def _proxy_vs_direct(settings: ManagerSettings, runs: int, results: Results) -> 
                     with c.stream("GET", base + "big") as s:
                         for chunk in s.iter_raw(1 << 20):
                             n += len(chunk)
-                    assert n == BIG_MB * 1024 * 1024
+                    assert n == BIG_MB * 1024 * 1024, (name, n)
                     mbps.append(n / 1e6 / (time.perf_counter() - t0))
                 results[f"network: {BIG_MB} MiB download from a sandbox port, {name} (MB/s)"] = summarize(mbps)
 

@@ -96,6 +96,21 @@ def test_port_proxy_http(net_daemon: DaemonProc) -> None:
         assert httpx.request("DELETE", url + "x", timeout=30).json()["method"] == "DELETE"
         with httpx.stream("GET", url + "big?n=5000000", timeout=60) as big:
             assert sum(len(c) for c in big.iter_raw()) == 5_000_000
+        # a server that closes after each response (HTTP/1.0) must get no body it does not expect: unread bytes
+        # make its close() reset the connection under the response
+        sbx.commands.run("mkdir -p /tmp/www && head -c 20000000 /dev/urandom > /tmp/www/blob")
+        sbx.commands.run("python3 -m http.server 8002 --bind 0.0.0.0 --directory /tmp/www", background=True)
+        blob = sbx.files.read("/tmp/www/blob", format="bytes")
+        plain = sbx.get_host(8002) + "blob"
+        deadline = time.monotonic() + 60
+        while httpx.head(plain, timeout=10).status_code != 200:  # readiness of the sandbox's server
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        for _ in range(3):
+            got = httpx.get(plain, timeout=60)
+            assert got.status_code == 200
+            assert got.headers["content-length"] == str(len(blob))
+            assert got.content == blob
         missing = httpx.get(f"{net_daemon.url}/v1/sandboxes/{sbx.sandbox_id}/ports/8001/", timeout=30)
         assert missing.status_code == 502
         assert missing.json()["error"]["code"] == "port_unreachable"

@@ -36,7 +36,7 @@ TOKEN_PARAM = "bb_token"  # noqa: S105 - the name of a query parameter, not a se
 _HOP = frozenset(
     {
         b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
-        b"trailers", b"transfer-encoding", b"upgrade", b"content-length",
+        b"trailers", b"transfer-encoding", b"upgrade",
     }
 )  # fmt: skip
 _WS_SKIP = _HOP | {b"sec-websocket-key", b"sec-websocket-version", b"sec-websocket-extensions",
@@ -111,7 +111,14 @@ class PortProxy:
         sandbox_id: str,
     ) -> None:
         client = self._http_client()
-        request = client.build_request(scope["method"], "http://" + target, headers=headers, content=_body(receive))
+        fwd = [(k, v) for k, v in headers if k.lower() not in _HOP]
+        # a body only when the request has one: a chunked empty body would be left unread by simple servers,
+        # whose close() then resets the connection under the response
+        lengths = [v.strip() for k, v in headers if k.lower() == b"content-length"]
+        chunked = any(k.lower() == b"transfer-encoding" for k, _ in headers)
+        has_body = chunked or any(n != b"0" for n in lengths)
+        body = _body(receive) if has_body else None
+        request = client.build_request(scope["method"], "http://" + target, headers=fwd, content=body)
         try:
             response = await client.send(request, stream=True)
         except httpx.ConnectError:
@@ -129,9 +136,10 @@ class PortProxy:
             async for chunk in response.aiter_raw():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except httpx.HTTPError:
-            with contextlib.suppress(Exception):  # the response had started: all we can do is end it
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except httpx.HTTPError as exc:
+            # the response has started: abort the connection so the client sees a truncated body as an error
+            ctx.log.warning("port.proxy_broken", port=port, error=f"{type(exc).__name__}: {exc}")
+            raise
         finally:
             await response.aclose()
 
