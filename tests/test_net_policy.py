@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import secrets
 
 import pytest
@@ -125,3 +126,50 @@ def test_rule_scripts_load_update_and_unload_in_a_real_table() -> None:
         nft.run(rules.delete_table_script(table))
         nft.close()
     assert table not in sh("nft", "list", "tables")
+
+
+@pytest.mark.root
+async def test_veth_wiring_by_netlink_and_its_failure_leaves_nothing() -> None:
+    import subprocess
+
+    from branchbox.net import links
+
+    holder = subprocess.Popen(["unshare", "--net", "--", "sleep", "infinity"])
+    name = f"w{secrets.token_hex(3)}-0"
+    pool = AddressPool(ipaddress.IPv4Network("10.9.4.0/30"))
+    slot = pool.allocate()
+    try:
+        while os.readlink(f"/proc/{holder.pid}/ns/net") == os.readlink("/proc/self/ns/net"):
+            os.sched_yield()  # until unshare has made the namespace
+        await links.create_veth(name, slot, holder.pid)
+        inside = sh("nsenter", f"--net=/proc/{holder.pid}/ns/net", "ip", "-4", "-o", "addr", "show", "eth0")
+        assert "10.9.4.2/30" in inside
+        route = sh("nsenter", f"--net=/proc/{holder.pid}/ns/net", "ip", "route", "show", "default")
+        assert "via 10.9.4.1 dev eth0" in route
+        assert "10.9.4.1/30" in sh("ip", "-4", "-o", "addr", "show", name)
+        with pytest.raises(NetworkError):  # the name exists: nothing else is touched
+            await links.create_veth(name, slot, holder.pid)
+        assert links.veth_exists(name)
+        await links.delete_veth(name)
+        assert not links.veth_exists(name)
+        other = name[:-1] + "1"
+        sh(
+            "nsenter",
+            f"--net=/proc/{holder.pid}/ns/net",
+            "ip",
+            "link",
+            "add",
+            "eth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth9",
+        )
+        with pytest.raises(NetworkError):  # eth0 exists in the namespace: the new host end is removed again
+            await links.create_veth(other, slot, holder.pid)
+        assert not links.veth_exists(other)
+    finally:
+        holder.kill()
+        holder.wait()
+        sh("ip", "link", "del", name, check=False)
