@@ -98,6 +98,30 @@ def test_settings_are_validated() -> None:
     assert NetworkSettings(dns_upstream="192.0.2.53").upstream() == ("192.0.2.53", 53)
 
 
+def test_policy_changes_are_element_adds_and_flushes_in_a_safe_order() -> None:
+    slot = AddressPool(ipaddress.IPv4Network("10.9.0.0/24")).allocate()
+    default = NetworkPolicy()
+    closed = NetworkPolicy.of(False, {"allow_out": ["192.0.2.0/24"], "deny_out": ["198.51.100.0/24"]})
+    # a claim (from the pooled default): one transaction of adds, the deny list in the spare generation
+    scripts, gen = rules.policy_change("t", slot, default, closed, deny_gen=0, pinned=False, denied=False)
+    assert len(scripts) == 1
+    assert gen == 1
+    assert "flush" not in scripts[0]
+    assert "add element inet t e0 { 198.51.100.0/24 }" in scripts[0]
+    assert "add element inet t o0 { 0.0.0.0/0 }" in scripts[0]
+    # a live change that replaces the allow list: flush first, add in a second transaction
+    other = closed.updated({"allow_out": ["203.0.113.0/24"], "deny_out": [], "allow_internet_access": True})
+    scripts, gen2 = rules.policy_change("t", slot, closed, other, deny_gen=gen, pinned=True, denied=True)
+    assert len(scripts) == 2
+    assert gen2 == 0
+    first, second = scripts
+    assert "flush set inet t a0" in first and "flush set inet t p0" in first and "flush set inet t r0" in first
+    assert "add element inet t a0 { 203.0.113.0/24 }" in second
+    assert "flush set inet t e0" in second and "flush set inet t o0" in second and "flush set inet t q0" in second
+    # nothing changes: nothing to run
+    assert rules.policy_change("t", slot, closed, closed, deny_gen=1, pinned=False, denied=False) == ([], 1)
+
+
 @pytest.mark.root
 def test_rule_scripts_load_update_and_unload_in_a_real_table() -> None:
     table = f"bbu{secrets.token_hex(4)}"
@@ -109,14 +133,16 @@ def test_rule_scripts_load_update_and_unload_in_a_real_table() -> None:
         slot = pool.allocate()
         policy = NetworkPolicy.of(None, {"allow_out": ["192.168.1.0/24", "pypi.org"], "deny_out": ["0.0.0.0/0"]})
         nft.run(rules.add_sandbox_script(table, prefix, slot, policy))
-        nft.run(rules.pin_script(table, slot, ["198.51.100.7", "198.51.100.8"], allow=True))
+        nft.run(rules.pin_script(table, slot, {"p": ["198.51.100.7"], "r": ["198.51.100.8"]}))
         listing = sh("nft", "list", "table", "inet", table)
         assert "192.168.1.0/24" in listing and "198.51.100.7" in listing and "0.0.0.0/0" in listing
         assert f'"{prefix}0" : jump s0' in listing
-        nft.run(rules.update_sandbox_script(table, slot, NetworkPolicy(internet=False)))
-        listing = sh("nft", "list", "chain", "inet", table, "s0")
-        assert listing.strip().splitlines()[-3].strip() == "drop"  # the last rule: no internet
-        assert "198.51.100.7" not in sh("nft", "list", "set", "inet", table, "p0")  # pins cleared
+        closed = NetworkPolicy(internet=False)
+        for script in rules.policy_change(table, slot, policy, closed, deny_gen=0, pinned=True, denied=False)[0]:
+            nft.run(script)
+        for name, want in (("a0", ""), ("d0", ""), ("p0", ""), ("r0", ""), ("o0", "0.0.0.0/0")):
+            elements = sh("nft", "list", "set", "inet", table, name)
+            assert (want in elements) if want else ("elements" not in elements), (name, elements)
         nft.run(rules.remove_sandbox_script(table, prefix, slot))
         assert " s0 " not in sh("nft", "list", "table", "inet", table)
         with pytest.raises(NetworkError) as exc:
@@ -173,3 +199,33 @@ async def test_veth_wiring_by_netlink_and_its_failure_leaves_nothing() -> None:
         holder.kill()
         holder.wait()
         sh("ip", "link", "del", name, check=False)
+
+
+def test_pins_are_renewed_through_the_other_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    from branchbox.net import service
+    from branchbox.net.service import Attachment, Network
+
+    net = Network(NetworkSettings(subnet="10.9.0.0/24", table="bbpin", if_prefix="pin", dns_upstream="127.0.0.1"))
+    scripts: list[str] = []
+    monkeypatch.setattr(net, "_run", scripts.append)
+    clock = [1000.0]
+    monkeypatch.setattr(service.time, "monotonic", lambda: clock[0])
+    att = Attachment("sbx", net.addresses.allocate(), "pin-0", NetworkPolicy())
+    net._by_id["sbx"] = att
+    ttl = rules.PIN_TIMEOUT_S
+
+    def pin() -> str:
+        scripts.clear()
+        net._pin(att, ["192.0.2.1"], allow=True)
+        return "".join(scripts)
+
+    assert "p0 { 192.0.2.1" in pin()
+    clock[0] += ttl * 0.4
+    assert pin() == ""  # more than half its time left: nothing to do
+    clock[0] += ttl * 0.2
+    assert "r0 { 192.0.2.1" in pin()  # renewed in the other set
+    clock[0] += ttl * 0.6
+    assert "p0 { 192.0.2.1" in pin()  # the entry in p expired long ago: p takes the renewal
+    net._pin(att, ["192.0.2.9"], allow=False)
+    assert "q0 { 192.0.2.9" in scripts[-1]
+    assert att.denied

@@ -14,8 +14,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dnslib import DNSRecord
 
@@ -39,6 +40,9 @@ class Attachment:
     slot: Slot
     ifname: str
     policy: NetworkPolicy
+    deny_gen: int = 0  # which of the two deny sets holds deny_out (rules.policy_change)
+    pins: dict[str, tuple[float, float]] = field(default_factory=dict)  # address -> expiry in sets p and r
+    denied: bool = False  # set q holds addresses of denied names
 
     @property
     def address(self) -> str:
@@ -143,8 +147,14 @@ class Network:
     def apply(self, sandbox_id: str, policy: NetworkPolicy) -> Attachment:
         """Replace the sandbox's policy (one nftables transaction; established connections follow at once)."""
         att = self.get(sandbox_id)
-        self._run(rules.update_sandbox_script(self.settings.table, att.slot, policy))
-        att.policy = policy
+        scripts, gen = rules.policy_change(
+            self.settings.table, att.slot, att.policy, policy, deny_gen=att.deny_gen, pinned=bool(att.pins),
+            denied=att.denied,
+        )  # fmt: skip
+        for script in scripts:
+            self._run(script)
+        att.policy, att.deny_gen, att.denied = policy, gen, False
+        att.pins.clear()
         self._pin_denied(att)
         return att
 
@@ -198,10 +208,33 @@ class Network:
         return Client(att.policy, lambda addrs: self._pin(att, addrs, allow=True))
 
     def _pin(self, att: Attachment, addrs: list[str], *, allow: bool) -> None:
+        """Pin addresses for rules.PIN_TIMEOUT_S. Re-adding an element does not renew its timeout, so an
+        allowed address is renewed by adding it to the other of its two sets (p, r) once less than half its
+        time is left; by then the entry in that other set has expired (entries are > half a timeout apart)."""
         if self._by_id.get(att.sandbox_id) is not att:
             return  # destroyed meanwhile
+        adds: dict[str, list[str]] = {"p": [], "r": [], "q": []}
+        if allow:
+            now, ttl = time.monotonic(), float(rules.PIN_TIMEOUT_S)
+            for addr in addrs:
+                in_p, in_r = att.pins.get(addr, (0.0, 0.0))
+                if max(in_p, in_r) - now >= ttl / 2:
+                    continue
+                if in_p <= in_r:
+                    adds["p"].append(addr)
+                    in_p = now + ttl
+                else:
+                    adds["r"].append(addr)
+                    in_r = now + ttl
+                att.pins[addr] = (in_p, in_r)
+        else:
+            adds["q"] = addrs
+            att.denied = True
+        script = rules.pin_script(self.settings.table, att.slot, adds)
+        if not script:
+            return
         try:
-            self._run(rules.pin_script(self.settings.table, att.slot, addrs, allow=allow))
+            self._run(script)
         except NetworkError as exc:
             log.warning("pinning %s for sandbox %s failed: %s", addrs, att.sandbox_id, exc)
 
