@@ -356,14 +356,15 @@ async def test_two_hundred_create_destroy_cycles_leave_nothing(
 
 
 def _sandbox_chains(settings: NetworkSettings) -> list[Any]:
-    """Per-sandbox chains and sets still in the daemon's table."""
+    """What sandboxes still have in the daemon's table: elements of the per-sandbox sets, or extra chains/sets."""
     doc = json.loads(sh("nft", "-j", "list", "table", "inet", settings.table))
-    names = []
+    left: list[Any] = []
+    base = {"blocked4", "owned", "offline", "allow", "deny", "pins", "pins2", "dpins", "prerouting", "postrouting",
+            "input", "from_sandbox", "forward", "egress"}  # fmt: skip
     for item in doc["nftables"]:
         for kind in ("chain", "set", "map"):
-            if kind in item:
-                names.append(item[kind]["name"])
-    base = {"blocked4", "egress", "prerouting", "postrouting", "input", "from_sandbox", "forward"}
-    extra = [n for n in names if n not in base]
-    elements = [i for i in doc["nftables"] if "map" in i and i["map"]["name"] == "egress" and i["map"].get("elem")]
-    return extra + elements
+            if kind in item and item[kind]["name"] not in base:
+                left.append(item[kind]["name"])
+        if "set" in item and item["set"]["name"] != "blocked4" and item["set"].get("elem"):
+            left.append((item["set"]["name"], item["set"]["elem"]))
+    return left

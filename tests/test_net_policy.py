@@ -98,28 +98,26 @@ def test_settings_are_validated() -> None:
     assert NetworkSettings(dns_upstream="192.0.2.53").upstream() == ("192.0.2.53", 53)
 
 
-def test_policy_changes_are_element_adds_and_flushes_in_a_safe_order() -> None:
-    slot = AddressPool(ipaddress.IPv4Network("10.9.0.0/24")).allocate()
+def test_a_claim_only_adds_elements_and_a_live_change_is_one_transaction() -> None:
     default = NetworkPolicy()
     closed = NetworkPolicy.of(False, {"allow_out": ["192.0.2.0/24"], "deny_out": ["198.51.100.0/24"]})
-    # a claim (from the pooled default): one transaction of adds, the deny list in the spare generation
-    scripts, gen = rules.policy_change("t", slot, default, closed, deny_gen=0, pinned=False, denied=False)
-    assert len(scripts) == 1
-    assert gen == 1
-    assert "flush" not in scripts[0]
-    assert "add element inet t e0 { 198.51.100.0/24 }" in scripts[0]
-    assert "add element inet t o0 { 0.0.0.0/0 }" in scripts[0]
-    # a live change that replaces the allow list: flush first, add in a second transaction
+    no_pins: dict[str, list[str]] = {"pins": [], "pins2": [], "dpins": []}
+    claim = rules.policy_change("t", "10.9.0.2", default, closed, no_pins)
+    assert "delete" not in claim  # from the pooled default: adds only (no cache of elements to load)
+    assert "add element inet t allow { 10.9.0.2 . 192.0.2.0/24 }" in claim
+    assert "add element inet t deny { 10.9.0.2 . 198.51.100.0/24 }" in claim
+    assert "add element inet t offline { 10.9.0.2 }" in claim
     other = closed.updated({"allow_out": ["203.0.113.0/24"], "deny_out": [], "allow_internet_access": True})
-    scripts, gen2 = rules.policy_change("t", slot, closed, other, deny_gen=gen, pinned=True, denied=True)
-    assert len(scripts) == 2
-    assert gen2 == 0
-    first, second = scripts
-    assert "flush set inet t a0" in first and "flush set inet t p0" in first and "flush set inet t r0" in first
-    assert "add element inet t a0 { 203.0.113.0/24 }" in second
-    assert "flush set inet t e0" in second and "flush set inet t o0" in second and "flush set inet t q0" in second
-    # nothing changes: nothing to run
-    assert rules.policy_change("t", slot, closed, closed, deny_gen=1, pinned=False, denied=False) == ([], 1)
+    live = rules.policy_change("t", "10.9.0.2", closed, other, {"pins": ["1.1.1.1"], "pins2": [], "dpins": []})
+    assert "delete element inet t allow { 10.9.0.2 . 192.0.2.0/24 }" in live
+    assert "add element inet t allow { 10.9.0.2 . 203.0.113.0/24 }" in live
+    assert "delete element inet t deny { 10.9.0.2 . 198.51.100.0/24 }" in live
+    assert "delete element inet t offline { 10.9.0.2 }" in live
+    # pins may have expired: added (a no-op when present) before they are deleted
+    assert live.index("add element inet t pins { 10.9.0.2 . 1.1.1.1 }") < live.index(
+        "delete element inet t pins { 10.9.0.2 . 1.1.1.1 }"
+    )
+    assert rules.policy_change("t", "10.9.0.2", closed, closed, no_pins) == ""
 
 
 @pytest.mark.root
@@ -127,24 +125,24 @@ def test_rule_scripts_load_update_and_unload_in_a_real_table() -> None:
     table = f"bbu{secrets.token_hex(4)}"
     prefix = f"u{secrets.token_hex(2)}-"
     nft = Nft()
-    pool = AddressPool(ipaddress.IPv4Network("10.9.0.0/24"))
     try:
         nft.run(rules.table_script(table, prefix, "10.9.0.0/24", 5353))
-        slot = pool.allocate()
+        addr, host_if = "10.9.0.2", f"{prefix}0"
         policy = NetworkPolicy.of(None, {"allow_out": ["192.168.1.0/24", "pypi.org"], "deny_out": ["0.0.0.0/0"]})
-        nft.run(rules.add_sandbox_script(table, prefix, slot, policy))
-        nft.run(rules.pin_script(table, slot, {"p": ["198.51.100.7"], "r": ["198.51.100.8"]}))
+        nft.run(rules.add_sandbox_script(table, host_if, addr, policy))
+        nft.run(rules.pin_script(table, addr, {"pins": ["198.51.100.7"], "pins2": ["198.51.100.8"], "dpins": []}))
         listing = sh("nft", "list", "table", "inet", table)
-        assert "192.168.1.0/24" in listing and "198.51.100.7" in listing and "0.0.0.0/0" in listing
-        assert f'"{prefix}0" : jump s0' in listing
+        assert "10.9.0.2 . 192.168.1.0/24" in listing and "10.9.0.2 . 198.51.100.7" in listing
+        assert f'"{host_if}" . 10.9.0.2' in listing
+        pins = {"pins": ["198.51.100.7", "198.51.100.9"], "pins2": ["198.51.100.8"], "dpins": []}  # .9 expired
         closed = NetworkPolicy(internet=False)
-        for script in rules.policy_change(table, slot, policy, closed, deny_gen=0, pinned=True, denied=False)[0]:
-            nft.run(script)
-        for name, want in (("a0", ""), ("d0", ""), ("p0", ""), ("r0", ""), ("o0", "0.0.0.0/0")):
+        nft.run(rules.policy_change(table, addr, policy, closed, pins))
+        for name, want in (("allow", ""), ("deny", ""), ("pins", ""), ("pins2", ""), ("offline", addr)):
             elements = sh("nft", "list", "set", "inet", table, name)
             assert (want in elements) if want else ("elements" not in elements), (name, elements)
-        nft.run(rules.remove_sandbox_script(table, prefix, slot))
-        assert " s0 " not in sh("nft", "list", "table", "inet", table)
+        nft.run(rules.remove_sandbox_script(table, host_if, addr, closed, {"pins": [], "pins2": [], "dpins": []}))
+        for name in ("owned", "offline"):
+            assert "elements" not in sh("nft", "list", "set", "inet", table, name)
         with pytest.raises(NetworkError) as exc:
             nft.run("add rule inet nosuchtable nochain drop")
         assert exc.value.code == "network_error"
@@ -219,13 +217,13 @@ def test_pins_are_renewed_through_the_other_set(monkeypatch: pytest.MonkeyPatch)
         net._pin(att, ["192.0.2.1"], allow=True)
         return "".join(scripts)
 
-    assert "p0 { 192.0.2.1" in pin()
+    assert "pins { 10.9.0.2 . 192.0.2.1" in pin()
     clock[0] += ttl * 0.4
     assert pin() == ""  # more than half its time left: nothing to do
     clock[0] += ttl * 0.2
-    assert "r0 { 192.0.2.1" in pin()  # renewed in the other set
+    assert "pins2 { 10.9.0.2 . 192.0.2.1" in pin()  # renewed in the other set
     clock[0] += ttl * 0.6
-    assert "p0 { 192.0.2.1" in pin()  # the entry in p expired long ago: p takes the renewal
+    assert "pins { 10.9.0.2 . 192.0.2.1" in pin()  # the entry in pins expired long ago: it takes the renewal
     net._pin(att, ["192.0.2.9"], allow=False)
-    assert "q0 { 192.0.2.9" in scripts[-1]
-    assert att.denied
+    assert "dpins { 10.9.0.2 . 192.0.2.9" in scripts[-1]
+    assert att.denied == {"192.0.2.9"}

@@ -40,13 +40,20 @@ class Attachment:
     slot: Slot
     ifname: str
     policy: NetworkPolicy
-    deny_gen: int = 0  # which of the two deny sets holds deny_out (rules.policy_change)
-    pins: dict[str, tuple[float, float]] = field(default_factory=dict)  # address -> expiry in sets p and r
-    denied: bool = False  # set q holds addresses of denied names
+    pins: dict[str, tuple[float, float]] = field(default_factory=dict)  # address -> expiry in pins, pins2
+    denied: set[str] = field(default_factory=set)  # addresses of denied names (set dpins)
 
     @property
     def address(self) -> str:
         return str(self.slot.sandbox)
+
+    def pinned(self) -> dict[str, list[str]]:
+        """What this sandbox may have in the pin sets (some may have expired meanwhile)."""
+        return {
+            "pins": [a for a, (first, _) in self.pins.items() if first],
+            "pins2": [a for a, (_, second) in self.pins.items() if second],
+            "dpins": sorted(self.denied),
+        }
 
     def extra(self) -> dict[str, str]:
         """What the Manager persists in the sandbox's handle to re-attach after a restart."""
@@ -116,7 +123,7 @@ class Network:
         att = Attachment(sandbox_id, slot, rules.ifname(self.prefix, slot.index), policy)
         try:
             await links.delete_veth(att.ifname)  # a leftover of a crashed daemon
-            self._run(rules.add_sandbox_script(self.settings.table, self.prefix, slot, policy))
+            self._run(rules.add_sandbox_script(self.settings.table, att.ifname, att.address, policy))
             try:
                 await links.create_veth(att.ifname, slot, netns_pid)
             except BaseException:
@@ -135,7 +142,7 @@ class Network:
         slot = self.addresses.reserve(int(extra[EXTRA_SLOT]))
         policy = NetworkPolicy.from_json(extra.get(EXTRA_POLICY, "{}"))
         att = Attachment(sandbox_id, slot, rules.ifname(self.prefix, slot.index), policy)
-        self._run(rules.add_sandbox_script(self.settings.table, self.prefix, slot, policy))
+        self._run(rules.add_sandbox_script(self.settings.table, att.ifname, att.address, policy))
         self._register(att)
         return att
 
@@ -147,14 +154,12 @@ class Network:
     def apply(self, sandbox_id: str, policy: NetworkPolicy) -> Attachment:
         """Replace the sandbox's policy (one nftables transaction; established connections follow at once)."""
         att = self.get(sandbox_id)
-        scripts, gen = rules.policy_change(
-            self.settings.table, att.slot, att.policy, policy, deny_gen=att.deny_gen, pinned=bool(att.pins),
-            denied=att.denied,
-        )  # fmt: skip
-        for script in scripts:
+        script = rules.policy_change(self.settings.table, att.address, att.policy, policy, att.pinned())
+        if script:
             self._run(script)
-        att.policy, att.deny_gen, att.denied = policy, gen, False
-        att.pins.clear()
+            att.pins.clear()
+            att.denied.clear()
+        att.policy = policy
         self._pin_denied(att)
         return att
 
@@ -184,8 +189,9 @@ class Network:
             self.addresses.release(att.slot.index)
 
     def _remove_rules(self, att: Attachment) -> None:
+        script = rules.remove_sandbox_script(self.settings.table, att.ifname, att.address, att.policy, att.pinned())
         with contextlib.suppress(NetworkError):  # already gone (a restart recreated the table)
-            self._run(rules.remove_sandbox_script(self.settings.table, self.prefix, att.slot))
+            self._run(script)
 
     async def remove_orphans(self) -> list[str]:
         """Delete veths of this daemon's prefix that no attached sandbox owns (after a crash)."""
@@ -209,11 +215,11 @@ class Network:
 
     def _pin(self, att: Attachment, addrs: list[str], *, allow: bool) -> None:
         """Pin addresses for rules.PIN_TIMEOUT_S. Re-adding an element does not renew its timeout, so an
-        allowed address is renewed by adding it to the other of its two sets (p, r) once less than half its
+        allowed address is renewed by adding it to the other of its two sets (pins, pins2) once less than half its
         time is left; by then the entry in that other set has expired (entries are > half a timeout apart)."""
         if self._by_id.get(att.sandbox_id) is not att:
             return  # destroyed meanwhile
-        adds: dict[str, list[str]] = {"p": [], "r": [], "q": []}
+        adds: dict[str, list[str]] = {"pins": [], "pins2": [], "dpins": []}
         if allow:
             now, ttl = time.monotonic(), float(rules.PIN_TIMEOUT_S)
             for addr in addrs:
@@ -221,16 +227,16 @@ class Network:
                 if max(in_p, in_r) - now >= ttl / 2:
                     continue
                 if in_p <= in_r:
-                    adds["p"].append(addr)
+                    adds["pins"].append(addr)
                     in_p = now + ttl
                 else:
-                    adds["r"].append(addr)
+                    adds["pins2"].append(addr)
                     in_r = now + ttl
                 att.pins[addr] = (in_p, in_r)
         else:
-            adds["q"] = addrs
-            att.denied = True
-        script = rules.pin_script(self.settings.table, att.slot, adds)
+            adds["dpins"] = [a for a in addrs if a not in att.denied]
+            att.denied.update(addrs)
+        script = rules.pin_script(self.settings.table, att.address, adds)
         if not script:
             return
         try:
