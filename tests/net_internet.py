@@ -1,6 +1,7 @@
 """The tests' own "internet": run inside a test network namespace (``nsenter --net=... python -m
 tests.net_internet``). Serves HTTP on port 80 of every address (the body names the address that was asked)
-and DNS on port 53 (UDP and TCP) of the first argument's address, from a fixed zone given as ``name=address``
+UDP port 9999 records what it receives (``GET /udp`` lists it), and DNS on port 53 (UDP and TCP) of the first
+argument's address, from a fixed zone given as ``name=address``
 arguments. Prints ``ready``.
 """
 
@@ -15,10 +16,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from dnslib import QTYPE, RCODE, RR, A, DNSRecord
 
+UDP_SEEN: list[str] = []  # payloads that reached UDP port 9999 (GET /udp lists them)
+
 
 class _Http(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         body = f"hello from {self.connection.getsockname()[0]}".encode()
+        if self.path == "/udp":
+            body = "\n".join(UDP_SEEN).encode()
         self.send_response(200)
         self.send_header("content-length", str(len(body)))
         self.end_headers()
@@ -49,6 +54,10 @@ def main(argv: list[str]) -> None:
             data, sock = self.request
             sock.sendto(_answer(zone, data), self.client_address)
 
+    class Sink(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            UDP_SEEN.append(self.request[0].decode(errors="replace"))
+
     class Tcp(socketserver.StreamRequestHandler):
         def handle(self) -> None:
             size = struct.unpack("!H", self.rfile.read(2))[0]
@@ -60,6 +69,7 @@ def main(argv: list[str]) -> None:
         ThreadingHTTPServer(("0.0.0.0", 80), _Http),
         socketserver.ThreadingUDPServer((dns_address, 53), Udp),
         socketserver.ThreadingTCPServer((dns_address, 53), Tcp),
+        socketserver.ThreadingUDPServer(("0.0.0.0", 9999), Sink),
     ]
     for srv in servers:
         threading.Thread(target=srv.serve_forever, daemon=True).start()

@@ -149,6 +149,45 @@ async def test_default_reaches_the_internet_but_not_private_ranges_or_the_host(
     socket.create_connection((gateway, host_listener), timeout=5).close()
 
 
+SPOOF = r"""
+import socket, struct, sys
+dst, fake = sys.argv[1], sys.argv[2]
+socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"legit", (dst, 9999))
+raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)  # CAP_NET_RAW, as in Docker
+payload = b"spoofed"
+udp = struct.pack("!HHHH", 40000, 9999, 8 + len(payload), 0) + payload
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0, socket.inet_aton(fake),
+                 socket.inet_aton(dst))
+raw.sendto(ip + udp, (dst, 0))
+print("sent")
+"""
+
+
+async def test_spoofed_source_addresses_are_dropped(net_manager: Manager, internet: Internet) -> None:
+    m = net_manager
+    a, b = await m.create(), await m.create()
+    other = (await m.get_network(b.id)).address  # pretending to be another sandbox
+    for fake in (other, "203.0.113.250"):
+        res = await m.exec(a.id, ["python3", "-c", SPOOF, internet.public_a, fake])
+        assert res.exit_code == 0, res.stderr_text
+    # the legit datagrams tell when the spoofed ones (sent after them) would have arrived
+    deadline = asyncio.get_running_loop().time() + 30
+    while True:
+        seen = await asyncio.to_thread(_udp_seen, internet)
+        if seen.count("legit") == 2:
+            break
+        assert asyncio.get_running_loop().time() < deadline, seen
+        await asyncio.sleep(0.05)
+    assert "spoofed" not in seen
+
+
+def _udp_seen(internet: Internet) -> list[str]:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{internet.public_a}/udp", timeout=10) as resp:
+        return resp.read().decode().splitlines()
+
+
 async def test_no_internet_access_means_no_egress_and_no_dns(net_manager: Manager, internet: Internet) -> None:
     m = net_manager
     info = await m.create(allow_internet_access=False)
