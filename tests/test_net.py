@@ -188,6 +188,42 @@ def _udp_seen(internet: Internet) -> list[str]:
         return resp.read().decode().splitlines()
 
 
+DNS_QUERY = r"""
+import socket, struct, sys
+query = bytes.fromhex(sys.argv[1])
+out = []
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.settimeout(5)
+u.sendto(query, ("192.0.2.53", 53))  # a server that does not exist: the host answers anyway
+out.append(u.recv(4096).hex())
+t = socket.create_connection(("198.51.100.253", 53), timeout=5)  # TCP, another made-up server
+t.sendall(struct.pack("!H", len(query)) + query)
+size = struct.unpack("!H", t.recv(2))[0]
+data = b""
+while len(data) < size:
+    data += t.recv(size - len(data))
+out.append(data.hex())
+print(" ".join(out))
+"""
+
+
+async def test_dns_to_any_server_over_udp_and_tcp_is_answered_by_the_host(
+    net_manager: Manager, internet: Internet
+) -> None:
+    from dnslib import QTYPE, DNSRecord
+
+    m = net_manager
+    info = await m.create(network={"allow_out": ["a.example.test"], "deny_out": ["0.0.0.0/0"]})
+    query = DNSRecord.question("a.example.test", "A").pack().hex()
+    res = await m.exec(info.id, ["python3", "-c", DNS_QUERY, query])
+    assert res.exit_code == 0, res.stderr_text
+    for answer in res.stdout_text.split():
+        rrs = DNSRecord.parse(bytes.fromhex(answer)).rr
+        assert [str(r.rdata) for r in rrs if r.rtype == QTYPE.A] == [internet.public_a]
+    out = await probe(m, info.id, connect=[(internet.public_a, 80)])
+    assert out == {f"{internet.public_a}:80": "ok"}  # pinned by those answers
+
+
 async def test_no_internet_access_means_no_egress_and_no_dns(net_manager: Manager, internet: Internet) -> None:
     m = net_manager
     info = await m.create(allow_internet_access=False)
