@@ -17,13 +17,13 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlencode
 
-import httpx
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from branchbox.api.context import AppContext
 from branchbox.api.fastpath import RouteName, error_json
+from branchbox.api.port_relay import HOP, UpstreamError, relay
 from branchbox.errors import BadRequestError, BranchboxError, PortUnreachableError, TimeoutError_, UnauthorizedError
 
 if TYPE_CHECKING:
@@ -33,13 +33,7 @@ _PORTS = re.compile(r"^/v1/sandboxes/([^/]+)/ports/(\d{1,5})(/.*)?$")
 ROUTE = RouteName("/v1/sandboxes/{sandbox_id}/ports/{port}/{path}")
 TOKEN_HEADER = b"x-branchbox-token"
 TOKEN_PARAM = "bb_token"  # noqa: S105 - the name of a query parameter, not a secret
-_HOP = frozenset(
-    {
-        b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
-        b"trailers", b"transfer-encoding", b"upgrade",
-    }
-)  # fmt: skip
-_WS_SKIP = _HOP | {b"sec-websocket-key", b"sec-websocket-version", b"sec-websocket-extensions",
+_WS_SKIP = HOP | {b"sec-websocket-key", b"sec-websocket-version", b"sec-websocket-extensions",
                    b"sec-websocket-protocol", b"host"}  # fmt: skip
 CONNECT_TIMEOUT_S = 10.0
 
@@ -48,14 +42,10 @@ class PortProxy:
     def __init__(self, app: ASGIApp, fastapi: FastAPI) -> None:
         self.app = app
         self.fastapi = fastapi
-        self._client: httpx.AsyncClient | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         m = _PORTS.match(scope["path"]) if scope["type"] in ("http", "websocket") else None
         if m is None:
-            if scope["type"] == "lifespan":
-                await self._lifespan(scope, receive, send)
-                return
             await self.app(scope, receive, send)
             return
         scope["route"] = ROUTE
@@ -73,75 +63,47 @@ class PortProxy:
             else:
                 await _error(send, exc)
             return
-        target = f"{address}:{port}{path}" + (f"?{query}" if query else "")
+        target = path + (f"?{query}" if query else "")
         if scope["type"] == "websocket":
-            await self._websocket(ctx, target, headers, scope, receive, send)
+            await self._websocket(ctx, f"{address}:{port}{target}", headers, scope, receive, send)
         else:
-            await self._http(ctx, target, headers, scope, receive, send, port, sandbox_id)
-
-    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async def receive_and_close() -> Message:
-            msg = await receive()
-            if msg["type"] == "lifespan.shutdown" and self._client is not None:
-                await self._client.aclose()
-                self._client = None
-            return msg
-
-        await self.app(scope, receive_and_close, send)
-
-    def _http_client(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = httpx.AsyncClient(
-                trust_env=False,
-                follow_redirects=False,
-                timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT_S),
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
-            )
-        return self._client
+            await self._http(ctx, address, port, target, headers, scope, receive, send, sandbox_id)
 
     async def _http(
         self,
         ctx: AppContext,
+        address: str,
+        port: int,
         target: str,
         headers: list[tuple[bytes, bytes]],
         scope: Scope,
         receive: Receive,
         send: Send,
-        port: int,
         sandbox_id: str,
     ) -> None:
-        client = self._http_client()
-        fwd = [(k, v) for k, v in headers if k.lower() not in _HOP]
-        # a body only when the request has one: a chunked empty body would be left unread by simple servers,
+        # a body only when the request has one: an empty chunked body would be left unread by simple servers,
         # whose close() then resets the connection under the response
         lengths = [v.strip() for k, v in headers if k.lower() == b"content-length"]
         chunked = any(k.lower() == b"transfer-encoding" for k, _ in headers)
-        has_body = chunked or any(n != b"0" for n in lengths)
-        body = _body(receive) if has_body else None
-        request = client.build_request(scope["method"], "http://" + target, headers=fwd, content=body)
+        body = _body(receive) if chunked or any(n != b"0" for n in lengths) else None
         try:
-            response = await client.send(request, stream=True)
-        except httpx.ConnectError:
-            await _error(send, PortUnreachableError(
-                f"nothing accepts connections on port {port} of sandbox {sandbox_id}: start a server there that "
-                "listens on 0.0.0.0 (127.0.0.1 is not reachable from outside the sandbox)"))  # fmt: skip
+            await relay(address, port, scope["method"], target, headers, body, send, connect_timeout=CONNECT_TIMEOUT_S)
+        except (OSError, TimeoutError) as exc:
+            if isinstance(exc, TimeoutError):
+                err: BranchboxError = TimeoutError_(f"port {port} of sandbox {sandbox_id} did not accept in time")
+            else:
+                err = PortUnreachableError(
+                    f"nothing accepts connections on port {port} of sandbox {sandbox_id}: start a server there that "
+                    "listens on 0.0.0.0 (127.0.0.1 is not reachable from outside the sandbox)"
+                )
+            ctx.metrics.count_api_error(err.code)
+            await _error(send, err)
+        except UpstreamError as exc:
             ctx.metrics.count_api_error("port_unreachable")
-            return
-        except httpx.TimeoutException:
-            await _error(send, TimeoutError_(f"port {port} of sandbox {sandbox_id} did not answer in time"))
-            return
-        try:
-            out_headers = [(k, v) for k, v in response.headers.raw if k.lower() not in _HOP]
-            await send({"type": "http.response.start", "status": response.status_code, "headers": out_headers})
-            async for chunk in response.aiter_raw():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except httpx.HTTPError as exc:
-            # the response has started: abort the connection so the client sees a truncated body as an error
-            ctx.log.warning("port.proxy_broken", port=port, error=f"{type(exc).__name__}: {exc}")
-            raise
-        finally:
-            await response.aclose()
+            if exc.started:  # abort the client's connection: a truncated body must not look complete
+                ctx.log.warning("port.proxy_broken", port=port, error=str(exc))
+                raise
+            await _error(send, PortUnreachableError(f"port {port} of sandbox {sandbox_id}: {exc}"))
 
     async def _websocket(
         self,
