@@ -1213,7 +1213,10 @@ class Manager:
                 continue
             live = _Live(info=info, handle=rec.handle, agent=agent, backend=be, pooled=rec.pool)
             if self._net is not None:
-                self._net.restore(info.id, rec.handle.extra)
+                try:
+                    self._net.restore(info.id, rec.handle.extra)
+                except BranchboxError as exc:  # it keeps running without egress (its veth is not owned)
+                    log.warning("cannot restore the network of %s: %s", info.id, exc, extra={"sandbox_id": info.id})
             self._live[info.id] = live
             self._watch(live)
             if pool is not None:
