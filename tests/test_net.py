@@ -224,6 +224,23 @@ async def test_dns_to_any_server_over_udp_and_tcp_is_answered_by_the_host(
     assert out == {f"{internet.public_a}:80": "ok"}  # pinned by those answers
 
 
+async def test_sandboxes_never_reach_each_other(net_manager: Manager) -> None:
+    m = net_manager
+    server = await m.create()
+    address = (await m.get_network(server.id)).address
+    await m.spawn(server.id, ["python3", "-m", "http.server", "8080", "--bind", "0.0.0.0"])
+    deadline = asyncio.get_running_loop().time() + 60
+    while (await probe(m, server.id, connect=[("127.0.0.1", 8080)]))["127.0.0.1:8080"] != "ok":
+        assert asyncio.get_running_loop().time() < deadline  # readiness of the server inside the sandbox
+        await asyncio.sleep(0.05)
+    socket.create_connection((address, 8080), timeout=5).close()  # the host reaches it (the port proxy's way)
+    plain = await m.create()
+    opened = await m.create(network={"allow_out": [f"{address}/32"]})  # even explicitly allowed: no way in
+    for sid in (plain.id, opened.id):
+        out = await probe(m, sid, connect=[(address, 8080)], timeout=1.0)
+        assert out == {f"{address}:8080": "timeout"}
+
+
 async def test_no_internet_access_means_no_egress_and_no_dns(net_manager: Manager, internet: Internet) -> None:
     m = net_manager
     info = await m.create(allow_internet_access=False)

@@ -59,6 +59,8 @@ def test_network_settings_through_the_sdk(net_daemon: DaemonProc, internet: Inte
     ) as sbx:
         net = sbx.get_network()
         assert net.allow_out == [f"{internet.public_a}/32", "a.example.test"]
+        # DNS through the daemon's forwarder (the daemon runs uvloop when installed)
+        assert sbx.commands.run("getent hosts a.example.test").stdout.split()[0] == internet.public_a
         assert net.deny_out == ["0.0.0.0/0"]
         assert net.address.startswith(net_daemon.network.subnet.split(".")[0] + ".")
         ok = f"import socket; socket.create_connection(('{internet.public_b}', 80), timeout=1).close()"
