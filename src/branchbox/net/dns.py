@@ -21,12 +21,13 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dnslib import QTYPE, RCODE, DNSError, DNSRecord
+from dnslib import QTYPE, RCODE, DNSRecord
 
 from branchbox.net.policy import NetworkPolicy
 
 log = logging.getLogger("branchbox.net.dns")
 MAX_TCP_MESSAGE = 65535
+MAX_IN_FLIGHT = 64  # queries of one sandbox being resolved at once; more are dropped (a flood costs it, not us)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +84,7 @@ def addresses_of(answer: bytes) -> list[str]:
     """The IPv4 addresses (A records) in a DNS answer."""
     try:
         record = DNSRecord.parse(answer)
-    except DNSError:
+    except Exception:  # a malformed answer pins nothing
         return []
     return [str(rr.rdata) for rr in record.rr if rr.rtype == QTYPE.A]
 
@@ -97,6 +98,7 @@ class DnsForwarder:
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._in_flight: dict[str, int] = {}
 
     async def start(self, port: int) -> int:
         """Listen on UDP and TCP ``port`` (0: a free port, the same for both); return the port."""
@@ -143,9 +145,23 @@ class DnsForwarder:
         client = self.lookup(source)
         if client is None:
             return None
+        busy = self._in_flight.get(source, 0)
+        if busy >= MAX_IN_FLIGHT:
+            return None
+        self._in_flight[source] = busy + 1
+        try:
+            return await self._answer(client, query)
+        finally:
+            left = self._in_flight[source] - 1
+            if left:
+                self._in_flight[source] = left
+            else:
+                del self._in_flight[source]
+
+    async def _answer(self, client: Client, query: bytes) -> bytes | None:
         try:
             request = DNSRecord.parse(query)
-        except DNSError:
+        except Exception:  # whatever a sandbox sends: garbage is dropped
             return None
         if not request.questions:
             return _refused(request)

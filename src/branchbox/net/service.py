@@ -30,6 +30,7 @@ from branchbox.net.settings import NetworkSettings
 
 log = logging.getLogger("branchbox.net")
 
+MAX_PINS = 4096  # addresses one sandbox may have pinned (the pin sets are shared: one sandbox must not fill them)
 EXTRA_SLOT = "net.slot"
 EXTRA_POLICY = "net.policy"
 
@@ -223,6 +224,9 @@ class Network:
         if allow:
             now, ttl = time.monotonic(), float(rules.PIN_TIMEOUT_S)
             for addr in addrs:
+                if addr not in att.pins and len(att.pins) >= MAX_PINS:
+                    log.warning("sandbox %s has %d pinned addresses: not pinning more", att.sandbox_id, MAX_PINS)
+                    break
                 in_p, in_r = att.pins.get(addr, (0.0, 0.0))
                 if max(in_p, in_r) - now >= ttl / 2:
                     continue
@@ -234,8 +238,8 @@ class Network:
                     in_r = now + ttl
                 att.pins[addr] = (in_p, in_r)
         else:
-            adds["dpins"] = [a for a in addrs if a not in att.denied]
-            att.denied.update(addrs)
+            adds["dpins"] = [a for a in addrs if a not in att.denied][: max(0, MAX_PINS - len(att.denied))]
+            att.denied.update(adds["dpins"])
         script = rules.pin_script(self.settings.table, att.address, adds)
         if not script:
             return
