@@ -227,3 +227,14 @@ def test_pins_are_renewed_through_the_other_set(monkeypatch: pytest.MonkeyPatch)
     net._pin(att, ["192.0.2.9"], allow=False)
     assert "dpins { 10.9.0.2 . 192.0.2.9" in scripts[-1]
     assert att.denied == {"192.0.2.9"}
+
+
+@pytest.mark.root
+async def test_attach_refuses_the_daemons_own_namespace() -> None:
+    from branchbox.net.service import Network
+
+    net = Network(NetworkSettings(subnet="10.9.8.0/24", table="bbself", if_prefix="self", dns_upstream="127.0.0.1"))
+    with pytest.raises(NetworkError, match="shares the daemon's network namespace"):
+        await net.attach("sbx", os.getpid(), NetworkPolicy())
+    assert net.addresses.in_use == 0
+    assert not os.path.exists("/sys/class/net/self-0")

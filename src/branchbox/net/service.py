@@ -120,6 +120,15 @@ class Network:
     # ------------------------------------------------------------------ per sandbox
     async def attach(self, sandbox_id: str, netns_pid: int, policy: NetworkPolicy) -> Attachment:
         """Give a booted sandbox its network. On failure nothing is left."""
+        try:
+            theirs, ours = os.stat(f"/proc/{netns_pid}/ns/net"), os.stat("/proc/self/ns/net")
+        except OSError as exc:
+            raise NetworkError(f"sandbox {sandbox_id}: its process {netns_pid} is gone ({exc.strerror})") from exc
+        if (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino):
+            raise NetworkError(
+                f"sandbox {sandbox_id}: process {netns_pid} shares the daemon's network namespace; a backend that "
+                "declares Capabilities.network must give each sandbox its own"
+            )
         slot = self.addresses.allocate()
         att = Attachment(sandbox_id, slot, rules.ifname(self.prefix, slot.index), policy)
         try:
