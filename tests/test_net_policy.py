@@ -6,6 +6,7 @@ import ipaddress
 import json
 import os
 import secrets
+from pathlib import Path
 
 import pytest
 
@@ -171,6 +172,8 @@ async def test_veth_wiring_by_netlink_and_its_failure_leaves_nothing() -> None:
         route = sh("nsenter", f"--net=/proc/{holder.pid}/ns/net", "ip", "route", "show", "default")
         assert "via 10.9.4.1 dev eth0" in route
         assert "10.9.4.1/30" in sh("ip", "-4", "-o", "addr", "show", name)
+        assert sh("ip", "-6", "-o", "addr", "show", name).strip() == ""  # no IPv6 on the host end
+        assert Path(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6").read_text().strip() == "1"
         with pytest.raises(NetworkError):  # the name exists: nothing else is touched
             await links.create_veth(name, slot, holder.pid)
         assert links.veth_exists(name)

@@ -125,6 +125,7 @@ def wire_veth(
         nl.add_veth(host_if, inner_if, target)
         index = socket.if_nametoindex(host_if)
         try:
+            _no_ipv6(host_if)
             nl.add_address(index, host, host_if)
             nl.set_up(index, host_if)
             _inside(target, inner_if, sandbox, host.ip)
@@ -134,6 +135,16 @@ def wire_veth(
     finally:
         nl.close()
         os.close(target)
+
+
+def _no_ipv6(name: str) -> None:
+    """No IPv6 on the host end: a sandbox's router advertisements or neighbour messages have nothing to act on
+    (nftables drops them too). Hosts without IPv6 have no such file."""
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as f:
+            f.write("1")
+    except FileNotFoundError:
+        pass
 
 
 def _inside(target: int, name: str, iface: ipaddress.IPv4Interface, gateway: ipaddress.IPv4Address) -> None:
