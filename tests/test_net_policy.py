@@ -241,3 +241,21 @@ async def test_attach_refuses_the_daemons_own_namespace() -> None:
         await net.attach("sbx", os.getpid(), NetworkPolicy())
     assert net.addresses.in_use == 0
     assert not os.path.exists("/sys/class/net/self-0")
+
+
+@pytest.mark.root
+def test_removal_works_when_some_elements_are_already_gone() -> None:
+    table = f"bbr{secrets.token_hex(4)}"
+    nft = Nft()
+    try:
+        nft.run(rules.table_script(table, "rr-", "10.9.0.0/24", 5353))
+        policy = NetworkPolicy.of(False, {"allow_out": ["192.0.2.0/24"], "deny_out": ["198.51.100.0/24"]})
+        nft.run(rules.add_sandbox_script(table, "rr-0", "10.9.0.2", policy))
+        nft.run(f"delete element inet {table} allow {{ 10.9.0.2 . 192.0.2.0/24 }}")  # gone behind our back
+        pins = {"pins": ["203.0.113.1"], "pins2": [], "dpins": ["203.0.113.2"]}  # expired long ago
+        nft.run(rules.remove_sandbox_script(table, "rr-0", "10.9.0.2", policy, pins))
+        doc = sh("nft", "list", "table", "inet", table)
+        assert "10.9.0.2" not in doc
+    finally:
+        nft.run(rules.delete_table_script(table))
+        nft.close()

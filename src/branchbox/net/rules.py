@@ -161,9 +161,15 @@ def policy_change(
 def remove_sandbox_script(
     table: str, host_if: str, addr: str, policy: NetworkPolicy, pins: Mapping[str, Iterable[str]]
 ) -> str:
-    lines = [f'delete element inet {table} owned {{ "{host_if}" . {addr} }}']
-    lines += _policy_elements(table, addr, policy, "delete") + _drop_pins(table, addr, pins)
-    return "\n".join(lines) + "\n"
+    """Delete everything of the sandbox; every element is added first (a no-op when present), so an element
+    already gone cannot fail the transaction and leave the others behind."""
+    owned = f'owned {{ "{host_if}" . {addr} }}'
+    lines = [f"add element inet {table} {owned}", f"delete element inet {table} {owned}"]
+    for add, delete in zip(
+        _policy_elements(table, addr, policy, "add"), _policy_elements(table, addr, policy, "delete"), strict=True
+    ):
+        lines += [add, delete]
+    return "\n".join(lines + _drop_pins(table, addr, pins)) + "\n"
 
 
 def pin_script(table: str, addr: str, adds: dict[str, list[str]]) -> str:

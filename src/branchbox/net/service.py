@@ -193,7 +193,8 @@ class Network:
             return
         if self._by_ip.get(att.address) is att:
             del self._by_ip[att.address]
-        self._remove_rules(att)
+        # deletions load libnftables' element cache (ms with many sandboxes): not on the event loop
+        await asyncio.to_thread(self._remove_rules, att)
         await links.delete_veth(att.ifname)
         if not any(a.slot.index == att.slot.index for a in self._by_id.values()):
             self.addresses.release(att.slot.index)
