@@ -93,6 +93,7 @@ def test_port_proxy_http(net_daemon: DaemonProc) -> None:
         resp = httpx.get(url + "some/path?x=1&y=2", timeout=30)
         assert resp.status_code == 200 and resp.headers["x-sandbox"] == "yes"
         assert resp.json()["path"] == "/some/path?x=1&y=2"
+        assert httpx.get(url + "a%2Fb%20c", timeout=30).json()["path"] == "/a%2Fb%20c"  # forwarded as sent
         echoed = httpx.post(url + "echo", content=b"hello body", timeout=30).json()
         assert (echoed["method"], echoed["body"]) == ("POST", "hello body")
         assert httpx.request("DELETE", url + "x", timeout=30).json()["method"] == "DELETE"

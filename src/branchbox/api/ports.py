@@ -50,7 +50,9 @@ class PortProxy:
             return
         scope["route"] = ROUTE
         ctx: AppContext = self.fastapi.state.ctx
-        sandbox_id, port, path = m.group(1), int(m.group(2)), m.group(3) or "/"
+        raw = _PORTS.match(scope["raw_path"].decode("latin-1")) if scope.get("raw_path") else None
+        sandbox_id, port = m.group(1), int(m.group(2))
+        path = (raw or m).group(3) or "/"  # as the client sent it: %2F and friends stay encoded
         try:
             headers, query = _authorize(ctx, scope, sandbox_id)
             if not 0 < port < 65536:
