@@ -42,10 +42,13 @@ def bench_settings() -> NetworkSettings:
     return NetworkSettings(subnet="10.201.0.0/16", table="branchbox_bench", if_prefix="bbb", dns_upstream="127.0.0.1:9")
 
 
-async def _warm_creates(settings: ManagerSettings, runs: int, **create: object) -> tuple[list[float], list[float]]:
-    """(wall ms of create() on a ready pool, its 'network' phase of cold creates)."""
+async def _warm_creates(
+    settings: ManagerSettings, runs: int, **create: object
+) -> tuple[list[float], list[float], list[float]]:
+    """(wall ms of create() on a ready pool, the 'network' phase of cold creates, wall ms of destroy())."""
     walls: list[float] = []
     cold_net: list[float] = []
+    destroys: list[float] = []
     async with Manager.open(settings) as m:
         await m.configure_pool(PoolConfig(template="default", min_size=POOL, target_free=POOL, max_size=POOL,
                                           memory_mb=128))  # fmt: skip
@@ -55,14 +58,16 @@ async def _warm_creates(settings: ManagerSettings, runs: int, **create: object) 
             info = await m.create(memory_mb=128, **create)  # type: ignore[arg-type]
             walls.append((time.perf_counter() - t0) * 1e3)
             assert info.source == "warm", info.source
+            t0 = time.perf_counter()
             await m.destroy(info.id)
+            destroys.append((time.perf_counter() - t0) * 1e3)
         if settings.network is not None:
             for _ in range(min(runs, 20)):
                 info = await m.create(memory_mb=64)  # other resources: a cold create
                 cold_net.append(info.timings["network"])
                 await m.destroy(info.id)
         await m.remove_pool("default")
-    return walls, cold_net
+    return walls, cold_net, destroys
 
 
 def _proxy_vs_direct(settings: ManagerSettings, runs: int, results: Results) -> None:
@@ -111,16 +116,18 @@ def _proxy_vs_direct(settings: ManagerSettings, runs: int, results: Results) -> 
 
 async def _creates(settings: ManagerSettings, runs: int, results: Results) -> None:
     plain = dataclasses.replace(settings, cgroup_parent=settings.cgroup_parent + "-nonet", network=None)
-    walls, _ = await _warm_creates(plain, runs)
+    walls, _, destroys = await _warm_creates(plain, runs)
     results["network: warm create (claim), networking off (baseline)"] = summarize(walls)
+    results["network: destroy, networking off (baseline)"] = summarize(destroys)
     netted = dataclasses.replace(settings, cgroup_parent=settings.cgroup_parent + "-net",
                                  network=bench_settings())  # fmt: skip
-    walls, cold = await _warm_creates(netted, runs)
+    walls, cold, destroys = await _warm_creates(netted, runs)
     results["network: warm create (claim), default policy"] = summarize(walls)
+    results["network: destroy, networked (rules, veth)"] = summarize(destroys)
     results["network: cold create phase 'network' (veth + addresses + rules)"] = summarize(cold)
-    walls, _ = await _warm_creates(netted, runs, allow_internet_access=False)
+    walls, _, _ = await _warm_creates(netted, runs, allow_internet_access=False)
     results["network: warm create (claim), allow_internet_access=False"] = summarize(walls)
-    walls, _ = await _warm_creates(netted, runs, network={"allow_out": ["pypi.org"], "deny_out": ["0.0.0.0/0"]})
+    walls, _, _ = await _warm_creates(netted, runs, network={"allow_out": ["pypi.org"], "deny_out": ["0.0.0.0/0"]})
     results["network: warm create (claim), allow list (pypi.org, deny 0.0.0.0/0)"] = summarize(walls)
 
 

@@ -428,8 +428,10 @@ async def test_fifty_networked_sandboxes_at_once(
         out = await probe(m, i.id, connect=[(internet.public_a, 80)])
         assert out == {f"{internet.public_a}:80": "ok"}
     await asyncio.gather(*(m.destroy(i.id) for i in infos))
+    assert _sandbox_chains(net_settings) == []  # rules go with destroy()
+    assert m._net is not None
+    await m._net.wait_idle()  # veths go in the background
     assert host_network_state(net_settings)["ifaces"] == []
-    assert _sandbox_chains(net_settings) == []
 
 
 @pytest.mark.slow
@@ -441,6 +443,8 @@ async def test_two_hundred_create_destroy_cycles_leave_nothing(
     for _ in range(20):
         infos = await asyncio.gather(*(m.create(memory_mb=64) for _ in range(10)))
         await asyncio.gather(*(m.destroy(i.id) for i in infos))
+    assert m._net is not None
+    await m._net.wait_idle()
     state = host_network_state(net_settings)
     assert state["ifaces"] == [] and state["routes"] == [] and state["addrs"] == []
     assert _sandbox_chains(net_settings) == []

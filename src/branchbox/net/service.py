@@ -70,7 +70,8 @@ class Network:
         self._dns: DnsForwarder | None = None
         self._by_id: dict[str, Attachment] = {}
         self._by_ip: dict[str, Attachment] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # resolving denied names (cancelled at close)
+        self._teardown: set[asyncio.Task[None]] = set()  # deleting veths of destroyed sandboxes (awaited)
 
     # ------------------------------------------------------------------ daemon lifecycle
     async def start(self) -> None:
@@ -90,8 +91,8 @@ class Network:
     async def aclose(self) -> None:
         for task in list(self._tasks):
             task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks or self._teardown:
+            await asyncio.gather(*self._tasks, *self._teardown, return_exceptions=True)
         if self._dns is not None:
             await self._dns.aclose()
             self._dns = None
@@ -104,8 +105,8 @@ class Network:
         self._by_ip.clear()
 
     async def wait_idle(self) -> None:
-        """Wait until background work (resolving denied names) started so far is done."""
-        while pending := [t for t in self._tasks if not t.done()]:
+        """Wait until background work started so far (resolving denied names, deleting veths) is done."""
+        while pending := [t for t in (*self._tasks, *self._teardown) if not t.done()]:
             await asyncio.gather(*pending, return_exceptions=True)
 
     @property
@@ -195,9 +196,20 @@ class Network:
             del self._by_ip[att.address]
         # deletions load libnftables' element cache (ms with many sandboxes): not on the event loop
         await asyncio.to_thread(self._remove_rules, att)
-        await links.delete_veth(att.ifname)
-        if not any(a.slot.index == att.slot.index for a in self._by_id.values()):
-            self.addresses.release(att.slot.index)
+        # the veth goes in the background (~10 ms of the kernel's; it also goes with the sandbox's namespace);
+        # its slot is free again only then
+        task = asyncio.get_running_loop().create_task(self._delete_veth(att))
+        self._teardown.add(task)
+        task.add_done_callback(self._teardown.discard)
+
+    async def _delete_veth(self, att: Attachment) -> None:
+        try:
+            await links.delete_veth(att.ifname)
+        except NetworkError as exc:
+            log.warning("deleting %s of sandbox %s failed: %s", att.ifname, att.sandbox_id, exc)
+        finally:
+            if not any(a.slot.index == att.slot.index for a in self._by_id.values()):
+                self.addresses.release(att.slot.index)
 
     def _remove_rules(self, att: Attachment) -> None:
         script = rules.remove_sandbox_script(self.settings.table, att.ifname, att.address, att.policy, att.pinned())
