@@ -150,8 +150,11 @@ class Network:
         """Re-attach a sandbox that kept running while the daemon was down (its veth still exists)."""
         if EXTRA_SLOT not in extra:
             return None
-        slot = self.addresses.reserve(int(extra[EXTRA_SLOT]))
-        policy = NetworkPolicy.from_json(extra.get(EXTRA_POLICY, "{}"))
+        try:
+            slot = self.addresses.reserve(int(extra[EXTRA_SLOT]))
+            policy = NetworkPolicy.from_json(extra.get(EXTRA_POLICY, "{}"))
+        except ValueError as exc:  # the subnet setting changed meanwhile, or a record from another version
+            raise NetworkError(f"sandbox {sandbox_id}: cannot restore its network: {exc}") from exc
         att = Attachment(sandbox_id, slot, rules.ifname(self.prefix, slot.index), policy)
         self._run(rules.add_sandbox_script(self.settings.table, att.ifname, att.address, policy))
         self._register(att)
