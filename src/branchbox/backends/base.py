@@ -24,7 +24,7 @@ class Capabilities:
     fs_snapshot: bool = False
     memory_snapshot: bool = False
     fork: bool = False  # filesystem fork (container) or memory fork (microvm, when memory_snapshot)
-    network: bool = False
+    network: bool = False  # each sandbox has its own network namespace that the Manager may wire (branchbox.net)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +49,7 @@ class BootSpec:
     env: Mapping[str, str] = field(default_factory=dict)  # base environment of every process the agent starts
     workdir: str = "/"
     idmap: IdMap = field(default_factory=IdMap)
-    network: bool = False  # False: loopback only
+    network: bool = False  # True: the Manager wires a veth into the init's own network namespace after boot
     background: bool = False  # boot at low CPU priority (warm pool refills must not slow users' sandboxes)
 
 
