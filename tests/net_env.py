@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import itertools
 import os
 import secrets
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from branchbox.net.settings import NetworkSettings
 
-_counter = itertools.count()
 REPO = str(Path(__file__).resolve().parent.parent)
 
 
@@ -30,8 +29,10 @@ def _worker() -> int:
     return int(name[2:]) if name[2:].isdigit() else 0
 
 
-def _unique() -> int:
-    return (_worker() * 16 + next(_counter) + secrets.randbelow(4)) % 64
+def _taken(k: int) -> bool:
+    """Whether another test (of any worker) uses the addresses of ``k`` right now."""
+    link = f"198.51.100.{4 * k + 1}"
+    return bool(sh("ip", "-o", "addr", "show", "to", link).strip() or sh("ip", "route", "show", f"203.0.113.{k + 1}"))
 
 
 def sh(*argv: str, stdin: str | None = None, check: bool = True) -> str:
@@ -95,11 +96,14 @@ class Internet:
         self.holder = subprocess.Popen(["unshare", "--net", "--", "sleep", "infinity"])
         self.pid = self.holder.pid
         ns = f"--net=/proc/{self.pid}/ns/net"
-        # wait until unshare has exec'd sleep in the new namespace (its netns differs from ours)
-        for _ in range(1000):
+        # wait until unshare has made the new namespace (the holder's netns differs from ours)
+        deadline = time.monotonic() + 10
+        while True:
             with contextlib.suppress(OSError):
                 if os.readlink(f"/proc/{self.pid}/ns/net") != os.readlink("/proc/self/ns/net"):
                     break
+            if time.monotonic() > deadline:
+                raise RuntimeError("unshare --net did not make a namespace in 10 s")
             os.sched_yield()
         sh("ip", "link", "add", self.host_if, "type", "veth", "peer", "name", "eth0", "netns", str(self.pid))
         sh("ip", "addr", "add", f"{self.link_host}/30", "dev", self.host_if)
@@ -143,13 +147,26 @@ class Internet:
             for pipe in (self.server.stdin, self.server.stdout):
                 if pipe is not None:
                     pipe.close()
-        for r in self.routes():
-            sh("ip", "route", "del", r, check=False)
+        # our routes and link address go with our interface (never delete by address: it may be another test's)
         sh("ip", "link", "del", self.host_if, check=False)  # usually gone with the namespace already
 
 
 def make_internet() -> Internet:
-    return Internet(k=_unique(), tag="bt" + secrets.token_hex(3))
+    """A started test internet on addresses no other test uses (parallel workers race: retried on a clash)."""
+    for _ in range(50):
+        k = secrets.randbelow(64)
+        if _taken(k):
+            continue
+        inet = Internet(k=k, tag="bt" + secrets.token_hex(3))
+        try:
+            inet.start()
+        except RuntimeError as exc:
+            inet.stop()
+            if "File exists" in str(exc):
+                continue  # another worker took k between the check and our start
+            raise
+        return inet
+    raise RuntimeError("no free test internet addresses (64 in use?)")
 
 
 def network_settings(internet: Internet | None, **overrides: object) -> NetworkSettings:

@@ -71,7 +71,6 @@ async def probe(
 def internet() -> Iterator[Internet]:
     inet = make_internet()
     try:
-        inet.start()
         yield inet
     finally:
         inet.stop()

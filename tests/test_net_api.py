@@ -26,7 +26,6 @@ SERVER = (Path(__file__).parent / "sandbox_server.py").read_text()
 def internet() -> Iterator[Internet]:
     inet = make_internet()
     try:
-        inet.start()
         yield inet
     finally:
         inet.stop()
