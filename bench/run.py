@@ -199,7 +199,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data-dir", type=Path, default=Path(os.environ.get("BRANCHBOX_DATA_DIR", "/var/lib/branchbox")))
     ap.add_argument("--runs", type=int, default=int(os.environ.get("BRANCHBOX_BENCH_RUNS", "60")))
-    ap.add_argument("--only", default="", help="comma-separated: core, api, snapshots, microvm, baselines, docker")
+    ap.add_argument(
+        "--only", default="", help="comma-separated: core, api, snapshots, network, microvm, baselines, docker"
+    )
     ap.add_argument("--no-docker", action="store_true")
     args = ap.parse_args()
     only = set(filter(None, args.only.split(",")))
@@ -230,6 +232,10 @@ def main() -> None:
         from snapshot_bench import bench_snapshots  # noqa: PLC0415 - optional section
 
         asyncio.run(bench_snapshots(settings, min(args.runs, 20), results))  # 20k-file copies: bounded
+    if want("network"):
+        from net_bench import bench_network  # noqa: PLC0415 - optional section
+
+        bench_network(settings, args.runs, results)
     if want("microvm"):
         from microvm_bench import bench_microvm  # noqa: PLC0415 - optional section (QEMU)
 

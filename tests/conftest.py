@@ -25,6 +25,7 @@ import branchbox
 from branchbox.core.models import TemplateInfo
 from branchbox.core.settings import ManagerSettings
 from tests.leaks import _cgroup_dirs, _in_cgroup_tree
+from tests.net_env import network_settings
 
 TEST_ROOT = Path(os.environ.get("BRANCHBOX_TEST_ROOT", "/var/tmp/branchbox-test"))
 
@@ -125,6 +126,10 @@ class DaemonProc:
         self.keep = keep
         self.extra_env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
+        # networking on (the daemon's default) in a subnet of its own; DNS goes nowhere (port 9, discard)
+        self.network = network_settings(None)
+        self.network_env = {"BRANCHBOX_NETWORK_SUBNET": self.network.subnet,
+                            "BRANCHBOX_NETWORK_DNS_UPSTREAM": "127.0.0.1:9"}  # fmt: skip
         self.config_path: Path | None = None
         if config is not None:
             self.config_path = data_dir / "config.toml"
@@ -135,7 +140,7 @@ class DaemonProc:
             BRANCHBOX_CGROUP_PARENT=self.cgroup_parent,
             BRANCHBOX_KEEP_SANDBOXES_ON_SHUTDOWN="true" if self.keep else "false",
             BRANCHBOX_LOG_LEVEL="debug",
-            **self.extra_env,
+            **{**self.network_env, **self.extra_env},
         )
         argv = [
             sys.executable, "-m", "branchbox.cli", "serve", "--port", str(self.port),

@@ -165,7 +165,9 @@ def test_schemathesis_fuzz_finds_no_server_errors(daemon: DaemonProc) -> None:
                 params["sandbox_id"] = real
             resp = case.call(base_url=daemon.url, timeout=120)
             calls.append(resp.status_code)
-            if resp.status_code >= 500:
+            # documented answers, not server errors: 501 not_supported (e.g. an unknown backend name) and 504
+            # timeout (a command that ran past its own timeout=)
+            if resp.status_code >= 500 and resp.status_code not in (501, 504):
                 failures.append(f"{case.method} {case.formatted_path} {case.query} {case.body!r:.200} -> "
                                 f"{resp.status_code} {resp.text[:300]}")  # fmt: skip
             assert resp.status_code != 422  # validation errors are 400 with the one error shape

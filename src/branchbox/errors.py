@@ -10,6 +10,7 @@ Hierarchy::
     ├── BadRequestError (ValueError)    bad_request         400
     │   ├── InvalidPathError            invalid_path        400
     │   ├── TemplateSpecError           invalid_template_spec 400
+    │   ├── NetworkPolicyError          invalid_network_policy 400
     │   ├── NotADirectoryInSandboxError not_a_directory     400
     │   └── IsADirectoryInSandboxError  is_a_directory      400
     ├── UnauthorizedError               unauthorized        401
@@ -28,6 +29,8 @@ Hierarchy::
     ├── NotSupportedError               not_supported       501
     ├── TemplateBuildError              template_build_failed 500
     ├── BackendError                    backend_error       500
+    │   └── NetworkError                network_error       500
+    ├── PortUnreachableError            port_unreachable    502
     └── AgentError                      agent_error         502
         └── AgentDisconnectedError      agent_disconnected  502
 
@@ -69,6 +72,12 @@ class InvalidPathError(BadRequestError):
 
 class TemplateSpecError(BadRequestError):
     code = "invalid_template_spec"
+
+
+class NetworkPolicyError(BadRequestError):
+    """An entry of allow_out/deny_out is neither a CIDR nor a domain name (or is not allowed)."""
+
+    code = "invalid_network_policy"
 
 
 class UnauthorizedError(BranchboxError):
@@ -148,6 +157,19 @@ class TemplateBuildError(BranchboxError):
 
 class BackendError(BranchboxError):
     code = "backend_error"
+
+
+class NetworkError(BackendError):
+    """Setting up a sandbox's network (veth, addresses, nftables, DNS) failed on the host."""
+
+    code = "network_error"
+
+
+class PortUnreachableError(BranchboxError):
+    """The port proxy could not connect to the sandbox's port (nothing listens there, or not on 0.0.0.0)."""
+
+    code = "port_unreachable"
+    http_status = 502
 
 
 class AgentError(BranchboxError):

@@ -20,11 +20,20 @@ from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from branchbox.api import routes_commands, routes_files, routes_pools, routes_sandboxes, routes_snapshots, streams
+from branchbox.api import (
+    routes_commands,
+    routes_files,
+    routes_network,
+    routes_pools,
+    routes_sandboxes,
+    routes_snapshots,
+    streams,
+)
 from branchbox.api.auth import ApiKeyChecker
 from branchbox.api.context import AppContext, Ctx, require_api_key
 from branchbox.api.fastpath import FastPath
 from branchbox.api.metrics import CONTENT_TYPE, Metrics
+from branchbox.api.ports import PortProxy
 from branchbox.api.schemas import ErrorResponse, HealthResponse, VersionResponse
 from branchbox.api.settings import ApiSettings
 from branchbox.errors import BranchboxError
@@ -156,7 +165,7 @@ def _build(settings: ApiSettings) -> _App:
         responses=_ERROR_RESPONSES,
     )
     auth = [Depends(require_api_key), Depends(HTTPBearer(auto_error=False))]
-    for module in (routes_sandboxes, routes_commands, routes_files, routes_pools, routes_snapshots):
+    for module in (routes_sandboxes, routes_commands, routes_files, routes_pools, routes_snapshots, routes_network):
         app.include_router(module.router, dependencies=auth)
     app.include_router(streams.router)
 
@@ -232,6 +241,7 @@ def create_app(manager: Manager, settings: ApiSettings | None = None, *, metrics
     )
     manager.subscribe(metrics.on_event)
     metrics.watch_pools(manager.pool_statistics)
+    app.add_middleware(PortProxy, fastapi=app)  # /v1/sandboxes/{id}/ports/{port}/... (HTTP and WebSocket)
     app.add_middleware(_Observe, metrics=metrics, log=log)
     app.fast = FastPath(app.stack, app, observe=lambda scope, status, s: observe(metrics, log, scope, status, s))
     return app

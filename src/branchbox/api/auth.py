@@ -54,3 +54,29 @@ class ApiKeyChecker:
             ok |= hmac.compare_digest(digest, stored)
         if not ok:
             raise UnauthorizedError("invalid API key: check BRANCHBOX_API_KEY or the api_key= you passed")
+
+    def is_api_key(self, authorization: str | None) -> bool:
+        """True when the header carries one of the daemon's keys (the port proxy does not forward those)."""
+        scheme, _, key = (authorization or "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not key.strip() or not self._hashes:
+            return False
+        digest = hash_api_key(key.strip())
+        ok = False
+        for stored in self._hashes:
+            ok |= hmac.compare_digest(digest, stored)
+        return ok
+
+
+class PortTokens:
+    """Per-sandbox tokens for the port proxy: HMAC-SHA256(daemon secret, sandbox id), so a URL handed to a
+    browser or a user opens that sandbox's ports and nothing else. The secret is made per daemon start (tokens
+    do not survive a restart; ask GET /v1/sandboxes/{id}/network again)."""
+
+    def __init__(self, secret: bytes | None = None) -> None:
+        self._secret = secret or secrets.token_bytes(32)
+
+    def token(self, sandbox_id: str) -> str:
+        return hmac.new(self._secret, sandbox_id.encode(), hashlib.sha256).hexdigest()[:40]
+
+    def check(self, sandbox_id: str, token: str) -> bool:
+        return hmac.compare_digest(self.token(sandbox_id), token)

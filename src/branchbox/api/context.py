@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated
 
 import structlog
 from fastapi import Depends
 from starlette.requests import HTTPConnection
 
-from branchbox.api.auth import ApiKeyChecker
+from branchbox.api.auth import ApiKeyChecker, PortTokens
 from branchbox.api.metrics import Metrics
 from branchbox.api.settings import ApiSettings
 
@@ -24,6 +24,7 @@ class AppContext:
     metrics: Metrics
     checker: ApiKeyChecker
     log: structlog.typing.FilteringBoundLogger
+    port_tokens: PortTokens = field(default_factory=PortTokens)
 
 
 def get_ctx(conn: HTTPConnection) -> AppContext:

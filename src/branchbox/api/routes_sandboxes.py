@@ -49,6 +49,8 @@ async def create(ctx: AppContext, body: CreateSandboxRequest) -> SandboxResponse
         backend=body.backend,
         hostname=body.hostname,
         snapshot=body.snapshot,
+        allow_internet_access=body.allow_internet_access,
+        network=None if body.network is None else body.network.model_dump(exclude_none=True),
     )
     log = ctx.log.bind(sandbox_id=info.id, backend=info.backend, source=info.source)
     log.info("sandbox.created", template=info.template, total_ms=info.timings.get("total"))

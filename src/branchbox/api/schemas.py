@@ -35,6 +35,29 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+NetEntries = Annotated[list[Annotated[str, Field(min_length=1, max_length=255)]], Field(max_length=1024)]
+
+
+class NetworkPolicyRequest(_Strict):
+    """Egress lists: IPv4 CIDRs (``203.0.113.0/24``, ``1.2.3.4``) and domain names (``pypi.org``,
+    ``*.example.com``). ``allow_out`` wins over ``deny_out``; see docs/networking.md."""
+
+    allow_out: NetEntries | None = None
+    deny_out: NetEntries | None = None
+
+
+class NetworkUpdateRequest(NetworkPolicyRequest):
+    allow_internet_access: bool | None = None
+
+
+class NetworkResponse(BaseModel):
+    address: str = Field(description="The sandbox's IPv4 address (reachable from the daemon's host only).")
+    allow_internet_access: bool
+    allow_out: list[str]
+    deny_out: list[str]
+    port_token: str = Field(description="Per-sandbox token accepted by /ports/ instead of the API key.")
+
+
 class CreateSandboxRequest(_Strict):
     template: Annotated[str, Field(min_length=1, max_length=255)] = "default"
     timeout: Annotated[float | None, Field(gt=0, le=MAX_TIMEOUT_S)] = Field(
@@ -50,6 +73,10 @@ class CreateSandboxRequest(_Strict):
     snapshot: Annotated[str | None, Field(min_length=1, max_length=255)] = Field(
         default=None, description="Restore this snapshot (id or name); its template is used, not `template`."
     )
+    allow_internet_access: bool | None = Field(
+        default=None, description="Egress to the public internet (default true); false: no egress at all."
+    )
+    network: NetworkPolicyRequest | None = None
 
 
 class SandboxResponse(BaseModel):

@@ -27,7 +27,7 @@ class Capabilities:
     fs_snapshot: bool = False
     memory_snapshot: bool = False
     fork: bool = False  # filesystem fork (container) or memory fork (microvm, when memory_snapshot)
-    network: bool = False
+    network: bool = False  # each sandbox has its own network namespace that the Manager may wire (branchbox.net)
     # the agent's stream is a character device relayed by a VMM: the host opens each session with HELLO, and sets
     # hostname/identity/env through the agent after boot (AgentClient.identity / configure), not set_hostname
     agent_session: bool = False
@@ -55,7 +55,7 @@ class BootSpec:
     env: Mapping[str, str] = field(default_factory=dict)  # base environment of every process the agent starts
     workdir: str = "/"
     idmap: IdMap = field(default_factory=IdMap)
-    network: bool = False  # False: loopback only
+    network: bool = False  # True: the Manager wires a veth into the init's own network namespace after boot
     background: bool = False  # boot at low CPU priority (warm pool refills must not slow users' sandboxes)
     memory_snapshot: Path | None = None  # a memory snapshot layer to continue from (capabilities.memory_snapshot)
 

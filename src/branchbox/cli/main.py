@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from branchbox.cli import shell as shell_mod
+from branchbox.cli.network import network, network_patch, port
 from branchbox.cli.pools import pools
 from branchbox.cli.snapshots import fork, reset, restore, snapshot
 from branchbox.cli.storage import storage
@@ -90,6 +91,9 @@ def _info_json(i: SandboxInfo) -> dict[str, Any]:
 @click.option("--memory-mb", type=int, default=None)
 @click.option("--json", "as_json", is_flag=True, help="Print the sandbox as JSON.")
 @click.option("--timings", is_flag=True, help="Show the per-phase create timing.")
+@click.option("--internet/--no-internet", default=None, help="Egress to the public internet (default: on).")
+@click.option("--allow-out", multiple=True, metavar="CIDR|DOMAIN", help="Allowed destinations (docs/networking.md).")
+@click.option("--deny-out", multiple=True, metavar="CIDR|DOMAIN", help="Denied destinations (allow-out wins).")
 @click.pass_obj
 def create(
     conn: _Conn,
@@ -101,8 +105,12 @@ def create(
     memory_mb: int | None,
     as_json: bool,
     timings: bool,
+    internet: bool | None,
+    allow_out: tuple[str, ...],
+    deny_out: tuple[str, ...],
 ) -> None:
     """Create a sandbox and print its id."""
+    net = network_patch(allow_out, deny_out, None)
     with err.status(f"creating a sandbox from {template}..."):
         sbx = Sandbox.create(
             template,
@@ -111,6 +119,8 @@ def create(
             metadata=_pairs(metadata, "--metadata"),
             cpu=cpu,
             memory_mb=memory_mb,
+            allow_internet_access=internet,
+            network=net or None,
             base_url=conn.url,
             api_key=conn.api_key,
         )
@@ -360,6 +370,8 @@ def key_new() -> None:
 cli.add_command(template)
 cli.add_command(pools)
 cli.add_command(storage)
+cli.add_command(network)
+cli.add_command(port)
 for _cmd in (snapshot, fork, restore, reset):
     cli.add_command(_cmd)
 

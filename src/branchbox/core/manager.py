@@ -16,6 +16,8 @@ set_timeout            running, paused
 destroy                any but destroyed
 snapshot, fork         running, paused (frozen while capturing, then left as it was)
 reset                  running, paused (comes back running)
+get_network,           running, paused (docs/networking.md)
+update_network
 create(snapshot=)      (new); list/get/delete_snapshot: any
 =====================  ===========================
 
@@ -68,6 +70,7 @@ from branchbox.errors import (
     SnapshotNotFoundError,
 )
 from branchbox.images.store import TemplateStore
+from branchbox.net import Attachment, Network, NetworkPolicy
 from branchbox.storage.base import SandboxDirs, StorageDriver
 from branchbox.storage.select import make_driver
 
@@ -135,6 +138,7 @@ class Manager:
         self._creating: set[str] = set()
         self._subscribers: list[Subscriber] = []
         self._pools: dict[str, Pool[_Live]] = {}
+        self._net: Network | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._closed = False
 
@@ -162,6 +166,9 @@ class Manager:
         self._storage = make_driver(choice, s.data_dir) if isinstance(choice, str) else choice
         self._store = Store(s.data_dir / "state.db")
         await self._backend(s.default_backend)
+        if s.network is not None:
+            self._net = Network(s.network)
+            await self._net.start()
         for cfg in s.pools:
             self.templates.get(cfg.template)  # a pool of an unknown template is a configuration error
             self._pools[cfg.template] = Pool(cfg, self._boot_member)
@@ -183,6 +190,8 @@ class Manager:
         self._live.clear()
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        if self._net is not None:
+            await self._net.aclose()
         for b in self._backends.values():
             await b.aclose()
         if self._store is not None:
@@ -205,10 +214,13 @@ class Manager:
         backend: str | None = None,
         hostname: str | None = None,
         snapshot: str | None = None,
+        allow_internet_access: bool | None = None,
+        network: Mapping[str, Any] | None = None,
     ) -> SandboxInfo:
         """Create a sandbox from a template (or restore ``snapshot``: its template wins) and return it running.
 
-        Bad input changes nothing."""
+        ``allow_internet_access`` (default True) and ``network`` (``allow_out``/``deny_out`` lists) set its egress
+        policy (docs/networking.md). Bad input changes nothing."""
         timer = PhaseTimer()
         kind = backend or self.settings.default_backend
         try:
@@ -230,6 +242,7 @@ class Manager:
                     template = snap.template_digest
                 tpl = self.templates.get(template)
                 be = await self._backend(kind)
+                policy = self._policy_for(be, allow_internet_access, network)
                 if snapshot is not None:
                     snap = self._snapshot_or_raise(snapshot)  # again: it may have been deleted meanwhile
         except BranchboxError as exc:
@@ -238,20 +251,20 @@ class Manager:
         if snapshot is not None:
             res = Resources(cpu=float(cpu), memory_mb=memory_mb, pids=pids)
             info = replace(self._new_info(tpl, kind, res, env_, meta, ttl, hostname), source="snapshot")
-            return await self._restore(info, tpl, be, snap, timer)
+            return await self._restore(info, tpl, be, snap, timer, policy=policy)
         pool = self._pools.get(tpl.name) if kind == self.settings.default_backend else None
         if pool is not None and pool.config.matches(cpu, memory_mb, pids):
             member = pool.take()
             if member is not None:
                 try:
-                    return await self._claim(member, pool, env_, meta, ttl, hostname, timer)
+                    return await self._claim(member, pool, env_, meta, ttl, hostname, timer, policy)
                 except BranchboxError as exc:  # a broken member: drop it, fall back to a cold create
                     log.warning("pool %s: claim of %s failed (%s)", tpl.name, member.info.id, exc)
                     self._spawn_bg(self._destroy(member.info.id))
         info = self._new_info(tpl, kind, Resources(cpu=float(cpu), memory_mb=memory_mb, pids=pids), env_, meta, ttl,
                               hostname)  # fmt: skip
         try:
-            live = await self._boot_live(info, tpl, be, timer)
+            live = await self._boot_live(info, tpl, be, timer, policy=policy)
         except BaseException as exc:
             code = exc.code if isinstance(exc, BranchboxError) else "internal"
             self._emit(ManagerEvent("create", info.id, kind, "cold", "error", timer.total_ms / 1e3, code=code))
@@ -303,12 +316,14 @@ class Manager:
         fresh_machine_id: bool = False,
         existing: bool = False,
         memory: str | None = None,
+        policy: NetworkPolicy | None = None,
     ) -> _Live:
         """Boot a sandbox for ``info`` and register it (running, watched). On failure nothing is left.
 
         ``lowers``: layer ids stacked above the template (topmost first); ``base``: a layer the upper starts as
         a clone of (drivers that clone); ``existing``: the record exists already (reset); ``memory``: a memory
-        snapshot layer to continue from (backends with memory snapshots)."""
+        snapshot layer to continue from (backends with memory snapshots); ``policy``: its network policy (None: the
+        default when networking is on)."""
         sid = info.id
         self._creating.add(sid)
         handle: SandboxHandle | None = None
@@ -335,10 +350,14 @@ class Manager:
                 env={**tpl.env, **info.env},
                 workdir=tpl.workdir,
                 idmap=self.settings.idmap,
+                network=self._net is not None and be.capabilities.network,
                 background=pool is not None,
                 memory_snapshot=None if memory is None else self._layer_path(memory),
             )
             handle = await be.boot(spec, timer)
+            if spec.network:
+                with timer.phase("network"):
+                    handle = await self._attach_network(handle, policy or NetworkPolicy())
             with timer.phase("agent_connect"):
                 agent = await self._connect_agent(be, handle)
             if be.capabilities.agent_session:
@@ -370,10 +389,13 @@ class Manager:
         ttl: float | None,
         hostname: str | None,
         timer: PhaseTimer,
+        policy: NetworkPolicy | None = None,
     ) -> SandboxInfo:
         """The fast path: personalise a ready pool member in at most one agent round trip."""
         with timer.phase("claim"):
             live.backend.foreground(live.handle)
+            if policy is not None and self._net is not None:  # members wait with the default policy
+                self._set_policy(live, policy)
             rename = hostname is not None and hostname != live.info.hostname
             if live.backend.capabilities.agent_session:  # env and hostname through the agent, in one round trip
                 calls: builtins.list[Awaitable[Any]] = []
@@ -404,7 +426,8 @@ class Manager:
             live.from_pool = pool.config.template
             i = live.info
             self._db.update(i.id, pool=None, created_at=i.created_at, expires_at=i.expires_at, metadata=i.metadata,
-                            env=i.env, hostname=i.hostname, source=i.source, timings=i.timings)  # fmt: skip
+                            env=i.env, hostname=i.hostname, source=i.source, timings=i.timings,
+                            handle=live.handle)  # fmt: skip
         self._schedule_expiry(live)
         pool.record_claim(timer.total_ms)
         self._emit(ManagerEvent("create", i.id, i.backend, "warm", "ok", timer.total_ms / 1e3, timings=i.timings))
@@ -641,6 +664,8 @@ class Manager:
         snap_ms = timer.total_ms
         parent = live.info
         ttl = validate.timeout(None, default=self.settings.default_timeout, maximum=self.settings.max_timeout)
+        attached = self._net.find(sandbox_id) if self._net is not None else None
+        policy = attached.policy if attached is not None else None
 
         async def child() -> SandboxInfo:
             t = PhaseTimer()
@@ -650,7 +675,7 @@ class Manager:
                 self._new_info(tpl, parent.backend, parent.resources, parent.env, parent.metadata, ttl, None),
                 source="fork",
             )
-            return await self._restore(info, tpl, live.backend, snap, t, stack=True)
+            return await self._restore(info, tpl, live.backend, snap, t, stack=True, policy=policy)
 
         try:
             results = await asyncio.gather(*(child() for _ in range(count)), return_exceptions=True)
@@ -688,19 +713,71 @@ class Manager:
             # pin the chain to boot on in the record now: nothing can free those layers during the teardown
             chain = list(snap.layers) if snap is not None else []
             self._db.update(sandbox_id, state=SandboxState.CREATING, layers=chain)
+            attached = self._net.find(sandbox_id) if self._net is not None else None
+            policy = attached.policy if attached is not None else None
             with timer.phase("teardown"):
                 self._live.pop(sandbox_id, None)
                 await live.agent.aclose()
                 await self._cleanup(sandbox_id, live.info.backend, live.handle)
         info = replace(live.info, state=SandboxState.CREATING, timings={}, error=None)
         if snap is not None:
-            new = await self._boot_chain(info, tpl, live.backend, snap.layers, timer, existing=True)
+            new = await self._boot_chain(info, tpl, live.backend, snap.layers, timer, existing=True, policy=policy)
         else:
-            new = await self._boot_live(info, tpl, live.backend, timer, existing=True)
+            new = await self._boot_live(info, tpl, live.backend, timer, existing=True, policy=policy)
         new.from_pool = live.from_pool
         self._schedule_expiry(new)
         self._emit_counts()
         return new.info
+
+    # ------------------------------------------------------------------ network (docs/networking.md)
+    async def get_network(self, sandbox_id: str) -> Attachment:
+        """The sandbox's address and egress policy."""
+        live = self._require(sandbox_id, SandboxState.RUNNING, SandboxState.PAUSED)
+        return self._attachment(live)
+
+    async def update_network(self, sandbox_id: str, patch: Mapping[str, Any]) -> Attachment:
+        """Change the egress policy of a running sandbox: keys of ``patch`` (``allow_out``, ``deny_out``,
+        ``allow_internet_access``) replace the current values, absent keys stay. Applies at once, also to open
+        connections."""
+        live = self._require(sandbox_id, SandboxState.RUNNING, SandboxState.PAUSED)
+        att = self._attachment(live)
+        self._set_policy(live, att.policy.updated(patch))
+        self._db.update(sandbox_id, handle=live.handle)
+        return att
+
+    def _attachment(self, live: _Live) -> Attachment:
+        att = self._net.find(live.info.id) if self._net is not None else None
+        if att is None:
+            raise NotSupportedError(
+                f"sandbox {live.info.id} has no network: networking is off in this daemon (set network = true)"
+            )
+        return att
+
+    def _policy_for(
+        self, be: Backend, internet: bool | None, network: Mapping[str, Any] | None
+    ) -> NetworkPolicy | None:
+        """Validate the create() network arguments; None when the sandbox gets no network."""
+        if self._net is None or not be.capabilities.network:
+            if internet or network:
+                raise NotSupportedError(
+                    "this daemon gives sandboxes no network (loopback only): enable networking (network = true) "
+                    "or drop allow_internet_access/network"
+                )
+            return None
+        return NetworkPolicy.of(internet, network)
+
+    async def _attach_network(self, handle: SandboxHandle, policy: NetworkPolicy) -> SandboxHandle:
+        assert self._net is not None
+        att = await self._net.attach(handle.sandbox_id, handle.pid, policy)
+        return replace(handle, extra={**handle.extra, **att.extra()})
+
+    def _set_policy(self, live: _Live, policy: NetworkPolicy) -> None:
+        """Apply ``policy`` if it differs (one in-process nftables transaction) and keep it in the handle."""
+        att = self._attachment(live)
+        if att.policy == policy:
+            return
+        self._net.apply(live.info.id, policy)  # type: ignore[union-attr]
+        live.handle = replace(live.handle, extra={**live.handle.extra, **att.extra()})
 
     async def wait_background(self) -> None:
         """Wait until background work started so far (layer removal, flattening, size measurement) is done."""
@@ -784,11 +861,12 @@ class Manager:
         timer: PhaseTimer,
         *,
         stack: bool = False,
+        policy: NetworkPolicy | None = None,
     ) -> SandboxInfo:
         """Boot a new sandbox on a fresh upper over ``snap``'s chain, with a fresh machine-id (``stack``: see
         ``_boot_chain``)."""
         try:
-            live = await self._boot_chain(info, tpl, be, snap.layers, timer, stack=stack)
+            live = await self._boot_chain(info, tpl, be, snap.layers, timer, stack=stack, policy=policy)
         except BaseException as exc:
             code = exc.code if isinstance(exc, BranchboxError) else "internal"
             self._emit(ManagerEvent("create", info.id, info.backend, info.source, "error", timer.total_ms / 1e3,
@@ -810,6 +888,7 @@ class Manager:
         *,
         existing: bool = False,
         stack: bool = False,
+        policy: NetworkPolicy | None = None,
     ) -> _Live:
         """Boot on a chain of layers (topmost first); a driver that clones starts the upper as the top layer,
         unless ``stack``: then every layer stays a lower (a fork's children: a btrfs snapshot per child commits a
@@ -824,7 +903,7 @@ class Manager:
         else:
             base, lowers = None, list(chain)
         return await self._boot_live(
-            info, tpl, be, timer, lowers=lowers, base=base, fresh_machine_id=True, existing=existing
+            info, tpl, be, timer, lowers=lowers, base=base, fresh_machine_id=True, existing=existing, policy=policy
         )
 
     async def _prepare_dirs(self, sid: str, base: Path | None, lowers: Sequence[Path], machine_id: bool) -> SandboxDirs:
@@ -1126,6 +1205,11 @@ class Manager:
             await be.destroy(sandbox_id, handle)
         except Exception:
             log.exception("backend cleanup of %s failed", sandbox_id, extra={"sandbox_id": sandbox_id})
+        if self._net is not None:
+            try:
+                await self._net.detach(sandbox_id, handle.extra if handle is not None else None)
+            except Exception:
+                log.exception("network cleanup of %s failed", sandbox_id, extra={"sandbox_id": sandbox_id})
         if not keep_record_dir:
             await asyncio.to_thread(self._driver.remove_sandbox, self._sandbox_dir(sandbox_id))
 
@@ -1163,6 +1247,11 @@ class Manager:
                 self._forget(info.id)
                 continue
             live = _Live(info=info, handle=rec.handle, agent=agent, backend=be, pooled=rec.pool)
+            if self._net is not None:
+                try:
+                    self._net.restore(info.id, rec.handle.extra)
+                except BranchboxError as exc:  # it keeps running without egress (its veth is not owned)
+                    log.warning("cannot restore the network of %s: %s", info.id, exc, extra={"sandbox_id": info.id})
             self._live[info.id] = live
             self._watch(live)
             if pool is not None:
@@ -1172,6 +1261,8 @@ class Manager:
         keep = set(self._live)
         for be in list(self._backends.values()):
             await be.cleanup_orphans(keep)
+        if self._net is not None:
+            await self._net.remove_orphans()
         known = {rec.info.id for rec in self._db.all()}
         for d in (self.settings.data_dir / "sandboxes").iterdir():
             if d.name not in known:

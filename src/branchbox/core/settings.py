@@ -8,6 +8,7 @@ from pathlib import Path
 
 from branchbox.backends.base import IdMap
 from branchbox.core.pool import PoolConfig
+from branchbox.net.settings import NetworkSettings
 
 DEFAULT_DATA_DIR = Path("/var/lib/branchbox")
 
@@ -30,6 +31,7 @@ class ManagerSettings:
     idmap: IdMap = field(default_factory=IdMap)
     agent_connect_timeout: float = 10.0
     pools: tuple[PoolConfig, ...] = ()  # warm pools started with the Manager (changeable live)
+    network: NetworkSettings | None = None  # None: sandboxes get loopback only (docs/networking.md)
 
     @property
     def template_root(self) -> Path:

@@ -14,6 +14,11 @@ Warm pools are ``[pools.<template>]`` tables (file only, no environment variable
     max_size = 16
     memory_mb = 256
 
+Networking (docs/networking.md) is on by default: ``network = false`` gives sandboxes loopback only. The
+``network_*`` settings are those of :class:`~branchbox.net.NetworkSettings`; ``network_table`` and
+``network_if_prefix`` default to names derived from ``cgroup_parent`` so two daemons on one host differ (their
+subnets must differ too).
+
 API keys are never stored in clear: ``api_key_hashes`` holds sha256 hex digests (``branchbox key new`` prints
 a key and its digest) and ``api_keys_file`` names a file with one digest per line (``#`` comments allowed).
 """
@@ -21,6 +26,7 @@ a key and its digest) and ``api_keys_file`` names a file with one digest per lin
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import os
 import tomllib
@@ -34,6 +40,7 @@ from branchbox.api.settings import ApiSettings
 from branchbox.core.pool import PoolConfig
 from branchbox.core.settings import DEFAULT_DATA_DIR, ManagerSettings
 from branchbox.errors import BadRequestError
+from branchbox.net.settings import NetworkSettings
 
 DEFAULT_CONFIG_FILE = Path("/etc/branchbox/config.toml")
 _TABLES = ("server", "manager", "log")
@@ -63,7 +70,28 @@ class DaemonConfig:
     log_format: str = "json"  # json | console
     graceful_timeout: float = 10.0  # seconds to let open requests and streams finish on SIGTERM
     event_loop: str = "auto"  # asyncio | uvloop | auto (uvloop when installed)
+    network: bool = True  # false: sandboxes get loopback only
+    network_subnet: str = "10.200.0.0/16"
+    network_table: str | None = None  # nftables table (default: from cgroup_parent)
+    network_if_prefix: str | None = None  # host-side veth name prefix (default: from cgroup_parent)
+    network_dns_upstream: str | None = None  # host[:port]; default: the first nameserver of /etc/resolv.conf
+    network_dns_port: int = 0  # the host-side DNS forwarder's port (0: any free port)
     pools: tuple[PoolConfig, ...] = ()  # [pools.<template>] tables; only from the config file
+
+    def network_settings(self) -> NetworkSettings | None:
+        if not self.network:
+            return None
+        table, prefix = _network_names(self.cgroup_parent)
+        try:
+            return NetworkSettings(
+                subnet=self.network_subnet,
+                table=self.network_table or table,
+                if_prefix=self.network_if_prefix or prefix,
+                dns_upstream=self.network_dns_upstream,
+                dns_port=self.network_dns_port,
+            )
+        except BadRequestError as exc:
+            raise ConfigError(f"network settings: {exc.message}") from exc
 
     def manager_settings(self) -> ManagerSettings:
         return ManagerSettings(
@@ -76,6 +104,7 @@ class DaemonConfig:
             keep_sandboxes_on_shutdown=self.keep_sandboxes_on_shutdown,
             cgroup_parent=self.cgroup_parent,
             pools=self.pools,
+            network=self.network_settings(),
         )
 
     def api_settings(self, version: str) -> ApiSettings:
@@ -108,6 +137,15 @@ class DaemonConfig:
 
 
 _FIELDS = {f.name: f for f in fields(DaemonConfig) if f.name != "pools"}
+
+
+def _network_names(cgroup_parent: str) -> tuple[str, str]:
+    """nftables table and veth prefix of a daemon: ``branchbox``/``bbn`` for the default one, else unique
+    names derived from its cgroup parent."""
+    if cgroup_parent == "branchbox":
+        return "branchbox", "bbn"
+    digest = hashlib.sha256(cgroup_parent.encode()).hexdigest()
+    return f"branchbox_{digest[:8]}", f"b{digest[:5]}"
 
 
 def _convert(name: str, value: Any, source: str) -> Any:
@@ -276,6 +314,7 @@ def _check(cfg: DaemonConfig) -> DaemonConfig:
         raise ConfigError(f"log_format {cfg.log_format!r}: use json or console")
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log_level {cfg.log_level!r}: use debug, info, warning or error")
+    cfg.network_settings()  # raises ConfigError for a bad subnet, table or prefix
     api = cfg.api_settings("check")
     if api.auth_required and not api.api_key_hashes:
         raise ConfigError(

@@ -12,6 +12,10 @@ Snapshots and forks: ``sbx.create_snapshot(name=)``, ``Sandbox.create(snapshot=)
 ``sbx.fork(count=)`` (one Sandbox or exception per child), ``sbx.reset(snapshot=None)``,
 ``Sandbox.snapshots()``/``get_snapshot()``/``delete_snapshot()``, and ``explore(sbx, cmds)`` (one fork per
 command, run in parallel, results in order; ``aexplore`` for AsyncSandbox).
+
+Network: ``Sandbox.create(allow_internet_access=, network={"allow_out": [...], "deny_out": [...]})``,
+``sbx.update_network({...})`` (live), ``sbx.get_network()`` and ``sbx.get_host(port)`` (a daemon URL that reaches
+that port inside the sandbox, HTTP and WebSocket).
 """
 
 from branchbox.sdk._async import AsyncCommandHandle, AsyncPtyHandle, AsyncSandbox
@@ -41,6 +45,7 @@ from branchbox.sdk._explore import aexplore, explore
 from branchbox.sdk._models import (
     CommandResult,
     EntryInfo,
+    NetworkInfo,
     PoolInfo,
     PoolSettings,
     ProcessInfo,
@@ -67,6 +72,7 @@ __all__ = [
     "EntryInfo",
     "FileNotFoundError_",
     "InvalidStateError",
+    "NetworkInfo",
     "NotFoundError",
     "NotSupportedError",
     "PermissionDeniedError",

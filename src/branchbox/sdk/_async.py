@@ -36,6 +36,7 @@ from branchbox.sdk._errors import (
 from branchbox.sdk._models import (
     CommandResult,
     EntryInfo,
+    NetworkInfo,
     PoolInfo,
     ProcessInfo,
     SandboxInfo,
@@ -569,6 +570,8 @@ class AsyncSandbox:
         backend: str | None = None,
         hostname: str | None = None,
         snapshot: str | None = None,
+        allow_internet_access: bool | None = None,
+        network: Mapping[str, Any] | None = None,
         base_url: str | None = None,
         api_key: str | None = None,
         request_timeout: Timeout = UNSET,
@@ -586,6 +589,8 @@ class AsyncSandbox:
                 backend=backend,
                 hostname=hostname,
                 snapshot=snapshot,
+                allow_internet_access=allow_internet_access,
+                network=network,
             )
             info = SandboxInfo.from_json((await http.send(req)).json())
         except BaseException:
@@ -774,6 +779,26 @@ class AsyncSandbox:
             return (await self.get_info()).state == "running"
         except NotFoundError:
             return False
+
+    async def get_network(self, *, request_timeout: Timeout = UNSET) -> NetworkInfo:
+        """The sandbox's address and egress policy."""
+        resp = await self._http.send(rq.get_network(self.sandbox_id), request_timeout=request_timeout)
+        return NetworkInfo.from_json(resp.json())
+
+    async def update_network(self, patch: Mapping[str, Any], *, request_timeout: Timeout = UNSET) -> NetworkInfo:
+        """Change the egress policy live: keys given (``allow_out``, ``deny_out``, ``allow_internet_access``)
+        replace the current values, absent keys stay. E.g. ``update_network({"deny_out": []})``."""
+        resp = await self._http.send(rq.update_network(self.sandbox_id, patch), request_timeout=request_timeout)
+        return NetworkInfo.from_json(resp.json())
+
+    async def get_host(self, port: int) -> str:
+        """A URL served by the daemon that reaches ``port`` inside the sandbox (HTTP; use ws:// for WebSocket).
+
+        When the client has an API key the URL carries the sandbox's port token, so it works without one."""
+        token = None
+        if self._http.config.api_key:
+            token = (await self.get_network()).port_token
+        return rq.host_url(self._http.config.base_url, self.sandbox_id, port, token)
 
     async def set_timeout(self, timeout: float | None, *, request_timeout: Timeout = UNSET) -> SandboxInfo:
         resp = await self._http.send(rq.set_timeout(self.sandbox_id, timeout), request_timeout=request_timeout)

@@ -4,7 +4,7 @@ Hierarchy::
 
     SandboxError
     ├── BadRequestError (ValueError)  bad_request, invalid_path, invalid_template_spec, not_a_directory,
-    │                                 is_a_directory
+    │                                 is_a_directory, invalid_network_policy
     ├── AuthenticationError           unauthorized
     ├── PermissionDeniedError         permission_denied
     ├── NotFoundError (LookupError)   not_found, sandbox_not_found, template_not_found, snapshot_not_found,
@@ -14,7 +14,9 @@ Hierarchy::
     ├── TimeoutException (TimeoutError) timeout, and client-side request timeouts
     ├── NotSupportedError             not_supported
     ├── AgentError                    agent_error, agent_disconnected
-    ├── ServerError                   internal, backend_error, template_build_failed, unknown codes
+    ├── ServerError                   internal, backend_error, network_error, port_unreachable,
+    │                                 template_build_failed,
+    │                                 unknown codes
     └── ConnectionError_ (ConnectionError) the daemon could not be reached
 """
 
@@ -105,6 +107,7 @@ ERROR_TABLE: dict[str, type[SandboxError]] = {
     "invalid_template_spec": BadRequestError,
     "not_a_directory": BadRequestError,
     "is_a_directory": BadRequestError,
+    "invalid_network_policy": BadRequestError,
     "unauthorized": AuthenticationError,
     "permission_denied": PermissionDeniedError,
     "not_found": NotFoundError,
@@ -124,6 +127,8 @@ ERROR_TABLE: dict[str, type[SandboxError]] = {
     "internal": ServerError,
     "backend_error": ServerError,
     "template_build_failed": ServerError,
+    "network_error": ServerError,
+    "port_unreachable": ServerError,
 }
 
 

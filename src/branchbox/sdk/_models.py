@@ -248,3 +248,24 @@ class SnapshotInfo:
             template_digest=d.get("template_digest", ""),
             timings={k: float(v) for k, v in (d.get("timings") or {}).items()},
         )
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkInfo:
+    """A sandbox's address and egress policy (``GET /v1/sandboxes/{id}/network``)."""
+
+    address: str
+    allow_internet_access: bool
+    allow_out: list[str]
+    deny_out: list[str]
+    port_token: str = ""
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> NetworkInfo:
+        return cls(
+            address=d["address"],
+            allow_internet_access=bool(d["allow_internet_access"]),
+            allow_out=list(d.get("allow_out") or []),
+            deny_out=list(d.get("deny_out") or []),
+            port_token=d.get("port_token", ""),
+        )

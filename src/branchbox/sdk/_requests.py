@@ -49,6 +49,8 @@ def create_sandbox(
     backend: str | None,
     hostname: str | None,
     snapshot: str | None = None,
+    allow_internet_access: bool | None = None,
+    network: Mapping[str, Any] | None = None,
 ) -> Req:
     body = _drop_none(
         {
@@ -62,11 +64,30 @@ def create_sandbox(
             "backend": backend,
             "hostname": hostname,
             "snapshot": snapshot,
+            "allow_internet_access": allow_internet_access,
+            "network": dict(network) if network is not None else None,
         }
     )
     if snapshot is not None and template == "default":
         body.pop("template")  # a restore takes the snapshot's template
     return Req("POST", "/v1/sandboxes", json=body)
+
+
+def get_network(sandbox_id: str) -> Req:
+    return Req("GET", _sbx(sandbox_id) + "/network")
+
+
+def update_network(sandbox_id: str, patch: Mapping[str, Any]) -> Req:
+    """Keys given replace the current values (allow_out, deny_out, allow_internet_access); absent keys stay."""
+    return Req("PATCH", _sbx(sandbox_id) + "/network", json=dict(patch))
+
+
+def host_url(base_url: str, sandbox_id: str, port: int, token: str | None) -> str:
+    """The daemon URL that reaches ``port`` inside the sandbox (HTTP; ws:// for WebSocket on the same path)."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ValueError(f"port must be 1-65535, not {port!r}")
+    url = f"{base_url.rstrip('/')}{_sbx(sandbox_id)}/ports/{port}/"
+    return url + (f"?bb_token={quote(token, safe='')}" if token else "")
 
 
 def get_sandbox(sandbox_id: str) -> Req:

@@ -30,6 +30,7 @@ from branchbox.sdk._errors import (
 from branchbox.sdk._models import (
     CommandResult,
     EntryInfo,
+    NetworkInfo,
     PoolInfo,
     ProcessInfo,
     SandboxInfo,
@@ -574,6 +575,8 @@ class Sandbox:
         backend: str | None = None,
         hostname: str | None = None,
         snapshot: str | None = None,
+        allow_internet_access: bool | None = None,
+        network: Mapping[str, Any] | None = None,
         base_url: str | None = None,
         api_key: str | None = None,
         request_timeout: Timeout = UNSET,
@@ -594,6 +597,8 @@ class Sandbox:
                 backend=backend,
                 hostname=hostname,
                 snapshot=snapshot,
+                allow_internet_access=allow_internet_access,
+                network=network,
             )
             info = SandboxInfo.from_json(http.send(req).json())
         except BaseException:
@@ -773,6 +778,26 @@ class Sandbox:
             return self.get_info().state == "running"
         except NotFoundError:
             return False
+
+    def get_network(self, *, request_timeout: Timeout = UNSET) -> NetworkInfo:
+        """The sandbox's address and egress policy."""
+        resp = self._http.send(rq.get_network(self.sandbox_id), request_timeout=request_timeout)
+        return NetworkInfo.from_json(resp.json())
+
+    def update_network(self, patch: Mapping[str, Any], *, request_timeout: Timeout = UNSET) -> NetworkInfo:
+        """Change the egress policy live: keys given (``allow_out``, ``deny_out``, ``allow_internet_access``)
+        replace the current values, absent keys stay. E.g. ``update_network({"deny_out": []})``."""
+        resp = self._http.send(rq.update_network(self.sandbox_id, patch), request_timeout=request_timeout)
+        return NetworkInfo.from_json(resp.json())
+
+    def get_host(self, port: int) -> str:
+        """A URL served by the daemon that reaches ``port`` inside the sandbox (HTTP; use ws:// for WebSocket).
+
+        When the client has an API key the URL carries the sandbox's port token, so it works without one."""
+        token = None
+        if self._http.config.api_key:
+            token = (self.get_network()).port_token
+        return rq.host_url(self._http.config.base_url, self.sandbox_id, port, token)
 
     def set_timeout(self, timeout: float | None, *, request_timeout: Timeout = UNSET) -> SandboxInfo:
         """The sandbox now lives ``timeout`` more seconds (None: no timeout)."""

@@ -27,7 +27,7 @@ from branchbox.backends.container import syscalls
 from branchbox.backends.container.zygote import AGENT_SOCKET, MAX_MESSAGE, SPARE_PREFIX
 from branchbox.backends.process import wait_pid_exit
 from branchbox.core.timing import PhaseTimer
-from branchbox.errors import BackendError, NotSupportedError, TimeoutError_
+from branchbox.errors import BackendError, TimeoutError_
 
 PAUSE_TIMEOUT_S = 10.0
 BACKGROUND_NICE = 10  # CPU weight ~1/10 of a normal process: refills yield to users' work
@@ -39,7 +39,7 @@ class ContainerBackend:
     """Sandboxes as unprivileged containers (user, mount, pid, uts, ipc, net and cgroup namespaces)."""
 
     name = "container"
-    capabilities = Capabilities(pause=True, fs_snapshot=True, fork=True, memory_snapshot=False, network=False)
+    capabilities = Capabilities(pause=True, fs_snapshot=True, fork=True, memory_snapshot=False, network=True)
 
     def __init__(self, run_root: Path, *, cgroup_parent: str = "branchbox", idmap: IdMap | None = None) -> None:
         self.run_root = Path(run_root)
@@ -176,8 +176,6 @@ class ContainerBackend:
             "network": spec.network,
             "nice": BACKGROUND_NICE if spec.background else 0,
         }
-        if spec.network:
-            raise NotSupportedError("container backend: network access is not supported yet; pass network=False")
         if not spec.layers:
             raise BackendError(f"boot of {spec.sandbox_id}: no lower layers given")
         t0 = time.perf_counter()

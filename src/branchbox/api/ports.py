@@ -1,0 +1,221 @@
+"""The port proxy: ``/v1/sandboxes/{id}/ports/{port}/{path}`` (any method, and WebSocket) reaches ``{path}`` on
+port ``{port}`` of the sandbox, over its veth (the daemon's host reaches every sandbox; sandboxes never reach the
+host). A pure ASGI middleware: bodies are streamed both ways, nothing is buffered.
+
+Auth: the daemon's API key (``Authorization: Bearer``; not forwarded to the sandbox), or the sandbox's port
+token (``X-Branchbox-Token`` header or ``?bb_token=`` query parameter; removed before forwarding; any
+``Authorization`` header then belongs to the sandbox's app and is forwarded). A daemon on loopback without keys
+needs neither. Servers in the sandbox must listen on 0.0.0.0 (or its eth0 address), not 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl, urlencode
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from branchbox.api.context import AppContext
+from branchbox.api.fastpath import RouteName, error_json
+from branchbox.api.port_relay import HOP, UpstreamError, relay
+from branchbox.errors import BadRequestError, BranchboxError, PortUnreachableError, TimeoutError_, UnauthorizedError
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+_PORTS = re.compile(r"^/v1/sandboxes/([^/]+)/ports/(\d{1,5})(/.*)?$")
+ROUTE = RouteName("/v1/sandboxes/{sandbox_id}/ports/{port}/{path}")
+TOKEN_HEADER = b"x-branchbox-token"
+TOKEN_PARAM = "bb_token"  # noqa: S105 - the name of a query parameter, not a secret
+_WS_SKIP = HOP | {b"sec-websocket-key", b"sec-websocket-version", b"sec-websocket-extensions",
+                   b"sec-websocket-protocol", b"host"}  # fmt: skip
+CONNECT_TIMEOUT_S = 10.0
+
+
+class PortProxy:
+    def __init__(self, app: ASGIApp, fastapi: FastAPI) -> None:
+        self.app = app
+        self.fastapi = fastapi
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        m = _PORTS.match(scope["path"]) if scope["type"] in ("http", "websocket") else None
+        if m is None:
+            await self.app(scope, receive, send)
+            return
+        scope["route"] = ROUTE
+        ctx: AppContext = self.fastapi.state.ctx
+        raw = _PORTS.match(scope["raw_path"].decode("latin-1")) if scope.get("raw_path") else None
+        sandbox_id, port = m.group(1), int(m.group(2))
+        path = (raw or m).group(3) or "/"  # as the client sent it: %2F and friends stay encoded
+        try:
+            headers, query = _authorize(ctx, scope, sandbox_id)
+            if not 0 < port < 65536:
+                raise BadRequestError(f"port {port} is out of range: use 1-65535")
+            address = (await ctx.manager.get_network(sandbox_id)).address
+        except BranchboxError as exc:
+            ctx.metrics.count_api_error(exc.code)
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008, "reason": exc.message[:120]})
+            else:
+                await _error(send, exc)
+            return
+        target = path + (f"?{query}" if query else "")
+        if scope["type"] == "websocket":
+            await self._websocket(ctx, f"{address}:{port}{target}", headers, scope, receive, send)
+        else:
+            await self._http(ctx, address, port, target, headers, scope, receive, send, sandbox_id)
+
+    async def _http(
+        self,
+        ctx: AppContext,
+        address: str,
+        port: int,
+        target: str,
+        headers: list[tuple[bytes, bytes]],
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        sandbox_id: str,
+    ) -> None:
+        # a body only when the request has one: an empty chunked body would be left unread by simple servers,
+        # whose close() then resets the connection under the response
+        lengths = [v.strip() for k, v in headers if k.lower() == b"content-length"]
+        chunked = any(k.lower() == b"transfer-encoding" for k, _ in headers)
+        body = _body(receive) if chunked or any(n != b"0" for n in lengths) else None
+        try:
+            await relay(address, port, scope["method"], target, headers, body, send, connect_timeout=CONNECT_TIMEOUT_S)
+        except (OSError, TimeoutError) as exc:
+            if isinstance(exc, TimeoutError):
+                err: BranchboxError = TimeoutError_(f"port {port} of sandbox {sandbox_id} did not accept in time")
+            else:
+                err = PortUnreachableError(
+                    f"nothing accepts connections on port {port} of sandbox {sandbox_id}: start a server there that "
+                    "listens on 0.0.0.0 (127.0.0.1 is not reachable from outside the sandbox)"
+                )
+            ctx.metrics.count_api_error(err.code)
+            await _error(send, err)
+        except UpstreamError as exc:
+            ctx.metrics.count_api_error("port_unreachable")
+            if exc.started:  # abort the client's connection: a truncated body must not look complete
+                ctx.log.warning("port.proxy_broken", port=port, error=str(exc))
+                raise
+            await _error(send, PortUnreachableError(f"port {port} of sandbox {sandbox_id}: {exc}"))
+
+    async def _websocket(
+        self,
+        ctx: AppContext,
+        target: str,
+        headers: list[tuple[bytes, bytes]],
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        msg = await receive()
+        if msg["type"] != "websocket.connect":
+            return
+        extra = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers if k.lower() not in _WS_SKIP]
+        subprotocols = scope.get("subprotocols") or None
+        try:
+            upstream = await connect(
+                "ws://" + target,
+                additional_headers=extra,
+                subprotocols=subprotocols,
+                open_timeout=CONNECT_TIMEOUT_S,
+                max_size=None,
+                compression=None,
+                proxy=None,
+            )
+        except (OSError, InvalidHandshake, TimeoutError) as exc:
+            code = 4004 if isinstance(exc, InvalidStatus) else 1011
+            ctx.metrics.count_api_error("port_unreachable")
+            await send({"type": "websocket.close", "code": code, "reason": f"sandbox port: {exc}"[:120]})
+            return
+        await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol})
+        await _relay(upstream, receive, send)
+
+
+async def _relay(upstream: ClientConnection, receive: Receive, send: Send) -> None:
+    async def client_to_upstream() -> None:
+        while True:
+            msg = await receive()
+            if msg["type"] == "websocket.disconnect":
+                await upstream.close()
+                return
+            if msg.get("bytes") is not None:
+                await upstream.send(msg["bytes"])
+            elif msg.get("text") is not None:
+                await upstream.send(msg["text"])
+
+    async def upstream_to_client() -> None:
+        try:
+            async for data in upstream:
+                if isinstance(data, bytes):
+                    await send({"type": "websocket.send", "bytes": data})
+                else:
+                    await send({"type": "websocket.send", "text": data})
+        except ConnectionClosed:
+            pass
+        code = upstream.close_code or 1000
+        with contextlib.suppress(Exception):
+            await send({"type": "websocket.close", "code": code, "reason": upstream.close_reason or ""})
+
+    tasks = [asyncio.create_task(client_to_upstream()), asyncio.create_task(upstream_to_client())]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await upstream.close()
+
+
+def _authorize(ctx: AppContext, scope: Scope, sandbox_id: str) -> tuple[list[tuple[bytes, bytes]], str]:
+    """Check the caller; return the headers and query string to forward (daemon credentials removed)."""
+    raw_query = scope.get("query_string", b"").decode("latin-1")
+    params = parse_qsl(raw_query, keep_blank_values=True)
+    token = next((v for k, v in params if k == TOKEN_PARAM), None)
+    headers: list[tuple[bytes, bytes]] = []
+    authorization: str | None = None
+    for k, v in scope["headers"]:
+        if k == TOKEN_HEADER:
+            token = v.decode("latin-1")
+            continue
+        if k == b"authorization":
+            authorization = v.decode("latin-1")
+        headers.append((k, v))
+    query = urlencode([(k, v) for k, v in params if k != TOKEN_PARAM]) if token is not None else raw_query
+    if token is not None:
+        if not ctx.port_tokens.check(sandbox_id, token):
+            raise UnauthorizedError(
+                "invalid port token: get the current one from GET /v1/sandboxes/{id}/network (port_token)"
+            )
+        return headers, query
+    ctx.checker.check(authorization)
+    if ctx.checker.is_api_key(authorization):
+        headers = [(k, v) for k, v in headers if k != b"authorization"]
+    return headers, query
+
+
+async def _body(receive: Receive) -> AsyncIterator[bytes]:
+    while True:
+        msg = await receive()
+        if msg["type"] != "http.request":
+            return
+        chunk = msg.get("body", b"")
+        if chunk:
+            yield chunk
+        if not msg.get("more_body", False):
+            return
+
+
+async def _error(send: Send, exc: BranchboxError) -> None:
+    body = error_json(exc.code, exc.message, exc.details or None)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": exc.http_status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
