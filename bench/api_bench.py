@@ -2,7 +2,8 @@
 
 ``bench_api``: cold create -> first exec, destroy, exec round trips, the HTTP floor. ``bench_paired`` measures what
 the API adds: in-process Manager calls and the same calls through the SDK over HTTP, interleaved one by one in one
-event loop, so both see the same machine load (the goal is <= 1 ms p50 added by the API).
+event loop, so both see the same machine load, and both with networking on like the daemon's default (the goal is
+<= 1 ms p50 added by the API). The ``core:`` rows of run.py are in-process without networking.
 
 ``bench_pools`` (called from ``bench_api``): a daemon with a warm pool of 32 for the default template; create ->
 first command result warm and cold, sequential and in bursts of 32 concurrent. The pool refills between
@@ -27,6 +28,7 @@ import httpx
 
 from branchbox.core.manager import Manager
 from branchbox.core.settings import ManagerSettings
+from branchbox.net import NetworkSettings
 from branchbox.sdk import AsyncSandbox, Sandbox
 from stats import Summary, summarize
 
@@ -160,6 +162,8 @@ async def bench_paired(settings: ManagerSettings, url: str, runs: int, results: 
         templates_dir=settings.template_root,
         cgroup_parent=f"{settings.cgroup_parent}-paired",
         keep_sandboxes_on_shutdown=False,
+        # the daemon networks its sandboxes by default: so does this Manager (in a subnet of its own)
+        network=NetworkSettings(subnet="10.201.0.0/16", table="bbpaired", if_prefix="bbpr"),
     )
     rows: dict[str, list[float]] = {k: [] for k in ("create_local", "create_http", "exec_local", "exec_http")}
     async with Manager.open(local) as m:
