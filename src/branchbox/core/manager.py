@@ -132,6 +132,9 @@ class Manager:
         self._pools: dict[str, Pool[_Live]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._closed = False
+        from branchbox.workspaces.service import WorkspaceService  # noqa: PLC0415 - the git cache is optional
+
+        self.workspaces = WorkspaceService(self)  # git workspaces: docs/workspaces.md
 
     # ------------------------------------------------------------------ lifecycle of the Manager
     @classmethod
@@ -161,6 +164,7 @@ class Manager:
             self.templates.get(cfg.template)  # a pool of an unknown template is a configuration error
             self._pools[cfg.template] = Pool(cfg, self._boot_member)
         await self._reconcile()
+        await self.workspaces.start()
         for pool in self._pools.values():
             pool.start()
 
@@ -168,6 +172,7 @@ class Manager:
         if self._closed:
             return
         self._closed = True
+        await self.workspaces.aclose()
         for pool in self._pools.values():
             await pool.aclose()  # ready members stay running and re-join their pool on the next start
         if not self.settings.keep_sandboxes_on_shutdown:
@@ -233,7 +238,7 @@ class Manager:
         if snapshot is not None:
             res = Resources(cpu=float(cpu), memory_mb=memory_mb, pids=pids)
             info = replace(self._new_info(tpl, kind, res, env_, meta, ttl, hostname), source="snapshot")
-            return await self._restore(info, tpl, be, snap, timer)
+            return await self._restore(info, tpl, be, snap.layers, timer)
         pool = self._pools.get(tpl.name) if kind == self.settings.default_backend else None
         if pool is not None and pool.config.matches(cpu, memory_mb, pids):
             member = pool.take()
@@ -629,7 +634,7 @@ class Manager:
                 self._new_info(tpl, parent.backend, parent.resources, parent.env, parent.metadata, ttl, None),
                 source="fork",
             )
-            return await self._restore(info, tpl, live.backend, snap, t)
+            return await self._restore(info, tpl, live.backend, snap.layers, t)
 
         try:
             results = await asyncio.gather(*(child() for _ in range(count)), return_exceptions=True)
@@ -752,18 +757,18 @@ class Manager:
         return replace(snap, timings=timer.as_dict())
 
     async def _restore(
-        self, info: SandboxInfo, tpl: TemplateInfo, be: Backend, snap: SnapshotInfo, timer: PhaseTimer
+        self, info: SandboxInfo, tpl: TemplateInfo, be: Backend, chain: Sequence[str], timer: PhaseTimer
     ) -> SandboxInfo:
-        """Boot a new sandbox on a fresh upper over ``snap``'s chain, with a fresh machine-id."""
+        """Boot a new sandbox on a fresh upper over ``chain`` (a snapshot's layers), with a fresh machine-id."""
         try:
-            live = await self._boot_chain(info, tpl, be, snap.layers, timer)
+            live = await self._boot_chain(info, tpl, be, chain, timer)
         except BaseException as exc:
             code = exc.code if isinstance(exc, BranchboxError) else "internal"
             self._emit(ManagerEvent("create", info.id, info.backend, info.source, "error", timer.total_ms / 1e3,
                                     code=code))  # fmt: skip
             raise
         self._schedule_expiry(live)
-        self._emit(ManagerEvent("create", info.id, info.backend, "snapshot", "ok", timer.total_ms / 1e3,
+        self._emit(ManagerEvent("create", info.id, info.backend, info.source, "ok", timer.total_ms / 1e3,
                                 timings=live.info.timings))  # fmt: skip
         self._emit_counts()
         return live.info
@@ -902,6 +907,53 @@ class Manager:
             if x.size_bytes is None:
                 self._spawn_bg(self._measure(x.id, x.path))
         self._schedule_gc()
+
+    # ------------------------------------------------------------------ layers kept by caches (git workspaces)
+    def layer_path(self, layer_id: str) -> Path:
+        """Where the layer ``layer_id`` lives (``DATA/layers/<id>``)."""
+        return self._layer_path(layer_id)
+
+    def add_pinned_layer(self, layer_id: str, owner: str) -> None:
+        """Record the finished layer at ``layer_path(layer_id)`` durably, kept alive by the pin ``owner``."""
+        with self._db.durable():
+            self._db.insert_layer(LayerRecord(layer_id, self._layer_path(layer_id), None, self._driver.name, None,
+                                              None, time.time()))  # fmt: skip
+            self._db.pin_layer(layer_id, owner)
+        self._spawn_bg(self._measure(layer_id, self._layer_path(layer_id)))
+
+    def unpin_layers(self, owner: str) -> None:
+        """Drop the pins of ``owner``; its layers go once no sandbox uses them."""
+        self._db.unpin_layers(owner)
+        self._schedule_gc()
+
+    async def create_on_layers(
+        self,
+        layers: Sequence[str],
+        *,
+        template: str = "default",
+        source: str = "workspace",
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        cpu: float = 1.0,
+        memory_mb: int = 512,
+        pids: int = 1024,
+        metadata: Mapping[str, str] | None = None,
+    ) -> SandboxInfo:
+        """Boot a sandbox on ``layers`` (topmost first) above ``template``, like a restore."""
+        timer = PhaseTimer()
+        with timer.phase("validate"):
+            env_, meta = validate.env(env), validate.metadata(metadata)
+            ttl = validate.timeout(timeout, default=self.settings.default_timeout, maximum=self.settings.max_timeout)
+            validate.resources(cpu, memory_mb, pids)
+            if len(self._live) + len(self._creating) >= self.settings.max_sandboxes:
+                raise LimitExceededError(
+                    f"{self.settings.max_sandboxes} sandboxes exist already: destroy some or raise max_sandboxes"
+                )
+            tpl = self.templates.get(template)
+            be = await self._backend(self.settings.default_backend)
+        res = Resources(cpu=float(cpu), memory_mb=memory_mb, pids=pids)
+        info = replace(self._new_info(tpl, be.name, res, env_, meta, ttl, None), source=source)
+        return await self._restore(info, tpl, be, list(layers), timer)
 
     # ------------------------------------------------------------------ warm pools
     def pool_statistics(self) -> builtins.list[PoolStats]:

@@ -1,0 +1,127 @@
+"""Build the tree of a commit layer: ``<tree>/<path>`` is a normal git checkout with its own ``.git``.
+
+* Files and the index come from ``git read-tree --reset -u`` run against the mirror (git fetches the blobs the
+  commit needs and the mirror lacks in one batch, into the mirror, so the next commit costs only its new blobs).
+* ``.git`` is written directly: HEAD, config, packed-refs, ``shallow`` and the mirror's packs, **hard-linked**
+  (copied where the layer is on another filesystem or btrfs subvolume). It works inside the sandbox without the
+  host's mirror; ``origin`` is the credential-free URL and, for a partial mirror, a promisor remote (git fetches
+  missing old blobs from it when the sandbox has network).
+* Git settings that keep the first ``git status`` after a copy-on-write copy fast and clean:
+  ``core.checkStat=minimal`` (inode, device, uid/gid and sub-second times are not compared: the overlay shows
+  other inode/device numbers than the host saw) and ``core.trustctime=false``; and the index's own mtime is set
+  after every file's, so no entry is "racily clean" (git would re-read and hash those files).
+* Ownership: the tree is chowned to the sandbox's root (``idmap.host_base``) *before* the packs are linked, so
+  the mirror's files keep host-root ownership (read-only inside: they show as ``nobody``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import shutil
+import time
+from pathlib import Path
+
+from branchbox.backends.base import IdMap
+from branchbox.errors import GitError
+from branchbox.workspaces.gitcmd import run_git
+from branchbox.workspaces.mirror import Mirror
+from branchbox.workspaces.urls import RepoUrl
+
+
+def _mkdirs(root: Path, rel: str) -> Path:
+    d = root
+    for part in [p for p in rel.split("/") if p]:
+        d = d / part
+        d.mkdir(mode=0o755, exist_ok=True)
+    return d
+
+
+def workspace_config(url: str, branch: str | None, *, partial: bool) -> str:
+    lines = [
+        "[core]",
+        f"\trepositoryformatversion = {1 if partial else 0}",
+        "\tfilemode = true",
+        "\tbare = false",
+        "\tlogallrefupdates = true",
+        "\tcheckStat = minimal",
+        "\ttrustctime = false",
+        '[remote "origin"]',
+        f"\turl = {url}",
+        "\tfetch = +refs/heads/*:refs/remotes/origin/*",
+    ]
+    if partial:
+        lines += ["\tpromisor = true", "\tpartialclonefilter = blob:none", "[extensions]", "\tpartialclone = origin"]
+    if branch is not None:
+        lines += [f'[branch "{branch}"]', "\tremote = origin", f"\tmerge = refs/heads/{branch}"]
+    return "\n".join(lines) + "\n"
+
+
+async def build_checkout(
+    mirror: Mirror, repo: RepoUrl, commit: str, branch: str | None, tree: Path, sandbox_path: str, idmap: IdMap,
+    *, timeout: float,
+) -> Path:  # fmt: skip
+    """Write the checkout of ``commit`` at ``tree/<sandbox_path>``; return that directory."""
+    dest = _mkdirs(tree, sandbox_path)
+    gitdir = dest / ".git"
+    gitdir.mkdir(mode=0o755)
+    await run_git(
+        ["--git-dir", str(mirror.path), "--work-tree", str(dest), "read-tree", "--reset", "-u", commit],
+        repo=repo, env={"GIT_INDEX_FILE": str(gitdir / "index")}, timeout=timeout,
+        what=f"checking out {commit[:12]}",
+    )  # fmt: skip
+    _write_gitdir(gitdir, mirror, repo.url, commit, branch)
+    # the index must be newer than every file it describes, or git re-hashes "racily clean" entries
+    newest = time.time() + 2.0
+    os.utime(gitdir / "index", (newest, newest))
+    await _chown_tree(tree, idmap)
+    _link_objects(mirror.path / "objects", gitdir / "objects", idmap)
+    return dest
+
+
+def _write_gitdir(gitdir: Path, mirror: Mirror, url: str, commit: str, branch: str | None) -> None:
+    for d in ("refs/heads", "refs/tags", "refs/remotes/origin", "objects/pack", "objects/info", "info", "logs"):
+        (gitdir / d).mkdir(parents=True, exist_ok=True)
+    (gitdir / "HEAD").write_text(f"ref: refs/heads/{branch}\n" if branch is not None else f"{commit}\n")
+    refs = "# pack-refs with: peeled fully-peeled sorted\n"
+    if branch is not None:
+        refs += f"{commit} refs/heads/{branch}\n{commit} refs/remotes/origin/{branch}\n"
+    (gitdir / "packed-refs").write_text(refs)
+    (gitdir / "config").write_text(workspace_config(url, branch, partial=mirror.partial))
+    (gitdir / "description").write_text("branchbox workspace\n")
+    shallow = mirror.path / "shallow"
+    if shallow.exists():
+        shutil.copyfile(shallow, gitdir / "shallow")
+
+
+async def _chown_tree(tree: Path, idmap: IdMap) -> None:
+    """Everything git wrote is host-root-owned: give it to the sandbox's root (one ``chown -R``, C speed)."""
+    owner = f"{idmap.host_base}:{idmap.host_base}"
+    proc = await asyncio.create_subprocess_exec(
+        "chown", "-R", "-h", owner, str(tree), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise GitError(f"chown of the checkout failed: {err.decode(errors='replace').strip()[:300]}")
+
+
+def _link_objects(src: Path, dst: Path, idmap: IdMap) -> None:
+    """Hard-link the mirror's object files into the workspace (copy across filesystems/subvolumes)."""
+    for dirpath, dirnames, filenames in os.walk(src):
+        rel = os.path.relpath(dirpath, src)
+        target = dst if rel == "." else dst / rel
+        if not target.exists():
+            target.mkdir(mode=0o755)
+            os.chown(target, idmap.host_base, idmap.host_base)
+        dirnames[:] = [d for d in dirnames if not d.startswith(("tmp_", "incoming-"))]
+        for name in filenames:
+            if name.startswith("tmp_") or name.endswith(".lock") or name == "alternates":
+                continue
+            s, t = os.path.join(dirpath, name), target / name
+            try:
+                os.link(s, t)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                    raise
+                shutil.copy2(s, t)
