@@ -37,7 +37,7 @@ _AUTH = ("authentication failed", "terminal prompts disabled", "could not read u
 _NO_REPO = ("repository not found", "does not appear to be a git repository", "not found", "no such repository",
             "access denied", "not exported")  # fmt: skip
 _NO_REF = ("couldn't find remote ref", "not our ref", "no such remote ref", "unadvertised object",
-           "invalid refspec", "no matching remote head", "want ", "is not a valid")  # fmt: skip
+           "invalid refspec", "no matching remote head")  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

@@ -209,8 +209,8 @@ class WorkspaceService:
                       metadata: Mapping[str, str] | None, env: Mapping[str, str] | None) -> WorkspaceInfo:  # fmt: skip
         timer = PhaseTimer()
         try:
-            layer, commit = await self._layer(ws, repo, depth, timer)
-            ws = replace(ws, commit=commit)
+            layer, commit, cached = await self._layer(ws, repo, depth, timer)
+            ws = replace(ws, commit=commit, cached=cached)
             with timer.phase("sandbox"):
                 meta = {"workspace": ws.id, **(metadata or {})}
                 sbx = await self._m.create_on_layers([layer.layer_id], template=ws.template, timeout=timeout,
@@ -235,7 +235,9 @@ class WorkspaceService:
                  (ws.commit or "")[:12], timer.total_ms, ws.cached)  # fmt: skip
         return ws
 
-    async def _layer(self, ws: WorkspaceInfo, repo: RepoUrl, depth: int, timer: PhaseTimer) -> tuple[CommitLayer, str]:
+    async def _layer(
+        self, ws: WorkspaceInfo, repo: RepoUrl, depth: int, timer: PhaseTimer
+    ) -> tuple[CommitLayer, str, bool]:
         """The commit layer for the request: found (fast path) or built under the repository's lock."""
         db = self._db
         t = self.settings.git_timeout
@@ -252,18 +254,16 @@ class WorkspaceService:
         layer = db.find_layer(repo.key, commit, ws.branch, ws.path)
         if layer is not None:
             db.touch_layer(layer.layer_id)
-            return layer, layer.commit_id
+            return layer, layer.commit_id, True
         async with self._locks.hold(repo.key):
             mirror = Mirror(self.root / "mirrors", repo.key)
-            with timer.phase("fetch"):
-                full = await self._ensure_commit(mirror, repo, commit, ws.branch, depth)
+            full = await self._ensure_commit(mirror, repo, commit, ws.branch, depth, timer)
             layer = db.find_layer(repo.key, full, ws.branch, ws.path)
+            cached = layer is not None
             if layer is None:
                 layer = await self._build(mirror, repo, full, ws.branch, ws.path, timer)
         db.touch_layer(layer.layer_id)
-        db.touch_mirror(repo.key, repo.url)
-        self._spawn(self._evict())
-        return layer, full
+        return layer, full, cached
 
     async def _resolve_branch(self, repo: RepoUrl, branch: str) -> str:
         ttl = self.settings.ref_ttl
@@ -283,21 +283,24 @@ class WorkspaceService:
         return sha
 
     async def _ensure_commit(self, mirror: Mirror, repo: RepoUrl, commit: str, branch: str | None,
-                             depth: int) -> str:  # fmt: skip
+                             depth: int, timer: PhaseTimer) -> str:  # fmt: skip
         """The mirror has ``commit`` when this returns (its full id). Fetches only what is missing."""
         t = self.settings.git_timeout
         if not mirror.exists():
-            await mirror.create(repo, branch=branch, commit=None if branch else commit, depth=depth, timeout=t)
+            with timer.phase("fetch"):
+                await mirror.create(repo, branch=branch, commit=None if branch else commit, depth=depth, timeout=t)
             self._db.touch_mirror(repo.key, repo.url)
             self._spawn(self._deepen(mirror, repo))
         full = await mirror.resolve(commit)
         if full is not None:
             return full
         try:
-            if branch is not None:
-                await mirror.fetch_branch(repo, branch, timeout=t)
-            else:
-                await mirror.fetch_commit(repo, commit, timeout=t)
+            with timer.phase("fetch"):
+                if branch is not None:
+                    await mirror.fetch_branch(repo, branch, timeout=t)
+                else:
+                    await mirror.fetch_commit(repo, commit, timeout=t)
+            self._db.touch_mirror(repo.key, repo.url)
         except BaseException:
             await asyncio.to_thread(mirror.repair)
             raise
@@ -341,6 +344,7 @@ class WorkspaceService:
             async with self._locks.hold(repo.key):
                 if mirror.exists():
                     await mirror.deepen(repo, timeout=self.settings.git_timeout)
+                    self._db.touch_mirror(repo.key, repo.url)
         except Exception as exc:  # the mirror stays shallow; the next first-fetch-like request retries nothing
             log.warning("fetching the history of %s failed: %s", repo.url, repo.redact(str(exc)))
             with contextlib.suppress(OSError):
@@ -355,6 +359,7 @@ class WorkspaceService:
             return
         if self._records is not None:
             self._db.set_layer(layer_id, durable=1, size_bytes=usage.size_bytes)
+            await self._evict()
 
     async def _evict(self) -> None:
         """Keep mirrors + commit layers under ``cache_budget_mb``: drop the least recently used first (a layer

@@ -197,6 +197,7 @@ class CuttingProxy:
         self.target_port = target_port
         self.cut_after = cut_after
         self.cut_count = 0
+        self.connections = 0
         self._sock = socket.socket()
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind(("127.0.0.1", 0))
@@ -215,6 +216,7 @@ class CuttingProxy:
                 client, _ = self._sock.accept()
             except OSError:
                 return
+            self.connections += 1
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     def _serve(self, client: socket.socket) -> None:
