@@ -122,7 +122,10 @@ class Mirror:
 
     @staticmethod
     async def _resolve(path: Path, commit: str) -> str | None:
-        res = await run_git(["rev-parse", "-q", "--verify", f"{commit}^{{commit}}"], cwd=path, check=False)
+        # not rev-parse/cat-file: in a partial clone they fetch a missing object from the server, one by one;
+        # rev-list with --missing=print never does
+        res = await run_git(["rev-list", "--missing=print", "--no-walk", f"{commit}^{{commit}}", "--"], cwd=path,
+                            check=False)  # fmt: skip
         if res.returncode != 0:
             return None
         return res.stdout.decode().strip() or None

@@ -118,13 +118,14 @@ class GitDaemon:
 
 
 class HttpGitServer:
-    """Smart HTTP (``git http-backend`` as CGI) on 127.0.0.1 requiring ``Authorization: Basic`` for ``git:token``.
+    """Smart HTTP (``git http-backend`` as CGI) on 127.0.0.1 requiring ``Authorization: Basic`` with ``token`` as
+    the password (any user name, as GitHub does).
 
     ``seen_authorization`` collects the Authorization headers received (tests check what git sent)."""
 
-    def __init__(self, base: Path, token: str, user: str = "git") -> None:
+    def __init__(self, base: Path, token: str) -> None:
         self.base = base
-        self.expected = "Basic " + base64.b64encode(f"{user}:{token}".encode()).decode()
+        self.token = token
         self.seen_authorization: list[str] = []
         server = self
 
@@ -142,7 +143,7 @@ class HttpGitServer:
                 auth = self.headers.get("Authorization")
                 if auth:
                     server.seen_authorization.append(auth)
-                if auth != server.expected:
+                if not server.authorized(auth):
                     self.send_response(401)
                     self.send_header("WWW-Authenticate", 'Basic realm="git"')
                     self.send_header("Content-Length", "0")
@@ -176,6 +177,15 @@ class HttpGitServer:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def authorized(self, auth: str | None) -> bool:
+        if not auth or not auth.startswith("Basic "):
+            return False
+        try:
+            _, _, password = base64.b64decode(auth[6:]).decode().partition(":")
+        except ValueError:
+            return False
+        return password == self.token
 
     def url(self, name: str, *, credentials: str | None = None) -> str:
         return f"http://{credentials + '@' if credentials else ''}127.0.0.1:{self.port}/{name}"
