@@ -20,7 +20,15 @@ from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from branchbox.api import routes_commands, routes_files, routes_pools, routes_sandboxes, routes_snapshots, streams
+from branchbox.api import (
+    routes_commands,
+    routes_files,
+    routes_pools,
+    routes_sandboxes,
+    routes_snapshots,
+    routes_workspaces,
+    streams,
+)
 from branchbox.api.auth import ApiKeyChecker
 from branchbox.api.context import AppContext, Ctx, require_api_key
 from branchbox.api.fastpath import FastPath
@@ -141,7 +149,7 @@ def _build(settings: ApiSettings) -> FastAPI:
         responses=_ERROR_RESPONSES,
     )
     auth = [Depends(require_api_key), Depends(HTTPBearer(auto_error=False))]
-    for module in (routes_sandboxes, routes_commands, routes_files, routes_pools, routes_snapshots):
+    for module in (routes_sandboxes, routes_commands, routes_files, routes_pools, routes_snapshots, routes_workspaces):
         app.include_router(module.router, dependencies=auth)
     app.include_router(streams.router)
 

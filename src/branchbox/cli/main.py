@@ -17,6 +17,7 @@ from branchbox.cli import shell as shell_mod
 from branchbox.cli.pools import pools
 from branchbox.cli.snapshots import fork, reset, restore, snapshot
 from branchbox.cli.templates import template
+from branchbox.cli.workspaces import workspace
 from branchbox.sdk import Sandbox, SandboxError, SandboxInfo
 
 out = Console()
@@ -358,6 +359,7 @@ def key_new() -> None:
 
 cli.add_command(template)
 cli.add_command(pools)
+cli.add_command(workspace)
 for _cmd in (snapshot, fork, restore, reset):
     cli.add_command(_cmd)
 

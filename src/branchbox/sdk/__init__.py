@@ -12,6 +12,10 @@ Snapshots and forks: ``sbx.create_snapshot(name=)``, ``Sandbox.create(snapshot=)
 ``sbx.fork(count=)`` (one Sandbox or exception per child), ``sbx.reset(snapshot=None)``,
 ``Sandbox.snapshots()``/``get_snapshot()``/``delete_snapshot()``, and ``explore(sbx, cmds)`` (one fork per
 command, run in parallel, results in order; ``aexplore`` for AsyncSandbox).
+
+Git workspaces: ``Workspace.create(repo, branch=...)`` (``AsyncWorkspace``) gives a sandbox with the repository
+checked out from the daemon's cache (``ws.sandbox``, ``ws.path``, ``ws.commit``, ``ws.delete()``);
+``sbx.git.clone(url, path)`` runs ``git clone`` inside an existing sandbox.
 """
 
 from branchbox.sdk._async import AsyncCommandHandle, AsyncPtyHandle, AsyncSandbox
@@ -49,6 +53,7 @@ from branchbox.sdk._models import (
     TemplateInfo,
 )
 from branchbox.sdk._sync import CommandHandle, PtyHandle, Sandbox
+from branchbox.sdk._workspaces import AsyncWorkspace, Workspace, WorkspaceInfo
 
 __all__ = [
     "DEFAULT_URL",
@@ -57,6 +62,7 @@ __all__ = [
     "AsyncCommandHandle",
     "AsyncPtyHandle",
     "AsyncSandbox",
+    "AsyncWorkspace",
     "AuthenticationError",
     "BadRequestError",
     "CommandHandle",
@@ -85,6 +91,8 @@ __all__ = [
     "TemplateInfo",
     "TemplateNotFoundError",
     "TimeoutException",
+    "Workspace",
+    "WorkspaceInfo",
     "aexplore",
     "error_for",
     "explore",

@@ -48,6 +48,16 @@ async def ls_remote(repo: RepoUrl, branch: str, *, timeout: float) -> str:
     raise RefNotFoundError(f"branch {branch!r} does not exist in {repo.url}: check the name (case matters)")
 
 
+async def default_branch(repo: RepoUrl, *, timeout: float) -> str:
+    """The branch the server's HEAD points at (what ``git clone`` checks out without ``--branch``)."""
+    res = await run_git(["ls-remote", "--symref", "--", repo.url, "HEAD"], repo=repo, timeout=timeout,
+                        what="looking up the default branch")  # fmt: skip
+    for line in res.stdout.decode(errors="replace").splitlines():
+        if line.startswith("ref: refs/heads/") and line.endswith("\tHEAD"):
+            return line[len("ref: refs/heads/") : -len("\tHEAD")]
+    raise RefNotFoundError(f"{repo.url} has no default branch (an empty repository?): pass branch or commit")
+
+
 async def check_access(repo: RepoUrl, *, timeout: float) -> None:
     """Prove the caller may read the repository (one cheap ref listing)."""
     await run_git(["ls-remote", "--", repo.url, "HEAD"], repo=repo, timeout=timeout, what="checking access")

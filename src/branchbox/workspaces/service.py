@@ -42,7 +42,7 @@ from branchbox.storage.fsutil import disk_usage, syncfs
 from branchbox.workspaces import layers as layer_fs
 from branchbox.workspaces.checkout import build_checkout
 from branchbox.workspaces.locks import RepoLocks, SingleFlight
-from branchbox.workspaces.mirror import Mirror, check_access, ls_remote
+from branchbox.workspaces.mirror import Mirror, check_access, default_branch, ls_remote
 from branchbox.workspaces.models import WorkspaceInfo, WorkspaceStatus
 from branchbox.workspaces.records import CommitLayer, WorkspaceRecords
 from branchbox.workspaces.urls import RepoUrl, check_branch, check_commit, check_sandbox_path, parse_repo_url
@@ -159,6 +159,9 @@ class WorkspaceService:
             raise BadRequestError(f"depth must be an integer from 1 to {MAX_DEPTH}, got {depth!r}")
         where = check_sandbox_path(path or f"/workspace/{repo.name}")
         self._m.templates.get(template)
+        if br is None and cm is None:  # like `git clone` without --branch: the server's default branch
+            t, fp = self.settings.git_timeout, repo.fingerprint(self._salt)
+            br = await self._flight.do(("head", repo.key, fp), lambda: default_branch(repo, timeout=t))
         ws = WorkspaceInfo(id=new_workspace_id(), status=WorkspaceStatus.CREATING, repository_url=repo.url,
                            branch=br, commit=cm, path=where, template=template, created_at=time.time())  # fmt: skip
         self._db.insert(ws)
