@@ -56,7 +56,7 @@ def workspace_create(conn: _Conn, repository_url: str, branch: str | None, commi
         ws = Workspace.create(repository_url, branch=branch, commit=commit, template=template, path=path,
                               depth=depth, token=token, base_url=conn.url, api_key=conn.api_key)  # fmt: skip
     except SandboxError as exc:
-        err.print(f"error: {escape(exc.message)} [{exc.code}]", highlight=False)
+        err.print(f"error: {escape(f'{exc.message} [{exc.code}]')}", highlight=False)
         sys.exit(1)
     if as_json:
         click.echo(json.dumps(workspace_json(ws.info), indent=2))
@@ -96,6 +96,6 @@ def workspace_rm(conn: _Conn, workspace_ids: tuple[str, ...]) -> None:
         try:
             Workspace.remove(wid, base_url=conn.url, api_key=conn.api_key)
         except SandboxError as exc:
-            err.print(f"{wid}: {escape(exc.message)} [{exc.code}]", highlight=False)
+            err.print(f"{wid}: {escape(f'{exc.message} [{exc.code}]')}", highlight=False)
             failed = True
     sys.exit(1 if failed else 0)
