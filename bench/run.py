@@ -173,7 +173,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data-dir", type=Path, default=Path(os.environ.get("BRANCHBOX_DATA_DIR", "/var/lib/branchbox")))
     ap.add_argument("--runs", type=int, default=int(os.environ.get("BRANCHBOX_BENCH_RUNS", "60")))
-    ap.add_argument("--only", default="", help="comma-separated: core, api, snapshots, baselines, docker")
+    ap.add_argument("--only", default="", help="comma-separated: core, api, snapshots, git, baselines, docker")
     ap.add_argument("--no-docker", action="store_true")
     args = ap.parse_args()
     only = set(filter(None, args.only.split(",")))
@@ -204,6 +204,10 @@ def main() -> None:
         from snapshot_bench import bench_snapshots  # noqa: PLC0415 - optional section
 
         asyncio.run(bench_snapshots(settings, min(args.runs, 20), results))  # 20k-file copies: bounded
+    if want("git"):
+        from git_bench import bench_git  # noqa: PLC0415 - optional section
+
+        asyncio.run(bench_git(settings, min(args.runs, 30), results))  # includes git clone --depth=1 baselines
     if want("baselines"):
         bench_baselines(rootfs, args.runs, results)
     if want("docker") and not args.no_docker:

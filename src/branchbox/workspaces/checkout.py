@@ -25,6 +25,7 @@ from pathlib import Path
 
 from branchbox.backends.base import IdMap
 from branchbox.errors import GitError
+from branchbox.storage.fsutil import OPAQUE_XATTR
 from branchbox.workspaces.gitcmd import run_git
 from branchbox.workspaces.mirror import Mirror
 from branchbox.workspaces.urls import RepoUrl
@@ -72,6 +73,9 @@ async def build_checkout(
         what=f"checking out {commit[:12]}",
     )  # fmt: skip
     _write_gitdir(gitdir, mirror, repo.url, commit, branch)
+    # opaque: overlay lookups under the checkout never descend into the layers below (the template), which
+    # halves the cost of the first `git status` (20 000 lstat on a fresh overlay mount)
+    os.setxattr(dest, OPAQUE_XATTR, b"y")
     # the index must be newer than every file it describes, or git re-hashes "racily clean" entries
     newest = time.time() + 2.0
     os.utime(gitdir / "index", (newest, newest))
