@@ -187,6 +187,22 @@ async def test_updates_and_force_push_are_seen(wm: Manager, git_daemon: GitDaemo
     b = await wm.workspaces.create(url, branch="main")
     assert b.commit == b_commit != a.commit and not b.cached and "fetch" in b.timings
     assert await sh(wm, b.sandbox_id or "", "git status --porcelain; cat NEW.txt", b.path) == "new content\n"
+    # a new commit of a known repository is a small layer holding the difference, above the first one
+    layers = {x.layer_id: x for x in wm.workspaces._db.layers()}
+    b_layer = next(x for x in layers.values() if x.commit_id == b_commit)
+    assert len(b_layer.chain) == 1 and layers[b_layer.chain[0]].commit_id == a.commit
+    assert not (wm.layer_path(b_layer.layer_id) / "workspace/repo/d000").exists()
+    out = await sh(
+        wm, b.sandbox_id or "", "git ls-files | wc -l; git log -2 --format=%s; git log | grep -c ^commit", b.path
+    )
+    assert out.splitlines() == ["20001", "a new commit", "commit 299", "301"]  # full history now: no shallow file
+    # a deleted file is a whiteout in the difference layer
+    d_commit = commit_file(repo, "main", "NEW.txt", "", message="remove", delete=True)
+    d = await wm.workspaces.create(url, branch="main")
+    assert d.commit == d_commit
+    assert (
+        await sh(wm, d.sandbox_id or "", "git status --porcelain; ls NEW.txt 2>&1 | grep -c 'No such'", d.path) == "1\n"
+    )
     # rewrite history: main now has one unrelated root commit
     c_commit = commit_file(repo, "main", "ONLY.txt", "rewritten\n", parent="", message="rewritten history")
     c = await wm.workspaces.create(url, branch="main")

@@ -913,12 +913,18 @@ class Manager:
         """Where the layer ``layer_id`` lives (``DATA/layers/<id>``)."""
         return self._layer_path(layer_id)
 
-    def add_pinned_layer(self, layer_id: str, owner: str) -> None:
-        """Record the finished layer at ``layer_path(layer_id)`` durably, kept alive by the pin ``owner``."""
+    def lower_path(self, layer_id: str) -> Path:
+        """The directory of layer ``layer_id`` that an overlay mounts as a lower."""
+        return self._lower_path(layer_id)
+
+    def add_pinned_layer(self, layer_id: str, owner: str, *, below: Sequence[str] = ()) -> None:
+        """Record the finished layer at ``layer_path(layer_id)`` durably, kept alive (with the layers ``below``
+        it) by the pin ``owner``."""
         with self._db.durable():
-            self._db.insert_layer(LayerRecord(layer_id, self._layer_path(layer_id), None, self._driver.name, None,
-                                              None, time.time()))  # fmt: skip
-            self._db.pin_layer(layer_id, owner)
+            self._db.insert_layer(LayerRecord(layer_id, self._layer_path(layer_id), below[0] if below else None,
+                                              self._driver.name, None, None, time.time()))  # fmt: skip
+            for lid in (layer_id, *below):
+                self._db.pin_layer(lid, owner)
         self._spawn_bg(self._measure(layer_id, self._layer_path(layer_id)))
 
     def unpin_layers(self, owner: str) -> None:

@@ -140,6 +140,15 @@ class Mirror:
             return None
         return res.stdout.decode().strip() or None
 
+    async def changed_paths(self, base: str, commit: str, *, limit: int) -> int | None:
+        """How many paths differ between two commits (trees only: no blob is fetched); None above ``limit``."""
+        res = await run_git(["diff-tree", "-r", "--no-renames", "--name-only", "-z", base, commit], cwd=self.path,
+                            check=False)  # fmt: skip
+        if res.returncode != 0:
+            return None
+        n = res.stdout.count(b"\0")
+        return n if n <= limit else None
+
     async def branch_commit(self, branch: str) -> str | None:
         return await self._resolve(self.path, f"refs/heads/{branch}")
 

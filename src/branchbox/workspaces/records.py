@@ -2,8 +2,10 @@
 
 * ``git_mirrors(key, url, created_at, last_used, size_bytes)``: one row per mirror (credential-free URL).
 * ``git_layers(layer_id, repo_key, commit_id, branch, path, created_at, last_used, size_bytes, boot_id,
-  durable)``: one commit layer per (repository, commit, branch or '' for a detached HEAD, path); the layer itself
-  is a row of the Manager's ``layers`` table kept alive by the pin ``git:<layer_id>``.
+  durable, chain)``: one commit layer per (repository, commit, branch or '' for a detached HEAD, path); the layer
+  itself is a row of the Manager's ``layers`` table kept alive by the pin ``git:<layer_id>``. ``chain``: the
+  layers below it (topmost first) when it only holds the difference to an earlier commit's layer; the pin
+  ``git:<layer_id>`` holds those too.
 * ``workspaces(id, status, sandbox_id, repository_url, branch, commit_id, path, template, cached, timings,
   error, created_at)``.
 """
@@ -38,6 +40,7 @@ CREATE TABLE IF NOT EXISTS git_layers (
     size_bytes INTEGER,
     boot_id TEXT NOT NULL,
     durable INTEGER NOT NULL DEFAULT 0,
+    chain TEXT NOT NULL DEFAULT '[]',
     UNIQUE (repo_key, commit_id, branch, path)
 );
 CREATE TABLE IF NOT EXISTS workspaces (
@@ -68,6 +71,7 @@ class CommitLayer:
     size_bytes: int | None
     boot_id: str
     durable: bool
+    chain: tuple[str, ...] = ()
 
 
 class WorkspaceRecords:
@@ -111,10 +115,18 @@ class WorkspaceRecords:
     def add_layer(self, layer: CommitLayer) -> None:
         self._db.execute(
             "INSERT INTO git_layers (layer_id, repo_key, commit_id, branch, path, created_at, last_used, size_bytes,"
-            " boot_id, durable) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            " boot_id, durable, chain) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             (layer.layer_id, layer.repo_key, layer.commit_id, layer.branch, layer.path, time.time(),
-             layer.last_used, layer.size_bytes, layer.boot_id, int(layer.durable)),
+             layer.last_used, layer.size_bytes, layer.boot_id, int(layer.durable), json.dumps(list(layer.chain))),
         )  # fmt: skip
+
+    def recent_layers(self, repo_key: str, branch: str | None, path: str, limit: int = 4) -> list[CommitLayer]:
+        """The most recently used layers of one repository, branch and path: bases for a difference layer."""
+        rows = self._db.execute(
+            "SELECT * FROM git_layers WHERE repo_key=? AND branch=? AND path=? ORDER BY last_used DESC LIMIT ?",
+            (repo_key, branch or "", path, limit),
+        )
+        return [self._layer(r) for r in rows]
 
     def touch_layer(self, layer_id: str) -> None:
         self._db.execute("UPDATE git_layers SET last_used=? WHERE layer_id=?", (time.time(), layer_id))
@@ -131,8 +143,9 @@ class WorkspaceRecords:
 
     @staticmethod
     def _layer(r: tuple[Any, ...]) -> CommitLayer:
-        lid, key, commit, branch, path, _created, last_used, size, boot_id, durable = r
-        return CommitLayer(lid, key, commit, branch, path, last_used, size, boot_id, bool(durable))
+        lid, key, commit, branch, path, _created, last_used, size, boot_id, durable, chain = r
+        return CommitLayer(lid, key, commit, branch, path, last_used, size, boot_id, bool(durable),
+                           tuple(json.loads(chain)))  # fmt: skip
 
     # ------------------------------------------------------------------ workspaces
     def insert(self, ws: WorkspaceInfo) -> None:

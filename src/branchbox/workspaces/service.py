@@ -40,7 +40,7 @@ from branchbox.errors import (
 )
 from branchbox.storage.fsutil import disk_usage, syncfs
 from branchbox.workspaces import layers as layer_fs
-from branchbox.workspaces.checkout import build_checkout
+from branchbox.workspaces.checkout import build_checkout, build_diff
 from branchbox.workspaces.locks import RepoLocks, SingleFlight
 from branchbox.workspaces.mirror import Mirror, check_access, default_branch, ls_remote
 from branchbox.workspaces.models import WorkspaceInfo, WorkspaceStatus
@@ -52,6 +52,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("branchbox.workspaces")
 MAX_DEPTH = 1_000_000
+MAX_DIFF_CHAIN = 8  # a commit layer holding only a difference sits on at most 7 others; deeper: a full checkout
+MAX_DIFF_FILES = 2000  # more changed files than this: a full checkout
 
 
 def _boot_id() -> str:
@@ -97,7 +99,7 @@ class WorkspaceService:
             else:
                 Mirror(self.root / "mirrors", p.name.removesuffix(".git")).repair()
         for layer in db.layers():
-            gone = not self._m.layer_path(layer.layer_id).exists()
+            gone = any(not self._m.layer_path(x).exists() for x in (layer.layer_id, *layer.chain))
             if gone or (not layer.durable and layer.boot_id != self._boot_id):  # may be incomplete after an OS crash
                 db.delete_layer(layer.layer_id)
                 self._m.unpin_layers(f"git:{layer.layer_id}")
@@ -216,8 +218,9 @@ class WorkspaceService:
             ws = replace(ws, commit=commit, cached=cached)
             with timer.phase("sandbox"):
                 meta = {"workspace": ws.id, **(metadata or {})}
-                sbx = await self._m.create_on_layers([layer.layer_id], template=ws.template, timeout=timeout,
-                                                     metadata=meta, env=env)  # fmt: skip
+                chain = [layer.layer_id, *layer.chain]
+                sbx = await self._m.create_on_layers(chain, template=ws.template, timeout=timeout, metadata=meta,
+                                                     env=env)  # fmt: skip
         except asyncio.CancelledError:
             raise
         except BranchboxError as exc:
@@ -319,15 +322,23 @@ class WorkspaceService:
         driver = self._m.storage_driver
         lid = new_layer_id()
         dest = self._m.layer_path(lid)
+        base = await self._diff_base(mirror, repo, commit, branch, path)
         staging, tree = await asyncio.to_thread(layer_fs.staging_dir, driver, dest)
         try:
             with timer.phase("checkout"):
-                await build_checkout(mirror, repo, commit, branch, tree, path, self._m.settings.idmap,
-                                     timeout=self.settings.git_timeout)  # fmt: skip
+                if base is not None:
+                    lowers = [self._m.lower_path(x) for x in (base.layer_id, *base.chain)]
+                    await build_diff(mirror, repo, base.commit_id, commit, branch, lowers, tree, path,
+                                     self._m.settings.idmap, timeout=self.settings.git_timeout)  # fmt: skip
+                else:
+                    await build_checkout(mirror, repo, commit, branch, tree, path, self._m.settings.idmap,
+                                         timeout=self.settings.git_timeout)  # fmt: skip
             with timer.phase("layer"):
                 await asyncio.to_thread(layer_fs.seal, driver, staging, dest)
-                layer = CommitLayer(lid, repo.key, commit, branch or "", path, time.time(), None, self._boot_id, False)
-                self._m.add_pinned_layer(lid, f"git:{lid}")
+                chain = (base.layer_id, *base.chain) if base is not None else ()
+                layer = CommitLayer(lid, repo.key, commit, branch or "", path, time.time(), None, self._boot_id, False,
+                                    chain)  # fmt: skip
+                self._m.add_pinned_layer(lid, f"git:{lid}", below=chain)
                 self._db.add_layer(layer)
         except BaseException:
             await asyncio.to_thread(layer_fs.discard, driver, staging)
@@ -335,6 +346,28 @@ class WorkspaceService:
             raise
         self._spawn(self._make_durable(lid))
         return layer
+
+    async def _diff_base(self, mirror: Mirror, repo: RepoUrl, commit: str, branch: str | None,
+                         path: str) -> CommitLayer | None:  # fmt: skip
+        """A recent layer of the same repository, branch and path that ``commit`` differs from in few files."""
+        if self._m.storage_driver != "overlay":  # btrfs: a full checkout is a subvolume of its own anyway
+            return None
+        shallow = mirror.shallow
+        for cand in self._db.recent_layers(repo.key, branch, path):
+            if len(cand.chain) + 1 >= MAX_DIFF_CHAIN or cand.commit_id == commit:
+                continue
+            lowers = [self._m.lower_path(x) for x in (cand.layer_id, *cand.chain)]
+            if any(not p.is_dir() or ":" in str(p) or "," in str(p) for p in lowers):
+                continue
+            had_shallow = any((p / path.lstrip("/") / ".git" / "shallow").exists() for p in lowers)
+            if shallow and not had_shallow:  # a re-fetched (shallow) mirror under a full history: start over
+                continue
+            if await mirror.resolve(cand.commit_id) is None:
+                continue
+            changed = await mirror.changed_paths(cand.commit_id, commit, limit=MAX_DIFF_FILES)
+            if changed is not None:
+                return cand
+        return None
 
     # ------------------------------------------------------------------ background work
     def _spawn(self, coro: Any) -> None:

@@ -61,9 +61,9 @@ def generate_repo(path: Path, *, files: int = 20_000, commits: int = 300, dirs: 
 
 
 def commit_file(repo: Path, branch: str, name: str, content: str, *, parent: str | None = None,
-                message: str = "update") -> str:  # fmt: skip
-    """Add a commit to ``branch`` of bare ``repo`` changing one file (``parent``: None = the branch tip, "" = no
-    parent, i.e. a rewritten history as after a force push). Returns the new commit id."""
+                message: str = "update", delete: bool = False) -> str:  # fmt: skip
+    """Add a commit to ``branch`` of bare ``repo`` changing (or ``delete``-ing) one file (``parent``: None = the
+    branch tip, "" = no parent, i.e. a rewritten history as after a force push). Returns the new commit id."""
     env = base_env()
     git = ["git", "-C", str(repo)]
     blob = subprocess.run([*git, "hash-object", "-w", "--stdin"], input=content.encode(), check=True,
@@ -74,7 +74,12 @@ def commit_file(repo: Path, branch: str, name: str, content: str, *, parent: str
     try:
         if base:
             subprocess.run([*git, "read-tree", base], check=True, env=ienv)
-        subprocess.run([*git, "update-index", "--add", "--cacheinfo", f"100644,{blob},{name}"], check=True, env=ienv)
+        if delete:
+            gone = f"0 {'0' * 40}\t{name}\n".encode()  # mode 0: remove the entry (works without a work tree)
+            subprocess.run([*git, "update-index", "--index-info"], input=gone, check=True, env=ienv)
+        else:
+            subprocess.run([*git, "update-index", "--add", "--cacheinfo", f"100644,{blob},{name}"], check=True,
+                           env=ienv)  # fmt: skip
         tree = subprocess.run([*git, "write-tree"], check=True, capture_output=True, env=ienv).stdout.decode().strip()
     finally:
         idx.unlink(missing_ok=True)
