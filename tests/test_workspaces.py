@@ -122,7 +122,8 @@ async def test_first_and_repeated_workspace(wm: Manager, git_daemon: GitDaemon, 
     first = await wm.workspaces.create(url, branch="main")
     assert first.status is WorkspaceStatus.READY and first.commit == tip and not first.cached
     assert first.path == "/workspace/repo" and first.sandbox_id is not None
-    assert {"resolve", "fetch", "checkout", "layer", "sandbox", "total"} <= set(first.timings)
+    assert {"fetch", "checkout", "layer", "sandbox", "total"} <= set(first.timings)
+    assert "resolve" not in first.timings  # the first fetch resolves the branch: no separate ls-remote
     sid = first.sandbox_id
     # a normal checkout: clean status, the commit in the log, HEAD on the branch, 20 000 files
     assert await sh(wm, sid, "git status --porcelain", first.path) == ""
@@ -174,8 +175,8 @@ async def test_concurrent_requests_do_one_fetch(wm: Manager, proxy: CuttingProxy
     assert sum("fetch" in r.timings for r in results) == 1
     assert sum("checkout" in r.timings for r in results) == 1
     await wm.workspaces.wait_background()
-    # one shared ls-remote, one fetch, one background history fetch
-    assert proxy.connections == 3, proxy.connections
+    # one fetch (it resolves the branch of a repository the cache lacks) and one background history fetch
+    assert proxy.connections == 2, proxy.connections
 
 
 async def test_updates_and_force_push_are_seen(wm: Manager, git_daemon: GitDaemon, git_base: Path,

@@ -248,22 +248,25 @@ class WorkspaceService:
         db = self._db
         t = self.settings.git_timeout
         commit = ws.commit
-        if ws.branch is not None:
+        mirror = Mirror(self.root / "mirrors", repo.key)
+        fp = repo.fingerprint(self._salt)
+        verified = self._verified.setdefault(repo.key, set())
+        known = mirror.exists()  # a repository the cache lacks is resolved (and access proven) by its first fetch
+        if ws.branch is not None and known:
             with timer.phase("resolve"):
                 commit = await self._resolve_branch(repo, ws.branch)
-        elif repo.fingerprint(self._salt) not in self._verified.get(repo.key, set()):
+        elif ws.branch is None and known and fp not in verified:
             with timer.phase("resolve"):  # these credentials never proved access to this repository
-                await self._flight.do(("access", repo.key, repo.fingerprint(self._salt)),
-                                      lambda: check_access(repo, timeout=t))  # fmt: skip
-                self._verified.setdefault(repo.key, set()).add(repo.fingerprint(self._salt))
-        assert commit is not None
-        layer = db.find_layer(repo.key, commit, ws.branch, ws.path)
-        if layer is not None:
-            db.touch_layer(layer.layer_id)
-            return layer, layer.commit_id, True
+                await self._flight.do(("access", repo.key, fp), lambda: check_access(repo, timeout=t))
+                verified.add(fp)
+        if commit is not None and fp in verified:
+            layer = db.find_layer(repo.key, commit, ws.branch, ws.path)
+            if layer is not None:
+                db.touch_layer(layer.layer_id)
+                return layer, layer.commit_id, True
         async with self._locks.hold(repo.key):
-            mirror = Mirror(self.root / "mirrors", repo.key)
             full = await self._ensure_commit(mirror, repo, commit, ws.branch, depth, timer)
+            verified.add(fp)
             layer = db.find_layer(repo.key, full, ws.branch, ws.path)
             cached = layer is not None
             if layer is None:
@@ -288,15 +291,24 @@ class WorkspaceService:
         self._refs[(repo.key, branch)] = (sha, time.monotonic())
         return sha
 
-    async def _ensure_commit(self, mirror: Mirror, repo: RepoUrl, commit: str, branch: str | None,
+    async def _ensure_commit(self, mirror: Mirror, repo: RepoUrl, commit: str | None, branch: str | None,
                              depth: int, timer: PhaseTimer) -> str:  # fmt: skip
-        """The mirror has ``commit`` when this returns (its full id). Fetches only what is missing."""
+        """The mirror has ``commit`` when this returns (its full id). Fetches only what is missing.
+
+        ``commit`` None: the tip of ``branch`` of a repository the cache lacked a moment ago (fetched now, or just
+        now by a concurrent request)."""
         t = self.settings.git_timeout
         if not mirror.exists():
             with timer.phase("fetch"):
                 await mirror.create(repo, branch=branch, commit=None if branch else commit, depth=depth, timeout=t)
             self._db.touch_mirror(repo.key, repo.url)
             self._spawn(self._deepen(mirror, repo))
+        if commit is None:
+            assert branch is not None
+            tip = await mirror.branch_commit(branch)
+            if tip is not None:
+                return tip
+            commit = await self._resolve_branch(repo, branch)  # the mirror came without it: ask the server
         full = await mirror.resolve(commit)
         if full is not None:
             return full
