@@ -32,7 +32,7 @@ from typing import Any
 from branchbox.api.auth import is_key_hash
 from branchbox.api.settings import ApiSettings
 from branchbox.core.pool import PoolConfig
-from branchbox.core.settings import DEFAULT_DATA_DIR, ManagerSettings
+from branchbox.core.settings import DEFAULT_DATA_DIR, ManagerSettings, WorkspaceSettings
 from branchbox.errors import BadRequestError
 
 DEFAULT_CONFIG_FILE = Path("/etc/branchbox/config.toml")
@@ -63,6 +63,8 @@ class DaemonConfig:
     log_format: str = "json"  # json | console
     graceful_timeout: float = 10.0  # seconds to let open requests and streams finish on SIGTERM
     event_loop: str = "auto"  # asyncio | uvloop | auto (uvloop when installed)
+    git_cache_budget_mb: int = 10240  # git workspace cache (mirrors + commit layers), LRU-evicted above this
+    git_ref_ttl: float = 0.0  # seconds a branch's commit is reused without asking the git server (0: always ask)
     pools: tuple[PoolConfig, ...] = ()  # [pools.<template>] tables; only from the config file
 
     def manager_settings(self) -> ManagerSettings:
@@ -76,6 +78,7 @@ class DaemonConfig:
             keep_sandboxes_on_shutdown=self.keep_sandboxes_on_shutdown,
             cgroup_parent=self.cgroup_parent,
             pools=self.pools,
+            workspaces=WorkspaceSettings(cache_budget_mb=self.git_cache_budget_mb, ref_ttl=self.git_ref_ttl),
         )
 
     def api_settings(self, version: str) -> ApiSettings:
@@ -266,6 +269,8 @@ def load_config(
 
 
 def _check(cfg: DaemonConfig) -> DaemonConfig:
+    if cfg.git_cache_budget_mb < 0 or cfg.git_ref_ttl < 0:
+        raise ConfigError("git_cache_budget_mb and git_ref_ttl must be >= 0")
     if not 0 < cfg.port < 65536:
         raise ConfigError(f"port {cfg.port} is out of range: use 1-65535")
     if cfg.event_loop not in ("asyncio", "uvloop", "auto"):
