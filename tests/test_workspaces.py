@@ -345,3 +345,31 @@ async def test_layers_survive_a_restart(default_template: TemplateInfo, data_dir
         again = await m.workspaces.create(url, branch="main")
         assert again.cached and again.commit == first.commit
         assert (await m.workspaces.get(first.id)).status is WorkspaceStatus.READY
+
+
+async def test_fork_of_a_workspace_keeps_the_agents_work(wm: Manager, git_daemon: GitDaemon) -> None:
+    ws = await wm.workspaces.create(git_daemon.url("repo.git"), branch="main")
+    sid = ws.sandbox_id or ""
+    await sh(wm, sid, "echo wip > WIP.txt && git add WIP.txt && git -c user.name=a -c user.email=a@b commit -qm wip",
+             ws.path)  # fmt: skip
+    kids = await wm.fork(sid, count=2)
+    for kid in kids:
+        assert not isinstance(kid, errors.BranchboxError), kid
+        out = await sh(wm, kid.id, "git status --porcelain; git log -1 --format=%s; cat WIP.txt", ws.path)
+        assert out == "wip\nwip\n"
+
+
+async def test_ref_ttl_reuses_a_branch_resolution(default_template: TemplateInfo, data_dir: Path,
+                                                  proxy: CuttingProxy, git_daemon: GitDaemon) -> None:  # fmt: skip
+    from branchbox.daemon.config import load_config
+
+    cfg = load_config(None, env={"BRANCHBOX_GIT_CACHE_BUDGET_MB": "5", "BRANCHBOX_GIT_REF_TTL": "60"})
+    assert cfg.manager_settings().workspaces == WorkspaceSettings(cache_budget_mb=5, ref_ttl=60.0)
+    url = git_daemon.url("repo.git", port=proxy.port)
+    async with Manager.open(make_settings(data_dir, workspaces=WorkspaceSettings(ref_ttl=60.0))) as m:
+        await m.workspaces.create(url, branch="main")
+        await m.workspaces.wait_background()
+        await m.workspaces.create(url, branch="main")  # asks the server (ls-remote) once ...
+        before = proxy.connections
+        again = await m.workspaces.create(url, branch="main")  # ... then reuses the answer for 60 s
+        assert again.cached and proxy.connections == before
