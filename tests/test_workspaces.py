@@ -106,7 +106,7 @@ def test_parse_repo_url_strips_credentials() -> None:
     )
     assert parse_repo_url("git@github.com:org/repo.git").url == "git@github.com:org/repo.git"
     for bad in ("", "file:///etc", "/srv/repo.git", "ftp://h/x", "ext::sh -c x", "https://", "https://h/",
-                "https://h/x y", "ssh://u:pw@h/x"):  # fmt: skip
+                "https://h/x y", "ssh://u:pw@h/x", "-oProxyCommand=id@h:x", "ssh://-oProxyCommand=id/x"):  # fmt: skip
         with pytest.raises(errors.RepositoryUrlError):
             parse_repo_url(bad)
     with pytest.raises(errors.RepositoryUrlError):

@@ -37,6 +37,23 @@ _MIRROR_CONFIG = {
 }
 
 
+def config_text(values: dict[str, str]) -> str:
+    """git config file text for ``{"section.key" or "section.sub.key": value}`` (values quoted and escaped)."""
+    sections: dict[str, list[str]] = {}
+    for k, v in values.items():
+        section, _, name = k.rpartition(".")
+        first, _, sub = section.partition(".")
+        head = f'[{first} "{sub}"]' if sub else f"[{first}]"
+        quoted = v.replace("\\", "\\\\").replace('"', '\\"')
+        sections.setdefault(head, []).append(f'\t{name} = "{quoted}"')
+    return "".join(f"{head}\n" + "\n".join(lines) + "\n" for head, lines in sections.items())
+
+
+def _append_config(path: Path, values: dict[str, str]) -> None:
+    with open(path, "a") as f:
+        f.write(config_text(values))
+
+
 async def ls_remote(repo: RepoUrl, branch: str, *, timeout: float) -> str:
     """The commit ``branch`` points at on the server (asks the server; raises RefNotFoundError if absent)."""
     res = await run_git(["ls-remote", "--", repo.url, f"refs/heads/{branch}"], repo=repo, timeout=timeout,
@@ -98,10 +115,10 @@ class Mirror:
             if tmp.exists():
                 await asyncio.to_thread(shutil.rmtree, tmp, True)
 
-    async def _configure(self, path: Path, repo: RepoUrl) -> None:
-        await run_git(["config", "remote.origin.url", repo.url], cwd=path, what="configuring the mirror")
-        for k, v in _MIRROR_CONFIG.items():
-            await run_git(["config", k, v], cwd=path, what="configuring the mirror")
+    @staticmethod
+    async def _configure(path: Path, repo: RepoUrl) -> None:
+        """Append our settings to the config ``git init`` wrote (one file write instead of a git per key)."""
+        _append_config(path / "config", {"remote.origin.url": repo.url, **_MIRROR_CONFIG})
 
     async def fetch_branch(self, repo: RepoUrl, branch: str, *, timeout: float) -> None:
         await run_git(["fetch", "-q", "--no-tags", "origin", f"+refs/heads/{branch}:refs/heads/{branch}"],

@@ -115,6 +115,8 @@ def parse_repo_url(raw: str, token: str | None = None) -> RepoUrl:
             raise RepositoryUrlError("credentials are only supported for http(s) repository URLs")
         cred = f"{user or DEFAULT_TOKEN_USER}:{secret or ''}"
         header = "Authorization: Basic " + base64.b64encode(cred.encode()).decode()
+    if host.startswith("-") or (m is not None and (m["user"] or "").startswith("-")) or path.startswith("-"):
+        raise RepositoryUrlError("repository_url must not have a host, user or path starting with '-'")
     norm = f"{scheme}://{host}/{path.strip('/').removesuffix('.git')}"
     key = hashlib.sha256(norm.encode()).hexdigest()[:32]
     name = path.rstrip("/").rsplit("/", 1)[-1].rsplit(":", 1)[-1].removesuffix(".git") or "repo"
