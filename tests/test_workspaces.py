@@ -141,6 +141,7 @@ async def test_first_and_repeated_workspace(wm: Manager, git_daemon: GitDaemon, 
     # repeated: the same commit layer, no fetch and no checkout; its own copy-on-write tree
     again = await wm.workspaces.create(url, branch="main")
     assert again.cached and again.commit == tip and "fetch" not in again.timings and "checkout" not in again.timings
+    assert (await wm.get(again.sandbox_id or "")).source == "warm"  # the spare booted on this commit's layer
     assert again.sandbox_id != sid
     assert await sh(wm, again.sandbox_id or "", "git status --porcelain; git log -1 --format=%s", again.path) == (
         "commit 299\n"

@@ -76,6 +76,7 @@ log = logging.getLogger("branchbox.manager")
 OutputCallback = Callable[[bytes], object]
 _T = TypeVar("_T")
 _ACTIVE = (SandboxState.CREATING, SandboxState.RUNNING, SandboxState.PAUSED)
+LAYER_POOLS = 4  # chains of layers (hot git commits) that keep one spare sandbox booted
 
 
 def new_sandbox_id() -> str:
@@ -130,6 +131,7 @@ class Manager:
         self._creating: set[str] = set()
         self._subscribers: list[Subscriber] = []
         self._pools: dict[str, Pool[_Live]] = {}
+        self._layer_pools: dict[str, Pool[_Live]] = {}  # one spare per hot layer chain (git workspaces), LRU order
         self._background: set[asyncio.Task[Any]] = set()
         self._closed = False
         from branchbox.workspaces.service import WorkspaceService  # noqa: PLC0415 - the git cache is optional
@@ -173,7 +175,7 @@ class Manager:
             return
         self._closed = True
         await self.workspaces.aclose()
-        for pool in self._pools.values():
+        for pool in [*self._layer_pools.values(), *self._pools.values()]:
             await pool.aclose()  # ready members stay running and re-join their pool on the next start
         if not self.settings.keep_sandboxes_on_shutdown:
             await asyncio.gather(*(self._destroy(sid) for sid in list(self._live)), return_exceptions=True)
@@ -364,6 +366,7 @@ class Manager:
         ttl: float | None,
         hostname: str | None,
         timer: PhaseTimer,
+        pool_name: str | None = None,
     ) -> SandboxInfo:
         """The fast path: personalise a ready pool member in at most one agent round trip."""
         with timer.phase("claim"):
@@ -385,7 +388,7 @@ class Manager:
                 timings=timer.as_dict(),
             )
             live.pooled = None
-            live.from_pool = pool.config.template
+            live.from_pool = pool_name or pool.config.template
             i = live.info
             self._db.update(i.id, pool=None, created_at=i.created_at, expires_at=i.expires_at, metadata=i.metadata,
                             env=i.env, hostname=i.hostname, source=i.source, timings=i.timings)  # fmt: skip
@@ -474,7 +477,7 @@ class Manager:
             self._live.pop(sandbox_id, None)
             self._forget(sandbox_id)
             self._emit_counts()
-            pool = self._pools.get(live.from_pool) if live.from_pool else None
+            pool = self._pool_named(live.from_pool)
             if pool is not None:
                 # golden reset: nothing of the released sandbox is kept (processes, upper layer, /tmp, env);
                 # the pool refills with a pristine member right away
@@ -782,6 +785,7 @@ class Manager:
         timer: PhaseTimer,
         *,
         existing: bool = False,
+        pool: str | None = None,
     ) -> _Live:
         """Boot on a chain of layers (topmost first); a driver that clones starts the upper as the top layer."""
         if len(chain) > snaps.MAX_CHAIN:
@@ -792,7 +796,7 @@ class Manager:
         else:
             base, lowers = None, list(chain)
         return await self._boot_live(
-            info, tpl, be, timer, lowers=lowers, base=base, fresh_machine_id=True, existing=existing
+            info, tpl, be, timer, lowers=lowers, base=base, fresh_machine_id=True, existing=existing, pool=pool
         )
 
     async def _prepare_dirs(self, sid: str, base: Path | None, lowers: Sequence[Path], machine_id: bool) -> SandboxDirs:
@@ -944,8 +948,12 @@ class Manager:
         memory_mb: int = 512,
         pids: int = 1024,
         metadata: Mapping[str, str] | None = None,
+        warm: bool = False,
     ) -> SandboxInfo:
-        """Boot a sandbox on ``layers`` (topmost first) above ``template``, like a restore."""
+        """Boot a sandbox on ``layers`` (topmost first) above ``template``, like a restore.
+
+        ``warm``: keep one spare booted on this chain for the next call (for the ``LAYER_POOLS`` most recently
+        used chains) and claim it when there is one."""
         timer = PhaseTimer()
         with timer.phase("validate"):
             env_, meta = validate.env(env), validate.metadata(metadata)
@@ -957,9 +965,52 @@ class Manager:
                 )
             tpl = self.templates.get(template)
             be = await self._backend(self.settings.default_backend)
+        if warm:  # a spare booted on this chain ahead of demand: claim it, like a warm pool member
+            pool = self._layer_pool(list(layers), tpl.name)
+            member = pool.take() if pool.config.matches(cpu, memory_mb, pids) else None
+            if member is not None:
+                try:
+                    return await self._claim(member, pool, env_, meta, ttl, None, timer, pool_name=member.pooled)
+                except BranchboxError as exc:
+                    log.warning("claim of spare %s failed (%s); booting", member.info.id, exc)
+                    self._spawn_bg(self._destroy(member.info.id))
         res = Resources(cpu=float(cpu), memory_mb=memory_mb, pids=pids)
         info = replace(self._new_info(tpl, be.name, res, env_, meta, ttl, None), source=source)
         return await self._restore(info, tpl, be, list(layers), timer)
+
+    def _layer_pool(self, chain: builtins.list[str], template: str) -> Pool[_Live]:
+        """The pool of one spare for ``chain`` (created on first use; the least recently used of more than
+        ``LAYER_POOLS`` is closed and its spare destroyed)."""
+        name = f"layers:{template}:{'+'.join(chain)}"
+        pool = self._layer_pools.pop(name, None)
+        if pool is None:
+            cfg = PoolConfig(template=template, max_size=1, target_free=1, max_parallel_boots=1)
+
+            async def boot(config: PoolConfig) -> _Live:
+                return await self._boot_member(config, chain=chain, name=name)
+
+            pool = Pool(cfg, boot)
+            pool.start()
+        self._layer_pools[name] = pool  # most recently used last
+        while len(self._layer_pools) > LAYER_POOLS:
+            old = self._layer_pools.pop(next(iter(self._layer_pools)))
+            self._spawn_bg(self._close_pool(old))
+        return pool
+
+    def drop_spares(self, layer_id: str) -> None:
+        """Close the layer pools whose chain holds ``layer_id`` (their spares would keep it alive)."""
+        for name in [n for n in self._layer_pools if layer_id in n.rsplit(":", 1)[-1].split("+")]:
+            self._spawn_bg(self._close_pool(self._layer_pools.pop(name)))
+
+    async def _close_pool(self, pool: Pool[_Live]) -> None:
+        for member in await pool.aclose():
+            member.pooled = None
+            await self._destroy(member.info.id)
+
+    def _pool_named(self, name: str | None) -> Pool[_Live] | None:
+        if name is None:
+            return None
+        return self._pools.get(name) or self._layer_pools.get(name)
 
     # ------------------------------------------------------------------ warm pools
     def pool_statistics(self) -> builtins.list[PoolStats]:
@@ -1002,12 +1053,17 @@ class Manager:
             raise NotFoundError(f"there is no warm pool for template {template!r}")
         await pool.wait_ready(count)
 
-    async def _boot_member(self, config: PoolConfig) -> _Live:
+    async def _boot_member(
+        self, config: PoolConfig, *, chain: builtins.list[str] | None = None, name: str | None = None
+    ) -> _Live:
         tpl = self.templates.get(config.template)
         be = await self._backend(self.settings.default_backend)
         res = Resources(cpu=float(config.cpu), memory_mb=config.memory_mb, pids=config.pids)
         info = replace(self._new_info(tpl, be.name, res, {}, {}, None, None), source="warm")
-        live = await self._boot_live(info, tpl, be, PhaseTimer(), pool=config.template)
+        if chain:  # a spare of a layer pool: booted like a restore onto the chain
+            live = await self._boot_chain(info, tpl, be, chain, PhaseTimer(), pool=name)
+        else:
+            live = await self._boot_live(info, tpl, be, PhaseTimer(), pool=config.template)
         # one throw-away command warms the agent's code paths (a forked agent's first exec pays its copy-on-write
         # page faults, ~1 ms here), so the user's first command in a claimed sandbox runs at full speed
         try:
@@ -1102,7 +1158,7 @@ class Manager:
             await live.backend.wait_exit(live.handle)
             if live.destroying or self._closed:
                 return
-            pool = self._pools.get(live.pooled) if live.pooled else None
+            pool = self._pool_named(live.pooled)
             if pool is not None:  # a ready member died: forget it, the pool boots a replacement
                 log.warning("pool %s: member %s died; replacing it", live.pooled, live.info.id)
                 live.destroying = True

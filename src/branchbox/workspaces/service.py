@@ -220,7 +220,7 @@ class WorkspaceService:
                 meta = {"workspace": ws.id, **(metadata or {})}
                 chain = [layer.layer_id, *layer.chain]
                 sbx = await self._m.create_on_layers(chain, template=ws.template, timeout=timeout, metadata=meta,
-                                                     env=env)  # fmt: skip
+                                                     env=env, warm=True)  # fmt: skip
         except asyncio.CancelledError:
             raise
         except BranchboxError as exc:
@@ -434,6 +434,7 @@ class WorkspaceService:
             if kind == "layer":
                 log.info("evicting commit layer %s (last used %.0f s ago)", ident, time.time() - last_used)
                 db.delete_layer(ident)
+                self._m.drop_spares(ident)
                 self._m.unpin_layers(f"git:{ident}")
             else:
                 log.info("evicting mirror %s", ident)
