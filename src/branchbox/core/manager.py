@@ -949,11 +949,13 @@ class Manager:
         pids: int = 1024,
         metadata: Mapping[str, str] | None = None,
         warm: bool = False,
+        warm_up: Sequence[str] = ("true",),
     ) -> SandboxInfo:
         """Boot a sandbox on ``layers`` (topmost first) above ``template``, like a restore.
 
         ``warm``: keep one spare booted on this chain for the next call (for the ``LAYER_POOLS`` most recently
-        used chains) and claim it when there is one."""
+        used chains) and claim it when there is one; ``warm_up`` runs in a spare before it is ready (e.g. a
+        ``git status`` that fills the new overlay's dentry cache)."""
         timer = PhaseTimer()
         with timer.phase("validate"):
             env_, meta = validate.env(env), validate.metadata(metadata)
@@ -966,7 +968,7 @@ class Manager:
             tpl = self.templates.get(template)
             be = await self._backend(self.settings.default_backend)
         if warm:  # a spare booted on this chain ahead of demand: claim it, like a warm pool member
-            pool = self._layer_pool(list(layers), tpl.name)
+            pool = self._layer_pool(list(layers), tpl.name, list(warm_up))
             member = pool.take() if pool.config.matches(cpu, memory_mb, pids) else None
             if member is not None:
                 try:
@@ -978,7 +980,7 @@ class Manager:
         info = replace(self._new_info(tpl, be.name, res, env_, meta, ttl, None), source=source)
         return await self._restore(info, tpl, be, list(layers), timer)
 
-    def _layer_pool(self, chain: builtins.list[str], template: str) -> Pool[_Live]:
+    def _layer_pool(self, chain: builtins.list[str], template: str, warm_up: builtins.list[str]) -> Pool[_Live]:
         """The pool of one spare for ``chain`` (created on first use; the least recently used of more than
         ``LAYER_POOLS`` is closed and its spare destroyed)."""
         name = f"layers:{template}:{'+'.join(chain)}"
@@ -987,7 +989,7 @@ class Manager:
             cfg = PoolConfig(template=template, max_size=1, target_free=1, max_parallel_boots=1)
 
             async def boot(config: PoolConfig) -> _Live:
-                return await self._boot_member(config, chain=chain, name=name)
+                return await self._boot_member(config, chain=chain, name=name, warm_up=warm_up)
 
             pool = Pool(cfg, boot)
             pool.start()
@@ -1054,7 +1056,12 @@ class Manager:
         await pool.wait_ready(count)
 
     async def _boot_member(
-        self, config: PoolConfig, *, chain: builtins.list[str] | None = None, name: str | None = None
+        self,
+        config: PoolConfig,
+        *,
+        chain: builtins.list[str] | None = None,
+        name: str | None = None,
+        warm_up: Sequence[str] = ("true",),
     ) -> _Live:
         tpl = self.templates.get(config.template)
         be = await self._backend(self.settings.default_backend)
@@ -1067,7 +1074,7 @@ class Manager:
         # one throw-away command warms the agent's code paths (a forked agent's first exec pays its copy-on-write
         # page faults, ~1 ms here), so the user's first command in a claimed sandbox runs at full speed
         try:
-            await live.agent.exec(["true"], timeout=30)
+            await live.agent.exec(list(warm_up), timeout=60)
         except BaseException:
             live.pooled = None
             await self._destroy(info.id)

@@ -220,7 +220,8 @@ class WorkspaceService:
                 meta = {"workspace": ws.id, **(metadata or {})}
                 chain = [layer.layer_id, *layer.chain]
                 sbx = await self._m.create_on_layers(chain, template=ws.template, timeout=timeout, metadata=meta,
-                                                     env=env, warm=True)  # fmt: skip
+                                                     env=env, warm=True, warm_up=["git", "-C", ws.path, "status",
+                                                     "--porcelain"])  # fmt: skip
         except asyncio.CancelledError:
             raise
         except BranchboxError as exc:
