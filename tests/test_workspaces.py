@@ -21,6 +21,8 @@ from branchbox.core.models import TemplateInfo
 from branchbox.core.settings import WorkspaceSettings
 from branchbox.workspaces import WorkspaceStatus, parse_repo_url
 from branchbox.workspaces.gitcmd import base_env
+from branchbox.workspaces.locks import SingleFlight
+from branchbox.workspaces.mirror import config_text
 from branchbox.workspaces.testing import CuttingProxy, GitDaemon, HttpGitServer, commit_file, generate_repo
 from tests.conftest import TEST_ROOT, make_settings
 
@@ -111,6 +113,36 @@ def test_parse_repo_url_strips_credentials() -> None:
             parse_repo_url(bad)
     with pytest.raises(errors.RepositoryUrlError):
         parse_repo_url("git://h/x.git", token="abcd")  # credentials only for http(s)
+
+
+async def test_single_flight_shares_one_call_and_survives_a_cancelled_caller() -> None:
+    sf, calls = SingleFlight(), []
+
+    async def fn() -> int:
+        calls.append(1)
+        await asyncio.sleep(0.05)
+        return 42
+
+    first = asyncio.create_task(sf.do("k", fn))
+    others = [asyncio.create_task(sf.do("k", fn)) for _ in range(5)]
+    await asyncio.sleep(0.01)
+    first.cancel()
+    assert await asyncio.gather(*others) == [42] * 5 and len(calls) == 1
+
+    async def bad() -> int:
+        raise errors.RefNotFoundError("gone")
+
+    with pytest.raises(errors.RefNotFoundError):
+        await sf.do("b", bad)
+    assert await sf.do("k", fn) == 42 and len(calls) == 2  # a finished call is not reused
+
+
+def test_config_values_are_quoted(tmp_path: Path) -> None:
+    cfg = tmp_path / "config"
+    cfg.write_text(config_text({"remote.origin.url": 'https://h/a"b\\c;d#e.git', "core.bare": "true"}))
+    out = subprocess.run(["git", "config", "-f", str(cfg), "--get", "remote.origin.url"], capture_output=True,
+                         check=True, env=base_env()).stdout.decode()  # fmt: skip
+    assert out == 'https://h/a"b\\c;d#e.git\n'
 
 
 # ------------------------------------------------------------------ the cache, on the real backend

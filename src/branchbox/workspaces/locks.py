@@ -35,25 +35,28 @@ class RepoLocks:
 
 
 class SingleFlight:
-    """``await sf.do(key, fn)``: while a call for ``key`` runs, other callers of ``key`` await the same result."""
+    """``await sf.do(key, fn)``: while a call for ``key`` runs, other callers of ``key`` await the same result.
+
+    The call runs in a task of its own: a caller that is cancelled does not cancel it for the others."""
 
     def __init__(self) -> None:
-        self._running: dict[Hashable, asyncio.Future[Any]] = {}
+        self._running: dict[Hashable, asyncio.Task[Any]] = {}
 
     async def do(self, key: Hashable, fn: Callable[[], Awaitable[_T]]) -> _T:
-        fut = self._running.get(key)
-        if fut is not None:
-            return await asyncio.shield(fut)
-        fut = asyncio.get_running_loop().create_future()
-        self._running[key] = fut
-        try:
-            result = await fn()
-        except BaseException as exc:
-            if not fut.done():
-                fut.set_exception(exc)
-                fut.exception()  # retrieved: no "never retrieved" warning when nobody else waited
-            raise
-        finally:
-            self._running.pop(key, None)
-        fut.set_result(result)
+        task = self._running.get(key)
+        if task is None:
+
+            async def run() -> _T:
+                return await fn()
+
+            task = asyncio.get_running_loop().create_task(run())
+            self._running[key] = task
+            task.add_done_callback(lambda t: self._forget(key, t))
+        result: _T = await asyncio.shield(task)
         return result
+
+    def _forget(self, key: Hashable, task: asyncio.Task[Any]) -> None:
+        if self._running.get(key) is task:
+            del self._running[key]
+        if not task.cancelled():
+            task.exception()  # retrieved: no "never retrieved" warning when every caller went away
