@@ -113,6 +113,7 @@ async def bench_git(settings: ManagerSettings, runs: int, results: Results) -> N
             results["git: repeated workspace, branch (ls-remote + ready)"] = summarize(branch_ms)
 
             new_ms: list[float] = []
+            new_phases: dict[str, list[float]] = {}
             for i in range(n_first):
                 await asyncio.to_thread(commit_file, served / "repo.git", "main", f"d000/f{i:05d}.txt",
                                         f"bench change {i}\n", message=f"bench {i}")  # fmt: skip
@@ -120,9 +121,13 @@ async def bench_git(settings: ManagerSettings, runs: int, results: Results) -> N
                 w = await ws.create(url, branch="main")
                 new_ms.append((time.perf_counter() - t0) * 1e3)
                 assert not w.cached
+                for k in ("resolve", "fetch", "checkout", "layer", "sandbox"):
+                    new_phases.setdefault(k, []).append(w.timings.get(k, 0.0))
                 await _status_ms(m, w.sandbox_id or "", w.path)
                 await ws.delete(w.id)
             results["git: workspace for a new commit of a known repository"] = summarize(new_ms)
+            for k, v in new_phases.items():
+                results[f"git: new commit phase {k}"] = summarize(v)
             await ws.wait_background()
     finally:
         daemon.stop()
