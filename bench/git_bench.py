@@ -1,7 +1,8 @@
 """Git workspaces against ``git clone --depth=1``, in the same run, on a repository of 20 000 files and 300 commits
 served by ``git daemon`` on loopback.
 
-* baseline ``git clone --depth=1`` (fresh directory each run)
+* baseline ``git clone --depth=1`` (fresh directory each run), and the same with ``-c checkout.workers=4``
+  (the parallel checkout workspaces use: shows how much of the difference is only that)
 * first workspace (a repository URL the cache has never seen: shallow fetch, checkout, layer, sandbox)
 * repeated workspace for the same commit (``commit=``: no server), to ready; and ready + a clean ``git status``
 * repeated workspace for a branch (``branch=``: one ``git ls-remote`` per request)
@@ -37,9 +38,9 @@ from stats import Summary, summarize  # noqa: E402
 Results = dict[str, Summary]
 
 
-def _clone(url: str, dest: Path) -> float:
+def _clone(url: str, dest: Path, *opts: str) -> float:
     t0 = time.perf_counter()
-    subprocess.run(["git", "clone", "-q", "--depth=1", url, str(dest)], check=True, env=base_env())
+    subprocess.run(["git", *opts, "clone", "-q", "--depth=1", url, str(dest)], check=True, env=base_env())
     return (time.perf_counter() - t0) * 1e3
 
 
@@ -66,6 +67,7 @@ async def bench_git(settings: ManagerSettings, runs: int, results: Results) -> N
         async with Manager.open(s) as m:
             ws = m.workspaces
             clone_ms: list[float] = []
+            clone4_ms: list[float] = []
             first_ms: list[float] = []
             first_phases: dict[str, list[float]] = {}
             status_first: list[float] = []
@@ -73,6 +75,8 @@ async def bench_git(settings: ManagerSettings, runs: int, results: Results) -> N
                 os.symlink(served / "repo.git", served / f"repo-{i}.git")
                 url = daemon.url(f"repo-{i}.git")
                 clone_ms.append(await asyncio.to_thread(_clone, url, scratch / f"clone-{i}"))
+                workers = ("-c", "checkout.workers=4")  # the parallel checkout the workspaces use
+                clone4_ms.append(await asyncio.to_thread(_clone, url, scratch / f"clone4-{i}", *workers))
                 t0 = time.perf_counter()
                 w = await ws.create(url, branch="main")
                 first_ms.append((time.perf_counter() - t0) * 1e3)
@@ -82,6 +86,7 @@ async def bench_git(settings: ManagerSettings, runs: int, results: Results) -> N
                 await ws.delete(w.id)
                 await ws.wait_background()  # the history fetch, off the measured path
             results["git: baseline git clone --depth=1"] = summarize(clone_ms)
+            results["git: baseline git -c checkout.workers=4 clone --depth=1"] = summarize(clone4_ms)
             results["git: first workspace (never-seen repository)"] = summarize(first_ms)
             for k, v in first_phases.items():
                 results[f"git: first workspace phase {k}"] = summarize(v)
