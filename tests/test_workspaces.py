@@ -20,7 +20,7 @@ from branchbox.core.manager import Manager
 from branchbox.core.models import TemplateInfo
 from branchbox.core.settings import WorkspaceSettings
 from branchbox.workspaces import WorkspaceStatus, parse_repo_url
-from branchbox.workspaces.gitcmd import base_env
+from branchbox.workspaces.gitcmd import GitResult, base_env, classify
 from branchbox.workspaces.locks import SingleFlight
 from branchbox.workspaces.mirror import config_text
 from branchbox.workspaces.testing import CuttingProxy, GitDaemon, HttpGitServer, commit_file, generate_repo
@@ -135,6 +135,27 @@ async def test_single_flight_shares_one_call_and_survives_a_cancelled_caller() -
     with pytest.raises(errors.RefNotFoundError):
         await sf.do("b", bad)
     assert await sf.do("k", fn) == 42 and len(calls) == 2  # a finished call is not reused
+
+
+@pytest.mark.parametrize(
+    ("stderr", "cls"),
+    [
+        ("fatal: unable to access 'https://h/x.git/': Could not resolve host: h", errors.RepositoryUnreachableError),
+        ("fatal: early EOF\nfatal: index-pack failed", errors.RepositoryUnreachableError),
+        ("fatal: unable to access 'https://h/x/': The requested URL returned error: 403", errors.RepositoryAuthError),
+        ("fatal: could not read Username for 'https://h': terminal prompts disabled", errors.RepositoryAuthError),
+        ("fatal: remote error: access denied or repository not exported: /x.git", errors.RepositoryNotFoundError),
+        (
+            "fatal: unable to access 'https://h/x/': The requested URL returned error: 404",
+            errors.RepositoryNotFoundError,
+        ),
+        ("fatal: couldn't find remote ref refs/heads/nope", errors.RefNotFoundError),
+        ("fatal: something else entirely (4013 objects)", errors.GitError),
+    ],
+)
+def test_git_failures_map_to_typed_errors(stderr: str, cls: type[errors.BranchboxError]) -> None:
+    exc = classify(GitResult(128, b"", stderr), what="fetching", url="https://h/x.git")
+    assert type(exc) is cls and "fetching" in exc.message
 
 
 def test_config_values_are_quoted(tmp_path: Path) -> None:

@@ -33,9 +33,9 @@ _DIED = (
     "curl 18", "curl 56", "gnutls", "broken pipe",
 )  # fmt: skip
 _AUTH = ("authentication failed", "terminal prompts disabled", "could not read username", "could not read password",
-         "http basic: access denied", "permission denied", "403", "401")  # fmt: skip
-_NO_REPO = ("repository not found", "does not appear to be a git repository", "not found", "no such repository",
-            "access denied", "not exported")  # fmt: skip
+         "http basic: access denied", "permission denied", "returned error: 403", "returned error: 401")  # fmt: skip
+_NO_REPO = ("repository not found", "does not appear to be a git repository", "returned error: 404",
+            "no such repository", "access denied", "not exported", "not found")  # fmt: skip
 _NO_REF = ("couldn't find remote ref", "not our ref", "no such remote ref", "unadvertised object",
            "invalid refspec", "no matching remote head")  # fmt: skip
 
