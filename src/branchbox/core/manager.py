@@ -51,7 +51,7 @@ from branchbox.core.models import (
     SnapshotInfo,
     TemplateInfo,
 )
-from branchbox.core.pool import Pool, PoolConfig, PoolStats
+from branchbox.core.pool import REFILL_DELAY_S, Pool, PoolConfig, PoolStats
 from branchbox.core.settings import ManagerSettings
 from branchbox.core.store import LayerRecord, Store
 from branchbox.core.timing import PhaseTimer
@@ -992,7 +992,8 @@ class Manager:
                 return await self._boot_member(config, chain=chain, name=name, warm_up=warm_up)
 
             pool = Pool(cfg, boot)
-            pool.start()
+            # the first spare boots after the caller's own sandbox, not in competition with it
+            asyncio.get_running_loop().call_later(REFILL_DELAY_S, pool.start)
         self._layer_pools[name] = pool  # most recently used last
         while len(self._layer_pools) > LAYER_POOLS:
             old = self._layer_pools.pop(next(iter(self._layer_pools)))
