@@ -20,7 +20,8 @@ create(snapshot=)      (new); list/get/delete_snapshot: any
 =====================  ===========================
 
 Snapshots, restores and forks (container backend: filesystem only, running processes are not copied) are
-described in docs/snapshots.md.
+described in docs/snapshots.md. Git workspaces (``Manager.workspaces``: create, get, list, delete) are sandboxes
+booted on cached commit layers (``create_on_layers``), described in docs/workspaces.md.
 """
 
 from __future__ import annotations
