@@ -200,7 +200,9 @@ def main() -> None:
     ap.add_argument("--data-dir", type=Path, default=Path(os.environ.get("BRANCHBOX_DATA_DIR", "/var/lib/branchbox")))
     ap.add_argument("--runs", type=int, default=int(os.environ.get("BRANCHBOX_BENCH_RUNS", "60")))
     ap.add_argument(
-        "--only", default="", help="comma-separated: core, api, snapshots, network, microvm, baselines, docker"
+        "--only",
+        default="",
+        help="comma-separated: core, api, snapshots, network, microvm, git, baselines, docker",
     )
     ap.add_argument("--no-docker", action="store_true")
     args = ap.parse_args()
@@ -240,6 +242,10 @@ def main() -> None:
         from microvm_bench import bench_microvm  # noqa: PLC0415 - optional section (QEMU)
 
         asyncio.run(bench_microvm(settings, min(args.runs, 15), results))  # TCG boots: bounded
+    if want("git"):
+        from git_bench import bench_git  # noqa: PLC0415 - optional section
+
+        asyncio.run(bench_git(settings, min(args.runs, 30), results))  # includes git clone --depth=1 baselines
     if want("baselines"):
         bench_baselines(rootfs, args.runs, results)
     if want("docker") and not args.no_docker:

@@ -12,18 +12,23 @@ Hierarchy::
     │   ├── TemplateSpecError           invalid_template_spec 400
     │   ├── NetworkPolicyError          invalid_network_policy 400
     │   ├── NotADirectoryInSandboxError not_a_directory     400
-    │   └── IsADirectoryInSandboxError  is_a_directory      400
+    │   ├── IsADirectoryInSandboxError  is_a_directory      400
+    │   └── RepositoryUrlError          invalid_repository_url 400
     ├── UnauthorizedError               unauthorized        401
     ├── NotFoundError (LookupError)     not_found           404
     │   ├── SandboxNotFoundError        sandbox_not_found   404
     │   ├── TemplateNotFoundError       template_not_found  404
     │   ├── SnapshotNotFoundError       snapshot_not_found  404
     │   ├── FileNotFoundInSandboxError  file_not_found      404
-    │   └── ProcessNotFoundError        process_not_found   404
+    │   ├── ProcessNotFoundError        process_not_found   404
+    │   ├── WorkspaceNotFoundError      workspace_not_found 404
+    │   ├── RepositoryNotFoundError     repository_not_found 404
+    │   └── RefNotFoundError            ref_not_found       404  (missing branch or commit)
     ├── ConflictError                   conflict            409
     │   ├── InvalidStateError           invalid_state       409
     │   └── FileExistsInSandboxError    file_exists         409
     ├── PermissionDeniedError           permission_denied   403
+    │   └── RepositoryAuthError         repository_auth_failed 403
     ├── LimitExceededError              limit_exceeded      429
     ├── TimeoutError_ (TimeoutError)    timeout             504
     ├── NotSupportedError               not_supported       501
@@ -31,6 +36,8 @@ Hierarchy::
     ├── BackendError                    backend_error       500
     │   └── NetworkError                network_error       500
     ├── PortUnreachableError            port_unreachable    502
+    ├── GitError                        git_error           500
+    │   └── RepositoryUnreachableError  repository_unreachable 502  (connect failed, or the server died mid-fetch)
     └── AgentError                      agent_error         502
         └── AgentDisconnectedError      agent_disconnected  502
 
@@ -169,6 +176,34 @@ class PortUnreachableError(BranchboxError):
     """The port proxy could not connect to the sandbox's port (nothing listens there, or not on 0.0.0.0)."""
 
     code = "port_unreachable"
+
+
+class RepositoryUrlError(BadRequestError):
+    code = "invalid_repository_url"
+
+
+class WorkspaceNotFoundError(NotFoundError):
+    code = "workspace_not_found"
+
+
+class RepositoryNotFoundError(NotFoundError):
+    code = "repository_not_found"
+
+
+class RefNotFoundError(NotFoundError):
+    code = "ref_not_found"
+
+
+class RepositoryAuthError(PermissionDeniedError):
+    code = "repository_auth_failed"
+
+
+class GitError(BranchboxError):
+    code = "git_error"
+
+
+class RepositoryUnreachableError(GitError):
+    code = "repository_unreachable"
     http_status = 502
 
 

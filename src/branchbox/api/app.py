@@ -27,6 +27,7 @@ from branchbox.api import (
     routes_pools,
     routes_sandboxes,
     routes_snapshots,
+    routes_workspaces,
     streams,
 )
 from branchbox.api.auth import ApiKeyChecker
@@ -165,7 +166,8 @@ def _build(settings: ApiSettings) -> _App:
         responses=_ERROR_RESPONSES,
     )
     auth = [Depends(require_api_key), Depends(HTTPBearer(auto_error=False))]
-    for module in (routes_sandboxes, routes_commands, routes_files, routes_pools, routes_snapshots, routes_network):
+    routes = (routes_sandboxes, routes_commands, routes_files, routes_pools, routes_snapshots, routes_network)
+    for module in (*routes, routes_workspaces):
         app.include_router(module.router, dependencies=auth)
     app.include_router(streams.router)
 

@@ -19,6 +19,7 @@ from branchbox.cli.pools import pools
 from branchbox.cli.snapshots import fork, reset, restore, snapshot
 from branchbox.cli.storage import storage
 from branchbox.cli.templates import template
+from branchbox.cli.workspaces import workspace
 from branchbox.sdk import Sandbox, SandboxError, SandboxInfo
 
 out = Console()
@@ -372,6 +373,7 @@ cli.add_command(pools)
 cli.add_command(storage)
 cli.add_command(network)
 cli.add_command(port)
+cli.add_command(workspace)
 for _cmd in (snapshot, fork, restore, reset):
     cli.add_command(_cmd)
 

@@ -22,7 +22,8 @@ create(snapshot=)      (new); list/get/delete_snapshot: any
 =====================  ===========================
 
 Snapshots, restores and forks (container backend: filesystem only, running processes are not copied) are
-described in docs/snapshots.md.
+described in docs/snapshots.md. Git workspaces (``Manager.workspaces``: create, get, list, delete) are sandboxes
+booted on cached commit layers (``create_on_layers``), described in docs/workspaces.md.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from branchbox.core.models import (
     SnapshotInfo,
     TemplateInfo,
 )
-from branchbox.core.pool import Pool, PoolConfig, PoolStats
+from branchbox.core.pool import REFILL_DELAY_S, Pool, PoolConfig, PoolStats
 from branchbox.core.settings import ManagerSettings
 from branchbox.core.store import LayerRecord, Store
 from branchbox.core.timing import PhaseTimer
@@ -79,6 +80,7 @@ log = logging.getLogger("branchbox.manager")
 OutputCallback = Callable[[bytes], object]
 _T = TypeVar("_T")
 _ACTIVE = (SandboxState.CREATING, SandboxState.RUNNING, SandboxState.PAUSED)
+LAYER_POOLS = 4  # chains of layers (hot git commits) that keep one spare sandbox booted
 
 
 def new_sandbox_id() -> str:
@@ -139,8 +141,12 @@ class Manager:
         self._subscribers: list[Subscriber] = []
         self._pools: dict[str, Pool[_Live]] = {}
         self._net: Network | None = None
+        self._layer_pools: dict[str, Pool[_Live]] = {}  # one spare per hot layer chain (git workspaces), LRU order
         self._background: set[asyncio.Task[Any]] = set()
         self._closed = False
+        from branchbox.workspaces.service import WorkspaceService  # noqa: PLC0415 - the git cache is optional
+
+        self.workspaces = WorkspaceService(self)  # git workspaces: docs/workspaces.md
 
     # ------------------------------------------------------------------ lifecycle of the Manager
     @classmethod
@@ -173,6 +179,7 @@ class Manager:
             self.templates.get(cfg.template)  # a pool of an unknown template is a configuration error
             self._pools[cfg.template] = Pool(cfg, self._boot_member)
         await self._reconcile()
+        await self.workspaces.start()
         for pool in self._pools.values():
             pool.start()
 
@@ -180,7 +187,8 @@ class Manager:
         if self._closed:
             return
         self._closed = True
-        for pool in self._pools.values():
+        await self.workspaces.aclose()
+        for pool in [*self._layer_pools.values(), *self._pools.values()]:
             await pool.aclose()  # ready members stay running and re-join their pool on the next start
         if not self.settings.keep_sandboxes_on_shutdown:
             await asyncio.gather(*(self._destroy(sid) for sid in list(self._live)), return_exceptions=True)
@@ -251,7 +259,7 @@ class Manager:
         if snapshot is not None:
             res = Resources(cpu=float(cpu), memory_mb=memory_mb, pids=pids)
             info = replace(self._new_info(tpl, kind, res, env_, meta, ttl, hostname), source="snapshot")
-            return await self._restore(info, tpl, be, snap, timer, policy=policy)
+            return await self._restore(info, tpl, be, snap.layers, timer, policy=policy)
         pool = self._pools.get(tpl.name) if kind == self.settings.default_backend else None
         if pool is not None and pool.config.matches(cpu, memory_mb, pids):
             member = pool.take()
@@ -390,6 +398,7 @@ class Manager:
         hostname: str | None,
         timer: PhaseTimer,
         policy: NetworkPolicy | None = None,
+        pool_name: str | None = None,
     ) -> SandboxInfo:
         """The fast path: personalise a ready pool member in at most one agent round trip."""
         with timer.phase("claim"):
@@ -423,7 +432,7 @@ class Manager:
                 timings=timer.as_dict(),
             )
             live.pooled = None
-            live.from_pool = pool.config.template
+            live.from_pool = pool_name or pool.config.template
             i = live.info
             self._db.update(i.id, pool=None, created_at=i.created_at, expires_at=i.expires_at, metadata=i.metadata,
                             env=i.env, hostname=i.hostname, source=i.source, timings=i.timings,
@@ -513,7 +522,7 @@ class Manager:
             self._live.pop(sandbox_id, None)
             self._forget(sandbox_id)
             self._emit_counts()
-            pool = self._pools.get(live.from_pool) if live.from_pool else None
+            pool = self._pool_named(live.from_pool)
             if pool is not None:
                 # golden reset: nothing of the released sandbox is kept (processes, upper layer, /tmp, env);
                 # the pool refills with a pristine member right away
@@ -675,7 +684,7 @@ class Manager:
                 self._new_info(tpl, parent.backend, parent.resources, parent.env, parent.metadata, ttl, None),
                 source="fork",
             )
-            return await self._restore(info, tpl, live.backend, snap, t, stack=True, policy=policy)
+            return await self._restore(info, tpl, live.backend, snap.layers, t, stack=True, policy=policy)
 
         try:
             results = await asyncio.gather(*(child() for _ in range(count)), return_exceptions=True)
@@ -857,23 +866,23 @@ class Manager:
         info: SandboxInfo,
         tpl: TemplateInfo,
         be: Backend,
-        snap: SnapshotInfo,
+        chain: Sequence[str],
         timer: PhaseTimer,
         *,
         stack: bool = False,
         policy: NetworkPolicy | None = None,
     ) -> SandboxInfo:
-        """Boot a new sandbox on a fresh upper over ``snap``'s chain, with a fresh machine-id (``stack``: see
-        ``_boot_chain``)."""
+        """Boot a new sandbox on a fresh upper over ``chain`` (a snapshot's layers), with a fresh machine-id
+        (``stack``: see ``_boot_chain``)."""
         try:
-            live = await self._boot_chain(info, tpl, be, snap.layers, timer, stack=stack, policy=policy)
+            live = await self._boot_chain(info, tpl, be, chain, timer, stack=stack, policy=policy)
         except BaseException as exc:
             code = exc.code if isinstance(exc, BranchboxError) else "internal"
             self._emit(ManagerEvent("create", info.id, info.backend, info.source, "error", timer.total_ms / 1e3,
                                     code=code))  # fmt: skip
             raise
         self._schedule_expiry(live)
-        self._emit(ManagerEvent("create", info.id, info.backend, "snapshot", "ok", timer.total_ms / 1e3,
+        self._emit(ManagerEvent("create", info.id, info.backend, info.source, "ok", timer.total_ms / 1e3,
                                 timings=live.info.timings))  # fmt: skip
         self._emit_counts()
         return live.info
@@ -889,6 +898,7 @@ class Manager:
         existing: bool = False,
         stack: bool = False,
         policy: NetworkPolicy | None = None,
+        pool: str | None = None,
     ) -> _Live:
         """Boot on a chain of layers (topmost first); a driver that clones starts the upper as the top layer,
         unless ``stack``: then every layer stays a lower (a fork's children: a btrfs snapshot per child commits a
@@ -903,7 +913,16 @@ class Manager:
         else:
             base, lowers = None, list(chain)
         return await self._boot_live(
-            info, tpl, be, timer, lowers=lowers, base=base, fresh_machine_id=True, existing=existing, policy=policy
+            info,
+            tpl,
+            be,
+            timer,
+            lowers=lowers,
+            base=base,
+            fresh_machine_id=True,
+            existing=existing,
+            pool=pool,
+            policy=policy,
         )
 
     async def _prepare_dirs(self, sid: str, base: Path | None, lowers: Sequence[Path], machine_id: bool) -> SandboxDirs:
@@ -1019,6 +1038,109 @@ class Manager:
                 self._spawn_bg(self._measure(x.id, x.path))
         self._schedule_gc()
 
+    # ------------------------------------------------------------------ layers kept by caches (git workspaces)
+    def layer_path(self, layer_id: str) -> Path:
+        """Where the layer ``layer_id`` lives (``DATA/layers/<id>``)."""
+        return self._layer_path(layer_id)
+
+    def lower_path(self, layer_id: str) -> Path:
+        """The directory of layer ``layer_id`` that an overlay mounts as a lower."""
+        return self._lower_path(layer_id)
+
+    def add_pinned_layer(self, layer_id: str, owner: str, *, below: Sequence[str] = ()) -> None:
+        """Record the finished layer at ``layer_path(layer_id)`` durably, kept alive (with the layers ``below``
+        it) by the pin ``owner``."""
+        with self._db.durable():
+            self._db.insert_layer(LayerRecord(layer_id, self._layer_path(layer_id), below[0] if below else None,
+                                              self._driver.name, None, None, time.time()))  # fmt: skip
+            for lid in (layer_id, *below):
+                self._db.pin_layer(lid, owner)
+        self._spawn_bg(self._measure(layer_id, self._layer_path(layer_id)))
+
+    def unpin_layers(self, owner: str) -> None:
+        """Drop the pins of ``owner``; its layers go once no sandbox uses them."""
+        self._db.unpin_layers(owner)
+        self._schedule_gc()
+
+    async def create_on_layers(
+        self,
+        layers: Sequence[str],
+        *,
+        template: str = "default",
+        source: str = "workspace",
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        cpu: float = 1.0,
+        memory_mb: int = 512,
+        pids: int = 1024,
+        metadata: Mapping[str, str] | None = None,
+        warm: bool = False,
+        warm_up: Sequence[str] = ("true",),
+    ) -> SandboxInfo:
+        """Boot a sandbox on ``layers`` (topmost first) above ``template``, like a restore.
+
+        ``warm``: keep one spare booted on this chain for the next call (for the ``LAYER_POOLS`` most recently
+        used chains) and claim it when there is one; ``warm_up`` runs in a spare before it is ready (e.g. a
+        ``git status`` that fills the new overlay's dentry cache)."""
+        timer = PhaseTimer()
+        with timer.phase("validate"):
+            env_, meta = validate.env(env), validate.metadata(metadata)
+            ttl = validate.timeout(timeout, default=self.settings.default_timeout, maximum=self.settings.max_timeout)
+            validate.resources(cpu, memory_mb, pids)
+            if len(self._live) + len(self._creating) >= self.settings.max_sandboxes:
+                raise LimitExceededError(
+                    f"{self.settings.max_sandboxes} sandboxes exist already: destroy some or raise max_sandboxes"
+                )
+            tpl = self.templates.get(template)
+            be = await self._backend(self.settings.default_backend)
+        if warm:  # a spare booted on this chain ahead of demand: claim it, like a warm pool member
+            pool = self._layer_pool(list(layers), tpl.name, list(warm_up))
+            member = pool.take() if pool.config.matches(cpu, memory_mb, pids) else None
+            if member is not None:
+                try:
+                    return await self._claim(member, pool, env_, meta, ttl, None, timer, pool_name=member.pooled)
+                except BranchboxError as exc:
+                    log.warning("claim of spare %s failed (%s); booting", member.info.id, exc)
+                    self._spawn_bg(self._destroy(member.info.id))
+        res = Resources(cpu=float(cpu), memory_mb=memory_mb, pids=pids)
+        info = replace(self._new_info(tpl, be.name, res, env_, meta, ttl, None), source=source)
+        return await self._restore(info, tpl, be, list(layers), timer)
+
+    def _layer_pool(self, chain: builtins.list[str], template: str, warm_up: builtins.list[str]) -> Pool[_Live]:
+        """The pool of one spare for ``chain`` (created on first use; the least recently used of more than
+        ``LAYER_POOLS`` is closed and its spare destroyed)."""
+        name = f"layers:{template}:{'+'.join(chain)}"
+        pool = self._layer_pools.pop(name, None)
+        if pool is None:
+            cfg = PoolConfig(template=template, max_size=1, target_free=1, max_parallel_boots=1)
+
+            async def boot(config: PoolConfig) -> _Live:
+                return await self._boot_member(config, chain=chain, name=name, warm_up=warm_up)
+
+            pool = Pool(cfg, boot)
+            # the first spare boots after the caller's own sandbox, not in competition with it
+            asyncio.get_running_loop().call_later(REFILL_DELAY_S, pool.start)
+        self._layer_pools[name] = pool  # most recently used last
+        while len(self._layer_pools) > LAYER_POOLS:
+            old = self._layer_pools.pop(next(iter(self._layer_pools)))
+            self._spawn_bg(self._close_pool(old))
+        return pool
+
+    def drop_spares(self, layer_id: str) -> None:
+        """Close the layer pools whose chain holds ``layer_id`` (their spares would keep it alive)."""
+        for name in [n for n in self._layer_pools if layer_id in n.rsplit(":", 1)[-1].split("+")]:
+            self._spawn_bg(self._close_pool(self._layer_pools.pop(name)))
+
+    async def _close_pool(self, pool: Pool[_Live]) -> None:
+        for member in await pool.aclose():
+            member.pooled = None
+            await self._destroy(member.info.id)
+
+    def _pool_named(self, name: str | None) -> Pool[_Live] | None:
+        if name is None:
+            return None
+        return self._pools.get(name) or self._layer_pools.get(name)
+
     # ------------------------------------------------------------------ warm pools
     def pool_statistics(self) -> builtins.list[PoolStats]:
         return [p.statistics() for p in self._pools.values()]
@@ -1060,16 +1182,26 @@ class Manager:
             raise NotFoundError(f"there is no warm pool for template {template!r}")
         await pool.wait_ready(count)
 
-    async def _boot_member(self, config: PoolConfig) -> _Live:
+    async def _boot_member(
+        self,
+        config: PoolConfig,
+        *,
+        chain: builtins.list[str] | None = None,
+        name: str | None = None,
+        warm_up: Sequence[str] = ("true",),
+    ) -> _Live:
         tpl = self.templates.get(config.template)
         be = await self._backend(self.settings.default_backend)
         res = Resources(cpu=float(config.cpu), memory_mb=config.memory_mb, pids=config.pids)
         info = replace(self._new_info(tpl, be.name, res, {}, {}, None, None), source="warm")
-        live = await self._boot_live(info, tpl, be, PhaseTimer(), pool=config.template)
+        if chain:  # a spare of a layer pool: booted like a restore onto the chain
+            live = await self._boot_chain(info, tpl, be, chain, PhaseTimer(), pool=name)
+        else:
+            live = await self._boot_live(info, tpl, be, PhaseTimer(), pool=config.template)
         # one throw-away command warms the agent's code paths (a forked agent's first exec pays its copy-on-write
         # page faults, ~1 ms here), so the user's first command in a claimed sandbox runs at full speed
         try:
-            await live.agent.exec(["true"], timeout=30)
+            await live.agent.exec(list(warm_up), timeout=60)
         except BaseException:
             live.pooled = None
             await self._destroy(info.id)
@@ -1164,7 +1296,7 @@ class Manager:
             await live.backend.wait_exit(live.handle)
             if live.destroying or self._closed:
                 return
-            pool = self._pools.get(live.pooled) if live.pooled else None
+            pool = self._pool_named(live.pooled)
             if pool is not None:  # a ready member died: forget it, the pool boots a replacement
                 log.warning("pool %s: member %s died; replacing it", live.pooled, live.info.id)
                 live.destroying = True

@@ -19,6 +19,16 @@ def default_data_dir() -> Path:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkspaceSettings:
+    """The git workspace cache (docs/workspaces.md)."""
+
+    cache_budget_mb: int = 10240  # mirrors + commit layers above this are evicted, least recently used first
+    ref_ttl: float = 0.0  # seconds a branch's resolved commit is reused without asking the server (0: always ask)
+    git_timeout: float = 600.0  # seconds one git network operation may take
+    default_depth: int = 1  # depth of the first fetch of a repository the cache has never seen
+
+
+@dataclass(frozen=True, slots=True)
 class ManagerSettings:
     data_dir: Path = field(default_factory=default_data_dir)
     templates_dir: Path | None = None  # default: data_dir / "templates"
@@ -32,6 +42,7 @@ class ManagerSettings:
     agent_connect_timeout: float = 10.0
     pools: tuple[PoolConfig, ...] = ()  # warm pools started with the Manager (changeable live)
     network: NetworkSettings | None = None  # None: sandboxes get loopback only (docs/networking.md)
+    workspaces: WorkspaceSettings = field(default_factory=WorkspaceSettings)
 
     @property
     def template_root(self) -> Path:

@@ -5,7 +5,8 @@ transaction is in the WAL file before commit returns); only an OS crash can lose
 layer changes go through :meth:`Store.durable` (``synchronous=FULL`` for that transaction: fsync'd on commit).
 
 A layer is referenced by the ``layers`` chains (JSON lists of layer ids, topmost first) of snapshots and
-sandboxes; :meth:`Store.unreferenced_layers` lists those nothing references any more.
+sandboxes, and by pins (``layer_pins``: a cache such as the git workspaces' commit layers keeps a layer alive
+without a sandbox); :meth:`Store.unreferenced_layers` lists those nothing references any more.
 """
 
 from __future__ import annotations
@@ -49,6 +50,11 @@ CREATE TABLE IF NOT EXISTS layers (
     size_bytes INTEGER,
     files INTEGER,
     created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS layer_pins (
+    layer TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    PRIMARY KEY (layer, owner)
 );
 CREATE TABLE IF NOT EXISTS snapshots (
     id TEXT PRIMARY KEY,
@@ -260,8 +266,15 @@ class Store:
         rows = self._db.execute(
             "SELECT * FROM layers WHERE id NOT IN (SELECT j.value FROM snapshots, json_each(snapshots.layers) j)"
             " AND id NOT IN (SELECT j.value FROM sandboxes, json_each(sandboxes.layers) j)"
+            " AND id NOT IN (SELECT layer FROM layer_pins)"
         )
         return [self._layer(r) for r in rows]
+
+    def pin_layer(self, layer_id: str, owner: str) -> None:
+        self._db.execute("INSERT OR IGNORE INTO layer_pins (layer, owner) VALUES (?, ?)", (layer_id, owner))
+
+    def unpin_layers(self, owner: str) -> None:
+        self._db.execute("DELETE FROM layer_pins WHERE owner=?", (owner,))
 
     def insert_snapshot(self, snap: SnapshotInfo, *, hidden: bool = False) -> None:
         self._db.execute(

@@ -38,7 +38,7 @@ from typing import Any
 from branchbox.api.auth import is_key_hash
 from branchbox.api.settings import ApiSettings
 from branchbox.core.pool import PoolConfig
-from branchbox.core.settings import DEFAULT_DATA_DIR, ManagerSettings
+from branchbox.core.settings import DEFAULT_DATA_DIR, ManagerSettings, WorkspaceSettings
 from branchbox.errors import BadRequestError
 from branchbox.net.settings import NetworkSettings
 
@@ -76,6 +76,8 @@ class DaemonConfig:
     network_if_prefix: str | None = None  # host-side veth name prefix (default: from cgroup_parent)
     network_dns_upstream: str | None = None  # host[:port]; default: the first nameserver of /etc/resolv.conf
     network_dns_port: int = 0  # the host-side DNS forwarder's port (0: any free port)
+    git_cache_budget_mb: int = 10240  # git workspace cache (mirrors + commit layers), LRU-evicted above this
+    git_ref_ttl: float = 0.0  # seconds a branch's commit is reused without asking the git server (0: always ask)
     pools: tuple[PoolConfig, ...] = ()  # [pools.<template>] tables; only from the config file
 
     def network_settings(self) -> NetworkSettings | None:
@@ -105,6 +107,7 @@ class DaemonConfig:
             cgroup_parent=self.cgroup_parent,
             pools=self.pools,
             network=self.network_settings(),
+            workspaces=WorkspaceSettings(cache_budget_mb=self.git_cache_budget_mb, ref_ttl=self.git_ref_ttl),
         )
 
     def api_settings(self, version: str) -> ApiSettings:
@@ -304,6 +307,8 @@ def load_config(
 
 
 def _check(cfg: DaemonConfig) -> DaemonConfig:
+    if cfg.git_cache_budget_mb < 0 or cfg.git_ref_ttl < 0:
+        raise ConfigError("git_cache_budget_mb and git_ref_ttl must be >= 0")
     if not 0 < cfg.port < 65536:
         raise ConfigError(f"port {cfg.port} is out of range: use 1-65535")
     if cfg.event_loop not in ("asyncio", "uvloop", "auto"):

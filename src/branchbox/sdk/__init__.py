@@ -16,6 +16,9 @@ command, run in parallel, results in order; ``aexplore`` for AsyncSandbox).
 Network: ``Sandbox.create(allow_internet_access=, network={"allow_out": [...], "deny_out": [...]})``,
 ``sbx.update_network({...})`` (live), ``sbx.get_network()`` and ``sbx.get_host(port)`` (a daemon URL that reaches
 that port inside the sandbox, HTTP and WebSocket).
+Git workspaces: ``Workspace.create(repo, branch=...)`` (``AsyncWorkspace``) gives a sandbox with the repository
+checked out from the daemon's cache (``ws.sandbox``, ``ws.path``, ``ws.commit``, ``ws.delete()``);
+``sbx.git.clone(url, path)`` runs ``git clone`` inside an existing sandbox.
 """
 
 from branchbox.sdk._async import AsyncCommandHandle, AsyncPtyHandle, AsyncSandbox
@@ -54,6 +57,7 @@ from branchbox.sdk._models import (
     TemplateInfo,
 )
 from branchbox.sdk._sync import CommandHandle, PtyHandle, Sandbox
+from branchbox.sdk._workspaces import AsyncWorkspace, Workspace, WorkspaceInfo
 
 __all__ = [
     "DEFAULT_URL",
@@ -62,6 +66,7 @@ __all__ = [
     "AsyncCommandHandle",
     "AsyncPtyHandle",
     "AsyncSandbox",
+    "AsyncWorkspace",
     "AuthenticationError",
     "BadRequestError",
     "CommandHandle",
@@ -91,6 +96,8 @@ __all__ = [
     "TemplateInfo",
     "TemplateNotFoundError",
     "TimeoutException",
+    "Workspace",
+    "WorkspaceInfo",
     "aexplore",
     "error_for",
     "explore",

@@ -44,6 +44,7 @@ from branchbox.sdk._models import (
     TemplateInfo,
 )
 from branchbox.sdk._wire import Reply
+from branchbox.sdk._workspaces import AsyncGit
 
 CHUNK = 256 * 1024
 Timeout = float | None | _Unset
@@ -547,6 +548,7 @@ class AsyncSandbox:
         self.commands = AsyncCommands(self)
         self.files = AsyncFiles(self)
         self.pty = AsyncPty(self)
+        self.git = AsyncGit(self)  # git inside the sandbox: sbx.git.clone(...)
 
     @property
     def sandbox_id(self) -> str:

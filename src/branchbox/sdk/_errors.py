@@ -4,18 +4,19 @@ Hierarchy::
 
     SandboxError
     ├── BadRequestError (ValueError)  bad_request, invalid_path, invalid_template_spec, not_a_directory,
-    │                                 is_a_directory, invalid_network_policy
+    │                                 is_a_directory, invalid_network_policy, invalid_repository_url
     ├── AuthenticationError           unauthorized
-    ├── PermissionDeniedError         permission_denied
+    ├── PermissionDeniedError         permission_denied, repository_auth_failed
     ├── NotFoundError (LookupError)   not_found, sandbox_not_found, template_not_found, snapshot_not_found,
-    │                                 file_not_found, process_not_found
+    │                                 file_not_found, process_not_found, workspace_not_found,
+    │                                 repository_not_found, ref_not_found
     ├── ConflictError                 conflict, invalid_state, file_exists
     ├── RateLimitError                limit_exceeded
     ├── TimeoutException (TimeoutError) timeout, and client-side request timeouts
     ├── NotSupportedError             not_supported
     ├── AgentError                    agent_error, agent_disconnected
     ├── ServerError                   internal, backend_error, network_error, port_unreachable,
-    │                                 template_build_failed,
+    │                                 template_build_failed, git_error, repository_unreachable,
     │                                 unknown codes
     └── ConnectionError_ (ConnectionError) the daemon could not be reached
 """
@@ -129,6 +130,13 @@ ERROR_TABLE: dict[str, type[SandboxError]] = {
     "template_build_failed": ServerError,
     "network_error": ServerError,
     "port_unreachable": ServerError,
+    "invalid_repository_url": BadRequestError,
+    "workspace_not_found": NotFoundError,
+    "repository_not_found": NotFoundError,
+    "ref_not_found": NotFoundError,
+    "repository_auth_failed": PermissionDeniedError,
+    "git_error": ServerError,
+    "repository_unreachable": ServerError,
 }
 
 

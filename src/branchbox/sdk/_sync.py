@@ -38,6 +38,7 @@ from branchbox.sdk._models import (
     TemplateInfo,
 )
 from branchbox.sdk._wire import Reply, shared_wire
+from branchbox.sdk._workspaces import Git
 
 CHUNK = 256 * 1024
 Timeout = float | None | _Unset
@@ -551,6 +552,7 @@ class Sandbox:
         self.commands = Commands(self)
         self.files = Files(self)
         self.pty = Pty(self)
+        self.git = Git(self)  # git inside the sandbox: sbx.git.clone(...)
 
     @property
     def sandbox_id(self) -> str:

@@ -1,0 +1,101 @@
+"""``branchbox workspace create URL [--branch B | --commit C]``, ``ls``, ``rm``: git workspaces through the SDK."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from typing import Any, Protocol
+
+import click
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from branchbox.sdk import SandboxError, Workspace, WorkspaceInfo
+
+out = Console()
+err = Console(stderr=True)
+
+
+class _Conn(Protocol):
+    url: str | None
+    api_key: str | None
+
+
+def workspace_json(w: WorkspaceInfo) -> dict[str, Any]:
+    d = dataclasses.asdict(w)
+    d["created_at"] = w.created_at.isoformat()
+    return d
+
+
+@click.group()
+def workspace() -> None:
+    """Git workspaces: sandboxes with a repository checked out, from the daemon's cache (create, ls, rm)."""
+
+
+@workspace.command(name="create")
+@click.argument("repository_url")
+@click.option("-b", "--branch", default=None, help="Branch (default: the server's default branch).")
+@click.option("-c", "--commit", default=None, help="Commit id (detached HEAD).")
+@click.option("-t", "--template", default="default", show_default=True)
+@click.option("--path", default=None, help="Checkout path in the sandbox [default: /workspace/<name>].")
+@click.option("--depth", type=int, default=None, help="Depth of the first fetch of a new repository.")
+@click.option("--token-env", default=None, metavar="VAR", help="Read an http(s) token from this env variable.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def workspace_create(conn: _Conn, repository_url: str, branch: str | None, commit: str | None, template: str,
+                     path: str | None, depth: int | None, token_env: str | None, as_json: bool) -> None:  # fmt: skip
+    """Create a workspace; print its id, sandbox id, commit and path."""
+    token = os.environ.get(token_env) if token_env else None
+    if token_env and not token:
+        err.print(f"error: environment variable {token_env} is empty or unset", highlight=False)
+        sys.exit(2)
+    try:
+        ws = Workspace.create(repository_url, branch=branch, commit=commit, template=template, path=path,
+                              depth=depth, token=token, base_url=conn.url, api_key=conn.api_key)  # fmt: skip
+    except SandboxError as exc:
+        err.print(f"error: {escape(f'{exc.message} [{exc.code}]')}", highlight=False)
+        sys.exit(1)
+    if as_json:
+        click.echo(json.dumps(workspace_json(ws.info), indent=2))
+        return
+    i = ws.info
+    total = i.timings.get("total", 0.0)
+    out.print(f"{i.workspace_id} sandbox={i.sandbox_id} commit={(i.commit or '')[:12]} path={i.path} "
+              f"({'cached' if i.cached else 'fetched'}, {total:.0f} ms)", highlight=False)  # fmt: skip
+
+
+@workspace.command(name="ls")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def workspace_ls(conn: _Conn, as_json: bool) -> None:
+    """List workspaces."""
+    items = Workspace.list(base_url=conn.url, api_key=conn.api_key)
+    if as_json:
+        click.echo(json.dumps([workspace_json(w) for w in items], indent=2))
+        return
+    if not items:
+        out.print("no workspaces: `branchbox workspace create URL` makes one", highlight=False)
+        return
+    table = Table("WORKSPACE", "STATUS", "SANDBOX", "REPOSITORY", "REF", "COMMIT", "PATH", box=None)
+    for w in items:
+        table.add_row(w.workspace_id, w.status, w.sandbox_id or "-", escape(w.repository_url),
+                      escape(w.branch or "-"), (w.commit or "-")[:12], w.path)  # fmt: skip
+    out.print(table)
+
+
+@workspace.command(name="rm")
+@click.argument("workspace_ids", nargs=-1, required=True)
+@click.pass_obj
+def workspace_rm(conn: _Conn, workspace_ids: tuple[str, ...]) -> None:
+    """Delete workspaces (their sandboxes are destroyed; cached commits stay)."""
+    failed = False
+    for wid in workspace_ids:
+        try:
+            Workspace.remove(wid, base_url=conn.url, api_key=conn.api_key)
+        except SandboxError as exc:
+            err.print(f"{wid}: {escape(f'{exc.message} [{exc.code}]')}", highlight=False)
+            failed = True
+    sys.exit(1 if failed else 0)
