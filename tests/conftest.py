@@ -25,7 +25,7 @@ import branchbox
 from branchbox.core.models import TemplateInfo
 from branchbox.core.settings import ManagerSettings
 from tests.leaks import _cgroup_dirs, _in_cgroup_tree
-from tests.net_env import network_settings
+from tests.net_env import Internet, make_internet, network_settings
 
 TEST_ROOT = Path(os.environ.get("BRANCHBOX_TEST_ROOT", "/var/tmp/branchbox-test"))
 
@@ -41,6 +41,16 @@ def default_template() -> TemplateInfo:
 
     store = TemplateStore(templates_dir())
     return asyncio.run(store.ensure_default())
+
+
+@pytest.fixture
+def internet() -> Iterator[Internet]:
+    """The test's own "internet" (tests/net_env.py): public-looking web servers and DNS in a namespace."""
+    inet = make_internet()
+    try:
+        yield inet
+    finally:
+        inet.stop()
 
 
 @pytest.fixture

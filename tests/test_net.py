@@ -21,7 +21,7 @@ from branchbox.core.pool import PoolConfig
 from branchbox.errors import NetworkPolicyError, NotSupportedError
 from branchbox.net.settings import NetworkSettings
 from tests.conftest import make_settings
-from tests.net_env import Internet, host_network_state, make_internet, network_settings, sh
+from tests.net_env import Internet, host_network_state, network_settings, sh
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
 
@@ -65,15 +65,6 @@ async def probe(
     assert res.exit_code == 0, res.stderr_text
     out: dict[str, str] = json.loads(res.stdout_text)
     return out
-
-
-@pytest.fixture
-def internet() -> Iterator[Internet]:
-    inet = make_internet()
-    try:
-        yield inet
-    finally:
-        inet.stop()
 
 
 @pytest.fixture

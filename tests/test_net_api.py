@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,19 +15,10 @@ from websockets.sync.client import connect as ws_connect
 from branchbox.api.auth import generate_api_key, hash_api_key
 from branchbox.sdk import BadRequestError, Sandbox
 from tests.conftest import DaemonProc
-from tests.net_env import Internet, make_internet
+from tests.net_env import Internet
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
 SERVER = (Path(__file__).parent / "sandbox_server.py").read_text()
-
-
-@pytest.fixture
-def internet() -> Iterator[Internet]:
-    inet = make_internet()
-    try:
-        yield inet
-    finally:
-        inet.stop()
 
 
 @pytest.fixture

@@ -176,6 +176,7 @@ class PortUnreachableError(BranchboxError):
     """The port proxy could not connect to the sandbox's port (nothing listens there, or not on 0.0.0.0)."""
 
     code = "port_unreachable"
+    http_status = 502
 
 
 class RepositoryUrlError(BadRequestError):

@@ -24,6 +24,28 @@ if TYPE_CHECKING:
 Timeout = float | None | _Unset
 
 
+class _WorkspaceView:
+    """What :class:`Workspace` and :class:`AsyncWorkspace` both show of a workspace."""
+
+    _info: WorkspaceInfo
+
+    @property
+    def info(self) -> WorkspaceInfo:
+        return self._info
+
+    @property
+    def workspace_id(self) -> str:
+        return self._info.workspace_id
+
+    @property
+    def path(self) -> str:
+        return self._info.path
+
+    @property
+    def commit(self) -> str | None:
+        return self._info.commit
+
+
 @dataclass(frozen=True, slots=True)
 class WorkspaceInfo:
     workspace_id: str
@@ -136,7 +158,7 @@ class AsyncGit:
         return await self._sbx.commands.run(shlex.join(argv), envs=env, cwd=cwd, timeout=timeout)
 
 
-class Workspace:
+class Workspace(_WorkspaceView):
     """A sandbox with a git repository checked out, from the daemon's cache. ``workspace.sandbox`` runs
     commands in it; ``with Workspace.create(...) as ws:`` deletes it at the end of the block."""
 
@@ -144,22 +166,6 @@ class Workspace:
         self._info = info
         self._base_url, self._api_key = base_url, api_key
         self._sandbox: Sandbox | None = None
-
-    @property
-    def info(self) -> WorkspaceInfo:
-        return self._info
-
-    @property
-    def workspace_id(self) -> str:
-        return self._info.workspace_id
-
-    @property
-    def path(self) -> str:
-        return self._info.path
-
-    @property
-    def commit(self) -> str | None:
-        return self._info.commit
 
     @property
     def sandbox(self) -> Sandbox:
@@ -229,29 +235,13 @@ class Workspace:
         self.delete()
 
 
-class AsyncWorkspace:
+class AsyncWorkspace(_WorkspaceView):
     """:class:`Workspace`, async: ``ws = await AsyncWorkspace.create(repo, branch="main")``."""
 
     def __init__(self, info: WorkspaceInfo, *, base_url: str | None, api_key: str | None) -> None:
         self._info = info
         self._base_url, self._api_key = base_url, api_key
         self._sandbox: AsyncSandbox | None = None
-
-    @property
-    def info(self) -> WorkspaceInfo:
-        return self._info
-
-    @property
-    def workspace_id(self) -> str:
-        return self._info.workspace_id
-
-    @property
-    def path(self) -> str:
-        return self._info.path
-
-    @property
-    def commit(self) -> str | None:
-        return self._info.commit
 
     async def sandbox(self) -> AsyncSandbox:
         from branchbox.sdk._async import AsyncSandbox  # noqa: PLC0415

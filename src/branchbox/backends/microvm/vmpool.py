@@ -64,10 +64,13 @@ class IncomingPool:
                 started = qemu.start_time(pid) or 0
                 (paths.dir / "pid").write_text(f"{pid} {started}\n")
                 q = await QMP.connect(paths.qmp)
-            except Exception:
-                log.exception("filling the -incoming pool of %s failed", self.saved.dir.name)
+            except BaseException as exc:  # also cancelled by aclose(): the half-made slot must not stay behind
+                if not isinstance(exc, asyncio.CancelledError):
+                    log.exception("filling the -incoming pool of %s failed", self.saved.dir.name)
                 await self.backend.remove_vm(paths.dir)
-                return
+                if isinstance(exc, Exception):
+                    return
+                raise
             if self._closed:
                 await q.aclose()
                 await self.backend.remove_vm(paths.dir)
