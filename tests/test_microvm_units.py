@@ -63,3 +63,18 @@ def test_newc_archive_lists_with_cpio(tmp_path: Path) -> None:
     out = subprocess.run(["cpio", "-itv"], input=data, capture_output=True, check=True).stdout.decode()
     assert "dev/console" in out and "init" in out
     assert out.splitlines()[1].startswith("crw")
+
+
+def test_a_new_guest_image_drops_the_old_memory_templates_of_the_same_shape(tmp_path: Path) -> None:
+    key = "94b1fbd43872ef55-tcg-1c-256m-newimage"
+    names = [
+        f"{key}-aaaa.ram",  # the current one
+        "94b1fbd43872ef55-tcg-1c-256m-oldimage-bbbb.ram",  # same template and shape, older guest image
+        "94b1fbd43872ef55-tcg-1c-512m-oldimage-cccc.ram",  # another memory size: still used
+        "0123456789abcdef-tcg-1c-256m-oldimage-dddd.ram",  # another template
+    ]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    gone = memfile.remove_stale_templates(tmp_path, key)
+    assert [g.name for g in gone] == [names[1]]
+    assert sorted(f.name for f in tmp_path.iterdir()) == sorted([names[0], names[2], names[3]])

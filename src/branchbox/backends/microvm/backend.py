@@ -272,6 +272,8 @@ class MicroVMBackend:
             tmp_link = current.with_name(f".current.{gen}")
             tmp_link.symlink_to(gen)
             tmp_link.rename(current)
+            for stale in memfile.remove_stale_templates(self.template_shm, key):
+                log.info("removed the memory template %s (built for another guest image)", stale.name)
         return saved
 
     async def _build_template(self, base: Path, m: qemu.Machine, saved: Saved) -> None:

@@ -63,6 +63,19 @@ def remove(path: Path) -> None:
         path.unlink()
 
 
+def remove_stale_templates(shm: Path, key: str) -> list[Path]:
+    """Remove the RAM files of memory templates that ``key`` replaces: the same template digest and machine
+    shape, built for another guest image (``<digest>-<accel>-<cpus>c-<mem>m-<image>-<generation>.ram``). Running
+    VMs do not need them (each has its own copy), and no new VM starts from them: they would only fill tmpfs."""
+    shape = key.rsplit("-", 1)[0] + "-"
+    gone = []
+    for f in shm.glob(f"{shape}*.ram") if shm.is_dir() else []:
+        if not f.name.startswith(f"{key}-"):
+            remove(f)
+            gone.append(f)
+    return gone
+
+
 def shm_root(owner: Path, prefix: str = "branchbox") -> Path:
     """A tmpfs directory for the guest RAM files of ``owner`` (a data or cache dir):
     ``/dev/shm/<prefix>-<device>-<inode of owner>`` (the owner's path may be too long for a name)."""
