@@ -64,7 +64,7 @@ class _Children:
     def __init__(self) -> None:
         self._cache: dict[tuple[object, ...], Any] = {}
 
-    def __call__(self, metric: Histogram | Counter, *values: str) -> Any:
+    def __call__(self, metric: Histogram | Counter | Gauge, *values: str) -> Any:
         key = (id(metric), *values)
         child = self._cache.get(key)
         if child is None:
@@ -144,7 +144,7 @@ class Metrics:
 
     def set_state_counts(self, counts: Mapping[str, int]) -> None:
         for state in SandboxState:
-            self.sandboxes.labels(state=state.value).set(counts.get(state.value, 0))
+            self._child(self.sandboxes, state.value).set(counts.get(state.value, 0))
 
     def count_api_error(self, code: str) -> None:
         self._child(self.errors, code, "api").inc()

@@ -233,18 +233,9 @@ class Manager:
         kind = backend or self.settings.default_backend
         try:
             with timer.phase("validate"):
-                env_ = validate.env(env)
-                meta = validate.metadata(metadata)
-                ttl = validate.timeout(
-                    timeout, default=self.settings.default_timeout, maximum=self.settings.max_timeout
-                )
-                validate.resources(cpu, memory_mb, pids)
+                env_, meta, ttl = self._check_create_input(env, metadata, timeout, cpu, memory_mb, pids)
                 if hostname is not None:
                     validate.hostname(hostname)
-                if len(self._live) + len(self._creating) >= self.settings.max_sandboxes:
-                    raise LimitExceededError(
-                        f"{self.settings.max_sandboxes} sandboxes exist already: destroy some or raise max_sandboxes"
-                    )
                 if snapshot is not None:
                     snap = self._snapshot_or_raise(snapshot)
                     template = snap.template_digest
@@ -283,6 +274,26 @@ class Manager:
         self._emit(ManagerEvent("create", info.id, kind, "cold", "ok", timer.total_ms / 1e3, timings=live.info.timings))
         self._emit_counts()
         return live.info
+
+    def _check_create_input(
+        self,
+        env: Mapping[str, str] | None,
+        metadata: Mapping[str, str] | None,
+        timeout: float | None,
+        cpu: float,
+        memory_mb: int,
+        pids: int,
+    ) -> tuple[dict[str, str], dict[str, str], float | None]:
+        """What every create checks before it changes anything: (env, metadata, TTL), or a typed error."""
+        env_ = validate.env(env)
+        meta = validate.metadata(metadata)
+        ttl = validate.timeout(timeout, default=self.settings.default_timeout, maximum=self.settings.max_timeout)
+        validate.resources(cpu, memory_mb, pids)
+        if len(self._live) + len(self._creating) >= self.settings.max_sandboxes:
+            raise LimitExceededError(
+                f"{self.settings.max_sandboxes} sandboxes exist already: destroy some or raise max_sandboxes"
+            )
+        return env_, meta, ttl
 
     def _new_info(
         self,
@@ -1084,13 +1095,7 @@ class Manager:
         ``git status`` that fills the new overlay's dentry cache)."""
         timer = PhaseTimer()
         with timer.phase("validate"):
-            env_, meta = validate.env(env), validate.metadata(metadata)
-            ttl = validate.timeout(timeout, default=self.settings.default_timeout, maximum=self.settings.max_timeout)
-            validate.resources(cpu, memory_mb, pids)
-            if len(self._live) + len(self._creating) >= self.settings.max_sandboxes:
-                raise LimitExceededError(
-                    f"{self.settings.max_sandboxes} sandboxes exist already: destroy some or raise max_sandboxes"
-                )
+            env_, meta, ttl = self._check_create_input(env, metadata, timeout, cpu, memory_mb, pids)
             tpl = self.templates.get(template)
             be = await self._backend(self.settings.default_backend)
         if warm:  # a spare booted on this chain ahead of demand: claim it, like a warm pool member
