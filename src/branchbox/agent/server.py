@@ -1396,14 +1396,51 @@ async def serve(listen_fd: int, env: dict[str, str], workdir: str, chardev: str 
                 proc.kill(signal.SIGKILL)
 
 
+def _base_env(raw: object) -> dict[str, str]:
+    env = {str(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
+    env.setdefault("PATH", DEFAULT_PATH)
+    return env
+
+
+Claim = Callable[[bytes, list[int]], tuple[int, dict[str, str], str]]
+
+
+def run_primed(ctl_fd: int, claim: Claim, *, max_fds: int) -> None:
+    """Start the agent's loop before there is anything to serve (a container backend's spare shell), then wait
+    for one request on the SOCK_SEQPACKET socket ``ctl_fd``: ``claim(request, descriptors)`` makes the sandbox
+    around this process and returns the listening fd, base environment and workdir; the agent answers ``b"ok"``
+    on ``ctl_fd``, closes it and serves. EOF before a request: exit. The start-up work (loop, signal handlers,
+    the pages a fork of the zygote copies on first write) is then off the boot path."""
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_primed(ctl_fd, claim, max_fds))
+
+
+async def _primed(ctl_fd: int, claim: Claim, max_fds: int) -> None:
+    loop = asyncio.get_running_loop()
+    readable: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not readable.done():
+            readable.set_result(None)
+
+    loop.add_reader(ctl_fd, wake)
+    await readable
+    loop.remove_reader(ctl_fd)
+    ctl = socket.socket(fileno=ctl_fd)
+    raw, fds, _, _ = socket.recv_fds(ctl, 1 << 20, max_fds)
+    if not raw:
+        os._exit(0)
+    listen_fd, env, workdir = claim(raw, fds)
+    with contextlib.suppress(OSError):  # the zygote is gone: the boot failed, the daemon removes this sandbox
+        ctl.send(b"ok")
+    ctl.close()
+    await serve(listen_fd, _base_env(env), workdir or "/")
+
+
 def main() -> None:
     """Entry point: settings from the environment (see the module docstring)."""
     listen_fd = int(os.environ.get("BRANCHBOX_LISTEN_FD", "3"))
-    env = json.loads(os.environ.get("BRANCHBOX_ENV") or "{}")
-    if not isinstance(env, dict):
-        env = {}
-    env = {str(k): str(v) for k, v in env.items()}
-    env.setdefault("PATH", DEFAULT_PATH)
+    env = _base_env(json.loads(os.environ.get("BRANCHBOX_ENV") or "{}"))
     workdir = os.environ.get("BRANCHBOX_WORKDIR") or "/"
     started = time.monotonic()
     with contextlib.suppress(KeyboardInterrupt):

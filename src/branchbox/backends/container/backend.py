@@ -24,6 +24,7 @@ import branchbox
 from branchbox.backends.base import BootSpec, Capabilities, IdMap, SandboxHandle
 from branchbox.backends.container import cgroups as cg_mod
 from branchbox.backends.container import syscalls
+from branchbox.backends.container.child import SHELL_DIR
 from branchbox.backends.container.zygote import AGENT_SOCKET, MAX_MESSAGE, SPARE_PREFIX
 from branchbox.backends.process import wait_pid_exit
 from branchbox.core.timing import PhaseTimer
@@ -296,8 +297,9 @@ def _popen_zygote(sock: socket.socket, log_path: Path, parent: str, idmap: IdMap
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     cmd = [sys.executable, "-m", "branchbox.backends.container.zygote", "--fd", str(sock.fileno())]
     with open(log_path, "ab") as log:
+        args = ["--parent", parent, "--id-base", str(idmap.host_base), "--id-count", str(idmap.count)]
         return subprocess.Popen(
-            [*cmd, "--parent", parent, "--id-base", str(idmap.host_base), "--id-count", str(idmap.count)],
+            [*cmd, *args, "--shell-dir", str(log_path.parent / SHELL_DIR)],
             pass_fds=(sock.fileno(),),
             stdin=subprocess.DEVNULL,
             stdout=log,

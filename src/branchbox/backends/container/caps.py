@@ -83,12 +83,19 @@ def default_mask() -> int:
     return mask
 
 
-def apply_default_caps() -> None:
-    """Drop every capability outside the default set from bounding, permitted, effective and inheritable,
-    and clear the ambient set. Must run while CAP_SETPCAP is still held."""
+def limit_bounding_set() -> None:
+    """Drop every capability outside the default set from the bounding set and clear the ambient set: what an
+    exec can ever gain. The process keeps its effective capabilities (to mount its root first). Needs
+    CAP_SETPCAP."""
     keep = default_mask()
     for cap in range(_last_cap() + 1):
         if not keep & (1 << cap):
             syscalls.prctl(syscalls.PR_CAPBSET_DROP, cap)
     syscalls.prctl(syscalls.PR_CAP_AMBIENT, syscalls.PR_CAP_AMBIENT_CLEAR_ALL)
+
+
+def drop_to_default_caps() -> None:
+    """Keep only the default set in permitted, effective and inheritable (after ``limit_bounding_set``)."""
+    keep = default_mask()
     syscalls.capset(keep, keep, keep)
+

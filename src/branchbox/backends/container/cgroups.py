@@ -299,12 +299,14 @@ class CgroupsV1(Cgroups):
         if f is None or not f.is_dir():
             self._kill_listed(sandbox_id)
             return
-        # Frozen processes cannot fork while we collect them; SIGKILL is delivered on thaw.
-        self.freeze(sandbox_id)
-        try:
-            self._kill_listed(sandbox_id)
-        finally:
-            self.thaw(sandbox_id)
+        # Frozen processes cannot fork while we collect them; SIGKILL is delivered on thaw. The cgroup may be
+        # removed meanwhile by another remover (then nothing is left to kill).
+        with contextlib.suppress(FileNotFoundError):
+            self.freeze(sandbox_id)
+            try:
+                self._kill_listed(sandbox_id)
+            finally:
+                self.thaw(sandbox_id)
 
 
 def detect(parent: str = "branchbox", *, cgroup_root: Path = Path("/sys/fs/cgroup")) -> Cgroups:

@@ -2,24 +2,26 @@
 
 Process chain for one sandbox (all forks of the single-threaded zygote)::
 
-    zygote ── fork ──> holder: join cgroups, unshare namespaces, wait for the id maps (now a "shell": spares
-                       wait here, made ahead of demand), receive the boot request, open the layers,
+    zygote ── fork ──> holder: join cgroups, unshare namespaces, wait for the id maps, make mounts private,
                        become uid 0 of the new user namespace, fork, report the init's pid, exit
-                       └── fork ──> init (pid 1 of the new pid namespace): overlay root, /proc, /dev, /tmp,
-                                    pivot_root, hostname, lo, capabilities, no_new_privs, seccomp,
-                                    then runs the agent in place (no exec: it is preloaded in the zygote)
+                       └── fork ──> init (pid 1 of the new pid namespace): /proc, /dev, /sys and /tmp made on a
+                                    private staging tmpfs, lo up, the agent's event loop started: now a primed
+                                    *shell* (spares wait here, made ahead of demand). On a boot request: the
+                                    overlay root from the layers the zygote opened, the staged mounts moved
+                                    into it, pivot_root, hostname, capabilities, no_new_privs, seccomp, then
+                                    the agent serves (no exec: it is preloaded in the zygote)
 
-Errors go to the status pipe as ``"<step>: <message>"``; EOF on that pipe without data means the agent started.
-Nothing here returns: every path ends in ``os._exit``.
+Errors go to the status pipe as ``"<step>: <message>"``; the init acknowledges a boot with ``b"ok"`` on its
+control socket. Nothing here returns: every path ends in ``os._exit``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
-import socket
 import stat
 import sys
 from dataclasses import dataclass, field
@@ -28,8 +30,11 @@ from branchbox.backends.container import caps, devices, syscalls
 from branchbox.backends.container.cgroups import Cgroups
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-MOUNT_DIR = "mnt"  # in the run dir; holds the empty mount point "root"
-MAX_REQUEST = 1 << 20
+SHELL_DIR = "shell"  # in the backend's run root: the init's cwd, holding the two mount points below
+ROOT = "root"  # the overlay root is mounted here (in the shell's own mount namespace)
+STAGE = "stage"  # a tmpfs holding the staged kernel filesystems until the root exists
+STAGED = ("proc", "dev", "sys", "tmp")
+MAX_PASSED_FDS = 250  # descriptors with a boot request (SCM_RIGHTS carries at most 253)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,13 +58,7 @@ class BootRequest:
     nice: int = 0  # niceness of the boot and of the idle agent (raised for warm pool refills)
 
 
-@dataclass(frozen=True, slots=True)
-class ChildFds:
-    """What the sandbox init inherits from its holder."""
-
-    status_w: int  # "<step>: <message>" on failure, EOF once the agent runs
-    listen: int  # the agent's listening socket, becomes fd 3
-    log: int  # the agent's stdout/stderr
+_WARM_UP = BootRequest("", [""], "", "", "", "", 1.0, 1, 1, 0, 1, env={"": ""})
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,10 +66,11 @@ class HolderFds:
     """Pipes the zygote hands to a holder (all CLOEXEC)."""
 
     status_w: int  # "<step>: <message>" on failure
-    sync_w: int  # holder -> zygote: b"u" after unshare, then the init's pid
+    sync_w: int  # holder -> zygote: b"u" after unshare, then "<init pid>\n"; init: b"r" once primed
     go_r: int  # zygote -> holder: one byte once the id maps are written
-    ctl: int  # SOCK_SEQPACKET: the boot request (JSON) with the agent's listening socket and log file
+    ctl: int  # SOCK_SEQPACKET: the boot request (JSON) with its descriptors; the init answers b"ok"
     close: tuple[int, ...]  # zygote-only fds to close in the child
+    shell_dir: str = ""  # the init's cwd (see SHELL_DIR)
 
 
 def _fail(status_w: int, step: str, exc: BaseException) -> None:
@@ -80,12 +80,12 @@ def _fail(status_w: int, step: str, exc: BaseException) -> None:
     os._exit(1)
 
 
-def run_holder(cgroup: str, fds: HolderFds, cgroups: Cgroups, seccomp_bpf: bytes) -> None:
+def run_holder(cgroup: str, fds: HolderFds, cgroups: Cgroups, seccomp_bpf: bytes, *, nice: int = 0) -> None:
     """Body of the holder process (never returns).
 
-    First it becomes a *shell*: in the cgroup ``cgroup``, in new namespaces with its id maps written, mounts
-    private. Then it waits for a boot request on ``fds.ctl`` (a spare shell waits until one is claimed; EOF: the
-    zygote is gone, exit) and boots it: open the layers, become uid 0 inside, fork the init, report its pid."""
+    In the cgroup ``cgroup`` and new namespaces, once its id maps are written: mounts private, cwd the zygote's
+    shell directory (opened while still host root: the sandbox uid need not reach it), uid 0 inside, then fork
+    the init, report its pid on ``sync_w`` and exit."""
     step = "holder"
     try:
         signal.set_wakeup_fd(-1)
@@ -94,7 +94,7 @@ def run_holder(cgroup: str, fds: HolderFds, cgroups: Cgroups, seccomp_bpf: bytes
         for fd in fds.close:
             with contextlib.suppress(OSError):
                 os.close(fd)
-        syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)  # a spare never outlives the zygote
+        syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)  # a shell never outlives the zygote
         step = "join cgroups"
         cgroups.join(cgroup)
         step = "setgroups"
@@ -106,83 +106,58 @@ def run_holder(cgroup: str, fds: HolderFds, cgroups: Cgroups, seccomp_bpf: bytes
         if os.read(fds.go_r, 1) != b"g":
             os._exit(1)
         os.close(fds.go_r)
-        step = "make mounts private"
-        syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
-        step = "wait for a boot request"
-        ctl = socket.socket(fileno=fds.ctl)
-        raw, passed, _, _ = socket.recv_fds(ctl, MAX_REQUEST, 2)
-        if not raw:
-            os._exit(0)
-        ctl.close()
-        step = "boot request"
-        if len(passed) != 2:
-            _fail(fds.status_w, step, OSError(f"expected 2 descriptors with the request, got {len(passed)}"))
-        req = BootRequest(**json.loads(raw))
-        _boot(req, fds, ChildFds(status_w=fds.status_w, listen=passed[0], log=passed[1]), seccomp_bpf)
-    except BaseException as exc:  # reported to the zygote, then exit
-        _fail(fds.status_w, step, exc)
-
-
-def _boot(req: BootRequest, fds: HolderFds, child: ChildFds, seccomp_bpf: bytes) -> None:
-    step = "priority"
-    try:
-        if req.nice:
-            os.setpriority(os.PRIO_PROCESS, 0, req.nice)
-        step = "open layers"
-        # Opened while still host root inside the new mount namespace: the paths need not be searchable
-        # by the unprivileged sandbox uid, the mounts below use /proc/self/fd/N.
-        layer_fds = [_open_path(p, "lower layer") for p in req.layers]
-        upper_fd = _open_path(req.upper_dir, "upper dir")
-        work_fd = _open_path(req.work_dir, "work dir")
-        # The overlay goes on <run_dir>/mnt/root: cd there now, while the host-only run dir is searchable.
-        os.chdir(os.path.join(req.run_dir, MOUNT_DIR))
+        step = "make mounts slaves"
+        # Slaves: the host's later mounts and unmounts still reach a waiting shell (it pins no host filesystem
+        # and sees a data dir mounted after it was made); nothing goes back. The root made at the boot request
+        # and everything under it are private.
+        syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_SLAVE)
+        os.chdir(fds.shell_dir)
+        step = "priority"
+        if nice:
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
         step = "setuid"
         os.setresgid(0, 0, 0)
         os.setresuid(0, 0, 0)
         step = "fork init"
         pid = os.fork()
         if pid == 0:
-            os.close(fds.sync_w)
-            _run_init(req, child, seccomp_bpf, layer_fds=layer_fds, upper_fd=upper_fd, work_fd=work_fd)
-        os.write(fds.sync_w, str(pid).encode())
+            _run_init(fds, seccomp_bpf)
+        os.write(fds.sync_w, f"{pid}\n".encode())
         os._exit(0)
     except BaseException as exc:  # reported to the zygote, then exit
         _fail(fds.status_w, step, exc)
 
 
-def _open_path(path: str, what: str) -> int:
-    try:
-        return os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise OSError(exc.errno, f"{what} {path}: {exc.strerror}") from None
+def _expect_fds(passed: list[int], n: int) -> None:
+    if len(passed) != n:
+        raise OSError(f"expected {n} descriptors with the request, got {len(passed)}")
 
 
 def _fdpath(fd: int) -> str:
     return f"/proc/self/fd/{fd}"
 
 
-def _run_init(
-    req: BootRequest,
-    fds: ChildFds,
-    seccomp_bpf: bytes,
-    *,
-    layer_fds: list[int],
-    upper_fd: int,
-    work_fd: int,
-) -> None:
+def _close_other_fds(keep: set[int]) -> None:
+    """Close every descriptor inherited from the zygote but ``keep``."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _run_init(fds: HolderFds, seccomp_bpf: bytes) -> None:
+    """Prime: stage the sandbox's kernel filesystems, then run the agent's loop until a boot request comes."""
     step = "init"
     try:
         os.setsid()
-        step = "mount overlay"
-        lower = ":".join(_fdpath(fd) for fd in layer_fds)
-        opts = f"lowerdir={lower},upperdir={_fdpath(upper_fd)},workdir={_fdpath(work_fd)},userxattr"
-        syscalls.mount("overlay", "root", "overlay", 0, opts)
-        os.chdir("root")
-        for fd in (*layer_fds, upper_fd, work_fd):
-            os.close(fd)
-        step = "mount /proc"
-        _mkdirs("proc", "dev", "sys", "tmp")
+        _close_other_fds({0, 1, 2, fds.status_w, fds.sync_w, fds.ctl})
+        step = "stage mounts"
+        syscalls.mount("tmpfs", STAGE, "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV, "mode=755,size=16k")
+        os.chdir(STAGE)
+        _mkdirs(*STAGED)
         nosuid_nodev_noexec = syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC
+        step = "mount /proc"
         syscalls.mount("proc", "proc", "proc", nosuid_nodev_noexec)
         step = "mount /dev"
         _setup_dev()
@@ -196,58 +171,81 @@ def _run_init(
         _mask_paths()
         step = "mount /tmp"
         syscalls.mount("tmpfs", "tmp", "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV, "mode=1777")
+        os.chdir("..")
+        step = "loopback up"
+        syscalls.interface_up("lo")
+        step = "capability bounding set"
+        caps.limit_bounding_set()
+        step = "agent"
+        from branchbox.agent import server  # noqa: PLC0415 - in sys.modules already (preloaded by the zygote)
+
+        syscalls.scrub_process_image(b"branchbox-agent")
+        # Not dumpable: the sandbox's root (no CAP_SYS_PTRACE) cannot ptrace or read the memory this process
+        # shares with the zygote. Children the agent execs are dumpable again (exec resets it).
+        syscalls.prctl(syscalls.PR_SET_DUMPABLE, 0)
+        os.environ.clear()
+        os.environ["PATH"] = DEFAULT_PATH
+        # Imports can no longer load files: nothing the sandbox writes can ever run inside the agent's process.
+        sys.path[:] = []
+        sys.argv[:] = ["branchbox-agent"]
+        json.loads(json.dumps(dataclasses.asdict(_WARM_UP)))  # the request's path, once: its pages copied now
+        os.write(fds.sync_w, b"r")
+        os.close(fds.sync_w)
+    except BaseException as exc:  # reported to the zygote, then exit
+        _fail(fds.status_w, step, exc)
+
+    def claim(raw: bytes, passed: list[int]) -> tuple[int, dict[str, str], str]:
+        return _claim(raw, passed, fds, seccomp_bpf)
+
+    server.run_primed(fds.ctl, claim, max_fds=MAX_PASSED_FDS)
+    os._exit(0)
+
+
+def _claim(raw: bytes, passed: list[int], fds: HolderFds, seccomp_bpf: bytes) -> tuple[int, dict[str, str], str]:
+    """Root the primed shell on the request's layers. Returns the agent's listening fd, env and workdir; on
+    failure reports to the zygote and exits. ``passed``: listening socket, log, the lower layers, upper, work."""
+    step = "boot request"
+    try:
+        req = BootRequest(**json.loads(raw))
+        _expect_fds(passed, len(req.layers) + 4)
+        listen, log, *dirs = passed
+        *layer_fds, upper_fd, work_fd = dirs
+        step = "mount overlay"
+        lower = ":".join(_fdpath(fd) for fd in layer_fds)
+        opts = f"lowerdir={lower},upperdir={_fdpath(upper_fd)},workdir={_fdpath(work_fd)},userxattr"
+        syscalls.mount("overlay", ROOT, "overlay", 0, opts)
+        for fd in dirs:
+            os.close(fd)
+        step = "move staged mounts"
+        os.chdir(ROOT)
+        _mkdirs(*STAGED)
+        for name in STAGED:
+            syscalls.mount(f"../{STAGE}/{name}", name, None, syscalls.MS_MOVE)
         step = "pivot_root"
         syscalls.pivot_root(".", ".")
         syscalls.umount2(".", syscalls.MNT_DETACH)
         os.chdir("/")
         step = "sethostname"
         syscalls.sethostname(req.hostname)
-        step = "loopback up"
-        syscalls.interface_up("lo")
         step = "stdio"
         devnull = os.open("/dev/null", os.O_RDWR)
         os.dup2(devnull, 0)
-        os.dup2(fds.log, 1)
-        os.dup2(fds.log, 2)
-        os.dup2(fds.listen, 3)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.close(devnull)
+        os.close(log)
         step = "capabilities"
-        caps.apply_default_caps()
+        caps.drop_to_default_caps()
         step = "no_new_privs"
         syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
         step = "seccomp"
         syscalls.load_seccomp_bpf(seccomp_bpf)
-        step = "start agent"
-        _run_agent(req)
+        os.close(fds.status_w)
+        os.set_inheritable(listen, False)
+        return listen, req.env, req.workdir
     except BaseException as exc:  # reported to the zygote, then exit
         _fail(fds.status_w, step, exc)
-
-
-def _run_agent(req: BootRequest) -> None:
-    """Become the agent without exec: its code is already imported in the zygote (see ``zygote.preload_agent``).
-
-    Closing every fd above 3 also closes the status pipe, which tells the zygote the boot succeeded. Imports can no
-    longer load files (``sys.path`` is emptied): nothing the sandbox writes can ever run inside the agent's process.
-    """
-    from branchbox.agent import server  # noqa: PLC0415 - in sys.modules already (preloaded by the zygote)
-
-    os.closerange(4, os.sysconf("SC_OPEN_MAX"))
-    syscalls.scrub_process_image(b"branchbox-agent")
-    # Not dumpable: the sandbox's root (no CAP_SYS_PTRACE) cannot ptrace or read the memory this process
-    # shares with the zygote. Children the agent execs are dumpable again (exec resets it).
-    syscalls.prctl(syscalls.PR_SET_DUMPABLE, 0)
-    os.environ.clear()
-    os.environ.update(
-        {
-            "PATH": DEFAULT_PATH,
-            "BRANCHBOX_LISTEN_FD": "3",
-            "BRANCHBOX_ENV": json.dumps(req.env),
-            "BRANCHBOX_WORKDIR": req.workdir,
-        }
-    )
-    sys.path[:] = []
-    sys.argv[:] = ["branchbox-agent"]
-    server.main()
-    os._exit(0)
+        raise  # unreachable: _fail exits
 
 
 def _mkdirs(*names: str) -> None:

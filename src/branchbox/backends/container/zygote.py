@@ -22,6 +22,7 @@ import selectors
 import signal
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,13 +30,14 @@ from typing import Any
 from branchbox.agent.wire import short_unix_path
 from branchbox.backends.container import cgroups as cg_mod
 from branchbox.backends.container import seccomp_policy, syscalls
-from branchbox.backends.container.child import MOUNT_DIR, BootRequest, HolderFds, run_holder
+from branchbox.backends.container.child import ROOT, STAGE, BootRequest, HolderFds, run_holder
 
 MAX_MESSAGE = 1 << 20
 MAX_IN_FLIGHT = 32  # boots advancing at once; further requests wait in order
 SPARES = 4  # shells kept ready (in their namespaces and cgroup) for the next boots
 MAX_SPARES = 16  # after a burst of N boots, N spares (at most this many) are kept ...
 BURST_MEMORY_S = 120.0  # ... for this long
+SPARE_NICE = 10  # spares are primed at low priority: they yield to users' work
 SPARE_PREFIX = "shell-"  # cgroup names of spare shells: shell-<zygote pid>-<n>
 AGENT_SOCKET = "agent.sock"
 AGENT_LOG = "agent.log"
@@ -59,28 +61,30 @@ def _close_fds(fds: dict[str, int], *names: str) -> None:
 
 @dataclass(slots=True)
 class _Shell:
-    """A holder in new namespaces and its own cgroup that takes a boot request once its id maps are written
-    (see ``child.run_holder``). Spares are made ahead of demand; a boot that finds none makes its own."""
+    """A primed sandbox without a root: a holder made its namespaces and cgroup, its init (pid 1) staged /proc,
+    /dev, /sys and /tmp and started the agent's loop (see ``child``). A boot request roots it on the request's
+    layers. Spares are made ahead of demand; a boot that finds none makes its own."""
 
     cgroup: str  # a spare's "shell-<zygote pid>-<n>", or the sandbox id it was made for
-    holder: int = 0
-    ready: bool = False
+    id_base: int
+    id_count: int
+    pid: int = 0  # the holder until the shell is ready, then the init
+    stage: str = "unshare"  # then "prime", then "ready"
+    data: bytes = b""
     fds: dict[str, int] = field(default_factory=dict)  # the zygote's ends: status_r, sync_r, go_w, ctl
 
 
 @dataclass(slots=True)
 class _Boot:
-    """One boot in flight. It advances when its holder or init writes to (or closes) a pipe."""
+    """One boot in flight. It advances when its shell writes to (or closes) a pipe or its control socket."""
 
     req: BootRequest
     sock_path: Path
     shell: _Shell | None = None
-    stage: str = "cgroup"  # then "shell" (waiting for its own new shell), "holder", "init"
-    init: int = 0
+    stage: str = "cgroup"  # then "shell" (waiting for its own new shell to be ready), "init" (for the ack)
     spare: bool = False  # runs on a claimed spare shell (which may have died while it waited)
     cgroup: str = ""  # the cgroup name to remove on failure
     cgroups: dict[str, str] = field(default_factory=dict)
-    data: bytes = b""
     phases: dict[str, float] = field(default_factory=dict)
     t: int = field(default_factory=time.perf_counter_ns)
 
@@ -92,8 +96,8 @@ class _Boot:
 
 class Zygote:
     """Boots sandboxes on shells. Boots overlap: each advances when its children report (``advance``), so a
-    burst (a fork of N, a pool refill) runs on every core; and ``spares`` shells wait ready, so a boot starts at
-    the layers, not at fork + unshare + cgroup attach (~3-5 ms here, with spikes of 10-20 ms under load)."""
+    burst (a fork of N, a pool refill) runs on every core; and ``spares`` primed shells wait, so a boot starts
+    at the layers: no fork, unshare, cgroup attach, kernel filesystems or agent start on its path."""
 
     def __init__(
         self,
@@ -101,13 +105,16 @@ class Zygote:
         seccomp_bpf: bytes,
         close_in_child: tuple[int, ...],
         *,
+        shell_dir: Path,
         spares: int = 0,
         id_base: int = 100000,
         id_count: int = 65536,
     ) -> None:
         self.cgroups = cgroups
         self.seccomp_bpf = seccomp_bpf
-        self.close_in_child = close_in_child
+        self.host_mnt_ns = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        self.close_in_child = (*close_in_child, self.host_mnt_ns)
+        self.shell_dir = shell_dir
         self.spares = spares  # the base number of spares; bursts raise the target for a while (``want``)
         self.target = spares
         self.burst_at = 0.0
@@ -123,13 +130,14 @@ class Zygote:
         shells = [*self.ready, *self.making, *(b.shell for b in self.booting if b.shell is not None)]
         return (*self.close_in_child, *(fd for sh in shells for fd in sh.fds.values()))
 
-    def _make_shell(self, cgroup: str, cpu: float, memory_mb: int, pids: int) -> _Shell:
+    def _make_shell(self, cgroup: str, cpu: float, memory_mb: int, pids: int, id_base: int, id_count: int,
+                    nice: int) -> _Shell:  # fmt: skip
         """Make the cgroup and fork a holder into it (it reports on sync_r once unshared)."""
         try:
             self.cgroups.create(cgroup, cpu, memory_mb, pids)
         except FileExistsError:
             raise BootFailure("cgroup", f"cgroup {cgroup} exists: destroy that sandbox first") from None
-        shell = _Shell(cgroup)
+        shell = _Shell(cgroup, id_base, id_count)
         child_side: list[int] = []
         try:
             status_r, status_w = os.pipe2(os.O_CLOEXEC)
@@ -144,10 +152,11 @@ class Zygote:
                 go_r=go_r,
                 ctl=child_side[-1],
                 close=(*self._zygote_fds(), *shell.fds.values()),
+                shell_dir=str(self.shell_dir),
             )
-            shell.holder = os.fork()
-            if shell.holder == 0:
-                run_holder(cgroup, fds, self.cgroups, self.seccomp_bpf)
+            shell.pid = os.fork()
+            if shell.pid == 0:
+                run_holder(cgroup, fds, self.cgroups, self.seccomp_bpf, nice=nice)
         except BaseException:
             self._discard(shell)
             raise
@@ -157,30 +166,52 @@ class Zygote:
                     os.close(fd)
         return shell
 
-    def _unshared(self, shell: _Shell, id_base: int, id_count: int) -> None:
-        """The holder has its namespaces: write its id maps and let it go on (it is ready then)."""
-        if os.read(shell.fds["sync_r"], 1) != b"u":
-            raw = _read_all(shell.fds["status_r"]).decode(errors="replace")
-            raise BootFailure(*_split(raw, "unshare")) if raw else BootFailure("unshare", "the holder exited")
-        idmap = f"0 {id_base} {id_count}\n"
-        _write(f"/proc/{shell.holder}/uid_map", idmap)
-        _write(f"/proc/{shell.holder}/setgroups", "deny")
-        _write(f"/proc/{shell.holder}/gid_map", idmap)
-        with contextlib.suppress(OSError):  # lowering needs CAP_SYS_RESOURCE on the host
-            _write(f"/proc/{shell.holder}/oom_score_adj", OOM_SCORE_ADJ_AGENT)
-        os.write(shell.fds["go_w"], b"g")
-        _close_fds(shell.fds, "go_w")
-        shell.ready = True
+    def _progress(self, shell: _Shell) -> bool:
+        """Read what the shell's holder or init wrote on sync_r; True once the shell is ready (primed).
+
+        Holder: b"u" once unshared (the id maps are written then), then "<init pid>\\n" and exit; init: b"r"
+        once primed, then it closes its end (EOF)."""
+        if shell.stage == "unshare":
+            if os.read(shell.fds["sync_r"], 1) != b"u":
+                raise self._died(shell, "unshare", "the holder exited")
+            idmap = f"0 {shell.id_base} {shell.id_count}\n"
+            _write(f"/proc/{shell.pid}/uid_map", idmap)
+            _write(f"/proc/{shell.pid}/setgroups", "deny")
+            _write(f"/proc/{shell.pid}/gid_map", idmap)
+            with contextlib.suppress(OSError):  # lowering needs CAP_SYS_RESOURCE on the host
+                _write(f"/proc/{shell.pid}/oom_score_adj", OOM_SCORE_ADJ_AGENT)
+            os.write(shell.fds["go_w"], b"g")
+            _close_fds(shell.fds, "go_w")
+            shell.stage = "prime"
+            return False
+        chunk = os.read(shell.fds["sync_r"], 64)
+        if chunk:
+            shell.data += chunk
+            return False
+        # The holder's "<pid>\n" and the init's b"r" come in either order (each write is atomic).
+        pid = shell.data.replace(b"r", b"").strip()
+        if b"r" not in shell.data or not pid.isdigit():
+            raise self._died(shell, "init", "the sandbox process exited without a message")
+        shell.pid, shell.data, shell.stage = int(pid), b"", "ready"  # the holder has exited (reaped by _reap)
+        _close_fds(shell.fds, "sync_r")
+        return True
+
+    @staticmethod
+    def _died(shell: _Shell, step: str, default: str) -> BootFailure:
+        """The failure a shell reported on its status pipe. Read without waiting: a failing process writes its
+        message before it exits, and a process that is still alive must not stall the zygote."""
+        raw = _read_available(shell.fds["status_r"]).decode(errors="replace")
+        return BootFailure(*_split(raw, step)) if raw else BootFailure(step, default)
 
     def _discard(self, shell: _Shell, *, remove_cgroup: bool = True) -> None:
         """Kill a shell that will not boot anything and remove its cgroup."""
         _close_fds(shell.fds)
-        if shell.holder:
+        if shell.pid:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(shell.holder, signal.SIGKILL)
+                os.kill(shell.pid, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
-                os.waitpid(shell.holder, 0)
-            shell.holder = 0
+                os.waitpid(shell.pid, 0)
+            shell.pid = 0
         if remove_cgroup:
             self._remove_cgroup(shell.cgroup)
 
@@ -198,33 +229,38 @@ class Zygote:
         return len(self.ready) + len(self.making) < self.target
 
     def make_spare(self) -> _Shell | None:
-        """Start one spare shell (default limits: a claim writes the sandbox's own)."""
+        """Start one spare shell (default limits, primed at low priority: a claim writes the sandbox's own)."""
         try:
-            shell = self._make_shell(f"{SPARE_PREFIX}{os.getpid()}-{next(self._count)}", 1.0, 512, 1024)
+            shell = self._make_shell(f"{SPARE_PREFIX}{os.getpid()}-{next(self._count)}", 1.0, 512, 1024,
+                                     self.id_base, self.id_count, SPARE_NICE)  # fmt: skip
         except (BootFailure, OSError):
             self.spares = self.target = 0  # this host refuses (e.g. no cgroup room): no spares from now on
             return None
         self.making.append(shell)
         return shell
 
-    def spare_unshared(self, shell: _Shell) -> None:
-        self.making.remove(shell)
+    def spare_progress(self, shell: _Shell) -> int | None:
+        """A spare's holder or init wrote: the fd to wait on next, or None once it is ready (or discarded)."""
         try:
-            self._unshared(shell, self.id_base, self.id_count)
+            if not self._progress(shell):
+                return shell.fds["sync_r"]
         except (BootFailure, OSError):
+            self.making.remove(shell)
             self._discard(shell)
-            return
+            return None
+        self.making.remove(shell)
         self.ready.append(shell)
+        return None
 
     def reaped(self, pids: set[int]) -> None:
         """Drop spare shells that died while they waited."""
-        for shell in [sh for sh in self.ready if sh.holder in pids]:
+        for shell in [sh for sh in self.ready if sh.pid in pids]:
             self.ready.remove(shell)
-            shell.holder = 0
+            shell.pid = 0
             self._discard(shell)
 
     def close(self) -> None:
-        """At exit: spare shells go (their holders read EOF or are killed), with their cgroups."""
+        """At exit: spare shells go (their inits read EOF or are killed), with their cgroups."""
         for shell in [*self.ready, *self.making]:
             self._discard(shell)
         self.ready.clear()
@@ -232,8 +268,8 @@ class Zygote:
 
     # -- boots -----------------------------------------------------------------------------------------
     def start(self, req: BootRequest) -> tuple[_Boot, dict[str, Any] | None]:
-        """Claim a ready spare (or make a shell for this boot). Returns the boot and, if it already failed or
-        was sent to a spare that failed, the reply."""
+        """Claim a ready spare (or make a shell for this boot). Returns the boot and, if it already failed, the
+        reply."""
         boot = _Boot(req, Path(req.run_dir) / AGENT_SOCKET)
         self.booting.append(boot)
         if self.spares and len(self.booting) > self.target:
@@ -242,10 +278,9 @@ class Zygote:
         try:
             spare = self._live_spare() if (req.uid_base, req.id_count) == (self.id_base, self.id_count) else None
             if spare is not None:
-                boot.stage = "cgroup"
                 boot.shell = spare
                 boot.cgroup = spare.cgroup  # until adopted: a failure removes the spare's
-                dirs = self.cgroups.adopt(spare.cgroup, req.sandbox_id, spare.holder, req.cpu, req.memory_mb,
+                dirs = self.cgroups.adopt(spare.cgroup, req.sandbox_id, spare.pid, req.cpu, req.memory_mb,
                                           req.pids)  # fmt: skip
                 spare.cgroup = boot.cgroup = req.sandbox_id
                 boot.cgroups = {k: str(v) for k, v in dirs.items()}
@@ -264,16 +299,16 @@ class Zygote:
             return boot, self._fail(boot, boot.stage, str(exc))
 
     def _live_spare(self) -> _Shell | None:
-        """A ready spare whose holder still waits (one that died meanwhile is discarded)."""
+        """A ready spare whose init still waits (one that died meanwhile is discarded)."""
         while self.ready:
             shell = self.ready.pop(0)
             try:
-                gone = os.waitpid(shell.holder, os.WNOHANG)[0] != 0
+                gone = os.waitpid(shell.pid, os.WNOHANG)[0] != 0
             except ChildProcessError:
                 gone = True
             if not gone:
                 return shell
-            shell.holder = 0
+            shell.pid = 0
             self._discard(shell)
         return None
 
@@ -288,14 +323,16 @@ class Zygote:
             boot.cgroup = ""
         boot.spare = False
         boot.stage = "cgroup"
-        boot.shell = self._make_shell(req.sandbox_id, req.cpu, req.memory_mb, req.pids)
+        boot.shell = self._make_shell(req.sandbox_id, req.cpu, req.memory_mb, req.pids, req.uid_base,
+                                      req.id_count, req.nice)  # fmt: skip
         boot.cgroup = req.sandbox_id
         boot.cgroups = {k: str(v) for k, v in self.cgroups.dirs(req.sandbox_id).items()}
         boot.lap("shell")
         boot.stage = "shell"
 
     def _send(self, boot: _Boot) -> None:
-        """Hand the boot request to the shell, with the agent's listening socket and log."""
+        """Hand the boot request to the ready shell, with the agent's listening socket and log and the layers
+        (opened here as host root: the sandbox uid need not reach them)."""
         boot.stage = "agent socket"
         req = boot.req
         assert boot.shell is not None
@@ -307,32 +344,44 @@ class Zygote:
             passed.append(listener.detach())
             _bind_listen(passed[0], boot.sock_path)
             passed.append(os.open(Path(req.run_dir) / AGENT_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC))
-            mnt = Path(req.run_dir) / MOUNT_DIR
-            (mnt / "root").mkdir(parents=True, exist_ok=True)
-            os.chmod(mnt, 0o711)  # noqa: S103 - the sandbox uid must search it to reach the mount point
+            boot.stage = "open layers"
+            with self._in_mount_ns(boot.shell.pid):  # overlayfs takes only layers of the mounter's namespace
+                passed += [_open_dir(p, "lower layer") for p in req.layers]
+                passed += [_open_dir(req.upper_dir, "upper dir"), _open_dir(req.work_dir, "work dir")]
             boot.stage = "request"
-            ctl = socket.socket(fileno=boot.shell.fds.pop("ctl"))
-            try:
+            with contextlib.suppress(OSError):  # the spare was primed at low priority
+                os.setpriority(os.PRIO_PROCESS, boot.shell.pid, req.nice)
+            with _borrowed(boot.shell.fds["ctl"]) as ctl:
                 socket.send_fds(ctl, [json.dumps(dataclasses.asdict(req)).encode()], passed)
-            finally:
-                ctl.close()
         finally:
             for fd in passed:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         boot.lap("request")
-        boot.stage = "holder"
+        boot.stage = "init"
+
+    @contextlib.contextmanager
+    def _in_mount_ns(self, pid: int) -> Iterator[None]:
+        """Run the block in the mount namespace of ``pid`` (still as host root), then back in the host's."""
+        fd = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            syscalls.setns(fd, syscalls.CLONE_NEWNS)
+        finally:
+            os.close(fd)
+        try:
+            yield
+        finally:
+            syscalls.setns(self.host_mnt_ns, syscalls.CLONE_NEWNS)
 
     def waiting_on(self, boot: _Boot) -> int:
         """The fd whose readability moves ``boot`` on."""
         assert boot.shell is not None
-        return boot.shell.fds["status_r" if boot.stage == "init" else "sync_r"]
+        return boot.shell.fds["ctl" if boot.stage == "init" else "sync_r"]
 
     def advance(self, boot: _Boot) -> dict[str, Any] | None:
-        """Read what the boot's children wrote; return the reply once the boot is over, else None."""
-        step = {"shell": self._own_shell, "holder": self._holder_said, "init": self._init_said}[boot.stage]
+        """Read what the boot's shell wrote; return the reply once the boot is over, else None."""
         try:
-            return step(boot)
+            return self._own_shell(boot) if boot.stage == "shell" else self._init_said(boot)
         except BootFailure as exc:
             return self._fail(boot, exc.step, exc.message)
         except Exception as exc:  # any failure is reported to the daemon
@@ -340,49 +389,37 @@ class Zygote:
 
     def _own_shell(self, boot: _Boot) -> dict[str, Any] | None:
         assert boot.shell is not None
-        self._unshared(boot.shell, boot.req.uid_base, boot.req.id_count)
-        boot.lap("unshare")
-        self._send(boot)
-        return None
-
-    def _holder_said(self, boot: _Boot) -> dict[str, Any] | None:
-        """The holder writes the init's pid, then exits (EOF)."""
-        assert boot.shell is not None
-        chunk = os.read(boot.shell.fds["sync_r"], 64)
-        if chunk:
-            boot.data += chunk
-            return None
-        if not boot.data:
-            raw = _read_all(boot.shell.fds["status_r"]).decode(errors="replace")
-            if not raw and boot.spare:  # a spare killed before it read the request: once more on a new shell
-                self._own_shell_instead(boot)
-                return None
-            step, message = _split(raw, "holder") if raw else ("holder", "the sandbox process exited without a message")
-            return self._fail(boot, step, message)
-        boot.init, boot.data = int(boot.data), b""
-        boot.shell.holder = 0  # it has exited; the SIGCHLD handler reaps it
-        _close_fds(boot.shell.fds, "sync_r")
-        boot.lap("holder")
-        boot.stage = "init"
+        stage = boot.shell.stage
+        if self._progress(boot.shell):
+            boot.lap("prime")
+            self._send(boot)
+        elif stage == "unshare":
+            boot.lap("unshare")
         return None
 
     def _init_said(self, boot: _Boot) -> dict[str, Any] | None:
-        """EOF on the status pipe without a message: the agent runs. A message: the step that failed."""
-        assert boot.shell is not None
-        chunk = os.read(boot.shell.fds["status_r"], 4096)
-        if chunk:
-            boot.data += chunk
-            return None
-        if boot.data:
-            return self._fail(boot, *_split(boot.data.decode(errors="replace"), "init"))
-        start_time = syscalls.pid_start_time(boot.init)
+        """The init answers b"ok" once rooted (the agent serves then); EOF: it failed (see its status pipe)."""
+        shell = boot.shell
+        assert shell is not None
+        with _borrowed(shell.fds["ctl"]) as ctl:
+            try:
+                answer = ctl.recv(64)
+            except ConnectionResetError:  # it died with the request unread
+                answer = b""
+        if answer != b"ok":
+            failure = self._died(shell, "init", "the sandbox process exited without a message")
+            if boot.spare and failure.message.startswith("the sandbox process exited"):
+                self._own_shell_instead(boot)  # a spare killed before it took the request: once more
+                return None
+            raise failure
+        start_time = syscalls.pid_start_time(shell.pid)
         boot.lap("init")
-        _close_fds(boot.shell.fds)
+        _close_fds(shell.fds)
         self.booting.remove(boot)
         return {
             "ok": True,
             "sandbox_id": boot.req.sandbox_id,
-            "pid": boot.init,
+            "pid": shell.pid,
             "start_time": start_time,
             "cgroups": boot.cgroups,
             "phases": boot.phases,
@@ -391,11 +428,6 @@ class Zygote:
     def _fail(self, boot: _Boot, step: str, message: str) -> dict[str, Any]:
         if boot in self.booting:
             self.booting.remove(boot)
-        if boot.init:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(boot.init, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(boot.init, 0)
         if boot.shell is not None:
             self._discard(boot.shell, remove_cgroup=False)
         if boot.cgroup:
@@ -403,6 +435,23 @@ class Zygote:
         with contextlib.suppress(FileNotFoundError):
             boot.sock_path.unlink()
         return {"ok": False, "sandbox_id": boot.req.sandbox_id, "step": step, "error": message}
+
+
+@contextlib.contextmanager
+def _borrowed(fd: int) -> Iterator[socket.socket]:
+    """A socket object over ``fd`` that leaves it open (the fd stays owned by a shell's ``fds``)."""
+    sock = socket.socket(fileno=fd)
+    try:
+        yield sock
+    finally:
+        sock.detach()
+
+
+def _open_dir(path: str, what: str) -> int:
+    try:
+        return os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise OSError(exc.errno, f"{what} {path}: {exc.strerror}") from None
 
 
 def _bind_listen(fd: int, path: Path) -> None:
@@ -424,10 +473,12 @@ def _write(path: str, value: str) -> None:
         os.close(fd)
 
 
-def _read_all(fd: int) -> bytes:
+def _read_available(fd: int) -> bytes:
+    os.set_blocking(fd, False)
     chunks = []
-    while chunk := os.read(fd, 65536):
-        chunks.append(chunk)
+    with contextlib.suppress(BlockingIOError):
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
     return b"".join(chunks)
 
 
@@ -520,7 +571,8 @@ def serve(ctl: socket.socket, zygote: Zygote) -> None:
                     kind, msg_id, obj = key.data
                     sel.unregister(key.fd)
                     if kind == "spare":
-                        zygote.spare_unshared(obj)
+                        if (fd := zygote.spare_progress(obj)) is not None:
+                            sel.register(fd, selectors.EVENT_READ, key.data)
                     else:
                         watch(msg_id, obj, zygote.advance(obj))
             zygote.reaped(_reap())
@@ -541,10 +593,20 @@ def preload_agent() -> None:
             importlib.import_module(name)
 
 
+def make_shell_dir(path: Path) -> None:
+    """The shells' cwd: searchable (not listable) by sandbox uids, with the empty mount points ROOT and STAGE."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o711)  # noqa: S103 - the init (uid 0 of its user namespace) looks up the mount points
+    for name in (ROOT, STAGE):
+        (path / name).mkdir(exist_ok=True)
+        os.chmod(path / name, 0o755)  # noqa: S103 - an empty mount point
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="branchbox-zygote")
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--parent", default="branchbox")
+    parser.add_argument("--shell-dir", type=Path, required=True, help="where shells mount their root (made here)")
     parser.add_argument("--spares", type=int, default=SPARES, help="shells kept ready for the next boots")
     parser.add_argument("--id-base", type=int, default=100000, help="host uid/gid of root in spare shells")
     parser.add_argument("--id-count", type=int, default=65536)
@@ -562,6 +624,7 @@ def main(argv: list[str] | None = None) -> int:
         gc.freeze()
         cgroups = cg_mod.detect(args.parent)
         cgroups.ensure_parents()
+        make_shell_dir(args.shell_dir)
     except (OSError, ImportError) as exc:
         ctl.send(json.dumps({"op": "ready", "ok": False, "error": str(exc)}).encode())
         return 1
@@ -574,8 +637,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     ctl.send(json.dumps(ready).encode())
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-        zygote = Zygote(cgroups, bpf, (ctl.fileno(),), spares=args.spares, id_base=args.id_base,
-                        id_count=args.id_count)  # fmt: skip
+        zygote = Zygote(cgroups, bpf, (ctl.fileno(),), shell_dir=args.shell_dir, spares=args.spares,
+                        id_base=args.id_base, id_count=args.id_count)  # fmt: skip
         serve(ctl, zygote)
     return 0
 
