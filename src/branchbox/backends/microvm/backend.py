@@ -43,6 +43,7 @@ class MicroVMConfig:
     templated: bool = True  # creates restore a memory template instead of booting
     pool_size: int = 1  # QEMU processes kept waiting in -incoming defer per memory template
     boot_timeout: float = 120.0  # cold boot to agent HELLO (TCG is slow)
+    tcg_aslr: bool = False  # keep guest ASLR under TCG (every process start then retranslates its libraries)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +119,7 @@ class MicroVMBackend:
     async def machine(self, vcpus: int, memory_mb: int) -> qemu.Machine:
         g, acc = await self.guest()
         return qemu.Machine(vcpus=vcpus, memory_mb=memory_mb, accel=acc.name, kernel=g.kernel, initrd=g.initrd,
-                            cmdline=accel_mod.guest_cmdline(acc.name))  # fmt: skip
+                            cmdline=accel_mod.guest_cmdline(acc.name, tcg_aslr=self.config.tcg_aslr))  # fmt: skip
 
     def paths(self, vmid: str) -> qemu.VmPaths:
         return qemu.VmPaths(dir=self.run_root / vmid, ram=self.shm / f"{vmid}.ram")
@@ -199,8 +200,7 @@ class MicroVMBackend:
         else:
             vmid, pid, q = slot.vmid, slot.pid, slot.qmp
             if nice == 0:
-                with contextlib.suppress(ProcessLookupError):
-                    os.setpriority(os.PRIO_PROCESS, pid, 0)
+                qemu.set_nice(pid, 0)
         try:
             (self.paths(vmid).dir / "owner").write_text(sid)
             self._qmp[sid] = q
@@ -374,8 +374,7 @@ class MicroVMBackend:
         await qemu.wait_exit(handle.pid, handle.pid_start_time)
 
     def foreground(self, handle: SandboxHandle) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.setpriority(os.PRIO_PROCESS, handle.pid, 0)
+        qemu.set_nice(handle.pid, 0)
 
     def set_hostname(self, handle: SandboxHandle, hostname: str) -> None:
         raise NotSupportedError("a microVM's hostname is set through its agent (identity), not by the backend")

@@ -10,11 +10,13 @@ from branchbox.backends.microvm.backend import MicroVMConfig
 
 def config_from_env(data_dir: Path) -> MicroVMConfig:
     """``BRANCHBOX_VM_CACHE`` (kernel, initrd, ext4 images; default ``DATA/vm``), ``BRANCHBOX_VM_TEMPLATED``
-    (``0``: every create boots), ``BRANCHBOX_VM_POOL`` (QEMUs waiting in -incoming defer per memory template)."""
+    (``0``: every create boots), ``BRANCHBOX_VM_POOL`` (QEMUs waiting in -incoming defer per memory template),
+    ``BRANCHBOX_VM_TCG_ASLR`` (``1``: keep guest address space randomisation under TCG; see ``accel``)."""
     cache = Path(os.environ.get("BRANCHBOX_VM_CACHE") or data_dir / "vm")
     return MicroVMConfig(
         data_dir=data_dir,
         cache_dir=cache,
         templated=os.environ.get("BRANCHBOX_VM_TEMPLATED", "1") != "0",
         pool_size=int(os.environ.get("BRANCHBOX_VM_POOL", "1")),
+        tcg_aslr=os.environ.get("BRANCHBOX_VM_TCG_ASLR", "0") == "1",
     )

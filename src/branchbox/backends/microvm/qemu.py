@@ -8,6 +8,7 @@ appear. QEMU runs in its own session, so it outlives a daemon restart and is re-
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
 import socket
@@ -36,7 +37,9 @@ class Machine:
     cmdline: str
 
     def key(self) -> str:
-        return f"{self.accel}-{self.vcpus}c-{self.memory_mb}m-{self.initrd.stem}"
+        """Names a memory template: a saved guest kernel keeps the command line it booted with."""
+        boot = hashlib.sha256(self.cmdline.encode()).hexdigest()[:8]
+        return f"{self.accel}-{self.vcpus}c-{self.memory_mb}m-{self.initrd.stem}.{boot}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,9 +137,20 @@ def spawn(argv: Sequence[str], paths: VmPaths, *, nice: int = 0) -> int:
         qmp.close()
         agent.close()
     if nice:
-        with contextlib.suppress(ProcessLookupError):
-            os.setpriority(os.PRIO_PROCESS, pid, nice)
+        set_nice(pid, nice)
     return pid
+
+
+def set_nice(pid: int, nice: int) -> None:
+    """Set the nice value of every thread of ``pid``: a QEMU started at nice 10 made its vCPU threads with it,
+    and ``setpriority(PRIO_PROCESS, pid)`` changes the main thread only (Linux priorities are per thread)."""
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except FileNotFoundError:
+        return
+    for tid in tids:
+        with contextlib.suppress(ProcessLookupError):
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
 
 
 def start_time(pid: int) -> int | None:
