@@ -25,7 +25,7 @@ from branchbox.agent.client import AgentClient
 from branchbox.agent.wire import VsockAddress
 from branchbox.backends.base import BootSpec, Capabilities, SandboxHandle
 from branchbox.backends.microvm import accel as accel_mod
-from branchbox.backends.microvm import image, memfile, qemu, vsock
+from branchbox.backends.microvm import image, memfile, qemu, tplcache, vsock
 from branchbox.backends.microvm.qmp import QMP
 from branchbox.backends.microvm.vmpool import IncomingPool, Slot
 from branchbox.core.timing import PhaseTimer
@@ -100,7 +100,19 @@ class MicroVMBackend:
     async def start(self) -> None:
         self.run_root.mkdir(parents=True, exist_ok=True)
         self.shm.mkdir(mode=0o700, parents=True, exist_ok=True)
+        await asyncio.to_thread(tplcache.register_user, self.config.cache_dir, self.config.data_dir)
+        await self.sweep_templates()
         self._started = True
+
+    async def sweep_templates(self) -> None:
+        """Remove memory-template generations no VM can start from and no disk chain uses (see tplcache)."""
+        try:
+            gone = await asyncio.to_thread(tplcache.sweep, self.config.cache_dir, self.template_shm)
+        except OSError:
+            log.exception("sweeping old memory templates in %s failed", self.config.cache_dir)
+            return
+        for d in gone:
+            log.info("removed the old memory template %s/%s", d.parent.name, d.name)
 
     async def aclose(self) -> None:
         for pool in self._pools.values():
@@ -321,6 +333,7 @@ class MicroVMBackend:
             tmp_link.rename(current)
             for stale in memfile.remove_stale_templates(self.template_shm, key):
                 log.info("removed the memory template %s (built for another guest image)", stale.name)
+            await self.sweep_templates()  # their disks too, once no VM or snapshot uses them
         return saved
 
     async def _build_template(self, base: Path, m: qemu.Machine, saved: Saved) -> None:
