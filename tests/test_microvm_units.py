@@ -117,6 +117,7 @@ def test_old_memory_template_disks_go_when_nothing_uses_them(tmp_path: Path) -> 
     assert not (mt / "k3").exists()  # nothing left of that key, its current link included
     assert live.is_dir() and pinned.is_dir() and building.is_dir()
     assert tplcache.users(cache) == [data]  # the removed data dir's registration is gone
+    assert len(list((mt / ".users").iterdir())) == 1
     assert tplcache.sweep(cache, shm, grace_s=0) == [held]
     for layer in ("a", "b"):  # the snapshot's chain stays whole
         subprocess.run(["qemu-img", "info", "--backing-chain", str(data / "layers" / layer / "disk.qcow2")],

@@ -32,14 +32,16 @@ def root(cache: Path) -> Path:
 
 
 def register_user(cache: Path, data_dir: Path) -> None:
-    """Record that ``data_dir`` has VMs and layers on this cache's templates (idempotent)."""
-    users = root(cache) / ".users"
-    users.mkdir(parents=True, exist_ok=True)
+    """Record that ``data_dir`` has VMs and layers on this cache's templates (idempotent; drops the records of
+    data dirs that are gone)."""
+    d = root(cache) / ".users"
+    d.mkdir(parents=True, exist_ok=True)
+    users(cache)
     st = os.stat(data_dir)
-    link = users / f"{st.st_dev:x}-{st.st_ino:x}"
+    link = d / f"{st.st_dev:x}-{st.st_ino:x}"
     if os.path.islink(link) and os.readlink(link) == str(data_dir):
         return
-    tmp = users / f".{link.name}.{os.getpid()}"
+    tmp = d / f".{link.name}.{os.getpid()}"
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
     tmp.symlink_to(data_dir)
