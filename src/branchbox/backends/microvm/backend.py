@@ -367,7 +367,7 @@ class MicroVMBackend:
 
         Under TCG a restored VM is a new QEMU process whose translation cache is empty: the first commands are
         translated (and their translated blocks chained) as they run. Measured on a warm pool member: the first
-        user command took ~25 ms after the Manager's one warm-up command, ~15 ms after WARM_UP_EXECS more (the
+        user command took ~25 ms after the Manager's one warm-up command, ~17 ms after WARM_UP_EXECS more (the
         same as every later one). Nothing of it survives in the guest's memory, so the template VM cannot do it
         once for every clone."""
         agent = await AgentClient.connect(handle.agent_address, timeout=self.config.boot_timeout, open_session=True)
