@@ -137,10 +137,18 @@ def test_memory_template_key_covers_the_kernel_command_line() -> None:
     assert a.key().rsplit("-", 1)[0] == b.key().rsplit("-", 1)[0] == "tcg-1c-256m"
 
 
-def test_tcg_guests_run_without_aslr_unless_asked() -> None:
+def test_tcg_guests_run_without_aslr_where_it_is_expensive() -> None:
     assert "norandmaps" in accel.guest_cmdline("tcg").split()
     assert "norandmaps" not in accel.guest_cmdline("tcg", tcg_aslr=True).split()
     assert "norandmaps" not in accel.guest_cmdline("kvm").split()
+    assert not accel.keeps_aslr(None, (7, 2)) and accel.keeps_aslr(None, (10, 0))
+    assert accel.keeps_aslr(True, (7, 2)) and not accel.keeps_aslr(False, (10, 1))
+
+
+@pytest.mark.skipif(not shutil.which(qemu.QEMU), reason="qemu-system-x86_64 is not installed (make apt)")
+def test_qemu_version_is_read() -> None:
+    assert qemu.version() >= (7, 0)
+    assert qemu.version("/bin/false") == (0, 0)
 
 
 def test_set_nice_reaches_every_thread() -> None:

@@ -47,7 +47,7 @@ class MicroVMConfig:
     templated: bool = True  # creates restore a memory template instead of booting
     pool_size: int = 1  # QEMU processes kept waiting in -incoming defer per memory template
     boot_timeout: float = 120.0  # cold boot to agent HELLO (TCG is slow)
-    tcg_aslr: bool = False  # keep guest ASLR under TCG (every process start then retranslates its libraries)
+    tcg_aslr: bool | None = None  # keep guest ASLR under TCG; None: only on QEMU >= 10 (see accel.keeps_aslr)
     agent_channel: str = "auto"  # "vsock" | "serial" | "auto": vsock when the host has vhost-vsock (vsock.probe)
 
 
@@ -91,6 +91,7 @@ class MicroVMBackend:
         self._guest: image.GuestImages | None = None
         self._accel: accel_mod.Accel | None = None
         self._channel = "serial"
+        self._aslr = False
         self._qmp: dict[str, QMP] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._pools: dict[str, IncomingPool] = {}
@@ -133,6 +134,8 @@ class MicroVMBackend:
                 self._channel = self.agent_channel()
                 g = await asyncio.to_thread(image.ensure_guest, self.config.cache_dir, vsock=self._channel == "vsock")
                 self._accel = await accel_mod.choose(self.config.cache_dir, g)
+                if self._accel.name == "tcg":
+                    self._aslr = accel_mod.keeps_aslr(self.config.tcg_aslr, await asyncio.to_thread(qemu.version))
                 self._guest = g
             return self._guest, self._accel
 
@@ -153,7 +156,7 @@ class MicroVMBackend:
         g, acc = await self.guest()
         extra = f"bb.vsock={vsock.AGENT_PORT}" if self._channel == "vsock" else ""
         return qemu.Machine(vcpus=vcpus, memory_mb=memory_mb, accel=acc.name, kernel=g.kernel, initrd=g.initrd,
-                            cmdline=accel_mod.guest_cmdline(acc.name, extra, tcg_aslr=self.config.tcg_aslr),
+                            cmdline=accel_mod.guest_cmdline(acc.name, extra, tcg_aslr=self._aslr),
                             agent=self._channel)  # fmt: skip
 
     def spawn_vm(self, vmid: str, m: qemu.Machine, *, incoming: bool, nice: int = 0) -> int:

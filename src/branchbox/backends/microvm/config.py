@@ -12,7 +12,8 @@ from branchbox.errors import BackendError
 def config_from_env(data_dir: Path) -> MicroVMConfig:
     """``BRANCHBOX_VM_CACHE`` (kernel, initrd, ext4 images; default ``DATA/vm``), ``BRANCHBOX_VM_TEMPLATED``
     (``0``: every create boots), ``BRANCHBOX_VM_POOL`` (QEMUs waiting in -incoming defer per memory template),
-    ``BRANCHBOX_VM_TCG_ASLR`` (``1``: keep guest address space randomisation under TCG; see ``accel``),
+    ``BRANCHBOX_VM_TCG_ASLR`` (``1``/``0``: keep/drop guest address space randomisation under TCG; unset: keep
+    it only on QEMU >= 10, see ``accel``),
     ``BRANCHBOX_VM_AGENT`` (``vsock`` | ``serial`` | ``auto``: the agent channel; auto = vsock when the host has
     vhost-vsock)."""
     cache = Path(os.environ.get("BRANCHBOX_VM_CACHE") or data_dir / "vm")
@@ -24,6 +25,6 @@ def config_from_env(data_dir: Path) -> MicroVMConfig:
         cache_dir=cache,
         templated=os.environ.get("BRANCHBOX_VM_TEMPLATED", "1") != "0",
         pool_size=int(os.environ.get("BRANCHBOX_VM_POOL", "1")),
-        tcg_aslr=os.environ.get("BRANCHBOX_VM_TCG_ASLR", "0") == "1",
+        tcg_aslr={"1": True, "0": False}.get(os.environ.get("BRANCHBOX_VM_TCG_ASLR", "")),
         agent_channel=channel,
     )

@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import signal
 import socket
+import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +73,16 @@ class VmPaths:
     @property
     def log(self) -> Path:
         return self.dir / "qemu.log"
+
+
+def version(binary: str = QEMU) -> tuple[int, int]:
+    """QEMU's (major, minor) from ``--version`` ((0, 0) when it cannot be read)."""
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, check=False, timeout=30).stdout.decode()
+    except (OSError, subprocess.TimeoutExpired):
+        return (0, 0)
+    found = re.search(r"version (\d+)\.(\d+)", out)
+    return (int(found[1]), int(found[2])) if found else (0, 0)
 
 
 def command(m: Machine, paths: VmPaths, *, incoming: bool, vsock_cid: int | None = None) -> list[str]:
