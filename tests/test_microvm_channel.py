@@ -198,3 +198,13 @@ async def test_vsock_connect_to_nobody_is_an_agent_error() -> None:
     with pytest.raises((AgentDisconnectedError, TimeoutError_)) as info:
         await AgentClient.connect(wire.VsockAddress(1, 52522), timeout=3)
     assert "vsock 1:52522" in str(info.value)
+
+
+def test_a_cid_claim_on_something_else_than_vhost_vsock_is_a_backend_error() -> None:
+    fd = os.open("/dev/null", os.O_RDWR)
+    try:
+        with pytest.raises(BackendError, match="cannot set a guest CID"):
+            vsock._claim(fd)  # the real ioctl, refused by a device that is not vhost-vsock
+    finally:
+        os.close(fd)
+    assert vsock.device_args(7, 4) == ["-device", "vhost-vsock-device,guest-cid=7,vhostfd=4"]
