@@ -263,3 +263,35 @@ def test_sdk_create_microvm_through_the_api(daemon_factory: Any) -> None:
     d.destroy_all()
     d.stop()
     assert qemu_pids(d.data_dir) == []
+
+
+async def test_agent_over_vsock(default_template: Any, vm_data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hosts with vhost-vsock: the agent on a vsock port of a per-VM guest CID, the same protocol; restores and
+    forks get CIDs of their own and keep serving."""
+    from branchbox.agent.wire import VsockAddress
+    from branchbox.backends.microvm import vsock
+
+    why = vsock.probe()
+    if why is not None:
+        pytest.skip(f"no vhost-vsock on this host: {why}")
+    monkeypatch.setenv("BRANCHBOX_VM_AGENT", "vsock")
+    async with Manager.open(make_settings(vm_data_dir, default_backend="microvm")) as m:
+        a, b = await asyncio.gather(*(m.create(backend="microvm", memory_mb=256) for _ in range(2)))
+        addrs = [m._live[i.id].handle.agent_address for i in (a, b)]
+        assert all(isinstance(x, VsockAddress) for x in addrs) and addrs[0] != addrs[1]
+        for i in (a, b):
+            argv = Path(f"/proc/{m._live[i.id].handle.pid}/cmdline").read_bytes().split(b"\0")
+            assert any(x.startswith(b"vhost-vsock-device,guest-cid=") for x in argv)
+            assert not any(b"virtserialport" in x for x in argv)
+        r = await m.exec(a.id, "echo over-vsock; hostname")
+        assert r.stdout.decode().split() == ["over-vsock", a.hostname]
+        n = await _counter(m, a.id)
+        kids = await m.fork(a.id, count=2)
+        for k in kids:
+            assert isinstance(k, SandboxInfo)
+            assert m._live[k.id].handle.agent_address not in addrs
+            await _count(m, k.id, above=n)
+            await m.destroy(k.id)
+        await m.destroy(a.id)
+        await m.destroy(b.id)
+    assert leftovers(vm_data_dir) == []

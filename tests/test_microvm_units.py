@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from branchbox.backends.microvm import image, memfile
+from branchbox.backends.microvm import image, memfile, tplcache
 from branchbox.errors import BackendError
 
 
@@ -78,3 +78,49 @@ def test_a_new_guest_image_drops_the_old_memory_templates_of_the_same_shape(tmp_
     gone = memfile.remove_stale_templates(tmp_path, key)
     assert [g.name for g in gone] == [names[1]]
     assert sorted(f.name for f in tmp_path.iterdir()) == sorted([names[0], names[2], names[3]])
+
+
+def _qcow2(path: Path, backing: Path | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2"]
+    argv += ["-F", "qcow2", "-b", str(backing)] if backing is not None else []
+    subprocess.run([*argv, str(path), "16M"], check=True)
+
+
+@pytest.mark.skipif(not shutil.which("qemu-img"), reason="qemu-img is not installed (make apt: qemu-utils)")
+def test_old_memory_template_disks_go_when_nothing_uses_them(tmp_path: Path) -> None:
+    cache, shm, data, gone_data = tmp_path / "cache", tmp_path / "shm", tmp_path / "data", tmp_path / "gone"
+    for d in (shm, data, gone_data):
+        d.mkdir()
+    mt = tplcache.root(cache)
+    live, pinned, held, old = mt / "k1" / "g1", mt / "k1" / "g0", mt / "k2" / "g2", mt / "k3" / "g3"
+    for g in (live, pinned, held, old):
+        _qcow2(g / "disk.qcow2")
+        (g / "state").write_bytes(b"s")
+    (mt / "k3" / "current").symlink_to("g3")
+    building = mt / "k1" / ".g4.tpl-1"
+    building.mkdir()
+    (shm / "k1-g1.ram").write_bytes(b"r")  # the only generation a VM can still start from
+    # a memory snapshot of a VM restored from k1/g0: layer -> layer -> template disk
+    _qcow2(data / "layers" / "a" / "disk.qcow2", pinned / "disk.qcow2")
+    _qcow2(data / "layers" / "b" / "disk.qcow2", data / "layers" / "a" / "disk.qcow2")
+    tplcache.register_user(cache, data)
+    tplcache.register_user(cache, data)  # idempotent
+    tplcache.register_user(cache, gone_data)
+    gone_data.rmdir()
+    with open(held / "disk.qcow2", "rb"):  # as a running QEMU holds its overlay's backing file
+        assert tplcache.sweep(cache, shm) == []  # the first sweep only marks: something may be starting on it
+        assert (old / tplcache.UNUSED).is_file() and not (held / tplcache.UNUSED).exists()
+        removed = tplcache.sweep(cache, shm, grace_s=0)
+        assert removed == [old]
+        assert held.is_dir()
+    assert not (mt / "k3").exists()  # nothing left of that key, its current link included
+    assert live.is_dir() and pinned.is_dir() and building.is_dir()
+    assert tplcache.users(cache) == [data]  # the removed data dir's registration is gone
+    assert len(list((mt / ".users").iterdir())) == 1
+    assert tplcache.sweep(cache, shm, grace_s=0) == [held]
+    for layer in ("a", "b"):  # the snapshot's chain stays whole
+        subprocess.run(["qemu-img", "info", "--backing-chain", str(data / "layers" / layer / "disk.qcow2")],
+                       check=True, capture_output=True)  # fmt: skip
+    assert tplcache.backing_file(data / "layers" / "b" / "disk.qcow2") == data / "layers" / "a" / "disk.qcow2"
+    assert tplcache.backing_file(live / "state") is None

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import secrets
+import socket
 import time
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
@@ -440,6 +441,18 @@ class ProcessHandle:
         self._ended = True
 
 
+async def _vsock_connect(address: wire.VsockAddress) -> socket.socket:
+    """A connected AF_VSOCK stream to ``address`` (OSError when nobody listens there yet)."""
+    sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (address.cid, address.port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class AgentClient:
     """One connection to one agent. Create with :meth:`connect`; close with :meth:`aclose`."""
 
@@ -448,17 +461,24 @@ class AgentClient:
         self.hello: dict[str, object] = hello
 
     @classmethod
-    async def connect(cls, socket_path: Path, *, timeout: float = 10.0, open_session: bool = False) -> AgentClient:
+    async def connect(
+        cls, address: Path | wire.VsockAddress, *, timeout: float = 10.0, open_session: bool = False
+    ) -> AgentClient:
         """Connect and wait for the agent's HELLO (the agent may still be starting).
 
-        ``open_session``: the stream is a character device relayed by a VMM (virtio-serial), not an accepted
+        ``address``: a unix socket, or an AF_VSOCK address (a microVM on a host with vhost-vsock).
+        ``open_session``: the stream may be a character device relayed by a VMM (virtio-serial), not an accepted
         connection: send HELLO first (with a nonce) and wait for the agent's HELLO echoing it."""
         loop = asyncio.get_running_loop()
         conn = _Connection(loop)
+        where = f"vsock {address}" if isinstance(address, wire.VsockAddress) else str(address)
         try:
             async with asyncio.timeout(timeout):
-                with wire.short_unix_path(socket_path) as path:
-                    await loop.create_unix_connection(lambda: conn, path)
+                if isinstance(address, wire.VsockAddress):
+                    await loop.create_connection(lambda: conn, sock=await _vsock_connect(address))
+                else:
+                    with wire.short_unix_path(address) as path:
+                        await loop.create_unix_connection(lambda: conn, path)
                 if open_session:
                     conn.nonce = secrets.token_hex(8)
                     conn.write(wire.encode_json(wire.HELLO, 0, {"nonce": conn.nonce}))
@@ -468,10 +488,10 @@ class AgentClient:
                 conn.closing = True
                 conn.transport.abort()
             raise TimeoutError_(
-                f"no HELLO from the agent on {socket_path} within {timeout} s: is the sandbox running?"
+                f"no HELLO from the agent on {where} within {timeout} s: is the sandbox running?"
             ) from None
         except OSError as exc:
-            raise AgentDisconnectedError(f"cannot connect to the agent on {socket_path}: {exc}") from exc
+            raise AgentDisconnectedError(f"cannot connect to the agent on {where}: {exc}") from exc
         if hello.get("protocol") != wire.PROTOCOL_VERSION:
             conn.closing = True
             if conn.transport is not None:

@@ -11,7 +11,7 @@ import json
 import os
 import struct
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 PROTOCOL_VERSION = 1
 
@@ -155,3 +155,18 @@ def short_unix_path(path: str | os.PathLike[str]) -> Iterator[str]:
         yield f"/proc/self/fd/{fd}/{name}"
     finally:
         os.close(fd)
+
+
+class VsockAddress(NamedTuple):
+    """Where an agent listens on AF_VSOCK (a microVM on a host with vhost-vsock); text form ``CID:PORT``."""
+
+    cid: int
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.cid}:{self.port}"
+
+    @classmethod
+    def parse(cls, text: str) -> VsockAddress:
+        cid, _, port = text.partition(":")
+        return cls(int(cid), int(port))

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from branchbox.agent.wire import VsockAddress
 from branchbox.core.models import Resources
 from branchbox.core.timing import PhaseTimer
 
@@ -69,6 +70,13 @@ class SandboxHandle:
     pid_start_time: int  # from /proc/PID/stat field 22; guards against pid reuse after a restart
     agent_socket: Path
     extra: Mapping[str, str] = field(default_factory=dict)  # backend-specific (cgroup paths, ...)
+
+    @property
+    def agent_address(self) -> Path | VsockAddress:
+        """Where to connect to the agent: ``agent_socket``, or ``extra["agent_vsock"]`` (``CID:PORT``) for a
+        microVM whose agent listens on vsock."""
+        vsock = self.extra.get("agent_vsock")
+        return self.agent_socket if vsock is None else VsockAddress.parse(vsock)
 
 
 class Backend(Protocol):

@@ -1228,7 +1228,7 @@ class Manager:
         return self.settings.data_dir / "sandboxes" / sandbox_id
 
     async def _connect_agent(self, be: Backend, handle: SandboxHandle) -> AgentClient:
-        return await AgentClient.connect(handle.agent_socket, timeout=self.settings.agent_connect_timeout,
+        return await AgentClient.connect(handle.agent_address, timeout=self.settings.agent_connect_timeout,
                                          open_session=be.capabilities.agent_session)  # fmt: skip
 
     async def _backend(self, kind: str) -> Backend:

@@ -5,8 +5,11 @@ emulation failures. So a short probe boot (the real kernel and initrd with ``bb.
 and powers off) decides, once per host: the verdict is cached in ``<cache>/accel.json`` keyed by host kernel,
 QEMU binary and CPU flags. ``BRANCHBOX_VM_ACCEL=kvm|tcg`` overrides the probe.
 
-Under TCG the guest gets ``tsc_early_khz=<host TSC kHz> tsc=reliable``: TCG boots otherwise hang 10-20% of the
-time calibrating the TSC.
+Under TCG the guest gets ``tsc_early_khz=<host TSC kHz> tsc=reliable``: TCG boots otherwise hang 10-20% of the time
+calibrating the TSC. It also gets ``norandmaps`` (no address space randomisation) unless ``keeps_aslr``: QEMU 7.2's
+TCG keys translated code by guest *virtual* address, so with randomised mmap bases every new process translates
+ld.so and libc again (spawning ``/bin/true`` in the guest: ~30 ms with ASLR, ~5 ms without). QEMU 10 shares
+translations across virtual addresses (measured: ASLR costs it little), so there the guest keeps ASLR.
 """
 
 from __future__ import annotations
@@ -47,10 +50,20 @@ def host_tsc_khz() -> int:
     return 2_000_000
 
 
-def guest_cmdline(accel: str, extra: str = "") -> str:
+ASLR_CHEAP_FROM = (10, 0)  # the first QEMU measured to keep TCG translations across randomised mappings
+
+
+def keeps_aslr(setting: bool | None, qemu_version: tuple[int, int]) -> bool:
+    """Whether a TCG guest keeps ASLR: as set (``BRANCHBOX_VM_TCG_ASLR``), else only where it is cheap."""
+    return setting if setting is not None else qemu_version >= ASLR_CHEAP_FROM
+
+
+def guest_cmdline(accel: str, extra: str = "", *, tcg_aslr: bool = False) -> str:
     base = "console=ttyS0 quiet loglevel=1 panic=-1 pci=off nomodeset init_on_free=0 8250.nr_uarts=1"
     if accel == "tcg":
         base += f" tsc_early_khz={host_tsc_khz()} tsc=reliable"
+        if not tcg_aslr:
+            base += " norandmaps"
     return f"{base} {extra}".strip()
 
 

@@ -170,7 +170,7 @@ def _newc(name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0
 
 def _agent_files() -> dict[str, bytes]:
     pkg = resources.files("branchbox.agent")
-    return {n: pkg.joinpath(n).read_bytes() for n in ("__init__.py", "wire.py", "server.py")}
+    return {n: pkg.joinpath(n).read_bytes() for n in ("__init__.py", "wire.py", "server.py", "vsock.py")}
 
 
 def _guest_file(name: str) -> bytes:

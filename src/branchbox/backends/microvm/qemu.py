@@ -8,20 +8,25 @@ appear. QEMU runs in its own session, so it outlives a daemon restart and is re-
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import re
 import signal
 import socket
+import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from branchbox.agent import wire
+from branchbox.backends.microvm import vsock
 from branchbox.backends.process import wait_pid_exit
 from branchbox.errors import BackendError
 
 QEMU = "qemu-system-x86_64"
 QMP_FD = 3
-AGENT_FD = 4
+AGENT_FD = 4  # the agent's virtio-serial socket
+VSOCK_FD = 4  # or /dev/vhost-vsock holding the VM's guest CID (agent over vsock)
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,9 +39,12 @@ class Machine:
     kernel: Path
     initrd: Path
     cmdline: str
+    agent: str = "serial"  # the agent channel: "serial" (virtio-serial port) | "vsock" (vhost-vsock-device)
 
     def key(self) -> str:
-        return f"{self.accel}-{self.vcpus}c-{self.memory_mb}m-{self.initrd.stem}"
+        """Names a memory template: a saved guest kernel keeps the command line it booted with."""
+        boot = hashlib.sha256(self.cmdline.encode()).hexdigest()[:8]
+        return f"{self.accel}-{self.vcpus}c-{self.memory_mb}m-{self.initrd.stem}.{boot}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,8 +75,29 @@ class VmPaths:
         return self.dir / "qemu.log"
 
 
-def command(m: Machine, paths: VmPaths, *, incoming: bool) -> list[str]:
+def version(binary: str = QEMU) -> tuple[int, int]:
+    """QEMU's (major, minor) from ``--version`` ((0, 0) when it cannot be read)."""
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, check=False, timeout=30).stdout.decode()
+    except (OSError, subprocess.TimeoutExpired):
+        return (0, 0)
+    found = re.search(r"version (\d+)\.(\d+)", out)
+    return (int(found[1]), int(found[2])) if found else (0, 0)
+
+
+def command(m: Machine, paths: VmPaths, *, incoming: bool, vsock_cid: int | None = None) -> list[str]:
+    """QEMU's argv. ``vsock_cid``: the guest CID claimed for a ``Machine(agent="vsock")`` (see vsock.py)."""
     cpu = ["-cpu", "host"] if m.accel == "kvm" else []
+    if m.agent == "vsock":
+        if vsock_cid is None:
+            raise ValueError("a vsock machine needs the guest CID claimed for it")
+        channel = vsock.device_args(vsock_cid, VSOCK_FD)
+    else:
+        channel = [
+            "-device", "virtio-serial-device",
+            "-chardev", f"socket,id=agent,fd={AGENT_FD},server=on,wait=off",
+            "-device", "virtserialport,chardev=agent,name=agent",
+        ]  # fmt: skip
     argv = [
         QEMU,
         "-name", f"branchbox,process=branchbox-vm-{paths.dir.name}",
@@ -85,9 +114,7 @@ def command(m: Machine, paths: VmPaths, *, incoming: bool) -> list[str]:
         "-serial", f"file:{paths.console}",
         "-drive", f"id=root,file={paths.disk},format=qcow2,if=none,discard=unmap",
         "-device", "virtio-blk-device,drive=root",
-        "-device", "virtio-serial-device",
-        "-chardev", f"socket,id=agent,fd={AGENT_FD},server=on,wait=off",
-        "-device", "virtserialport,chardev=agent,name=agent",
+        *channel,
         "-chardev", f"socket,id=qmp,fd={QMP_FD},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
     ]  # fmt: skip
@@ -110,9 +137,12 @@ def _bind(path: Path) -> socket.socket:
     return sock
 
 
-def spawn(argv: Sequence[str], paths: VmPaths, *, nice: int = 0) -> int:
-    """Start QEMU in its own session with the QMP and agent sockets bound; returns its pid."""
-    qmp, agent = _bind(paths.qmp), _bind(paths.agent)
+def spawn(argv: Sequence[str], paths: VmPaths, *, nice: int = 0, vsock_fd: int | None = None) -> int:
+    """Start QEMU in its own session with the QMP socket and the agent's channel (its virtio-serial socket, or
+    ``vsock_fd`` from ``vsock.claim_cid``) in place; returns its pid."""
+    qmp = _bind(paths.qmp)
+    agent = _bind(paths.agent) if vsock_fd is None else None
+    channel = (agent.fileno(), AGENT_FD) if agent is not None else (vsock_fd, VSOCK_FD)
     log = os.open(paths.log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -121,7 +151,7 @@ def spawn(argv: Sequence[str], paths: VmPaths, *, nice: int = 0) -> int:
             (os.POSIX_SPAWN_DUP2, log, 1),
             (os.POSIX_SPAWN_DUP2, log, 2),
             (os.POSIX_SPAWN_DUP2, qmp.fileno(), QMP_FD),
-            (os.POSIX_SPAWN_DUP2, agent.fileno(), AGENT_FD),
+            (os.POSIX_SPAWN_DUP2, *channel),
         ]
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
         try:
@@ -132,11 +162,23 @@ def spawn(argv: Sequence[str], paths: VmPaths, *, nice: int = 0) -> int:
         for fd in (log, null):
             os.close(fd)
         qmp.close()
-        agent.close()
+        if agent is not None:
+            agent.close()
     if nice:
-        with contextlib.suppress(ProcessLookupError):
-            os.setpriority(os.PRIO_PROCESS, pid, nice)
+        set_nice(pid, nice)
     return pid
+
+
+def set_nice(pid: int, nice: int) -> None:
+    """Set the nice value of every thread of ``pid``: a QEMU started at nice 10 made its vCPU threads with it,
+    and ``setpriority(PRIO_PROCESS, pid)`` changes the main thread only (Linux priorities are per thread)."""
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except FileNotFoundError:
+        return
+    for tid in tids:
+        with contextlib.suppress(ProcessLookupError):
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
 
 
 def start_time(pid: int) -> int | None:

@@ -60,7 +60,7 @@ class IncomingPool:
             paths = self.backend.paths(vmid)
             try:
                 await self.backend.prepare(vmid, self.saved)
-                pid = qemu.spawn(qemu.command(self.saved.machine, paths, incoming=True), paths, nice=10)
+                pid = self.backend.spawn_vm(vmid, self.saved.machine, incoming=True, nice=10)
                 started = qemu.start_time(pid) or 0
                 (paths.dir / "pid").write_text(f"{pid} {started}\n")
                 q = await QMP.connect(paths.qmp)

@@ -9,8 +9,12 @@ $B mount -t sysfs -o nosuid,nodev,noexec sys /sys
 case " $($B cat /proc/cmdline) " in *" bb.probe "*) echo branchbox-probe-ok > /dev/console; $B reboot -f ;; esac
 while read -r m; do $B insmod "/modules/$m.ko" || fail "insmod $m failed"; done < /modules/order
 hostname=branchbox
+vsock=
 for arg in $($B cat /proc/cmdline); do
-  case "$arg" in bb.hostname=*) hostname="${arg#bb.hostname=}" ;; esac
+  case "$arg" in
+    bb.hostname=*) hostname="${arg#bb.hostname=}" ;;
+    bb.vsock=*) vsock="${arg#bb.vsock=}" ;;  # the agent listens on this vsock port (host with vhost-vsock)
+  esac
 done
 i=0
 while [ ! -b /dev/vda ]; do
@@ -19,7 +23,7 @@ done
 $B mount -t ext4 -o noatime /dev/vda /newroot || fail "cannot mount /dev/vda"
 port=
 i=0
-while [ -z "$port" ]; do
+while [ -z "$vsock" ] && [ -z "$port" ]; do
   for p in /sys/class/virtio-ports/*; do
     [ "$($B cat "$p/name" 2>/dev/null)" = agent ] && port="/dev/${p##*/}"
   done
@@ -37,5 +41,5 @@ $B mkdir -p /newroot/dev/pts /newroot/dev/shm
 $B mount -t devpts -o nosuid,noexec,newinstance,ptmxmode=0666,mode=0620 devpts /newroot/dev/pts
 $B mount -t tmpfs -o nosuid,nodev,mode=1777 shm /newroot/dev/shm
 $B mount -t tmpfs -o nosuid,nodev,mode=1777 tmp /newroot/tmp
-export BRANCHBOX_CHARDEV="$port"
+if [ -n "$vsock" ]; then export BRANCHBOX_VSOCK_PORT="$vsock"; else export BRANCHBOX_CHARDEV="$port"; fi
 exec $B switch_root /newroot /.branchbox/busybox sh /.branchbox/shim
