@@ -3,7 +3,9 @@
 ``bench_api``: cold create -> first exec, destroy, exec round trips, the HTTP floor. ``bench_paired`` measures what
 the API adds: in-process Manager calls and the same calls through the SDK over HTTP, interleaved one by one in one
 event loop, so both see the same machine load, and both with networking on like the daemon's default (the goal is
-<= 1 ms p50 added by the API). The ``core:`` rows of run.py are in-process without networking.
+<= 1 ms p50 added by the API): cold create -> first exec (and the create alone), a warm create (a claim from a pool
+of the same size on both sides) -> first exec, and the exec round trip. The ``core:`` rows of run.py are in-process
+without networking.
 
 ``bench_pools`` (called from ``bench_api``): a daemon with a warm pool of 32 for the default template; create ->
 first command result warm and cold, sequential and in bursts of 32 concurrent. The pool refills between
@@ -27,6 +29,7 @@ from pathlib import Path
 import httpx
 
 from branchbox.core.manager import Manager
+from branchbox.core.pool import PoolConfig
 from branchbox.core.settings import ManagerSettings
 from branchbox.net import NetworkSettings
 from branchbox.sdk import AsyncSandbox, Sandbox
@@ -165,7 +168,9 @@ async def bench_paired(settings: ManagerSettings, url: str, runs: int, results: 
         # the daemon networks its sandboxes by default: so does this Manager (in a subnet of its own)
         network=NetworkSettings(subnet="10.201.0.0/16", table="bbpaired", if_prefix="bbpr"),
     )
-    rows: dict[str, list[float]] = {k: [] for k in ("create_local", "create_http", "exec_local", "exec_http")}
+    rows: dict[str, list[float]] = {
+        f"{what}_{side}": [] for what in ("create", "alone", "exec") for side in ("local", "http")
+    }
     async with Manager.open(local) as m:
         info = await m.create()
         sbx = await AsyncSandbox.create(base_url=url)
@@ -176,11 +181,13 @@ async def bench_paired(settings: ManagerSettings, url: str, runs: int, results: 
             for _ in range(runs):
                 t0 = time.perf_counter()
                 new = await m.create()
+                rows["alone_local"].append(_ms(t0))
                 await m.exec(new.id, "true")
                 rows["create_local"].append(_ms(t0))
                 await m.destroy(new.id)
                 t0 = time.perf_counter()
                 other = await AsyncSandbox.create(base_url=url)
+                rows["alone_http"].append(_ms(t0))
                 await other.commands.run("true")
                 rows["create_http"].append(_ms(t0))
                 await other.kill()
@@ -196,11 +203,76 @@ async def bench_paired(settings: ManagerSettings, url: str, runs: int, results: 
             await sbx.kill()
             await sbx.close()
             await m.destroy(info.id)
-    for what, label in (("create", "cold create -> first exec"), ("exec", "exec round trip (true)")):
+        rows["warm_local"], rows["warm_http"] = await _paired_warm(m, url, runs)
+    for what, label in (
+        ("create", "cold create -> first exec"),
+        ("alone", "cold create alone"),
+        ("warm", "warm create (pool claim) -> first exec"),
+        ("exec", "exec round trip (true)"),
+    ):
         local_s, http_s = summarize(rows[f"{what}_local"]), summarize(rows[f"{what}_http"])
         results[f"paired: {label}, in-process Manager"] = local_s
         results[f"paired: {label}, async SDK over HTTP"] = http_s
         print(f"paired {label}: the API adds {http_s.p50 - local_s.p50:.2f} ms at p50", file=sys.stderr)
+
+
+PAIRED_POOL = 2  # members per side: the claim under test plus one
+
+
+async def _pools_full(m: Manager, url: str) -> None:
+    """Both pools (in-process and the daemon's) hold PAIRED_POOL ready members and boot none: polled, outside the
+    timed regions, so no member boots in the background of a measurement."""
+    deadline = time.monotonic() + 120
+    while True:
+        local = next(s for s in m.pool_statistics() if s.template == "default")
+        remote = await AsyncSandbox.get_pool("default", base_url=url)
+        if min(local.ready, remote.ready) >= PAIRED_POOL and local.booting == remote.booting == 0:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the paired pools did not refill: in-process {local}, daemon {remote}")
+        await asyncio.sleep(0.01)
+
+
+async def _paired_warm(m: Manager, url: str, runs: int) -> tuple[list[float], list[float]]:
+    """Claim from a warm pool -> first command result, in-process vs over HTTP. Both sides get the same pool
+    (size, resources) and both are full and idle before each pair; which side goes first alternates."""
+    settings = {"min_size": PAIRED_POOL, "max_size": PAIRED_POOL, "target_free": PAIRED_POOL,
+                "memory_mb": POOL_MEMORY_MB}  # fmt: skip
+    await m.configure_pool(PoolConfig(template="default", **settings))
+    await AsyncSandbox.configure_pool("default", **settings, base_url=url)
+    local_ms: list[float] = []
+    http_ms: list[float] = []
+
+    async def local() -> None:
+        t0 = time.perf_counter()
+        info = await m.create(memory_mb=POOL_MEMORY_MB)
+        await m.exec(info.id, "true")
+        local_ms.append(_ms(t0))
+        assert info.source == "warm", info.source
+        await m.destroy(info.id)
+
+    async def http() -> None:
+        t0 = time.perf_counter()
+        sbx = await AsyncSandbox.create(memory_mb=POOL_MEMORY_MB, base_url=url)
+        await sbx.commands.run("true")
+        http_ms.append(_ms(t0))
+        try:
+            assert sbx.info.source == "warm", sbx.info.source
+        finally:
+            await sbx.kill()
+            await sbx.close()
+
+    try:
+        for i in range(runs + 2):  # the first two pairs warm both paths up
+            await _pools_full(m, url)
+            first, second = (local, http) if i % 2 else (http, local)
+            await first()
+            await _pools_full(m, url)
+            await second()
+    finally:
+        await m.remove_pool("default")
+        await AsyncSandbox.remove_pool("default", base_url=url)
+    return local_ms[2:], http_ms[2:]
 
 
 async def _async_exec(url: str, sandbox_id: str, n: int) -> list[float]:
