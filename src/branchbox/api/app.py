@@ -37,6 +37,7 @@ from branchbox.api.metrics import CONTENT_TYPE, Metrics
 from branchbox.api.ports import PortProxy
 from branchbox.api.schemas import ErrorResponse, HealthResponse, VersionResponse
 from branchbox.api.settings import ApiSettings
+from branchbox.api.warmup import warm_routes
 from branchbox.errors import BranchboxError
 
 if TYPE_CHECKING:
@@ -156,6 +157,7 @@ def _build(settings: ApiSettings) -> _App:
             for info in await ctx.manager.list():
                 counts[info.state.value] = counts.get(info.state.value, 0) + 1
             ctx.metrics.set_state_counts(counts)
+        await warm_routes(app)  # FastAPI's per-route state now, not on the first requests (~100 ms)
         yield
 
     app = _App(
