@@ -33,6 +33,7 @@ from branchbox.core.pool import PoolConfig
 from branchbox.core.settings import ManagerSettings
 from branchbox.net import NetworkSettings
 from branchbox.sdk import AsyncSandbox, Sandbox
+from null_http import null_daemon
 from stats import Summary, summarize
 
 Results = dict[str, Summary]
@@ -199,11 +200,13 @@ async def bench_paired(settings: ManagerSettings, url: str, runs: int, results: 
                     t0 = time.perf_counter()
                     await sbx.commands.run("true")
                     rows["exec_http"].append(_ms(t0))
+            # sbx (and info) stay alive meanwhile: the SDK's connection to the daemon stays open, as for a client
+            # that holds a sandbox
+            rows["warm_local"], rows["warm_http"], rows["floor_http"] = await _paired_warm(m, url, runs)
         finally:
             await sbx.kill()
             await sbx.close()
             await m.destroy(info.id)
-        rows["warm_local"], rows["warm_http"] = await _paired_warm(m, url, runs)
     for what, label in (
         ("create", "cold create -> first exec"),
         ("alone", "cold create alone"),
@@ -214,6 +217,10 @@ async def bench_paired(settings: ManagerSettings, url: str, runs: int, results: 
         results[f"paired: {label}, in-process Manager"] = local_s
         results[f"paired: {label}, async SDK over HTTP"] = http_s
         print(f"paired {label}: the API adds {http_s.p50 - local_s.p50:.2f} ms at p50", file=sys.stderr)
+    floor = results["paired: HTTP floor: warm create -> first exec, async SDK against a null server"] = summarize(
+        rows["floor_http"]
+    )
+    print(f"paired HTTP floor (a null server, same loop): {floor.p50:.2f} ms at p50", file=sys.stderr)
 
 
 PAIRED_POOL = 2  # members per side: the claim under test plus one
@@ -233,9 +240,12 @@ async def _pools_full(m: Manager, url: str) -> None:
         await asyncio.sleep(0.01)
 
 
-async def _paired_warm(m: Manager, url: str, runs: int) -> tuple[list[float], list[float]]:
+async def _paired_warm(m: Manager, url: str, runs: int) -> tuple[list[float], list[float], list[float]]:
     """Claim from a warm pool -> first command result, in-process vs over HTTP. Both sides get the same pool
-    (size, resources) and both are full and idle before each pair; which side goes first alternates."""
+    (size, resources) and both are full and idle before each pair; which side goes first alternates.
+
+    Third, after the same wait, the same SDK calls against a null server (:mod:`null_http`): the floor that any
+    HTTP API in another process costs here."""
     settings = {"min_size": PAIRED_POOL, "max_size": PAIRED_POOL, "target_free": PAIRED_POOL,
                 "memory_mb": POOL_MEMORY_MB}  # fmt: skip
     await m.configure_pool(PoolConfig(template="default", **settings))
@@ -262,17 +272,30 @@ async def _paired_warm(m: Manager, url: str, runs: int) -> tuple[list[float], li
             await sbx.kill()
             await sbx.close()
 
-    try:
-        for i in range(runs + 2):  # the first two pairs warm both paths up
-            await _pools_full(m, url)
-            first, second = (local, http) if i % 2 else (http, local)
-            await first()
-            await _pools_full(m, url)
-            await second()
-    finally:
-        await m.remove_pool("default")
-        await AsyncSandbox.remove_pool("default", base_url=url)
-    return local_ms[2:], http_ms[2:]
+    async def floor(null_url: str) -> None:
+        t0 = time.perf_counter()
+        sbx = await AsyncSandbox.create(memory_mb=POOL_MEMORY_MB, base_url=null_url)
+        await sbx.commands.run("true")
+        floor_ms.append(_ms(t0))
+        await sbx.close()
+
+    floor_ms: list[float] = []
+    with null_daemon() as null_url:
+        holder = await AsyncSandbox.create(base_url=null_url)  # keeps the SDK's connection to it open
+        try:
+            for i in range(runs + 2):  # the first two pairs warm both paths up
+                await _pools_full(m, url)
+                first, second = (local, http) if i % 2 else (http, local)
+                await first()
+                await _pools_full(m, url)
+                await second()
+                await _pools_full(m, url)
+                await floor(null_url)
+        finally:
+            await holder.close()
+            await m.remove_pool("default")
+            await AsyncSandbox.remove_pool("default", base_url=url)
+    return local_ms[2:], http_ms[2:], floor_ms[2:]
 
 
 async def _async_exec(url: str, sandbox_id: str, n: int) -> list[float]:
