@@ -22,6 +22,7 @@ import structlog
 import uvicorn
 
 from branchbox.api import create_app
+from branchbox.api.warmup import warm_routes
 from branchbox.daemon.config import DaemonConfig
 from branchbox.daemon.logs import configure_logging
 from branchbox.errors import BranchboxError
@@ -90,6 +91,7 @@ async def serve(cfg: DaemonConfig) -> None:
             server_header=False,
         )
         server = _Server(config)
+        await warm_routes(app)  # FastAPI's per-route state now (the lifespan would too), so that it is frozen
         # what start-up made (FastAPI, pydantic, the Manager) lives as long as the daemon: move it out of the
         # collector's sight, so collections during requests walk only what requests allocate
         gc.collect()
