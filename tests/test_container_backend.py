@@ -25,7 +25,7 @@ import pytest
 from branchbox.agent.client import AgentClient
 from branchbox.backends.base import BootSpec, IdMap, SandboxHandle
 from branchbox.backends.container import ContainerBackend
-from branchbox.backends.container.zygote import SPARE_PREFIX, SPARES
+from branchbox.backends.container.zygote import MAX_SPARES, SPARE_PREFIX, SPARES
 from branchbox.core.models import ExecResult, Resources, TemplateInfo
 from branchbox.core.timing import PhaseTimer
 from branchbox.errors import BackendError
@@ -431,7 +431,7 @@ async def test_create_destroy_200_times_leaves_nothing(backend: ContainerBackend
     left = backend._cg().list_ids()
     spares = {i for i in left if i.startswith(SPARE_PREFIX)}
     assert left == spares  # only the zygote's spare shells, which never pile up:
-    assert len(spares) <= SPARES
+    assert len(spares) <= MAX_SPARES
     assert list(sandboxes.root.iterdir()) == []
     out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
     assert "bbagent" not in out
@@ -466,4 +466,5 @@ async def test_a_spare_shell_killed_from_outside_is_replaced(sandboxes: Factory,
     for sbx in sbxs:
         assert (await sbx.run(["true"])).exit_code == 0
     assert await _eventually(lambda: spares[0] not in cg.list_ids())  # the dead spare's cgroup went
-    assert await _eventually_async(backend.zygote_status, lambda st: st["spares_ready"] == SPARES)
+    # replaced: as many spares as before, or more (the boots above were a burst)
+    assert await _eventually_async(backend.zygote_status, lambda st: st["spares_ready"] >= SPARES)

@@ -73,6 +73,7 @@ from branchbox.errors import (
 from branchbox.images.store import TemplateStore
 from branchbox.net import Attachment, Network, NetworkPolicy
 from branchbox.storage.base import SandboxDirs, StorageDriver
+from branchbox.storage.fsutil import disk_usage_niced
 from branchbox.storage.select import make_driver
 
 log = logging.getLogger("branchbox.manager")
@@ -866,8 +867,8 @@ class Manager:
             if name is not None and self._db.get_snapshot(name, hidden=True) is not None:
                 raise ConflictError(f"a snapshot named {name!r} exists already: pick another name") from exc
             raise
-        if layer.size_bytes is None:
-            self._spawn_bg(self._measure(lid, dest))
+        if layer.size_bytes is None and not hidden:  # a fork's layer: no snapshot reports it, and walking its
+            self._spawn_bg(self._measure(lid, dest))  # files would compete with the children's boots
         if not hidden and len(snap.layers) > snaps.FLATTEN_DEPTH and not live.backend.capabilities.memory_snapshot:
             self._spawn_bg(self._flatten_bg(snap))
         return replace(snap, timings=timer.as_dict())
@@ -1001,7 +1002,7 @@ class Manager:
 
     async def _measure(self, layer_id: str, path: Path) -> None:
         try:
-            usage = await asyncio.to_thread(self._driver.disk_usage, path)
+            usage = await disk_usage_niced(path)
         except OSError:
             return
         if self._db.get_layer(layer_id) is not None and not self._closed:

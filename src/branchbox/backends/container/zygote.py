@@ -35,7 +35,8 @@ from branchbox.backends.container.child import ROOT, STAGE, BootRequest, HolderF
 MAX_MESSAGE = 1 << 20
 MAX_IN_FLIGHT = 32  # boots advancing at once; further requests wait in order
 SPARES = 4  # shells kept ready (in their namespaces and cgroup) for the next boots
-MAX_SPARES = 16  # after a burst of N boots, N spares (at most this many) are kept ...
+MAX_SPARES = 16  # after a burst of N boots (started within BURST_WINDOW_S), N spares (at most this many) are kept
+BURST_WINDOW_S = 1.0
 BURST_MEMORY_S = 120.0  # ... for this long
 SPARE_NICE = 10  # spares are primed at low priority: they yield to users' work
 SPARE_PREFIX = "shell-"  # cgroup names of spare shells: shell-<zygote pid>-<n>
@@ -122,6 +123,7 @@ class Zygote:
         self.ready: list[_Shell] = []  # spare shells that take a request
         self.making: list[_Shell] = []  # spare shells not ready yet
         self.booting: list[_Boot] = []
+        self.recent: list[float] = []  # start times of the boots of the last BURST_WINDOW_S
         self._count = itertools.count(1)
 
     # -- shells ----------------------------------------------------------------------------------------
@@ -272,9 +274,11 @@ class Zygote:
         reply."""
         boot = _Boot(req, Path(req.run_dir) / AGENT_SOCKET)
         self.booting.append(boot)
-        if self.spares and len(self.booting) > self.target:
-            self.target = min(MAX_SPARES, len(self.booting))
-            self.burst_at = time.monotonic()
+        now = time.monotonic()
+        self.recent = [t for t in self.recent if now - t < BURST_WINDOW_S] + [now]
+        if self.spares and len(self.recent) > self.target:  # a burst (its boots need not overlap)
+            self.target = min(MAX_SPARES, len(self.recent))
+            self.burst_at = now
         try:
             spare = self._live_spare() if (req.uid_base, req.id_count) == (self.id_base, self.id_count) else None
             if spare is not None:
