@@ -468,3 +468,31 @@ async def test_a_spare_shell_killed_from_outside_is_replaced(sandboxes: Factory,
     assert await _eventually(lambda: spares[0] not in cg.list_ids())  # the dead spare's cgroup went
     # replaced: as many spares as before, or more (the boots above were a burst)
     assert await _eventually_async(backend.zygote_status, lambda st: st["spares_ready"] >= SPARES)
+
+
+async def test_a_spare_sees_a_data_dir_mounted_after_it_was_made(
+    sandboxes: Factory, backend: ContainerBackend, tmp_path: Path
+) -> None:
+    """Primed shells mount / as slaves: a filesystem the host mounts after they were made (here a tmpfs holding the
+    sandbox's upper) reaches them, and the host can unmount it again once the sandbox is gone."""
+    assert await _eventually_async(backend.zygote_status, lambda st: st["spares_ready"] >= SPARES)
+    late = tmp_path / "late"
+    late.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0711", "tmpfs", str(late)], check=True)
+    try:
+        sid = f"t{uuid.uuid4().hex[:10]}"
+        upper, work, run = prepare_sandbox_dirs(late / sid, IdMap())
+        spec = BootSpec(sandbox_id=sid, layers=[sandboxes.rootfs], upper_dir=upper, work_dir=work, run_dir=run,
+                        hostname="late", resources=Resources())  # fmt: skip
+        timer = PhaseTimer()
+        handle = await backend.boot(spec, timer)
+        sandboxes.made[sid] = (late / sid, handle, None)
+        assert "cgroup" in timer.as_dict()  # it ran on a spare made before the mount
+        client = await AgentClient.connect(handle.agent_socket)
+        sandboxes.made[sid] = (late / sid, handle, client)
+        r = await client.exec(["sh", "-c", "echo hi > /root/x && cat /root/x"])
+        assert (r.exit_code, r.stdout) == (0, b"hi\n")
+        assert (upper / "root" / "x").read_text() == "hi\n"  # written to the late filesystem
+        await sandboxes.destroy(sid)
+    finally:
+        subprocess.run(["umount", str(late)], check=True)  # not pinned by the spares still waiting
