@@ -179,13 +179,16 @@ async def bench_paired(settings: ManagerSettings, url: str, runs: int, results: 
             for _ in range(3):  # warm both paths
                 await m.exec(info.id, "true")
                 await sbx.commands.run("true")
-            for _ in range(runs):
+
+            async def cold_local() -> None:
                 t0 = time.perf_counter()
                 new = await m.create()
                 rows["alone_local"].append(_ms(t0))
                 await m.exec(new.id, "true")
                 rows["create_local"].append(_ms(t0))
                 await m.destroy(new.id)
+
+            async def cold_http() -> None:
                 t0 = time.perf_counter()
                 other = await AsyncSandbox.create(base_url=url)
                 rows["alone_http"].append(_ms(t0))
@@ -193,6 +196,12 @@ async def bench_paired(settings: ManagerSettings, url: str, runs: int, results: 
                 rows["create_http"].append(_ms(t0))
                 await other.kill()
                 await other.close()
+
+            for i in range(runs):
+                # which side goes first alternates: the work each side leaves behind (a spare shell primed, a
+                # teardown finishing) lands on the other side's measurement equally often
+                for cold in (cold_local, cold_http) if i % 2 else (cold_http, cold_local):
+                    await cold()
                 for _ in range(4):
                     t0 = time.perf_counter()
                     await m.exec(info.id, "true")

@@ -21,8 +21,9 @@ def _cgroup_dirs(parent_name: str, *, spares: bool = False) -> set[str]:
     return found
 
 
-# Loop filesystems that test fixtures mount for a whole module (other workers mount them at any time).
-FIXTURE_MOUNTS = ("btrfs-", "prep-")
+# Filesystems that tests mount on purpose: fixtures' loop filesystems for a whole module, a test's own "mnt-*"
+# (other workers mount them at any time).
+FIXTURE_MOUNTS = ("btrfs-", "prep-", "mnt-")
 
 
 def _mounts(*roots: str) -> frozenset[str]:

@@ -502,6 +502,16 @@ class AgentClient:
             )
         return cls(conn, hello)
 
+    @classmethod
+    async def over_socket(cls, sock: socket.socket, *, timeout: float = 10.0) -> AgentClient:
+        """A client on a connected unix stream socket (an agent warming itself up through a socket pair)."""
+        loop = asyncio.get_running_loop()
+        conn = _Connection(loop)
+        async with asyncio.timeout(timeout):
+            await loop.create_unix_connection(lambda: conn, sock=sock)
+            hello = await conn.hello
+        return cls(conn, hello)
+
     @property
     def closed(self) -> bool:
         return self._conn.transport is None

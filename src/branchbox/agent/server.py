@@ -1405,18 +1405,23 @@ def _base_env(raw: object) -> dict[str, str]:
 Claim = Callable[[bytes, list[int]], tuple[int, dict[str, str], str]]
 
 
-def run_primed(ctl_fd: int, claim: Claim, *, max_fds: int) -> None:
+def run_primed(ctl_fd: int, claim: Claim, *, max_fds: int, ready: Callable[[], None], warm_up: bool = True) -> None:
     """Start the agent's loop before there is anything to serve (a container backend's spare shell), then wait
     for one request on the SOCK_SEQPACKET socket ``ctl_fd``: ``claim(request, descriptors)`` makes the sandbox
     around this process and returns the listening fd, base environment and workdir; the agent answers ``b"ok"``
     on ``ctl_fd``, closes it and serves. EOF before a request: exit. The start-up work (loop, signal handlers,
-    the pages a fork of the zygote copies on first write) is then off the boot path."""
+    the pages a fork of the zygote copies on first write) is then off the boot path; with ``warm_up`` so are the
+    pages of a first connection and exec. ``ready()`` is called once it is done."""
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_primed(ctl_fd, claim, max_fds))
+        asyncio.run(_primed(ctl_fd, claim, max_fds, ready, warm_up))
 
 
-async def _primed(ctl_fd: int, claim: Claim, max_fds: int) -> None:
+async def _primed(ctl_fd: int, claim: Claim, max_fds: int, ready: Callable[[], None], warm_up: bool) -> None:
     loop = asyncio.get_running_loop()
+    if warm_up:
+        with contextlib.suppress(Exception):  # a warm-up that fails costs speed only
+            await _warm_up()
+    ready()
     readable: asyncio.Future[None] = loop.create_future()
 
     def wake() -> None:
@@ -1435,6 +1440,30 @@ async def _primed(ctl_fd: int, claim: Claim, max_fds: int) -> None:
         ctl.send(b"ok")
     ctl.close()
     await serve(listen_fd, _base_env(env), workdir or "/")
+
+
+async def _warm_up() -> None:
+    """One exec through a real connection on a socket pair, served by a throwaway Agent. A primed agent is a fork
+    of the zygote: the pages its first connection and first exec write are copied now, not on the boot path."""
+    from branchbox.agent.client import AgentClient  # noqa: PLC0415 - preloaded by the zygote (host side only)
+
+    loop = asyncio.get_running_loop()
+    agent = Agent({"PATH": DEFAULT_PATH}, "/")
+    loop.add_signal_handler(signal.SIGCHLD, agent.reap)
+    ours, theirs = socket.socketpair()
+    try:
+        transport, _ = await loop.connect_accepted_socket(lambda: Connection(agent), ours)
+        client = await AgentClient.over_socket(theirs)
+        try:
+            await client.exec(["true"], timeout=10)
+        finally:
+            await client.aclose()
+            transport.close()
+    finally:
+        loop.remove_signal_handler(signal.SIGCHLD)
+        os.close(agent.devnull)
+        if agent.oom.fd >= 0:
+            os.close(agent.oom.fd)
 
 
 def main() -> None:

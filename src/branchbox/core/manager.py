@@ -944,9 +944,9 @@ class Manager:
                 snaps.write_machine_id(dirs.upper, lowers, self.settings.idmap)
             return dirs
 
-        if base is None and not machine_id:
-            return prepare()  # a few mkdirs: cheaper than a thread hop on the cold create path
-        return await asyncio.to_thread(prepare)
+        if base is None:  # a few mkdirs (a subvolume on btrfs: ~0.1 ms) and a machine-id: cheaper than a thread hop
+            return prepare()
+        return await asyncio.to_thread(prepare)  # a clone of ``base``: a btrfs snapshot commits a transaction
 
     def _layer_path(self, layer_id: str) -> Path:
         return self.settings.data_dir / "layers" / layer_id

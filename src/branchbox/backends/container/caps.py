@@ -98,4 +98,3 @@ def drop_to_default_caps() -> None:
     """Keep only the default set in permitted, effective and inheritable (after ``limit_bounding_set``)."""
     keep = default_mask()
     syscalls.capset(keep, keep, keep)
-

@@ -300,13 +300,17 @@ class CgroupsV1(Cgroups):
             self._kill_listed(sandbox_id)
             return
         # Frozen processes cannot fork while we collect them; SIGKILL is delivered on thaw. The cgroup may be
-        # removed meanwhile by another remover (then nothing is left to kill).
-        with contextlib.suppress(FileNotFoundError):
+        # removed meanwhile by another remover (ENOENT, or ENODEV from a file of a removed directory): then
+        # nothing is left to kill.
+        try:
             self.freeze(sandbox_id)
             try:
                 self._kill_listed(sandbox_id)
             finally:
                 self.thaw(sandbox_id)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENODEV):
+                raise
 
 
 def detect(parent: str = "branchbox", *, cgroup_root: Path = Path("/sys/fs/cgroup")) -> Cgroups:

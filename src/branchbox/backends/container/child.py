@@ -80,7 +80,9 @@ def _fail(status_w: int, step: str, exc: BaseException) -> None:
     os._exit(1)
 
 
-def run_holder(cgroup: str, fds: HolderFds, cgroups: Cgroups, seccomp_bpf: bytes, *, nice: int = 0) -> None:
+def run_holder(
+    cgroup: str, fds: HolderFds, cgroups: Cgroups, seccomp_bpf: bytes, *, nice: int = 0, warm_up: bool = True
+) -> None:
     """Body of the holder process (never returns).
 
     In the cgroup ``cgroup`` and new namespaces, once its id maps are written: mounts private, cwd the zygote's
@@ -121,7 +123,7 @@ def run_holder(cgroup: str, fds: HolderFds, cgroups: Cgroups, seccomp_bpf: bytes
         step = "fork init"
         pid = os.fork()
         if pid == 0:
-            _run_init(fds, seccomp_bpf)
+            _run_init(fds, seccomp_bpf, warm_up=warm_up)
         os.write(fds.sync_w, f"{pid}\n".encode())
         os._exit(0)
     except BaseException as exc:  # reported to the zygote, then exit
@@ -146,8 +148,9 @@ def _close_other_fds(keep: set[int]) -> None:
                 os.close(fd)
 
 
-def _run_init(fds: HolderFds, seccomp_bpf: bytes) -> None:
-    """Prime: stage the sandbox's kernel filesystems, then run the agent's loop until a boot request comes."""
+def _run_init(fds: HolderFds, seccomp_bpf: bytes, *, warm_up: bool) -> None:
+    """Prime: stage the sandbox's kernel filesystems, then run the agent's loop until a boot request comes.
+    ``warm_up``: run one exec through the agent first (a spare, made ahead of demand)."""
     step = "init"
     try:
         os.setsid()
@@ -189,15 +192,17 @@ def _run_init(fds: HolderFds, seccomp_bpf: bytes) -> None:
         sys.path[:] = []
         sys.argv[:] = ["branchbox-agent"]
         json.loads(json.dumps(dataclasses.asdict(_WARM_UP)))  # the request's path, once: its pages copied now
-        os.write(fds.sync_w, b"r")
-        os.close(fds.sync_w)
     except BaseException as exc:  # reported to the zygote, then exit
         _fail(fds.status_w, step, exc)
+
+    def ready() -> None:
+        os.write(fds.sync_w, b"r")
+        os.close(fds.sync_w)
 
     def claim(raw: bytes, passed: list[int]) -> tuple[int, dict[str, str], str]:
         return _claim(raw, passed, fds, seccomp_bpf)
 
-    server.run_primed(fds.ctl, claim, max_fds=MAX_PASSED_FDS)
+    server.run_primed(fds.ctl, claim, max_fds=MAX_PASSED_FDS, ready=ready, warm_up=warm_up)
     os._exit(0)
 
 

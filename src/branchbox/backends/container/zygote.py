@@ -133,7 +133,7 @@ class Zygote:
         return (*self.close_in_child, *(fd for sh in shells for fd in sh.fds.values()))
 
     def _make_shell(self, cgroup: str, cpu: float, memory_mb: int, pids: int, id_base: int, id_count: int,
-                    nice: int) -> _Shell:  # fmt: skip
+                    nice: int, *, spare: bool = False) -> _Shell:  # fmt: skip
         """Make the cgroup and fork a holder into it (it reports on sync_r once unshared)."""
         try:
             self.cgroups.create(cgroup, cpu, memory_mb, pids)
@@ -157,8 +157,8 @@ class Zygote:
                 shell_dir=str(self.shell_dir),
             )
             shell.pid = os.fork()
-            if shell.pid == 0:
-                run_holder(cgroup, fds, self.cgroups, self.seccomp_bpf, nice=nice)
+            if shell.pid == 0:  # a spare warms its agent up; a boot's own shell is wanted now
+                run_holder(cgroup, fds, self.cgroups, self.seccomp_bpf, nice=nice, warm_up=spare)
         except BaseException:
             self._discard(shell)
             raise
@@ -234,7 +234,7 @@ class Zygote:
         """Start one spare shell (default limits, primed at low priority: a claim writes the sandbox's own)."""
         try:
             shell = self._make_shell(f"{SPARE_PREFIX}{os.getpid()}-{next(self._count)}", 1.0, 512, 1024,
-                                     self.id_base, self.id_count, SPARE_NICE)  # fmt: skip
+                                     self.id_base, self.id_count, SPARE_NICE, spare=True)  # fmt: skip
         except (BootFailure, OSError):
             self.spares = self.target = 0  # this host refuses (e.g. no cgroup room): no spares from now on
             return None
@@ -592,6 +592,7 @@ _AGENT_PRELOAD = ("asyncio.unix_events", "encodings.idna", "encodings.latin_1", 
 def preload_agent() -> None:
     """Import the agent once here so every sandbox init becomes the agent by fork, without exec (~0 ms start)."""
     importlib.import_module("branchbox.agent.server")
+    importlib.import_module("branchbox.agent.client")  # a primed agent warms itself up through a client
     for name in _AGENT_PRELOAD:
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
