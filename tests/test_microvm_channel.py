@@ -29,10 +29,8 @@ GUARD = 60  # seconds: only a hang guard, never asserted on
 BOOT = """\
 import asyncio, socket, sys
 sys.path[:0] = [{dir!r}]
-from bbagent import vsock
-sock = socket.socket(fileno={fd})
-sock.setblocking(False)
-asyncio.run(vsock.serve_listener(sock, {{"PATH": "/usr/bin:/bin", "BASE": "b"}}, {workdir!r}))
+from bbagent import server, vsock  # vsock.main: server.serve on the listening socket it made
+asyncio.run(server.serve({fd}, {{"PATH": "/usr/bin:/bin", "BASE": "b"}}, {workdir!r}))
 """
 
 

@@ -1383,9 +1383,9 @@ async def serve(listen_fd: int, env: dict[str, str], workdir: str, chardev: str 
             finally:
                 device.end_session()
         else:
-            sock = socket.socket(fileno=listen_fd)
+            sock = socket.socket(fileno=listen_fd)  # any listening stream socket: unix, or AF_VSOCK in a microVM
             sock.setblocking(False)
-            server = await loop.create_unix_server(lambda: Connection(agent), sock=sock)
+            server = await loop.create_server(lambda: Connection(agent), sock=sock)
             try:
                 await stop
             finally:

@@ -4,7 +4,7 @@ On shutdown open requests get ``graceful_timeout`` seconds, then the Manager clo
 (``keep_sandboxes_on_shutdown = true``, the default) and are re-attached by the next start, or are destroyed.
 
 The HTTP parser is httptools when installed (else h11). The event loop is ``event_loop`` in the config:
-``asyncio`` (the default), ``uvloop``, or ``auto`` (uvloop when installed).
+``auto`` (the default: uvloop when installed), ``asyncio`` or ``uvloop``.
 """
 
 from __future__ import annotations
