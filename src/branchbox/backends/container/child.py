@@ -18,7 +18,6 @@ control socket. Nothing here returns: every path ends in ``os._exit``.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import signal
@@ -56,9 +55,6 @@ class BootRequest:
     env: dict[str, str] = field(default_factory=dict)
     network: bool = False
     nice: int = 0  # niceness of the boot and of the idle agent (raised for warm pool refills)
-
-
-_WARM_UP = BootRequest("", [""], "", "", "", "", 1.0, 1, 1, 0, 1, env={"": ""})
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,7 +187,6 @@ def _run_init(fds: HolderFds, seccomp_bpf: bytes, *, warm_up: bool) -> None:
         # Imports can no longer load files: nothing the sandbox writes can ever run inside the agent's process.
         sys.path[:] = []
         sys.argv[:] = ["branchbox-agent"]
-        json.loads(json.dumps(dataclasses.asdict(_WARM_UP)))  # the request's path, once: its pages copied now
     except BaseException as exc:  # reported to the zygote, then exit
         _fail(fds.status_w, step, exc)
 
