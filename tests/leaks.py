@@ -12,12 +12,13 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 def _cgroup_dirs(parent_name: str, *, spares: bool = False) -> set[str]:
     """Cgroup directories under our parent; the zygote's spare shells (made ahead, any time) only if ``spares``."""
     found: set[str] = set()
-    for base in CGROUP_ROOT.iterdir():
-        if not base.is_dir():
-            continue
-        for d in base.rglob(parent_name):
-            if d.is_dir():
-                found.update(str(p) for p in d.rglob("*") if p.is_dir() and (spares or "/shell-" not in str(p)))
+    # os.walk skips directories removed while it walks (the zygote makes and removes shells at any time), where
+    # Path.rglob raised FileNotFoundError
+    for top, dirs, _ in os.walk(CGROUP_ROOT):
+        if Path(top).name == parent_name:
+            for inner, subdirs, _ in os.walk(top):
+                found.update(f"{inner}/{d}" for d in subdirs if spares or "/shell-" not in f"{inner}/{d}")
+            dirs.clear()
     return found
 
 

@@ -265,6 +265,46 @@ async def test_exec_bad_cwd_and_missing_command(client: AgentClient, agent: Runn
         await client.exec(["true"], cwd="../../../../../../../../../../..")
 
 
+async def test_exec_child_gets_only_stdio_and_default_signals(client: AgentClient) -> None:
+    """The plain spawn (posix_spawn) gives a child what Popen(close_fds=True, restore_signals=True) gives: no
+    descriptor of the agent's (its listening socket came in inheritable), nothing ignored or blocked."""
+    script = "import os; print(*[fd for fd in range(3, 1024) if os.path.exists(f'/proc/self/fd/{fd}')])"
+    res = await client.exec([PYTHON, "-I", "-S", "-c", script])
+    assert (res.exit_code, res.stdout) == (0, b"\n")
+    masks = ["grep", "-E", "^Sig(Ign|Blk)", "/proc/self/status"]
+    res = await client.exec(masks)
+    blocked, ignored = (int(v, 16) for v in res.stdout.split()[1::2])
+    assert blocked == 0
+    # the agent inherited our dispositions (Python ignores SIGPIPE and SIGXFSZ): a child gets Popen's, except that
+    # glibc's posix_spawn leaves its two internal signals (32, 33) ignored, which glibc programs take back
+    popen = subprocess.run(masks, capture_output=True, check=True).stdout.split()[3]
+    assert ignored & ~(0b11 << 31) == int(popen, 16)
+    assert not ignored & (1 << (signal.SIGPIPE - 1))
+    res = await client.exec(["sh", "-c", "ps -o sid= -p $$ 2>/dev/null || cut -d' ' -f6 /proc/$$/stat; echo $$"])
+    sid, pid = res.stdout.split()
+    assert sid == pid  # a session (and process group) of its own
+
+
+async def test_exec_finds_the_program_on_the_call_path(client: AgentClient, agent: RunningAgent) -> None:
+    """Looked up on the PATH the call runs with, after the cwd: a non-executable or directory entry is skipped."""
+    first, second = agent.workdir / "first", agent.workdir / "second"
+    for d in (first, second):
+        d.mkdir()
+    (first / "tool").write_text("#!/bin/sh\necho not executable\n")
+    (second / "tool").mkdir()
+    third = agent.workdir / "third"
+    third.mkdir()
+    (third / "tool").write_text('#!/bin/sh\necho third $0 "$@"\n')
+    (third / "tool").chmod(0o755)
+    path = f"{first}:{second}:third:/usr/bin:/bin"
+    res = await client.exec(["tool", "a b"], env={"PATH": path})
+    assert (res.exit_code, res.stdout) == (0, b"third third/tool a b\n")  # $0: the path exec ran, as execvp gives
+    res = await client.exec(["tool"], env={"PATH": path}, cwd="/")  # "third" is relative to the cwd
+    assert (res.exit_code, res.stderr) == (126, b"branchbox: tool: Permission denied\n")  # as a shell: first/tool
+    res = await client.exec(["./third/tool"])
+    assert res.stdout == b"third ./third/tool\n"
+
+
 async def test_exec_stdin(client: AgentClient) -> None:
     res = await client.exec(["cat"], stdin=b"hello\x00\xff")
     assert res.stdout == b"hello\x00\xff"

@@ -137,6 +137,10 @@ class Agent:
         self.loop = asyncio.get_running_loop()
         self.devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         self.oom = OomScore()
+        # posix_spawn closes nothing: it is used only once every descriptor of ours is close-on-exec (Python makes
+        # its own so; the ones handed to us at start, SCM_RIGHTS ones included, are made so here)
+        self.home = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.posix_spawn = hasattr(os, "posix_spawn") and _no_inheritable_fds()
 
     # -- paths ---------------------------------------------------------------------------------------
     def path(self, raw: Any, name: str = "path") -> str:
@@ -159,6 +163,34 @@ class Agent:
         return "/" + "/".join(parts)
 
     # -- processes -----------------------------------------------------------------------------------
+    def spawn_plain(self, argv: list[str], env: dict[str, str], cwd: str, stdio: tuple[int, int, int]) -> int | None:
+        """Start a child with ``posix_spawn`` (libc's vfork + exec) in its own session; its pid, or None when this
+        case needs ``Popen``, whose setup in Python is the cost saved: an ``exec true`` round trip in a microVM under
+        TCG 12.9 -> 11.7 ms, 1.14 -> 1.07 ms natively (interleaved in one agent).
+
+        The same child as ``Popen(argv, cwd=cwd, env=env, start_new_session=True, close_fds=True)``: the program is
+        looked up on ``env``'s PATH after the chdir, SIGPIPE and SIGXFSZ (ignored by Python) are reset, no signal
+        is blocked, only the three stdio descriptors are inherited. One difference: glibc leaves its two internal
+        signals (32, 33) ignored in the child, which glibc programs take back when they use them. A failure (not
+        found, not executable, a libc without setsid) returns None, so that Popen runs and reports it in its own
+        terms."""
+        if not self.posix_spawn or min(stdio) < 3:  # dup2 onto itself would keep close-on-exec
+            return None
+        try:
+            os.chdir(cwd)  # the child's, and the base of a relative program or PATH entry
+        except OSError:
+            return None
+        try:
+            exe = _lookup(argv[0], env.get("PATH", os.defpath))
+            if exe is None:
+                return None
+            actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(stdio)]
+            return os.posix_spawn(exe, argv, env, file_actions=actions, setsid=True, setsigdef=_SIGDEF, setsigmask=())
+        except (OSError, NotImplementedError):
+            return None
+        finally:
+            os.fchdir(self.home)
+
     def reap(self) -> None:
         """SIGCHLD: collect every exited child, dispatch statuses of our own to their records."""
         while True:
@@ -220,6 +252,37 @@ class OomScore:
     def restore(self) -> None:
         with contextlib.suppress(OSError):
             os.pwrite(self.fd, self.value, 0)
+
+
+_SIGDEF = tuple(getattr(signal, name) for name in ("SIGPIPE", "SIGXFZ", "SIGXFSZ") if hasattr(signal, name))
+
+
+def _no_inheritable_fds() -> bool:
+    """Make every descriptor above stdio close-on-exec; False when they cannot be listed (no /proc)."""
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        return False
+    for fd in fds:
+        if fd > 2:
+            with contextlib.suppress(OSError):  # the listing's own descriptor, closed meanwhile
+                os.set_inheritable(fd, False)
+    return True
+
+
+def _lookup(name: str, path: str) -> str | None:
+    """The file ``execvpe`` would run for ``name``: the first regular file with an execute bit on ``path``."""
+    if "/" in name:
+        return name
+    for d in path.split(os.pathsep):
+        candidate = f"{d or '.'}/{name}"
+        try:
+            st = os.stat(candidate)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and st.st_mode & 0o111:
+            return candidate
+    return None
 
 
 def _child_setup(reset_oom: bool, ctty: bool, ids: tuple[int, int, list[int]] | None) -> Callable[[], None] | None:
@@ -335,18 +398,23 @@ class Proc:
             reset = agent.oom.reset
             toggled = reset and pty is None and ids is None and agent.oom.zero()
             try:
-                self.popen = subprocess.Popen(
-                    self.argv,
-                    stdin=stdin_arg,
-                    stdout=out,
-                    stderr=err,
-                    cwd=cwd,
-                    env=env,
-                    start_new_session=True,
-                    close_fds=True,
-                    # the agent is single-threaded, so preexec_fn is safe here
-                    preexec_fn=_child_setup(reset and not toggled, pty is not None, ids),  # noqa: PLW1509
-                )
+                pid = None
+                if pty is None and ids is None and (toggled or not reset):
+                    pid = agent.spawn_plain(self.argv, env, cwd, (stdin_arg, out, err))
+                if pid is None:
+                    self.popen = subprocess.Popen(
+                        self.argv,
+                        stdin=stdin_arg,
+                        stdout=out,
+                        stderr=err,
+                        cwd=cwd,
+                        env=env,
+                        start_new_session=True,
+                        close_fds=True,
+                        # the agent is single-threaded, so preexec_fn is safe here
+                        preexec_fn=_child_setup(reset and not toggled, pty is not None, ids),  # noqa: PLW1509
+                    )
+                    pid = self.popen.pid
             finally:
                 if toggled:
                     agent.oom.restore()
@@ -359,7 +427,7 @@ class Proc:
         finally:
             for fd in close:
                 os.close(fd)
-        self.pid = self.popen.pid
+        self.pid = pid
         if self.pty_fd is not None:
             os.set_blocking(self.pty_fd, False)
             self.stdin_fd = os.dup(self.pty_fd)
@@ -401,6 +469,8 @@ class Proc:
             os.close(fd)
             if fd == self.pty_fd:
                 self.pty_fd = None
+            if not self.out_fds and self.exit_code is None:
+                self.try_reap()
             self.check_finished()
             return
         self.out_bytes[stream] += len(data)
@@ -527,6 +597,16 @@ class Proc:
         self.timer = None
         self.timed_out = True
         self.kill(signal.SIGKILL)
+
+    def try_reap(self) -> None:
+        """All output closed, which is usually the exit: collect it now rather than an event loop turn later, when
+        SIGCHLD's handler runs (the result goes out at once; under TCG a turn of the loop costs ~0.3 ms)."""
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == self.pid:
+            self.on_exit(status)
 
     def on_exit(self, status: int) -> None:
         code = os.waitstatus_to_exitcode(status)
@@ -1462,6 +1542,7 @@ async def _warm_up() -> None:
     finally:
         loop.remove_signal_handler(signal.SIGCHLD)
         os.close(agent.devnull)
+        os.close(agent.home)
         if agent.oom.fd >= 0:
             os.close(agent.oom.fd)
 
