@@ -14,8 +14,9 @@ export BRANCHBOX_TEST_TEMPLATES ?= $(DATA_DIR)/templates
 PYTEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 
-# the microvm backend: QEMU (microvm machine, qemu-img), mkfs.ext4, lz4 for the kernel, busybox for the initrd
-VM_APT_PACKAGES := qemu-system-x86 qemu-utils e2fsprogs lz4 busybox-static
+# the microvm backend: QEMU (microvm machine, qemu-img), mkfs.ext4, lz4 for the kernel, busybox for the initrd,
+# cpio (only the test that reads our initrd archive back)
+VM_APT_PACKAGES := qemu-system-x86 qemu-utils e2fsprogs lz4 busybox-static cpio
 APT_PACKAGES := mmdebstrap bubblewrap busybox-static git ca-certificates iproute2 nftables libseccomp2 \
 	python3 python3-venv tar xz-utils zstd btrfs-progs $(VM_APT_PACKAGES)
 BENCH_APT_PACKAGES := docker.io

@@ -56,7 +56,7 @@ def test_decompress_refuses_a_kernel_without_lz4() -> None:
         image.decompress_vmlinuz(b"MZ" + b"\0" * 4096)
 
 
-@pytest.mark.skipif(not shutil.which("cpio"), reason="cpio is not installed (make apt)")
+@pytest.mark.skipif(not shutil.which("cpio"), reason="cpio is not installed (make apt installs it)")
 def test_newc_archive_lists_with_cpio(tmp_path: Path) -> None:
     data = image._newc("dev", 0o040755, ino=1) + image._newc("dev/console", 0o020600, rdev=(5, 1), ino=2)
     data += image._newc("init", 0o100755, b"#!/bin/sh\necho hi\n", ino=3) + image._newc("TRAILER!!!", 0)
