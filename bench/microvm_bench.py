@@ -10,7 +10,9 @@ Rows:
   for the agent's HELLO; what every create would cost without memory templates.
 - ``microvm: templated start (fresh QEMU)``: ``Manager.create`` restoring the memory template into a QEMU started
   for it; ``... (-incoming pool)``: the QEMU was waiting in ``-incoming defer``.
-- ``microvm: warm claim -> first command``: create from a warm pool of running VMs + ``exec(["true"])``;
+- ``microvm: warm claim -> first command``: create from a warm pool of running VMs + ``exec(["true"])``, from a
+  quiet host (the previous sample's teardown finished: ``quiet.wait_quiet``) and back to back (claimed the moment
+  the pool refilled after the previous destroy), alternating;
   ``... second command``: the next ``exec(["true"])`` in the same VM (what every command costs once warm).
 - ``microvm: fork xN``, ``microvm: snapshot with memory``.
 """
@@ -40,6 +42,7 @@ from branchbox.core.pool import PoolConfig  # noqa: E402
 from branchbox.core.settings import ManagerSettings  # noqa: E402
 from branchbox.core.timing import PhaseTimer  # noqa: E402
 from branchbox.images.store import TemplateStore  # noqa: E402
+from quiet import wait_quiet  # noqa: E402
 from stats import Summary, summarize  # noqa: E402
 
 Results = dict[str, Summary]
@@ -108,31 +111,37 @@ async def _templated(settings: ManagerSettings, runs: int, pool: int) -> tuple[l
     return out, phases
 
 
-async def _warm_claims(settings: ManagerSettings, runs: int) -> tuple[list[float], list[float], list[float]]:
+async def _warm_claims(settings: ManagerSettings, runs: int) -> dict[str, list[float]]:
+    """Rows ``quiet`` and ``churn`` (claim -> first command), ``claim`` (create only), ``later`` (second command).
+
+    Samples alternate: ``quiet`` waits for the host to go idle after the pool refilled (the previous sandbox's
+    teardown, which the kernel finishes in its own threads, is over: the steady state of a claim); ``churn`` claims
+    the moment the pool is full again, right after the previous sandbox was destroyed (back-to-back churn)."""
     pool = PoolConfig(template="default", min_size=1, target_free=1, max_size=2, memory_mb=MEM)
     s = dataclasses.replace(settings, default_backend="microvm", pools=(pool,))
     be = MicroVMBackend(_config(s, 1))
-    out: list[float] = []
-    claims: list[float] = []
-    later: list[float] = []
+    rows: dict[str, list[float]] = {"quiet": [], "churn": [], "claim": [], "later": []}
     async with _manager(s, be) as m:
-        for _ in range(runs):
+        for i in range(2 * runs):
             await m.wait_pool_ready("default")
             for p in be._pools.values():  # and the -incoming slot behind it: nothing of ours is still starting
                 await p.wait_ready()
+            quiet = i % 2 == 0
+            if quiet:
+                await wait_quiet()
             t0 = time.perf_counter()
             info = await m.create(template="default", memory_mb=MEM)
-            claims.append(_ms(t0))
+            rows["claim"].append(_ms(t0))
             r = await m.exec(info.id, ["true"])
-            out.append(_ms(t0))
+            rows["quiet" if quiet else "churn"].append(_ms(t0))
             assert info.source == "warm"
             assert r.exit_code == 0
             t1 = time.perf_counter()
             await m.exec(info.id, ["true"])  # before the pool's refill starts competing for the CPU
-            later.append(_ms(t1))
+            rows["later"].append(_ms(t1))
             await m.destroy(info.id)
         await m.remove_pool("default")
-    return out, claims, later
+    return rows
 
 
 async def _forks_and_snapshots(settings: ManagerSettings, runs: int, results: Results) -> None:
@@ -171,7 +180,7 @@ async def bench_microvm(settings: ManagerSettings, runs: int, results: Results) 
         cold = await _cold_boots(s, max(3, runs // 6))
         fresh, phases = await _templated(s, max(5, runs // 3), pool=0)
         pooled, pphases = await _templated(s, max(5, runs // 3), pool=1)
-        warm, claims, later = await _warm_claims(s, max(5, runs // 3))
+        warm = await _warm_claims(s, max(20, runs))
         await _forks_and_snapshots(s, max(3, runs // 6), results)
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -183,9 +192,10 @@ async def bench_microvm(settings: ManagerSettings, runs: int, results: Results) 
     for k in ("vm_prepare", "vm_spawn", "vm_qmp"):
         if k in phases:
             results[f"microvm: templated start (fresh) phase {k}"] = summarize(phases[k])
-    results["microvm: warm claim -> first command"] = summarize(warm)
-    results["microvm: warm claim (create only)"] = summarize(claims)
-    results["microvm: second command in the claimed VM (exec true)"] = summarize(later)
+    results["microvm: warm claim -> first command (quiet host)"] = summarize(warm["quiet"])
+    results["microvm: warm claim -> first command (back-to-back churn)"] = summarize(warm["churn"])
+    results["microvm: warm claim (create only)"] = summarize(warm["claim"])
+    results["microvm: second command in the claimed VM (exec true)"] = summarize(warm["later"])
     c, p = summarize(cold).p50, summarize(pooled).p50
     results["microvm: ratio cold boot / templated start (pool), p50"] = summarize([c / p])
 
