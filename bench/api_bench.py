@@ -170,7 +170,9 @@ async def bench_paired(settings: ManagerSettings, url: str, runs: int, results: 
         network=NetworkSettings(subnet="10.201.0.0/16", table="bbpaired", if_prefix="bbpr"),
     )
     rows: dict[str, list[float]] = {
-        f"{what}_{side}": [] for what in ("create", "alone", "exec") for side in ("local", "http")
+        f"{what}_{side}": []
+        for what in ("create", "alone", "exec", "out_create", "out_exec")
+        for side in ("local", "http")
     }
     async with Manager.open(local) as m:
         info = await m.create()
@@ -183,17 +185,21 @@ async def bench_paired(settings: ManagerSettings, url: str, runs: int, results: 
             async def cold_local() -> None:
                 t0 = time.perf_counter()
                 new = await m.create()
-                rows["alone_local"].append(_ms(t0))
-                await m.exec(new.id, "true")
-                rows["create_local"].append(_ms(t0))
+                alone = _ms(t0)
+                r = await m.exec(new.id, "true")
+                rows["create_local"].append(total := _ms(t0))
+                rows["alone_local"].append(alone)
+                rows["out_create_local"].append(total - new.timings["total"] - r.duration_ms)
                 await m.destroy(new.id)
 
             async def cold_http() -> None:
                 t0 = time.perf_counter()
                 other = await AsyncSandbox.create(base_url=url)
-                rows["alone_http"].append(_ms(t0))
-                await other.commands.run("true")
-                rows["create_http"].append(_ms(t0))
+                alone = _ms(t0)
+                r = await other.commands.run("true")
+                rows["create_http"].append(total := _ms(t0))
+                rows["alone_http"].append(alone)
+                rows["out_create_http"].append(total - other.info.timings["total"] - r.duration_ms)
                 await other.kill()
                 await other.close()
 
@@ -204,14 +210,17 @@ async def bench_paired(settings: ManagerSettings, url: str, runs: int, results: 
                     await cold()
                 for _ in range(4):
                     t0 = time.perf_counter()
-                    await m.exec(info.id, "true")
-                    rows["exec_local"].append(_ms(t0))
+                    r = await m.exec(info.id, "true")
+                    rows["exec_local"].append(ms := _ms(t0))
+                    rows["out_exec_local"].append(ms - r.duration_ms)
                     t0 = time.perf_counter()
-                    await sbx.commands.run("true")
-                    rows["exec_http"].append(_ms(t0))
+                    res = await sbx.commands.run("true")
+                    rows["exec_http"].append(ms := _ms(t0))
+                    rows["out_exec_http"].append(ms - res.duration_ms)
             # sbx (and info) stay alive meanwhile: the SDK's connection to the daemon stays open, as for a client
             # that holds a sandbox
-            rows["warm_local"], rows["warm_http"], rows["floor_http"] = await _paired_warm(m, url, runs)
+            warm = await _paired_warm(m, url, runs)
+            rows.update(warm)
         finally:
             await sbx.kill()
             await sbx.close()
@@ -230,6 +239,17 @@ async def bench_paired(settings: ManagerSettings, url: str, runs: int, results: 
         rows["floor_http"]
     )
     print(f"paired HTTP floor (a null server, same loop): {floor.p50:.2f} ms at p50", file=sys.stderr)
+    # The same pairs without the variance of the work itself: each sample's time outside the Manager's own timers
+    # (a create's phase total, an exec's agent round trip, both returned by the call), HTTP minus in-process, pair
+    # by pair. The Manager's phases are the same code on both sides (and measure the same: docs/api.md).
+    for what, label in (("create", "cold create -> first exec"), ("warm", "warm create (pool claim) -> first exec"),
+                        ("exec", "exec round trip (true)")):  # fmt: skip
+        local_o, http_o = rows[f"out_{what}_local"], rows[f"out_{what}_http"]
+        added = summarize([h - loc for h, loc in zip(http_o, local_o, strict=True)])
+        results[f"paired: {label}, outside the Manager's timers, in-process Manager"] = summarize(local_o)
+        results[f"paired: {label}, outside the Manager's timers, async SDK over HTTP"] = summarize(http_o)
+        results[f"paired: {label}, the API adds (outside the Manager's timers, pair by pair)"] = added
+        print(f"paired {label}, outside the Manager's timers: the API adds {added.p50:.2f} ms at p50", file=sys.stderr)
 
 
 PAIRED_POOL = 2  # members per side: the claim under test plus one
@@ -249,7 +269,7 @@ async def _pools_full(m: Manager, url: str) -> None:
         await asyncio.sleep(0.01)
 
 
-async def _paired_warm(m: Manager, url: str, runs: int) -> tuple[list[float], list[float], list[float]]:
+async def _paired_warm(m: Manager, url: str, runs: int) -> dict[str, list[float]]:
     """Claim from a warm pool -> first command result, in-process vs over HTTP. Both sides get the same pool
     (size, resources) and both are full and idle before each pair; which side goes first alternates.
 
@@ -259,22 +279,23 @@ async def _paired_warm(m: Manager, url: str, runs: int) -> tuple[list[float], li
                 "memory_mb": POOL_MEMORY_MB}  # fmt: skip
     await m.configure_pool(PoolConfig(template="default", **settings))
     await AsyncSandbox.configure_pool("default", **settings, base_url=url)
-    local_ms: list[float] = []
-    http_ms: list[float] = []
+    rows: dict[str, list[float]] = {k: [] for k in ("warm_local", "warm_http", "out_warm_local", "out_warm_http")}
 
     async def local() -> None:
         t0 = time.perf_counter()
         info = await m.create(memory_mb=POOL_MEMORY_MB)
-        await m.exec(info.id, "true")
-        local_ms.append(_ms(t0))
+        r = await m.exec(info.id, "true")
+        rows["warm_local"].append(ms := _ms(t0))
+        rows["out_warm_local"].append(ms - info.timings["total"] - r.duration_ms)
         assert info.source == "warm", info.source
         await m.destroy(info.id)
 
     async def http() -> None:
         t0 = time.perf_counter()
         sbx = await AsyncSandbox.create(memory_mb=POOL_MEMORY_MB, base_url=url)
-        await sbx.commands.run("true")
-        http_ms.append(_ms(t0))
+        r = await sbx.commands.run("true")
+        rows["warm_http"].append(ms := _ms(t0))
+        rows["out_warm_http"].append(ms - sbx.info.timings["total"] - r.duration_ms)
         try:
             assert sbx.info.source == "warm", sbx.info.source
         finally:
@@ -304,7 +325,7 @@ async def _paired_warm(m: Manager, url: str, runs: int) -> tuple[list[float], li
             await holder.close()
             await m.remove_pool("default")
             await AsyncSandbox.remove_pool("default", base_url=url)
-    return local_ms[2:], http_ms[2:], floor_ms[2:]
+    return {"floor_http": floor_ms[2:], **{k: v[2:] for k, v in rows.items()}}
 
 
 async def _async_exec(url: str, sandbox_id: str, n: int) -> list[float]:
