@@ -20,7 +20,7 @@ import pytest
 from branchbox.core.manager import Manager
 from branchbox.core.models import SandboxInfo, SandboxState
 from branchbox.core.pool import PoolConfig
-from branchbox.errors import InvalidStateError
+from branchbox.errors import InvalidStateError, NotFoundError
 from tests.conftest import TEST_ROOT, make_settings, new_data_dir
 
 pytestmark = [pytest.mark.microvm, pytest.mark.root]
@@ -241,6 +241,33 @@ async def test_warm_pool_of_vms(default_template: Any, vm_data_dir: Path) -> Non
         r = await m.exec(info.id, "echo $K; hostname")
         assert r.stdout == b"v\nclaimed\n"
         await m.destroy(info.id)
+        await m.remove_pool("default")
+    assert leftovers(vm_data_dir) == []
+
+
+async def test_pools_per_backend_beside_the_default(default_template: Any, vm_data_dir: Path) -> None:
+    """A Manager whose default is containers keeps a microVM pool of the same template beside its container pool;
+    each create is served by the pool of its backend."""
+    vm = PoolConfig(template="default", backend="microvm", min_size=1, target_free=1, max_size=1, memory_mb=256)
+    ct = PoolConfig(template="default", min_size=1, target_free=1, max_size=1, memory_mb=256)
+    async with Manager.open(make_settings(vm_data_dir, pools=(vm, ct))) as m:
+        await m.wait_pool_ready("default", backend="microvm")
+        await m.wait_pool_ready("default")
+        assert {(p.template, p.backend, p.ready) for p in m.pool_statistics()} == {
+            ("default", "microvm", 1), ("default", "container", 1)
+        }  # fmt: skip
+        info = await m.create(template="default", backend="microvm", memory_mb=256, hostname="claimed")
+        assert (info.source, info.backend) == ("warm", "microvm")
+        r = await m.exec(info.id, "hostname; uname -r")
+        assert r.stdout.decode().split()[0] == "claimed" and r.stdout.decode().split()[1].endswith("cloud-amd64")
+        box = await m.create(template="default", memory_mb=256)
+        assert (box.source, box.backend) == ("warm", "container")
+        with pytest.raises(NotFoundError, match="on backend 'microvm'"):
+            await m.remove_pool("other-template", backend="microvm")
+        await m.destroy(info.id)
+        await m.destroy(box.id)
+        await m.remove_pool("default", backend="microvm")
+        assert [p.backend for p in m.pool_statistics()] == ["container"]
         await m.remove_pool("default")
     assert leftovers(vm_data_dir) == []
 

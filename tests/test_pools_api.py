@@ -16,6 +16,7 @@ from branchbox.core.pool import PoolConfig
 from branchbox.daemon.config import ConfigError, load_config
 from branchbox.sdk import AsyncSandbox, NotFoundError, PoolInfo, Sandbox, TemplateNotFoundError
 from branchbox.sdk import BadRequestError as SdkBadRequest
+from branchbox.sdk import NotSupportedError as SdkNotSupported
 from tests.conftest import DaemonProc, cli_env
 
 POOL_TOML = """
@@ -54,6 +55,19 @@ def test_pool_sections_become_pool_configs(tmp_path: Path) -> None:
     )
     assert cfg.manager_settings().pools == cfg.pools
     assert load_config(env={}).pools == ()
+
+
+def test_a_pool_on_another_backend_is_template_at_backend(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text(POOL_TOML + '[pools."default@microvm"]\nmin_size = 1\nmemory_mb = 256\n')
+    assert load_config(f, env={}).pools[1] == PoolConfig(template="default", backend="microvm", min_size=1,
+                                                          memory_mb=256)  # fmt: skip
+    f.write_text('[pools."default@no such"]\nmin_size = 1\n')
+    with pytest.raises(ConfigError, match=r"\[pools\.\"default@no such\"\].*backend must be a backend's name"):
+        load_config(f, env={})
+    f.write_text('[pools.default]\nbackend = "microvm"\n')  # the section names it, not a key
+    with pytest.raises(ConfigError, match=r"unknown setting\(s\) backend in \[pools\.default\]"):
+        load_config(f, env={})
 
 
 @pytest.mark.parametrize(
@@ -124,8 +138,8 @@ def test_pool_from_config_fills_and_serves_warm_creates(daemon_factory: Any) -> 
         warm.kill()
         warm.close()
     metrics = httpx.get(d.url + "/metrics", timeout=30).text
-    assert 'branchbox_pool_hits_total{template="default"} 1.0' in metrics
-    assert 'branchbox_pool_ready{template="default"}' in metrics
+    assert 'branchbox_pool_hits_total{backend="container",template="default"} 1.0' in metrics
+    assert 'branchbox_pool_ready{backend="container",template="default"}' in metrics
     assert 'branchbox_create_duration_seconds_count{backend="container",outcome="ok",source="warm"} 1.0' in metrics
 
 
@@ -182,7 +196,12 @@ async def test_sdk_pool_helpers_sync_and_async(daemon: DaemonProc) -> None:
     with pytest.raises(TemplateNotFoundError):
         Sandbox.configure_pool("nope", base_url=daemon.url)
     pools = await AsyncSandbox.pools(base_url=daemon.url)
-    assert [p.template for p in pools] == ["default"]
+    assert [(p.template, p.backend) for p in pools] == [("default", "container")]
+    with pytest.raises(NotFoundError, match="on backend 'microvm'"):  # each backend has pools of its own
+        Sandbox.get_pool("default", backend="microvm", base_url=daemon.url)
+    assert Sandbox.get_pool("default", backend="container", base_url=daemon.url).settings.memory_mb == 112
+    with pytest.raises(SdkNotSupported):
+        Sandbox.configure_pool("default", backend="nope", base_url=daemon.url)
     info = await AsyncSandbox.configure_pool("default", min_size=0, target_free=1, max_size=1, base_url=daemon.url)
     assert info.settings.target_free == 1
     assert (await AsyncSandbox.get_pool("default", base_url=daemon.url)).settings.max_size == 1
@@ -211,10 +230,10 @@ def test_cli_pools_table_set_and_rm(daemon_factory: Any) -> None:
     r = cli("pools")
     assert r.returncode == 0, r.stderr
     header = r.stdout.splitlines()[0].split()
-    assert header == ["TEMPLATE", "READY", "BOOTING", "CLAIMED", "HITS", "MISSES", "P50", "CLAIM", "MS", "TARGET",
-                      "MAX"]  # fmt: skip
+    assert header == ["TEMPLATE", "BACKEND", "READY", "BOOTING", "CLAIMED", "HITS", "MISSES", "P50", "CLAIM", "MS",
+                      "TARGET", "MAX"]  # fmt: skip
     row = r.stdout.splitlines()[1].split()
-    assert row[0] == "default"
+    assert row[:2] == ["default", "container"]
     assert row[-2:] == ["2", "4"]  # target, max
     r = cli("pools", "set", "default", "--target-free", "3")
     assert r.returncode == 0, r.stderr
@@ -233,6 +252,11 @@ def test_cli_pools_table_set_and_rm(daemon_factory: Any) -> None:
     r = cli("pools", "set", "default", "--max-size", "1", "--target-free", "0")  # a new pool from defaults
     assert r.returncode == 0, r.stderr
     assert Sandbox.get_pool("default", base_url=d.url).settings.max_size == 1
+    r = cli("pools", "set", "default", "--backend", "nope", "--max-size", "1", "--target-free", "0")
+    assert (r.returncode, "not_supported" in r.stderr) == (1, True), r.stderr
+    r = cli("pools", "rm", "default", "--backend", "microvm")  # the container pool is not that one
+    assert (r.returncode, "not_found" in r.stderr) == (1, True), r.stderr
+    assert [p.backend for p in Sandbox.pools(base_url=d.url)] == ["container"]
 
 
 @pytest.mark.root

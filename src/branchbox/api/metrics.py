@@ -27,33 +27,28 @@ class PoolCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         stats = self._source()
+        labels = ["template", "backend"]  # a template has one pool per backend
         gauges = {
-            "ready": GaugeMetricFamily("branchbox_pool_ready", "Ready members of a warm pool.", labels=["template"]),
-            "booting": GaugeMetricFamily("branchbox_pool_booting", "Members booting.", labels=["template"]),
+            "ready": GaugeMetricFamily("branchbox_pool_ready", "Ready members of a warm pool.", labels=labels),
+            "booting": GaugeMetricFamily("branchbox_pool_booting", "Members booting.", labels=labels),
             "claimed": GaugeMetricFamily(
-                "branchbox_pool_claimed", "Sandboxes claimed from a pool, still alive.", labels=["template"]
+                "branchbox_pool_claimed", "Sandboxes claimed from a pool, still alive.", labels=labels
             ),
-            "target": GaugeMetricFamily(
-                "branchbox_pool_target", "Members the replenisher aims for.", labels=["template"]
-            ),
+            "target": GaugeMetricFamily("branchbox_pool_target", "Members the replenisher aims for.", labels=labels),
         }
         counters = {
-            "hits": CounterMetricFamily("branchbox_pool_hits", "Creates served warm.", labels=["template"]),
-            "misses": CounterMetricFamily(
-                "branchbox_pool_misses", "Creates that found the pool empty.", labels=["template"]
-            ),
-            "boot_failures": CounterMetricFamily(
-                "branchbox_pool_boot_failures", "Failed member boots.", labels=["template"]
-            ),
+            "hits": CounterMetricFamily("branchbox_pool_hits", "Creates served warm.", labels=labels),
+            "misses": CounterMetricFamily("branchbox_pool_misses", "Creates that found the pool empty.", labels=labels),
+            "boot_failures": CounterMetricFamily("branchbox_pool_boot_failures", "Failed member boots.", labels=labels),
             "replaced": CounterMetricFamily(
-                "branchbox_pool_replaced", "Members that died and were replaced.", labels=["template"]
+                "branchbox_pool_replaced", "Members that died and were replaced.", labels=labels
             ),
         }
         for s in stats:
             for name, g in gauges.items():
-                g.add_metric([s.template], s.config.target if name == "target" else getattr(s, name))
+                g.add_metric([s.template, s.backend], s.config.target if name == "target" else getattr(s, name))
             for name, c in counters.items():
-                c.add_metric([s.template], getattr(s, name))
+                c.add_metric([s.template, s.backend], getattr(s, name))
         yield from gauges.values()
         yield from counters.values()
 

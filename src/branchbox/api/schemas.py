@@ -282,17 +282,18 @@ class PoolSettings(_Strict):
     @classmethod
     def of(cls, c: PoolConfig) -> PoolSettings:
         fields = c.as_dict()
-        del fields["template"]
+        del fields["template"], fields["backend"]
         return cls(**fields)
 
-    def config(self, template: str) -> PoolConfig:
-        return PoolConfig(template=template, **self.model_dump())
+    def config(self, template: str, backend: str | None = None) -> PoolConfig:
+        return PoolConfig(template=template, backend=backend, **self.model_dump())
 
 
 class PoolResponse(BaseModel):
     """Statistics of one warm pool. A create with the pool's cpu/memory_mb/pids is served from it."""
 
     template: str
+    backend: str = Field(description="What the members run on: creates of this template on it are served here.")
     ready: int = Field(description="Members booted and waiting to be claimed.")
     booting: int
     claimed: int = Field(description="Sandboxes claimed from this pool that are still alive.")
@@ -311,6 +312,7 @@ class PoolResponse(BaseModel):
     def of(cls, s: PoolStats) -> PoolResponse:
         return cls(
             template=s.template,
+            backend=s.backend,
             ready=s.ready,
             booting=s.booting,
             claimed=s.claimed,

@@ -27,11 +27,13 @@ def _ms(v: float | None) -> str:
 def pools_table(pools: list[PoolInfo]) -> Table:
     """The rich table ``branchbox pools`` prints."""
     table = Table(
-        "TEMPLATE", "READY", "BOOTING", "CLAIMED", "HITS", "MISSES", "P50 CLAIM MS", "TARGET", "MAX", box=None
-    )
+        "TEMPLATE", "BACKEND", "READY", "BOOTING", "CLAIMED", "HITS", "MISSES", "P50 CLAIM MS", "TARGET", "MAX",
+        box=None,
+    )  # fmt: skip
     for p in pools:
         table.add_row(
             p.template,
+            p.backend or "-",
             f"[green]{p.ready}[/]" if p.ready else "[yellow]0[/]",
             str(p.booting),
             str(p.claimed),
@@ -69,6 +71,7 @@ def pools(ctx: click.Context, as_json: bool) -> None:
 
 @pools.command(name="set")
 @click.argument("template")
+@click.option("--backend", default=None, help="The backend of the pool (default: the daemon's); one pool per backend.")
 @click.option("--min-size", type=int, default=None, help="Members kept at all times.")
 @click.option("--max-size", type=int, default=None, help="Never more members than this.")
 @click.option("--target-free", type=int, default=None, help="Ready members the replenisher keeps.")
@@ -79,23 +82,26 @@ def pools(ctx: click.Context, as_json: bool) -> None:
 @click.option("--memory-mb", type=int, default=None)
 @click.option("--pids", type=int, default=None)
 @click.pass_obj
-def pools_set(conn: _Conn, /, template: str, **given: Any) -> None:
-    """Create or change the warm pool of TEMPLATE, live. Options not given keep their current value
+def pools_set(conn: _Conn, /, template: str, backend: str | None, **given: Any) -> None:
+    """Create or change the warm pool of TEMPLATE (on --backend), live. Options not given keep their current value
     (or the default for a new pool)."""
     try:
-        current = Sandbox.get_pool(template, base_url=conn.url, api_key=conn.api_key).settings
+        current = Sandbox.get_pool(template, backend=backend, base_url=conn.url, api_key=conn.api_key).settings
     except NotFoundError:
         current = PoolSettings()
     merged = dataclasses.replace(current, **{k: v for k, v in given.items() if v is not None})
-    info = Sandbox.configure_pool(template, **dataclasses.asdict(merged), base_url=conn.url, api_key=conn.api_key)
+    info = Sandbox.configure_pool(
+        template, backend=backend, **dataclasses.asdict(merged), base_url=conn.url, api_key=conn.api_key
+    )
     out.print(pools_table([info]))
 
 
 @pools.command(name="rm")
 @click.argument("templates", nargs=-1, required=True)
+@click.option("--backend", default=None, help="The backend of the pools (default: the daemon's).")
 @click.pass_obj
-def pools_rm(conn: _Conn, templates: tuple[str, ...]) -> None:
+def pools_rm(conn: _Conn, templates: tuple[str, ...], backend: str | None) -> None:
     """Remove warm pools (their ready members are destroyed; claimed sandboxes stay)."""
     for template in templates:
-        Sandbox.remove_pool(template, base_url=conn.url, api_key=conn.api_key)
+        Sandbox.remove_pool(template, backend=backend, base_url=conn.url, api_key=conn.api_key)
         click.echo(template)

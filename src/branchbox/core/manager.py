@@ -179,9 +179,11 @@ class Manager:
         if s.network is not None:
             self._net = Network(s.network)
             await self._net.start()
-        for cfg in s.pools:
-            self.templates.get(cfg.template)  # a pool of an unknown template is a configuration error
-            self._pools[cfg.template] = Pool(cfg, self._boot_member)
+        for given in s.pools:
+            self.templates.get(given.template)  # a pool of an unknown template or backend is a configuration error
+            cfg = replace(given, backend=given.backend or s.default_backend)
+            await self._backend(cfg.backend or s.default_backend)
+            self._pools[self._pool_key(cfg.template, cfg.backend)] = Pool(cfg, self._boot_member)
         await self._reconcile()
         await self.workspaces.start()
         for pool in self._pools.values():
@@ -255,7 +257,7 @@ class Manager:
             res = Resources(cpu=float(cpu), memory_mb=memory_mb, pids=pids)
             info = replace(self._new_info(tpl, kind, res, env_, meta, ttl, hostname), source="snapshot")
             return await self._restore(info, tpl, be, snap.layers, timer, policy=policy)
-        pool = self._pools.get(tpl.name) if kind == self.settings.default_backend else None
+        pool = self._pools.get(self._pool_key(tpl.name, kind))
         if pool is not None and pool.config.matches(cpu, memory_mb, pids):
             member = pool.take()
             if member is not None:
@@ -447,7 +449,7 @@ class Manager:
                 timings=timer.as_dict(),
             )
             live.pooled = None
-            live.from_pool = pool_name or pool.config.template
+            live.from_pool = pool_name or self._pool_key(pool.config.template, pool.config.backend)
             i = live.info
             self._db.update(i.id, pool=None, created_at=i.created_at, expires_at=i.expires_at, metadata=i.metadata,
                             env=i.env, hostname=i.hostname, source=i.source, timings=i.timings,
@@ -1160,13 +1162,23 @@ class Manager:
     def pool_statistics(self) -> builtins.list[PoolStats]:
         return [p.statistics() for p in self._pools.values()]
 
+    def _pool_key(self, template: str, backend: str | None) -> str:
+        """The name a pool is known by (in the store and logs): its template's, plus ``@backend`` for a backend
+        other than the default."""
+        kind = backend or self.settings.default_backend
+        return template if kind == self.settings.default_backend else f"{template}@{kind}"
+
     async def configure_pool(self, config: PoolConfig) -> PoolStats:
-        """Create or change the warm pool of ``config.template``, live. Members that no longer fit go."""
+        """Create or change the warm pool of ``config.template`` on ``config.backend`` (None: the default backend),
+        live. Members that no longer fit go."""
         self.templates.get(config.template)
-        pool = self._pools.get(config.template)
+        config = replace(config, backend=config.backend or self.settings.default_backend)
+        await self._backend(config.backend or self.settings.default_backend)  # an unknown one: not_supported
+        key = self._pool_key(config.template, config.backend)
+        pool = self._pools.get(key)
         if pool is None:
             pool = Pool(config, self._boot_member)
-            self._pools[config.template] = pool
+            self._pools[key] = pool
             pool.start()
             return pool.statistics()
         old = pool.config
@@ -1182,20 +1194,23 @@ class Manager:
         pool.wake()
         return pool.statistics()
 
-    async def remove_pool(self, template: str) -> None:
-        pool = self._pools.pop(template, None)
+    async def remove_pool(self, template: str, *, backend: str | None = None) -> None:
+        pool = self._pools.pop(self._pool_key(template, backend), None)
         if pool is None:
-            raise NotFoundError(f"there is no warm pool for template {template!r}")
+            raise NotFoundError(f"there is no warm pool for template {template!r}{self._on(backend)}")
         for member in await pool.aclose():
             member.pooled = None
             await self._destroy(member.info.id)
 
-    async def wait_pool_ready(self, template: str, count: int | None = None) -> None:
-        """Wait until the pool of ``template`` has ``count`` (default: its target) ready members."""
-        pool = self._pools.get(template)
+    async def wait_pool_ready(self, template: str, count: int | None = None, *, backend: str | None = None) -> None:
+        """Wait until the pool of ``template`` (on ``backend``) has ``count`` (default: its target) ready members."""
+        pool = self._pools.get(self._pool_key(template, backend))
         if pool is None:
-            raise NotFoundError(f"there is no warm pool for template {template!r}")
+            raise NotFoundError(f"there is no warm pool for template {template!r}{self._on(backend)}")
         await pool.wait_ready(count)
+
+    def _on(self, backend: str | None) -> str:
+        return "" if backend in (None, self.settings.default_backend) else f" on backend {backend!r}"
 
     async def _boot_member(
         self,
@@ -1206,13 +1221,13 @@ class Manager:
         warm_up: Sequence[str] = ("true",),
     ) -> _Live:
         tpl = self.templates.get(config.template)
-        be = await self._backend(self.settings.default_backend)
+        be = await self._backend(config.backend or self.settings.default_backend)
         res = Resources(cpu=float(config.cpu), memory_mb=config.memory_mb, pids=config.pids)
         info = replace(self._new_info(tpl, be.name, res, {}, {}, None, None), source="warm")
         if chain:  # a spare of a layer pool: booted like a restore onto the chain
             live = await self._boot_chain(info, tpl, be, chain, PhaseTimer(), pool=name)
         else:
-            live = await self._boot_live(info, tpl, be, PhaseTimer(), pool=config.template)
+            live = await self._boot_live(info, tpl, be, PhaseTimer(), pool=self._pool_key(config.template, be.name))
         # one throw-away command warms the agent's code paths (a forked agent's first exec pays its copy-on-write
         # page faults, ~1 ms here), so the user's first command in a claimed sandbox runs at full speed
         try:
@@ -1386,9 +1401,10 @@ class Manager:
                 self._db.update(info.id, state=SandboxState.ERROR, error=f"could not re-attach its agent: {exc}")
                 continue
             pool = self._pools.get(rec.pool) if rec.pool else None
-            if rec.pool is not None and (pool is None or pool.config.template != info.template or not
-                                         pool.config.matches(info.resources.cpu, info.resources.memory_mb,
-                                                             info.resources.pids)):  # fmt: skip
+            if rec.pool is not None and (pool is None or pool.config.template != info.template
+                                         or pool.config.backend != info.backend
+                                         or not pool.config.matches(info.resources.cpu, info.resources.memory_mb,
+                                                                    info.resources.pids)):  # fmt: skip
                 await agent.aclose()  # a member of a pool that is gone or changed
                 await self._cleanup(info.id, info.backend, rec.handle)
                 self._forget(info.id)

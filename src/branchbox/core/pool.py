@@ -36,9 +36,14 @@ REFILL_DELAY_S = 0.05
 
 @dataclass(frozen=True, slots=True)
 class PoolConfig:
-    """Configuration of the warm pool of one template (``[pools.<template>]`` in the daemon's config)."""
+    """Configuration of the warm pool of one template on one backend (``[pools.<template>]`` in the daemon's
+    config, ``[pools."<template>@<backend>"]`` for a backend other than the default).
+
+    ``backend``: what its members run on (None: the Manager's default backend). A template may have one pool per
+    backend; a create is served by the pool of its template and backend."""
 
     template: str
+    backend: str | None = None
     min_size: int = 0
     max_size: int = 8
     target_free: int = 2
@@ -50,6 +55,8 @@ class PoolConfig:
     pids: int = 1024
 
     def __post_init__(self) -> None:
+        if self.backend is not None and not (isinstance(self.backend, str) and self.backend.isidentifier()):
+            raise BadRequestError(f"pool {self.template}: backend must be a backend's name, not {self.backend!r}")
         ints = ("min_size", "max_size", "target_free", "max_parallel_boots", "memory_mb", "pids")
         for name in ints:
             v = getattr(self, name)
@@ -89,6 +96,7 @@ class PoolStats:
     """A frozen snapshot of one pool."""
 
     template: str
+    backend: str
     ready: int
     booting: int
     claimed: int  # sandboxes claimed from this pool that are still alive
@@ -174,6 +182,7 @@ class Pool(Generic[M]):
         p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))] if samples else None
         return PoolStats(
             template=self.config.template,
+            backend=self.config.backend or "",  # the Manager's pools always name theirs
             ready=len(self.ready),
             booting=self.booting,
             claimed=self.claimed,

@@ -6,12 +6,17 @@ exists. Its keys are the field names of :class:`DaemonConfig` at top level (or g
 upper-case name, e.g. ``BRANCHBOX_PORT=7078``; lists (``api_key_hashes``) are comma-separated there.
 
 Warm pools are ``[pools.<template>]`` tables (file only, no environment variables) whose keys are the fields of
-:class:`~branchbox.core.pool.PoolConfig` except ``template``::
+:class:`~branchbox.core.pool.PoolConfig` except ``template`` and ``backend``; a pool on a backend other than the
+default one is ``[pools."<template>@<backend>"]``::
 
     [pools.default]
     min_size = 4
     target_free = 4
     max_size = 16
+    memory_mb = 256
+
+    [pools."default@microvm"]
+    min_size = 1
     memory_mb = 256
 
 Networking (docs/networking.md) is on by default: ``network = false`` gives sandboxes loopback only. The
@@ -44,7 +49,7 @@ from branchbox.net.settings import NetworkSettings
 
 DEFAULT_CONFIG_FILE = Path("/etc/branchbox/config.toml")
 _TABLES = ("server", "manager", "log")
-_POOL_KEYS = tuple(f.name for f in fields(PoolConfig) if f.name != "template")
+_POOL_KEYS = tuple(f.name for f in fields(PoolConfig) if f.name not in ("template", "backend"))
 
 
 class ConfigError(BadRequestError):
@@ -227,8 +232,9 @@ def parse_pools(doc: Any, source: str) -> tuple[PoolConfig, ...]:
     if not isinstance(doc, Mapping):
         raise ConfigError(f"pools in {source} must be tables: [pools.<template>]")
     out: list[PoolConfig] = []
-    for template, table in doc.items():
-        section = f"[pools.{template}]"
+    for name, table in doc.items():
+        section = f"[pools.{name}]" if "@" not in name else f'[pools."{name}"]'
+        template, _, backend = str(name).partition("@")
         if not isinstance(table, Mapping):
             raise ConfigError(f"{section} in {source} must be a table of settings ({', '.join(_POOL_KEYS)})")
         unknown = sorted(set(table) - set(_POOL_KEYS))
@@ -243,7 +249,7 @@ def parse_pools(doc: Any, source: str) -> tuple[PoolConfig, ...]:
             except (TypeError, ValueError) as exc:
                 raise ConfigError(f"invalid {key}={value!r} in {section} of {source}: {exc}") from exc
         try:
-            out.append(PoolConfig(template=str(template), **values))
+            out.append(PoolConfig(template=template, backend=backend or None, **values))
         except BadRequestError as exc:
             raise ConfigError(f"{section} in {source}: {exc.message}") from exc
     return tuple(out)

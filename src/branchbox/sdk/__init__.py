@@ -6,7 +6,8 @@ environment (``BRANCHBOX_URL``, ``BRANCHBOX_API_KEY``, ``BRANCHBOX_REQUEST_TIMEO
 
 Warm pools are daemon-wide, so their helpers are static like ``Sandbox.list``: ``Sandbox.pools()`` (statistics
 of every pool), ``Sandbox.get_pool(template)``, ``Sandbox.configure_pool(template, min_size=..., ...)`` (create
-or replace, live) and ``Sandbox.remove_pool(template)``; ``AsyncSandbox`` has the same, awaited.
+or replace, live) and ``Sandbox.remove_pool(template)``; ``AsyncSandbox`` has the same, awaited. Each takes
+``backend=`` for the pool on a backend other than the daemon's default (a template has one pool per backend).
 
 Snapshots and forks: ``sbx.create_snapshot(name=)``, ``Sandbox.create(snapshot=)`` (restore),
 ``sbx.fork(count=)`` (one Sandbox or exception per child), ``sbx.reset(snapshot=None)``,

@@ -660,13 +660,19 @@ class AsyncSandbox:
 
     @staticmethod
     async def get_pool(
-        template: str, *, base_url: str | None = None, api_key: str | None = None, request_timeout: Timeout = UNSET
+        template: str,
+        *,
+        backend: str | None = None,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        request_timeout: Timeout = UNSET,
     ) -> PoolInfo:
-        """Statistics of the warm pool of ``template`` (NotFoundError if it has none)."""
+        """Statistics of the warm pool of ``template`` on ``backend`` (default: the daemon's; NotFoundError if
+        it has none)."""
         return PoolInfo.from_json(
             (
                 await _oneshot(
-                    rq.get_pool(template), base_url=base_url, api_key=api_key, request_timeout=request_timeout
+                    rq.get_pool(template, backend), base_url=base_url, api_key=api_key, request_timeout=request_timeout
                 )
             ).json()
         )
@@ -675,6 +681,7 @@ class AsyncSandbox:
     async def configure_pool(
         template: str,
         *,
+        backend: str | None = None,
         min_size: int | None = None,
         max_size: int | None = None,
         target_free: int | None = None,
@@ -688,7 +695,8 @@ class AsyncSandbox:
         api_key: str | None = None,
         request_timeout: Timeout = UNSET,
     ) -> PoolInfo:
-        """Create or replace the warm pool of ``template``, live. Settings not given take the daemon's defaults.
+        """Create or replace the warm pool of ``template`` on ``backend`` (default: the daemon's default
+        backend; each backend has pools of its own), live. Settings not given take the daemon's defaults.
 
         Creates with the pool's ``cpu``/``memory_mb``/``pids`` are served from it.
         """
@@ -700,7 +708,7 @@ class AsyncSandbox:
         return PoolInfo.from_json(
             (
                 await _oneshot(
-                    rq.configure_pool(template, settings),
+                    rq.configure_pool(template, settings, backend),
                     base_url=base_url,
                     api_key=api_key,
                     request_timeout=request_timeout,
@@ -710,10 +718,18 @@ class AsyncSandbox:
 
     @staticmethod
     async def remove_pool(
-        template: str, *, base_url: str | None = None, api_key: str | None = None, request_timeout: Timeout = UNSET
+        template: str,
+        *,
+        backend: str | None = None,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        request_timeout: Timeout = UNSET,
     ) -> None:
-        """Remove the warm pool of ``template``; its ready members are destroyed (claimed sandboxes stay)."""
-        await _oneshot(rq.remove_pool(template), base_url=base_url, api_key=api_key, request_timeout=request_timeout)
+        """Remove the warm pool of ``template`` on ``backend``; its ready members are destroyed (claimed
+        sandboxes stay)."""
+        await _oneshot(
+            rq.remove_pool(template, backend), base_url=base_url, api_key=api_key, request_timeout=request_timeout
+        )
 
     # -- snapshots, forks, reset -------------------------------------------------------------------
     async def create_snapshot(self, *, name: str | None = None, request_timeout: Timeout = UNSET) -> SnapshotInfo:

@@ -184,6 +184,7 @@ class PoolInfo:
     misses: int
     target: int
     settings: PoolSettings
+    backend: str = ""  # what its members run on (daemons before pools per backend do not say)
     boots: int = 0
     boot_failures: int = 0
     replaced: int = 0
@@ -206,6 +207,7 @@ class PoolInfo:
             misses=int(d["misses"]),
             target=int(d.get("target", 0)),
             settings=PoolSettings.from_json(d.get("config") or {}),
+            backend=str(d.get("backend") or ""),
             boots=int(d.get("boots", 0)),
             boot_failures=int(d.get("boot_failures", 0)),
             replaced=int(d.get("replaced", 0)),

@@ -201,17 +201,21 @@ def list_pools() -> Req:
     return Req("GET", "/v1/pools")
 
 
-def get_pool(template: str) -> Req:
-    return Req("GET", _pool(template))
+def _on(backend: str | None) -> list[tuple[str, Param]]:
+    return [] if backend is None else [("backend", backend)]
 
 
-def configure_pool(template: str, settings: Mapping[str, Any]) -> Req:
+def get_pool(template: str, backend: str | None = None) -> Req:
+    return Req("GET", _pool(template), params=_on(backend))
+
+
+def configure_pool(template: str, settings: Mapping[str, Any], backend: str | None = None) -> Req:
     """PUT semantics: settings left out (None) take the daemon's defaults."""
-    return Req("PUT", _pool(template), json=_drop_none(settings))
+    return Req("PUT", _pool(template), json=_drop_none(settings), params=_on(backend))
 
 
-def remove_pool(template: str) -> Req:
-    return Req("DELETE", _pool(template))
+def remove_pool(template: str, backend: str | None = None) -> Req:
+    return Req("DELETE", _pool(template), params=_on(backend))
 
 
 def _snap(ref: str) -> str:

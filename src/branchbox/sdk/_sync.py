@@ -670,17 +670,26 @@ class Sandbox:
 
     @staticmethod
     def get_pool(
-        template: str, *, base_url: str | None = None, api_key: str | None = None, request_timeout: Timeout = UNSET
+        template: str,
+        *,
+        backend: str | None = None,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        request_timeout: Timeout = UNSET,
     ) -> PoolInfo:
-        """Statistics of the warm pool of ``template`` (NotFoundError if it has none)."""
+        """Statistics of the warm pool of ``template`` on ``backend`` (default: the daemon's; NotFoundError if
+        it has none)."""
         return PoolInfo.from_json(
-            _oneshot(rq.get_pool(template), base_url=base_url, api_key=api_key, request_timeout=request_timeout).json()
+            _oneshot(
+                rq.get_pool(template, backend), base_url=base_url, api_key=api_key, request_timeout=request_timeout
+            ).json()
         )
 
     @staticmethod
     def configure_pool(
         template: str,
         *,
+        backend: str | None = None,
         min_size: int | None = None,
         max_size: int | None = None,
         target_free: int | None = None,
@@ -694,7 +703,8 @@ class Sandbox:
         api_key: str | None = None,
         request_timeout: Timeout = UNSET,
     ) -> PoolInfo:
-        """Create or replace the warm pool of ``template``, live. Settings not given take the daemon's defaults.
+        """Create or replace the warm pool of ``template`` on ``backend`` (default: the daemon's default
+        backend; each backend has pools of its own), live. Settings not given take the daemon's defaults.
 
         Creates with the pool's ``cpu``/``memory_mb``/``pids`` are served from it.
         """
@@ -705,7 +715,7 @@ class Sandbox:
         }  # fmt: skip
         return PoolInfo.from_json(
             _oneshot(
-                rq.configure_pool(template, settings),
+                rq.configure_pool(template, settings, backend),
                 base_url=base_url,
                 api_key=api_key,
                 request_timeout=request_timeout,
@@ -714,10 +724,16 @@ class Sandbox:
 
     @staticmethod
     def remove_pool(
-        template: str, *, base_url: str | None = None, api_key: str | None = None, request_timeout: Timeout = UNSET
+        template: str,
+        *,
+        backend: str | None = None,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        request_timeout: Timeout = UNSET,
     ) -> None:
-        """Remove the warm pool of ``template``; its ready members are destroyed (claimed sandboxes stay)."""
-        _oneshot(rq.remove_pool(template), base_url=base_url, api_key=api_key, request_timeout=request_timeout)
+        """Remove the warm pool of ``template`` on ``backend``; its ready members are destroyed (claimed
+        sandboxes stay)."""
+        _oneshot(rq.remove_pool(template, backend), base_url=base_url, api_key=api_key, request_timeout=request_timeout)
 
     # -- snapshots, forks, reset -------------------------------------------------------------------
     def create_snapshot(self, *, name: str | None = None, request_timeout: Timeout = UNSET) -> SnapshotInfo:
