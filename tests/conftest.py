@@ -237,6 +237,7 @@ def daemon_factory(default_template: Any) -> Iterator[Any]:
 
     yield make
     for d in made:
+        print(f"--- the log of the daemon on {d.data_dir} (pytest shows it when the test failed) ---\n{d.log()}")
         d.cleanup()
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -63,6 +65,30 @@ def test_newc_archive_lists_with_cpio(tmp_path: Path) -> None:
     out = subprocess.run(["cpio", "-itv"], input=data, capture_output=True, check=True).stdout.decode()
     assert "dev/console" in out and "init" in out
     assert out.splitlines()[1].startswith("crw")
+
+
+def _register_and_leave(cache: Path, base: Path, rounds: int) -> None:
+    """One daemon after another on a shared cache: register a data dir, remove it, list the users."""
+    for _ in range(rounds):
+        d = Path(tempfile.mkdtemp(dir=base))
+        tplcache.register_user(cache, d)
+        shutil.rmtree(d)
+        tplcache.users(cache)  # drops stale registrations, which the other process may be dropping too
+
+
+def test_daemons_sharing_a_cache_register_concurrently(tmp_path: Path) -> None:
+    """Two processes registering and dropping data dirs at once never fail (a link removed by the other between
+    the listing and its readlink raised FileNotFoundError, which failed a daemon's create with an OSError)."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    ctx = multiprocessing.get_context("spawn")  # no fork of a test process with threads
+    procs = [ctx.Process(target=_register_and_leave, args=(cache, tmp_path, 500)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert tplcache.users(cache) == []
 
 
 def test_a_new_guest_image_drops_the_old_memory_templates_of_the_same_shape(tmp_path: Path) -> None:

@@ -53,7 +53,10 @@ def users(cache: Path) -> list[Path]:
     out = []
     d = root(cache) / ".users"
     for link in d.iterdir() if d.is_dir() else []:
-        target = Path(os.readlink(link)) if link.is_symlink() else None
+        try:
+            target = Path(os.readlink(link)) if link.is_symlink() else None
+        except FileNotFoundError:  # another daemon's start dropped it (stale) between the listing and here
+            continue
         if target is not None and target.is_dir():
             out.append(target)
         elif not link.name.startswith("."):
