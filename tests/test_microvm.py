@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -243,6 +244,40 @@ async def test_warm_pool_of_vms(default_template: Any, vm_data_dir: Path) -> Non
         await m.destroy(info.id)
         await m.remove_pool("default")
     assert leftovers(vm_data_dir) == []
+
+
+async def test_memory_template_built_with_the_cache_on_another_filesystem(default_template: Any) -> None:
+    """The data dir on a tmpfs, the cache elsewhere: the template VM's disk moves into the cache by copy (a rename
+    failed with EXDEV, as in CI, where the cache is on the data dir's btrfs and tests' data dirs on /var/tmp).
+
+    The cache is a new one sharing the guest image and rootfs of the shared cache, so a template is built."""
+    shared = vm_cache()
+    cache = shared.parent / f"vm-cache-{secrets.token_hex(4)}"
+    cache.mkdir()
+    for name in ("kernel", "initrd", "images", "accel.json"):
+        if (shared / name).exists():
+            (cache / name).symlink_to(shared / name)
+    data = Path("/dev/shm") / f"bbtest-data-{secrets.token_hex(4)}"
+    data.mkdir(mode=0o711)
+    try:
+        assert os.stat(data).st_dev != os.stat(cache).st_dev
+        os.environ["BRANCHBOX_VM_CACHE"] = str(cache)  # the autouse fixture restores it
+        async with Manager.open(make_settings(data, default_backend="microvm")) as m:
+            info = await m.create(memory_mb=256)
+            assert "vm_template" in info.timings
+            assert (await m.exec(info.id, "cat /proc/cmdline")).exit_code == 0
+            await m.destroy(info.id)
+        built = list((cache / "memtemplates").glob("*/current/disk.qcow2"))
+        assert len(built) == 1 and built[0].is_file()
+        assert leftovers(data) == []
+    finally:
+        for pid in qemu_pids(data):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+        from branchbox.backends.microvm.memfile import shm_root
+
+        for d in (shm_root(data), shm_root(cache, "branchbox-templates"), data, cache):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 async def test_pools_per_backend_beside_the_default(default_template: Any, vm_data_dir: Path) -> None:

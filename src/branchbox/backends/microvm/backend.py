@@ -358,7 +358,9 @@ class MicroVMBackend:
             await q.execute("stop")
             await self.save_state(q, tmp / "state")
             await qemu.kill(handle.pid, handle.pid_start_time)
-            p.disk.rename(tmp / "disk.qcow2")
+            # a copy when the data dir and the cache are on different filesystems (a rename cannot cross them); the
+            # overlay holds only what the template's boot wrote, and names its base by absolute path
+            await asyncio.to_thread(shutil.move, p.disk, tmp / "disk.qcow2")
             (tmp / "machine.json").write_text(json.dumps(_machine_json(m)))
             os.rename(p.ram, saved.ram)
             tmp.rename(saved.dir)
