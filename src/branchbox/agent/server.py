@@ -600,7 +600,7 @@ class Proc:
 
     def try_reap(self) -> None:
         """All output closed, which is usually the exit: collect it now rather than an event loop turn later, when
-        SIGCHLD's handler runs (the result goes out at once; under TCG a turn of the loop costs ~0.3 ms)."""
+        SIGCHLD's handler runs (the result goes out at once: ~0.1-0.2 ms per exec under TCG, interleaved)."""
         try:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
         except ChildProcessError:
