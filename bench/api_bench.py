@@ -23,8 +23,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -112,6 +113,12 @@ def _ms(t0: float) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+def _outside(wall_ms: float, result: Any, timings: Mapping[str, float] | None = None) -> float:
+    """A sample's time outside the Manager's own timers: its wall minus the exec's agent round trip (``result``)
+    and, for a create -> first exec, the create's phase total (``timings``)."""
+    return wall_ms - result.duration_ms - (timings["total"] if timings is not None else 0.0)
+
+
 def bench_api(settings: ManagerSettings, runs: int, results: Results) -> None:
     with running_daemon(settings) as url:
         warm = Sandbox.create(base_url=url)
@@ -189,7 +196,7 @@ async def bench_paired(settings: ManagerSettings, url: str, runs: int, results: 
                 r = await m.exec(new.id, "true")
                 rows["create_local"].append(total := _ms(t0))
                 rows["alone_local"].append(alone)
-                rows["out_create_local"].append(total - new.timings["total"] - r.duration_ms)
+                rows["out_create_local"].append(_outside(total, r, new.timings))
                 await m.destroy(new.id)
 
             async def cold_http() -> None:
@@ -199,7 +206,7 @@ async def bench_paired(settings: ManagerSettings, url: str, runs: int, results: 
                 r = await other.commands.run("true")
                 rows["create_http"].append(total := _ms(t0))
                 rows["alone_http"].append(alone)
-                rows["out_create_http"].append(total - other.info.timings["total"] - r.duration_ms)
+                rows["out_create_http"].append(_outside(total, r, other.info.timings))
                 await other.kill()
                 await other.close()
 
@@ -212,15 +219,14 @@ async def bench_paired(settings: ManagerSettings, url: str, runs: int, results: 
                     t0 = time.perf_counter()
                     r = await m.exec(info.id, "true")
                     rows["exec_local"].append(ms := _ms(t0))
-                    rows["out_exec_local"].append(ms - r.duration_ms)
+                    rows["out_exec_local"].append(_outside(ms, r))
                     t0 = time.perf_counter()
                     res = await sbx.commands.run("true")
                     rows["exec_http"].append(ms := _ms(t0))
-                    rows["out_exec_http"].append(ms - res.duration_ms)
+                    rows["out_exec_http"].append(_outside(ms, res))
             # sbx (and info) stay alive meanwhile: the SDK's connection to the daemon stays open, as for a client
             # that holds a sandbox
-            warm = await _paired_warm(m, url, runs)
-            rows.update(warm)
+            rows.update(await _paired_warm(m, url, runs))
         finally:
             await sbx.kill()
             await sbx.close()
@@ -286,7 +292,7 @@ async def _paired_warm(m: Manager, url: str, runs: int) -> dict[str, list[float]
         info = await m.create(memory_mb=POOL_MEMORY_MB)
         r = await m.exec(info.id, "true")
         rows["warm_local"].append(ms := _ms(t0))
-        rows["out_warm_local"].append(ms - info.timings["total"] - r.duration_ms)
+        rows["out_warm_local"].append(_outside(ms, r, info.timings))
         assert info.source == "warm", info.source
         await m.destroy(info.id)
 
@@ -295,7 +301,7 @@ async def _paired_warm(m: Manager, url: str, runs: int) -> dict[str, list[float]
         sbx = await AsyncSandbox.create(memory_mb=POOL_MEMORY_MB, base_url=url)
         r = await sbx.commands.run("true")
         rows["warm_http"].append(ms := _ms(t0))
-        rows["out_warm_http"].append(ms - sbx.info.timings["total"] - r.duration_ms)
+        rows["out_warm_http"].append(_outside(ms, r, sbx.info.timings))
         try:
             assert sbx.info.source == "warm", sbx.info.source
         finally:

@@ -17,7 +17,8 @@ def _cgroup_dirs(parent_name: str, *, spares: bool = False) -> set[str]:
     for top, dirs, _ in os.walk(CGROUP_ROOT):
         if Path(top).name == parent_name:
             for inner, subdirs, _ in os.walk(top):
-                found.update(f"{inner}/{d}" for d in subdirs if spares or "/shell-" not in f"{inner}/{d}")
+                paths = (f"{inner}/{d}" for d in subdirs)
+                found.update(p for p in paths if spares or "/shell-" not in p)
             dirs.clear()
     return found
 

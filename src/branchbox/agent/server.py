@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import functools
 import json
 import os
 import pwd
@@ -254,11 +255,15 @@ class OomScore:
             os.pwrite(self.fd, self.value, 0)
 
 
-_SIGDEF = tuple(getattr(signal, name) for name in ("SIGPIPE", "SIGXFZ", "SIGXFSZ") if hasattr(signal, name))
+_SIGDEF = (signal.SIGPIPE, signal.SIGXFSZ)  # what Python ignores and Popen's restore_signals resets on Linux
 
 
+@functools.cache
 def _no_inheritable_fds() -> bool:
-    """Make every descriptor above stdio close-on-exec; False when they cannot be listed (no /proc)."""
+    """Make every descriptor above stdio close-on-exec, once per process (later ones are: Python opens them so, and
+    SCM_RIGHTS ones are received so); False when they cannot be listed (no /proc).
+
+    A primed shell's warm-up runs it off the boot path, so the Agent of the claim that follows does not."""
     try:
         fds = [int(name) for name in os.listdir("/proc/self/fd")]
     except OSError:
@@ -1512,7 +1517,7 @@ async def _primed(ctl_fd: int, claim: Claim, max_fds: int, ready: Callable[[], N
     await readable
     loop.remove_reader(ctl_fd)
     ctl = socket.socket(fileno=ctl_fd)
-    raw, fds, _, _ = socket.recv_fds(ctl, 1 << 20, max_fds)
+    raw, fds, _, _ = socket.recv_fds(ctl, 1 << 20, max_fds, socket.MSG_CMSG_CLOEXEC)
     if not raw:
         os._exit(0)
     listen_fd, env, workdir = claim(raw, fds)

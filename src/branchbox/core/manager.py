@@ -179,11 +179,10 @@ class Manager:
         if s.network is not None:
             self._net = Network(s.network)
             await self._net.start()
-        for given in s.pools:
-            self.templates.get(given.template)  # a pool of an unknown template or backend is a configuration error
-            cfg = replace(given, backend=given.backend or s.default_backend)
-            await self._backend(cfg.backend or s.default_backend)
-            self._pools[self._pool_key(cfg.template, cfg.backend)] = Pool(cfg, self._boot_member)
+        for cfg in s.pools:
+            self.templates.get(cfg.template)  # a pool of an unknown template or backend is a configuration error
+            key, resolved = await self._resolve_pool(cfg)
+            self._pools[key] = Pool(resolved, self._boot_member)
         await self._reconcile()
         await self.workspaces.start()
         for pool in self._pools.values():
@@ -1168,13 +1167,22 @@ class Manager:
         kind = backend or self.settings.default_backend
         return template if kind == self.settings.default_backend else f"{template}@{kind}"
 
+    async def _resolve_pool(self, config: PoolConfig) -> tuple[str, PoolConfig]:
+        """The key of the pool ``config`` describes and the config with its backend named; an unknown backend raises
+        not_supported."""
+        kind = config.backend or self.settings.default_backend
+        await self._backend(kind)
+        return self._pool_key(config.template, kind), replace(config, backend=kind)
+
+    def _no_pool(self, template: str, backend: str | None) -> NotFoundError:
+        on = "" if backend in (None, self.settings.default_backend) else f" on backend {backend!r}"
+        return NotFoundError(f"there is no warm pool for template {template!r}{on}")
+
     async def configure_pool(self, config: PoolConfig) -> PoolStats:
         """Create or change the warm pool of ``config.template`` on ``config.backend`` (None: the default backend),
         live. Members that no longer fit go."""
         self.templates.get(config.template)
-        config = replace(config, backend=config.backend or self.settings.default_backend)
-        await self._backend(config.backend or self.settings.default_backend)  # an unknown one: not_supported
-        key = self._pool_key(config.template, config.backend)
+        key, config = await self._resolve_pool(config)
         pool = self._pools.get(key)
         if pool is None:
             pool = Pool(config, self._boot_member)
@@ -1197,7 +1205,7 @@ class Manager:
     async def remove_pool(self, template: str, *, backend: str | None = None) -> None:
         pool = self._pools.pop(self._pool_key(template, backend), None)
         if pool is None:
-            raise NotFoundError(f"there is no warm pool for template {template!r}{self._on(backend)}")
+            raise self._no_pool(template, backend)
         for member in await pool.aclose():
             member.pooled = None
             await self._destroy(member.info.id)
@@ -1206,11 +1214,8 @@ class Manager:
         """Wait until the pool of ``template`` (on ``backend``) has ``count`` (default: its target) ready members."""
         pool = self._pools.get(self._pool_key(template, backend))
         if pool is None:
-            raise NotFoundError(f"there is no warm pool for template {template!r}{self._on(backend)}")
+            raise self._no_pool(template, backend)
         await pool.wait_ready(count)
-
-    def _on(self, backend: str | None) -> str:
-        return "" if backend in (None, self.settings.default_backend) else f" on backend {backend!r}"
 
     async def _boot_member(
         self,
