@@ -139,6 +139,7 @@ def test_kill9_then_restart_every_sandbox_still_usable_nothing_leaked(daemon_fac
 
 
 def test_event_loop_setting_is_checked() -> None:
+    from branchbox.daemon.http_front import FrontProtocol
     from branchbox.daemon.serve import http_impl, loop_factory
 
     assert load_config(env={}).event_loop == "auto"
@@ -146,4 +147,4 @@ def test_event_loop_setting_is_checked() -> None:
     with pytest.raises(ConfigError, match="event_loop 'trio'"):
         load_config(env={"BRANCHBOX_EVENT_LOOP": "trio"})
     assert loop_factory("asyncio") is None
-    assert http_impl() == "httptools"  # a dependency: the fast C parser is what the daemon runs
+    assert http_impl() is FrontProtocol  # httptools is a dependency: the fast C parser is what the daemon runs

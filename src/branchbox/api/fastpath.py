@@ -11,12 +11,13 @@ those of the FastAPI routes.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import structlog
 from pydantic import BaseModel, ValidationError
@@ -24,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from branchbox.api.context import AppContext
 from branchbox.api.routes_commands import run_foreground
-from branchbox.api.routes_sandboxes import create
+from branchbox.api.routes_sandboxes import create, log_created
 from branchbox.api.schemas import CreateSandboxRequest, RunCommandRequest, SandboxResponse
 from branchbox.errors import BranchboxError
 
@@ -47,6 +48,30 @@ class RouteName:
 _CREATE = RouteName("/v1/sandboxes")
 _GET = RouteName("/v1/sandboxes/{sandbox_id}")
 _RUN = RouteName("/v1/sandboxes/{sandbox_id}/commands")
+
+
+@dataclass(frozen=True, slots=True)
+class Hot:
+    """A request for one of the hot routes, known from its method and path (the body is checked later)."""
+
+    route: RouteName
+    sandbox_id: str = ""
+
+
+_HOT_CREATE = Hot(_CREATE)
+
+
+def match(method: str, path: str) -> Hot | None:
+    """The hot route of ``method`` and ``path`` (no query string), or None."""
+    if method == "GET":
+        m = _SANDBOX.match(path)
+        return None if m is None else Hot(_GET, m.group(1))
+    if method != "POST":
+        return None
+    if path == "/v1/sandboxes":
+        return _HOT_CREATE
+    m = _COMMANDS.match(path)
+    return None if m is None else Hot(_RUN, m.group(1))
 
 
 async def _respond(send: Send, status: int, body: bytes) -> None:
@@ -79,60 +104,72 @@ async def _read_body(receive: Receive) -> bytes:
             return b"".join(chunks)
 
 
+Headers = Iterable[tuple[bytes, bytes]]
+Observe = Callable[[str, str, int, float], None]
+
+
+class Answer(NamedTuple):
+    """A hot request's response, and what to do once it is written (log lines: off the client's wait)."""
+
+    status: int
+    body: bytes
+    after: Callable[[], None] | None = None
+
+
 class FastPath:
-    """Serves the hot routes directly; everything else (and anything unusual) goes to ``app``.
+    """Answers the hot routes directly; everything else (and anything unusual) goes to ``app``.
 
-    ``observe(scope, status, seconds)`` records each request it serves itself (``app`` records the others)."""
+    :meth:`answer` is the transport-free core: the daemon's HTTP protocol (:mod:`branchbox.daemon.http_front`)
+    calls it without building an ASGI request at all; :meth:`__call__` is the same as ASGI middleware (any other
+    server, the tests' in-process client). ``observe(method, route, status, seconds)`` records each request
+    answered here (``app`` records the others)."""
 
-    def __init__(self, app: ASGIApp, fastapi: FastAPI, *, observe: Callable[[Scope, int, float], None]) -> None:
+    def __init__(self, app: ASGIApp, fastapi: FastAPI, *, observe: Observe) -> None:
         self.app = app
         self.fastapi = fastapi
         self.observe = observe
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        hot = match(scope["method"], scope["path"]) if scope["type"] == "http" else None
+        if hot is None:
             await self.app(scope, receive, send)
             return
         structlog.contextvars.clear_contextvars()
         t0 = time.perf_counter()
-        rest = await self._fast(scope, receive, send)
-        if rest is not None:
-            await self.app(scope, rest, send)
-        elif "route" in scope:  # served here (not a client that went away before its body came)
-            self.observe(scope, scope.pop("branchbox.status", 500), time.perf_counter() - t0)
+        body = b""
+        if hot.route is not _GET:
+            try:
+                body = await _read_body(receive)
+            except ConnectionAbortedError:
+                return
+        answer = await self.answer(hot, scope["headers"], body)
+        if answer is None:
+            await self.app(scope, _replay(body), send)
+            return
+        scope["route"] = hot.route
+        await _respond(send, answer.status, answer.body)
+        if answer.after is not None:
+            answer.after()
+        self.observe(scope["method"], hot.route.path, answer.status, time.perf_counter() - t0)
 
-    async def _fast(self, scope: Scope, receive: Receive, send: Send) -> Receive | None:  # noqa: PLR0911 - flat
-        """Serve a hot route; else return the ``receive`` to hand to the app (the body replayed if it was read)."""
-        method, path = scope["method"], scope["path"]
-        if method == "GET":
-            m = _SANDBOX.match(path)
-            if m is not None:
-                sid = m.group(1)
-                await self._serve(scope, send, _GET, sid, lambda ctx: self._get(ctx, sid))
-                return None
-            return receive
-        run = _COMMANDS.match(path) if method == "POST" else None
-        if run is None and not (method == "POST" and path == "/v1/sandboxes"):
-            return receive
-        ctype = (_header(scope, b"content-type") or "").split(";", 1)[0].strip().lower()
-        try:
-            raw = await _read_body(receive)
-        except ConnectionAbortedError:
-            return None
+    async def answer(self, hot: Hot, headers: Headers, body: bytes) -> Answer | None:
+        """The status and JSON body of a hot request; None when it is not for the fast path after all (not JSON,
+        ``background=true``, a body that fails validation): the app answers it then, with FastAPI's messages."""
+        sid = hot.sandbox_id
+        if hot.route is _GET:
+            return await self._serve(headers, sid, lambda ctx: self._get(ctx, sid))
+        ctype = (_header(headers, b"content-type") or "").split(";", 1)[0].strip().lower()
         if ctype != "application/json":
-            return _replay(raw)
-        if run is None:
-            create_body = _parse(CreateSandboxRequest, raw)
-            if create_body is None:
-                return _replay(raw)
-            await self._serve(scope, send, _CREATE, None, lambda ctx: create(ctx, create_body), status=201)
             return None
-        run_body = _parse(RunCommandRequest, raw)
+        if hot.route is _CREATE:
+            create_body = _parse(CreateSandboxRequest, body)
+            if create_body is None:
+                return None
+            return await self._serve(headers, "", lambda ctx: create(ctx, create_body), status=201, after=log_created)
+        run_body = _parse(RunCommandRequest, body)
         if run_body is None or run_body.background:
-            return _replay(raw)
-        sid = run.group(1)
-        await self._serve(scope, send, _RUN, sid, lambda ctx: run_foreground(ctx, sid, run_body))
-        return None
+            return None
+        return await self._serve(headers, sid, lambda ctx: run_foreground(ctx, sid, run_body))
 
     @staticmethod
     async def _get(ctx: AppContext, sandbox_id: str) -> SandboxResponse:
@@ -140,41 +177,34 @@ class FastPath:
 
     async def _serve(
         self,
-        scope: Scope,
-        send: Send,
-        route: RouteName,
-        sandbox_id: str | None,
-        handler: Callable[[AppContext], Awaitable[BaseModel]],
+        headers: Headers,
+        sandbox_id: str,
+        handler: Callable[[AppContext], Awaitable[M]],
         *,
         status: int = 200,
-    ) -> None:
-        scope["route"] = route
+        after: Callable[[AppContext, M], None] | None = None,
+    ) -> Answer:
         ctx: AppContext = self.fastapi.state.ctx
-        if sandbox_id is not None:
+        if sandbox_id:
             structlog.contextvars.bind_contextvars(sandbox_id=sandbox_id)
         try:
-            ctx.checker.check(_header(scope, b"authorization"))
+            ctx.checker.check(_header(headers, b"authorization"))
             model = await handler(ctx)
         except BranchboxError as exc:
             ctx.metrics.count_api_error(exc.code)
             if exc.http_status >= 500:
                 ctx.log.error("api.error", code=exc.code, message=exc.message)  # noqa: TRY400 - expected, no trace
-            scope["branchbox.status"] = exc.http_status
-            await _respond(send, exc.http_status, error_json(exc.code, exc.message, exc.details or None))
-            return
+            return Answer(exc.http_status, error_json(exc.code, exc.message, exc.details or None))
         except Exception as exc:  # the same answer as the app's handler of unexpected errors
             ctx.metrics.count_api_error("internal")
             ctx.log.exception("api.unexpected", error_type=type(exc).__name__)
-            scope["branchbox.status"] = 500
-            message = f"internal error ({type(exc).__name__}); see the daemon log"
-            await _respond(send, 500, error_json("internal", message))
-            return
-        scope["branchbox.status"] = status
-        await _respond(send, status, model.__pydantic_serializer__.to_json(model))
+            return Answer(500, error_json("internal", f"internal error ({type(exc).__name__}); see the daemon log"))
+        body = model.__pydantic_serializer__.to_json(model)
+        return Answer(status, body, None if after is None else functools.partial(after, ctx, model))
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
+def _header(headers: Headers, name: bytes) -> str | None:
+    for key, value in headers:
         if key == name:
             text: str = value.decode("latin-1")
             return text

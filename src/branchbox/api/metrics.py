@@ -53,6 +53,20 @@ class PoolCollector(Collector):
         yield from counters.values()
 
 
+class StateCollector(Collector):
+    """``branchbox_sandboxes{state}``, counted at scrape time (not on every create and destroy)."""
+
+    def __init__(self, source: Callable[[], Mapping[str, int]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterable[Metric]:
+        counts = self._source()
+        gauge = GaugeMetricFamily("branchbox_sandboxes", "Sandboxes by state.", labels=["state"])
+        for state in SandboxState:
+            gauge.add_metric([state.value], counts.get(state.value, 0))
+        yield gauge
+
+
 class _Children:
     """Labelled children of metrics, looked up once per label tuple (``labels()`` costs ~10 us per call)."""
 
@@ -101,16 +115,14 @@ class Metrics:
             buckets=_FAST_BUCKETS,
             registry=r,
         )
-        self.sandboxes = Gauge("branchbox_sandboxes", "Sandboxes by state.", ["state"], registry=r)
         self.errors = Counter(
             "branchbox_errors",
             "Errors by stable code; layer is core (Manager operations) or api (error responses).",
             ["code", "layer"],
             registry=r,
         )
-        for state in SandboxState:
-            self.sandboxes.labels(state=state.value).set(0)
         self._pools: PoolCollector | None = None
+        self._states: StateCollector | None = None
         self._child = _Children()
 
     def on_event(self, event: ManagerEvent) -> None:
@@ -126,8 +138,6 @@ class Metrics:
                 self._child(self.destroy_duration, backend, event.outcome).observe(event.seconds)
             elif event.kind == "error":
                 self._child(self.errors, event.code or "internal", "core").inc()
-            elif event.kind == "state":
-                self.set_state_counts(event.counts)
         except Exception:  # noqa: S110 - a metrics bug must never break a Manager operation
             pass
 
@@ -137,9 +147,11 @@ class Metrics:
             self._pools = PoolCollector(source)
             self.registry.register(self._pools)
 
-    def set_state_counts(self, counts: Mapping[str, int]) -> None:
-        for state in SandboxState:
-            self._child(self.sandboxes, state.value).set(counts.get(state.value, 0))
+    def watch_states(self, source: Callable[[], Mapping[str, int]]) -> None:
+        """Export the sandboxes by state that ``source`` counts (called at each scrape). Once per Metrics."""
+        if self._states is None:
+            self._states = StateCollector(source)
+            self.registry.register(self._states)
 
     def count_api_error(self, code: str) -> None:
         self._child(self.errors, code, "api").inc()

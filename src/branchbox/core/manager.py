@@ -1446,11 +1446,14 @@ class Manager:
                 log.exception("event subscriber failed")
 
     def _emit_counts(self) -> None:
-        if not self._subscribers:
-            return
+        if self._subscribers:
+            self._emit(ManagerEvent("state", counts=self.state_counts()))
+
+    def state_counts(self) -> dict[str, int]:
+        """Sandboxes by state (every state present, warm pool members not counted: they are no one's yet)."""
         counts = {s.value: 0 for s in SandboxState}
         for live in self._live.values():
             if live.pooled is None:
                 counts[live.info.state.value] += 1
         counts[SandboxState.CREATING.value] += len(self._creating)
-        self._emit(ManagerEvent("state", counts=counts))
+        return counts

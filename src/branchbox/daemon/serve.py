@@ -32,9 +32,14 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def http_impl() -> str:
-    """uvicorn's HTTP/1.1 implementation: httptools (C parser) when installed, else h11."""
-    return "httptools" if _has("httptools") else "h11"
+def http_impl() -> type[asyncio.Protocol] | str:
+    """The HTTP/1.1 protocol: uvicorn's httptools one (C parser) with the hot routes answered without ASGI
+    (:mod:`branchbox.daemon.http_front`) when httptools is installed, else uvicorn's h11 one."""
+    if not _has("httptools"):
+        return "h11"
+    from branchbox.daemon.http_front import FrontProtocol  # noqa: PLC0415 - imports httptools
+
+    return FrontProtocol
 
 
 def loop_factory(choice: str = "auto") -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -89,6 +94,7 @@ async def serve(cfg: DaemonConfig) -> None:
             ws_max_size=16 * 1024 * 1024,
             timeout_graceful_shutdown=math.ceil(cfg.graceful_timeout),
             server_header=False,
+            proxy_headers=False,  # nothing reads the client's address; X-Forwarded-* would only cost a rewrite
         )
         server = _Server(config)
         await warm_routes(app)  # FastAPI's per-route state now (the lifespan would too), so that it is frozen
@@ -100,7 +106,7 @@ async def serve(cfg: DaemonConfig) -> None:
             "daemon.listening",
             host=cfg.host,
             port=cfg.port,
-            http=config.http,
+            http=config.http if isinstance(config.http, str) else "httptools+fast-path",
             loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
             pools=[p.template for p in cfg.pools],
             auth_required=api_settings.auth_required,

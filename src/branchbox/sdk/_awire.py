@@ -1,4 +1,4 @@
-"""The async SDK's fast path for small JSON requests: keep-alive HTTP/1.1 on asyncio streams.
+"""The async SDK's fast path for small JSON requests: keep-alive HTTP/1.1, one asyncio protocol per connection.
 
 The async twin of :mod:`branchbox.sdk._wire`. A pool is shared by every ``AsyncSandbox`` of one event loop and
 daemon (URL + key) and closed when the last of them closes, so a burst of creates reuses connections instead of
@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import weakref
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -19,15 +20,127 @@ from branchbox.sdk._config import ConnectionConfig, default_ssl_context
 from branchbox.sdk._wire import Reply
 
 MAX_IDLE = 64
-_Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+_MAX_HEAD = 65536
 
 
 class _Stale(Exception):
     """A pooled connection was closed by the daemon before our request."""
 
 
-def _close(conn: _Conn) -> None:
-    conn[1].close()
+class _Lost(Exception):
+    """The connection closed before the whole answer came; ``partial``: some of it had come."""
+
+    def __init__(self, partial: bool) -> None:
+        super().__init__("the daemon closed the connection without an answer")
+        self.partial = partial
+
+
+class _Conn(asyncio.Protocol):
+    """One keep-alive connection. The answer to the request in flight is parsed as its bytes arrive and handed
+    to ``waiter``: one future per request (no stream reader, no drain, no task switch until it is complete)."""
+
+    def __init__(self) -> None:
+        self.transport: Any = None  # uvloop's transports are not asyncio.Transport subclasses
+        self.buf = bytearray()
+        self.waiter: asyncio.Future[Reply] | None = None
+        self.head_only = False
+        self.closed = False
+        self._head: tuple[int, dict[str, str], int] | None = None  # status, headers, where the body starts
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if self.waiter is not None and not self.waiter.done():
+            try:
+                self._parse(eof=False)
+            except (ValueError, IndexError) as exc:
+                self._fail(httpx.RemoteProtocolError(f"bad answer from the daemon ({exc!r})"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        waiter = self.waiter
+        if waiter is None or waiter.done():
+            return
+        try:
+            if self._head is not None and self._parse(eof=True):
+                return
+        except (ValueError, IndexError):
+            pass
+        waiter.set_exception(_Lost(partial=bool(self.buf)))
+
+    def _fail(self, exc: Exception) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(exc)
+        self.close()
+
+    def _parse(self, *, eof: bool) -> bool:
+        """Hand the answer to the waiter if it is complete (``eof``: the connection closed, which ends a body
+        without a length). Raises ValueError on a malformed answer."""
+        buf = self.buf
+        if self._head is None:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > _MAX_HEAD:
+                    raise ValueError("response head too long")
+                return False
+            status, headers = _parse_head(bytes(buf[:end]))
+            self._head = status, headers, end + 4
+        status, headers, start = self._head
+        close = headers.get("connection", "").lower() == "close"
+        if self.head_only or status in (204, 304):
+            content, used = b"", start
+        elif "content-length" in headers:
+            used = start + int(headers["content-length"])
+            if len(buf) < used:
+                return False
+            content = bytes(buf[start:used])
+        elif headers.get("transfer-encoding", "").lower() == "chunked":
+            done = _chunked(buf, start)
+            if done is None:
+                return False
+            content, used = done
+        elif eof:
+            content, used, close = bytes(buf[start:]), len(buf), True
+        else:
+            return False  # the body ends when the connection closes
+        del buf[:used]
+        self._head = None
+        if close:
+            self.close()
+        assert self.waiter is not None
+        self.waiter.set_result(Reply(status, headers, content))
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _chunked(buf: bytearray, pos: int) -> tuple[bytes, int] | None:
+    """A whole chunked body from ``pos`` (our daemon sends no trailers): its bytes and where it ends, or None."""
+    parts: list[bytes] = []
+    while True:
+        eol = buf.find(b"\r\n", pos)
+        if eol < 0:
+            return None
+        size = int(bytes(buf[pos:eol]).split(b";", 1)[0].strip(), 16)
+        pos = eol + 2
+        if size == 0:
+            if len(buf) < pos + 2:
+                return None
+            return b"".join(parts), pos + 2
+        if len(buf) < pos + size + 2:
+            return None
+        parts.append(bytes(buf[pos : pos + size]))
+        pos += size + 2
+
+
+def _expire(waiter: asyncio.Future[Reply], timeout: float | None) -> None:
+    if not waiter.done():
+        waiter.set_exception(httpx.ReadTimeout(f"no answer within {timeout} s"))
 
 
 class AsyncWire:
@@ -44,84 +157,73 @@ class AsyncWire:
         self._idle: list[_Conn] = []
         self.users = 0
 
-    async def _new(self) -> _Conn:
+    async def _new(self, timeout: float | None) -> _Conn:
         ssl = default_ssl_context() if self._https else None
-        return await asyncio.open_connection(self._host, self._port, ssl=ssl)
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                _, conn = await loop.create_connection(_Conn, self._host, self._port, ssl=ssl)
+        except TimeoutError as exc:
+            raise httpx.ConnectTimeout(f"no connection within {timeout} s") from exc
+        except OSError as exc:
+            raise httpx.ConnectError(str(exc) or type(exc).__name__) from exc
+        return conn
 
     def _take(self) -> _Conn | None:
         while self._idle:
             conn = self._idle.pop()
-            if not conn[0].at_eof() and not conn[1].is_closing():
+            if not conn.closed and not conn.buf:  # bytes while idle: out of step with the daemon
                 return conn
-            _close(conn)
+            conn.close()
         return None
 
     async def request(self, method: str, path: str, body: bytes | None, timeout: float | None) -> Reply:
         """One request. A reused connection the daemon closed meanwhile is retried once on a new one."""
-        try:
-            async with asyncio.timeout(timeout):
-                conn = self._take()
-                if conn is not None:
-                    try:
-                        return await self._exchange(conn, method, path, body, reused=True)
-                    except _Stale:
-                        pass
-                try:
-                    conn = await self._new()
-                except OSError as exc:
-                    raise httpx.ConnectError(str(exc) or type(exc).__name__) from exc
-                return await self._exchange(conn, method, path, body, reused=False)
-        except TimeoutError as exc:
-            raise httpx.ReadTimeout(f"no answer within {timeout} s") from exc
-
-    async def _exchange(self, conn: _Conn, method: str, path: str, body: bytes | None, *, reused: bool) -> Reply:
-        reader, writer = conn
         lines = [f"{method} {self._prefix}{path} HTTP/1.1\r\n".encode("latin-1"), self._head]
         if body is not None:
             lines.append(b"content-type: application/json\r\n")
         if body is not None or method in ("POST", "PUT", "PATCH"):
             lines.append(b"content-length: %d\r\n" % len(body or b""))
         lines += [b"\r\n", body or b""]
-        done = False
-        try:
-            writer.write(b"".join(lines))
-            await writer.drain()
+        raw = b"".join(lines)
+        conn = self._take()
+        if conn is not None:
             try:
-                head = await reader.readuntil(b"\r\n\r\n")
-            except asyncio.IncompleteReadError as exc:
-                if reused and not exc.partial:
-                    raise _Stale from exc
-                raise httpx.RemoteProtocolError("the daemon closed the connection without an answer") from exc
-            status, headers = _parse_head(head)
-            will_close = headers.get("connection", "").lower() == "close"
-            if method == "HEAD" or status in (204, 304):
-                content = b""
-            elif "content-length" in headers:
-                content = await reader.readexactly(int(headers["content-length"]))
-            elif headers.get("transfer-encoding", "").lower() == "chunked":
-                content = await _read_chunked(reader)
-            else:
-                content, will_close = await reader.read(), True
-            done = True
-        except (ConnectionResetError, BrokenPipeError) as exc:
-            if reused:
+                return await self._exchange(conn, raw, method, timeout, reused=True)
+            except _Stale:
+                pass
+        return await self._exchange(await self._new(timeout), raw, method, timeout, reused=False)
+
+    async def _exchange(self, conn: _Conn, raw: bytes, method: str, timeout: float | None, *, reused: bool) -> Reply:
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Reply] = loop.create_future()
+        conn.waiter, conn.head_only = waiter, method == "HEAD"
+        timer = None if timeout is None else loop.call_later(timeout, _expire, waiter, timeout)
+        try:
+            conn.transport.write(raw)
+            reply = await waiter
+        except _Lost as exc:
+            conn.close()
+            if reused and not exc.partial:
                 raise _Stale from exc
-            raise httpx.RemoteProtocolError(f"the daemon closed the connection ({exc})") from exc
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
-            raise httpx.RemoteProtocolError(f"bad answer from the daemon ({exc!r})") from exc
+            raise httpx.RemoteProtocolError("the daemon closed the connection without an answer") from exc
+        except BaseException:
+            conn.close()  # failed, timed out or cancelled mid-exchange: the connection's state is unknown
+            raise
         finally:
-            if not done:
-                _close(conn)  # failed or cancelled mid-exchange: the connection's state is unknown
-        if will_close or len(self._idle) >= MAX_IDLE:
-            _close(conn)
+            conn.waiter = None
+            if timer is not None:
+                timer.cancel()
+        if conn.closed or len(self._idle) >= MAX_IDLE:
+            conn.close()
         else:
             self._idle.append(conn)
-        return Reply(status, headers, content)
+        return reply
 
     def close(self) -> None:
         idle, self._idle = self._idle, []
         for conn in idle:
-            _close(conn)
+            conn.close()
 
 
 def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
@@ -133,17 +235,6 @@ def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
             name, _, value = line.partition(":")
             headers[name.strip().lower()] = value.strip()
     return status, headers
-
-
-async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
-    parts: list[bytes] = []
-    while True:
-        size = int((await reader.readuntil(b"\r\n")).split(b";", 1)[0].strip(), 16)
-        if size == 0:
-            await reader.readuntil(b"\r\n")  # no trailers from our daemon: the empty line
-            return b"".join(parts)
-        parts.append(await reader.readexactly(size))
-        await reader.readexactly(2)
 
 
 _pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, str | None], AsyncWire]] = (
