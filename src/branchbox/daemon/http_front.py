@@ -23,7 +23,7 @@ from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
-from branchbox.api.fastpath import FastPath, Hot, match
+from branchbox.api.fastpath import Answer, FastPath, Hot, error_json, match
 
 _log = logging.getLogger("branchbox.daemon")
 _JSON = b"content-type: application/json\r\ncontent-length: "
@@ -84,8 +84,10 @@ class FrontProtocol(HttpToolsProtocol):
         structlog.contextvars.clear_contextvars()
         try:
             answer = await fast.answer(hot, cycle.scope["headers"], bytes(cycle.body))
-        except BaseException:
-            _log.exception("the fast path failed: closing the connection")
+        except Exception as exc:  # answer() turns errors into responses: this is a bug, still answered
+            _log.exception("the fast path failed")
+            answer = Answer(500, error_json("internal", f"internal error ({type(exc).__name__}); see the daemon log"))
+        except BaseException:  # cancelled (shutdown past its grace period): the request stays unanswered
             self.transport.close()
             raise
         if answer is None:
