@@ -9,9 +9,8 @@ from typing import Any
 
 import pytest
 
+from branchbox.daemon.http_front import parse_plain
 from tests.conftest import DaemonProc
-
-pytestmark = pytest.mark.root
 
 
 class Conn:
@@ -58,6 +57,7 @@ def request(method: str, path: str, body: Any = None, *, version: str = "1.1", e
     return (head + "\r\n").encode() + data
 
 
+@pytest.mark.root
 def test_hot_routes_keep_http_semantics(daemon: DaemonProc) -> None:
     assert '"http": "httptools+fast-path"' in daemon.log_path.read_text()  # this protocol is what serves
     c = Conn(daemon.port)
@@ -108,6 +108,7 @@ def test_hot_routes_keep_http_semantics(daemon: DaemonProc) -> None:
         metrics.close()
 
 
+@pytest.mark.root
 def test_unusual_hot_requests_go_to_the_app(daemon: DaemonProc) -> None:
     c = Conn(daemon.port)
     try:
@@ -135,3 +136,47 @@ def test_unusual_hot_requests_go_to_the_app(daemon: DaemonProc) -> None:
         assert c.response()[2]["stdout"] == "still in step\n"
     finally:
         c.close()
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GET /v1/sandboxes/abc HTTP/1.1\r\nhost: x\r\n\r\n",
+        b"GET /v1/sandboxes/abc?x=1 HTTP/1.1\r\n\r\n",
+        b"POST /v1/sandboxes HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+        b"POST /v1/sandboxes HTTP/1.1\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+    ],
+)
+def test_plain_requests_are_parsed_here(raw: bytes) -> None:
+    parsed = parse_plain(raw)
+    assert parsed is not None
+    request, path = parsed
+    assert path.startswith("/v1/sandboxes")
+    assert "?" not in path
+    assert all(name == name.lower() for name, _ in request.scope["headers"])
+    assert request.keep_alive is (b"connection: close" not in raw)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GET /v1/sandboxes/abc HTTP/1.1\r\nhost: x\r\n",  # head not complete yet
+        b"POST /v1/sandboxes HTTP/1.1\r\ncontent-length: 5\r\n\r\n{}",  # body not complete yet
+        b"POST /v1/sandboxes HTTP/1.1\r\ncontent-length: 2\r\n\r\n{}GET / HTTP/1.1\r\n\r\n",  # pipelined
+        b"POST /v1/sandboxes HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST /v1/sandboxes HTTP/1.1\r\ncontent-length: 0\r\ncontent-length: 0\r\n\r\n",
+        b"POST /v1/sandboxes HTTP/1.1\r\ncontent-length: +0\r\n\r\n",
+        b"POST /v1/sandboxes HTTP/1.1\r\nexpect: 100-continue\r\ncontent-length: 0\r\n\r\n",
+        b"GET /v1/sandboxes/abc HTTP/1.1\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
+        b"GET /v1/sandboxes/a%62c HTTP/1.1\r\n\r\n",  # escapes: httptools and uvicorn unquote them
+        b"GET /v1/sandboxes/abc HTTP/1.0\r\n\r\n",
+        b"PUT /v1/sandboxes/abc HTTP/1.1\r\n\r\n",
+        b"GET /v1/sandboxes/abc HTTP/1.1\r\nbad name: x\r\n\r\n",
+        b"GET /v1/sandboxes/abc HTTP/1.1\r\nx: a\r\n folded\r\n\r\n",
+        b"GET /v1/sandboxes/abc HTTP/1.1\r\nx: \xff\r\n\r\n",
+        b"GET /v1/sandboxes/abc HTTP/1.1\r\ncontent-length: 1\r\n\r\nx",  # a GET with a body
+        b"\r\nGET /v1/sandboxes/abc HTTP/1.1\r\n\r\n",
+    ],
+)
+def test_anything_else_is_left_to_httptools(raw: bytes) -> None:
+    assert parse_plain(raw) is None

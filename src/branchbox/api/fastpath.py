@@ -153,11 +153,17 @@ class FastPath:
         self.observe(scope["method"], hot.route.path, answer.status, time.perf_counter() - t0)
 
     async def answer(self, hot: Hot, headers: Headers, body: bytes) -> Answer | None:
-        """The status and JSON body of a hot request; None when it is not for the fast path after all (not JSON,
-        ``background=true``, a body that fails validation): the app answers it then, with FastAPI's messages."""
+        """The response to a hot request; None when it is not for the fast path after all (see :meth:`prepare`)."""
+        job = self.prepare(hot, headers, body)
+        return None if job is None else await job()
+
+    def prepare(self, hot: Hot, headers: Headers, body: bytes) -> Callable[[], Awaitable[Answer]] | None:
+        """Check a hot request at once, without waiting: the call that answers it, or None when it is not for the
+        fast path after all (not JSON, ``background=true``, a body that fails validation): the app answers it
+        then, with FastAPI's messages. The call always answers (errors included)."""
         sid = hot.sandbox_id
         if hot.route is _GET:
-            return await self._serve(headers, sid, lambda ctx: self._get(ctx, sid))
+            return lambda: self._serve(headers, sid, lambda ctx: self._get(ctx, sid))
         ctype = (_header(headers, b"content-type") or "").split(";", 1)[0].strip().lower()
         if ctype != "application/json":
             return None
@@ -165,11 +171,11 @@ class FastPath:
             create_body = _parse(CreateSandboxRequest, body)
             if create_body is None:
                 return None
-            return await self._serve(headers, "", lambda ctx: create(ctx, create_body), status=201, after=log_created)
+            return lambda: self._serve(headers, "", lambda ctx: create(ctx, create_body), status=201, after=log_created)
         run_body = _parse(RunCommandRequest, body)
         if run_body is None or run_body.background:
             return None
-        return await self._serve(headers, sid, lambda ctx: run_foreground(ctx, sid, run_body))
+        return lambda: self._serve(headers, sid, lambda ctx: run_foreground(ctx, sid, run_body))
 
     @staticmethod
     async def _get(ctx: AppContext, sandbox_id: str) -> SandboxResponse:
