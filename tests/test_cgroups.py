@@ -160,3 +160,28 @@ def test_v2_parse_own_paths_and_mounts() -> None:
     for ctrl, mp in mounts.items():
         assert ctrl in cg_mod.V1_CONTROLLERS
         assert mp.is_dir()
+
+
+def test_idle_cgroups(layout: cg_mod.Cgroups) -> None:
+    """``idle`` at create, set and cleared, and through a spare's adoption (which writes the claimer's choice)."""
+    assert layout.cpu_dir("x") is not None, "this host mounts the cpu controller: the idle priority must apply"
+    layout.create("busy", 1.0, 64, 64)
+    layout.create("spare", 1.0, 64, 64, idle=True)
+    assert not layout.is_idle("busy")
+    assert layout.is_idle("spare")
+    layout.set_idle("busy", idle=True)
+    assert layout.is_idle("busy")
+    layout.set_idle("busy", idle=False)
+    assert not layout.is_idle("busy")
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        layout.join("spare", proc.pid)
+        layout.adopt("spare", "claimed", proc.pid, 1.0, 64, 64)
+        assert not layout.is_idle("claimed")
+        layout.create("spare2", 1.0, 64, 64, idle=True)
+        layout.join("spare2", proc.pid)
+        layout.adopt("spare2", "refill", proc.pid, 1.0, 64, 64, idle=True)
+        assert layout.is_idle("refill")
+    finally:
+        proc.kill()
+        proc.wait()

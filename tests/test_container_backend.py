@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -452,6 +453,28 @@ async def test_boot_records_phases(sandboxes: Factory, backend: ContainerBackend
         assert ("cgroup" in phases) != ("shell" in phases and "unshare" in phases and "prime" in phases)
         paths.add("spare" if "cgroup" in phases else "own")
     assert paths == {"spare", "own"}
+
+
+async def test_work_made_ahead_of_demand_runs_in_idle_cgroups(sandboxes: Factory, backend: ContainerBackend) -> None:
+    """Spare shells and background (pool refill) boots wait in idle cgroups, so sandboxes next to them win the CPU
+    (a nice value ranks tasks within one cgroup only); a user's boot, from a spare or its own shell, is not idle,
+    and a background boot stops being idle when it is brought to the foreground (a pool claim)."""
+    assert await _eventually_async(backend.zygote_status, lambda st: st["spares_ready"] == SPARES)
+    cg = backend._cg()
+    spares = [i for i in cg.list_ids() if i.startswith(SPARE_PREFIX)]
+    assert spares
+    assert all(cg.is_idle(i) for i in spares)
+    specs = [sandboxes.spec() for _ in range(SPARES + 1)]  # the last one makes a shell of its own
+    handles = await asyncio.gather(*(backend.boot(spec, PhaseTimer()) for spec in specs))
+    for spec, handle in zip(specs, handles, strict=True):
+        sandboxes.made[spec.sandbox_id] = (sandboxes.made[spec.sandbox_id][0], handle, None)
+        assert not cg.is_idle(spec.sandbox_id)
+    spec = dataclasses.replace(sandboxes.spec(), background=True)
+    handle = await backend.boot(spec, PhaseTimer())
+    sandboxes.made[spec.sandbox_id] = (sandboxes.made[spec.sandbox_id][0], handle, None)
+    assert cg.is_idle(spec.sandbox_id)
+    backend.foreground(handle)
+    assert not cg.is_idle(spec.sandbox_id)
 
 
 async def test_a_spare_shell_killed_from_outside_is_replaced(sandboxes: Factory, backend: ContainerBackend) -> None:

@@ -171,9 +171,13 @@ def _nice(pid: int) -> int:
 
 async def test_members_boot_in_the_background_and_claims_run_at_normal_priority(pooled: Manager) -> None:
     member = pooled._pools["default"].ready[0]
-    assert _nice(member.handle.pid) > 0  # refills yield the CPU to users' sandboxes
+    extra = member.handle.extra
+    cpu_idle = Path(extra.get("cgroup.cpu") or extra["cgroup.unified"]) / "cpu.idle"  # v1, or v2
+    assert _nice(member.handle.pid) > 0  # refills yield the CPU to users' sandboxes: in their cgroup
+    assert cpu_idle.read_text() == "1\n"  # ... and next to the other sandboxes' cgroups
     sbx = await pooled.create(memory_mb=256)
     assert sbx.id == member.info.id
     assert _nice(member.handle.pid) == 0
+    assert cpu_idle.read_text() == "0\n"
     r = await pooled.exec(sbx.id, ["sh", "-c", "cut -d' ' -f19 /proc/self/stat"])
     assert r.stdout == b"0\n"

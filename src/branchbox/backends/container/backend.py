@@ -31,7 +31,7 @@ from branchbox.core.timing import PhaseTimer
 from branchbox.errors import BackendError, TimeoutError_
 
 PAUSE_TIMEOUT_S = 10.0
-BACKGROUND_NICE = 10  # CPU weight ~1/10 of a normal process: refills yield to users' work
+BACKGROUND_NICE = 10  # pool refills: nice 10 in an idle cgroup (cgroups.set_idle), so they yield to users' work
 DESTROY_TIMEOUT_S = 10.0
 ZYGOTE_START_TIMEOUT_S = 30.0
 
@@ -219,9 +219,12 @@ class ContainerBackend:
         await wait_pid_exit(handle.pid, lambda: self.is_alive(handle))
 
     def foreground(self, handle: SandboxHandle) -> None:
-        """Back to nice 0: an idle pool member has only its agent, whose children inherit its priority."""
+        """Back to nice 0 in a cgroup that is not idle: an idle pool member has only its agent, whose children
+        inherit its priority."""
         with contextlib.suppress(ProcessLookupError):
             os.setpriority(os.PRIO_PROCESS, handle.pid, 0)
+        if self._cgroups is not None:
+            self._cgroups.set_idle(handle.sandbox_id, idle=False)
 
     def set_hostname(self, handle: SandboxHandle, hostname: str) -> None:
         """Rename a running sandbox (used when a warm sandbox is claimed): syscalls only, no process."""

@@ -11,6 +11,11 @@ Every sandbox gets one directory per hierarchy, named by its sandbox id, under a
   (+ ``memory.memsw.limit_in_bytes``), ``cpu.cfs_quota_us``/``cfs_period_us``, ``pids.max``;
   ``freezer.state``.
   Kill is freeze, SIGKILL every pid, thaw.
+
+Work made ahead of demand (spare shells, warm pool refills) runs in an *idle* cgroup (``cpu.idle``, both
+versions, Linux 5.15+; older kernels: the lowest ``cpu.shares``/``cpu.weight``), so the sandboxes next to it win
+the CPU. A nice value would not do that: it ranks tasks within one cgroup, and every sandbox has a cgroup of its
+own.
 """
 
 from __future__ import annotations
@@ -79,8 +84,8 @@ class Cgroups:
         for p in self.parents.values():
             p.mkdir(parents=True, exist_ok=True)
 
-    def create(self, sandbox_id: str, cpu: float, memory_mb: int, pids: int) -> dict[str, Path]:
-        """Make the sandbox's directory in every hierarchy and write its limits."""
+    def create(self, sandbox_id: str, cpu: float, memory_mb: int, pids: int, *, idle: bool = False) -> dict[str, Path]:
+        """Make the sandbox's directory in every hierarchy and write its limits (``idle``: see :meth:`set_idle`)."""
         dirs = self.dirs(sandbox_id)
         made: list[Path] = []
         try:
@@ -88,6 +93,8 @@ class Cgroups:
                 d.mkdir()
                 made.append(d)
             self.set_limits(sandbox_id, cpu, memory_mb, pids)
+            if idle:
+                self.set_idle(sandbox_id, idle=True)
         except OSError:
             for d in made:
                 with contextlib.suppress(OSError):
@@ -98,9 +105,40 @@ class Cgroups:
     def set_limits(self, sandbox_id: str, cpu: float, memory_mb: int, pids: int) -> None:
         raise OSError(errno.ENOSYS, "abstract")  # pragma: no cover
 
-    def adopt(self, spare: str, sandbox_id: str, pid: int, cpu: float, memory_mb: int, pids: int) -> dict[str, Path]:
-        """Give the cgroups of a spare (whose only process is ``pid``) to ``sandbox_id``, with its limits."""
+    def adopt(
+        self, spare: str, sandbox_id: str, pid: int, cpu: float, memory_mb: int, pids: int, *, idle: bool = False
+    ) -> dict[str, Path]:
+        """Give the cgroups of a spare (whose only process is ``pid``) to ``sandbox_id``, with its limits; idle
+        (:meth:`set_idle`) only if ``idle``."""
         raise OSError(errno.ENOSYS, "abstract")  # pragma: no cover
+
+    def cpu_dir(self, sandbox_id: str) -> Path | None:
+        """The sandbox's directory in the hierarchy of the cpu controller; None when it has none."""
+        raise OSError(errno.ENOSYS, "abstract")  # pragma: no cover
+
+    def set_idle(self, sandbox_id: str, *, idle: bool) -> None:
+        """Run the sandbox's processes at the lowest CPU priority next to other cgroups (``idle``), or as any
+        sandbox. Best effort: a host without the cpu controller, or that refuses the write, keeps the default."""
+        d = self.cpu_dir(sandbox_id)
+        if d is None:
+            return
+        with contextlib.suppress(OSError):
+            try:
+                _write(d / "cpu.idle", "1" if idle else "0")
+            except FileNotFoundError:  # before Linux 5.15: the lowest weight instead
+                name, low, default = ("cpu.shares", 2, 1024) if self.version == 1 else ("cpu.weight", 1, 100)
+                _write(d / name, str(low if idle else default))
+
+    def is_idle(self, sandbox_id: str) -> bool:
+        """Whether :meth:`set_idle` made the sandbox idle (False without the cpu controller)."""
+        d = self.cpu_dir(sandbox_id)
+        if d is None:
+            return False
+        try:
+            return _read(d / "cpu.idle").strip() == "1"
+        except FileNotFoundError:
+            name, low = ("cpu.shares", 2) if self.version == 1 else ("cpu.weight", 1)
+            return int(_read(d / name)) == low
 
     def join(self, sandbox_id: str, pid: int = 0) -> None:
         """Move ``pid`` (0: the caller) into every hierarchy of the sandbox."""
@@ -198,9 +236,15 @@ class CgroupsV2(Cgroups):
         if "pids" in have:
             _write(d / "pids.max", str(pids))
 
-    def adopt(self, spare: str, sandbox_id: str, pid: int, cpu: float, memory_mb: int, pids: int) -> dict[str, Path]:
+    def cpu_dir(self, sandbox_id: str) -> Path | None:
+        d = self.parent / sandbox_id
+        return d if "cpu" in self.available(d) else None
+
+    def adopt(
+        self, spare: str, sandbox_id: str, pid: int, cpu: float, memory_mb: int, pids: int, *, idle: bool = False
+    ) -> dict[str, Path]:
         """cgroup2 forbids renaming: make the sandbox's cgroup and move the spare's process into it."""
-        dirs = self.create(sandbox_id, cpu, memory_mb, pids)
+        dirs = self.create(sandbox_id, cpu, memory_mb, pids, idle=idle)
         try:
             self.join(sandbox_id, pid)
         except OSError:
@@ -258,7 +302,12 @@ class CgroupsV1(Cgroups):
         if "pids" in dirs:
             _write(dirs["pids"] / "pids.max", str(pids))
 
-    def adopt(self, spare: str, sandbox_id: str, pid: int, cpu: float, memory_mb: int, pids: int) -> dict[str, Path]:
+    def cpu_dir(self, sandbox_id: str) -> Path | None:
+        return self.dirs(sandbox_id).get("cpu")
+
+    def adopt(
+        self, spare: str, sandbox_id: str, pid: int, cpu: float, memory_mb: int, pids: int, *, idle: bool = False
+    ) -> dict[str, Path]:
         """v1 renames the spare's directories (no process moves: moving one costs a synchronize_rcu)."""
         done: list[tuple[Path, Path]] = []
         try:
@@ -267,6 +316,7 @@ class CgroupsV1(Cgroups):
                 os.rename(old, new)
                 done.append((old, new))
             self.set_limits(sandbox_id, cpu, memory_mb, pids)
+            self.set_idle(sandbox_id, idle=idle)  # the spare's directories were idle
         except OSError:
             for old, new in reversed(done):
                 with contextlib.suppress(OSError):

@@ -38,7 +38,7 @@ SPARES = 4  # shells kept ready (in their namespaces and cgroup) for the next bo
 MAX_SPARES = 16  # after a burst of N boots (started within BURST_WINDOW_S), N spares (at most this many) are kept
 BURST_WINDOW_S = 1.0
 BURST_MEMORY_S = 120.0  # ... for this long
-SPARE_NICE = 10  # spares are primed at low priority: they yield to users' work
+SPARE_NICE = 10  # spares are primed at low priority (nice, and an idle cgroup): they yield to users' work
 SPARE_PREFIX = "shell-"  # cgroup names of spare shells: shell-<zygote pid>-<n>
 AGENT_SOCKET = "agent.sock"
 AGENT_LOG = "agent.log"
@@ -136,7 +136,7 @@ class Zygote:
                     nice: int, *, spare: bool = False) -> _Shell:  # fmt: skip
         """Make the cgroup and fork a holder into it (it reports on sync_r once unshared)."""
         try:
-            self.cgroups.create(cgroup, cpu, memory_mb, pids)
+            self.cgroups.create(cgroup, cpu, memory_mb, pids, idle=nice > 0)
         except FileExistsError:
             raise BootFailure("cgroup", f"cgroup {cgroup} exists: destroy that sandbox first") from None
         shell = _Shell(cgroup, id_base, id_count)
@@ -285,7 +285,7 @@ class Zygote:
                 boot.shell = spare
                 boot.cgroup = spare.cgroup  # until adopted: a failure removes the spare's
                 dirs = self.cgroups.adopt(spare.cgroup, req.sandbox_id, spare.pid, req.cpu, req.memory_mb,
-                                          req.pids)  # fmt: skip
+                                          req.pids, idle=req.nice > 0)  # fmt: skip
                 spare.cgroup = boot.cgroup = req.sandbox_id
                 boot.cgroups = {k: str(v) for k, v in dirs.items()}
                 boot.lap("cgroup")
