@@ -12,6 +12,7 @@ import asyncio
 import ipaddress
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -20,6 +21,7 @@ from branchbox.net import netlink
 from branchbox.net.addresses import Slot
 
 T = TypeVar("T")
+GONE_TIMEOUT_S = 10.0  # a veth the kernel removes with its namespace: how long its name may stay taken
 
 
 async def _on_fresh_thread(fn: Callable[[], T]) -> T:
@@ -57,13 +59,22 @@ async def create_veth(host_if: str, slot: Slot, netns_pid: int) -> None:
 
 
 async def delete_veth(host_if: str) -> None:
-    """Remove the pair if it still exists."""
+    """Remove the pair if it still exists; return once its name is free for the next sandbox of the slot.
+
+    The kernel removes the pair by itself when the sandbox's namespace goes (its last process exited), in a work
+    queue of its own: the device may then be past deleting (the delete finds none) but still listed, its name
+    taken, for a while; under load that is tens of milliseconds."""
     if not veth_exists(host_if):
         return
     try:
         await _on_fresh_thread(lambda: netlink.delete_link(host_if))
     except OSError as exc:
         raise NetworkError(f"deleting {host_if} failed: {exc}") from exc
+    deadline = time.monotonic() + GONE_TIMEOUT_S
+    while veth_exists(host_if):
+        if time.monotonic() > deadline:
+            raise NetworkError(f"{host_if} is still listed {GONE_TIMEOUT_S:.0f} s after it was deleted")
+        await asyncio.sleep(0.005)
 
 
 def veth_exists(host_if: str) -> bool:
