@@ -107,12 +107,16 @@ class Factory:
             env={"BB_TEST": "1"},
         )
 
+    def booted(self, sandbox_id: str, handle: SandboxHandle, client: AgentClient | None = None) -> None:
+        """Record what a boot of a spec of this factory gave, for the teardown."""
+        self.made[sandbox_id] = (self.made[sandbox_id][0], handle, client)
+
     async def boot(self, *, layers: list[Path] | None = None, **res: int) -> Sandbox:
         spec = self.spec(layers=layers, **res)
         handle = await self.backend.boot(spec, PhaseTimer())
-        self.made[spec.sandbox_id] = (self.made[spec.sandbox_id][0], handle, None)
+        self.booted(spec.sandbox_id, handle)
         client = await AgentClient.connect(handle.agent_socket)
-        self.made[spec.sandbox_id] = (self.made[spec.sandbox_id][0], handle, client)
+        self.booted(spec.sandbox_id, handle, client)
         return Sandbox(self.backend, handle, spec, client)
 
     async def destroy(self, sandbox_id: str) -> None:
@@ -446,7 +450,7 @@ async def test_boot_records_phases(sandboxes: Factory, backend: ContainerBackend
     handles = await asyncio.gather(*(backend.boot(spec, t) for spec, t in zip(specs, timers, strict=True)))
     paths = set()
     for spec, handle, timer in zip(specs, handles, timers, strict=True):
-        sandboxes.made[spec.sandbox_id] = (sandboxes.made[spec.sandbox_id][0], handle, None)
+        sandboxes.booted(spec.sandbox_id, handle)
         phases = timer.as_dict()
         for name in ("request", "init", "zygote_rtt"):
             assert name in phases
@@ -467,11 +471,11 @@ async def test_work_made_ahead_of_demand_runs_in_idle_cgroups(sandboxes: Factory
     specs = [sandboxes.spec() for _ in range(SPARES + 1)]  # the last one makes a shell of its own
     handles = await asyncio.gather(*(backend.boot(spec, PhaseTimer()) for spec in specs))
     for spec, handle in zip(specs, handles, strict=True):
-        sandboxes.made[spec.sandbox_id] = (sandboxes.made[spec.sandbox_id][0], handle, None)
+        sandboxes.booted(spec.sandbox_id, handle)
         assert not cg.is_idle(spec.sandbox_id)
     spec = dataclasses.replace(sandboxes.spec(), background=True)
     handle = await backend.boot(spec, PhaseTimer())
-    sandboxes.made[spec.sandbox_id] = (sandboxes.made[spec.sandbox_id][0], handle, None)
+    sandboxes.booted(spec.sandbox_id, handle)
     assert cg.is_idle(spec.sandbox_id)
     backend.foreground(handle)
     assert not cg.is_idle(spec.sandbox_id)

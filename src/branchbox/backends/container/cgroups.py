@@ -73,6 +73,7 @@ class Cgroups:
     """The cgroups of every sandbox on one host. Build with :func:`detect`."""
 
     version: int
+    weight: tuple[str, int, int]  # without cpu.idle (before Linux 5.15): the weight file, its lowest, its default
 
     def __init__(self, parents: dict[str, Path]) -> None:
         self.parents = parents  # hierarchy key -> parent directory (key is a controller, or "unified")
@@ -126,7 +127,7 @@ class Cgroups:
             try:
                 _write(d / "cpu.idle", "1" if idle else "0")
             except FileNotFoundError:  # before Linux 5.15: the lowest weight instead
-                name, low, default = ("cpu.shares", 2, 1024) if self.version == 1 else ("cpu.weight", 1, 100)
+                name, low, default = self.weight
                 _write(d / name, str(low if idle else default))
 
     def is_idle(self, sandbox_id: str) -> bool:
@@ -137,7 +138,7 @@ class Cgroups:
         try:
             return _read(d / "cpu.idle").strip() == "1"
         except FileNotFoundError:
-            name, low = ("cpu.shares", 2) if self.version == 1 else ("cpu.weight", 1)
+            name, low, _ = self.weight
             return int(_read(d / name)) == low
 
     def join(self, sandbox_id: str, pid: int = 0) -> None:
@@ -197,6 +198,7 @@ class Cgroups:
 
 class CgroupsV2(Cgroups):
     version = 2
+    weight = ("cpu.weight", 1, 100)
 
     def __init__(self, root: Path, parent: str) -> None:
         super().__init__({"unified": root / parent})
@@ -280,6 +282,7 @@ class CgroupsV2(Cgroups):
 
 class CgroupsV1(Cgroups):
     version = 1
+    weight = ("cpu.shares", 2, 1024)
 
     def set_limits(self, sandbox_id: str, cpu: float, memory_mb: int, pids: int) -> None:
         dirs = self.dirs(sandbox_id)
