@@ -115,6 +115,27 @@ async def test_ttl_reaper_destroys_expired_sandbox(manager: Manager) -> None:
         await manager.get(sbx.id)
 
 
+async def test_events_reach_subscribers_after_the_call(manager: Manager) -> None:
+    """A create returns before its subscribers hear of it (the daemon answers before it counts metrics); they get
+    its events in order once the loop's turn is done, each subscriber only the kinds it asked for."""
+    seen: list[ManagerEvent] = []
+    timed: list[ManagerEvent] = []
+    manager.subscribe(seen.append)
+    manager.subscribe(timed.append, kinds={"create", "exec"})
+    sbx = await manager.create()
+    assert seen == []
+    await asyncio.sleep(0)
+    assert [(ev.kind, ev.sandbox_id) for ev in seen] == [("create", sbx.id), ("state", None)]
+    assert seen[0].source == "cold" and seen[0].timings["total"] > 0
+    assert seen[1].counts["running"] == 1
+    await manager.exec(sbx.id, "true")
+    await manager.destroy(sbx.id)
+    await asyncio.sleep(0)
+    assert [ev.kind for ev in seen[2:]] == ["exec", "state", "destroy"]
+    assert seen[3].counts["running"] == 0
+    assert [ev.kind for ev in timed] == ["create", "exec"]
+
+
 async def test_set_timeout_extends(manager: Manager) -> None:
     sbx = await manager.create(timeout=5)
     info = await manager.set_timeout(sbx.id, 600)

@@ -238,7 +238,7 @@ def create_app(manager: Manager, settings: ApiSettings | None = None, *, metrics
         checker=ApiKeyChecker(settings.api_key_hashes, required=settings.auth_required),
         log=log,
     )
-    manager.subscribe(metrics.on_event)
+    manager.subscribe(metrics.on_event, kinds=Metrics.EVENT_KINDS)
     metrics.watch_pools(manager.pool_statistics)
     metrics.watch_states(manager.state_counts)
     app.add_middleware(PortProxy, fastapi=app)  # /v1/sandboxes/{id}/ports/{port}/... (HTTP and WebSocket)

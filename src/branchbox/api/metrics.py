@@ -82,7 +82,10 @@ class _Children:
 
 
 class Metrics:
-    """Every metric the daemon exports. ``on_event`` is the Manager subscriber."""
+    """Every metric the daemon exports. ``on_event`` is the Manager subscriber, of the ``EVENT_KINDS`` (the
+    sandboxes by state are counted at each scrape instead)."""
+
+    EVENT_KINDS = frozenset({"create", "exec", "destroy", "error"})
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)

@@ -1,4 +1,7 @@
-"""Events the Manager emits for metrics and logs. Subscribers must be fast and must not raise."""
+"""Events the Manager emits for metrics and logs. Subscribers must be fast and must not raise.
+
+They get each event soon after it happened, not during the call that made it: in order, once the event loop's
+current step is done (so a create returns to its caller before the events it made are counted)."""
 
 from __future__ import annotations
 

@@ -140,7 +140,8 @@ class Manager:
         self._store: Store | None = None
         self._live: dict[str, _Live] = {}
         self._creating: set[str] = set()
-        self._subscribers: list[Subscriber] = []
+        self._subscribers: list[tuple[Subscriber, frozenset[str] | None]] = []  # and the kinds each wants (None: all)
+        self._events: list[ManagerEvent] = []  # emitted, handed to the subscribers at the end of the loop's turn
         self._pools: dict[str, Pool[_Live]] = {}
         self._net: Network | None = None
         self._layer_pools: dict[str, Pool[_Live]] = {}  # one spare per hot layer chain (git workspaces), LRU order
@@ -210,8 +211,10 @@ class Manager:
         if self._store is not None:
             self._store.close()
 
-    def subscribe(self, fn: Subscriber) -> None:
-        self._subscribers.append(fn)
+    def subscribe(self, fn: Subscriber, *, kinds: Collection[str] | None = None) -> None:
+        """Call ``fn`` with each event of ``kinds`` (default: every kind), soon after it happened
+        (:mod:`branchbox.core.events`). An event no subscriber wants is not made at all."""
+        self._subscribers.append((fn, None if kinds is None else frozenset(kinds)))
 
     # ------------------------------------------------------------------ sandbox lifecycle commands
     async def create(
@@ -1439,14 +1442,35 @@ class Manager:
         self._emit_counts()
 
     def _emit(self, ev: ManagerEvent) -> None:
-        for fn in self._subscribers:
-            try:
-                fn(ev)
-            except Exception:
-                log.exception("event subscriber failed")
+        """Queue ``ev`` for the subscribers, who get it soon after (in order, once the current step of the event
+        loop is done): a create or an exec returns to its caller first, and the daemon answers it before its
+        metrics are counted. Outside an event loop they get it at once."""
+        if not self._wanted(ev.kind):
+            return
+        self._events.append(ev)
+        if len(self._events) > 1:  # a delivery is scheduled already
+            return
+        try:
+            asyncio.get_running_loop().call_soon(self._deliver)
+        except RuntimeError:
+            self._deliver()
+
+    def _wanted(self, kind: str) -> bool:
+        return any(kinds is None or kind in kinds for _, kinds in self._subscribers)
+
+    def _deliver(self) -> None:
+        events, self._events = self._events, []
+        for ev in events:
+            for fn, kinds in self._subscribers:
+                if kinds is not None and ev.kind not in kinds:
+                    continue
+                try:
+                    fn(ev)
+                except Exception:
+                    log.exception("event subscriber failed")
 
     def _emit_counts(self) -> None:
-        if self._subscribers:
+        if self._wanted("state"):
             self._emit(ManagerEvent("state", counts=self.state_counts()))
 
     def state_counts(self) -> dict[str, int]:

@@ -32,7 +32,7 @@ _log = logging.getLogger("branchbox.daemon")
 _JSON = b"content-type: application/json\r\ncontent-length: "
 # the request line and header fields of a plain request: visible ASCII only, no percent-escapes, tokens as names
 _REQUEST_LINE = re.compile(rb"(GET|POST) (/[^\x00-\x20\x7f%?#]*)(?:\?[^\x00-\x20\x7f#]*)? HTTP/1\.1\r\n")
-_FIELD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e]*")
+_FIELDS = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e]*\r\n)*")  # each line a name: value
 _REFUSED = (b"transfer-encoding", b"upgrade", b"expect")
 Job = Callable[[], Awaitable[Answer]]
 
@@ -78,9 +78,10 @@ def parse_plain(data: bytes) -> tuple[Plain, str] | None:  # noqa: PLR0911 - fla
     headers: list[tuple[bytes, bytes]] = []
     length: int | None = None
     keep_alive = True
-    for field in data[line.end() : end + 2].split(b"\r\n")[:-1]:
-        if _FIELD.fullmatch(field) is None:
-            return None
+    fields = data[line.end() : end + 2]
+    if _FIELDS.fullmatch(fields) is None:
+        return None
+    for field in fields.split(b"\r\n")[:-1]:
         name, _, value = field.partition(b":")
         name, value = name.lower(), value.strip(b" \t")
         if name == b"content-length":
