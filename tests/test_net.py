@@ -18,7 +18,7 @@ from branchbox.agent.client import OutputChunk
 from branchbox.core.manager import Manager
 from branchbox.core.models import TemplateInfo
 from branchbox.core.pool import PoolConfig
-from branchbox.errors import NetworkPolicyError, NotSupportedError
+from branchbox.errors import NetworkPolicyError, NotSupportedError, TimeoutError_
 from branchbox.net.settings import NetworkSettings
 from tests.conftest import make_settings
 from tests.net_env import Internet, host_network_state, network_settings, sh
@@ -393,6 +393,23 @@ async def test_sandboxes_survive_a_daemon_restart_with_their_network(
             for s in await m.list():
                 await m.destroy(s.id)
     assert host_network_state(ns) == EMPTY
+
+
+async def test_a_create_whose_agent_fails_while_its_network_is_wired_leaves_nothing(
+    default_template: TemplateInfo, data_dir: Path, net_settings: NetworkSettings
+) -> None:
+    """The veth is wired while the agent's connection is made: when the connection fails first, the create waits
+    for the wiring and removes it with everything else."""
+    async with Manager.open(make_settings(data_dir, network=net_settings, agent_connect_timeout=0.001)) as m:
+        for _ in range(3):
+            with pytest.raises(TimeoutError_, match="no HELLO"):
+                await m.create()
+        assert await m.list() == []
+        assert _sandbox_chains(net_settings) == []
+        assert m._net is not None
+        await m._net.wait_idle()
+        assert host_network_state(net_settings)["ifaces"] == []
+        assert m._net.addresses.in_use == 0
 
 
 async def test_networking_off_means_loopback_only(default_template: TemplateInfo, data_dir: Path) -> None:
