@@ -213,7 +213,8 @@ class Manager:
 
     def subscribe(self, fn: Subscriber, *, kinds: Collection[str] | None = None) -> None:
         """Call ``fn`` with each event of ``kinds`` (default: every kind), soon after it happened
-        (:mod:`branchbox.core.events`). An event no subscriber wants is not made at all."""
+        (:mod:`branchbox.core.events`). Sandboxes are counted by state for ``state`` events only when a subscriber
+        wants them."""
         self._subscribers.append((fn, None if kinds is None else frozenset(kinds)))
 
     # ------------------------------------------------------------------ sandbox lifecycle commands
