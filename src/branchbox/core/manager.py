@@ -104,6 +104,15 @@ def make_backend(kind: str, settings: ManagerSettings) -> Backend:
     raise NotSupportedError(f"backend {kind!r} is not available here; use one of: container, microvm")
 
 
+@dataclass(frozen=True, slots=True)
+class _Subscription:
+    fn: Subscriber
+    kinds: frozenset[str] | None  # None: every kind
+
+    def wants(self, kind: str) -> bool:
+        return self.kinds is None or kind in self.kinds
+
+
 @dataclass(slots=True)
 class _Live:
     """In-memory state of a sandbox that has (or had) processes."""
@@ -140,7 +149,7 @@ class Manager:
         self._store: Store | None = None
         self._live: dict[str, _Live] = {}
         self._creating: set[str] = set()
-        self._subscribers: list[tuple[Subscriber, frozenset[str] | None]] = []  # and the kinds each wants (None: all)
+        self._subscribers: list[_Subscription] = []
         self._events: list[ManagerEvent] = []  # emitted, handed to the subscribers at the end of the loop's turn
         self._pools: dict[str, Pool[_Live]] = {}
         self._net: Network | None = None
@@ -215,7 +224,7 @@ class Manager:
         """Call ``fn`` with each event of ``kinds`` (default: every kind), soon after it happened
         (:mod:`branchbox.core.events`). Sandboxes are counted by state for ``state`` events only when a subscriber
         wants them."""
-        self._subscribers.append((fn, None if kinds is None else frozenset(kinds)))
+        self._subscribers.append(_Subscription(fn, None if kinds is None else frozenset(kinds)))
 
     # ------------------------------------------------------------------ sandbox lifecycle commands
     async def create(
@@ -1481,16 +1490,16 @@ class Manager:
             self._deliver()
 
     def _wanted(self, kind: str) -> bool:
-        return any(kinds is None or kind in kinds for _, kinds in self._subscribers)
+        return any(sub.wants(kind) for sub in self._subscribers)
 
     def _deliver(self) -> None:
         events, self._events = self._events, []
         for ev in events:
-            for fn, kinds in self._subscribers:
-                if kinds is not None and ev.kind not in kinds:
+            for sub in self._subscribers:
+                if not sub.wants(ev.kind):
                     continue
                 try:
-                    fn(ev)
+                    sub.fn(ev)
                 except Exception:
                     log.exception("event subscriber failed")
 
