@@ -191,10 +191,12 @@ async def test_first_and_repeated_workspace(wm: Manager, git_daemon: GitDaemon, 
     await sh(wm, sid, commit_cmd + " && git log --oneline -1 | grep -q 'agent change'", first.path)
     assert (await sh(wm, sid, "git rev-parse --abbrev-ref HEAD", first.path)).strip() == "feature"
 
-    # repeated: the same commit layer, no fetch and no checkout; its own copy-on-write tree
+    # repeated: the same commit layer, no fetch and no checkout; its own copy-on-write tree, on the spare that
+    # booted on this commit's layer after the first create (in the background: wait for it, on a loaded host too)
+    await asyncio.wait_for(wm.wait_layer_spares(), 60)
     again = await wm.workspaces.create(url, branch="main")
     assert again.cached and again.commit == tip and "fetch" not in again.timings and "checkout" not in again.timings
-    assert (await wm.get(again.sandbox_id or "")).source == "warm"  # the spare booted on this commit's layer
+    assert (await wm.get(again.sandbox_id or "")).source == "warm"
     assert again.sandbox_id != sid
     assert await sh(wm, again.sandbox_id or "", "git status --porcelain; git log -1 --format=%s", again.path) == (
         "commit 299\n"

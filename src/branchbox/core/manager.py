@@ -1179,6 +1179,11 @@ class Manager:
             self._spawn_bg(self._close_pool(old))
         return pool
 
+    async def wait_layer_spares(self) -> None:
+        """Wait until every hot layer chain has its spare booted (for tests and benchmarks: a spare boots in the
+        background after the create that made its chain hot, so a second create at once may find none yet)."""
+        await asyncio.gather(*(pool.wait_ready() for pool in self._layer_pools.values()))
+
     def drop_spares(self, layer_id: str) -> None:
         """Close the layer pools whose chain holds ``layer_id`` (their spares would keep it alive)."""
         for name in [n for n in self._layer_pools if layer_id in n.rsplit(":", 1)[-1].split("+")]:
