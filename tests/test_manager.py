@@ -192,6 +192,14 @@ async def test_sandbox_killed_from_outside_is_detected(manager: Manager) -> None
     assert (await manager.get(sbx.id)).state is SandboxState.ERROR
     with pytest.raises(errors.InvalidStateError):
         await manager.exec(sbx.id, "true")
+    # once it is no longer live, its kept record still counts as an error (the /metrics gauge), as list shows it
+    while sbx.id in manager._live:
+        await asyncio.sleep(0.01)
+    assert [i.state for i in await manager.list() if i.id == sbx.id] == [SandboxState.ERROR]
+    counts = manager.state_counts()
+    assert (counts["error"], counts["running"]) == (1, 0)
+    await manager.destroy(sbx.id)
+    assert manager.state_counts()["error"] == 0
 
 
 async def test_twenty_sandboxes_at_once(manager: Manager) -> None:

@@ -1513,10 +1513,15 @@ class Manager:
             self._emit(ManagerEvent("state", counts=self.state_counts()))
 
     def state_counts(self) -> dict[str, int]:
-        """Sandboxes by state (every state present, warm pool members not counted: they are no one's yet)."""
+        """Sandboxes by state, as :meth:`list` shows them (every state present; warm pool members not counted:
+        they are no one's yet). A dead sandbox (error, stopped) is no longer live but its record is kept for
+        inspection until it is destroyed: it is counted from the store."""
         counts = {s.value: 0 for s in SandboxState}
         for live in self._live.values():
             if live.pooled is None:
                 counts[live.info.state.value] += 1
         counts[SandboxState.CREATING.value] += len(self._creating)
+        for sid, state in self._db.states():
+            if sid not in self._live and sid not in self._creating:
+                counts[state.value] += 1
         return counts

@@ -216,6 +216,11 @@ class Store:
         for row in self._db.execute("SELECT * FROM sandboxes ORDER BY created_at"):
             yield self._record(row)
 
+    def states(self) -> Iterator[tuple[str, SandboxState]]:
+        """Each sandbox's id and recorded state (warm pool members left out)."""
+        for sid, state in self._db.execute("SELECT id, state FROM sandboxes WHERE pool IS NULL"):
+            yield sid, SandboxState(state)
+
     @staticmethod
     def _record(row: tuple[Any, ...]) -> SandboxRecord:
         (sid, template, digest, backend, state, created_at, expires_at, resources, metadata, env, hostname,
