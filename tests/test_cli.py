@@ -2,25 +2,31 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from rich.console import Console
+from rich.text import Text
 
 from branchbox.api.auth import hash_api_key
+from branchbox.cli.tables import Listing
 from branchbox.sdk import Sandbox
 from tests.conftest import DaemonProc, cli_env, templates_dir
 
 
-def bb(*args: str, url: str | None = None, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
+def bb(
+    *args: str, url: str | None = None, stdin: bytes | None = None, columns: int = 200
+) -> subprocess.CompletedProcess[str]:
     argv = [sys.executable, "-m", "branchbox.cli"]
     if url is not None:
         argv += ["--url", url]
     return subprocess.run(
         argv + list(args),
-        env=cli_env(COLUMNS="200"),
+        env=cli_env(COLUMNS=str(columns)),
         input=stdin.decode() if stdin is not None else None,
         capture_output=True,
         text=True,
@@ -41,6 +47,20 @@ def test_unreachable_daemon_is_one_line_not_a_traceback() -> None:
     assert out.returncode == 1
     assert "connection_error" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_listing_keeps_ids_whole_on_a_narrow_terminal() -> None:
+    table = Listing("ID", "STATE", "NOTE", keep=("ID", "STATE"))
+    table.add("8a455d7e828df0e9e5a0", Text("running", style="green"), "[/] " + "word " * 30)
+    screen = io.StringIO()
+    table.print(Console(file=screen, width=50, force_terminal=True, color_system=None))
+    lines = screen.getvalue().splitlines()
+    assert lines[1].startswith("8a455d7e828df0e9e5a0  running  [/] word")  # the note gives way, on more lines
+    assert len(lines) > 3 and max(len(line) for line in lines) <= 50
+    with pytest.raises(ValueError, match="2 cells for 3 columns"):
+        table.add("a", "b")
+    with pytest.raises(ValueError, match="lacks"):
+        Listing("ID", keep=("SANDBOX",))
 
 
 @pytest.mark.root
@@ -77,6 +97,20 @@ def test_create_ls_exec_cp_rm(daemon: DaemonProc, tmp_path: Path) -> None:
     assert down.returncode == 0, down.stderr
     assert (back / "in.txt").read_bytes() == local.read_bytes()
     assert bb("cp", "a", "b", url=url).returncode == 2  # neither side is a sandbox path
+
+    # what users chose is printed as it is (never read as markup), and into a pipe each sandbox is one line with
+    # its whole id, however narrow the terminal
+    marked = bb("create", "-m", "note=[/] [bold]x[/bold]", url=url)
+    assert marked.returncode == 0, marked.stderr
+    other = marked.stdout.strip()
+    narrow = bb("ls", url=url, columns=40)
+    assert narrow.returncode == 0, narrow.stderr
+    rows = {line.split()[0]: line for line in narrow.stdout.splitlines()[1:]}
+    assert set(rows) == {sid, other}
+    assert "note=[/] [bold]x[/bold]" in rows[other] and "running" in rows[sid]
+    unknown = bb("rm", "[/]", other, url=url)  # an id that is markup: an error line, and the next id goes on
+    assert unknown.returncode == 1 and "[/]" in unknown.stderr and "Traceback" not in unknown.stderr
+    assert unknown.stdout.split() == [other]
 
     assert bb("rm", sid, url=url).returncode == 0
     assert sid not in bb("ls", url=url).stdout

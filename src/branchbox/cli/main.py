@@ -12,12 +12,14 @@ import click
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from branchbox.cli import shell as shell_mod
 from branchbox.cli.network import network, network_patch, port
 from branchbox.cli.pools import pools
 from branchbox.cli.snapshots import fork, reset, restore, snapshot
 from branchbox.cli.storage import storage
+from branchbox.cli.tables import Listing
 from branchbox.cli.templates import template
 from branchbox.cli.workspaces import workspace
 from branchbox.sdk import Sandbox, SandboxError, SandboxInfo
@@ -153,17 +155,18 @@ def ls_(conn: _Conn, metadata: tuple[str, ...], state: tuple[str, ...], as_json:
     if as_json:
         click.echo(json.dumps([_info_json(i) for i in infos], indent=2))
         return
-    table = Table("SANDBOX ID", "TEMPLATE", "STATE", "STARTED", "ENDS", "METADATA", box=None)
+    table = Listing("SANDBOX ID", "TEMPLATE", "STATE", "STARTED", "ENDS", "METADATA",
+                    keep=("SANDBOX ID", "STATE", "ENDS"))  # fmt: skip
     for i in infos:
-        table.add_row(
+        table.add(
             i.sandbox_id,
             i.template_id,
-            f"[{_state_style(i.state)}]{i.state}[/]",
+            Text(i.state, style=_state_style(i.state)),
             i.started_at.strftime("%Y-%m-%d %H:%M:%S"),
             i.end_at.strftime("%H:%M:%S") if i.end_at else "-",
             ",".join(f"{k}={v}" for k, v in i.metadata.items()),
         )
-    out.print(table)
+    table.print(out)
 
 
 @cli.command()
@@ -179,7 +182,7 @@ def rm(conn: _Conn, sandbox_ids: tuple[str, ...]) -> None:
             sbx.close()
             click.echo(sid)
         except SandboxError as exc:
-            err.print(f"[red]{sid}[/red]: {escape(exc.message)}", highlight=False)
+            err.print(f"[red]{escape(sid)}[/red]: {escape(exc.message)}", highlight=False)
             failed = True
     if failed:
         sys.exit(1)
@@ -242,11 +245,11 @@ def ps(conn: _Conn, sandbox_id: str) -> None:
         procs = sbx.commands.list()
     finally:
         sbx.close()
-    table = Table("PID", "RUNNING", "EXIT", "TAG", "COMMAND", box=None)
+    table = Listing("PID", "RUNNING", "EXIT", "TAG", "COMMAND", keep=("PID", "RUNNING", "EXIT"))
     for p in procs:
         exit_code = "" if p.exit_code is None else str(p.exit_code)
-        table.add_row(str(p.pid), "yes" if p.running else "no", exit_code, p.tag or "", " ".join(p.cmd))
-    out.print(table)
+        table.add(str(p.pid), "yes" if p.running else "no", exit_code, p.tag or "", " ".join(p.cmd))
+    table.print(out)
 
 
 @cli.command()
@@ -303,7 +306,7 @@ def cp(conn: _Conn, src: str, dst: str) -> None:
             entry = sbx.files.upload(rdst[1], src)
         finally:
             sbx.close()
-        err.print(f"{src} -> {dst} ({entry.size} bytes)", highlight=False)
+        err.print(f"{src} -> {dst} ({entry.size} bytes)", highlight=False, markup=False)
         return
     assert rsrc is not None
     target = Path(dst)
@@ -314,7 +317,7 @@ def cp(conn: _Conn, src: str, dst: str) -> None:
         n = sbx.files.download(rsrc[1], target)
     finally:
         sbx.close()
-    err.print(f"{src} -> {target} ({n} bytes)", highlight=False)
+    err.print(f"{src} -> {target} ({n} bytes)", highlight=False, markup=False)
 
 
 @cli.command()

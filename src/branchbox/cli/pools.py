@@ -8,8 +8,9 @@ from typing import Any, Protocol
 
 import click
 from rich.console import Console
-from rich.table import Table
+from rich.text import Text
 
+from branchbox.cli.tables import Listing
 from branchbox.sdk import NotFoundError, PoolInfo, PoolSettings, Sandbox
 
 out = Console()
@@ -24,17 +25,15 @@ def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
-def pools_table(pools: list[PoolInfo]) -> Table:
-    """The rich table ``branchbox pools`` prints."""
-    table = Table(
-        "TEMPLATE", "BACKEND", "READY", "BOOTING", "CLAIMED", "HITS", "MISSES", "P50 CLAIM MS", "TARGET", "MAX",
-        box=None,
-    )  # fmt: skip
+def pools_table(pools: list[PoolInfo]) -> Listing:
+    """The table ``branchbox pools`` prints."""
+    numbers = ("READY", "BOOTING", "CLAIMED", "HITS", "MISSES", "P50 CLAIM MS", "TARGET", "MAX")
+    table = Listing("TEMPLATE", "BACKEND", *numbers, keep=numbers)
     for p in pools:
-        table.add_row(
+        table.add(
             p.template,
             p.backend or "-",
-            f"[green]{p.ready}[/]" if p.ready else "[yellow]0[/]",
+            Text(str(p.ready), style="green" if p.ready else "yellow"),
             str(p.booting),
             str(p.claimed),
             str(p.hits),
@@ -66,7 +65,7 @@ def pools(ctx: click.Context, as_json: bool) -> None:
     elif not infos:
         out.print("no warm pools: `branchbox pools set TEMPLATE --min-size N` makes one", highlight=False)
     else:
-        out.print(pools_table(infos))
+        pools_table(infos).print(out)
 
 
 @pools.command(name="set")
@@ -93,7 +92,7 @@ def pools_set(conn: _Conn, /, template: str, backend: str | None, **given: Any) 
     info = Sandbox.configure_pool(
         template, backend=backend, **dataclasses.asdict(merged), base_url=conn.url, api_key=conn.api_key
     )
-    out.print(pools_table([info]))
+    pools_table([info]).print(out)
 
 
 @pools.command(name="rm")

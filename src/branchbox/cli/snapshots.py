@@ -11,8 +11,8 @@ from typing import Any, Protocol
 import click
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
+from branchbox.cli.tables import Listing
 from branchbox.sdk import Sandbox, SandboxError, SnapshotInfo
 
 out = Console()
@@ -78,9 +78,10 @@ def snapshot_ls(conn: _Conn, as_json: bool) -> None:
     if not snaps:
         out.print("no snapshots: `branchbox snapshot create SANDBOX_ID` makes one", highlight=False)
         return
-    table = Table("SNAPSHOT", "NAME", "FROM", "TEMPLATE", "LAYERS", "SIZE", "CREATED", box=None)
+    table = Listing("SNAPSHOT", "NAME", "FROM", "TEMPLATE", "LAYERS", "SIZE", "CREATED",
+                    keep=("SNAPSHOT", "FROM", "LAYERS", "SIZE", "CREATED"))  # fmt: skip
     for s in snaps:
-        table.add_row(
+        table.add(
             s.snapshot_id,
             s.name or "-",
             s.sandbox_id or "-",
@@ -89,7 +90,7 @@ def snapshot_ls(conn: _Conn, as_json: bool) -> None:
             _size(s.size_bytes),
             s.created_at.strftime("%Y-%m-%d %H:%M:%S"),
         )
-    out.print(table)
+    table.print(out)
 
 
 @snapshot.command(name="rm")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from branchbox.core.settings import DEFAULT_DATA_DIR
 from branchbox.errors import BranchboxError
@@ -33,6 +34,6 @@ def prepare(data_dir: Path | None, size_gb: int | None) -> None:
     try:
         done = do_prepare(target, size_gb=size_gb)
     except BranchboxError as exc:
-        err.print(f"[red]error[/red] ({exc.code}): {exc.message}", highlight=False)
+        err.print(f"[red]error[/red] ({exc.code}): {escape(exc.message)}", highlight=False)
         sys.exit(1)
-    err.print(f"storage: {done.action}: {done.message}", highlight=False)
+    err.print(f"storage: {done.action}: {done.message}", highlight=False, markup=False)

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
+from branchbox.cli.tables import Listing
 from branchbox.core.models import TemplateInfo
 from branchbox.core.settings import DEFAULT_DATA_DIR
 from branchbox.errors import BranchboxError
@@ -46,7 +47,7 @@ def _with_progress(title: str, work: object) -> TemplateInfo:
             info: TemplateInfo = asyncio.run(work(on_event))
         except BranchboxError as exc:
             progress.stop()
-            err.print(f"[red]error[/red] ({exc.code}): {exc.message}", highlight=False)
+            err.print(f"[red]error[/red] ({exc.code}): {escape(exc.message)}", highlight=False)
             raise SystemExit(1) from exc
         progress.update(task, completed=1.0, step="done")
     return info
@@ -82,7 +83,7 @@ def build(spec: str | None, use_default: bool, force: bool, data_dir: Path | Non
     try:
         tspec = default_spec() if use_default or spec == "default" else load_spec(Path(spec or ""))
     except BranchboxError as exc:
-        err.print(f"[red]error[/red] ({exc.code}): {exc.message}", highlight=False)
+        err.print(f"[red]error[/red] ({exc.code}): {escape(exc.message)}", highlight=False)
         raise SystemExit(1) from exc
     info = _with_progress(f"building {tspec.name}", lambda p: store.build(tspec, progress=p, force=force))
     click.echo(f"{info.name} {info.digest}")
@@ -104,7 +105,7 @@ def import_(tar: Path, name: str, python: str, data_dir: Path | None, templates_
 @_with_dirs
 def ls_(data_dir: Path | None, templates_dir: Path | None) -> None:
     """List templates."""
-    table = Table("NAME", "DIGEST", "SIZE", "SOURCE", box=None)
+    table = Listing("NAME", "DIGEST", "SIZE", "SOURCE", keep=("DIGEST", "SIZE"))
     for t in _store(data_dir, templates_dir).list():
-        table.add_row(t.name, t.digest[:12], f"{t.size_bytes / 1e6:.0f} MB", t.source)
-    out.print(table)
+        table.add(t.name, t.digest[:12], f"{t.size_bytes / 1e6:.0f} MB", t.source)
+    table.print(out)

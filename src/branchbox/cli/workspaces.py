@@ -11,8 +11,8 @@ from typing import Any, Protocol
 import click
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
+from branchbox.cli.tables import Listing
 from branchbox.sdk import SandboxError, Workspace, WorkspaceInfo
 
 out = Console()
@@ -50,7 +50,7 @@ def workspace_create(conn: _Conn, repository_url: str, branch: str | None, commi
     """Create a workspace; print its id, sandbox id, commit and path."""
     token = os.environ.get(token_env) if token_env else None
     if token_env and not token:
-        err.print(f"error: environment variable {token_env} is empty or unset", highlight=False)
+        err.print(f"error: environment variable {token_env} is empty or unset", highlight=False, markup=False)
         sys.exit(2)
     try:
         ws = Workspace.create(repository_url, branch=branch, commit=commit, template=template, path=path,
@@ -64,7 +64,7 @@ def workspace_create(conn: _Conn, repository_url: str, branch: str | None, commi
     i = ws.info
     total = i.timings.get("total", 0.0)
     out.print(f"{i.workspace_id} sandbox={i.sandbox_id} commit={(i.commit or '')[:12]} path={i.path} "
-              f"({'cached' if i.cached else 'fetched'}, {total:.0f} ms)", highlight=False)  # fmt: skip
+              f"({'cached' if i.cached else 'fetched'}, {total:.0f} ms)", highlight=False, markup=False)  # fmt: skip
 
 
 @workspace.command(name="ls")
@@ -79,11 +79,12 @@ def workspace_ls(conn: _Conn, as_json: bool) -> None:
     if not items:
         out.print("no workspaces: `branchbox workspace create URL` makes one", highlight=False)
         return
-    table = Table("WORKSPACE", "STATUS", "SANDBOX", "REPOSITORY", "REF", "COMMIT", "PATH", box=None)
+    table = Listing("WORKSPACE", "STATUS", "SANDBOX", "REPOSITORY", "REF", "COMMIT", "PATH",
+                    keep=("WORKSPACE", "STATUS", "SANDBOX", "COMMIT"))  # fmt: skip
     for w in items:
-        table.add_row(w.workspace_id, w.status, w.sandbox_id or "-", escape(w.repository_url),
-                      escape(w.branch or "-"), (w.commit or "-")[:12], w.path)  # fmt: skip
-    out.print(table)
+        table.add(w.workspace_id, w.status, w.sandbox_id or "-", w.repository_url, w.branch or "-",
+                  (w.commit or "-")[:12], w.path)  # fmt: skip
+    table.print(out)
 
 
 @workspace.command(name="rm")
@@ -96,6 +97,6 @@ def workspace_rm(conn: _Conn, workspace_ids: tuple[str, ...]) -> None:
         try:
             Workspace.remove(wid, base_url=conn.url, api_key=conn.api_key)
         except SandboxError as exc:
-            err.print(f"{wid}: {escape(f'{exc.message} [{exc.code}]')}", highlight=False)
+            err.print(escape(f"{wid}: {exc.message} [{exc.code}]"), highlight=False)
             failed = True
     sys.exit(1 if failed else 0)
