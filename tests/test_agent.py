@@ -449,7 +449,31 @@ async def test_spawn_exit_code_and_streams(client: AgentClient) -> None:
 
 async def test_spawn_errors(client: AgentClient) -> None:
     with pytest.raises(FileNotFoundInSandboxError):
-        await client.spawn(["no-such-command-xyz"])
+        await client.spawn(["no-such-command-xyz"])  # an argv: no process to give a pid to
+
+
+async def test_a_command_line_whose_program_cannot_run_is_the_shells_to_report(
+    client: AgentClient, agent: RunningAgent
+) -> None:
+    """A simple string skips the shell, but a missing or non-executable program is reported as the shell does,
+    in the background (a pid, then exit 127/126) as in the foreground, and a script without #! still runs."""
+    (agent.workdir / "plain.txt").write_text("x")
+    (agent.workdir / "noshebang").write_text("echo from-script\n")
+    (agent.workdir / "noshebang").chmod(0o755)
+    for cmd, code, says in [
+        ("no-such-command-xyz a", 127, b"no-such-command-xyz: command not found"),
+        ("./plain.txt", 126, b"Permission denied"),
+        ("./noshebang", 0, b""),
+    ]:
+        handle = await client.spawn(cmd)
+        items = [item async for item in handle]
+        err = b"".join(i.data for i in items if isinstance(i, OutputChunk) and i.stream == "stderr")
+        assert (items[-1], says in err) == (ProcessExit(code, None), True), (cmd, err)
+        res = await client.exec(cmd)
+        assert (res.exit_code, says in res.stderr) == (code, True), (cmd, res)
+    assert (await client.exec("./noshebang")).stdout == b"from-script\n"
+    listed = {tuple(p.cmd) for p in await client.list_processes()}
+    assert ("/bin/bash", "-c", "no-such-command-xyz a") in listed  # the shell that reported it
     with pytest.raises(ProcessNotFoundError):
         await client.attach(999_999_999)
     with pytest.raises(ProcessNotFoundError):

@@ -52,6 +52,8 @@ SHELL_WORDS = frozenset(
     typeset ulimit umask unalias unset until wait while""".split()  # noqa: SIM905 - a word list reads better
 )
 
+# exec's errors for a program that is not there or cannot run (where a shell answers 127 or 126)
+_NOT_RUNNABLE = (errno.ENOENT, errno.EACCES, errno.ENOEXEC)
 _ERRNO_CODES = {
     errno.ENOENT: "file_not_found",
     errno.EEXIST: "file_exists",
@@ -120,6 +122,11 @@ def shell_argv(cmd: str, path: str = DEFAULT_PATH) -> list[str]:
         return cmd.split()
     if _SIMPLE.fullmatch(cmd) and _builtin_twin(words := cmd.split(), path):
         return words
+    return in_shell(cmd)
+
+
+def in_shell(cmd: str) -> list[str]:
+    """The argv that runs ``cmd`` under bash (or sh where there is no bash)."""
     shell = "/bin/bash" if os.access("/bin/bash", os.X_OK) else "/bin/sh"
     return [shell, "-c", cmd]
 
@@ -1158,11 +1165,20 @@ def m_exec(conn: Connection, channel: int, params: dict[str, Any]) -> dict[str, 
     tag = params.get("tag")
     proc = Proc(agent, argv, tag if isinstance(tag, str) else None, background)
     try:
-        proc.start(env, cwd, ids, bool(params.get("stdin")), pty)
+        try:
+            proc.start(env, cwd, ids, bool(params.get("stdin")), pty)
+        except OSError as exc:
+            if not isinstance(cmd, str) or exc.errno not in _NOT_RUNNABLE or argv == (shelled := in_shell(cmd)):
+                raise
+            # a command line run without a shell, whose program is missing or cannot run: the shell runs it
+            # after all and reports it as a shell does (127 not found, 126 not executable), in the foreground,
+            # the background and streamed alike
+            proc.argv = shelled
+            proc.start(env, cwd, ids, bool(params.get("stdin")), pty)
     except subprocess.SubprocessError as exc:
         raise CallError("internal", f"child setup failed (user, pty or oom_score_adj): {exc}") from exc
     except OSError as exc:
-        if background or exc.errno not in (errno.ENOENT, errno.EACCES, errno.ENOEXEC):
+        if background or exc.errno not in _NOT_RUNNABLE:
             raise os_error(exc, argv[0]) from exc
         # a foreground exec behaves like a shell: 127 not found, 126 not executable
         what = "command not found" if exc.errno == errno.ENOENT else (exc.strerror or "cannot execute")
