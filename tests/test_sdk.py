@@ -278,6 +278,16 @@ def test_user_flow_sync(daemon: DaemonProc) -> None:
         assert sbx.files.read("/work/x.py") == "print(1)"
         assert [e.name for e in sbx.files.list("/work")] == ["x.py"]
         assert sbx.commands.run(["python3", "/work/x.py"]).stdout == "1\n"
+        # a program that cannot run is a result like a shell's, plain or streamed, argv or string; in the
+        # background a string still gets its shell's process, an argv (no process to show) an error
+        for cmd in (["no-such-program", "a"], "no-such-program a"):
+            for streamed in (None, chunks.append):
+                miss = sbx.commands.run(cmd, on_stderr=streamed)
+                assert (miss.exit_code, "no-such-program: command not found" in miss.stderr) == (127, True), miss
+        assert sbx.commands.run(["/work/x.py"], on_stdout=print).exit_code == 126  # not executable
+        assert sbx.commands.run("no-such-program", background=True).wait().exit_code == 127
+        with pytest.raises(FileNotFoundError_):
+            sbx.commands.run(["no-such-program"], background=True)
         assert sbx.files.make_dir("/work/d/e").type == "dir"
         assert sbx.files.rename("/work/x.py", "/work/d/y.py").path == "/work/d/y.py"
         assert sbx.files.exists("/work/d/y.py")

@@ -63,6 +63,7 @@ _ERRNO_CODES = {
     errno.EPERM: "permission_denied",
     errno.EROFS: "permission_denied",
     errno.ENOTEMPTY: "conflict",
+    errno.ENOEXEC: "bad_request",  # a program exec cannot run (a script without #!, another architecture)
 }
 
 
@@ -1178,12 +1179,16 @@ def m_exec(conn: Connection, channel: int, params: dict[str, Any]) -> dict[str, 
     except subprocess.SubprocessError as exc:
         raise CallError("internal", f"child setup failed (user, pty or oom_score_adj): {exc}") from exc
     except OSError as exc:
-        if background or exc.errno not in _NOT_RUNNABLE:
+        if exc.errno not in _NOT_RUNNABLE:
             raise os_error(exc, argv[0]) from exc
+        if background:  # no process to give a pid to; ``program`` tells a streamed run's caller what to answer
+            err = os_error(exc, argv[0])
+            err.details["program"] = argv[0]
+            raise err from exc
         # a foreground exec behaves like a shell: 127 not found, 126 not executable
-        what = "command not found" if exc.errno == errno.ENOENT else (exc.strerror or "cannot execute")
-        conn.send(wire.encode_data(channel, wire.STDERR, f"branchbox: {argv[0]}: {what}\n".encode()))
-        return {"pid": None, "exit_code": 127 if exc.errno == errno.ENOENT else 126, "signal": None}
+        exit_code, line = wire.not_runnable(argv[0], exc.errno)
+        conn.send(wire.encode_data(channel, wire.STDERR, line))
+        return {"pid": None, "exit_code": exit_code, "signal": None}
     if timeout is not None:
         proc.set_timeout(float(timeout))
     if not background:

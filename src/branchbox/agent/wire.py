@@ -7,6 +7,7 @@ header ``!IBI`` (payload length, kind, channel id) followed by the payload. See 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import struct
@@ -21,6 +22,15 @@ MAX_PAYLOAD = 1 << 20  # 1 MiB
 CHUNK_SIZE = 256 * 1024  # largest DATA chunk either side sends
 INITIAL_WINDOW = 4 * 1024 * 1024  # DATA bytes a sender may have unacknowledged per call and direction
 _U32 = struct.Struct("!I")
+
+
+def not_runnable(program: str, err: int | None) -> tuple[int, bytes]:
+    """What a shell answers when ``program`` cannot be executed (``err``: exec's errno): the exit code (127 not
+    found, 126 otherwise) and the line for stderr."""
+    if err == errno.ENOENT:
+        return 127, f"branchbox: {program}: command not found\n".encode()
+    return 126, f"branchbox: {program}: {os.strerror(err or errno.EACCES)}\n".encode()
+
 
 # Frame kinds.
 HELLO = 0

@@ -23,6 +23,7 @@ import structlog
 from fastapi import APIRouter, Query, WebSocket, WebSocketDisconnect
 from pydantic import BaseModel, ValidationError
 
+from branchbox.agent import wire
 from branchbox.agent.client import OutputChunk, ProcessHandle
 from branchbox.api.context import get_ctx
 from branchbox.api.schemas import ClientFrame, PtyStart, StreamStart
@@ -168,21 +169,39 @@ async def _apply(handle: ProcessHandle, frame: ClientFrame, encoding: str) -> No
         await handle.kill(frame.signal or 9)
 
 
+async def _not_runnable(ws: WebSocket, exc: BranchboxError, encoding: str) -> bool:
+    """Answer a run whose program cannot be executed (the agent names it in ``program``) as a foreground run
+    answers it: a stderr line and exit 127 or 126, no "started" (there is no process). False for other errors."""
+    program = exc.details.get("program")
+    if not isinstance(program, str):
+        return False
+    exit_code, line = wire.not_runnable(program, exc.details.get("errno"))
+    data = base64.b64encode(line).decode("ascii") if encoding == "base64" else line.decode()
+    await ws.send_json({"type": "stderr", "data": data})
+    await ws.send_json({"type": "exit", "exit_code": exit_code, "signal": None})
+    return True
+
+
 @router.websocket("/v1/sandboxes/{sandbox_id}/commands/stream")
 async def stream_command(ws: WebSocket, sandbox_id: str, encoding: Encoding = "text") -> None:
     async def body() -> None:
         structlog.contextvars.bind_contextvars(sandbox_id=sandbox_id)
         start = _parse(StreamStart, _loads(await ws.receive_text()))
-        handle = await get_ctx(ws).manager.spawn(
-            sandbox_id,
-            start.cmd,
-            env=start.envs,
-            cwd=start.cwd,
-            user=start.user,
-            tag=start.tag,
-            stdin=start.stdin,
-            timeout=start.timeout,
-        )
+        try:
+            handle = await get_ctx(ws).manager.spawn(
+                sandbox_id,
+                start.cmd,
+                env=start.envs,
+                cwd=start.cwd,
+                user=start.user,
+                tag=start.tag,
+                stdin=start.stdin,
+                timeout=start.timeout,
+            )
+        except BranchboxError as exc:
+            if await _not_runnable(ws, exc, encoding):
+                return
+            raise
         await _session(ws, handle, encoding, kill_on_disconnect=start.kill_on_disconnect)
 
     await _guarded(ws, body)
