@@ -83,8 +83,8 @@ class CallError(Exception):
         return body
 
 
-def os_error(exc: OSError, path: str | None = None) -> CallError:
-    """Map an OSError to a stable error code."""
+def os_error(exc: OSError, path: str | None = None, **details: Any) -> CallError:
+    """Map an OSError to a stable error code (``details`` join its errno in the error's details)."""
     code = _ERRNO_CODES.get(exc.errno or 0, "internal")
     message = exc.strerror or str(exc)
     where = path or exc.filename
@@ -92,7 +92,7 @@ def os_error(exc: OSError, path: str | None = None) -> CallError:
         message = f"{message}: {where}"
     if exc.errno == errno.ENOTEMPTY:
         message += " (pass recursive=true to remove a non-empty directory)"
-    return CallError(code, message, errno=exc.errno)
+    return CallError(code, message, errno=exc.errno, **details)
 
 
 def is_simple_command(cmd: str) -> bool:
@@ -1166,25 +1166,14 @@ def m_exec(conn: Connection, channel: int, params: dict[str, Any]) -> dict[str, 
     tag = params.get("tag")
     proc = Proc(agent, argv, tag if isinstance(tag, str) else None, background)
     try:
-        try:
-            proc.start(env, cwd, ids, bool(params.get("stdin")), pty)
-        except OSError as exc:
-            if not isinstance(cmd, str) or exc.errno not in _NOT_RUNNABLE or argv == (shelled := in_shell(cmd)):
-                raise
-            # a command line run without a shell, whose program is missing or cannot run: the shell runs it
-            # after all and reports it as a shell does (127 not found, 126 not executable), in the foreground,
-            # the background and streamed alike
-            proc.argv = shelled
-            proc.start(env, cwd, ids, bool(params.get("stdin")), pty)
+        _start_as_a_shell_would(proc, cmd, lambda: proc.start(env, cwd, ids, bool(params.get("stdin")), pty))
     except subprocess.SubprocessError as exc:
         raise CallError("internal", f"child setup failed (user, pty or oom_score_adj): {exc}") from exc
     except OSError as exc:
         if exc.errno not in _NOT_RUNNABLE:
             raise os_error(exc, argv[0]) from exc
         if background:  # no process to give a pid to; ``program`` tells a streamed run's caller what to answer
-            err = os_error(exc, argv[0])
-            err.details["program"] = argv[0]
-            raise err from exc
+            raise os_error(exc, argv[0], program=argv[0]) from exc
         # a foreground exec behaves like a shell: 127 not found, 126 not executable
         exit_code, line = wire.not_runnable(argv[0], exc.errno)
         conn.send(wire.encode_data(channel, wire.STDERR, line))
@@ -1199,6 +1188,19 @@ def m_exec(conn: Connection, channel: int, params: dict[str, Any]) -> dict[str, 
         Sink(conn, channel, proc, owner=True)
         return None
     return {"pid": proc.pid}
+
+
+def _start_as_a_shell_would(proc: Proc, cmd: str | list[str], start: Callable[[], None]) -> None:
+    """``start()`` ``proc``. A command line run without a shell whose program is missing or cannot run is started
+    again under the shell, which reports it as a shell does (127 not found, 126 not executable, a script without
+    #! run), in the foreground, the background and streamed alike."""
+    try:
+        start()
+    except OSError as exc:
+        if not isinstance(cmd, str) or exc.errno not in _NOT_RUNNABLE or proc.argv == (shelled := in_shell(cmd)):
+            raise
+        proc.argv = shelled
+        start()
 
 
 def m_processes_list(conn: Connection, channel: int, params: dict[str, Any]) -> dict[str, Any]:
