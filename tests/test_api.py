@@ -50,6 +50,13 @@ def _assert_error(resp: httpx.Response, status: int, code: str) -> dict[str, Any
 @pytest.mark.root
 async def test_errors_have_one_shape(api: httpx.AsyncClient) -> None:
     _assert_error(await api.get("/v1/sandboxes/nope"), 404, "sandbox_not_found")
+    # an id with an encoded "/" matches no route once decoded: still an unknown id, of its kind
+    for method, path, code in (("GET", "/v1/sandboxes/a%2Fb", "sandbox_not_found"),
+                               ("DELETE", "/v1/sandboxes/x%2fcommands", "sandbox_not_found"),
+                               ("DELETE", "/v1/snapshots/s%2F1", "snapshot_not_found"),
+                               ("GET", "/v1/workspaces/w%2F2?x=1", "workspace_not_found")):  # fmt: skip
+        err = _assert_error(await api.request(method, path), 404, code)
+        assert "/" in err["message"].split("'")[1], err
     err = _assert_error(await api.post("/v1/sandboxes", json={"timeout": "soon"}), 400, "bad_request")
     assert "timeout" in err["message"]
     _assert_error(await api.post("/v1/sandboxes", json={"bogus": 1}), 400, "bad_request")

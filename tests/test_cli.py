@@ -114,6 +114,8 @@ def test_create_ls_exec_cp_rm(daemon: DaemonProc, tmp_path: Path) -> None:
     unknown = bb("rm", "[/]", other, url=url)  # an id that is markup: an error line, and the next id goes on
     assert unknown.returncode == 1 and "[/]" in unknown.stderr and "Traceback" not in unknown.stderr
     assert unknown.stdout.split() == [other]
+    slashed = bb("rm", "a/b", url=url)  # the SDK quotes the id; the daemon answers for the id, not a route
+    assert slashed.returncode == 1 and "sandbox 'a/b' does not exist" in slashed.stderr, slashed.stderr
 
     assert bb("rm", sid, url=url).returncode == 0
     assert sid not in bb("ls", url=url).stdout

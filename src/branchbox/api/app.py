@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 import structlog
 from fastapi import Depends, FastAPI, Request
@@ -45,6 +47,10 @@ if TYPE_CHECKING:
     from branchbox.core.manager import Manager
 
 _HTTP_CODES = {401: "unauthorized", 403: "permission_denied", 404: "not_found", 429: "limit_exceeded"}
+# an id with an encoded "/" (the SDK quotes ids) is decoded before routing, so it matches no route: it is still
+# an id that does not exist, and is answered as one
+_SLASHED_ID = re.compile(r"/v1/(sandboxes|snapshots|workspaces)/([^/?]*%2f[^/?]*)", re.IGNORECASE)
+_KINDS = {"sandboxes": "sandbox", "snapshots": "snapshot", "workspaces": "workspace"}
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": desc}
     for status, desc in [
@@ -201,14 +207,20 @@ def _build(settings: ApiSettings) -> _App:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = _HTTP_CODES.get(exc.status_code, "bad_request" if exc.status_code < 500 else "internal")
-        _count(request, code)
+        status = exc.status_code
+        code = _HTTP_CODES.get(status, "bad_request" if status < 500 else "internal")
         message = str(exc.detail)
-        if exc.status_code == 404:
+        slashed = _SLASHED_ID.match(request.scope.get("raw_path", b"").decode("latin-1"))
+        if status in (404, 405) and slashed is not None:  # 405: what is left of the path matched another route
+            kind = _KINDS[slashed.group(1).lower()]
+            status, code = 404, f"{kind}_not_found"
+            message = f"{kind} {unquote(slashed.group(2))!r} does not exist: {kind} ids hold no '/'"
+        elif status == 404:
             message = f"no such route {request.method} {request.url.path}: see /docs or docs/api.md for the routes"
-        elif exc.status_code == 405:
+        elif status == 405:
             message = f"method {request.method} is not allowed on {request.url.path}: see docs/api.md"
-        return _error_json(exc.status_code, code, message)
+        _count(request, code)
+        return _error_json(status, code, message)
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
