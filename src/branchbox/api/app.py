@@ -50,7 +50,11 @@ _HTTP_CODES = {401: "unauthorized", 403: "permission_denied", 404: "not_found", 
 # an id with an encoded "/" (the SDK quotes ids) is decoded before routing, so it matches no route: it is still
 # an id that does not exist, and is answered as one
 _SLASHED_ID = re.compile(r"/v1/(sandboxes|snapshots|workspaces)/([^/?]*%2f[^/?]*)", re.IGNORECASE)
-_KINDS = {"sandboxes": "sandbox", "snapshots": "snapshot", "workspaces": "workspace"}
+_KINDS = {
+    "sandboxes": ("sandbox", "sandbox ids"),
+    "snapshots": ("snapshot", "snapshot ids and names"),
+    "workspaces": ("workspace", "workspace ids"),
+}
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": desc}
     for status, desc in [
@@ -212,9 +216,9 @@ def _build(settings: ApiSettings) -> _App:
         message = str(exc.detail)
         slashed = _SLASHED_ID.match(request.scope.get("raw_path", b"").decode("latin-1"))
         if status in (404, 405) and slashed is not None:  # 405: what is left of the path matched another route
-            kind = _KINDS[slashed.group(1).lower()]
+            kind, names = _KINDS[slashed.group(1).lower()]
             status, code = 404, f"{kind}_not_found"
-            message = f"{kind} {unquote(slashed.group(2))!r} does not exist: {kind} ids hold no '/'"
+            message = f"{kind} {unquote(slashed.group(2))!r} does not exist: {names} hold no '/'"
         elif status == 404:
             message = f"no such route {request.method} {request.url.path}: see /docs or docs/api.md for the routes"
         elif status == 405:
