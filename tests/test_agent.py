@@ -210,6 +210,26 @@ def test_simple_command_detection() -> None:
     assert agent_server.shell_argv("echo a && echo b")[1:] == ["-c", "echo a && echo b"]
 
 
+def test_host_files_name_the_sandbox_and_keep_a_templates_own_hosts(tmp_path: Path) -> None:
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "hostname").write_text("buildhost\n")  # what mmdebstrap copies from the build host; no /etc/hosts
+    agent_server.write_host_files("bb-one", str(etc))
+    hosts = (etc / "hosts").read_text()
+    assert (etc / "hostname").read_text() == "bb-one\n"
+    assert "127.0.0.1\tlocalhost\n" in hosts and "::1\tlocalhost" in hosts and "127.0.1.1\tbb-one\n" in hosts
+    assert (etc / "hosts").stat().st_mode & 0o777 == 0o644
+    agent_server.write_host_files("bb-two", str(etc))  # ours: rewritten for the new name (a fork, a rename)
+    assert "bb-one" not in (etc / "hosts").read_text() and "\tbb-two\n" in (etc / "hosts").read_text()
+    (etc / "hosts").write_text("10.0.0.7 db\n")  # the template's own: kept
+    agent_server.write_host_files("bb-three", str(etc))
+    assert (etc / "hosts").read_text() == "10.0.0.7 db\n" and (etc / "hostname").read_text() == "bb-three\n"
+    (etc / "hosts").write_text("")  # empty, as a docker export leaves it: ours
+    agent_server.write_host_files("bb-four", str(etc))
+    assert "\tbb-four\n" in (etc / "hosts").read_text()
+    assert sorted(p.name for p in etc.iterdir()) == ["hostname", "hosts"]  # nothing else written
+
+
 def test_builtins_with_a_program_twin_skip_the_shell(tmp_path: Path) -> None:
     """true/false/echo run as programs when they exist on PATH and mean the same; otherwise the shell runs them."""
     argv = agent_server.shell_argv

@@ -202,6 +202,17 @@ async def test_sandbox_killed_from_outside_is_detected(manager: Manager) -> None
     assert manager.state_counts()["error"] == 0
 
 
+async def test_localhost_and_the_sandboxs_own_name_resolve(manager: Manager) -> None:
+    """As in a Docker container: /etc/hosts names localhost and the sandbox, /etc/hostname is its name (the
+    template has no /etc/hosts and the build host's /etc/hostname)."""
+    sbx = await manager.create()
+    py = "import socket; print(socket.gethostbyname('localhost'), socket.gethostbyname(socket.gethostname()))"
+    r = await manager.exec(sbx.id, ["python3", "-c", py])
+    assert (r.exit_code, r.stdout) == (0, b"127.0.0.1 127.0.1.1\n"), r.stderr
+    assert (await manager.exec(sbx.id, ["cat", "/etc/hostname"])).stdout.decode() == sbx.hostname + "\n"
+    await manager.destroy(sbx.id)
+
+
 async def test_twenty_sandboxes_at_once(manager: Manager) -> None:
     sbxs = await asyncio.gather(*(manager.create(memory_mb=128) for _ in range(20)))
     results = await asyncio.gather(*(manager.exec(s.id, "hostname") for s in sbxs))

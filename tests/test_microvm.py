@@ -185,7 +185,7 @@ async def test_ten_vms_at_once(vmm: Manager) -> None:
     outs = await asyncio.gather(*(vmm.exec(i.id, ["cat", "/etc/hostname", "/proc/sys/kernel/hostname"])
                                   for i in infos))  # fmt: skip
     assert all(o.exit_code == 0 for o in outs)
-    assert len({o.stdout for o in outs}) == 10
+    assert [o.stdout.decode() for o in outs] == [f"{i.hostname}\n{i.hostname}\n" for i in infos]  # the agent wrote it
     await asyncio.gather(*(vmm.destroy(i.id) for i in infos))
 
 
@@ -239,8 +239,8 @@ async def test_warm_pool_of_vms(default_template: Any, vm_data_dir: Path) -> Non
         await m.wait_pool_ready("default")
         info = await m.create(template="default", memory_mb=256, env={"K": "v"}, hostname="claimed")
         assert info.source == "warm"
-        r = await m.exec(info.id, "echo $K; hostname")
-        assert r.stdout == b"v\nclaimed\n"
+        r = await m.exec(info.id, "echo $K; hostname; cat /etc/hostname; getent hosts claimed")
+        assert r.stdout == b"v\nclaimed\nclaimed\n127.0.1.1       claimed\n"  # identity rewrote the files too
         await m.destroy(info.id)
         await m.remove_pool("default")
     assert leftovers(vm_data_dir) == []

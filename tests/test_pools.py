@@ -47,8 +47,9 @@ async def test_pool_fills_and_claims_are_warm(pooled: Manager) -> None:
     sbx = await pooled.create(memory_mb=256, env={"A": "1"}, metadata={"task": "t"}, hostname="mybox")
     assert sbx.source == "warm"
     assert "claim" in sbx.timings
-    r = await pooled.exec(sbx.id, "echo $A; hostname")
-    assert r.stdout == b"1\nmybox\n"
+    r = await pooled.exec(sbx.id, "echo $A; hostname; cat /etc/hostname; getent hosts mybox localhost")
+    assert r.stdout.decode().split("\n")[:3] == ["1", "mybox", "mybox"]  # the files follow the claim's rename
+    assert "127.0.1.1       mybox" in r.stdout.decode() and "localhost" in r.stdout.decode(), r.stdout
     assert [s.id for s in await pooled.list(metadata={"task": "t"})] == [sbx.id]
     await asyncio.wait_for(pooled.wait_pool_ready("default"), 60)  # refilled in the background
     st = _stats(pooled)

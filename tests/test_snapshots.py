@@ -146,6 +146,9 @@ async def test_forks_diverge_and_do_not_copy_processes(m: Manager) -> None:
     for k in infos:
         assert await sh(m, k.id, "cat /work/mine; ls /work") == f"{k.id}\nmine\n"
         assert all(p.tag != "bg" for p in await m.list_processes(k.id))  # filesystem-only fork
+        assert await sh(m, k.id, "cat /etc/hostname; getent hosts $(hostname)") == (
+            f"{k.hostname}\n127.0.1.1       {k.hostname}\n"
+        )  # its own name, not the parent's copied files
     assert await sh(m, a.id, "ls /work") == "base\n"
     ids = {await sh(m, k.id, "cat /etc/machine-id") for k in infos}
     assert len(ids) == 3

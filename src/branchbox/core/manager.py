@@ -435,19 +435,16 @@ class Manager:
             if policy is not None and self._net is not None:  # members wait with the default policy
                 self._set_policy(live, policy)
             rename = hostname is not None and hostname != live.info.hostname
-            if live.backend.capabilities.agent_session:  # env and hostname through the agent, in one round trip
-                calls: builtins.list[Awaitable[Any]] = []
-                if env:
-                    tpl_env = self.templates.get(live.info.template_digest).env
-                    calls.append(live.agent.configure(env={**tpl_env, **env}))
-                if rename:
-                    calls.append(live.agent.identity(hostname=hostname))
-                await asyncio.gather(*calls)
-            else:
-                if env:
-                    await live.agent.configure(env=env)
-                if hostname is not None and rename:
+            session = live.backend.capabilities.agent_session
+            calls: builtins.list[Awaitable[Any]] = []  # at most one round trip: the agent answers them together
+            if env:
+                base = self.templates.get(live.info.template_digest).env if session else {}
+                calls.append(live.agent.configure(env={**base, **env}))
+            if rename and hostname is not None:
+                if not session:  # a container: renamed from outside (its agent has no CAP_SYS_ADMIN)
                     live.backend.set_hostname(live.handle, hostname)
+                calls.append(live.agent.identity(hostname=hostname))  # and /etc/hosts, /etc/hostname
+            await asyncio.gather(*calls)
         now = time.time()
         with timer.phase("store"):
             live.info = replace(
