@@ -228,6 +228,10 @@ def test_host_files_name_the_sandbox_and_keep_a_templates_own_hosts(tmp_path: Pa
     agent_server.write_host_files("bb-four", str(etc))
     assert "\tbb-four\n" in (etc / "hosts").read_text()
     assert sorted(p.name for p in etc.iterdir()) == ["hostname", "hosts"]  # nothing else written
+    (etc / "hostname").unlink()
+    (etc / "hostname").symlink_to(tmp_path / "elsewhere")
+    agent_server.write_host_files("bb-five", str(etc))  # never written through a link
+    assert not (tmp_path / "elsewhere").exists()
 
 
 def test_builtins_with_a_program_twin_skip_the_shell(tmp_path: Path) -> None:

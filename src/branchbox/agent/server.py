@@ -1083,7 +1083,8 @@ HOSTS_MARK = (
 
 
 def _write_small(path: str, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    # not through a symlink: a link there (the sandbox's own doing) is left as it is, with a line in the log
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
     try:
         os.fchmod(fd, 0o644)  # whatever the umask
         os.write(fd, text.encode("utf-8"))
