@@ -41,7 +41,7 @@ from branchbox.api.ports import PortProxy
 from branchbox.api.schemas import ErrorResponse, HealthResponse, VersionResponse
 from branchbox.api.settings import ApiSettings
 from branchbox.api.warmup import warm_routes
-from branchbox.errors import BranchboxError
+from branchbox.errors import BranchboxError, SandboxNotFoundError, SnapshotNotFoundError, WorkspaceNotFoundError
 
 if TYPE_CHECKING:
     from branchbox.core.manager import Manager
@@ -50,10 +50,10 @@ _HTTP_CODES = {401: "unauthorized", 403: "permission_denied", 404: "not_found", 
 # an id with an encoded "/" (the SDK quotes ids) is decoded before routing, so it matches no route: it is still
 # an id that does not exist, and is answered as one
 _SLASHED_ID = re.compile(r"/v1/(sandboxes|snapshots|workspaces)/([^/?]*%2f[^/?]*)", re.IGNORECASE)
-_KINDS = {
-    "sandboxes": ("sandbox", "sandbox ids"),
-    "snapshots": ("snapshot", "snapshot ids and names"),
-    "workspaces": ("workspace", "workspace ids"),
+_SLASHED_KINDS: dict[str, tuple[type[BranchboxError], str, str]] = {
+    "sandboxes": (SandboxNotFoundError, "sandbox", "sandbox ids"),
+    "snapshots": (SnapshotNotFoundError, "snapshot", "snapshot ids and names"),
+    "workspaces": (WorkspaceNotFoundError, "workspace", "workspace ids"),
 }
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": desc}
@@ -211,20 +211,19 @@ def _build(settings: ApiSettings) -> _App:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        status = exc.status_code
-        code = _HTTP_CODES.get(status, "bad_request" if status < 500 else "internal")
-        message = str(exc.detail)
         slashed = _SLASHED_ID.match(request.scope.get("raw_path", b"").decode("latin-1"))
-        if status in (404, 405) and slashed is not None:  # 405: what is left of the path matched another route
-            kind, names = _KINDS[slashed.group(1).lower()]
-            status, code = 404, f"{kind}_not_found"
-            message = f"{kind} {unquote(slashed.group(2))!r} does not exist: {names} hold no '/'"
-        elif status == 404:
-            message = f"no such route {request.method} {request.url.path}: see /docs or docs/api.md for the routes"
-        elif status == 405:
-            message = f"method {request.method} is not allowed on {request.url.path}: see docs/api.md"
+        if exc.status_code in (404, 405) and slashed is not None:  # 405: the rest of the path matched a route
+            error, kind, names = _SLASHED_KINDS[slashed.group(1).lower()]
+            missing = error(f"{kind} {unquote(slashed.group(2))!r} does not exist: {names} hold no '/'")
+            return await on_branchbox_error(request, missing)
+        code = _HTTP_CODES.get(exc.status_code, "bad_request" if exc.status_code < 500 else "internal")
         _count(request, code)
-        return _error_json(status, code, message)
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            message = f"no such route {request.method} {request.url.path}: see /docs or docs/api.md for the routes"
+        elif exc.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path}: see docs/api.md"
+        return _error_json(exc.status_code, code, message)
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
