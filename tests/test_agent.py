@@ -66,7 +66,7 @@ def agent_factory(tmp_path: Path) -> Iterator[Callable[..., RunningAgent]]:
         base = tmp_path / f"agent{len(started)}"
         pkg = base / "code" / "bbagent"
         pkg.mkdir(parents=True)
-        for name in ("__init__.py", "wire.py", "server.py"):
+        for name in branchbox.agent.FILES:
             shutil.copy(AGENT_SRC / name, pkg / name)
         workdir = base / "work"
         workdir.mkdir()
@@ -765,3 +765,96 @@ async def test_reaps_orphans_as_pid1(agent_factory: Callable[..., RunningAgent])
     zombies = await c.exec(["sh", "-c", "grep -l '^State:.*Z' /proc/[0-9]*/status || true"])
     assert zombies.stdout == b""
     await c.aclose()
+
+
+async def _chunks(data: bytes, size: int = 100_000) -> AsyncIterator[bytes]:
+    for i in range(0, len(data), size):
+        yield data[i : i + size]
+
+
+def _gnu_tar(*args: str) -> bytes:
+    return subprocess.run(["tar", *args], check=True, capture_output=True).stdout
+
+
+async def test_archive_round_trip_with_gnu_tar(client: AgentClient, agent: RunningAgent, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    deep = src / ("d" * 120) / "sub"  # names past ustar's 100 bytes: GNU long names on the way in, pax out
+    deep.mkdir(parents=True)
+    (deep / "big.bin").write_bytes(big := os.urandom(1024 * 1024 + 3))
+    (src / "empty").write_bytes(b"")
+    (src / "run.sh").write_text("#!/bin/sh\necho hi\n")
+    (src / "run.sh").chmod(0o750)
+    (src / "ünïcode.txt").write_text("u")
+    os.symlink("run.sh", src / "link")
+    os.link(src / "run.sh", src / "hard")
+    os.utime(src / "empty", (1_600_000_000, 1_600_000_000))
+    made = await client.upload_archive("dest/here", _chunks(_gnu_tar("-C", str(src), "-c", ".")))
+    dest = agent.workdir / "dest/here"
+    assert (made.path, made.files, made.links, made.bytes) == (str(dest), 4, 2, len(big) + 18 + 1)
+    assert made.dirs == 2
+    assert (dest / ("d" * 120) / "sub/big.bin").read_bytes() == big
+    assert (dest / "run.sh").stat().st_mode & 0o7777 == 0o750
+    assert os.readlink(dest / "link") == "run.sh"
+    assert (dest / "hard").stat().st_ino == (dest / "run.sh").stat().st_ino
+    assert (dest / "empty").stat().st_mtime == 1_600_000_000
+    assert (dest / "ünïcode.txt").read_text() == "u"
+
+    # Out again: GNU tar reads it back to the same tree (pax long names, the symlink as a link).
+    tar = b"".join([c async for c in client.download_archive("dest/here")])
+    back = tmp_path / "back"
+    back.mkdir()
+    subprocess.run(["tar", "-x", "-C", str(back)], input=tar, check=True)
+    assert (back / ("d" * 120) / "sub/big.bin").read_bytes() == big
+    assert os.readlink(back / "link") == "run.sh"
+    assert (back / "run.sh").stat().st_mode & 0o7777 == 0o750
+    listing = subprocess.run(["tar", "-t"], input=tar, check=True, capture_output=True).stdout.decode().split("\n")
+    assert "run.sh" in listing and "./run.sh" not in listing  # names relative to the directory, no ./
+    # One file: a one-member archive under its own name.
+    one = b"".join([c async for c in client.download_archive("dest/here/run.sh")])
+    listing = subprocess.run(["tar", "-t"], input=one, check=True, capture_output=True).stdout.decode().split()
+    assert listing == ["run.sh"]
+    # Merging into an existing tree replaces files, keeps the others.
+    (src / "run.sh").unlink()
+    (src / "run.sh").write_text("new")
+    again = await client.upload_archive("dest/here", _chunks(_gnu_tar("-C", str(src), "-c", "run.sh")))
+    assert (again.files, (dest / "run.sh").read_text(), (dest / "hard").read_text()) == (
+        1,
+        "new",
+        "#!/bin/sh\necho hi\n",
+    )
+
+
+async def test_archive_bad_input_is_refused(client: AgentClient, agent: RunningAgent, tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("x")
+    good = _gnu_tar("-C", str(tmp_path), "-c", "f")
+    with pytest.raises(BadRequestError, match="empty"):
+        await client.upload_archive("t1", _chunks(b""))
+    with pytest.raises(BadRequestError, match="gzip-compressed: send an uncompressed tar"):
+        await client.upload_archive("t2", _chunks(_gnu_tar("-C", str(tmp_path), "-cz", "f")))
+    with pytest.raises(BadRequestError, match="truncated"):
+        await client.upload_archive("t3", _chunks(good[:700]))
+    escape = _gnu_tar("-C", str(tmp_path), "-c", "--transform=s,^f,../../f,", "f")
+    with pytest.raises(BadRequestError, match="climbs out"):
+        await client.upload_archive("t4", _chunks(escape))
+    assert not (agent.workdir.parent / "f").exists()
+    await client.write_file("plain", b"x")
+    with pytest.raises(NotADirectoryInSandboxError):
+        await client.upload_archive("plain", _chunks(good))
+    with pytest.raises(FileNotFoundInSandboxError):
+        _ = [c async for c in client.download_archive("missing")]
+    # Absolute member names land inside the target, as GNU tar does without -P.
+    absolute = _gnu_tar("-C", str(tmp_path), "-cP", str(tmp_path / "f"))
+    made = await client.upload_archive("t5", _chunks(absolute))
+    assert (agent.workdir / "t5" / str(tmp_path / "f").lstrip("/")).read_text() == "x"
+    assert made.files == 1
+    assert await client.ping() > 0
+
+
+async def test_archive_download_closed_early(client: AgentClient, agent: RunningAgent) -> None:
+    for i in range(4):
+        await client.write_file(f"tree/f{i}", os.urandom(3 * 1024 * 1024))
+    gen = client.download_archive("tree")
+    assert len(await gen.__anext__()) == 256 * 1024
+    await gen.aclose()
+    assert await client.ping() > 0
+    assert len(b"".join([c async for c in client.download_archive("tree")])) > 12 * 1024 * 1024

@@ -124,6 +124,9 @@ async def test_boot_exec_files_pause_resume(vmm: Manager) -> None:
     await vmm.write_file(info.id, "/root/note.txt", b"\x00binary\xff")
     assert await vmm.read_file(info.id, "/root/note.txt") == b"\x00binary\xff"
     assert "note.txt" in [e.name for e in await vmm.list_files(info.id, "/root")]
+    tar = b"".join([c async for c in vmm.download_archive(info.id, "/root")])  # the guest's agent packs it
+    made = await vmm.upload_archive(info.id, "/root/copy", _one(tar))
+    assert made.files >= 1 and await vmm.read_file(info.id, "/root/copy/note.txt") == b"\x00binary\xff"
     be = vmm._backends["microvm"]
     for pool in be._pools.values():  # the QEMU waiting in -incoming defer for this memory template
         await pool.wait_ready()
@@ -357,3 +360,7 @@ async def test_agent_over_vsock(default_template: Any, vm_data_dir: Path, monkey
         await m.destroy(a.id)
         await m.destroy(b.id)
     assert leftovers(vm_data_dir) == []
+
+
+async def _one(data: bytes) -> AsyncIterator[bytes]:
+    yield data

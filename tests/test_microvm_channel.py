@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import branchbox.agent
 from branchbox.agent import vsock as entry
 from branchbox.agent import wire
 from branchbox.agent.client import AgentClient
@@ -53,7 +54,7 @@ def vsock_entry(tmp_path: Path) -> Iterator[Path]:
     """The guest's ``bbagent.vsock`` entry serving a listening unix socket (AF_VSOCK needs a guest): its path."""
     pkg = tmp_path / "code" / "bbagent"
     pkg.mkdir(parents=True)
-    for name in ("__init__.py", "wire.py", "server.py", "vsock.py"):
+    for name in branchbox.agent.FILES:
         shutil.copy(AGENT_SRC / name, pkg / name)
     path = tmp_path / "agent.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -23,6 +23,8 @@ from branchbox.api import openapi_json
 from tests.conftest import DaemonProc, cli_env
 
 DOC_PATH = Path(__file__).resolve().parent.parent / "docs" / "openapi.json"
+# Tar bodies are fuzzed as the arbitrary bytes they are typed as (format: binary), like octet-stream ones.
+schemathesis.serializer.alias("application/x-tar", "application/octet-stream")
 
 
 def load_doc() -> dict[str, Any]:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 from branchbox.agent import wire
-from branchbox.core.models import ExecResult, FileEntry, ProcessInfo
+from branchbox.core.models import ArchiveResult, ExecResult, FileEntry, ProcessInfo
 from branchbox.errors import (
     AgentDisconnectedError,
     AgentError,
@@ -687,10 +687,17 @@ class AgentClient:
     async def read_file(self, path: str) -> bytes:
         return b"".join([chunk async for chunk in self.download(path)])
 
-    async def download(self, path: str) -> AsyncIterator[bytes]:
+    def download(self, path: str) -> AsyncIterator[bytes]:
         """Stream a file in chunks of at most 256 KiB; memory stays bounded by the flow-control window."""
+        return self._stream_out("files.read", path)
+
+    def download_archive(self, path: str) -> AsyncIterator[bytes]:
+        """Stream a tar of ``path``: a directory's contents relative to it, or one file under its own name."""
+        return self._stream_out("files.archive", path)
+
+    async def _stream_out(self, method: str, path: str) -> AsyncIterator[bytes]:
         call = _StreamCall(self._conn)
-        self._conn.write(_call_frame(call.channel, "files.read", {"path": path}))
+        self._conn.write(_call_frame(call.channel, method, {"path": path}))
         try:
             while True:
                 item = await call.next_chunk()
@@ -714,9 +721,16 @@ class AgentClient:
 
     async def upload(self, path: str, chunks: AsyncIterable[bytes], *, mode: int | None = None) -> FileEntry:
         """Stream ``chunks`` into ``path`` atomically, holding at most one window in flight."""
+        return _entry(await self._stream_in("files.write", _write_params(path, mode), chunks))
+
+    async def upload_archive(self, path: str, chunks: AsyncIterable[bytes]) -> ArchiveResult:
+        """Unpack a tar stream into the directory ``path`` (created with its parents) as it is sent."""
+        return ArchiveResult(**(await self._stream_in("files.extract", {"path": path}, chunks)))
+
+    async def _stream_in(self, method: str, params: dict[str, Any], chunks: AsyncIterable[bytes]) -> dict[str, Any]:
         conn = self._conn
         call = _Call(conn)
-        conn.write(_call_frame(call.channel, "files.write", _write_params(path, mode)))
+        conn.write(_call_frame(call.channel, method, params))
         try:
             async for chunk in chunks:
                 if call.done:
@@ -724,7 +738,7 @@ class AgentClient:
                 await call.send_stream(wire.STDIN, chunk)
             if not call.done:
                 conn.write(wire.encode_eof(call.channel, wire.STDIN))
-            return _entry(await call.future)
+            return cast(dict[str, Any], await call.future)
         except BaseException:
             if not call.future.done():
                 call.cancel()

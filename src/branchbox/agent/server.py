@@ -30,10 +30,10 @@ import sys
 import termios
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from . import wire
+from . import archive, wire
 
 AGENT_VERSION = "0.1.0"
 READ_SIZE = 64 * 1024  # one read from a process pipe (always below the DATA frame limit)
@@ -782,35 +782,41 @@ class Sink(Handler):
             agent.exited.append(self.proc.pid)
 
 
-class FileReader(Handler):
-    """files.read: DATA chunks on stream 1 within the host's credit, then RESULT {"size"}."""
+class ChunkSender(Handler):
+    """files.read, files.archive: an iterator's chunks as DATA on stream 1 within the host's credit, then RESULT
+    {"size"}. ``cleanup`` (once) releases what the iterator holds, at the end or on a cancel."""
 
-    def __init__(self, conn: Connection, channel: int, fd: int) -> None:
+    def __init__(self, conn: Connection, channel: int, chunks: Iterator[bytes], cleanup: Callable[[], None]) -> None:
         super().__init__(conn, channel)
-        self.fd = fd
+        self.chunks = chunks
+        self.cleanup: Callable[[], None] | None = cleanup
         self.credit = wire.INITIAL_WINDOW
         self.size = 0
+        self.rest = b""
 
     def pump(self) -> None:
         while self.credit > 0:
-            try:
-                data = os.read(self.fd, min(wire.CHUNK_SIZE, self.credit))
-            except OSError as exc:
-                self.close()
-                self.end({"error": os_error(exc).to_dict()})
-                return
+            data = self.rest
             if not data:
-                self.close()
-                self.end({"size": self.size})
-                return
+                try:
+                    data = next(self.chunks, b"")
+                except OSError as exc:
+                    self.close()
+                    self.end({"error": os_error(exc).to_dict()})
+                    return
+                if not data:
+                    self.close()
+                    self.end({"size": self.size})
+                    return
+            data, self.rest = data[: self.credit], data[self.credit :]
             self.size += len(data)
             self.credit -= len(data)
             self.conn.send(wire.encode_data(self.channel, wire.STDOUT, data))
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        cleanup, self.cleanup = self.cleanup, None
+        if cleanup is not None:
+            cleanup()
 
     def on_window(self, credit: int) -> None:
         self.credit += credit
@@ -824,7 +830,24 @@ class FileReader(Handler):
         self.close()
 
 
-class FileWriter(Handler):
+def _fd_chunks(fd: int) -> Iterator[bytes]:
+    while data := os.read(fd, wire.CHUNK_SIZE):
+        yield data
+
+
+class Receiver(Handler):
+    """A call that consumes the host's DATA: returns credit every ``ACK_EVERY`` bytes."""
+
+    consumed = 0
+
+    def ack(self, n: int) -> None:
+        self.consumed += n
+        if self.consumed >= ACK_EVERY:
+            self.conn.send(wire.encode_window(self.channel, self.consumed))
+            self.consumed = 0
+
+
+class FileWriter(Receiver):
     """files.write: DATA to a temp file next to the target; EOF -> fsync, chmod, rename."""
 
     def __init__(self, conn: Connection, channel: int, path: str, mode: int | None) -> None:
@@ -843,7 +866,6 @@ class FileWriter(Handler):
         super().__init__(conn, channel)
         self.path = path
         self.mode = mode
-        self.consumed = 0
 
     def on_data(self, stream: int, data: bytes) -> None:
         try:
@@ -854,10 +876,7 @@ class FileWriter(Handler):
             self.abort()
             self.end({"error": os_error(exc, self.path).to_dict()})
             return
-        self.consumed += len(data)
-        if self.consumed >= ACK_EVERY:
-            self.conn.send(wire.encode_window(self.channel, self.consumed))
-            self.consumed = 0
+        self.ack(len(data))
 
     def on_eof(self, stream: int) -> None:
         try:
@@ -895,6 +914,45 @@ class FileWriter(Handler):
 
     def on_lost(self) -> None:
         self.abort()
+
+
+class ArchiveWriter(Receiver):
+    """files.extract: a tar stream unpacked into a directory as it arrives; EOF -> RESULT with the counts."""
+
+    def __init__(self, conn: Connection, channel: int, dest: str) -> None:
+        try:
+            self.extractor = archive.Extractor(dest)
+        except archive.ArchiveError as exc:
+            raise CallError(exc.code, exc.message) from None
+        except OSError as exc:
+            raise os_error(exc, dest) from exc
+        super().__init__(conn, channel)
+
+    def on_data(self, stream: int, data: bytes) -> None:
+        self.step(self.extractor.feed, data)
+        self.ack(len(data))
+
+    def on_eof(self, stream: int) -> None:
+        result = self.step(self.extractor.finish)
+        if result is not None:
+            self.end(result)
+
+    def step(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``; a failure ends the call with its error (unpacking stops there)."""
+        try:
+            return fn(*args)
+        except (archive.ArchiveError, OSError) as exc:
+            self.extractor.abort()
+            err = CallError(exc.code, exc.message) if isinstance(exc, archive.ArchiveError) else os_error(exc)
+            self.end({"error": err.to_dict()})
+            return None
+
+    def on_cancel(self) -> None:
+        self.extractor.abort()
+        super().on_cancel()
+
+    def on_lost(self) -> None:
+        self.extractor.abort()
 
 
 def result_frame(channel: int, body: dict[str, Any]) -> bytes:
@@ -1289,7 +1347,7 @@ def m_files_read(conn: Connection, channel: int, params: dict[str, Any]) -> None
     if stat.S_ISDIR(os.fstat(fd).st_mode):
         os.close(fd)
         raise CallError("is_a_directory", f"Is a directory: {path}")
-    FileReader(conn, channel, fd).pump()
+    ChunkSender(conn, channel, _fd_chunks(fd), functools.partial(os.close, fd)).pump()
 
 
 def m_files_write(conn: Connection, channel: int, params: dict[str, Any]) -> None:
@@ -1297,6 +1355,19 @@ def m_files_write(conn: Connection, channel: int, params: dict[str, Any]) -> Non
     if path == "/":
         raise CallError("is_a_directory", "cannot write to /")
     FileWriter(conn, channel, path, _int_param(params, "mode"))
+
+
+def m_files_archive(conn: Connection, channel: int, params: dict[str, Any]) -> None:
+    path = conn.agent.path(params.get("path"))
+    try:
+        chunks = archive.tar_chunks(path, wire.CHUNK_SIZE)
+    except OSError as exc:
+        raise os_error(exc, path) from exc
+    ChunkSender(conn, channel, chunks, chunks.close).pump()
+
+
+def m_files_extract(conn: Connection, channel: int, params: dict[str, Any]) -> None:
+    ArchiveWriter(conn, channel, conn.agent.path(params.get("path")))
 
 
 def m_files_list(conn: Connection, channel: int, params: dict[str, Any]) -> None:
@@ -1396,6 +1467,8 @@ METHODS: dict[str, Method] = {
     "pty.resize": m_pty_resize,
     "files.read": m_files_read,
     "files.write": m_files_write,
+    "files.archive": m_files_archive,
+    "files.extract": m_files_extract,
     "files.list": m_files_list,
     "files.stat": m_files_stat,
     "files.mkdir": m_files_mkdir,

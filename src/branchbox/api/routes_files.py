@@ -9,12 +9,13 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from branchbox.api.context import Ctx, SandboxId
-from branchbox.api.schemas import FileEntryResponse, PathRequest, RenameRequest
+from branchbox.api.schemas import ArchiveResponse, FileEntryResponse, PathRequest, RenameRequest
 
 router = APIRouter(tags=["files"])
 
 PathQuery = Annotated[str, Query(min_length=1, max_length=4096, description="Absolute path inside the sandbox.")]
 _BINARY: dict[str, Any] = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+_TAR: dict[str, Any] = {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}}
 
 
 @router.get(
@@ -24,7 +25,23 @@ _BINARY: dict[str, Any] = {"application/octet-stream": {"schema": {"type": "stri
     summary="Download a file",
 )
 async def download(sandbox_id: SandboxId, path: PathQuery, ctx: Ctx) -> StreamingResponse:
-    chunks = aiter(ctx.manager.download(sandbox_id, path))
+    return await _streamed(ctx.manager.download(sandbox_id, path), "application/octet-stream")
+
+
+@router.get(
+    "/v1/sandboxes/{sandbox_id}/files/archive",
+    response_class=StreamingResponse,
+    responses={200: {"content": _TAR, "description": "A tar (pax) of the path, streamed."}},
+    summary="Download a directory (or a file) as a tar",
+    description="A directory's contents, named relative to it (as `tar -C DIR -c .`), or one file under its own "
+    "name. Symlinks are archived as links; sockets and devices are left out.",
+)
+async def download_archive(sandbox_id: SandboxId, path: PathQuery, ctx: Ctx) -> StreamingResponse:
+    return await _streamed(ctx.manager.download_archive(sandbox_id, path), "application/x-tar")
+
+
+async def _streamed(source: AsyncIterator[bytes], media_type: str) -> StreamingResponse:
+    chunks = aiter(source)
     try:
         first = await anext(chunks)  # errors (missing file, a directory) surface before the 200 is sent
     except StopAsyncIteration:
@@ -41,7 +58,16 @@ async def download(sandbox_id: SandboxId, path: PathQuery, ctx: Ctx) -> Streamin
             if aclose is not None:
                 await aclose()
 
-    return StreamingResponse(body(), media_type="application/octet-stream")
+    return StreamingResponse(body(), media_type=media_type)
+
+
+def _body(request: Request) -> AsyncIterator[bytes]:
+    async def chunks() -> AsyncIterator[bytes]:
+        async for chunk in request.stream():
+            if chunk:
+                yield chunk
+
+    return chunks()
 
 
 @router.put(
@@ -57,12 +83,21 @@ async def upload(
     ctx: Ctx,
     mode: Annotated[int | None, Query(ge=0, le=0o7777, description="Permission bits, e.g. 420 for 0o644.")] = None,
 ) -> FileEntryResponse:
-    async def chunks() -> AsyncIterator[bytes]:
-        async for chunk in request.stream():
-            if chunk:
-                yield chunk
+    return FileEntryResponse.of(await ctx.manager.upload(sandbox_id, path, _body(request), mode=mode))
 
-    return FileEntryResponse.of(await ctx.manager.upload(sandbox_id, path, chunks(), mode=mode))
+
+@router.put(
+    "/v1/sandboxes/{sandbox_id}/files/archive",
+    response_model=ArchiveResponse,
+    openapi_extra={"requestBody": {"required": True, "content": _TAR}},
+    summary="Upload a tar and unpack it into a directory",
+    description="The body is an uncompressed tar (ustar, pax or GNU), unpacked as it streams into `path` "
+    "(created with its parents; existing files replaced, directories merged). Member names may not climb out of "
+    "`path`. Owners are not kept (files belong to root); modes and times are. Not atomic: on an error the members "
+    "before the bad one stay.",
+)
+async def upload_archive(sandbox_id: SandboxId, path: PathQuery, request: Request, ctx: Ctx) -> ArchiveResponse:
+    return ArchiveResponse.of(await ctx.manager.upload_archive(sandbox_id, path, _body(request)))
 
 
 @router.delete("/v1/sandboxes/{sandbox_id}/files", status_code=204, response_class=Response, summary="Remove")

@@ -13,7 +13,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from branchbox.core.models import FileEntry, ProcessInfo, SandboxInfo, SandboxState, SnapshotInfo, TemplateInfo
+from branchbox.core.models import (
+    ArchiveResult,
+    FileEntry,
+    ProcessInfo,
+    SandboxInfo,
+    SandboxState,
+    SnapshotInfo,
+    TemplateInfo,
+)
 from branchbox.core.pool import PoolConfig, PoolStats
 
 MAX_TIMEOUT_S = 31_536_000.0  # one year: larger values are a mistake, not a wish
@@ -187,6 +195,20 @@ class FileEntryResponse(BaseModel):
             mtime=e.mtime,
             symlink_target=e.symlink_target,
         )
+
+
+class ArchiveResponse(BaseModel):
+    """What an uploaded tar made in the sandbox."""
+
+    path: str = Field(description="The directory it was unpacked into.")
+    files: int = Field(description="Regular files written.")
+    dirs: int = Field(description="Directories made.")
+    links: int = Field(description="Symlinks and hard links made.")
+    bytes: int = Field(description="Bytes of the regular files.")
+
+    @classmethod
+    def of(cls, r: ArchiveResult) -> ArchiveResponse:
+        return cls(path=r.path, files=r.files, dirs=r.dirs, links=r.links, bytes=r.bytes)
 
 
 class PathRequest(_Strict):

@@ -45,6 +45,7 @@ from branchbox.core import identity, validate
 from branchbox.core import snapshots as snaps
 from branchbox.core.events import ManagerEvent, Subscriber
 from branchbox.core.models import (
+    ArchiveResult,
     ExecResult,
     FileEntry,
     ProcessInfo,
@@ -621,11 +622,19 @@ class Manager:
         live = self._require(sandbox_id, SandboxState.RUNNING)
         return await self._agent_call(live, live.agent.read_file(path))
 
-    async def download(self, sandbox_id: str, path: str) -> AsyncIterator[bytes]:
+    def download(self, sandbox_id: str, path: str) -> AsyncIterator[bytes]:
         """Stream a file out of the sandbox in chunks (bounded memory)."""
         live = self._require(sandbox_id, SandboxState.RUNNING)
+        return self._stream_out(live, live.agent.download(path))
+
+    def download_archive(self, sandbox_id: str, path: str) -> AsyncIterator[bytes]:
+        """Stream a tar of a sandbox path: a directory's contents (names relative to it), or one file."""
+        live = self._require(sandbox_id, SandboxState.RUNNING)
+        return self._stream_out(live, live.agent.download_archive(path))
+
+    async def _stream_out(self, live: _Live, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         try:
-            async for chunk in live.agent.download(path):
+            async for chunk in chunks:
                 yield chunk
         except AgentDisconnectedError as exc:
             raise self._disconnected(live) from exc
@@ -639,6 +648,11 @@ class Manager:
     ) -> FileEntry:
         live = self._require(sandbox_id, SandboxState.RUNNING)
         return await self._agent_call(live, live.agent.upload(path, chunks, mode=mode))
+
+    async def upload_archive(self, sandbox_id: str, path: str, chunks: AsyncIterable[bytes]) -> ArchiveResult:
+        """Unpack a tar stream into the sandbox directory ``path`` (created with its parents)."""
+        live = self._require(sandbox_id, SandboxState.RUNNING)
+        return await self._agent_call(live, live.agent.upload_archive(path, chunks))
 
     async def list_files(self, sandbox_id: str, path: str, *, depth: int = 1) -> builtins.list[FileEntry]:
         live = self._require(sandbox_id, SandboxState.RUNNING)

@@ -84,6 +84,17 @@ class FileEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class ArchiveResult:
+    """What unpacking a tar into a sandbox directory made."""
+
+    path: str
+    files: int
+    dirs: int
+    links: int  # symlinks and hard links
+    bytes: int  # of regular files
+
+
+@dataclass(frozen=True, slots=True)
 class TemplateInfo:
     name: str
     digest: str

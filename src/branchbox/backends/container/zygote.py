@@ -586,7 +586,7 @@ def serve(ctl: socket.socket, zygote: Zygote) -> None:
 
 # Modules the agent (or the stdlib code it calls) may import lazily; preloaded because the agent runs with an
 # empty sys.path inside the sandbox.
-_AGENT_PRELOAD = ("asyncio.unix_events", "encodings.idna", "encodings.latin_1", "grp", "pty", "tty")
+_AGENT_PRELOAD = ("asyncio.unix_events", "encodings.idna", "encodings.latin_1", "grp", "pty", "tarfile", "tty")
 
 
 def preload_agent() -> None:

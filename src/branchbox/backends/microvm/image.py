@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from branchbox import agent
 from branchbox.backends.base import IdMap
 from branchbox.errors import BackendError
 
@@ -170,7 +171,7 @@ def _newc(name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0
 
 def _agent_files() -> dict[str, bytes]:
     pkg = resources.files("branchbox.agent")
-    return {n: pkg.joinpath(n).read_bytes() for n in ("__init__.py", "wire.py", "server.py", "vsock.py")}
+    return {n: pkg.joinpath(n).read_bytes() for n in agent.FILES}
 
 
 def _guest_file(name: str) -> bytes:
