@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -100,6 +102,7 @@ def test_create_ls_exec_cp_rm(daemon: DaemonProc, tmp_path: Path) -> None:
     assert down.returncode == 0, down.stderr
     assert (back / "in.txt").read_bytes() == local.read_bytes()
     assert bb("cp", "a", "b", url=url).returncode == 2  # neither side is a sandbox path
+    _cp_directories_and_pipes(url, sid, tmp_path)
 
     # what users chose is printed as it is (never read as markup), and into a pipe each sandbox is one line with
     # its whole id, however narrow the terminal
@@ -138,3 +141,42 @@ def test_logs_ps_and_shell(daemon: DaemonProc) -> None:
         eof = bb("shell", sbx.sandbox_id, "--cmd", "/bin/sh", url=url, stdin=b"echo bye\n")  # EOF ends the shell
         assert eof.returncode == 0, eof.stderr
         assert "bye" in eof.stdout
+
+
+def _cp_directories_and_pipes(url: str, sid: str, tmp_path: Path) -> None:
+    """docker cp's rules: a directory lands under its own name in an existing directory (its contents with
+    ``/.``), or becomes a new one; ``-`` is stdin or stdout. Local and remote misses are one error line."""
+    src = tmp_path / "proj"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub/a.txt").write_text("A")
+    os.symlink("sub/a.txt", src / "link")
+    assert bb("cp", str(src), f"{sid}:/work", url=url).returncode == 0  # /work exists: /work/proj
+    assert bb("cp", f"{src}/.", f"{sid}:/work/flat", url=url).returncode == 0  # contents into a new directory
+    listing = bb("exec", sid, "cd /work && find proj flat | sort && readlink proj/link", url=url).stdout.split()
+    tree = ["", "/link", "/sub", "/sub/a.txt"]
+    assert listing == [f"flat{t}" for t in tree] + [f"proj{t}" for t in tree] + ["sub/a.txt"]
+    down = bb("cp", f"{sid}:/work/proj", str(tmp_path / "down"), url=url)  # a new local directory
+    assert down.returncode == 0, down.stderr
+    assert (tmp_path / "down/sub/a.txt").read_text() == "A"
+    assert os.readlink(tmp_path / "down/link") == "sub/a.txt"
+    assert bb("cp", f"{sid}:/work/proj", str(tmp_path / "down"), url=url).returncode == 0  # exists: down/proj
+    assert (tmp_path / "down/proj/sub/a.txt").read_text() == "A"
+
+    assert bb("cp", "-", f"{sid}:/work/piped.txt", url=url, stdin=b"from stdin\n").returncode == 0
+    assert bb("cp", f"{sid}:/work/piped.txt", "-", url=url).stdout == "from stdin\n"
+    assert not (tmp_path / "-").exists() and not Path("-").exists()
+    tar = subprocess.run(
+        [sys.executable, "-m", "branchbox.cli", "--url", url, "cp", f"{sid}:/work/proj", "-"],
+        env=cli_env(),
+        capture_output=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
+        assert sorted(archive.getnames()) == ["link", "sub", "sub/a.txt"]
+
+    missing = bb("cp", str(tmp_path / "nope"), f"{sid}:/work", url=url)
+    assert missing.returncode == 1 and "no such local file or directory" in missing.stderr, missing.stderr
+    assert "Traceback" not in missing.stderr
+    gone = bb("cp", f"{sid}:/work/nope", str(tmp_path), url=url)
+    assert gone.returncode == 1 and "file_not_found" in gone.stderr and "Traceback" not in gone.stderr

@@ -4,12 +4,15 @@ real ``branchbox serve`` subprocess on loopback (including 50 parallel creates +
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import http.server
 import io
 import json
+import os
 import subprocess
 import sys
+import tarfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +38,7 @@ from branchbox.sdk import (
     _awire,
 )
 from branchbox.sdk import _requests as rq
+from branchbox.sdk import _tar as _tar_mod
 from branchbox.sdk._config import ConnectionConfig
 from branchbox.sdk._wire import Wire, shared_wire
 from tests.conftest import DaemonProc, cli_env
@@ -351,6 +355,90 @@ def test_large_file_streams_both_ways(daemon: DaemonProc, tmp_path: Path) -> Non
         assert sbx.files.read("/work/big.bin", format="bytes") == blob
 
 
+def _tree(root: Path) -> dict[str, Any]:
+    """A directory as {relative name: bytes, link target or "dir"}."""
+    out: dict[str, Any] = {}
+    for p in sorted(root.rglob("*")):
+        name = str(p.relative_to(root))
+        out[name] = f"-> {os.readlink(p)}" if p.is_symlink() else "dir" if p.is_dir() else p.read_bytes()
+    return out
+
+
+def _make_tree(root: Path) -> None:
+    (root / "src/pkg").mkdir(parents=True)
+    (root / "src/pkg/mod.py").write_text("print('hi')\n")
+    (root / "src/pkg/data.bin").write_bytes(os.urandom(3 * 1024 * 1024 + 5))
+    (root / "empty").mkdir()
+    (root / "run.sh").write_text("#!/bin/sh\n")
+    (root / "run.sh").chmod(0o755)
+    os.symlink("src/pkg/mod.py", root / "link")
+    for i in range(200):
+        (root / "src" / f"f{i:03d}.txt").write_text(str(i))
+
+
+@pytest.mark.root
+def test_directories_copy_both_ways_as_one_tar(daemon: DaemonProc, tmp_path: Path) -> None:
+    local = tmp_path / "proj"
+    _make_tree(local)
+    with Sandbox.create(base_url=daemon.url) as sbx:
+        made = sbx.files.upload_dir(local, "/work/proj")
+        assert (made.path, made.files, made.dirs, made.links) == ("/work/proj", 203, 3, 1)
+        r = sbx.commands.run("cd /work/proj && ./run.sh && readlink link && find . | wc -l && cat src/f007.txt")
+        assert r.stdout.split() == ["src/pkg/mod.py", "208", "7"]  # find counts "." too
+        back = tmp_path / "back"
+        assert sbx.files.download_dir("/work/proj", back) == 207
+        assert _tree(back) == _tree(local)
+        assert (back / "run.sh").stat().st_mode & 0o777 == 0o755
+        tar = io.BytesIO()
+        assert sbx.files.download_archive("/work/proj/run.sh", tar) > 0
+        with tarfile.open(fileobj=io.BytesIO(tar.getvalue())) as one:
+            assert one.getnames() == ["run.sh"]
+        # A bad tar: the stable code, and nothing of it written.
+        with pytest.raises(BadRequestError, match="climbs out"):
+            sbx.files.write_archive("/work/x", _tar_of(("../../etc/evil", b"x")))
+        assert not sbx.files.exists("/etc/evil")
+        with pytest.raises(BadRequestError, match="gzip"):
+            sbx.files.write_archive("/work/x", gzip.compress(_tar_of(("a", b"x"))))
+        with pytest.raises(BadRequestError) as info:
+            sbx.files.write_archive("/work/proj/run.sh", _tar_of(("a", b"x")))
+        assert info.value.code == "not_a_directory"
+        with pytest.raises(FileNotFoundError_):
+            sbx.files.download_dir("/work/none", tmp_path / "none")
+
+
+def _tar_of(*members: tuple[str, bytes], links: tuple[tuple[str, str], ...] = ()) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for name, target in links:
+            info = tarfile.TarInfo(name)
+            info.type = tarfile.SYMTYPE
+            info.linkname = target
+            tar.addfile(info)
+    return buf.getvalue()
+
+
+def test_a_sandboxs_tar_cannot_write_outside_the_local_directory(tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for bad in ("../outside/x", "/tmp/x", "a/../../outside/x"):
+        with pytest.raises(ValueError, match="outside the target"):
+            _tar_mod.unpack(io.BytesIO(_tar_of((bad, b"x"))), dest)
+    # A link in the local directory that leads out of it is never written through.
+    assert list(dest.iterdir()) == []  # refused before anything was written
+    os.symlink(outside, dest / "esc")
+    with pytest.raises(ValueError, match="symlink in its path"):
+        _tar_mod.unpack(io.BytesIO(_tar_of(("esc/x", b"x"))), dest)
+    assert list(outside.iterdir()) == []
+    kept = _tar_of(("a/f", b"1"), links=(("in", "a/f"), ("abs", "/etc/passwd"), ("up", "../outside")))
+    assert _tar_mod.unpack(io.BytesIO(kept), tmp_path / "ok") == 2  # a/f and the link inside; two left out
+    assert sorted(p.name for p in (tmp_path / "ok").iterdir()) == ["a", "in"]
+
+
 @pytest.mark.root
 def test_errors_are_typed(daemon: DaemonProc) -> None:
     url = daemon.url
@@ -391,7 +479,7 @@ def test_env_settings_are_used(daemon: DaemonProc, monkeypatch: pytest.MonkeyPat
 
 
 @pytest.mark.root
-async def test_user_flow_async(daemon: DaemonProc) -> None:
+async def test_user_flow_async(daemon: DaemonProc, tmp_path: Path) -> None:
     url = daemon.url
     async with await AsyncSandbox.create(metadata={"task": "a"}, envs={"A": "2"}, base_url=url) as sbx:
         seen: list[str] = []
@@ -418,6 +506,14 @@ async def test_user_flow_async(daemon: DaemonProc) -> None:
         assert b"pty-6" in b"".join(data)
         templates = await AsyncSandbox.templates(base_url=url)
         assert "default" in [t.name for t in templates]
+        _make_tree(tmp_path / "proj")
+        made = await sbx.files.upload_dir(tmp_path / "proj", "/work/p")
+        assert (made.files, made.links) == (203, 1)
+        assert await sbx.files.download_dir("/work/p", tmp_path / "back") == 207
+        assert _tree(tmp_path / "back") == _tree(tmp_path / "proj")
+        tar = io.BytesIO()
+        assert await sbx.files.download_archive("/work/p", tar) > 3 * 1024 * 1024
+        assert (await sbx.files.write_archive("/work/q", tar.getvalue())).files == 203
 
 
 @pytest.mark.root

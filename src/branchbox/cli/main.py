@@ -15,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from branchbox.cli import shell as shell_mod
+from branchbox.cli.copy import cp
 from branchbox.cli.network import network, network_patch, port
 from branchbox.cli.pools import pools
 from branchbox.cli.snapshots import fork, reset, restore, snapshot
@@ -283,43 +284,6 @@ def shell(conn: _Conn, sandbox_id: str, cmd: str | None) -> None:
     sys.exit(code)
 
 
-def _split_remote(spec: str) -> tuple[str, str] | None:
-    """``ID:/path`` -> (ID, /path); a local path -> None."""
-    sid, sep, path = spec.partition(":")
-    if sep and path.startswith("/") and sid and "/" not in sid:
-        return sid, path
-    return None
-
-
-@cli.command()
-@click.argument("src")
-@click.argument("dst")
-@click.pass_obj
-def cp(conn: _Conn, src: str, dst: str) -> None:
-    """Copy a file between the host and a sandbox (streamed): cp ./a ID:/work/a, or cp ID:/etc/os-release ."""
-    rsrc, rdst = _split_remote(src), _split_remote(dst)
-    if (rsrc is None) == (rdst is None):
-        raise click.UsageError("exactly one of SRC and DST must be a sandbox path, written ID:/absolute/path")
-    if rdst is not None:
-        sbx = conn.connect(rdst[0])
-        try:
-            entry = sbx.files.upload(rdst[1], src)
-        finally:
-            sbx.close()
-        err.print(f"{src} -> {dst} ({entry.size} bytes)", highlight=False, markup=False)
-        return
-    assert rsrc is not None
-    target = Path(dst)
-    if target.is_dir():
-        target = target / Path(rsrc[1]).name
-    sbx = conn.connect(rsrc[0])
-    try:
-        n = sbx.files.download(rsrc[1], target)
-    finally:
-        sbx.close()
-    err.print(f"{src} -> {target} ({n} bytes)", highlight=False, markup=False)
-
-
 @cli.command()
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None, help="TOML config file.")
 @click.option("--host", default=None, help="Bind address (default 127.0.0.1).")
@@ -376,6 +340,7 @@ cli.add_command(pools)
 cli.add_command(storage)
 cli.add_command(network)
 cli.add_command(port)
+cli.add_command(cp)
 cli.add_command(workspace)
 for _cmd in (snapshot, fork, restore, reset):
     cli.add_command(_cmd)

@@ -47,6 +47,7 @@ from branchbox.sdk._errors import (
 )
 from branchbox.sdk._explore import aexplore, explore
 from branchbox.sdk._models import (
+    ArchiveInfo,
     CommandResult,
     EntryInfo,
     NetworkInfo,
@@ -64,6 +65,7 @@ __all__ = [
     "DEFAULT_URL",
     "ERROR_TABLE",
     "AgentError",
+    "ArchiveInfo",
     "AsyncCommandHandle",
     "AsyncPtyHandle",
     "AsyncSandbox",

@@ -11,6 +11,7 @@ import builtins
 import dataclasses
 import inspect
 import json
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -22,7 +23,7 @@ import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from branchbox.sdk import _awire
+from branchbox.sdk import _awire, _tar
 from branchbox.sdk import _requests as rq
 from branchbox.sdk._config import UNSET, ConnectionConfig, _Unset, default_ssl_context
 from branchbox.sdk._errors import (
@@ -34,6 +35,7 @@ from branchbox.sdk._errors import (
     TimeoutException,
 )
 from branchbox.sdk._models import (
+    ArchiveInfo,
     CommandResult,
     EntryInfo,
     NetworkInfo,
@@ -367,8 +369,18 @@ class AsyncFiles:
 
     async def download(self, path: str, target: str | Path | IO[bytes], *, request_timeout: Timeout = UNSET) -> int:
         """Stream a sandbox file into a local path or binary file object; returns the byte count."""
+        return await self._save(rq.read_file(self._sid, path), target, request_timeout)
+
+    async def download_archive(
+        self, path: str, target: str | Path | IO[bytes], *, request_timeout: Timeout = UNSET
+    ) -> int:
+        """Stream a tar of a sandbox path into a local path or binary file object; returns the byte count. A
+        directory's members are named relative to it; a file is one member under its own name."""
+        return await self._save(rq.read_archive(self._sid, path), target, request_timeout)
+
+    async def _save(self, req: rq.Req, target: str | Path | IO[bytes], request_timeout: Timeout) -> int:
         n = 0
-        async with self._sandbox._http.stream(rq.read_file(self._sid, path), request_timeout=request_timeout) as resp:
+        async with self._sandbox._http.stream(req, request_timeout=request_timeout) as resp:
             f = open(target, "wb") if isinstance(target, str | Path) else target  # noqa: SIM115, ASYNC230
             try:
                 async for chunk in resp.aiter_bytes(CHUNK):
@@ -378,6 +390,31 @@ class AsyncFiles:
                 if f is not target:
                     f.close()
         return n
+
+    async def write_archive(
+        self, path: str, data: bytes | IO[bytes], *, request_timeout: Timeout = UNSET
+    ) -> ArchiveInfo:
+        """Unpack an uncompressed tar (bytes or a binary file object, streamed) into the sandbox directory
+        ``path``, created with its parents: existing files are replaced, directories merged into."""
+        content = bytes(data) if isinstance(data, bytes | bytearray | memoryview) else _achunks(data)
+        resp = await self._sandbox._http.send(
+            rq.write_archive(self._sid, path), request_timeout=request_timeout, content=content
+        )
+        return ArchiveInfo.from_json(resp.json())
+
+    async def upload_dir(self, local_dir: str | Path, path: str, *, request_timeout: Timeout = UNSET) -> ArchiveInfo:
+        """Copy a local directory's contents into the sandbox directory ``path`` (one streamed tar)."""
+        with await asyncio.to_thread(_tar.pack_dir, local_dir) as packed:
+            return await self.write_archive(path, packed, request_timeout=request_timeout)
+
+    async def download_dir(self, path: str, local_dir: str | Path, *, request_timeout: Timeout = UNSET) -> int:
+        """Copy a sandbox directory's contents into ``local_dir`` (created); returns the entries written. The
+        tar is checked member by member: nothing is written outside ``local_dir``, and symlinks pointing out of
+        it and devices are left out."""
+        with tempfile.SpooledTemporaryFile(_tar.SPOOL) as spool:
+            await self._save(rq.read_archive(self._sid, path), spool, request_timeout)
+            spool.seek(0)
+            return await asyncio.to_thread(_tar.unpack, spool, local_dir)
 
     async def write(
         self,

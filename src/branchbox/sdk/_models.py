@@ -120,6 +120,23 @@ class EntryInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class ArchiveInfo:
+    """What a tar unpacked into a sandbox directory made."""
+
+    path: str
+    files: int
+    dirs: int
+    links: int
+    bytes: int
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ArchiveInfo:
+        return cls(
+            path=d["path"], files=int(d["files"]), dirs=int(d["dirs"]), links=int(d["links"]), bytes=int(d["bytes"])
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class TemplateInfo:
     name: str
     digest: str

@@ -167,6 +167,14 @@ def write_file(sandbox_id: str, path: str, mode: int | None) -> Req:
     return Req("PUT", _sbx(sandbox_id) + "/files", params=params)
 
 
+def read_archive(sandbox_id: str, path: str) -> Req:
+    return Req("GET", _sbx(sandbox_id) + "/files/archive", params=[("path", path)])
+
+
+def write_archive(sandbox_id: str, path: str) -> Req:
+    return Req("PUT", _sbx(sandbox_id) + "/files/archive", params=[("path", path)])
+
+
 def list_files(sandbox_id: str, path: str, depth: int) -> Req:
     return Req("GET", _sbx(sandbox_id) + "/files/list", params=[("path", path), ("depth", str(depth))])
 

@@ -18,6 +18,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from websockets.sync.client import ClientConnection, connect
 
 from branchbox.sdk import _requests as rq
+from branchbox.sdk import _tar
 from branchbox.sdk._config import UNSET, ConnectionConfig, _Unset, default_ssl_context
 from branchbox.sdk._errors import (
     ConnectionError_,
@@ -28,6 +29,7 @@ from branchbox.sdk._errors import (
     TimeoutException,
 )
 from branchbox.sdk._models import (
+    ArchiveInfo,
     CommandResult,
     EntryInfo,
     NetworkInfo,
@@ -360,7 +362,10 @@ class Files:
 
     def download(self, path: str, target: str | Path | IO[bytes], *, request_timeout: Timeout = UNSET) -> int:
         """Stream a sandbox file into a local path or binary file object; returns the byte count."""
-        with self._sandbox._http.stream(rq.read_file(self._sid, path), request_timeout=request_timeout) as resp:
+        return self._save(rq.read_file(self._sid, path), target, request_timeout)
+
+    def _save(self, req: rq.Req, target: str | Path | IO[bytes], request_timeout: Timeout) -> int:
+        with self._sandbox._http.stream(req, request_timeout=request_timeout) as resp:
             if isinstance(target, str | Path):
                 with open(target, "wb") as f:
                     return _copy(resp.iter_bytes(CHUNK), f)
@@ -391,6 +396,32 @@ class Files:
         """Stream a local file into the sandbox."""
         with open(source, "rb") as f:
             return self.write(path, f, mode=mode)
+
+    def write_archive(self, path: str, data: bytes | IO[bytes], *, request_timeout: Timeout = UNSET) -> ArchiveInfo:
+        """Unpack an uncompressed tar (bytes or a binary file object, streamed) into the sandbox directory
+        ``path``, created with its parents: existing files are replaced, directories merged into."""
+        content = bytes(data) if isinstance(data, bytes | bytearray | memoryview) else _chunks(data)
+        resp = self._sandbox._http.send(
+            rq.write_archive(self._sid, path), request_timeout=request_timeout, content=content
+        )
+        return ArchiveInfo.from_json(resp.json())
+
+    def download_archive(self, path: str, target: str | Path | IO[bytes], *, request_timeout: Timeout = UNSET) -> int:
+        """Stream a tar of a sandbox path into a local path or binary file object; returns the byte count. A
+        directory's members are named relative to it; a file is one member under its own name."""
+        return self._save(rq.read_archive(self._sid, path), target, request_timeout)
+
+    def upload_dir(self, local_dir: str | Path, path: str, *, request_timeout: Timeout = UNSET) -> ArchiveInfo:
+        """Copy a local directory's contents into the sandbox directory ``path`` (one streamed tar)."""
+        with _tar.pack_dir(local_dir) as packed:
+            return self.write_archive(path, packed, request_timeout=request_timeout)
+
+    def download_dir(self, path: str, local_dir: str | Path, *, request_timeout: Timeout = UNSET) -> int:
+        """Copy a sandbox directory's contents into ``local_dir`` (created); returns the entries written. The
+        tar is checked member by member: nothing is written outside ``local_dir``, and symlinks pointing out of
+        it and devices are left out."""
+        with self._sandbox._http.stream(rq.read_archive(self._sid, path), request_timeout=request_timeout) as resp:
+            return _tar.unpack(resp.iter_bytes(CHUNK), local_dir)
 
     def list(self, path: str, *, depth: int = 1, request_timeout: Timeout = UNSET) -> list[EntryInfo]:
         resp = self._sandbox._http.send(rq.list_files(self._sid, path, depth), request_timeout=request_timeout)
