@@ -15,6 +15,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -147,6 +148,7 @@ def bench_docker(rootfs: Path, runs: int, results: Results) -> None:
         subprocess.run([*base, "true"], check=True, capture_output=True)  # first run warms the image
         results["baseline: docker run --rm (template image) true"] = summarize(timed_subprocess([*base, "true"], runs))
         bench_docker_commit(d, max(3, runs // 6), results)
+        bench_docker_cp(d, min(runs, 20), results)
 
 
 def bench_docker_commit(d: Dockerd, runs: int, results: Results) -> None:
@@ -172,6 +174,33 @@ def bench_docker_commit(d: Dockerd, runs: int, results: Results) -> None:
         d.docker("rm", "-f", name, check=False)
     results["baseline: docker commit (20k-file container)"] = summarize(commit)
     results["baseline: docker run --rm of the committed image, true"] = summarize(run_from)
+
+
+def bench_docker_cp(d: Dockerd, runs: int, results: Results) -> None:
+    """The directory-transfer baseline: ``docker cp`` of the files section's tree into a container and back."""
+    from files_bench import make_tree  # noqa: PLC0415 - the same tree the files section uses
+
+    name = "branchbox-bench-cp"
+    work = Path(tempfile.mkdtemp(prefix="branchbox-bench-cp-", dir="/var/tmp"))  # as the files section
+    d.docker("rm", "-f", name, check=False)
+    try:
+        make_tree(work / "tree")
+        d.docker("create", "--name", name, "--network", "none", "branchbox-bench:latest", "true")
+        into: list[float] = []
+        out: list[float] = []
+        for i in range(runs):
+            t0 = time.perf_counter()
+            d.docker("cp", str(work / "tree"), f"{name}:/t{i}")
+            into.append((time.perf_counter() - t0) * 1e3)
+            t0 = time.perf_counter()
+            d.docker("cp", f"{name}:/t{i}", str(work / f"back{i}"))
+            out.append((time.perf_counter() - t0) * 1e3)
+            shutil.rmtree(work / f"back{i}")
+    finally:
+        d.docker("rm", "-f", name, check=False)
+        shutil.rmtree(work, ignore_errors=True)
+    results["baseline: docker cp of the files section's tree into a container"] = summarize(into)
+    results["baseline: docker cp of it back out"] = summarize(out)
 
 
 def _ms(value: float) -> str:
@@ -208,7 +237,7 @@ def main() -> None:
     ap.add_argument(
         "--only",
         default="",
-        help="comma-separated: host, core, api, snapshots, network, microvm, git, baselines, docker",
+        help="comma-separated: host, core, api, files, snapshots, network, microvm, git, baselines, docker",
     )
     ap.add_argument("--no-docker", action="store_true")
     args = ap.parse_args()
@@ -252,6 +281,10 @@ def main() -> None:
         from microvm_bench import bench_microvm  # noqa: PLC0415 - optional section (QEMU)
 
         asyncio.run(bench_microvm(settings, min(args.runs, 15), results))  # TCG boots: bounded
+    if want("files"):
+        from files_bench import bench_files  # noqa: PLC0415 - optional section
+
+        bench_files(settings, min(args.runs, 20), results)
     if want("git"):
         from git_bench import bench_git  # noqa: PLC0415 - optional section
 
