@@ -161,6 +161,10 @@ def _cp_directories_and_pipes(url: str, sid: str, tmp_path: Path) -> None:
     assert os.readlink(tmp_path / "down/link") == "sub/a.txt"
     assert bb("cp", f"{sid}:/work/proj", str(tmp_path / "down"), url=url).returncode == 0  # exists: down/proj
     assert (tmp_path / "down/proj/sub/a.txt").read_text() == "A"
+    assert bb("exec", sid, "ln -s /etc/passwd /work/proj/abs", url=url).returncode == 0
+    told = bb("cp", f"{sid}:/work/proj", str(tmp_path / "told"), url=url)
+    assert told.returncode == 0 and "left out abs: a symlink to /etc/passwd" in told.stderr, told.stderr
+    assert not (tmp_path / "told/abs").exists() and (tmp_path / "told/sub/a.txt").is_file()
 
     assert bb("cp", "-", f"{sid}:/work/piped.txt", url=url, stdin=b"from stdin\n").returncode == 0
     assert bb("cp", f"{sid}:/work/piped.txt", "-", url=url).stdout == "from stdin\n"
@@ -173,7 +177,7 @@ def _cp_directories_and_pipes(url: str, sid: str, tmp_path: Path) -> None:
         timeout=120,
     ).stdout
     with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
-        assert sorted(archive.getnames()) == ["link", "sub", "sub/a.txt"]
+        assert sorted(archive.getnames()) == ["abs", "link", "sub", "sub/a.txt"]  # the raw tar keeps every link
 
     missing = bb("cp", str(tmp_path / "nope"), f"{sid}:/work", url=url)
     assert missing.returncode == 1 and "no such local file or directory" in missing.stderr, missing.stderr

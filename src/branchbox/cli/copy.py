@@ -116,7 +116,7 @@ def _download(sbx: Sandbox, path: str, dst: str) -> None:
     if kind == "dir":
         if target.is_dir() and not path.endswith("/."):
             target = target / _name(path)
-        n = sbx.files.download_dir(path, target)
+        n = sbx.files.download_dir(path, target, on_skipped=lambda name, why: _report(f"left out {name}: {why}"))
         _report(f"{src} -> {target} ({n} entries)")
         return
     if target.is_dir():

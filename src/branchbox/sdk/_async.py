@@ -407,14 +407,21 @@ class AsyncFiles:
         with await asyncio.to_thread(_tar.pack_dir, local_dir) as packed:
             return await self.write_archive(path, packed, request_timeout=request_timeout)
 
-    async def download_dir(self, path: str, local_dir: str | Path, *, request_timeout: Timeout = UNSET) -> int:
+    async def download_dir(
+        self,
+        path: str,
+        local_dir: str | Path,
+        *,
+        on_skipped: Callable[[str, str], object] | None = None,
+        request_timeout: Timeout = UNSET,
+    ) -> int:
         """Copy a sandbox directory's contents into ``local_dir`` (created); returns the entries written. The
-        tar is checked member by member: nothing is written outside ``local_dir``, and symlinks pointing out of
-        it and devices are left out."""
+        tar is checked member by member: nothing is written outside ``local_dir``; symlinks pointing out of it
+        and devices are left out (``on_skipped(name, why)`` hears of each, from a worker thread)."""
         with tempfile.SpooledTemporaryFile(_tar.SPOOL) as spool:
             await self._save(rq.read_archive(self._sid, path), spool, request_timeout)
             spool.seek(0)
-            return await asyncio.to_thread(_tar.unpack, spool, local_dir)
+            return await asyncio.to_thread(_tar.unpack, spool, local_dir, on_skipped)
 
     async def write(
         self,

@@ -416,12 +416,19 @@ class Files:
         with _tar.pack_dir(local_dir) as packed:
             return self.write_archive(path, packed, request_timeout=request_timeout)
 
-    def download_dir(self, path: str, local_dir: str | Path, *, request_timeout: Timeout = UNSET) -> int:
+    def download_dir(
+        self,
+        path: str,
+        local_dir: str | Path,
+        *,
+        on_skipped: Callable[[str, str], object] | None = None,
+        request_timeout: Timeout = UNSET,
+    ) -> int:
         """Copy a sandbox directory's contents into ``local_dir`` (created); returns the entries written. The
-        tar is checked member by member: nothing is written outside ``local_dir``, and symlinks pointing out of
-        it and devices are left out."""
+        tar is checked member by member: nothing is written outside ``local_dir``; symlinks pointing out of it
+        and devices are left out (``on_skipped(name, why)`` hears of each)."""
         with self._sandbox._http.stream(rq.read_archive(self._sid, path), request_timeout=request_timeout) as resp:
-            return _tar.unpack(resp.iter_bytes(CHUNK), local_dir)
+            return _tar.unpack(resp.iter_bytes(CHUNK), local_dir, on_skipped)
 
     def list(self, path: str, *, depth: int = 1, request_timeout: Timeout = UNSET) -> list[EntryInfo]:
         resp = self._sandbox._http.send(rq.list_files(self._sid, path, depth), request_timeout=request_timeout)

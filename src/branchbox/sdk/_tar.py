@@ -11,7 +11,7 @@ import io
 import os
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, cast
 
@@ -61,8 +61,12 @@ class _ChunkReader(io.RawIOBase):
         return n
 
 
-def unpack(chunks: Iterator[bytes] | IO[bytes], dest: str | Path) -> int:
-    """Unpack a tar stream into ``dest`` (created with its parents); the number of members written."""
+Skipped = Callable[[str, str], object]  # (member name, why it was left out)
+
+
+def unpack(chunks: Iterator[bytes] | IO[bytes], dest: str | Path, on_skipped: Skipped | None = None) -> int:
+    """Unpack a tar stream into ``dest`` (created with its parents); the number of members written.
+    ``on_skipped(name, why)`` hears of each member left out."""
     root = Path(dest)
     root.mkdir(parents=True, exist_ok=True)
     real = os.path.realpath(root)
@@ -72,32 +76,35 @@ def unpack(chunks: Iterator[bytes] | IO[bytes], dest: str | Path) -> int:
     n = 0
     with tarfile.open(fileobj=fileobj, mode="r|") as tar:
         for member in tar:
-            if not check_member(member, real):
+            why = check_member(member, real)
+            if why:
+                if on_skipped is not None:
+                    on_skipped(member.name, why)
                 continue
             tar.extract(member, root, **extra)
             n += 1
     return n
 
 
-def check_member(member: tarfile.TarInfo, real_dest: str) -> bool:
-    """Whether to write ``member`` under the directory ``real_dest`` (a realpath): False for what is left out
-    (devices, fifos, symlinks that point outside it); raises ``ValueError`` for a member that would write
-    outside it."""
+def check_member(member: tarfile.TarInfo, real_dest: str) -> str:
+    """Why ``member`` is left out of the directory ``real_dest`` (a realpath), or "" to write it: devices, fifos
+    and symlinks that point outside it are left out; a member that would write outside it raises ``ValueError``."""
     name = member.name
     if name.startswith("/") or ".." in name.split("/"):
         raise ValueError(f"refusing tar member {name!r}: it names a path outside the target directory")
     if not (member.isreg() or member.isdir() or member.issym() or member.islnk()):
-        return False
+        return "not a regular file, directory or link"
     target = os.path.join(real_dest, name)
     if not _inside(os.path.realpath(os.path.dirname(target)), real_dest):
         raise ValueError(f"refusing tar member {name!r}: a symlink in its path leads outside the target directory")
     if member.issym():  # one pointing outside (an absolute one, say) is left out, not followed later
         link = os.path.realpath(os.path.join(os.path.dirname(target), member.linkname))
-        return not member.linkname.startswith("/") and _inside(link, real_dest)
+        if member.linkname.startswith("/") or not _inside(link, real_dest):
+            return f"a symlink to {member.linkname} (outside the directory)"
     if member.islnk() and not _inside(os.path.realpath(os.path.join(real_dest, member.linkname)), real_dest):
         raise ValueError(f"refusing tar member {name!r}: its link {member.linkname!r} leads outside the target")
     member.mode &= 0o777  # no setuid, setgid or sticky bits from a sandbox
-    return True
+    return ""
 
 
 def _inside(path: str, root: str) -> bool:
