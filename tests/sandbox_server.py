@@ -106,7 +106,8 @@ def handle(conn):
 
 
 def main():
-    srv = socket.create_server(("0.0.0.0", int(sys.argv[1])), backlog=128)
+    bind = sys.argv[2] if len(sys.argv) > 2 else "0.0.0.0"
+    srv = socket.create_server((bind, int(sys.argv[1])), backlog=128)
     print("listening", flush=True)
     while True:
         conn, _ = srv.accept()

@@ -27,10 +27,10 @@ def net_daemon(daemon_factory: Any, internet: Internet) -> DaemonProc:
     return d
 
 
-def serve_in(sbx: Sandbox, port: int = 8000) -> None:
+def serve_in(sbx: Sandbox, port: int = 8000, bind: str = "0.0.0.0") -> None:
     """Start the echo server in the sandbox and wait until the proxy reaches it."""
     sbx.files.write("/tmp/server.py", SERVER)
-    sbx.commands.run(f"python3 /tmp/server.py {port}", background=True)
+    sbx.commands.run(f"python3 /tmp/server.py {port} {bind}", background=True)
     url = sbx.get_host(port)
     deadline = time.monotonic() + 60
     while True:  # readiness of a process in another namespace: nothing to wait on but the port itself
@@ -122,6 +122,24 @@ def test_port_proxy_websocket(net_daemon: DaemonProc) -> None:
             big = "y" * 200_000
             ws.send(big)
             assert ws.recv(timeout=30) == big
+
+
+def test_port_proxy_reaches_a_server_on_the_sandboxs_loopback(net_daemon: DaemonProc) -> None:
+    """A dev server's default (flask run, Django, Jupyter, Vite: 127.0.0.1) is reached through the sandbox's own
+    loopback, for HTTP and WebSocket; nothing listening still says so."""
+    with Sandbox.create(base_url=net_daemon.url) as sbx:
+        serve_in(sbx, 8000, bind="127.0.0.1")
+        listening = sbx.commands.run("cat /proc/net/tcp").stdout  # local addresses in hex: 127.0.0.1:8000 only
+        assert "0100007F:1F40" in listening and "00000000:1F40" not in listening
+        url = sbx.get_host(8000)
+        resp = httpx.post(url + "echo?q=1", content=b"to loopback", timeout=30)
+        assert resp.status_code == 200 and resp.headers["x-sandbox"] == "yes"
+        assert resp.json()["body"] == "to loopback"
+        with ws_connect(url.replace("http://", "ws://", 1) + "ws", open_timeout=30) as ws:
+            ws.send("over loopback")
+            assert ws.recv(timeout=30) == "over loopback"
+        missing = httpx.get(sbx.get_host(8001), timeout=30)
+        assert missing.status_code == 502 and "on its address or on 127.0.0.1" in missing.json()["error"]["message"]
 
 
 def test_port_proxy_auth_with_api_key_or_sandbox_token(daemon_factory: Any) -> None:

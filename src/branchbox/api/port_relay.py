@@ -10,6 +10,7 @@ and skips interim 1xx answers.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 
 from starlette.types import Send
@@ -42,16 +43,31 @@ async def relay(
     send: Send,
     *,
     connect_timeout: float,
+    sock: socket.socket | None = None,
 ) -> None:
-    """Send the request to host:port, stream the answer to ``send``. Raises OSError/TimeoutError when the
-    connection cannot be made (nothing was sent to the client), UpstreamError when it breaks later."""
+    """Send the request to host:port (through ``sock``, unconnected, when given: it is closed in any case),
+    stream the answer to ``send``. Raises OSError/TimeoutError when the connection cannot be made (nothing was
+    sent to the client), UpstreamError when it breaks later."""
     async with asyncio.timeout(connect_timeout):
-        reader, writer = await asyncio.open_connection(host, port, limit=MAX_HEAD)
+        if sock is None:
+            reader, writer = await asyncio.open_connection(host, port, limit=MAX_HEAD)
+        else:
+            await connect_socket(sock, host, port)
+            reader, writer = await asyncio.open_connection(sock=sock, limit=MAX_HEAD)
     try:
         await _send_request(writer, method, target, headers, body, host, port)
         await _relay_response(reader, send, head_only=method == "HEAD")
     finally:
         writer.close()
+
+
+async def connect_socket(sock: socket.socket, host: str, port: int) -> None:
+    """Connect a non-blocking ``sock``; closed when that fails."""
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    except BaseException:
+        sock.close()
+        raise
 
 
 async def _send_request(

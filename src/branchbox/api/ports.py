@@ -5,7 +5,9 @@ host). A pure ASGI middleware: bodies are streamed both ways, nothing is buffere
 Auth: the daemon's API key (``Authorization: Bearer``; not forwarded to the sandbox), or the sandbox's port
 token (``X-Branchbox-Token`` header or ``?bb_token=`` query parameter; removed before forwarding; any
 ``Authorization`` header then belongs to the sandbox's app and is forwarded). A daemon on loopback without keys
-needs neither. Servers in the sandbox must listen on 0.0.0.0 (or its eth0 address), not 127.0.0.1.
+needs neither. A server in a container sandbox may listen on 0.0.0.0, its eth0 address or 127.0.0.1 (a dev server's
+default): when its address refuses, the proxy connects again through a socket made in the sandbox's network
+namespace, whose 127.0.0.1 is the sandbox's. A microVM's loopback is in its guest: its servers need 0.0.0.0.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import socket
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -23,7 +26,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from branchbox.api.context import AppContext
 from branchbox.api.fastpath import RouteName, error_json
-from branchbox.api.port_relay import HOP, UpstreamError, relay
+from branchbox.api.port_relay import HOP, UpstreamError, connect_socket, relay
 from branchbox.errors import BadRequestError, BranchboxError, PortUnreachableError, TimeoutError_, UnauthorizedError
 
 if TYPE_CHECKING:
@@ -36,6 +39,34 @@ TOKEN_PARAM = "bb_token"  # noqa: S105 - the name of a query parameter, not a se
 _WS_SKIP = HOP | {b"sec-websocket-key", b"sec-websocket-version", b"sec-websocket-extensions",
                    b"sec-websocket-protocol", b"host"}  # fmt: skip
 CONNECT_TIMEOUT_S = 10.0
+LOOPBACK = "127.0.0.1"
+
+
+class Upstream:
+    """Where a proxied request goes: the sandbox's address, or (refused there) its own 127.0.0.1 through a socket
+    made in its network namespace, where the backend can make one (containers; not microVMs)."""
+
+    def __init__(self, ctx: AppContext, sandbox_id: str, address: str, port: int) -> None:
+        self.ctx, self.sandbox_id, self.address, self.port = ctx, sandbox_id, address, port
+        self.tried_loopback = False
+
+    async def loopback(self) -> socket.socket | None:
+        try:
+            sock = await self.ctx.manager.loopback_socket(self.sandbox_id)
+        except BranchboxError:  # e.g. paused meanwhile: the first answer (refused) stands
+            return None
+        self.tried_loopback = sock is not None
+        return sock
+
+    def unreachable(self, exc: BaseException) -> BranchboxError:
+        port, sid = self.port, self.sandbox_id
+        if isinstance(exc, TimeoutError):
+            return TimeoutError_(f"port {port} of sandbox {sid} did not accept in time")
+        if self.tried_loopback:
+            where = "on its address or on 127.0.0.1: start a server there"
+        else:
+            where = "start a server there that listens on 0.0.0.0 (a microVM's 127.0.0.1 is out of reach)"
+        return PortUnreachableError(f"nothing accepts connections on port {port} of sandbox {sid}: {where}")
 
 
 class PortProxy:
@@ -66,38 +97,40 @@ class PortProxy:
                 await _error(send, exc)
             return
         target = path + (f"?{query}" if query else "")
+        upstream = Upstream(ctx, sandbox_id, address, port)
         if scope["type"] == "websocket":
-            await self._websocket(ctx, f"{address}:{port}{target}", headers, scope, receive, send)
+            await self._websocket(ctx, upstream, target, headers, scope, receive, send)
         else:
-            await self._http(ctx, address, port, target, headers, scope, receive, send, sandbox_id)
+            await self._http(ctx, upstream, target, headers, scope, receive, send)
 
     async def _http(
         self,
         ctx: AppContext,
-        address: str,
-        port: int,
+        up: Upstream,
         target: str,
         headers: list[tuple[bytes, bytes]],
         scope: Scope,
         receive: Receive,
         send: Send,
-        sandbox_id: str,
     ) -> None:
         # a body only when the request has one: an empty chunked body would be left unread by simple servers,
         # whose close() then resets the connection under the response
         lengths = [v.strip() for k, v in headers if k.lower() == b"content-length"]
         chunked = any(k.lower() == b"transfer-encoding" for k, _ in headers)
         body = _body(receive) if chunked or any(n != b"0" for n in lengths) else None
+        method, port = scope["method"], up.port
         try:
-            await relay(address, port, scope["method"], target, headers, body, send, connect_timeout=CONNECT_TIMEOUT_S)
-        except (OSError, TimeoutError) as exc:
-            if isinstance(exc, TimeoutError):
-                err: BranchboxError = TimeoutError_(f"port {port} of sandbox {sandbox_id} did not accept in time")
-            else:
-                err = PortUnreachableError(
-                    f"nothing accepts connections on port {port} of sandbox {sandbox_id}: start a server there that "
-                    "listens on 0.0.0.0 (127.0.0.1 is not reachable from outside the sandbox)"
+            try:
+                await relay(up.address, port, method, target, headers, body, send, connect_timeout=CONNECT_TIMEOUT_S)
+            except ConnectionRefusedError:
+                sock = await up.loopback()  # a server bound to the sandbox's 127.0.0.1 (a dev server's default)
+                if sock is None:
+                    raise
+                await relay(
+                    LOOPBACK, port, method, target, headers, body, send, connect_timeout=CONNECT_TIMEOUT_S, sock=sock
                 )
+        except (OSError, TimeoutError) as exc:
+            err = up.unreachable(exc)
             ctx.metrics.count_api_error(err.code)
             await _error(send, err)
         except UpstreamError as exc:
@@ -105,11 +138,12 @@ class PortProxy:
             if exc.started:  # abort the client's connection: a truncated body must not look complete
                 ctx.log.warning("port.proxy_broken", port=port, error=str(exc))
                 raise
-            await _error(send, PortUnreachableError(f"port {port} of sandbox {sandbox_id}: {exc}"))
+            await _error(send, PortUnreachableError(f"port {port} of sandbox {up.sandbox_id}: {exc}"))
 
     async def _websocket(
         self,
         ctx: AppContext,
+        up: Upstream,
         target: str,
         headers: list[tuple[bytes, bytes]],
         scope: Scope,
@@ -120,17 +154,25 @@ class PortProxy:
         if msg["type"] != "websocket.connect":
             return
         extra = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers if k.lower() not in _WS_SKIP]
-        subprotocols = scope.get("subprotocols") or None
+        opts: dict[str, Any] = {
+            "additional_headers": extra,
+            "subprotocols": scope.get("subprotocols") or None,
+            "open_timeout": CONNECT_TIMEOUT_S,
+            "max_size": None,
+            "compression": None,
+            "proxy": None,
+        }
+        uri = f"ws://{up.address}:{up.port}{target}"
         try:
-            upstream = await connect(
-                "ws://" + target,
-                additional_headers=extra,
-                subprotocols=subprotocols,
-                open_timeout=CONNECT_TIMEOUT_S,
-                max_size=None,
-                compression=None,
-                proxy=None,
-            )
+            try:
+                upstream = await connect(uri, **opts)
+            except ConnectionRefusedError:
+                sock = await up.loopback()
+                if sock is None:
+                    raise
+                async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                    await connect_socket(sock, LOOPBACK, up.port)
+                upstream = await connect(uri, sock=sock, **opts)
         except (OSError, InvalidHandshake, TimeoutError) as exc:
             code = 4004 if isinstance(exc, InvalidStatus) else 1011
             ctx.metrics.count_api_error("port_unreachable")

@@ -33,6 +33,7 @@ import builtins
 import contextlib
 import logging
 import secrets
+import socket
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -783,6 +784,15 @@ class Manager:
         """The sandbox's address and egress policy."""
         live = self._require(sandbox_id, SandboxState.RUNNING, SandboxState.PAUSED)
         return self._attachment(live)
+
+    async def loopback_socket(self, sandbox_id: str) -> socket.socket | None:
+        """An unconnected TCP socket in the sandbox's own network namespace, so that 127.0.0.1 is the sandbox's
+        loopback (the port proxy's way to servers bound to it); None where the sandbox's loopback is out of the
+        host's reach (a microVM's is in its guest kernel) or it has no network of its own."""
+        live = self._require(sandbox_id, SandboxState.RUNNING)
+        if self._net is None or self._net.find(sandbox_id) is None:
+            return None
+        return await self._net.loopback_socket(live.handle.pid)
 
     async def update_network(self, sandbox_id: str, patch: Mapping[str, Any]) -> Attachment:
         """Change the egress policy of a running sandbox: keys of ``patch`` (``allow_out``, ``deny_out``,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -46,6 +47,12 @@ async def _on_fresh_thread(fn: Callable[[], T]) -> T:
 
     threading.Thread(target=run, name="branchbox-netlink", daemon=True).start()
     return await fut
+
+
+async def loopback_socket(netns_pid: int) -> socket.socket:
+    """An unconnected TCP socket in the namespace of ``netns_pid``: connect it to 127.0.0.1 to reach that
+    namespace's loopback (made on a fresh thread, as the veth's inner steps)."""
+    return await _on_fresh_thread(lambda: netlink.tcp_socket_in(netns_pid))
 
 
 async def create_veth(host_if: str, slot: Slot, netns_pid: int) -> None:

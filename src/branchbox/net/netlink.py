@@ -7,6 +7,7 @@ it always returns to its own), so call :func:`wire_veth` from a worker thread, n
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import ipaddress
@@ -14,6 +15,7 @@ import os
 import socket
 import struct
 import threading
+from collections.abc import Iterator
 
 NETLINK_ROUTE = 0
 RTM_NEWLINK, RTM_DELLINK, RTM_NEWADDR, RTM_NEWROUTE = 16, 17, 20, 24
@@ -147,23 +149,44 @@ def _no_ipv6(name: str) -> None:
         pass
 
 
-def _inside(target: int, name: str, iface: ipaddress.IPv4Interface, gateway: ipaddress.IPv4Address) -> None:
+@contextlib.contextmanager
+def _in_netns(target: int) -> Iterator[None]:
+    """This thread in the network namespace ``target`` (an fd) for the block, then back in its own."""
     own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
         _setns(target)
         try:
-            inner = Netlink()  # a socket lives in the namespace it was made in
-            try:
-                index = socket.if_nametoindex(name)
-                inner.add_address(index, iface, name)
-                inner.set_up(index, name)
-                inner.add_default_route(gateway, index)
-            finally:
-                inner.close()
+            yield
         finally:
             _setns(own)  # back before anything else runs on this thread
     finally:
         os.close(own)
+
+
+def _inside(target: int, name: str, iface: ipaddress.IPv4Interface, gateway: ipaddress.IPv4Address) -> None:
+    with _in_netns(target):
+        inner = Netlink()  # a socket lives in the namespace it was made in
+        try:
+            index = socket.if_nametoindex(name)
+            inner.add_address(index, iface, name)
+            inner.set_up(index, name)
+            inner.add_default_route(gateway, index)
+        finally:
+            inner.close()
+
+
+def tcp_socket_in(netns_pid: int) -> socket.socket:
+    """A non-blocking TCP socket made in the network namespace of ``netns_pid``. It stays there, so its
+    127.0.0.1 is that namespace's loopback (the port proxy reaches servers bound to it). Call it from a worker
+    thread, as :func:`wire_veth`."""
+    target = os.open(f"/proc/{netns_pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with _in_netns(target):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    finally:
+        os.close(target)
+    sock.setblocking(False)
+    return sock
 
 
 def delete_link(name: str) -> bool:

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -185,6 +186,10 @@ class Network:
 
     def find(self, sandbox_id: str) -> Attachment | None:
         return self._by_id.get(sandbox_id)
+
+    async def loopback_socket(self, netns_pid: int) -> socket.socket:
+        """An unconnected TCP socket in the (attached) sandbox's namespace: its 127.0.0.1 is the sandbox's."""
+        return await links.loopback_socket(netns_pid)
 
     async def detach(self, sandbox_id: str, extra: Mapping[str, str] | None = None) -> None:
         """Remove the sandbox's rules and veth and free its slot. Idempotent; works from a persisted handle."""
