@@ -3,8 +3,8 @@
 - SRC a file: DST an existing directory gets it under its own name; otherwise DST is the file written.
 - SRC a directory: DST an existing directory gets it under its own name, unless SRC ends in ``/.`` (then its
   contents); otherwise DST is made and gets the contents. One tar stream either way.
-- ``-`` as the local side: standard input (one file's bytes, or a tar for a directory) or standard output (one
-  file's bytes, or a tar of a directory).
+- ``-`` as the local side: standard input (one file's bytes, written to DST) or standard output (one file's
+  bytes, or a tar of a directory). Unlike ``docker cp``, a file is not wrapped in a tar: ``cp ID:/f -`` is a cat.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def _report(line: str) -> None:
 def cp(conn: _Conn, src: str, dst: str) -> None:
     """Copy a file or a directory between the host and a sandbox (streamed), as docker cp does:
     cp ./a ID:/work/a, cp ID:/etc/os-release ., cp ./src ID:/work (makes /work/src),
-    cp ID:/work/out ./out; '-' is stdin or stdout (a file's bytes, or a tar of a directory)."""
+    cp ID:/work/out ./out; '-' is stdin (a file's bytes) or stdout (a file's bytes, or a tar of a directory)."""
     rsrc, rdst = split_remote(src), split_remote(dst)
     if (rsrc is None) == (rdst is None):
         raise click.UsageError("exactly one of SRC and DST must be a sandbox path, written ID:/absolute/path")
