@@ -92,7 +92,17 @@ def test_default_spec_has_agent_needs() -> None:
     assert spec.name == "default"
     assert spec.suite == "bookworm"
     assert spec.variant == "minbase"
-    for pkg in ("python3", "git", "bash", "coreutils", "curl", "ca-certificates", "procps"):
+    for pkg in (
+        "python3",
+        "python3-pip",
+        "python3-venv",
+        "git",
+        "bash",
+        "coreutils",
+        "curl",
+        "ca-certificates",
+        "procps",
+    ):
         assert pkg in spec.packages
     assert spec.workdir == "/work"
     assert spec.python == "/usr/bin/python3"

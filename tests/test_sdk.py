@@ -406,6 +406,29 @@ def test_directories_copy_both_ways_as_one_tar(daemon: DaemonProc, tmp_path: Pat
             sbx.files.download_dir("/work/none", tmp_path / "none")
 
 
+@pytest.mark.root
+def test_the_default_template_installs_python_packages(daemon: DaemonProc, tmp_path: Path) -> None:
+    """pip and venv are there, and pip installs into the system Python (no PEP 668 refusal, no root warning).
+    The project is local: these machines' sandboxes have no PyPI."""
+    project = tmp_path / "hello"
+    (project / "hello_bb").mkdir(parents=True)
+    (project / "hello_bb/__init__.py").write_text("def hi():\n    return 'hi from a package'\n")
+    (project / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n'
+        '[project]\nname = "hello-bb"\nversion = "1.0"\n'
+    )
+    with Sandbox.create(base_url=daemon.url) as sbx:
+        sbx.files.upload_dir(project, "/work/hello")
+        r = sbx.commands.run("pip install --no-index --no-build-isolation /work/hello", timeout=300)
+        assert r.exit_code == 0, r.stderr
+        assert "WARNING" not in r.stderr and "externally-managed" not in r.stderr
+        assert sbx.commands.run("cd / && python3 -c 'import hello_bb; print(hello_bb.hi())'").stdout == (
+            "hi from a package\n"
+        )
+        venv = sbx.commands.run("python3 -m venv /work/v && /work/v/bin/python -m pip --version", timeout=300)
+        assert venv.exit_code == 0 and "/work/v/lib/python3" in venv.stdout, venv.stderr
+
+
 def _tar_of(*members: tuple[str, bytes], links: tuple[tuple[str, str], ...] = ()) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
