@@ -88,6 +88,9 @@ def test_create_ls_exec_cp_rm(daemon: DaemonProc, tmp_path: Path) -> None:
     run = bb("exec", sid, "--", "sh", "-c", "echo $GREETING; echo err >&2; exit 3", url=url)
     assert (run.returncode, run.stdout, run.stderr) == (3, "hey\n", "err\n")
     assert bb("exec", sid, "echo one string | tr a-z A-Z", url=url).stdout == "ONE STRING\n"
+    piped = bb("exec", "-i", sid, "--", "python3", "-", url=url, stdin=b"print(40 + 2)\n")  # stdin with -i only
+    assert (piped.returncode, piped.stdout) == (0, "42\n"), piped.stderr
+    assert bb("exec", sid, "--", "cat", url=url, stdin=b"not sent\n").stdout == ""
     for argv in (["no-such-program"], ["no-such-program", "a"]):  # a string and an argv: the shell's answer
         missing = bb("exec", sid, "--", *argv, url=url)
         assert (missing.returncode, "no-such-program: command not found" in missing.stderr) == (127, True), missing

@@ -196,6 +196,12 @@ def rm(conn: _Conn, sandbox_ids: tuple[str, ...]) -> None:
 @click.option("--cwd", default=None)
 @click.option("--user", default=None)
 @click.option("--timeout", type=float, default=None, help="Kill the command after this many seconds.")
+@click.option(
+    "-i",
+    "--interactive",
+    is_flag=True,
+    help="Send standard input (text, read to its end) to the command. A live terminal: branchbox shell.",
+)
 @click.pass_obj
 def exec_(
     conn: _Conn,
@@ -205,11 +211,14 @@ def exec_(
     cwd: str | None,
     user: str | None,
     timeout: float | None,
+    interactive: bool,
 ) -> None:
     """Run a command, streaming its output; exits with its exit code.
 
-    One argument runs under /bin/sh -c; several form an argv: branchbox exec ID -- ls -la /
+    One argument runs under /bin/sh -c; several form an argv: branchbox exec ID -- ls -la /.
+    With -i the command reads standard input: echo 'print(42)' | branchbox exec -i ID -- python3 -
     """
+    stdin = sys.stdin.read() if interactive else None
     sbx = conn.connect(sandbox_id)
 
     def to_out(text: str) -> None:
@@ -228,6 +237,7 @@ def exec_(
             cwd=cwd,
             user=user,
             timeout=timeout,
+            stdin=stdin,
             on_stdout=to_out,
             on_stderr=to_err,
         )
