@@ -388,6 +388,11 @@ def test_cli_snapshot_fork_restore(daemon: DaemonProc) -> None:
     restored = bb("restore", "cli-snap", url=url)
     assert restored.returncode == 0, restored.stderr
     assert bb("exec", restored.stdout.strip(), "cat", "/work/f", url=url).stdout == "hi\n"
+    assert bb("exec", sid, "echo changed > /work/f", url=url).returncode == 0
+    for argv in (["cli-snap"], ["-s", "cli-snap"]):  # the snapshot as an argument, as sbx.reset(snap), or -s
+        assert bb("reset", sid, *argv, url=url).returncode == 0
+        assert bb("exec", sid, "cat /work/f; echo changed > /work/f", url=url).stdout == "hi\n"
+    assert bb("reset", sid, "a", "-s", "b", url=url).returncode == 2
     gone = bb("snapshot", "rm", "cli-snap", url=url)
     assert gone.returncode == 0, gone.stderr
     again = bb("snapshot", "rm", "cli-snap", url=url)

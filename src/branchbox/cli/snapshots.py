@@ -145,10 +145,14 @@ def restore(conn: _Conn, snapshot_ref: str, timeout: float | None) -> None:
 
 @click.command()
 @click.argument("sandbox_id")
+@click.argument("snapshot", required=False)
 @click.option("-s", "--snapshot", "snapshot_ref", default=None, help="Reset to this snapshot, not the template.")
 @click.pass_obj
-def reset(conn: _Conn, sandbox_id: str, snapshot_ref: str | None) -> None:
-    """Put a sandbox back on its template (or a snapshot), keeping its id."""
+def reset(conn: _Conn, sandbox_id: str, snapshot: str | None, snapshot_ref: str | None) -> None:
+    """Put a sandbox back on its template, or on SNAPSHOT (an id or name, also -s), keeping its id."""
+    if snapshot and snapshot_ref and snapshot != snapshot_ref:
+        raise click.UsageError(f"two snapshots given ({snapshot!r} and -s {snapshot_ref!r}): give one")
+    snapshot_ref = snapshot or snapshot_ref
     sbx = conn.connect(sandbox_id)
     try:
         sbx.reset(snapshot_ref)
