@@ -930,7 +930,8 @@ class ArchiveWriter(Receiver):
 
     def on_data(self, stream: int, data: bytes) -> None:
         self.step(self.extractor.feed, data)
-        self.ack(len(data))
+        if self.conn.calls.get(self.channel) is self:  # not after a failure ended the call
+            self.ack(len(data))
 
     def on_eof(self, stream: int) -> None:
         result = self.step(self.extractor.finish)
