@@ -312,10 +312,10 @@ class Extractor:
         info = self.info
         assert info is not None
         os.fchmod(self.fd, info.mode & 0o7777)
+        with contextlib.suppress(OSError):
+            os.utime(self.fd, (info.mtime, info.mtime))  # on the open file: no second walk of its path
         os.close(self.fd)
         self.fd = -1
-        with contextlib.suppress(OSError):
-            os.utime(self._target(info.name), (info.mtime, info.mtime), follow_symlinks=False)
         self.files += 1
 
     def _meta_done(self, kind: bytes) -> None:

@@ -522,7 +522,7 @@ class Proc:
     def write_stdin(self, data: bytes, sink: Sink | None) -> None:
         if self.stdin_fd is None or self.stdin_eof:
             if sink is not None:
-                sink.stdin_consumed(len(data))
+                sink.ack(len(data))
             return
         if not self.stdin_buf:
             try:
@@ -532,10 +532,10 @@ class Proc:
             except OSError:
                 self.close_stdin()
                 if sink is not None:
-                    sink.stdin_consumed(len(data))
+                    sink.ack(len(data))
                 return
             if sink is not None and n:
-                sink.stdin_consumed(n)
+                sink.ack(n)
             if n == len(data):
                 return
             self.agent.loop.add_writer(self.stdin_fd, self.on_writable)
@@ -555,7 +555,7 @@ class Proc:
                 self.close_stdin()
                 return
             if sink is not None:
-                sink.stdin_consumed(n)
+                sink.ack(n)
             if n < len(view):
                 buf[0] = (sink, view[n:])
                 return
@@ -581,7 +581,7 @@ class Proc:
             return
         for sink, view in self.stdin_buf:
             if sink is not None:
-                sink.stdin_consumed(len(view))
+                sink.ack(len(view))
         if self.stdin_buf:
             self.agent.loop.remove_writer(self.stdin_fd)
         self.stdin_buf.clear()
@@ -674,7 +674,19 @@ class Handler:
         """The connection closed."""
 
 
-class Sink(Handler):
+class Receiver(Handler):
+    """A call that consumes the host's DATA: returns credit every ``ACK_EVERY`` bytes, while the call lasts."""
+
+    consumed = 0
+
+    def ack(self, n: int) -> None:
+        self.consumed += n
+        if self.consumed >= ACK_EVERY and self.conn.calls.get(self.channel) is self:
+            self.conn.send(wire.encode_window(self.channel, self.consumed))
+            self.consumed = 0
+
+
+class Sink(Receiver):
     """Streams a process's output to one call (an exec or an attach) within the host's credit."""
 
     def __init__(self, conn: Connection, channel: int, proc: Proc, *, owner: bool) -> None:
@@ -683,7 +695,6 @@ class Sink(Handler):
         self.owner = owner  # the exec call that started a foreground process
         self.credit = wire.INITIAL_WINDOW
         self.pending: deque[tuple[int, bytes]] = deque()
-        self.consumed = 0
         proc.sinks.append(self)
 
     def push(self, stream: int, data: bytes) -> bool:
@@ -754,12 +765,6 @@ class Sink(Handler):
 
     def on_eof(self, stream: int) -> None:
         self.proc.request_stdin_eof()
-
-    def stdin_consumed(self, n: int) -> None:
-        self.consumed += n
-        if self.consumed >= ACK_EVERY and self.conn.calls.get(self.channel) is self:
-            self.conn.send(wire.encode_window(self.channel, self.consumed))
-            self.consumed = 0
 
     def on_cancel(self) -> None:
         if self.owner and not self.proc.background:
@@ -833,18 +838,6 @@ class ChunkSender(Handler):
 def _fd_chunks(fd: int) -> Iterator[bytes]:
     while data := os.read(fd, wire.CHUNK_SIZE):
         yield data
-
-
-class Receiver(Handler):
-    """A call that consumes the host's DATA: returns credit every ``ACK_EVERY`` bytes."""
-
-    consumed = 0
-
-    def ack(self, n: int) -> None:
-        self.consumed += n
-        if self.consumed >= ACK_EVERY:
-            self.conn.send(wire.encode_window(self.channel, self.consumed))
-            self.consumed = 0
 
 
 class FileWriter(Receiver):
@@ -930,8 +923,7 @@ class ArchiveWriter(Receiver):
 
     def on_data(self, stream: int, data: bytes) -> None:
         self.step(self.extractor.feed, data)
-        if self.conn.calls.get(self.channel) is self:  # not after a failure ended the call
-            self.ack(len(data))
+        self.ack(len(data))  # nothing once a failure ended the call
 
     def on_eof(self, stream: int) -> None:
         result = self.step(self.extractor.finish)

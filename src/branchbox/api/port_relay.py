@@ -45,29 +45,19 @@ async def relay(
     connect_timeout: float,
     sock: socket.socket | None = None,
 ) -> None:
-    """Send the request to host:port (through ``sock``, unconnected, when given: it is closed in any case),
-    stream the answer to ``send``. Raises OSError/TimeoutError when the connection cannot be made (nothing was
-    sent to the client), UpstreamError when it breaks later."""
-    async with asyncio.timeout(connect_timeout):
-        if sock is None:
+    """Send the request to host:port (over ``sock`` when given: connected already, and closed at the end), stream
+    the answer to ``send``. Raises OSError/TimeoutError when the connection cannot be made (nothing was sent to
+    the client), UpstreamError when it breaks later."""
+    if sock is not None:
+        reader, writer = await asyncio.open_connection(sock=sock, limit=MAX_HEAD)
+    else:
+        async with asyncio.timeout(connect_timeout):
             reader, writer = await asyncio.open_connection(host, port, limit=MAX_HEAD)
-        else:
-            await connect_socket(sock, host, port)
-            reader, writer = await asyncio.open_connection(sock=sock, limit=MAX_HEAD)
     try:
         await _send_request(writer, method, target, headers, body, host, port)
         await _relay_response(reader, send, head_only=method == "HEAD")
     finally:
         writer.close()
-
-
-async def connect_socket(sock: socket.socket, host: str, port: int) -> None:
-    """Connect a non-blocking ``sock``; closed when that fails."""
-    try:
-        await asyncio.get_running_loop().sock_connect(sock, (host, port))
-    except BaseException:
-        sock.close()
-        raise
 
 
 async def _send_request(

@@ -26,7 +26,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from branchbox.api.context import AppContext
 from branchbox.api.fastpath import RouteName, error_json
-from branchbox.api.port_relay import HOP, UpstreamError, connect_socket, relay
+from branchbox.api.port_relay import HOP, UpstreamError, relay
 from branchbox.errors import BadRequestError, BranchboxError, PortUnreachableError, TimeoutError_, UnauthorizedError
 
 if TYPE_CHECKING:
@@ -48,9 +48,27 @@ class Upstream:
 
     def __init__(self, ctx: AppContext, sandbox_id: str, address: str, port: int) -> None:
         self.ctx, self.sandbox_id, self.address, self.port = ctx, sandbox_id, address, port
+        self.host = address  # the address connected to (the Host header's fallback)
         self.tried_loopback = False
 
-    async def loopback(self) -> socket.socket | None:
+    async def open(self) -> socket.socket:
+        """A connected socket to the port (within the connect timeout): on the sandbox's address, or on its own
+        127.0.0.1 when the address refuses (a dev server's default binding)."""
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                await _connect(sock, self.address, self.port)
+            except ConnectionRefusedError:
+                inner = await self._loopback()
+                if inner is None:
+                    raise
+                await _connect(inner, LOOPBACK, self.port)
+                self.host = LOOPBACK
+                return inner
+            return sock
+
+    async def _loopback(self) -> socket.socket | None:
         try:
             sock = await self.ctx.manager.loopback_socket(self.sandbox_id)
         except BranchboxError:  # e.g. paused meanwhile: the first answer (refused) stands
@@ -67,6 +85,15 @@ class Upstream:
         else:
             where = "start a server there that listens on 0.0.0.0 (a microVM's 127.0.0.1 is out of reach)"
         return PortUnreachableError(f"nothing accepts connections on port {port} of sandbox {sid}: {where}")
+
+
+async def _connect(sock: socket.socket, host: str, port: int) -> None:
+    """Connect a non-blocking ``sock``; closed when that fails."""
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    except BaseException:
+        sock.close()
+        raise
 
 
 class PortProxy:
@@ -120,15 +147,10 @@ class PortProxy:
         body = _body(receive) if chunked or any(n != b"0" for n in lengths) else None
         method, port = scope["method"], up.port
         try:
-            try:
-                await relay(up.address, port, method, target, headers, body, send, connect_timeout=CONNECT_TIMEOUT_S)
-            except ConnectionRefusedError:
-                sock = await up.loopback()  # a server bound to the sandbox's 127.0.0.1 (a dev server's default)
-                if sock is None:
-                    raise
-                await relay(
-                    LOOPBACK, port, method, target, headers, body, send, connect_timeout=CONNECT_TIMEOUT_S, sock=sock
-                )
+            sock = await up.open()
+            await relay(
+                up.host, port, method, target, headers, body, send, connect_timeout=CONNECT_TIMEOUT_S, sock=sock
+            )
         except (OSError, TimeoutError) as exc:
             err = up.unreachable(exc)
             ctx.metrics.count_api_error(err.code)
@@ -164,15 +186,7 @@ class PortProxy:
         }
         uri = f"ws://{up.address}:{up.port}{target}"
         try:
-            try:
-                upstream = await connect(uri, **opts)
-            except ConnectionRefusedError:
-                sock = await up.loopback()
-                if sock is None:
-                    raise
-                async with asyncio.timeout(CONNECT_TIMEOUT_S):
-                    await connect_socket(sock, LOOPBACK, up.port)
-                upstream = await connect(uri, sock=sock, **opts)
+            upstream = await connect(uri, sock=await up.open(), **opts)
         except (OSError, InvalidHandshake, TimeoutError) as exc:
             code = 4004 if isinstance(exc, InvalidStatus) else 1011
             ctx.metrics.count_api_error("port_unreachable")

@@ -61,13 +61,10 @@ async def _streamed(source: AsyncIterator[bytes], media_type: str) -> StreamingR
     return StreamingResponse(body(), media_type=media_type)
 
 
-def _body(request: Request) -> AsyncIterator[bytes]:
-    async def chunks() -> AsyncIterator[bytes]:
-        async for chunk in request.stream():
-            if chunk:
-                yield chunk
-
-    return chunks()
+async def _body(request: Request) -> AsyncIterator[bytes]:
+    async for chunk in request.stream():
+        if chunk:
+            yield chunk
 
 
 @router.put(

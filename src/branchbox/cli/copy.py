@@ -23,9 +23,8 @@ from branchbox.sdk import FileNotFoundError_, Sandbox
 err = Console(stderr=True)
 
 
-class _Conn(Protocol):
-    url: str | None
-    api_key: str | None
+class _Conn(Protocol):  # branchbox.cli.main._Conn
+    def connect(self, sandbox_id: str) -> Sandbox: ...
 
 
 def split_remote(spec: str) -> tuple[str, str] | None:
@@ -64,7 +63,7 @@ def cp(conn: _Conn, src: str, dst: str) -> None:
         raise click.UsageError("exactly one of SRC and DST must be a sandbox path, written ID:/absolute/path")
     remote = rdst or rsrc
     assert remote is not None
-    sbx = Sandbox.connect(remote[0], base_url=conn.url, api_key=conn.api_key)
+    sbx = conn.connect(remote[0])
     try:  # not `with`: that would kill the sandbox at the end
         if rdst is not None:
             _upload(sbx, src, rdst[1])
