@@ -263,6 +263,24 @@ async def test_allow_list_of_domains_is_resolved_and_pinned_on_the_host(
     assert out[f"{internet.private}:80"] == "ok"  # a private range, explicitly allowed
 
 
+async def test_an_allowed_name_answered_with_a_blocked_address_opens_nothing(
+    net_manager: Manager, internet: Internet
+) -> None:
+    """DNS pins never open blocked ranges: private.example.test (allowed by the wildcard) answers 172.31.k.1,
+    a private address where a server listens; only an allow_out CIDR opens it."""
+    m = net_manager
+    info = await m.create(network={"allow_out": ["*.example.test"], "deny_out": ["0.0.0.0/0"]})
+    out = await probe(
+        m, info.id, resolve=["private.example.test"], connect=[("private.example.test", 80), ("a.example.test", 80)]
+    )
+    assert out["private.example.test"] == internet.private  # the answer is passed on...
+    assert out["private.example.test:80"] == "timeout"  # ...but the blocked range stays closed
+    assert out["a.example.test:80"] == "ok"  # public answers of the same wildcard are pinned
+    await m.update_network(info.id, {"allow_out": ["*.example.test", f"{internet.private}/32"]})
+    out = await probe(m, info.id, connect=[("private.example.test", 80)])
+    assert out["private.example.test:80"] == "ok"
+
+
 async def test_wildcard_domains_and_denied_names(net_manager: Manager, internet: Internet) -> None:
     m = net_manager
     info = await m.create(network={"deny_out": ["b.example.test"]})

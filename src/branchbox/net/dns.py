@@ -6,7 +6,9 @@ query from a sandbox the forwarder
 * answers REFUSED when the sandbox may reach nothing outside, or the name is in its ``deny_out``;
 * otherwise asks the upstream resolver itself, and when the name is in the sandbox's ``allow_out``, adds every
   IPv4 address of the answer to the sandbox's nftables allow set **before** replying, so the sandbox can connect
-  to exactly the addresses it was told. The sandbox never talks to a resolver directly and cannot forge an
+  to exactly the addresses it was told, except addresses in the blocked ranges (private, link-local/metadata,
+  loopback...) that no ``allow_out`` CIDR names: an allowed name (``*.example.com``) whose owner points it at
+  169.254.169.254 or 10.0.0.1 opens nothing (:meth:`NetworkPolicy.pinnable`). The sandbox never talks to a resolver directly and cannot forge an
   answer that opens anything.
 
 Queries from addresses that are not a sandbox's are ignored (the port is also closed to them by nftables).
@@ -175,7 +177,12 @@ class DnsForwarder:
             log.debug("dns: upstream %s failed for %s: %s", self.upstream, qname, exc)
             return _servfail(request)
         if policy.allow_out.matches_domain(qname):
-            addrs = addresses_of(reply)
+            answered = addresses_of(reply)
+            addrs = policy.pinnable(answered)
+            if len(addrs) < len(answered):
+                log.info(
+                    "dns: %s answered blocked address(es) %s: not pinned", qname, sorted(set(answered) - set(addrs))
+                )
             if addrs:
                 client.pin(addrs)
         return reply

@@ -2,7 +2,8 @@
 
 Semantics (evaluated in this order for every packet a sandbox sends; the first match decides):
 
-1. ``allow_out`` CIDRs, and the addresses the host's DNS forwarder resolved for ``allow_out`` domain names: allowed.
+1. ``allow_out`` CIDRs, and the addresses the host's DNS forwarder resolved for ``allow_out`` domain names: allowed
+   (resolved addresses in a blocked range only when an ``allow_out`` CIDR names them too: see :meth:`pinnable`).
 2. ``deny_out`` CIDRs, and the addresses resolved for ``deny_out`` domain names: dropped.
 3. Blocked ranges (:data:`BLOCKED_V4`: private, shared, loopback, link-local/metadata, multicast, reserved): dropped.
 4. Anything else (the public internet): allowed when ``internet`` is True, else dropped.
@@ -44,6 +45,7 @@ BLOCKED_V4: tuple[str, ...] = (
     "198.18.0.0/15",  # benchmarking
     "224.0.0.0/3",  # multicast and reserved (224/4, 240/4, broadcast)
 )
+_BLOCKED_NETS = tuple(ipaddress.IPv4Network(n) for n in BLOCKED_V4)
 #: IPv6 equivalents (documented; IPv6 is dropped entirely for sandboxes).
 BLOCKED_V6: tuple[str, ...] = ("::1/128", "fc00::/7", "fe80::/10", "ff00::/8")
 
@@ -157,6 +159,22 @@ class NetworkPolicy:
     def uses_dns(self) -> bool:
         """The sandbox gets DNS answers when it may reach something outside."""
         return self.internet or bool(self.allow_out.cidrs or self.allow_out.domains)
+
+    def pinnable(self, addrs: Iterable[str]) -> list[str]:
+        """The addresses of an allowed name's DNS answer that may be pinned: those outside the blocked ranges, and
+        blocked ones only when an ``allow_out`` CIDR names them (a name is never an explicit allow for a blocked
+        range: its owner, or whoever spoofs its answer, picks the address)."""
+        allowed = [ipaddress.IPv4Network(c) for c in self.allow_out.cidrs]
+        out: list[str] = []
+        for raw in addrs:
+            try:
+                addr = ipaddress.IPv4Address(raw)
+            except ValueError:
+                continue
+            if any(addr in n for n in _BLOCKED_NETS) and not any(addr in n for n in allowed):
+                continue
+            out.append(str(addr))
+        return out
 
     def as_dict(self) -> dict[str, Any]:
         return {
