@@ -8,8 +8,8 @@ query from a sandbox the forwarder
   IPv4 address of the answer to the sandbox's nftables allow set **before** replying, so the sandbox can connect
   to exactly the addresses it was told, except addresses in the blocked ranges (private, link-local/metadata,
   loopback...) that no ``allow_out`` CIDR names: an allowed name (``*.example.com``) whose owner points it at
-  169.254.169.254 or 10.0.0.1 opens nothing (:meth:`NetworkPolicy.pinnable`). The sandbox never talks to a resolver directly and cannot forge an
-  answer that opens anything.
+  169.254.169.254 or 10.0.0.1 opens nothing (:meth:`NetworkPolicy.pinnable`). The sandbox never talks to a
+  resolver directly and cannot forge an answer that opens anything.
 
 Queries from addresses that are not a sandbox's are ignored (the port is also closed to them by nftables).
 """
