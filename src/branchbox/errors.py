@@ -23,7 +23,8 @@ Hierarchy::
     │   ├── ProcessNotFoundError        process_not_found   404
     │   ├── WorkspaceNotFoundError      workspace_not_found 404
     │   ├── RepositoryNotFoundError     repository_not_found 404
-    │   └── RefNotFoundError            ref_not_found       404  (missing branch or commit)
+    │   ├── RefNotFoundError            ref_not_found       404  (missing branch or commit)
+    │   └── NodeNotFoundError           node_not_found      404  (fleet: no such node)
     ├── ConflictError                   conflict            409
     │   ├── InvalidStateError           invalid_state       409
     │   └── FileExistsInSandboxError    file_exists         409
@@ -34,6 +35,8 @@ Hierarchy::
     ├── NotSupportedError               not_supported       501
     ├── TemplateBuildError              template_build_failed 500
     ├── BackendError                    backend_error       500
+    ├── NoCapacityError                 no_capacity         503  (fleet: no node can take the sandbox)
+    ├── SandboxLostError                sandbox_lost        503  (fleet: the sandbox's node is gone)
     │   └── NetworkError                network_error       500
     ├── PortUnreachableError            port_unreachable    502
     ├── GitError                        git_error           500
@@ -172,6 +175,20 @@ class NetworkError(BackendError):
     code = "network_error"
 
 
+class NoCapacityError(BranchboxError):
+    """A fleet controller found no node able to take a sandbox (or none answered within the timeout)."""
+
+    code = "no_capacity"
+    http_status = 503
+
+
+class SandboxLostError(BranchboxError):
+    """The fleet node that holds the sandbox is unreachable (lost, or left the fleet)."""
+
+    code = "sandbox_lost"
+    http_status = 503
+
+
 class PortUnreachableError(BranchboxError):
     """The port proxy could not connect to the sandbox's port (nothing listens there, or not on 0.0.0.0)."""
 
@@ -193,6 +210,10 @@ class RepositoryNotFoundError(NotFoundError):
 
 class RefNotFoundError(NotFoundError):
     code = "ref_not_found"
+
+
+class NodeNotFoundError(NotFoundError):
+    code = "node_not_found"
 
 
 class RepositoryAuthError(PermissionDeniedError):
