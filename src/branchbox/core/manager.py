@@ -97,7 +97,12 @@ def make_backend(kind: str, settings: ManagerSettings) -> Backend:
     if kind == "container":
         from branchbox.backends.container import ContainerBackend  # noqa: PLC0415 - lazy by design
 
-        return ContainerBackend(settings.data_dir / "run", cgroup_parent=settings.cgroup_parent, idmap=settings.idmap)
+        return ContainerBackend(
+            settings.data_dir / "run",
+            cgroup_parent=settings.cgroup_parent,
+            idmap=settings.idmap,
+            tmp_tmpfs_mb=settings.tmp_tmpfs_mb,
+        )
     if kind == "microvm":
         from branchbox.backends.microvm import MicroVMBackend  # noqa: PLC0415 - lazy by design
         from branchbox.backends.microvm.config import config_from_env  # noqa: PLC0415
@@ -876,6 +881,13 @@ class Manager:
     async def _capture(self, live: _Live, name: str | None, timer: PhaseTimer, *, hidden: bool) -> SnapshotInfo:
         """Freeze the sandbox, turn its upper into a durable layer, thaw; record layer + snapshot durably."""
         sid = live.info.id
+        memory = isinstance(live.backend, MemorySnapshots) and live.backend.capabilities.memory_snapshot
+        if self.settings.tmp_tmpfs_mb and not memory:
+            raise NotSupportedError(
+                f"sandbox {sid} keeps /tmp in memory (tmp_tmpfs_mb = {self.settings.tmp_tmpfs_mb} in this daemon's "
+                "settings), which a snapshot or fork of files cannot capture: set tmp_tmpfs_mb = 0 to keep /tmp on "
+                "the sandbox's disk"
+            )
         async with live.lock:
             if live.destroying or live.info.state not in (SandboxState.RUNNING, SandboxState.PAUSED):
                 raise InvalidStateError(f"sandbox {sid} is {live.info.state.value}", state=live.info.state.value)
@@ -890,7 +902,8 @@ class Manager:
             self._last_capture = time.monotonic()
             try:
                 with timer.phase("capture"):
-                    if isinstance(live.backend, MemorySnapshots) and live.backend.capabilities.memory_snapshot:
+                    if memory:
+                        assert isinstance(live.backend, MemorySnapshots)
                         layer = await live.backend.capture(live.handle, dest)  # memory, devices and disk
                     else:
                         upper = self._driver.upper_dir(self._sandbox_dir(sid))

@@ -40,6 +40,7 @@ class ManagerSettings:
     cgroup_parent: str = "branchbox"  # name of the parent cgroup (unique per daemon sharing a host)
     idmap: IdMap = field(default_factory=IdMap)
     agent_connect_timeout: float = 10.0
+    tmp_tmpfs_mb: int = 0  # containers: 0 keeps /tmp in the sandbox's files; N mounts an N MiB tmpfs (no snapshots)
     pools: tuple[PoolConfig, ...] = ()  # warm pools started with the Manager (changeable live)
     network: NetworkSettings | None = None  # None: sandboxes get loopback only (docs/networking.md)
     workspaces: WorkspaceSettings = field(default_factory=WorkspaceSettings)

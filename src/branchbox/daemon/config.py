@@ -83,6 +83,7 @@ class DaemonConfig:
     network_dns_port: int = 0  # the host-side DNS forwarder's port (0: any free port)
     git_cache_budget_mb: int = 10240  # git workspace cache (mirrors + commit layers), LRU-evicted above this
     git_ref_ttl: float = 0.0  # seconds a branch's commit is reused without asking the git server (0: always ask)
+    tmp_tmpfs_mb: int = 0  # containers: a memory-backed /tmp of this size (snapshots and forks refused); 0: on disk
     pools: tuple[PoolConfig, ...] = ()  # [pools.<template>] tables; only from the config file
 
     def network_settings(self) -> NetworkSettings | None:
@@ -110,6 +111,7 @@ class DaemonConfig:
             default_backend=self.default_backend,
             keep_sandboxes_on_shutdown=self.keep_sandboxes_on_shutdown,
             cgroup_parent=self.cgroup_parent,
+            tmp_tmpfs_mb=self.tmp_tmpfs_mb,
             pools=self.pools,
             network=self.network_settings(),
             workspaces=WorkspaceSettings(cache_budget_mb=self.git_cache_budget_mb, ref_ttl=self.git_ref_ttl),
@@ -315,6 +317,8 @@ def load_config(
 def _check(cfg: DaemonConfig) -> DaemonConfig:
     if cfg.git_cache_budget_mb < 0 or cfg.git_ref_ttl < 0:
         raise ConfigError("git_cache_budget_mb and git_ref_ttl must be >= 0")
+    if cfg.tmp_tmpfs_mb < 0:
+        raise ConfigError(f"tmp_tmpfs_mb {cfg.tmp_tmpfs_mb}: use 0 (/tmp on the sandbox's disk) or a size in MiB")
     if not 0 < cfg.port < 65536:
         raise ConfigError(f"port {cfg.port} is out of range: use 1-65535")
     if cfg.event_loop not in ("asyncio", "uvloop", "auto"):

@@ -42,8 +42,11 @@ class ContainerBackend:
     name = "container"
     capabilities = Capabilities(pause=True, fs_snapshot=True, fork=True, memory_snapshot=False, network=True)
 
-    def __init__(self, run_root: Path, *, cgroup_parent: str = "branchbox", idmap: IdMap | None = None) -> None:
+    def __init__(
+        self, run_root: Path, *, cgroup_parent: str = "branchbox", idmap: IdMap | None = None, tmp_tmpfs_mb: int = 0
+    ) -> None:
         self.run_root = Path(run_root)
+        self.tmp_tmpfs_mb = tmp_tmpfs_mb  # 0: /tmp is part of the sandbox's files; else a tmpfs of this size
         self.cgroup_parent = cgroup_parent
         self.idmap = idmap or IdMap()  # the range the zygote's spare shells are mapped to
         self._cgroups: cg_mod.Cgroups | None = None
@@ -176,6 +179,7 @@ class ContainerBackend:
             "env": dict(spec.env),
             "network": spec.network,
             "nice": BACKGROUND_NICE if spec.background else 0,
+            "tmp_tmpfs_mb": self.tmp_tmpfs_mb,
         }
         if not spec.layers:
             raise BackendError(f"boot of {spec.sandbox_id}: no lower layers given")

@@ -4,12 +4,13 @@ Process chain for one sandbox (all forks of the single-threaded zygote)::
 
     zygote ── fork ──> holder: join cgroups, unshare namespaces, wait for the id maps, make mounts private,
                        become uid 0 of the new user namespace, fork, report the init's pid, exit
-                       └── fork ──> init (pid 1 of the new pid namespace): /proc, /dev, /sys and /tmp made on a
+                       └── fork ──> init (pid 1 of the new pid namespace): /proc, /dev and /sys made on a
                                     private staging tmpfs, lo up, the agent's event loop started: now a primed
                                     *shell* (spares wait here, made ahead of demand). On a boot request: the
                                     overlay root from the layers the zygote opened, the staged mounts moved
-                                    into it, pivot_root, hostname, capabilities, no_new_privs, seccomp, then
-                                    the agent serves (no exec: it is preloaded in the zygote)
+                                    into it, /tmp (a directory of the root, or a tmpfs), pivot_root, hostname,
+                                    capabilities, no_new_privs, seccomp, then the agent serves (no exec: it is
+                                    preloaded in the zygote)
 
 Errors go to the status pipe as ``"<step>: <message>"``; the init acknowledges a boot with ``b"ok"`` on its
 control socket. Nothing here returns: every path ends in ``os._exit``.
@@ -32,7 +33,8 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SHELL_DIR = "shell"  # in the backend's run root: the init's cwd, holding the two mount points below
 ROOT = "root"  # the overlay root is mounted here (in the shell's own mount namespace)
 STAGE = "stage"  # a tmpfs holding the staged kernel filesystems until the root exists
-STAGED = ("proc", "dev", "sys", "tmp")
+STAGED = ("proc", "dev", "sys")
+TMP = "tmp"
 MAX_PASSED_FDS = 250  # descriptors with a boot request (SCM_RIGHTS carries at most 253)
 
 
@@ -55,6 +57,7 @@ class BootRequest:
     env: dict[str, str] = field(default_factory=dict)
     network: bool = False
     nice: int = 0  # niceness of the boot and of the idle agent (raised for warm pool refills)
+    tmp_tmpfs_mb: int = 0  # 0: /tmp is a directory of the overlay root (snapshots capture it); else a tmpfs
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,8 +171,6 @@ def _run_init(fds: HolderFds, seccomp_bpf: bytes, *, warm_up: bool) -> None:
             syscalls.mount("tmpfs", "sys", "tmpfs", nosuid_nodev_noexec | syscalls.MS_RDONLY, "size=0")
         step = "mask /proc"
         _mask_paths()
-        step = "mount /tmp"
-        syscalls.mount("tmpfs", "tmp", "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV, "mode=1777")
         os.chdir("..")
         step = "loopback up"
         syscalls.interface_up("lo")
@@ -221,6 +222,8 @@ def _claim(raw: bytes, passed: list[int], fds: HolderFds, seccomp_bpf: bytes) ->
         _mkdirs(*STAGED)
         for name in STAGED:
             syscalls.mount(f"../{STAGE}/{name}", name, None, syscalls.MS_MOVE)
+        step = "/tmp"
+        _setup_tmp(req.tmp_tmpfs_mb)
         step = "pivot_root"
         syscalls.pivot_root(".", ".")
         syscalls.umount2(".", syscalls.MNT_DETACH)
@@ -252,6 +255,23 @@ def _mkdirs(*names: str) -> None:
     for name in names:
         with contextlib.suppress(FileExistsError):
             os.mkdir(name, 0o755)
+
+
+def _setup_tmp(tmpfs_mb: int) -> None:
+    """/tmp of the root (the cwd): by default a plain directory of the overlay, so snapshots, forks, restores and
+    resets treat it as every other file; made (mode 1777) when the layers have none. With ``tmpfs_mb`` a
+    memory-backed tmpfs of that size (charged to the sandbox's memory cgroup) instead. A /tmp that is not a
+    directory (the sandbox made it a symlink, say) is left alone: it is the sandbox's own file, and nothing may be
+    mounted through it."""
+    try:
+        st = os.lstat(TMP)
+    except FileNotFoundError:
+        os.mkdir(TMP, 0o1777)
+        os.chmod(TMP, 0o1777)  # noqa: S103 - /tmp is world-writable and sticky; the umask may have cleared bits
+        st = os.lstat(TMP)
+    if tmpfs_mb and stat.S_ISDIR(st.st_mode):
+        opts = f"mode=1777,size={tmpfs_mb}m"
+        syscalls.mount("tmpfs", TMP, "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV, opts)
 
 
 def _setup_dev() -> None:
