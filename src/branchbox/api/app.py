@@ -41,6 +41,7 @@ from branchbox.api.ports import PortProxy
 from branchbox.api.schemas import ErrorResponse, HealthResponse, VersionResponse
 from branchbox.api.settings import ApiSettings
 from branchbox.api.warmup import warm_routes
+from branchbox.e2b.gateway import E2BGateway
 from branchbox.errors import BranchboxError, SandboxNotFoundError, SnapshotNotFoundError, WorkspaceNotFoundError
 
 if TYPE_CHECKING:
@@ -257,6 +258,7 @@ def create_app(manager: Manager, settings: ApiSettings | None = None, *, metrics
     metrics.watch_pools(manager.pool_statistics)
     metrics.watch_states(manager.state_counts)
     app.add_middleware(PortProxy, fastapi=app)  # /v1/sandboxes/{id}/ports/{port}/... (HTTP and WebSocket)
+    app.add_middleware(E2BGateway)  # the E2B-compatible API: /sandboxes, /v2/sandboxes, envd calls (docs/e2b.md)
     app.add_middleware(_Observe, metrics=metrics, log=log)
     app.fast = FastPath(app.stack, app, observe=functools.partial(observe, metrics, log))
     return app

@@ -1,0 +1,305 @@
+"""E2B's control plane (the REST API the SDK calls at ``E2B_API_URL``), answered by the Manager.
+
+Routes: ``POST /sandboxes`` and ``/v2/sandboxes`` (create), ``GET /sandboxes`` and ``/v2/sandboxes`` (list: metadata
+and state filters, newest first, ``limit`` + ``nextToken`` paging with ``X-Next-Token``), ``GET|DELETE
+/sandboxes/{id}``, ``POST /sandboxes/{id}/{timeout,refreshes,connect,pause,resume,snapshots,fork}`` and
+``/v2/sandboxes/{id}/connect``. Errors are ``{"code": <HTTP status>, "message": str}``: the SDK reads nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, parse_qsl
+
+from branchbox.core.models import SandboxInfo, SandboxState
+from branchbox.e2b.state import ENVD_VERSION, E2BState, iso
+from branchbox.errors import BranchboxError, TemplateNotFoundError, UnauthorizedError
+
+ROUTE = re.compile(r"^/(?:v2/)?sandboxes(?:/([^/]+)(?:/([a-z]+))?)?/?$")
+CLIENT_ID = "branchbox"
+MAX_PAGE = 1000
+_FOREVER = 253402300799.0  # 9999-12-31T23:59:59Z: endAt of a sandbox without a time to live
+
+
+@dataclass(slots=True)
+class Reply:
+    status: int
+    body: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def error(status: int, message: str) -> Reply:
+    return Reply(status, {"code": status, "message": message})
+
+
+def _from_branchbox(exc: BranchboxError) -> Reply:
+    status = exc.http_status if exc.http_status < 500 or exc.http_status in (501, 503, 504) else 500
+    if exc.code == "invalid_state":
+        status = 409
+    return error(status, exc.message)
+
+
+def sandbox_json(state: E2BState, info: SandboxInfo) -> dict[str, Any]:
+    """E2B's ``Sandbox`` (what create and connect answer)."""
+    return {
+        "templateID": info.template,
+        "sandboxID": info.id,
+        "clientID": CLIENT_ID,
+        "envdVersion": ENVD_VERSION,
+        "envdAccessToken": state.tokens.token(info.id),
+        "domain": None,
+    }
+
+
+def listed_json(info: SandboxInfo, *, detail: bool = False, state: E2BState | None = None) -> dict[str, Any]:
+    """E2B's ``ListedSandbox`` (and ``SandboxDetail`` with ``detail``)."""
+    out: dict[str, Any] = {
+        "templateID": info.template,
+        "sandboxID": info.id,
+        "clientID": CLIENT_ID,
+        "startedAt": iso(info.created_at),
+        "endAt": iso(info.expires_at if info.expires_at is not None else _FOREVER),
+        "cpuCount": max(1, math.ceil(info.resources.cpu)),
+        "memoryMB": info.resources.memory_mb,
+        "diskSizeMB": 0,
+        "state": "paused" if info.state is SandboxState.PAUSED else "running",
+        "envdVersion": ENVD_VERSION,
+        "metadata": dict(info.metadata),
+    }
+    if detail and state is not None:
+        out["envdAccessToken"] = state.tokens.token(info.id)
+        out["domain"] = None
+    return out
+
+
+def check_api_key(state: E2BState, headers: dict[str, str]) -> Reply | None:
+    """``X-API-KEY`` (the SDK's header) or ``Authorization: Bearer``, checked as the native API checks keys."""
+    key = headers.get("x-api-key")
+    authorization = f"Bearer {key}" if key else headers.get("authorization")
+    try:
+        state.check_key(authorization)
+    except UnauthorizedError as exc:
+        return error(401, exc.message)
+    return None
+
+
+def _body(raw: bytes) -> dict[str, Any]:
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _BadRequest(f"the body is not JSON ({exc})") from exc
+    if not isinstance(body, dict):
+        raise _BadRequest("the body must be a JSON object")
+    return body
+
+
+class _BadRequest(Exception):
+    pass
+
+
+def _int(body: dict[str, Any], key: str, default: int | None = None) -> int | None:
+    value = body.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _BadRequest(f"{key} must be a non-negative integer (seconds), not {value!r}")
+    return value
+
+
+def _str_map(body: dict[str, Any], key: str) -> dict[str, str]:
+    value = body.get(key) or {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise _BadRequest(f"{key} must be an object of strings")
+    return value
+
+
+async def handle(state: E2BState, method: str, path: str, query: str, headers: dict[str, str], raw: bytes) -> Reply:
+    denied = check_api_key(state, headers)
+    if denied is not None:
+        return denied
+    m = ROUTE.match(path)
+    if m is None:
+        return error(404, f"no such route {method} {path}")
+    sid, action = m.group(1), m.group(2)
+    try:
+        return await _dispatch(state, method, sid, action, query, _body(raw) if method == "POST" else {})
+    except _BadRequest as exc:
+        return error(400, str(exc))
+    except BranchboxError as exc:
+        return _from_branchbox(exc)
+
+
+async def _dispatch(  # noqa: PLR0911 (one return per route)
+    state: E2BState, method: str, sid: str | None, action: str | None, query: str, body: dict[str, Any]
+) -> Reply:
+    mgr = state.manager
+    if sid is None:
+        if method == "POST":
+            return await _create(state, body)
+        if method == "GET":
+            return await _list(state, query)
+    elif action is None:
+        if method == "GET":
+            return Reply(200, listed_json(await mgr.get(sid), detail=True, state=state))
+        if method == "DELETE":
+            await mgr.destroy(sid)
+            return Reply(204)
+    elif method == "POST":
+        if action in ("timeout", "refreshes"):
+            refresh = action == "refreshes"
+            seconds = _int(body, "duration" if refresh else "timeout", 60 if refresh else None)
+            if seconds is None:
+                raise _BadRequest("timeout is required (seconds)")
+            if refresh:
+                await _extend(state, sid, seconds)
+            else:
+                await mgr.set_timeout(sid, seconds)
+            return Reply(204)
+        if action in ("connect", "resume"):
+            return await _connect(state, sid, _int(body, "timeout"), resume_only=action == "resume")
+        if action == "pause":
+            info = await mgr.get(sid)
+            if info.state is SandboxState.PAUSED:
+                return error(409, f"sandbox {sid} is already paused")
+            await mgr.pause(sid)
+            return Reply(204)
+        if action == "snapshots":
+            name = body.get("name")
+            if name is not None and not isinstance(name, str):
+                raise _BadRequest("name must be a string")
+            snap = await mgr.snapshot(sid, name=name)
+            return Reply(201, {"snapshotID": snap.id, "names": [snap.name] if snap.name else []})
+        if action == "fork":
+            return await _fork(state, sid, body)
+    return error(405 if sid is None or action in _ACTIONS else 404, f"no such route {method} on this path")
+
+
+_ACTIONS = frozenset({"timeout", "refreshes", "connect", "resume", "pause", "snapshots", "fork"})
+
+
+async def _create(state: E2BState, body: dict[str, Any]) -> Reply:
+    template = body.get("templateID")
+    if not isinstance(template, str) or not template:
+        raise _BadRequest("templateID is required")
+    timeout = _int(body, "timeout", 300)
+    allow = body.get("allow_internet_access", body.get("allowInternetAccess"))
+    network = body.get("network") or {}
+    policy = {k: network[src] for src, k in (("allowOut", "allow_out"), ("denyOut", "deny_out")) if src in network}
+    kwargs: dict[str, Any] = {
+        "env": _str_map(body, "envVars"),
+        "metadata": _str_map(body, "metadata"),
+        "timeout": timeout,
+        "allow_internet_access": allow if isinstance(allow, bool) else None,
+        "network": policy or None,
+    }
+    mgr = state.manager
+    try:
+        info = await mgr.create(template=_template_name(state, template), **kwargs)
+    except TemplateNotFoundError:
+        try:
+            await mgr.get_snapshot(template)  # a snapshot id or name (Sandbox.create(snapshot_id)), as E2B allows
+        except BranchboxError:
+            raise TemplateNotFoundError(f"template {template!r} does not exist (nor a snapshot of that name)") from None
+        info = await mgr.create(snapshot=template, **kwargs)
+    return Reply(201, sandbox_json(state, info))
+
+
+def _template_name(state: E2BState, template: str) -> str:
+    """E2B's default template is ``base``: served by a template of that name, else by branchbox's default."""
+    if template == "base":
+        try:
+            state.manager.templates.get("base")
+        except TemplateNotFoundError:
+            return "default"
+    return template
+
+
+async def _list(state: E2BState, query: str) -> Reply:
+    params = parse_qs(query)
+    meta: dict[str, str] = {}
+    for raw in params.get("metadata", []):
+        meta.update(parse_qsl(raw, keep_blank_values=True))
+    states: set[SandboxState] | None = None
+    if "state" in params:
+        names = {s for v in params["state"] for s in v.split(",") if s}
+        bad = names - {"running", "paused"}
+        if bad:
+            raise _BadRequest(f"state must be running or paused, not {sorted(bad)}")
+        states = {SandboxState(n) for n in names}
+    else:
+        states = {SandboxState.RUNNING, SandboxState.PAUSED}
+    limit = _query_int(params, "limit", 100)
+    if not 1 <= limit <= MAX_PAGE:
+        raise _BadRequest(f"limit must be 1 to {MAX_PAGE}")
+    order_asc = params.get("order", ["desc"])[0] == "asc"
+    infos = await state.manager.list(metadata=meta or None, states=states)
+    infos.sort(key=lambda i: (i.created_at, i.id), reverse=not order_asc)
+    token = params.get("nextToken", [None])[0]
+    if token:
+        cursor = _cursor(token)
+        infos = [i for i in infos if ((i.created_at, i.id) > cursor if order_asc else (i.created_at, i.id) < cursor)]
+    page = infos[:limit]
+    headers = {}
+    if len(infos) > limit:
+        last = page[-1]
+        headers["x-next-token"] = f"{last.created_at!r}_{last.id}"
+    return Reply(200, [listed_json(i) for i in page], headers)
+
+
+def _query_int(params: dict[str, list[str]], key: str, default: int) -> int:
+    raw = params.get(key, [str(default)])[0]
+    if not raw.isdigit():
+        raise _BadRequest(f"{key} must be a positive integer")
+    return int(raw)
+
+
+def _cursor(token: str) -> tuple[float, str]:
+    ts, _, sid = token.partition("_")
+    try:
+        return float(ts), sid
+    except ValueError:
+        raise _BadRequest("nextToken is not one this server gave out: pass the X-Next-Token of the last page") from None
+
+
+async def _extend(state: E2BState, sid: str, seconds: int) -> SandboxInfo:
+    """Never shortens: the sandbox lives at least ``seconds`` more (a sandbox without a time to live keeps none)."""
+    info = await state.manager.get(sid)
+    if info.expires_at is None:
+        return info
+    left = info.expires_at - time.time()
+    return info if left >= seconds else await state.manager.set_timeout(sid, seconds)
+
+
+async def _connect(state: E2BState, sid: str, timeout: int | None, *, resume_only: bool) -> Reply:
+    mgr = state.manager
+    info = await mgr.get(sid)
+    status = 200
+    if info.state is SandboxState.PAUSED:
+        info = await mgr.resume(sid)
+        status = 201
+    elif resume_only:
+        return error(409, f"sandbox {sid} is not paused (it is {info.state.value})")
+    if timeout:
+        info = await _extend(state, sid, timeout)
+    return Reply(201 if resume_only else status, sandbox_json(state, info))
+
+
+async def _fork(state: E2BState, sid: str, body: dict[str, Any]) -> Reply:
+    count = _int(body, "count", 1) or 1
+    timeout = _int(body, "timeout")
+    results = await state.manager.fork(sid, count)
+    out: list[dict[str, Any]] = []
+    for r in results:
+        if isinstance(r, SandboxInfo):
+            child = await state.manager.set_timeout(r.id, timeout) if timeout else r
+            out.append({"sandbox": sandbox_json(state, child)})
+        else:
+            out.append({"error": {"code": r.http_status, "message": r.message}})
+    return Reply(201, out)

@@ -1,0 +1,121 @@
+"""envd's ``/files`` endpoint: ``GET`` streams a file out (``Manager.download``), ``POST`` writes files in
+(``Manager.upload``): an ``application/octet-stream`` body (optionally ``Content-Encoding: gzip``) for one file, or a
+``multipart/form-data`` body whose parts are named by their target paths. Answers ``[{"name", "type", "path"}]``."""
+
+from __future__ import annotations
+
+import posixpath
+import zlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.types import Receive, Scope, Send
+
+from branchbox.e2b.state import E2BState, resolve_path
+from branchbox.errors import BranchboxError
+
+CHUNK = 256 * 1024
+MAX_FILES = 1000  # parts of one multipart upload
+
+
+class FilesError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _status(exc: BranchboxError) -> int:
+    if exc.code in ("sandbox_not_found", "agent_disconnected"):
+        return 502
+    if exc.code == "limit_exceeded":
+        return 507
+    return exc.http_status if exc.http_status < 500 else 500
+
+
+def _written(path: str) -> dict[str, Any]:
+    return {"name": posixpath.basename(path), "type": "file", "path": path}
+
+
+async def download(state: E2BState, sid: str, path: str) -> tuple[bytes, AsyncIterator[bytes]]:
+    """The first chunk (so that errors come before the headers) and the rest of the file."""
+    chunks = state.manager.download(sid, path)
+    try:
+        first = await anext(chunks, b"")
+    except BranchboxError as exc:
+        raise FilesError(_status(exc), exc.message) from exc
+    return first, chunks
+
+
+async def _body(receive: Receive, gzipped: bool) -> AsyncIterator[bytes]:
+    inflate = zlib.decompressobj(wbits=31) if gzipped else None
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise FilesError(400, "the client went away during the upload")
+        data = message.get("body", b"")
+        if data:
+            if inflate is None:
+                yield data
+            else:
+                try:
+                    while data:
+                        out = inflate.decompress(data, CHUNK)
+                        data = inflate.unconsumed_tail
+                        if out:
+                            yield out
+                except zlib.error as exc:
+                    raise FilesError(400, f"the gzip body is corrupt ({exc})") from exc
+        if not message.get("more_body", False):
+            return
+
+
+async def _upload_file(file: UploadFile) -> AsyncIterator[bytes]:
+    while chunk := await file.read(CHUNK):
+        yield chunk
+
+
+async def upload(
+    state: E2BState, sid: str, scope: Scope, receive: Receive, send: Send, query: dict[str, str], user: str | None
+) -> list[dict[str, Any]]:
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+    ctype = headers.get("content-type", "")
+    mgr = state.manager
+    try:
+        if ctype.startswith("multipart/form-data"):
+            request = Request(scope, receive, send)
+            form = await request.form(max_files=MAX_FILES, max_fields=MAX_FILES)
+            try:
+                parts = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+                if not parts:
+                    raise FilesError(400, "the multipart body holds no file part")
+                out = []
+                for part in parts:
+                    name = query.get("path") if len(parts) == 1 and query.get("path") else part.filename
+                    if not name:
+                        raise FilesError(400, "a file part has no filename: name each part by its target path")
+                    path = resolve_path(name, user)
+                    await mgr.upload(sid, path, _upload_file(part))
+                    out.append(_written(path))
+                return out
+            finally:
+                await form.close()
+        if "path" not in query:
+            raise FilesError(400, "path= is required for an octet-stream upload")
+        path = resolve_path(query["path"], user)
+        await mgr.upload(sid, path, _body(receive, headers.get("content-encoding", "").lower() == "gzip"))
+        return [_written(path)]
+    except BranchboxError as exc:
+        raise FilesError(_status(exc), exc.message) from exc
+
+
+def read_user(query: dict[str, str], header_user: str | None) -> str | None:
+    return query.get("username") or header_user
+
+
+def required_path(query: dict[str, str]) -> str:
+    if not query.get("path"):
+        raise FilesError(400, "path= is required")
+    return query["path"]

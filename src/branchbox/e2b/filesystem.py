@@ -1,0 +1,84 @@
+"""envd's ``filesystem.Filesystem`` service (Stat, ListDir, MakeDir, Remove, Move) over the Manager's file calls."""
+
+from __future__ import annotations
+
+import stat as stat_
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+from branchbox.core.models import FileEntry
+from branchbox.e2b.connect import RpcError, from_branchbox
+from branchbox.e2b.state import E2BState, iso, resolve_path
+from branchbox.errors import BranchboxError, FileNotFoundInSandboxError
+
+Message = dict[str, Any]
+T = TypeVar("T")
+MAX_DEPTH = 32
+_TYPES = {"file": "FILE_TYPE_FILE", "dir": "FILE_TYPE_DIRECTORY", "symlink": "FILE_TYPE_SYMLINK"}
+_IFMT = {"file": stat_.S_IFREG, "dir": stat_.S_IFDIR, "symlink": stat_.S_IFLNK}
+
+
+def entry_json(e: FileEntry) -> Message:
+    """E2B's ``EntryInfo`` (int64 size as a JSON string, as protobuf's JSON mapping has it)."""
+    out: Message = {
+        "name": e.name,
+        "type": _TYPES.get(e.type, "FILE_TYPE_UNSPECIFIED"),
+        "path": e.path,
+        "size": str(e.size),
+        "mode": e.mode & 0o7777,
+        "permissions": stat_.filemode(_IFMT.get(e.type, 0) | (e.mode & 0o7777)),
+        "owner": "",
+        "group": "",
+        "modifiedTime": iso(e.mtime),
+        "isSymlink": e.type == "symlink",
+    }
+    if e.symlink_target is not None:
+        out["symlinkTarget"] = e.symlink_target
+    return out
+
+
+def _path(req: Message, key: str, user: str | None) -> str:
+    value = req.get(key)
+    if not isinstance(value, str) or not value:
+        raise RpcError("invalid_argument", f"{key} (a path) is required")
+    return resolve_path(value, user)
+
+
+async def _call(coro: Awaitable[T]) -> T:
+    try:
+        return await coro
+    except BranchboxError as exc:
+        raise from_branchbox(exc) from exc
+
+
+class FilesystemService:
+    def __init__(self, state: E2BState) -> None:
+        self.state = state
+
+    async def stat(self, sid: str, req: Message, user: str | None) -> Message:
+        return {"entry": entry_json(await _call(self.state.manager.stat(sid, _path(req, "path", user))))}
+
+    async def list_dir(self, sid: str, req: Message, user: str | None) -> Message:
+        depth = req.get("depth") or 1
+        if not isinstance(depth, int) or not 1 <= depth <= MAX_DEPTH:
+            raise RpcError("invalid_argument", f"depth must be 1 to {MAX_DEPTH}")
+        entries = await _call(self.state.manager.list_files(sid, _path(req, "path", user), depth=depth))
+        return {"entries": [entry_json(e) for e in entries]}
+
+    async def make_dir(self, sid: str, req: Message, user: str | None) -> Message:
+        path = _path(req, "path", user)
+        try:
+            await self.state.manager.stat(sid, path)
+        except FileNotFoundInSandboxError:
+            return {"entry": entry_json(await _call(self.state.manager.mkdir(sid, path)))}
+        except BranchboxError as exc:
+            raise from_branchbox(exc) from exc
+        raise RpcError("already_exists", f"{path} already exists")
+
+    async def remove(self, sid: str, req: Message, user: str | None) -> Message:
+        await _call(self.state.manager.remove(sid, _path(req, "path", user), recursive=True))
+        return {}
+
+    async def move(self, sid: str, req: Message, user: str | None) -> Message:
+        src, dst = _path(req, "source", user), _path(req, "destination", user)
+        return {"entry": entry_json(await _call(self.state.manager.rename(sid, src, dst)))}

@@ -1,0 +1,46 @@
+"""A real daemon with an API key, and the e2b SDK pointed at it by its three environment variables."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from branchbox.api.auth import generate_api_key, hash_api_key
+from tests.conftest import DaemonProc
+
+
+class E2BDaemon:
+    def __init__(self, daemon: DaemonProc, key: str) -> None:
+        self.daemon = daemon
+        self.key = key
+        self.url = daemon.url
+
+
+@pytest.fixture(scope="session")
+def e2b_daemon(default_template: Any) -> Iterator[E2BDaemon]:
+    """One daemon per test session (per xdist worker): tests kill what they create."""
+    from tests.conftest import new_data_dir
+
+    key = generate_api_key()
+    d = DaemonProc(
+        new_data_dir(), env={"BRANCHBOX_REQUIRE_AUTH": "true", "BRANCHBOX_API_KEY_HASHES": hash_api_key(key)}
+    )
+    d.headers = {"authorization": f"Bearer {key}"}
+    try:
+        d.start()
+        yield E2BDaemon(d, key)
+    finally:
+        print(f"--- the log of the daemon on {d.data_dir} ---\n{d.log()}")
+        d.cleanup()
+
+
+@pytest.fixture
+def e2b_env(e2b_daemon: E2BDaemon, monkeypatch: pytest.MonkeyPatch) -> E2BDaemon:
+    monkeypatch.setenv("E2B_API_URL", e2b_daemon.url)
+    monkeypatch.setenv("E2B_SANDBOX_URL", e2b_daemon.url)
+    monkeypatch.setenv("E2B_API_KEY", e2b_daemon.key)
+    monkeypatch.delenv("E2B_DEBUG", raising=False)
+    monkeypatch.delenv("E2B_DOMAIN", raising=False)
+    return e2b_daemon
