@@ -21,13 +21,14 @@ APT_PACKAGES := mmdebstrap bubblewrap busybox-static git ca-certificates iproute
 	python3 python3-venv tar xz-utils zstd btrfs-progs $(VM_APT_PACKAGES)
 BENCH_APT_PACKAGES := docker.io
 
-.PHONY: help setup apt venv storage template run test test-fast bench lint format clean
+.PHONY: help setup apt venv storage template run test test-fast bench lint format sdk clean
 
 help:
 	@echo "make run    set up (apt packages, virtualenv, default template) and start the daemon on 127.0.0.1"
 	@echo "make test   same set-up, then the whole test suite"
 	@echo "make bench  benchmarks with baselines (docker, bwrap, unshare) -> bench/results/"
-	@echo "make lint   ruff + mypy strict"
+	@echo "make lint   ruff + mypy strict (and the generated sync SDK up to date)"
+	@echo "make sdk    regenerate src/branchbox/sdk/_sync.py from _async.py (unasync)"
 
 setup: apt venv storage template
 
@@ -71,6 +72,11 @@ lint: venv
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/ruff format --check src tests bench
 	$(VENV)/bin/mypy
+	$(PY) scripts/gen_sync.py --check
+
+# the SDK is written once: _async.py is the source, _sync.py is generated (tests/test_sdk_generated.py checks)
+sdk: venv
+	$(PY) scripts/gen_sync.py
 
 format: venv
 	$(VENV)/bin/ruff format src tests bench

@@ -22,7 +22,7 @@ checked out from the daemon's cache (``ws.sandbox``, ``ws.path``, ``ws.commit``,
 ``sbx.git.clone(url, path)`` runs ``git clone`` inside an existing sandbox.
 """
 
-from branchbox.sdk._async import AsyncCommandHandle, AsyncPtyHandle, AsyncSandbox
+from branchbox.sdk._async import AsyncCommandHandle, AsyncSandbox
 from branchbox.sdk._config import DEFAULT_URL, ConnectionConfig
 from branchbox.sdk._errors import (
     ERROR_TABLE,
@@ -58,7 +58,8 @@ from branchbox.sdk._models import (
     SnapshotInfo,
     TemplateInfo,
 )
-from branchbox.sdk._sync import CommandHandle, PtyHandle, Sandbox
+from branchbox.sdk._pty import AsyncPtyHandle, PtyHandle
+from branchbox.sdk._sync import CommandHandle, Sandbox
 from branchbox.sdk._workspaces import AsyncWorkspace, Workspace, WorkspaceInfo
 
 __all__ = [

@@ -1,4 +1,10 @@
-"""The asynchronous SDK: ``AsyncSandbox``, the same methods as ``Sandbox``, awaited.
+"""The SDK's sandbox object: ``AsyncSandbox`` with ``sbx.commands``, ``sbx.files``, ``sbx.pty`` and ``sbx.git``
+(httpx for streams and queries, websockets for streamed output and terminals).
+
+This module is the source of both flavours: ``_sync.py`` is generated from it by ``scripts/gen_sync.py``
+(unasync, with the name table there) and never edited by hand; ``tests/test_sdk_generated.py`` fails when the
+two differ. What cannot be written once (callbacks that may be awaitable, blocking work off the event loop, the
+terminal's reader) lives in ``_concurrency.py`` and ``_pty.py``, one hand-written pair each.
 
 ``timeout=`` parameters are the command's or the sandbox's lifetime (E2B naming), not a deadline of the call
 itself, hence the ASYNC109 exemptions.
@@ -6,10 +12,8 @@ itself, hence the ASYNC109 exemptions.
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import dataclasses
-import inspect
 import json
 import tempfile
 import time
@@ -25,6 +29,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from branchbox.sdk import _awire, _tar
 from branchbox.sdk import _requests as rq
+from branchbox.sdk._concurrency import acall, aoffload
 from branchbox.sdk._config import UNSET, ConnectionConfig, _Unset, default_ssl_context
 from branchbox.sdk._errors import (
     ConnectionError_,
@@ -45,23 +50,17 @@ from branchbox.sdk._models import (
     SnapshotInfo,
     TemplateInfo,
 )
+from branchbox.sdk._pty import AsyncPtyHandle
 from branchbox.sdk._wire import Reply
 from branchbox.sdk._workspaces import AsyncGit
 
 CHUNK = 256 * 1024
 Timeout = float | None | _Unset
-OutputCallback = Callable[[str], object]  # may return an awaitable, which is awaited
-
-
-async def _call(cb: Callable[[Any], object] | None, arg: Any) -> None:
-    if cb is not None:
-        result = cb(arg)
-        if inspect.isawaitable(result):
-            await result
+OutputCallback = Callable[[str], object]  # (async flavour) may return an awaitable, which is awaited
 
 
 class _AsyncHttp:
-    """Per sandbox object: the event loop's keep-alive connections to its daemon for small JSON requests
+    """Per sandbox object: pooled keep-alive connections to its daemon for small JSON requests
     (:mod:`branchbox.sdk._awire`) and its own httpx client, made on first use, for streams and queries."""
 
     def __init__(self, config: ConnectionConfig) -> None:
@@ -72,6 +71,7 @@ class _AsyncHttp:
 
     @property
     def client(self) -> httpx.AsyncClient:
+        """The httpx client, made on first use (most sandbox objects never stream)."""
         if self._closed:
             raise RuntimeError("this sandbox object was closed: connect again with AsyncSandbox.connect()")
         if self._client is None:
@@ -140,7 +140,7 @@ class _AsyncHttp:
     async def ws(self, path: str, *, binary: bool) -> ClientConnection:
         url = self.config.ws_url(path, encoding="base64" if binary else "text")
         try:
-            return await connect(
+            ws = await connect(
                 url,
                 additional_headers=self.config.headers(),
                 open_timeout=self.config.request_timeout,
@@ -153,6 +153,7 @@ class _AsyncHttp:
             raise
         except (OSError, InvalidHandshake, TimeoutError) as exc:
             raise ConnectionError_(f"WebSocket to {url} failed: {exc}", code="connection_error") from exc
+        return await ws.__aenter__()  # entered here: the caller owns it (a terminal's handle may outlive a block)
 
     async def aclose(self) -> None:
         self._closed = True
@@ -187,10 +188,10 @@ async def _consume(
             ev = rq.parse_event(raw, binary=binary)
             if ev.kind == "stdout":
                 out.append(ev.text)
-                await _call(on_stdout, ev.text)
+                await acall(on_stdout, ev.text)
             elif ev.kind == "stderr":
                 err.append(ev.text)
-                await _call(on_stderr, ev.text)
+                await acall(on_stderr, ev.text)
             elif ev.kind == "exit":
                 return CommandResult(
                     exit_code=ev.exit_code,
@@ -208,7 +209,7 @@ async def _consume(
 
 
 class AsyncCommandHandle:
-    """A background command: ``await wait()`` for its result, ``await kill()`` it."""
+    """A background command: ``wait()`` for its result, ``kill()`` it."""
 
     def __init__(self, sandbox: AsyncSandbox, pid: int) -> None:
         self._sandbox = sandbox
@@ -217,6 +218,7 @@ class AsyncCommandHandle:
     async def wait(
         self, *, on_stdout: OutputCallback | None = None, on_stderr: OutputCallback | None = None
     ) -> CommandResult:
+        """Attach and stream output until the command exits (the agent replays a bounded tail of earlier output)."""
         path = f"/v1/sandboxes/{self._sandbox.sandbox_id}/commands/{self.pid}/attach"
         ws = await self._sandbox._http.ws(path, binary=False)
         async with ws:
@@ -281,7 +283,12 @@ class AsyncCommands:
         tag: str | None = None,
         request_timeout: Timeout = UNSET,
     ) -> CommandResult | AsyncCommandHandle:
-        """Same as :meth:`branchbox.Sandbox.commands.run`; callbacks may be coroutine functions."""
+        """Run ``cmd`` (a string runs under /bin/sh -c). ``timeout`` (s) limits the command; None: no limit.
+
+        With ``on_stdout``/``on_stderr`` the output streams over a WebSocket as it is produced; the result
+        still holds all of it (the async flavour's callbacks may be coroutine functions).
+        ``background=True`` returns a :class:`AsyncCommandHandle` at once.
+        """
         sid = self._sandbox.sandbox_id
         http = self._sandbox._http
         if background:
@@ -344,6 +351,7 @@ class AsyncCommands:
         return True
 
     def connect(self, pid: int) -> AsyncCommandHandle:
+        """A handle on a running process (``wait()`` streams its output)."""
         return AsyncCommandHandle(self._sandbox, pid)
 
 
@@ -404,7 +412,7 @@ class AsyncFiles:
 
     async def upload_dir(self, local_dir: str | Path, path: str, *, request_timeout: Timeout = UNSET) -> ArchiveInfo:
         """Copy a local directory's contents into the sandbox directory ``path`` (one streamed tar)."""
-        with await asyncio.to_thread(_tar.pack_dir, local_dir) as packed:
+        with await aoffload(_tar.pack_dir, local_dir) as packed:
             return await self.write_archive(path, packed, request_timeout=request_timeout)
 
     async def download_dir(
@@ -417,11 +425,12 @@ class AsyncFiles:
     ) -> int:
         """Copy a sandbox directory's contents into ``local_dir`` (created); returns the entries written. The
         tar is checked member by member: nothing is written outside ``local_dir``; symlinks pointing out of it
-        and devices are left out (``on_skipped(name, why)`` hears of each, from a worker thread)."""
+        and devices are left out (``on_skipped(name, why)`` hears of each; in the async flavour from a
+        worker thread)."""
         with tempfile.SpooledTemporaryFile(_tar.SPOOL) as spool:
             await self._save(rq.read_archive(self._sid, path), spool, request_timeout)
             spool.seek(0)
-            return await asyncio.to_thread(_tar.unpack, spool, local_dir, on_skipped)
+            return await aoffload(_tar.unpack, spool, local_dir, on_skipped)
 
     async def write(
         self,
@@ -481,76 +490,6 @@ async def _achunks(f: IO[bytes]) -> AsyncIterator[bytes]:
         yield chunk
 
 
-class AsyncPtyHandle:
-    """An interactive terminal. Output goes to ``on_data`` (bytes; may be async) or is collected."""
-
-    def __init__(self, ws: ClientConnection, on_data: Callable[[bytes], object] | None) -> None:
-        self._ws = ws
-        self._on_data = on_data
-        self._collected = bytearray()
-        self._started = asyncio.get_running_loop().create_future()
-        self.pid = 0
-        self._task = asyncio.create_task(self._read())
-
-    async def _read(self) -> CommandResult:
-        try:
-            return await self._loop()
-        except ConnectionClosed as exc:
-            rcvd = exc.rcvd
-            err = rq.ws_close_error(rcvd.code if rcvd else None, rcvd.reason if rcvd else "")
-            if not self._started.done():
-                self._started.set_exception(err)
-            raise err from exc
-        except BaseException as exc:
-            if not self._started.done():
-                self._started.set_exception(exc)
-            raise
-
-    async def _loop(self) -> CommandResult:
-        t0 = time.perf_counter()
-        async for raw in self._ws:
-            ev = rq.parse_event(raw, binary=True)
-            if ev.kind == "started":
-                self.pid = ev.pid
-                self._started.set_result(ev.pid)
-            elif ev.kind in ("stdout", "stderr"):
-                if self._on_data is not None:
-                    await _call(self._on_data, ev.data)
-                else:
-                    self._collected += ev.data
-            elif ev.kind == "exit":
-                out = self._collected.decode("utf-8", "replace")
-                return CommandResult(ev.exit_code, out, "", ev.signal, (time.perf_counter() - t0) * 1000)
-            elif ev.error is not None:
-                raise ev.error
-        raise rq.ws_close_error(self._ws.close_code, self._ws.close_reason or "")
-
-    async def wait_started(self) -> int:
-        return int(await self._started)
-
-    async def send_input(self, data: str | bytes) -> None:
-        await self._ws.send(rq.stdin_frame(data, binary=True))
-
-    async def resize(self, cols: int, rows: int) -> None:
-        await self._ws.send(rq.resize_frame(cols, rows))
-
-    async def kill(self, signal: int = 9) -> None:
-        await self._ws.send(rq.kill_frame(signal))
-
-    async def wait(self) -> CommandResult:
-        """Until the shell exits; the result's stdout holds the output when no on_data was given."""
-        try:
-            return await self._task
-        finally:
-            await self._ws.close()
-
-    async def close(self) -> None:
-        """Disconnect (the daemon kills the shell)."""
-        await self._ws.close()
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-
-
 class AsyncPty:
     """``sbx.pty``: interactive terminals."""
 
@@ -581,7 +520,7 @@ class AsyncPty:
 
 
 class AsyncSandbox:
-    """A sandbox on a branchbox daemon, async. Make one with ``await AsyncSandbox.create()``.
+    """A sandbox on a branchbox daemon. Make one with :meth:`create` or :meth:`connect`.
 
     ``async with await AsyncSandbox.create() as sbx:`` kills the sandbox at the end of the block.
     """
@@ -600,6 +539,7 @@ class AsyncSandbox:
 
     @property
     def info(self) -> SandboxInfo:
+        """What the daemon said at create/connect time (``get_info()`` asks again)."""
         return self._info
 
     @classmethod
@@ -622,6 +562,9 @@ class AsyncSandbox:
         api_key: str | None = None,
         request_timeout: Timeout = UNSET,
     ) -> AsyncSandbox:
+        """Create a sandbox. ``timeout`` is its lifetime in seconds (None: the daemon's default).
+
+        ``snapshot`` (id or name) restores that snapshot into the new sandbox (its template wins)."""
         http = _AsyncHttp(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
         try:
             req = rq.create_sandbox(
@@ -653,6 +596,7 @@ class AsyncSandbox:
         api_key: str | None = None,
         request_timeout: Timeout = UNSET,
     ) -> AsyncSandbox:
+        """Connect to an existing sandbox by id."""
         http = _AsyncHttp(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
         try:
             info = SandboxInfo.from_json((await http.send(rq.get_sandbox(sandbox_id))).json())
@@ -670,6 +614,7 @@ class AsyncSandbox:
         api_key: str | None = None,
         request_timeout: Timeout = UNSET,
     ) -> list[SandboxInfo]:
+        """Sandboxes whose metadata has all the given pairs (and, if given, in one of ``state``)."""
         resp = await _oneshot(
             rq.list_sandboxes(metadata=metadata, state=state),
             base_url=base_url,
@@ -786,7 +731,7 @@ class AsyncSandbox:
     ) -> builtins.list[AsyncSandbox | SandboxError]:
         """``count`` new sandboxes continuing from this one's current files (not its processes, on containers).
 
-        One entry per child, in order: an :class:`AsyncSandbox` or the exception that child met."""
+        One entry per child, in order: a sandbox object or the exception that child met."""
         body = (await self._http.send(rq.fork(self.sandbox_id, count), request_timeout=request_timeout)).json()
         return [
             r if isinstance(r, SandboxError) else AsyncSandbox(SandboxInfo.from_json(r), _AsyncHttp(self._http.config))
@@ -863,6 +808,7 @@ class AsyncSandbox:
         return rq.host_url(self._http.config.base_url, self.sandbox_id, port, token)
 
     async def set_timeout(self, timeout: float | None, *, request_timeout: Timeout = UNSET) -> SandboxInfo:
+        """The sandbox now lives ``timeout`` more seconds (None: no timeout)."""
         resp = await self._http.send(rq.set_timeout(self.sandbox_id, timeout), request_timeout=request_timeout)
         self._info = SandboxInfo.from_json(resp.json())
         return self._info
@@ -878,6 +824,7 @@ class AsyncSandbox:
         return self._info
 
     async def kill(self, *, request_timeout: Timeout = UNSET) -> bool:
+        """Destroy the sandbox; False if it was already gone."""
         try:
             await self._http.send(rq.kill_sandbox(self.sandbox_id), request_timeout=request_timeout)
         except SandboxNotFoundError:
@@ -885,7 +832,9 @@ class AsyncSandbox:
         return True
 
     async def close(self) -> None:
-        """Close HTTP connections (the sandbox keeps running)."""
+        """Release HTTP connections (the sandbox keeps running). Idle keep-alive connections stay pooled per
+        daemon for the next sandbox object (sync: for the whole process; async: for the event loop, until its
+        last user closes)."""
         await self._http.aclose()
 
     async def __aenter__(self) -> AsyncSandbox:

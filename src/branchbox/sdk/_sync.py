@@ -1,11 +1,22 @@
-"""The synchronous SDK: ``Sandbox`` (httpx for HTTP, websockets' sync client for streams)."""
+# Generated from _async.py by scripts/gen_sync.py (unasync). Do not edit: edit _async.py, run `make sdk`.
+"""The SDK's sandbox object: ``Sandbox`` with ``sbx.commands``, ``sbx.files``, ``sbx.pty`` and ``sbx.git``
+(httpx for streams and queries, websockets for streamed output and terminals).
+
+This module is the source of both flavours: ``_sync.py`` is generated from it by ``scripts/gen_sync.py``
+(unasync, with the name table there) and never edited by hand; ``tests/test_sdk_generated.py`` fails when the
+two differ. What cannot be written once (callbacks that may be awaitable, blocking work off the event loop, the
+terminal's reader) lives in ``_concurrency.py`` and ``_pty.py``, one hand-written pair each.
+
+``timeout=`` parameters are the command's or the sandbox's lifetime (E2B naming), not a deadline of the call
+itself, hence the ASYNC109 exemptions.
+"""
 
 from __future__ import annotations
 
 import builtins
 import dataclasses
 import json
-import threading
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -18,7 +29,8 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from websockets.sync.client import ClientConnection, connect
 
 from branchbox.sdk import _requests as rq
-from branchbox.sdk import _tar
+from branchbox.sdk import _tar, _wire
+from branchbox.sdk._concurrency import call, offload
 from branchbox.sdk._config import UNSET, ConnectionConfig, _Unset, default_ssl_context
 from branchbox.sdk._errors import (
     ConnectionError_,
@@ -39,21 +51,22 @@ from branchbox.sdk._models import (
     SnapshotInfo,
     TemplateInfo,
 )
-from branchbox.sdk._wire import Reply, shared_wire
+from branchbox.sdk._pty import PtyHandle
+from branchbox.sdk._wire import Reply
 from branchbox.sdk._workspaces import Git
 
 CHUNK = 256 * 1024
 Timeout = float | None | _Unset
-OutputCallback = Callable[[str], object]
+OutputCallback = Callable[[str], object]  # (async flavour) may return an awaitable, which is awaited
 
 
 class _Http:
-    """Per sandbox object: the process-wide keep-alive connections to its daemon for small JSON requests
-    (:func:`shared_wire`) and its own httpx client for streams and queries."""
+    """Per sandbox object: pooled keep-alive connections to its daemon for small JSON requests
+    (:mod:`branchbox.sdk._wire`) and its own httpx client, made on first use, for streams and queries."""
 
     def __init__(self, config: ConnectionConfig) -> None:
         self.config = config
-        self.wire = shared_wire(config)
+        self.wire: _wire.Wire | None = _wire.acquire(config)
         self._client: httpx.Client | None = None
         self._closed = False
 
@@ -78,9 +91,8 @@ class _Http:
 
     def send(self, req: rq.Req, *, request_timeout: Timeout = UNSET, content: Any = None) -> httpx.Response | Reply:
         try:
-            if self._closed:
-                raise RuntimeError("this sandbox object was closed: connect again with Sandbox.connect()")
-            if content is None and not req.params:
+            if content is None and not req.params and not self._closed:
+                assert self.wire is not None
                 body = None if req.json is None else json.dumps(req.json, separators=(",", ":")).encode("utf-8")
                 resp: httpx.Response | Reply = self.wire.request(
                     req.method, req.path, body, self._timeout(req, request_timeout)
@@ -140,10 +152,13 @@ class _Http:
             raise
         except (OSError, InvalidHandshake, TimeoutError) as exc:
             raise ConnectionError_(f"WebSocket to {url} failed: {exc}", code="connection_error") from exc
-        return ws.__enter__()  # entered here: the handle owns it (and may outlive a with-block)
+        return ws.__enter__()  # entered here: the caller owns it (a terminal's handle may outlive a block)
 
     def close(self) -> None:
         self._closed = True
+        if self.wire is not None:
+            _wire.release(self.config, self.wire)
+            self.wire = None
         if self._client is not None:
             self._client.close()
 
@@ -163,7 +178,6 @@ def _consume(
     binary: bool,
     on_stdout: OutputCallback | None,
     on_stderr: OutputCallback | None,
-    started: Callable[[int], None] | None = None,
 ) -> CommandResult:
     t0 = time.perf_counter()
     out: list[str] = []
@@ -173,15 +187,10 @@ def _consume(
             ev = rq.parse_event(raw, binary=binary)
             if ev.kind == "stdout":
                 out.append(ev.text)
-                if on_stdout is not None:
-                    on_stdout(ev.text)
+                call(on_stdout, ev.text)
             elif ev.kind == "stderr":
                 err.append(ev.text)
-                if on_stderr is not None:
-                    on_stderr(ev.text)
-            elif ev.kind == "started":
-                if started is not None:
-                    started(ev.pid)
+                call(on_stderr, ev.text)
             elif ev.kind == "exit":
                 return CommandResult(
                     exit_code=ev.exit_code,
@@ -210,7 +219,8 @@ class CommandHandle:
     ) -> CommandResult:
         """Attach and stream output until the command exits (the agent replays a bounded tail of earlier output)."""
         path = f"/v1/sandboxes/{self._sandbox.sandbox_id}/commands/{self.pid}/attach"
-        with self._sandbox._http.ws(path, binary=False) as ws:
+        ws = self._sandbox._http.ws(path, binary=False)
+        with ws:
             return _consume(ws, binary=False, on_stdout=on_stdout, on_stderr=on_stderr)
 
     def kill(self, signal: int = 9) -> bool:
@@ -275,7 +285,8 @@ class Commands:
         """Run ``cmd`` (a string runs under /bin/sh -c). ``timeout`` (s) limits the command; None: no limit.
 
         With ``on_stdout``/``on_stderr`` the output streams over a WebSocket as it is produced; the result
-        still holds all of it. ``background=True`` returns a :class:`CommandHandle` at once.
+        still holds all of it (the async flavour's callbacks may be coroutine functions).
+        ``background=True`` returns a :class:`CommandHandle` at once.
         """
         sid = self._sandbox.sandbox_id
         http = self._sandbox._http
@@ -292,7 +303,7 @@ class Commands:
                 tag=tag,
                 request_timeout=None,
             )
-            pid = int(http.send(req, request_timeout=request_timeout).json()["pid"])
+            pid = int((http.send(req, request_timeout=request_timeout)).json()["pid"])
             return CommandHandle(self._sandbox, pid)
         if on_stdout is None and on_stderr is None:
             rt = http.config.with_timeout(request_timeout).request_timeout
@@ -310,9 +321,10 @@ class Commands:
             )
             if not isinstance(request_timeout, _Unset):  # an explicit per-call limit wins
                 req = dataclasses.replace(req, timeout=request_timeout)
-            return CommandResult.from_json(http.send(req).json())
+            return CommandResult.from_json((http.send(req)).json())
         start = rq.stream_start(cmd, envs=envs, cwd=cwd, user=user, timeout=timeout, tag=tag, stdin=stdin is not None)
-        with http.ws(f"/v1/sandboxes/{sid}/commands/stream", binary=False) as ws:
+        ws = http.ws(f"/v1/sandboxes/{sid}/commands/stream", binary=False)
+        with ws:
             ws.send(start)
             if stdin is not None:
                 ws.send(rq.stdin_frame(stdin, binary=False))
@@ -357,19 +369,61 @@ class Files:
     def read(
         self, path: str, *, format: Literal["text", "bytes"] = "text", request_timeout: Timeout = UNSET
     ) -> str | bytes:
-        data = self._sandbox._http.send(rq.read_file(self._sid, path), request_timeout=request_timeout).content
-        return data.decode("utf-8") if format == "text" else data
+        resp = self._sandbox._http.send(rq.read_file(self._sid, path), request_timeout=request_timeout)
+        return resp.content.decode("utf-8") if format == "text" else resp.content
 
     def download(self, path: str, target: str | Path | IO[bytes], *, request_timeout: Timeout = UNSET) -> int:
         """Stream a sandbox file into a local path or binary file object; returns the byte count."""
         return self._save(rq.read_file(self._sid, path), target, request_timeout)
 
+    def download_archive(self, path: str, target: str | Path | IO[bytes], *, request_timeout: Timeout = UNSET) -> int:
+        """Stream a tar of a sandbox path into a local path or binary file object; returns the byte count. A
+        directory's members are named relative to it; a file is one member under its own name."""
+        return self._save(rq.read_archive(self._sid, path), target, request_timeout)
+
     def _save(self, req: rq.Req, target: str | Path | IO[bytes], request_timeout: Timeout) -> int:
+        n = 0
         with self._sandbox._http.stream(req, request_timeout=request_timeout) as resp:
-            if isinstance(target, str | Path):
-                with open(target, "wb") as f:
-                    return _copy(resp.iter_bytes(CHUNK), f)
-            return _copy(resp.iter_bytes(CHUNK), target)
+            f = open(target, "wb") if isinstance(target, str | Path) else target  # noqa: SIM115, ASYNC230
+            try:
+                for chunk in resp.iter_bytes(CHUNK):
+                    f.write(chunk)
+                    n += len(chunk)
+            finally:
+                if f is not target:
+                    f.close()
+        return n
+
+    def write_archive(self, path: str, data: bytes | IO[bytes], *, request_timeout: Timeout = UNSET) -> ArchiveInfo:
+        """Unpack an uncompressed tar (bytes or a binary file object, streamed) into the sandbox directory
+        ``path``, created with its parents: existing files are replaced, directories merged into."""
+        content = bytes(data) if isinstance(data, bytes | bytearray | memoryview) else _chunks(data)
+        resp = self._sandbox._http.send(
+            rq.write_archive(self._sid, path), request_timeout=request_timeout, content=content
+        )
+        return ArchiveInfo.from_json(resp.json())
+
+    def upload_dir(self, local_dir: str | Path, path: str, *, request_timeout: Timeout = UNSET) -> ArchiveInfo:
+        """Copy a local directory's contents into the sandbox directory ``path`` (one streamed tar)."""
+        with offload(_tar.pack_dir, local_dir) as packed:
+            return self.write_archive(path, packed, request_timeout=request_timeout)
+
+    def download_dir(
+        self,
+        path: str,
+        local_dir: str | Path,
+        *,
+        on_skipped: Callable[[str, str], object] | None = None,
+        request_timeout: Timeout = UNSET,
+    ) -> int:
+        """Copy a sandbox directory's contents into ``local_dir`` (created); returns the entries written. The
+        tar is checked member by member: nothing is written outside ``local_dir``; symlinks pointing out of it
+        and devices are left out (``on_skipped(name, why)`` hears of each; in the async flavour from a
+        worker thread)."""
+        with tempfile.SpooledTemporaryFile(_tar.SPOOL) as spool:
+            self._save(rq.read_archive(self._sid, path), spool, request_timeout)
+            spool.seek(0)
+            return offload(_tar.unpack, spool, local_dir, on_skipped)
 
     def write(
         self,
@@ -394,41 +448,8 @@ class Files:
 
     def upload(self, path: str, source: str | Path, *, mode: int | None = None) -> EntryInfo:
         """Stream a local file into the sandbox."""
-        with open(source, "rb") as f:
+        with open(source, "rb") as f:  # noqa: ASYNC230 - reads are chunked and small
             return self.write(path, f, mode=mode)
-
-    def write_archive(self, path: str, data: bytes | IO[bytes], *, request_timeout: Timeout = UNSET) -> ArchiveInfo:
-        """Unpack an uncompressed tar (bytes or a binary file object, streamed) into the sandbox directory
-        ``path``, created with its parents: existing files are replaced, directories merged into."""
-        content = bytes(data) if isinstance(data, bytes | bytearray | memoryview) else _chunks(data)
-        resp = self._sandbox._http.send(
-            rq.write_archive(self._sid, path), request_timeout=request_timeout, content=content
-        )
-        return ArchiveInfo.from_json(resp.json())
-
-    def download_archive(self, path: str, target: str | Path | IO[bytes], *, request_timeout: Timeout = UNSET) -> int:
-        """Stream a tar of a sandbox path into a local path or binary file object; returns the byte count. A
-        directory's members are named relative to it; a file is one member under its own name."""
-        return self._save(rq.read_archive(self._sid, path), target, request_timeout)
-
-    def upload_dir(self, local_dir: str | Path, path: str, *, request_timeout: Timeout = UNSET) -> ArchiveInfo:
-        """Copy a local directory's contents into the sandbox directory ``path`` (one streamed tar)."""
-        with _tar.pack_dir(local_dir) as packed:
-            return self.write_archive(path, packed, request_timeout=request_timeout)
-
-    def download_dir(
-        self,
-        path: str,
-        local_dir: str | Path,
-        *,
-        on_skipped: Callable[[str, str], object] | None = None,
-        request_timeout: Timeout = UNSET,
-    ) -> int:
-        """Copy a sandbox directory's contents into ``local_dir`` (created); returns the entries written. The
-        tar is checked member by member: nothing is written outside ``local_dir``; symlinks pointing out of it
-        and devices are left out (``on_skipped(name, why)`` hears of each)."""
-        with self._sandbox._http.stream(rq.read_archive(self._sid, path), request_timeout=request_timeout) as resp:
-            return _tar.unpack(resp.iter_bytes(CHUNK), local_dir, on_skipped)
 
     def list(self, path: str, *, depth: int = 1, request_timeout: Timeout = UNSET) -> list[EntryInfo]:
         resp = self._sandbox._http.send(rq.list_files(self._sid, path, depth), request_timeout=request_timeout)
@@ -462,93 +483,6 @@ def _chunks(f: IO[bytes]) -> Iterator[bytes]:
         yield chunk
 
 
-def _copy(chunks: Iterator[bytes], f: IO[bytes]) -> int:
-    n = 0
-    for chunk in chunks:
-        f.write(chunk)
-        n += len(chunk)
-    return n
-
-
-class PtyHandle:
-    """An interactive terminal. Output goes to ``on_data`` (bytes) from a reader thread, or is collected."""
-
-    def __init__(self, ws: ClientConnection, on_data: Callable[[bytes], object] | None) -> None:
-        self._ws = ws
-        self._on_data = on_data
-        self._collected = bytearray()
-        self._result: CommandResult | None = None
-        self._error: BaseException | None = None
-        self._pid = threading.Event()
-        self.pid = 0
-        self._thread = threading.Thread(target=self._read, name="branchbox-pty", daemon=True)
-        self._thread.start()
-
-    def _started(self, pid: int) -> None:
-        self.pid = pid
-        self._pid.set()
-
-    def _read(self) -> None:
-        try:
-            t0 = time.perf_counter()
-            for raw in self._ws:
-                ev = rq.parse_event(raw, binary=True)
-                if ev.kind == "started":
-                    self._started(ev.pid)
-                elif ev.kind in ("stdout", "stderr"):
-                    if self._on_data is not None:
-                        self._on_data(ev.data)
-                    else:
-                        self._collected += ev.data
-                elif ev.kind == "exit":
-                    out = self._collected.decode("utf-8", "replace")
-                    dur = (time.perf_counter() - t0) * 1000
-                    self._result = CommandResult(ev.exit_code, out, "", ev.signal, dur)
-                    return
-                elif ev.error is not None:
-                    self._error = ev.error
-                    return
-            self._error = rq.ws_close_error(self._ws.close_code, self._ws.close_reason or "")
-        except ConnectionClosed as exc:
-            rcvd = exc.rcvd
-            self._error = rq.ws_close_error(rcvd.code if rcvd else None, rcvd.reason if rcvd else "")
-        except BaseException as exc:  # delivered to wait()
-            self._error = exc
-        finally:
-            self._pid.set()
-
-    def wait_started(self, timeout: float | None = 30.0) -> int:
-        self._pid.wait(timeout)
-        if self._error is not None and not self.pid:
-            raise self._error
-        return self.pid
-
-    def send_input(self, data: str | bytes) -> None:
-        self._ws.send(rq.stdin_frame(data, binary=True))
-
-    def resize(self, cols: int, rows: int) -> None:
-        self._ws.send(rq.resize_frame(cols, rows))
-
-    def kill(self, signal: int = 9) -> None:
-        self._ws.send(rq.kill_frame(signal))
-
-    def wait(self, timeout: float | None = None) -> CommandResult:
-        """Block until the shell exits; the result's stdout holds the output when no on_data was given."""
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            raise TimeoutException(f"the pty did not exit within {timeout} s", code="timeout")
-        self._ws.close()
-        if self._error is not None:
-            raise self._error
-        assert self._result is not None
-        return self._result
-
-    def close(self) -> None:
-        """Disconnect (the daemon kills the shell)."""
-        self._ws.close()
-        self._thread.join(5)
-
-
 class Pty:
     """``sbx.pty``: interactive terminals."""
 
@@ -570,11 +504,11 @@ class Pty:
         ws = self._sandbox._http.ws(f"/v1/sandboxes/{self._sandbox.sandbox_id}/pty", binary=True)
         try:
             ws.send(rq.pty_start(cols=cols, rows=rows, cmd=cmd, envs=envs, cwd=cwd, user=user, timeout=timeout))
+            handle = PtyHandle(ws, on_data)
+            handle.wait_started()
         except BaseException:
             ws.close()
             raise
-        handle = PtyHandle(ws, on_data)
-        handle.wait_started()
         return handle
 
 
@@ -640,7 +574,7 @@ class Sandbox:
                 allow_internet_access=allow_internet_access,
                 network=network,
             )
-            info = SandboxInfo.from_json(http.send(req).json())
+            info = SandboxInfo.from_json((http.send(req)).json())
         except BaseException:
             http.close()
             raise
@@ -658,7 +592,7 @@ class Sandbox:
         """Connect to an existing sandbox by id."""
         http = _Http(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
         try:
-            info = SandboxInfo.from_json(http.send(rq.get_sandbox(sandbox_id)).json())
+            info = SandboxInfo.from_json((http.send(rq.get_sandbox(sandbox_id))).json())
         except BaseException:
             http.close()
             raise
@@ -688,8 +622,8 @@ class Sandbox:
     ) -> builtins.list[TemplateInfo]:
         return [
             TemplateInfo.from_json(d)
-            for d in _oneshot(
-                rq.list_templates(), base_url=base_url, api_key=api_key, request_timeout=request_timeout
+            for d in (
+                _oneshot(rq.list_templates(), base_url=base_url, api_key=api_key, request_timeout=request_timeout)
             ).json()
         ]
 
@@ -701,8 +635,8 @@ class Sandbox:
         """Statistics of every warm pool on the daemon."""
         return [
             PoolInfo.from_json(d)
-            for d in _oneshot(
-                rq.list_pools(), base_url=base_url, api_key=api_key, request_timeout=request_timeout
+            for d in (
+                _oneshot(rq.list_pools(), base_url=base_url, api_key=api_key, request_timeout=request_timeout)
             ).json()
         ]
 
@@ -718,8 +652,10 @@ class Sandbox:
         """Statistics of the warm pool of ``template`` on ``backend`` (default: the daemon's; NotFoundError if
         it has none)."""
         return PoolInfo.from_json(
-            _oneshot(
-                rq.get_pool(template, backend), base_url=base_url, api_key=api_key, request_timeout=request_timeout
+            (
+                _oneshot(
+                    rq.get_pool(template, backend), base_url=base_url, api_key=api_key, request_timeout=request_timeout
+                )
             ).json()
         )
 
@@ -752,11 +688,13 @@ class Sandbox:
             "pids": pids,
         }  # fmt: skip
         return PoolInfo.from_json(
-            _oneshot(
-                rq.configure_pool(template, settings, backend),
-                base_url=base_url,
-                api_key=api_key,
-                request_timeout=request_timeout,
+            (
+                _oneshot(
+                    rq.configure_pool(template, settings, backend),
+                    base_url=base_url,
+                    api_key=api_key,
+                    request_timeout=request_timeout,
+                )
             ).json()
         )
 
@@ -782,8 +720,8 @@ class Sandbox:
     def fork(self, *, count: int = 1, request_timeout: Timeout = UNSET) -> builtins.list[Sandbox | SandboxError]:
         """``count`` new sandboxes continuing from this one's current files (not its processes, on containers).
 
-        One entry per child, in order: a :class:`Sandbox` or the exception that child met."""
-        body = self._http.send(rq.fork(self.sandbox_id, count), request_timeout=request_timeout).json()
+        One entry per child, in order: a sandbox object or the exception that child met."""
+        body = (self._http.send(rq.fork(self.sandbox_id, count), request_timeout=request_timeout)).json()
         return [
             r if isinstance(r, SandboxError) else Sandbox(SandboxInfo.from_json(r), _Http(self._http.config))
             for r in rq.parse_fork(body)
@@ -801,8 +739,8 @@ class Sandbox:
     ) -> builtins.list[SnapshotInfo]:
         return [
             SnapshotInfo.from_json(d)
-            for d in _oneshot(
-                rq.list_snapshots(), base_url=base_url, api_key=api_key, request_timeout=request_timeout
+            for d in (
+                _oneshot(rq.list_snapshots(), base_url=base_url, api_key=api_key, request_timeout=request_timeout)
             ).json()
         ]
 
@@ -811,8 +749,8 @@ class Sandbox:
         snapshot: str, *, base_url: str | None = None, api_key: str | None = None, request_timeout: Timeout = UNSET
     ) -> SnapshotInfo:
         return SnapshotInfo.from_json(
-            _oneshot(
-                rq.get_snapshot(snapshot), base_url=base_url, api_key=api_key, request_timeout=request_timeout
+            (
+                _oneshot(rq.get_snapshot(snapshot), base_url=base_url, api_key=api_key, request_timeout=request_timeout)
             ).json()
         )
 
@@ -824,14 +762,13 @@ class Sandbox:
         _oneshot(rq.delete_snapshot(snapshot), base_url=base_url, api_key=api_key, request_timeout=request_timeout)
 
     def get_info(self, *, request_timeout: Timeout = UNSET) -> SandboxInfo:
-        self._info = SandboxInfo.from_json(
-            self._http.send(rq.get_sandbox(self.sandbox_id), request_timeout=request_timeout).json()
-        )
+        resp = self._http.send(rq.get_sandbox(self.sandbox_id), request_timeout=request_timeout)
+        self._info = SandboxInfo.from_json(resp.json())
         return self._info
 
     def is_running(self) -> bool:
         try:
-            return self.get_info().state == "running"
+            return (self.get_info()).state == "running"
         except NotFoundError:
             return False
 
@@ -862,9 +799,8 @@ class Sandbox:
         return self._info
 
     def pause(self, *, request_timeout: Timeout = UNSET) -> SandboxInfo:
-        self._info = SandboxInfo.from_json(
-            self._http.send(rq.pause(self.sandbox_id), request_timeout=request_timeout).json()
-        )
+        resp = self._http.send(rq.pause(self.sandbox_id), request_timeout=request_timeout)
+        self._info = SandboxInfo.from_json(resp.json())
         return self._info
 
     def resume(self, *, request_timeout: Timeout = UNSET) -> SandboxInfo:
@@ -882,7 +818,8 @@ class Sandbox:
 
     def close(self) -> None:
         """Release HTTP connections (the sandbox keeps running). Idle keep-alive connections stay pooled per
-        daemon for the next sandbox object of this process."""
+        daemon for the next sandbox object (sync: for the whole process; async: for the event loop, until its
+        last user closes)."""
         self._http.close()
 
     def __enter__(self) -> Sandbox:

@@ -244,6 +244,16 @@ def shared_wire(config: ConnectionConfig) -> Wire:
         return wire
 
 
+def acquire(config: ConnectionConfig) -> Wire:
+    """The pool for ``config``'s daemon (the sync twin of :func:`branchbox.sdk._awire.acquire`): the process-wide
+    one, so a new sandbox object reuses what a closed one left idle."""
+    return shared_wire(config)
+
+
+def release(config: ConnectionConfig, wire: Wire) -> None:
+    """One user fewer: nothing to do, the process-wide pool keeps its idle connections (closed at exit)."""
+
+
 def close_shared() -> None:
     """Close every pooled connection (at exit; also usable by long-running clients)."""
     with _shared_lock:
