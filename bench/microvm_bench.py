@@ -14,6 +14,9 @@ Rows:
   quiet host (the previous sample's teardown finished: ``quiet.wait_quiet``) and back to back (claimed the moment
   the pool refilled after the previous destroy), alternating;
   ``... second command``: the next ``exec(["true"])`` in the same VM (what every command costs once warm).
+  ``... (fresh QEMU, no jail: baseline)``: the same with ``JailConfig(enabled=False)`` (QEMU as root, no cgroup or
+  mount namespace), in alternating halves with the jailed rows: what the jail (launcher, uid, cgroup, mounts)
+  costs a create.
 - ``microvm: fork xN``, ``microvm: snapshot with memory``.
 """
 
@@ -36,6 +39,7 @@ sys.path.insert(0, str(HERE))
 
 from branchbox.backends.microvm import MicroVMBackend, MicroVMConfig  # noqa: E402
 from branchbox.backends.microvm import image as vm_image  # noqa: E402
+from branchbox.backends.microvm.jail import JailConfig  # noqa: E402
 from branchbox.core.manager import Manager  # noqa: E402
 from branchbox.core.models import SandboxInfo  # noqa: E402
 from branchbox.core.pool import PoolConfig  # noqa: E402
@@ -49,9 +53,10 @@ Results = dict[str, Summary]
 MEM = 256
 
 
-def _config(settings: ManagerSettings, pool: int) -> MicroVMConfig:
+def _config(settings: ManagerSettings, pool: int, *, jail: bool = True) -> MicroVMConfig:
     cache = Path(os.environ.get("BRANCHBOX_VM_CACHE") or settings.template_root.parent / "vm")
-    return MicroVMConfig(data_dir=settings.data_dir, cache_dir=cache, pool_size=pool)
+    cfg = JailConfig(enabled=jail, cgroup_parent=f"{settings.cgroup_parent}-vm")
+    return MicroVMConfig(data_dir=settings.data_dir, cache_dir=cache, pool_size=pool, jail=cfg)
 
 
 @contextlib.asynccontextmanager
@@ -93,8 +98,10 @@ async def _cold_boots(settings: ManagerSettings, runs: int) -> list[float]:
         await be.aclose()
 
 
-async def _templated(settings: ManagerSettings, runs: int, pool: int) -> tuple[list[float], dict[str, list[float]]]:
-    be = MicroVMBackend(_config(settings, pool))
+async def _templated(
+    settings: ManagerSettings, runs: int, pool: int, *, jail: bool = True
+) -> tuple[list[float], dict[str, list[float]]]:
+    be = MicroVMBackend(_config(settings, pool, jail=jail))
     out: list[float] = []
     phases: dict[str, list[float]] = {}
     async with _manager(settings, be) as m:
@@ -178,7 +185,14 @@ async def bench_microvm(settings: ManagerSettings, runs: int, results: Results) 
     s = dataclasses.replace(settings, data_dir=root)
     try:
         cold = await _cold_boots(s, max(3, runs // 6))
-        fresh, phases = await _templated(s, max(5, runs // 3), pool=0)
+        fresh, phases = [], {}
+        bare, bphases = [], {}
+        for _ in range(2):  # alternating halves: the jail's cost next to QEMU without it, in the same run
+            for acc, ph, jail in ((fresh, phases, True), (bare, bphases, False)):
+                got, got_phases = await _templated(s, max(3, runs // 6), pool=0, jail=jail)
+                acc.extend(got)
+                for k, v in got_phases.items():
+                    ph.setdefault(k, []).extend(v)
         pooled, pphases = await _templated(s, max(5, runs // 3), pool=1)
         warm = await _warm_claims(s, max(20, runs))
         await _forks_and_snapshots(s, max(3, runs // 6), results)
@@ -186,12 +200,15 @@ async def bench_microvm(settings: ManagerSettings, runs: int, results: Results) 
         shutil.rmtree(root, ignore_errors=True)
     results["baseline: plain QEMU cold boot -> agent ready"] = summarize(cold)
     results["microvm: templated start (fresh QEMU)"] = summarize(fresh)
+    results["microvm: templated start (fresh QEMU, no jail: baseline)"] = summarize(bare)
     results["microvm: templated start (-incoming pool)"] = summarize(pooled)
     for k, v in pphases.items():
         results[f"microvm: templated start (pool) phase {k}"] = summarize(v)
-    for k in ("vm_prepare", "vm_spawn", "vm_qmp"):
+    for k in ("vm_prepare", "vm_spawn", "vm_qmp", "vm_incoming"):
         if k in phases:
             results[f"microvm: templated start (fresh) phase {k}"] = summarize(phases[k])
+        if k in bphases:
+            results[f"microvm: templated start (fresh, no jail) phase {k}"] = summarize(bphases[k])
     results["microvm: warm claim -> first command (quiet host)"] = summarize(warm["quiet"])
     results["microvm: warm claim -> first command (back-to-back churn)"] = summarize(warm["churn"])
     results["microvm: warm claim (create only)"] = summarize(warm["claim"])

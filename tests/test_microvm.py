@@ -71,7 +71,17 @@ def leftovers(data_dir: Path) -> list[str]:
     layers = data_dir / "layers"
     if layers.is_dir():
         out += [f"layer {d.name}" for d in layers.iterdir()]
+    from branchbox.backends.container.cgroups import detect
+
+    vm_cgroups = detect(f"bbtest-{data_dir.name}-vm").parents.values()  # make_settings' cgroup_parent + "-vm"
+    out += [f"cgroup {p}" for p in vm_cgroups if p.exists()]
     return out
+
+
+def jailed(pid: int) -> bool:
+    """QEMU runs as a uid of its own under its seccomp filter (see test_microvm_jail.py for the whole jail)."""
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return "0" not in status["Uid"].split() and status["Seccomp"].strip() == "2"
 
 
 @pytest.fixture
@@ -317,6 +327,7 @@ def test_sdk_create_microvm_through_the_api(daemon_factory: Any) -> None:
     with Sandbox.create(template="default", backend="microvm", base_url=d.url, request_timeout=300) as sbx:
         assert sbx.info.backend == "microvm"
         assert sbx.commands.run("uname -r").stdout.strip().endswith("cloud-amd64")
+        assert qemu_pids(d.data_dir) and all(jailed(p) for p in qemu_pids(d.data_dir))  # the daemon's QEMUs too
         sbx.files.write("/root/a.txt", "A")
         assert sbx.files.read("/root/a.txt") == "A"
         sbx.pause()

@@ -107,7 +107,7 @@ def make_backend(kind: str, settings: ManagerSettings) -> Backend:
         from branchbox.backends.microvm import MicroVMBackend  # noqa: PLC0415 - lazy by design
         from branchbox.backends.microvm.config import config_from_env  # noqa: PLC0415
 
-        return MicroVMBackend(config_from_env(settings.data_dir))
+        return MicroVMBackend(config_from_env(settings.data_dir, cgroup_parent=settings.cgroup_parent))
     raise NotSupportedError(f"backend {kind!r} is not available here; use one of: container, microvm")
 
 

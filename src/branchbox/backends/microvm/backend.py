@@ -26,6 +26,7 @@ from branchbox.agent.wire import VsockAddress
 from branchbox.backends.base import BootSpec, Capabilities, SandboxHandle
 from branchbox.backends.microvm import accel as accel_mod
 from branchbox.backends.microvm import image, memfile, qemu, tplcache, vsock
+from branchbox.backends.microvm.jail import Jail, JailConfig
 from branchbox.backends.microvm.qmp import QMP
 from branchbox.backends.microvm.vmpool import IncomingPool, Slot
 from branchbox.core.timing import PhaseTimer
@@ -49,6 +50,9 @@ class MicroVMConfig:
     boot_timeout: float = 120.0  # cold boot to agent HELLO (TCG is slow)
     tcg_aslr: bool | None = None  # keep guest ASLR under TCG; None: only on QEMU >= 10 (see accel.keeps_aslr)
     agent_channel: str = "auto"  # "vsock" | "serial" | "auto": vsock when the host has vhost-vsock (vsock.probe)
+    jail: JailConfig = dataclasses.field(
+        default_factory=JailConfig
+    )  # every QEMU's uid, cgroup and mount namespace (jail.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +100,7 @@ class MicroVMBackend:
         self._locks: dict[str, asyncio.Lock] = {}
         self._pools: dict[str, IncomingPool] = {}
         self._started = False
+        self.jail = Jail(config.jail)
 
     # ------------------------------------------------------------------ host-wide
     async def start(self) -> None:
@@ -124,6 +129,7 @@ class MicroVMBackend:
         self._qmp.clear()
         with contextlib.suppress(OSError):
             self.shm.rmdir()  # only when empty: running VMs keep theirs
+        self.jail.close()
 
     def _lock(self, key: str) -> asyncio.Lock:
         return self._locks.setdefault(key, asyncio.Lock())
@@ -163,11 +169,12 @@ class MicroVMBackend:
         """Start QEMU for ``vmid`` (its dir and disk are ready); a vsock machine gets a guest CID of its own."""
         p = self.paths(vmid)
         if m.agent != "vsock":
-            return qemu.spawn(qemu.command(m, p, incoming=incoming), p, nice=nice)
+            return self.jail.spawn(vmid, qemu.command(m, p, incoming=incoming), m, p, nice=nice)
         fd, cid = vsock.claim_cid()
         try:
             (p.dir / "vsock_cid").write_text(f"{cid}\n")
-            return qemu.spawn(qemu.command(m, p, incoming=incoming, vsock_cid=cid), p, nice=nice, vsock_fd=fd)
+            argv = qemu.command(m, p, incoming=incoming, vsock_cid=cid)
+            return self.jail.spawn(vmid, argv, m, p, nice=nice, vsock_fd=fd)
         finally:
             os.close(fd)  # QEMU holds the CID through its own copy
 
@@ -263,6 +270,7 @@ class MicroVMBackend:
             vmid, pid, q = slot.vmid, slot.pid, slot.qmp
             if nice == 0:
                 qemu.set_nice(pid, 0)
+                self.jail.foreground(vmid)
         try:
             (self.paths(vmid).dir / "owner").write_text(sid)
             self._qmp[sid] = q
@@ -363,6 +371,8 @@ class MicroVMBackend:
             await asyncio.to_thread(shutil.move, p.disk, tmp / "disk.qcow2")
             (tmp / "machine.json").write_text(json.dumps(_machine_json(m)))
             os.rename(p.ram, saved.ram)
+            for f in (tmp / "disk.qcow2", saved.ram):  # the template VM's uid goes back to the pool of free ids
+                os.chown(f, os.geteuid(), os.getegid())
             tmp.rename(saved.dir)
         finally:
             await self.destroy(vmid, handle)
@@ -458,6 +468,7 @@ class MicroVMBackend:
 
     def foreground(self, handle: SandboxHandle) -> None:
         qemu.set_nice(handle.pid, 0)
+        self.jail.foreground(Path(handle.extra["vm_dir"]).name)
 
     def set_hostname(self, handle: SandboxHandle, hostname: str) -> None:
         raise NotSupportedError("a microVM's hostname is set through its agent (identity), not by the backend")
@@ -482,6 +493,7 @@ class MicroVMBackend:
         with contextlib.suppress(OSError, ValueError):
             pid, started = map(int, (d / "pid").read_text().split())
             await qemu.kill(pid, started)
+        await self.jail.release(d.name)
         memfile.remove(self.shm / f"{d.name}.ram")
         await asyncio.to_thread(shutil.rmtree, d, True)
 
@@ -495,7 +507,10 @@ class MicroVMBackend:
             if owner not in keep:
                 await self.remove_vm(d)
                 removed.append(owner)
-        keep_ram = {f"{d.name}.ram" for d in self.run_root.iterdir()} if self.run_root.is_dir() else set()
+        vms = {d.name for d in self.run_root.iterdir()} if self.run_root.is_dir() else set()
+        for vmid in self.jail.vm_ids() - vms:  # a VM whose run dir went first (a crash in between)
+            await self.jail.release(vmid)
+        keep_ram = {f"{name}.ram" for name in vms}
         for f in self.shm.glob("*.ram") if self.shm.is_dir() else []:
             if f.name not in keep_ram:
                 memfile.remove(f)

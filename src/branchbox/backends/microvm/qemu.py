@@ -27,6 +27,10 @@ QEMU = "qemu-system-x86_64"
 QMP_FD = 3
 AGENT_FD = 4  # the agent's virtio-serial socket
 VSOCK_FD = 4  # or /dev/vhost-vsock holding the VM's guest CID (agent over vsock)
+HOLD_FD = 5  # the VM's uid claim (see jail.py): held by QEMU as long as it lives
+# QEMU's own seccomp filter: no obsolete calls, no set*id, no fork/exec, no scheduler or resource-limit changes
+SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+TCG_TB_MB = 256  # TCG's translation buffer (QEMU's default is 1 GiB, touched as it fills): bounded, it fits a cgroup
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +92,7 @@ def version(binary: str = QEMU) -> tuple[int, int]:
 def command(m: Machine, paths: VmPaths, *, incoming: bool, vsock_cid: int | None = None) -> list[str]:
     """QEMU's argv. ``vsock_cid``: the guest CID claimed for a ``Machine(agent="vsock")`` (see vsock.py)."""
     cpu = ["-cpu", "host"] if m.accel == "kvm" else []
+    accel = m.accel if m.accel == "kvm" else f"{m.accel},tb-size={TCG_TB_MB}"
     if m.agent == "vsock":
         if vsock_cid is None:
             raise ValueError("a vsock machine needs the guest CID claimed for it")
@@ -102,7 +107,8 @@ def command(m: Machine, paths: VmPaths, *, incoming: bool, vsock_cid: int | None
         QEMU,
         "-name", f"branchbox,process=branchbox-vm-{paths.dir.name}",
         "-M", "microvm,x-option-roms=off,rtc=on,isa-serial=on",
-        "-accel", m.accel, *cpu,
+        "-accel", accel, *cpu,
+        "-sandbox", SECCOMP,
         "-smp", str(m.vcpus),
         "-m", f"{m.memory_mb}M",
         "-object", f"memory-backend-file,id=mem,size={m.memory_mb}M,mem-path={paths.ram},share=on",
@@ -137,9 +143,12 @@ def _bind(path: Path) -> socket.socket:
     return sock
 
 
-def spawn(argv: Sequence[str], paths: VmPaths, *, nice: int = 0, vsock_fd: int | None = None) -> int:
-    """Start QEMU in its own session with the QMP socket and the agent's channel (its virtio-serial socket, or
-    ``vsock_fd`` from ``vsock.claim_cid``) in place; returns its pid."""
+def spawn(
+    argv: Sequence[str], paths: VmPaths, *, nice: int = 0, vsock_fd: int | None = None, hold_fd: int | None = None
+) -> int:
+    """Start QEMU (or its launcher, ``argv``) in its own session with the QMP socket and the agent's channel (its
+    virtio-serial socket, or ``vsock_fd`` from ``vsock.claim_cid``) in place, and ``hold_fd`` (the uid claim of
+    jail.py) on ``HOLD_FD``; returns its pid."""
     qmp = _bind(paths.qmp)
     agent = _bind(paths.agent) if vsock_fd is None else None
     channel = (agent.fileno(), AGENT_FD) if agent is not None else (vsock_fd, VSOCK_FD)
@@ -153,6 +162,8 @@ def spawn(argv: Sequence[str], paths: VmPaths, *, nice: int = 0, vsock_fd: int |
             (os.POSIX_SPAWN_DUP2, qmp.fileno(), QMP_FD),
             (os.POSIX_SPAWN_DUP2, *channel),
         ]
+        if hold_fd is not None:
+            actions.append((os.POSIX_SPAWN_DUP2, hold_fd, HOLD_FD))
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
         try:
             pid = os.posix_spawnp(argv[0], list(argv), env, file_actions=actions, setsid=True)
