@@ -519,12 +519,25 @@ class AgentClient:
     async def wait_closed(self) -> None:
         await asyncio.shield(self._conn.lost)
 
+    @property
+    def open_calls(self) -> int:
+        """Calls and streams waiting on the agent (liveness checks run while there are any)."""
+        return len(self._conn.calls)
+
     async def aclose(self) -> None:
         conn = self._conn
         if conn.transport is not None:
             conn.closing = True
             conn.transport.close()
         await asyncio.shield(conn.lost)
+
+    def abort(self) -> None:
+        """Drop the connection now, unsent data too (``aclose`` waits for it, which a stopped agent never takes):
+        every open call and stream fails with AgentDisconnectedError."""
+        conn = self._conn
+        if conn.transport is not None:
+            conn.closing = True
+            conn.transport.abort()
 
     async def __aenter__(self) -> AgentClient:
         return self

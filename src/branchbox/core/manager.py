@@ -45,6 +45,7 @@ from branchbox.backends.base import Backend, BootSpec, MemorySnapshots, SandboxH
 from branchbox.core import identity, validate
 from branchbox.core import snapshots as snaps
 from branchbox.core.events import ManagerEvent, Subscriber
+from branchbox.core.liveness import Watchdog, is_stopped
 from branchbox.core.models import (
     ArchiveResult,
     ExecResult,
@@ -84,6 +85,7 @@ MEASURE_QUIET_S = 0.5  # layer sizes are measured once no snapshot was taken for
 OutputCallback = Callable[[bytes], object]
 _T = TypeVar("_T")
 _ACTIVE = (SandboxState.CREATING, SandboxState.RUNNING, SandboxState.PAUSED)
+EXIT_GRACE_S = 2.0  # a lost agent connection waits this long for the init's exit before it is called a disconnect
 LAYER_POOLS = 4  # chains of layers (hot git commits) that keep one spare sandbox booted
 
 
@@ -165,6 +167,7 @@ class Manager:
         self._measuring = asyncio.Lock()  # one layer measurement at a time ...
         self._last_capture = 0.0  # ... and none until captures have paused for MEASURE_QUIET_S
         self._closed = False
+        self._liveness = Watchdog(self._check_agents)  # runs while agent calls are open (core/liveness.py)
         from branchbox.workspaces.service import WorkspaceService  # noqa: PLC0415 - the git cache is optional
 
         self.workspaces = WorkspaceService(self)  # git workspaces: docs/workspaces.md
@@ -209,6 +212,7 @@ class Manager:
         if self._closed:
             return
         self._closed = True
+        await self._liveness.aclose()
         await self.workspaces.aclose()
         for pool in [*self._layer_pools.values(), *self._pools.values()]:
             await pool.aclose()  # ready members stay running and re-join their pool on the next start
@@ -639,11 +643,12 @@ class Manager:
         return self._stream_out(live, live.agent.download_archive(path))
 
     async def _stream_out(self, live: _Live, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        self._liveness.kick()
         try:
             async for chunk in chunks:
                 yield chunk
         except AgentDisconnectedError as exc:
-            raise self._disconnected(live) from exc
+            raise await self._disconnected(live) from exc
 
     async def write_file(self, sandbox_id: str, path: str, data: bytes, *, mode: int | None = None) -> FileEntry:
         live = self._require(sandbox_id, SandboxState.RUNNING)
@@ -1369,18 +1374,40 @@ class Manager:
         return live
 
     async def _agent_call(self, live: _Live, coro: Awaitable[_T]) -> _T:
+        self._liveness.kick()
         try:
             return await coro
         except AgentDisconnectedError as exc:
-            raise self._disconnected(live) from exc
+            raise await self._disconnected(live) from exc
         except BranchboxError as exc:
             self._emit(ManagerEvent("error", live.info.id, code=exc.code, operation="agent"))
             raise
 
-    def _disconnected(self, live: _Live) -> BranchboxError:
-        if not live.backend.is_alive(live.handle):
-            return InvalidStateError(f"sandbox {live.info.id} has stopped: its init process exited")
-        return AgentDisconnectedError(f"lost the connection to the agent of sandbox {live.info.id}")
+    async def _disconnected(self, live: _Live) -> BranchboxError:
+        if live.info.state is SandboxState.ERROR:
+            return InvalidStateError(f"sandbox {live.info.id} is in error: {live.info.error}", state="error")
+        try:  # the kernel closes a dying init's socket before it is gone: give its exit a moment to show
+            async with asyncio.timeout(EXIT_GRACE_S):
+                await live.backend.wait_exit(live.handle)
+        except TimeoutError:
+            return AgentDisconnectedError(f"lost the connection to the agent of sandbox {live.info.id}")
+        return InvalidStateError(f"sandbox {live.info.id} has stopped: its init process exited", state="error")
+
+    def _check_agents(self) -> bool:
+        """The liveness check (core/liveness.py): a running sandbox with calls open on a stopped agent is marked
+        error and its connection dropped, which fails those calls and streams at once. True while calls are open."""
+        busy = False
+        for live in list(self._live.values()):
+            if live.destroying or live.info.state is not SandboxState.RUNNING or not live.agent.open_calls:
+                continue
+            busy = True
+            if is_stopped(live.handle.pid):
+                why = (f"its agent (host pid {live.handle.pid}) is stopped (SIGSTOP or a debugger) and answers "
+                       "nothing; destroy the sandbox")  # fmt: skip
+                log.warning("sandbox %s: %s", live.info.id, why, extra={"sandbox_id": live.info.id})
+                self._set_state(live, SandboxState.ERROR, why)
+                live.agent.abort()
+        return busy
 
     def _set_state(self, live: _Live, state: SandboxState, error: str | None = None) -> SandboxInfo:
         live.info = replace(live.info, state=state, error=error)
