@@ -82,7 +82,8 @@ def from_branchbox(exc: BranchboxError) -> RpcError:
     if code in ("invalid_state", "conflict"):
         return RpcError("failed_precondition", exc.message)
     if code in ("agent_disconnected", "sandbox_not_found"):
-        return RpcError("unavailable", exc.message)
+        # "was not found" is what the SDK reads as: the sandbox is not running any more
+        return RpcError("unavailable", f"The sandbox was not found ({exc.message})")
     return RpcError(_BY_STATUS.get(exc.http_status, "internal"), exc.message)
 
 

@@ -201,6 +201,9 @@ class ProcessService:
         sig = _SIGNALS.get(req.get("signal", "SIGNAL_SIGKILL"))
         if sig is None:
             raise RpcError("invalid_argument", "signal must be SIGNAL_SIGKILL or SIGNAL_SIGTERM")
+        procs = await self._call(self.state.manager.list_processes(sid))
+        if not any(p.pid == pid and p.running for p in procs):  # the agent keeps exited ones for attach
+            raise RpcError("not_found", f"process {pid} is not running")
         await self._call(self.state.manager.kill_process(sid, pid, sig))
         return {}
 
