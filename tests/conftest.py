@@ -34,6 +34,16 @@ def templates_dir() -> Path:
     return Path(os.environ.get("BRANCHBOX_TEST_TEMPLATES") or TEST_ROOT / "templates")
 
 
+def vm_cache() -> Path:
+    """The microVM image cache, shared across runs: ``BRANCHBOX_VM_CACHE``, else ``$BRANCHBOX_DATA_DIR/vm``, else
+    under the test root."""
+    if os.environ.get("BRANCHBOX_VM_CACHE"):
+        return Path(os.environ["BRANCHBOX_VM_CACHE"])
+    if os.environ.get("BRANCHBOX_DATA_DIR"):
+        return Path(os.environ["BRANCHBOX_DATA_DIR"]) / "vm"
+    return TEST_ROOT / "vm-cache"
+
+
 @pytest.fixture(scope="session")
 def default_template() -> TemplateInfo:
     """The default template (Debian 12 minbase + python3, git, ...). Built once (~1 min), then a cache hit."""

@@ -22,22 +22,12 @@ from branchbox.core.manager import Manager
 from branchbox.core.models import SandboxInfo, SandboxState
 from branchbox.core.pool import PoolConfig
 from branchbox.errors import InvalidStateError, NotFoundError
-from tests.conftest import TEST_ROOT, make_settings, new_data_dir
+from tests.conftest import make_settings, new_data_dir, vm_cache
 
 pytestmark = [pytest.mark.microvm, pytest.mark.root]
 
 if not shutil.which("qemu-system-x86_64"):
     pytest.skip("qemu-system-x86_64 is not installed (make apt installs qemu-system-x86)", allow_module_level=True)
-
-
-def vm_cache() -> Path:
-    """Shared across runs: ``BRANCHBOX_VM_CACHE``, else ``$BRANCHBOX_DATA_DIR/vm``, else under the test root."""
-    for var in ("BRANCHBOX_VM_CACHE",):
-        if os.environ.get(var):
-            return Path(os.environ[var])
-    if os.environ.get("BRANCHBOX_DATA_DIR"):
-        return Path(os.environ["BRANCHBOX_DATA_DIR"]) / "vm"
-    return TEST_ROOT / "vm-cache"
 
 
 @pytest.fixture(autouse=True)

@@ -178,7 +178,8 @@ class Zygote:
                 raise self._died(shell, "unshare", "the holder exited")
             idmap = f"0 {shell.id_base} {shell.id_count}\n"
             _write(f"/proc/{shell.pid}/uid_map", idmap)
-            _write(f"/proc/{shell.pid}/setgroups", "deny")
+            # setgroups stays "allow": host root may write the gid map without denying it, and "deny" would
+            # break every exec as another user (the agent's user=, su, runuser, setpriv, sudo) inside.
             _write(f"/proc/{shell.pid}/gid_map", idmap)
             with contextlib.suppress(OSError):  # lowering needs CAP_SYS_RESOURCE on the host
                 _write(f"/proc/{shell.pid}/oom_score_adj", OOM_SCORE_ADJ_AGENT)
