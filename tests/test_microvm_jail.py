@@ -62,7 +62,14 @@ async def test_qemu_runs_unprivileged_in_its_own_cgroup_and_mount_namespace(
     vm_data_dir: Path,  # noqa: F811 - the fixture
 ) -> None:
     be = vmm._backends["microvm"]
-    infos = [await vmm.create(backend="microvm", memory_mb=256) for _ in range(2)]
+    infos = [await vmm.create(backend="microvm", memory_mb=256)]
+    for pool in be._pools.values():
+        await pool.wait_ready()
+    slots = [slot.vmid for pool in be._pools.values() for slot in pool.ready]
+    assert slots and all(be.jail.cgroups().is_idle(v) for v in slots)  # made ahead of demand: idle
+    infos.append(await vmm.create(backend="microvm", memory_mb=256))
+    claimed = Path(vmm._live[infos[1].id].handle.extra["vm_dir"]).name
+    assert claimed in slots and not be.jail.cgroups().is_idle(claimed)  # claimed: a sandbox like any other
     vms = []
     for info in infos:
         handle = vmm._live[info.id].handle

@@ -30,7 +30,8 @@ import asyncio
 import contextlib
 import errno
 import fcntl
-import json
+import logging
+import marshal
 import os
 import secrets
 import shutil
@@ -43,9 +44,11 @@ from branchbox.backends.container import cgroups as cg_mod
 from branchbox.backends.microvm import qemu, tplcache
 from branchbox.errors import BackendError
 
+log = logging.getLogger("branchbox.microvm")
+
 LAUNCHER = Path(__file__).with_name("jailer.py")
 LOCK_DIR = Path("/run/branchbox/vm-ids")
-OVERHEAD_MB = 256  # QEMU's own heap, its thread stacks, the block layer's caches (measured: docs/microvm.md)
+OVERHEAD_MB = 256  # QEMU's heap, thread stacks, block caches, page cache it reads (measured: docs/microvm.md)
 PIDS_BASE = 96
 UID_BASE = 2_000_000_000  # far above the container backend's ranges (100000 + 65536 per range)
 UID_COUNT = 65536
@@ -104,6 +107,10 @@ class Jail:
     def __init__(self, config: JailConfig) -> None:
         self.config = config
         self._cg: cg_mod.Cgroups | None = None
+        self.active = config.enabled and os.geteuid() == 0
+        if config.enabled and not self.active:
+            log.warning("QEMU runs as this daemon's user (uid %d), in its cgroup and mount namespace: only root "
+                        "can give each VM a uid, a cgroup and a mount namespace of its own", os.geteuid())  # fmt: skip
 
     def cgroups(self) -> cg_mod.Cgroups:
         if self._cg is None:
@@ -142,7 +149,7 @@ class Jail:
         vsock_fd: int | None = None,
     ) -> int:
         """Start QEMU (``argv``) in the jail of ``vmid``; its disk overlay exists. Returns QEMU's pid."""
-        if not self.config.enabled:
+        if not self.active:
             return qemu.spawn(argv, paths, nice=nice, vsock_fd=vsock_fd)
         binary = _binary(argv[0])
         cg = self.cgroups()
@@ -170,7 +177,7 @@ class Jail:
                     "argv": [binary, *argv[1:]],
                     "env": {"PATH": "/usr/bin:/bin"},
                 }
-                launcher = [sys.executable, "-I", "-S", "-B", str(LAUNCHER), json.dumps(spec)]
+                launcher = [sys.executable, "-I", "-S", "-B", str(LAUNCHER), marshal.dumps(spec).hex()]
                 return qemu.spawn(launcher, paths, nice=nice, vsock_fd=vsock_fd, hold_fd=hold)
             except BaseException:
                 with contextlib.suppress(OSError):
@@ -180,13 +187,13 @@ class Jail:
             os.close(hold)  # QEMU holds the uid through its own copy
 
     def foreground(self, vmid: str) -> None:
-        if self.config.enabled:
+        if self.active:
             with contextlib.suppress(OSError):
                 self.cgroups().set_idle(vmid, idle=False)
 
     async def release(self, vmid: str) -> None:
         """Remove the cgroup of ``vmid`` once its QEMU is gone (killing whatever is still in it)."""
-        if not self.config.enabled:
+        if not self.active:
             return
         cg = self.cgroups()
         for _ in range(200):
@@ -198,7 +205,7 @@ class Jail:
 
     def vm_ids(self) -> set[str]:
         """The VMs that have a cgroup under this backend's parent."""
-        return self.cgroups().list_ids() if self.config.enabled else set()
+        return self.cgroups().list_ids() if self.active else set()
 
     def close(self) -> None:
         """Remove the parent cgroups when no VM is left in them."""
