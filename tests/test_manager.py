@@ -59,7 +59,7 @@ async def test_list_filters_by_metadata(manager: Manager) -> None:
         ({"timeout": 10**9}, errors.LimitExceededError),
         ({"env": {"1BAD": "x"}}, errors.BadRequestError),
         ({"env": {"A": "x\0y"}}, errors.BadRequestError),
-        ({"env": {f"K{i}": "v" * 1024 for i in range(400)}}, errors.LimitExceededError),
+        ({"env": {f"K{i}": "v" * 1024 for i in range(400)}}, errors.PayloadTooLargeError),
         ({"metadata": {"k": "v" * 5000}}, errors.BadRequestError),
         ({"hostname": "Not A Hostname"}, errors.BadRequestError),
         ({"backend": "nope"}, errors.NotSupportedError),

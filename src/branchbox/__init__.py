@@ -19,9 +19,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from branchbox._version import VERSION as __version__
 from branchbox.errors import BranchboxError
-
-__version__ = "0.1.0"
 
 _LAZY = {
     "Manager": "branchbox.core.manager",

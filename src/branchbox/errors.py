@@ -13,7 +13,8 @@ Hierarchy::
     │   ├── NetworkPolicyError          invalid_network_policy 400
     │   ├── NotADirectoryInSandboxError not_a_directory     400
     │   ├── IsADirectoryInSandboxError  is_a_directory      400
-    │   └── RepositoryUrlError          invalid_repository_url 400
+    │   ├── RepositoryUrlError          invalid_repository_url 400
+    │   └── PayloadTooLargeError        payload_too_large   413  (a size bound of core/limits.py)
     ├── UnauthorizedError               unauthorized        401
     ├── NotFoundError (LookupError)     not_found           404
     │   ├── SandboxNotFoundError        sandbox_not_found   404
@@ -144,6 +145,14 @@ class NotADirectoryInSandboxError(BadRequestError):
 
 class IsADirectoryInSandboxError(BadRequestError):
     code = "is_a_directory"
+
+
+class PayloadTooLargeError(BadRequestError):
+    """An input above one of the size bounds of :mod:`branchbox.core.limits` (a command, stdin, env, metadata,
+    a path): the message names the bound."""
+
+    code = "payload_too_large"
+    http_status = 413
 
 
 class LimitExceededError(BranchboxError):

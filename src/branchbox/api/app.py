@@ -42,7 +42,13 @@ from branchbox.api.schemas import ErrorResponse, HealthResponse, VersionResponse
 from branchbox.api.settings import ApiSettings
 from branchbox.api.warmup import warm_routes
 from branchbox.e2b.gateway import E2BGateway
-from branchbox.errors import BranchboxError, SandboxNotFoundError, SnapshotNotFoundError, WorkspaceNotFoundError
+from branchbox.errors import (
+    BranchboxError,
+    PayloadTooLargeError,
+    SandboxNotFoundError,
+    SnapshotNotFoundError,
+    WorkspaceNotFoundError,
+)
 
 if TYPE_CHECKING:
     from branchbox.core.manager import Manager
@@ -64,6 +70,7 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (404, "Not found (sandbox_not_found, file_not_found, ...)"),
         (403, "Permission denied"),
         (409, "Conflict (invalid_state, file_exists)"),
+        (413, "Above a size bound: command, stdin, env, metadata, path (payload_too_large)"),
         (429, "A limit was reached (limit_exceeded)"),
         (500, "Internal error (internal, backend_error)"),
         (501, "Not supported by this backend (not_supported)"),
@@ -107,6 +114,9 @@ def _error_json(status: int, code: str, message: str, details: dict[str, Any] | 
     if details:
         body["details"] = details
     return JSONResponse({"error": body}, status_code=status)
+
+
+_TOO_LONG = frozenset({"string_too_long", "too_long", "bytes_too_long"})
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -207,6 +217,10 @@ def _build(settings: ApiSettings) -> _App:
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # a size bound of core/limits.py (also when it is one branch of a union: cmd is a string or a list)
+        if any(e.get("type") in _TOO_LONG for e in exc.errors()):
+            _count(request, PayloadTooLargeError.code)
+            return _error_json(413, PayloadTooLargeError.code, _validation_message(exc))
         _count(request, "bad_request")
         return _error_json(400, "bad_request", _validation_message(exc))
 

@@ -10,10 +10,13 @@ from fastapi.responses import StreamingResponse
 
 from branchbox.api.context import Ctx, SandboxId
 from branchbox.api.schemas import ArchiveResponse, FileEntryResponse, PathRequest, RenameRequest
+from branchbox.core.limits import MAX_PATH_BYTES
 
 router = APIRouter(tags=["files"])
 
-PathQuery = Annotated[str, Query(min_length=1, max_length=4096, description="Absolute path inside the sandbox.")]
+PathQuery = Annotated[
+    str, Query(min_length=1, max_length=MAX_PATH_BYTES - 1, description="Absolute path inside the sandbox.")
+]
 _BINARY: dict[str, Any] = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
 _TAR: dict[str, Any] = {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}}
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from branchbox.api.context import Ctx
 from branchbox.api.responses import json_response
-from branchbox.api.schemas import MAX_TIMEOUT_S, EnvMap, ErrorBody
+from branchbox.api.schemas import MAX_TIMEOUT_S, EnvMap, ErrorBody, MetadataMap
 from branchbox.workspaces.models import WorkspaceInfo, WorkspaceStatus
 
 router = APIRouter(tags=["workspaces"])
@@ -46,7 +46,7 @@ class CreateWorkspaceRequest(BaseModel):
     )
     timeout: Annotated[float | None, Field(gt=0, le=MAX_TIMEOUT_S)] = None
     envs: EnvMap | None = None
-    metadata: EnvMap | None = None
+    metadata: MetadataMap | None = None
     wait: bool = Field(default=True, description="false: return at once with status creating; poll GET.")
     token: Annotated[str | None, Field(min_length=1, max_length=4096)] = Field(
         default=None, description="Token for an http(s) git server (or the X-Git-Token header); never stored."

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from branchbox.core import limits as L
 from branchbox.core.models import (
     ArchiveResult,
     FileEntry,
@@ -24,9 +25,37 @@ from branchbox.core.models import (
 )
 from branchbox.core.pool import PoolConfig, PoolStats
 
-MAX_TIMEOUT_S = 31_536_000.0  # one year: larger values are a mistake, not a wish
-EnvMap = Annotated[dict[str, str], Field(max_length=4096)]
-Path_ = Annotated[str, Field(min_length=1, max_length=4096, description="Absolute path inside the sandbox.")]
+# Every bound below comes from branchbox.core.limits (core/validate.py enforces the same ones, in bytes, and the
+# host-dependent ones: cores and memory of this host, the daemon's max_timeout).
+MAX_TIMEOUT_S = L.MAX_TIMEOUT_S
+Timeout = Annotated[float | None, Field(gt=0, le=L.MAX_TIMEOUT_S)]
+EnvMap = Annotated[
+    dict[
+        Annotated[str, Field(min_length=1, max_length=L.MAX_ENV_NAME)],
+        Annotated[str, Field(max_length=L.MAX_ARG_BYTES)],
+    ],
+    Field(max_length=L.MAX_ENV_VARS, description=f"At most {L.MAX_ENV_BYTES} bytes in all (NAME=value each)."),
+]
+MetadataMap = Annotated[
+    dict[
+        Annotated[str, Field(min_length=1, max_length=L.MAX_METADATA_KEY)],
+        Annotated[str, Field(max_length=L.MAX_METADATA_VALUE)],
+    ],
+    Field(max_length=L.MAX_METADATA, description="Keys: letters, digits and _.:/-."),
+]
+Path_ = Annotated[
+    str, Field(min_length=1, max_length=L.MAX_PATH_BYTES - 1, description="Absolute path inside the sandbox.")
+]
+Cwd = Annotated[str | None, Field(min_length=1, max_length=L.MAX_PATH_BYTES - 1)]
+User = Annotated[str | None, Field(min_length=1, max_length=L.MAX_USER_NAME)]
+Tag = Annotated[str | None, Field(max_length=L.MAX_TAG)]
+Cmd = (
+    Annotated[str, Field(min_length=1, max_length=L.MAX_ARG_BYTES)]
+    | Annotated[list[Annotated[str, Field(max_length=L.MAX_ARG_BYTES)]], Field(min_length=1, max_length=L.MAX_ARGV)]
+)
+Cpu = Annotated[float, Field(ge=L.MIN_CPU, le=L.MAX_CPU, description="Cores (at most this host's).")]
+MemoryMb = Annotated[int, Field(ge=L.MIN_MEMORY_MB, le=L.MAX_MEMORY_MB, description="MiB (at most this host's).")]
+Pids = Annotated[int, Field(ge=L.MIN_PIDS, le=L.MAX_PIDS)]
 
 
 class _Strict(BaseModel):
@@ -68,16 +97,18 @@ class NetworkResponse(BaseModel):
 
 class CreateSandboxRequest(_Strict):
     template: Annotated[str, Field(min_length=1, max_length=255)] = "default"
-    timeout: Annotated[float | None, Field(gt=0, le=MAX_TIMEOUT_S)] = Field(
-        default=None, description="Seconds until the sandbox is destroyed; null uses the daemon's default."
+    timeout: Timeout = Field(
+        default=None,
+        description="Seconds until the sandbox is destroyed (at most the daemon's max_timeout); null uses the "
+        "daemon's default.",
     )
     envs: EnvMap | None = None
-    metadata: EnvMap | None = None
-    cpu: Annotated[float, Field(gt=0, le=256)] = 1.0
-    memory_mb: Annotated[int, Field(ge=16, le=1_048_576)] = 512
-    pids: Annotated[int, Field(ge=8, le=1_000_000)] = 1024
+    metadata: MetadataMap | None = None
+    cpu: Cpu = L.DEFAULT_CPU
+    memory_mb: MemoryMb = L.DEFAULT_MEMORY_MB
+    pids: Pids = L.DEFAULT_PIDS
     backend: Annotated[str | None, Field(max_length=64)] = None
-    hostname: Annotated[str | None, Field(min_length=1, max_length=63)] = None
+    hostname: Annotated[str | None, Field(min_length=1, max_length=L.MAX_HOSTNAME)] = None
     snapshot: Annotated[str | None, Field(min_length=1, max_length=255)] = Field(
         default=None, description="Restore this snapshot (id or name); its template is used, not `template`."
     )
@@ -126,23 +157,22 @@ class SandboxResponse(BaseModel):
 
 
 class TimeoutRequest(_Strict):
-    timeout: Annotated[float | None, Field(gt=0, le=MAX_TIMEOUT_S)] = Field(
-        description="Seconds from now until the sandbox is destroyed; null removes the timeout."
-    )
+    timeout: Timeout = Field(description="Seconds from now until the sandbox is destroyed; null removes the timeout.")
 
 
 class RunCommandRequest(_Strict):
-    cmd: (
-        Annotated[str, Field(min_length=1, max_length=1_000_000)]
-        | Annotated[list[Annotated[str, Field(max_length=1_000_000)]], Field(min_length=1, max_length=10_000)]
-    ) = Field(description="A string runs under /bin/sh -c; a list is an argv.")
+    cmd: Cmd = Field(
+        description=f"A string runs under /bin/sh -c; a list is an argv (at most {L.MAX_CMD_BYTES} bytes in all)."
+    )
     envs: EnvMap | None = None
-    cwd: Annotated[str | None, Field(min_length=1, max_length=4096)] = None
-    user: Annotated[str | None, Field(min_length=1, max_length=64)] = None
-    stdin: str | None = Field(default=None, description="Text written to the command's stdin, then closed.")
-    timeout: Annotated[float | None, Field(gt=0, le=MAX_TIMEOUT_S)] = None
+    cwd: Cwd = None
+    user: User = None
+    stdin: Annotated[str | None, Field(max_length=L.MAX_STDIN_BYTES)] = Field(
+        default=None, description="Text written to the command's stdin, then closed."
+    )
+    timeout: Timeout = None
     background: bool = Field(default=False, description="Return at once with the pid instead of waiting.")
-    tag: Annotated[str | None, Field(max_length=255)] = None
+    tag: Tag = None
 
 
 class CommandResult(BaseModel):
@@ -252,12 +282,12 @@ class VersionResponse(BaseModel):
 class StreamStart(_Strict):
     """First WebSocket message on ``commands/stream``."""
 
-    cmd: Annotated[str, Field(min_length=1)] | Annotated[list[str], Field(min_length=1)]
+    cmd: Cmd
     envs: EnvMap | None = None
-    cwd: Annotated[str | None, Field(min_length=1, max_length=4096)] = None
-    user: Annotated[str | None, Field(min_length=1, max_length=64)] = None
-    timeout: Annotated[float | None, Field(gt=0, le=MAX_TIMEOUT_S)] = None
-    tag: Annotated[str | None, Field(max_length=255)] = None
+    cwd: Cwd = None
+    user: User = None
+    timeout: Timeout = None
+    tag: Tag = None
     stdin: bool = Field(default=False, description="Keep stdin open for 'stdin' messages.")
     kill_on_disconnect: bool = False
 
@@ -267,14 +297,12 @@ class PtyStart(_Strict):
 
     cols: Annotated[int, Field(ge=1, le=10_000)] = 80
     rows: Annotated[int, Field(ge=1, le=10_000)] = 24
-    cmd: Annotated[str, Field(min_length=1)] | Annotated[list[str], Field(min_length=1)] = Field(
-        default_factory=lambda: ["/bin/bash", "-l"]
-    )
+    cmd: Cmd = Field(default_factory=lambda: ["/bin/bash", "-l"])
     envs: EnvMap | None = None
-    cwd: Annotated[str | None, Field(min_length=1, max_length=4096)] = None
-    user: Annotated[str | None, Field(min_length=1, max_length=64)] = None
-    timeout: Annotated[float | None, Field(gt=0, le=MAX_TIMEOUT_S)] = None
-    tag: Annotated[str | None, Field(max_length=255)] = None
+    cwd: Cwd = None
+    user: User = None
+    timeout: Timeout = None
+    tag: Tag = None
     kill_on_disconnect: bool = True
 
 
@@ -297,9 +325,9 @@ class PoolSettings(_Strict):
     max_memory_mb: Annotated[int | None, Field(ge=0, description="Memory budget of idle members; null: none.")] = None
     max_parallel_boots: Annotated[int, Field(ge=1, le=1024)] = 2
     reuse: bool = Field(default=False, description="Reset released sandboxes into the pool (golden reset).")
-    cpu: Annotated[float, Field(gt=0, le=256)] = 1.0
-    memory_mb: Annotated[int, Field(ge=16, le=1_048_576)] = 512
-    pids: Annotated[int, Field(ge=8, le=1_000_000)] = 1024
+    cpu: Cpu = L.DEFAULT_CPU
+    memory_mb: MemoryMb = L.DEFAULT_MEMORY_MB
+    pids: Pids = L.DEFAULT_PIDS
 
     @classmethod
     def of(cls, c: PoolConfig) -> PoolSettings:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from branchbox._version import VERSION
+
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
@@ -19,7 +21,7 @@ class ApiSettings:
     port: int = 7077
     api_key_hashes: tuple[str, ...] = ()
     require_auth: bool | None = None
-    version: str = "0.1.0"
+    version: str = VERSION
 
     @property
     def auth_required(self) -> bool:

@@ -45,6 +45,7 @@ from branchbox.backends.base import Backend, BootSpec, MemorySnapshots, SandboxH
 from branchbox.core import identity, validate
 from branchbox.core import snapshots as snaps
 from branchbox.core.events import ManagerEvent, Subscriber
+from branchbox.core.limits import DEFAULT_CPU, DEFAULT_MEMORY_MB, DEFAULT_PIDS
 from branchbox.core.liveness import Watchdog, is_stopped
 from branchbox.core.models import (
     ArchiveResult,
@@ -244,9 +245,9 @@ class Manager:
         template: str = "default",
         env: Mapping[str, str] | None = None,
         timeout: float | None = None,
-        cpu: float = 1.0,
-        memory_mb: int = 512,
-        pids: int = 1024,
+        cpu: float = DEFAULT_CPU,
+        memory_mb: int = DEFAULT_MEMORY_MB,
+        pids: int = DEFAULT_PIDS,
         metadata: Mapping[str, str] | None = None,
         backend: str | None = None,
         hostname: str | None = None,
@@ -580,6 +581,8 @@ class Manager:
         on_stderr: OutputCallback | None = None,
     ) -> ExecResult:
         live = self._require(sandbox_id, SandboxState.RUNNING)
+        validate.command(cmd)
+        validate.stdin(stdin)
         env_ = validate.env(env)
         t0 = time.perf_counter()
         outcome = "error"
@@ -611,6 +614,7 @@ class Manager:
         timeout: float | None = None,
     ) -> ProcessHandle:
         live = self._require(sandbox_id, SandboxState.RUNNING)
+        validate.command(cmd)
         env_ = validate.env(env)
         return await self._agent_call(
             live, live.agent.spawn(cmd, env=env_, cwd=cwd, user=user, tag=tag, stdin=stdin, pty=pty, timeout=timeout)
@@ -1168,9 +1172,9 @@ class Manager:
         source: str = "workspace",
         env: Mapping[str, str] | None = None,
         timeout: float | None = None,
-        cpu: float = 1.0,
-        memory_mb: int = 512,
-        pids: int = 1024,
+        cpu: float = DEFAULT_CPU,
+        memory_mb: int = DEFAULT_MEMORY_MB,
+        pids: int = DEFAULT_PIDS,
         metadata: Mapping[str, str] | None = None,
         warm: bool = False,
         warm_up: Sequence[str] = ("true",),

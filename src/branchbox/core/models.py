@@ -6,6 +6,8 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from branchbox.core.limits import DEFAULT_CPU, DEFAULT_MEMORY_MB, DEFAULT_PIDS
+
 
 class SandboxState(enum.StrEnum):
     """Lifecycle: ``creating -> running <-> paused -> stopped -> destroyed``, plus ``error``."""
@@ -22,9 +24,9 @@ class SandboxState(enum.StrEnum):
 class Resources:
     """Limits applied to one sandbox. ``cpu`` is in cores (fractions allowed)."""
 
-    cpu: float = 1.0
-    memory_mb: int = 512
-    pids: int = 1024
+    cpu: float = DEFAULT_CPU
+    memory_mb: int = DEFAULT_MEMORY_MB
+    pids: int = DEFAULT_PIDS
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Generic, TypeVar
 
+from branchbox.core.limits import DEFAULT_CPU, DEFAULT_MEMORY_MB, DEFAULT_PIDS
 from branchbox.errors import BadRequestError
 
 log = logging.getLogger("branchbox.pool")
@@ -50,9 +51,9 @@ class PoolConfig:
     max_memory_mb: int | None = None
     max_parallel_boots: int = 2
     reuse: bool = False
-    cpu: float = 1.0
-    memory_mb: int = 512
-    pids: int = 1024
+    cpu: float = DEFAULT_CPU
+    memory_mb: int = DEFAULT_MEMORY_MB
+    pids: int = DEFAULT_PIDS
 
     def __post_init__(self) -> None:
         if self.backend is not None and not (isinstance(self.backend, str) and self.backend.isidentifier()):

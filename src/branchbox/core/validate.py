@@ -6,21 +6,32 @@ import functools
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
-from branchbox.errors import BadRequestError, LimitExceededError
+from branchbox.core import limits
+from branchbox.core.limits import (
+    MAX_ARG_BYTES,
+    MAX_ARGV,
+    MAX_CMD_BYTES,
+    MAX_CPU,
+    MAX_ENV_BYTES,
+    MAX_ENV_NAME,
+    MAX_ENV_VARS,
+    MAX_MEMORY_MB,
+    MAX_METADATA,
+    MAX_METADATA_VALUE,
+    MAX_PATH_BYTES,
+    MAX_PIDS,
+    MAX_STDIN_BYTES,
+    MIN_CPU,
+    MIN_MEMORY_MB,
+    MIN_PIDS,
+)
+from branchbox.errors import BadRequestError, LimitExceededError, PayloadTooLargeError
 
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _HOSTNAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-_METADATA_KEY = re.compile(r"^[A-Za-z0-9_.:/-]{1,128}$")
-
-MAX_ENV_BYTES = 256 * 1024
-MAX_ENV_VARS = 1024
-MAX_METADATA = 64
-MAX_METADATA_VALUE = 1024
-MIN_MEMORY_MB = 32
-MIN_PIDS = 16
-MAX_PIDS = 65536
+_METADATA_KEY = re.compile(rf"^[A-Za-z0-9_.:/-]{{1,{limits.MAX_METADATA_KEY}}}$")
 
 
 @functools.cache
@@ -38,16 +49,22 @@ def env(values: Mapping[str, str] | None) -> dict[str, str]:
     if values is None:
         return {}
     if len(values) > MAX_ENV_VARS:
-        raise LimitExceededError(f"env has {len(values)} variables; at most {MAX_ENV_VARS} are allowed")
+        raise PayloadTooLargeError(f"env has {len(values)} variables; at most {MAX_ENV_VARS} are allowed")
     total = 0
     for k, v in values.items():
-        if not isinstance(k, str) or not _ENV_KEY.match(k):
-            raise BadRequestError(f"env name {k!r} is invalid: use letters, digits and _ and do not start with a digit")
+        if not isinstance(k, str) or not _ENV_KEY.match(k) or len(k) > MAX_ENV_NAME:
+            raise BadRequestError(
+                f"env name {k[:64]!r} is invalid: use letters, digits and _ (at most {MAX_ENV_NAME}) and do not "
+                "start with a digit"
+            )
         if not isinstance(v, str) or "\0" in v:
             raise BadRequestError(f"env value of {k} must be a string without NUL bytes")
-        total += len(k) + len(v.encode()) + 2
+        size = len(k) + len(v.encode()) + 1  # NAME=value (execve's bound is on each string, with its NUL)
+        if size > MAX_ARG_BYTES:
+            raise PayloadTooLargeError(f"env variable {k} is {size} bytes; at most {MAX_ARG_BYTES} (Linux's limit)")
+        total += size + 1
     if total > MAX_ENV_BYTES:
-        raise LimitExceededError(f"env is {total} bytes; at most {MAX_ENV_BYTES} bytes are allowed")
+        raise PayloadTooLargeError(f"env is {total} bytes; at most {MAX_ENV_BYTES} bytes are allowed")
     return dict(values)
 
 
@@ -55,10 +72,13 @@ def metadata(values: Mapping[str, str] | None) -> dict[str, str]:
     if values is None:
         return {}
     if len(values) > MAX_METADATA:
-        raise LimitExceededError(f"metadata has {len(values)} keys; at most {MAX_METADATA} are allowed")
+        raise PayloadTooLargeError(f"metadata has {len(values)} keys; at most {MAX_METADATA} are allowed")
     for k, v in values.items():
         if not isinstance(k, str) or not _METADATA_KEY.match(k):
-            raise BadRequestError(f"metadata key {k!r} is invalid: 1-128 characters of letters, digits and _.:/-")
+            raise BadRequestError(
+                f"metadata key {str(k)[:64]!r} is invalid: 1-{limits.MAX_METADATA_KEY} characters of letters, "
+                "digits and _.:/-"
+            )
         if not isinstance(v, str) or len(v) > MAX_METADATA_VALUE:
             raise BadRequestError(f"metadata value of {k!r} must be a string of at most {MAX_METADATA_VALUE} chars")
     return dict(values)
@@ -78,14 +98,55 @@ def timeout(value: float | None, *, default: float, maximum: float) -> float | N
 
 
 def resources(cpu: float, memory_mb: int, pids: int) -> None:
-    ncpu = host_cpus()
-    if isinstance(cpu, bool) or not isinstance(cpu, int | float) or not (0.01 <= cpu <= ncpu):
-        raise BadRequestError(f"cpu is {cpu!r}: pass a number of cores between 0.01 and {ncpu} (this host)")
-    mem_max = host_memory_mb()
+    ncpu = min(host_cpus(), MAX_CPU)
+    if isinstance(cpu, bool) or not isinstance(cpu, int | float) or not (MIN_CPU <= cpu <= ncpu):
+        raise BadRequestError(f"cpu is {cpu!r}: pass a number of cores between {MIN_CPU} and {ncpu:g} (this host)")
+    mem_max = min(host_memory_mb(), MAX_MEMORY_MB)
     if isinstance(memory_mb, bool) or not isinstance(memory_mb, int) or not (MIN_MEMORY_MB <= memory_mb <= mem_max):
         raise BadRequestError(f"memory_mb is {memory_mb!r}: pass an integer between {MIN_MEMORY_MB} and {mem_max}")
     if isinstance(pids, bool) or not isinstance(pids, int) or not (MIN_PIDS <= pids <= MAX_PIDS):
         raise BadRequestError(f"pids is {pids!r}: pass an integer between {MIN_PIDS} and {MAX_PIDS}")
+
+
+def command(cmd: str | Sequence[str]) -> None:
+    """A command the agent can start: a non-empty string (run by /bin/sh -c) or argv list, without NUL bytes, in
+    Linux's argument bounds (:mod:`branchbox.core.limits`)."""
+    args = [cmd] if isinstance(cmd, str) else cmd
+    if not isinstance(args, Sequence) or not args or not all(isinstance(a, str) for a in args):
+        raise BadRequestError("cmd must be a non-empty string or a non-empty list of strings")
+    if not isinstance(cmd, str) and len(args) > MAX_ARGV:
+        raise PayloadTooLargeError(f"cmd has {len(args)} arguments; at most {MAX_ARGV} are allowed")
+    if isinstance(cmd, str) and not cmd:
+        raise BadRequestError("cmd is empty: pass a command line or an argv list")
+    total = 0
+    for a in args:
+        if "\0" in a:
+            raise BadRequestError("cmd must not contain NUL bytes")
+        size = len(a.encode())
+        if size > MAX_ARG_BYTES:
+            raise PayloadTooLargeError(
+                f"a cmd argument is {size} bytes; at most {MAX_ARG_BYTES} (Linux's limit for one argument; a "
+                "string cmd is one argument of /bin/sh -c): write a long script to a file and run that"
+            )
+        total += size + 1
+    if total > MAX_CMD_BYTES:
+        raise PayloadTooLargeError(f"cmd is {total} bytes; at most {MAX_CMD_BYTES}: write it to a file and run that")
+
+
+def stdin(data: bytes | None) -> None:
+    if data is not None and len(data) > MAX_STDIN_BYTES:
+        raise PayloadTooLargeError(
+            f"stdin is {len(data)} bytes; at most {MAX_STDIN_BYTES} inline: write the input to a file, or stream it"
+        )
+
+
+def path(value: str, *, what: str = "path") -> str:
+    """A path inside the sandbox: non-empty, no NUL, at most PATH_MAX bytes."""
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise BadRequestError(f"{what} must be a non-empty string without NUL bytes")
+    if len(value.encode()) >= MAX_PATH_BYTES:
+        raise PayloadTooLargeError(f"{what} is {len(value.encode())} bytes; at most {MAX_PATH_BYTES - 1} (PATH_MAX)")
+    return value
 
 
 def hostname(value: str) -> str:

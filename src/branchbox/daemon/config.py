@@ -42,6 +42,7 @@ from typing import Any
 
 from branchbox.api.auth import is_key_hash
 from branchbox.api.settings import ApiSettings
+from branchbox.core.limits import MAX_TIMEOUT_S
 from branchbox.core.pool import PoolConfig
 from branchbox.core.settings import DEFAULT_DATA_DIR, ManagerSettings, WorkspaceSettings
 from branchbox.errors import BadRequestError
@@ -50,6 +51,11 @@ from branchbox.net.settings import NetworkSettings
 DEFAULT_CONFIG_FILE = Path("/etc/branchbox/config.toml")
 _TABLES = ("server", "manager", "log")
 _POOL_KEYS = tuple(f.name for f in fields(PoolConfig) if f.name not in ("template", "backend"))
+
+
+def _core(name: str, settings: Any = ManagerSettings) -> Any:
+    """The default the core's settings dataclass gives ``name``."""
+    return next(f.default for f in fields(settings) if f.name == name)
 
 
 class ConfigError(BadRequestError):
@@ -62,12 +68,13 @@ class DaemonConfig:
     port: int = 7077
     data_dir: Path = DEFAULT_DATA_DIR
     templates_dir: Path | None = None
-    default_timeout: float = 300.0
-    max_timeout: float = 86400.0
-    max_sandboxes: int = 1000
-    default_backend: str = "container"
-    keep_sandboxes_on_shutdown: bool = True
-    cgroup_parent: str = "branchbox"  # unique per daemon sharing a host
+    # the core's settings take their defaults from core/settings.py (one place; DaemonConfig repeats none)
+    default_timeout: float = _core("default_timeout")
+    max_timeout: float = _core("max_timeout")
+    max_sandboxes: int = _core("max_sandboxes")
+    default_backend: str = _core("default_backend")
+    keep_sandboxes_on_shutdown: bool = _core("keep_sandboxes_on_shutdown")
+    cgroup_parent: str = _core("cgroup_parent")  # unique per daemon sharing a host
     api_key_hashes: tuple[str, ...] = ()
     api_keys_file: Path | None = None
     require_auth: bool | None = None
@@ -76,14 +83,14 @@ class DaemonConfig:
     graceful_timeout: float = 10.0  # seconds to let open requests and streams finish on SIGTERM
     event_loop: str = "auto"  # asyncio | uvloop | auto (uvloop when installed)
     network: bool = True  # false: sandboxes get loopback only
-    network_subnet: str = "10.200.0.0/16"
+    network_subnet: str = _core("subnet", NetworkSettings)
     network_table: str | None = None  # nftables table (default: from cgroup_parent)
     network_if_prefix: str | None = None  # host-side veth name prefix (default: from cgroup_parent)
     network_dns_upstream: str | None = None  # host[:port]; default: the first nameserver of /etc/resolv.conf
-    network_dns_port: int = 0  # the host-side DNS forwarder's port (0: any free port)
-    git_cache_budget_mb: int = 10240  # git workspace cache (mirrors + commit layers), LRU-evicted above this
-    git_ref_ttl: float = 0.0  # seconds a branch's commit is reused without asking the git server (0: always ask)
-    tmp_tmpfs_mb: int = 0  # containers: a memory-backed /tmp of this size (snapshots and forks refused); 0: on disk
+    network_dns_port: int = _core("dns_port", NetworkSettings)  # the host-side DNS forwarder's port (0: any free port)
+    git_cache_budget_mb: int = _core("cache_budget_mb", WorkspaceSettings)  # git workspace cache, LRU-evicted
+    git_ref_ttl: float = _core("ref_ttl", WorkspaceSettings)  # seconds a branch's commit is reused (0: always ask)
+    tmp_tmpfs_mb: int = _core("tmp_tmpfs_mb")  # containers: a memory-backed /tmp of this size; 0: on disk
     pools: tuple[PoolConfig, ...] = ()  # [pools.<template>] tables; only from the config file
 
     def network_settings(self) -> NetworkSettings | None:
@@ -317,6 +324,11 @@ def load_config(
 def _check(cfg: DaemonConfig) -> DaemonConfig:
     if cfg.git_cache_budget_mb < 0 or cfg.git_ref_ttl < 0:
         raise ConfigError("git_cache_budget_mb and git_ref_ttl must be >= 0")
+    if not 0 < cfg.default_timeout <= cfg.max_timeout <= MAX_TIMEOUT_S:
+        raise ConfigError(
+            f"default_timeout {cfg.default_timeout:g} and max_timeout {cfg.max_timeout:g}: need "
+            f"0 < default_timeout <= max_timeout <= {MAX_TIMEOUT_S:g} s (one year)"
+        )
     if cfg.tmp_tmpfs_mb < 0:
         raise ConfigError(f"tmp_tmpfs_mb {cfg.tmp_tmpfs_mb}: use 0 (/tmp on the sandbox's disk) or a size in MiB")
     if not 0 < cfg.port < 65536:

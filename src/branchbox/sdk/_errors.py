@@ -131,6 +131,7 @@ ERROR_TABLE: dict[str, type[SandboxError]] = {
     "network_error": ServerError,
     "port_unreachable": ServerError,
     "invalid_repository_url": BadRequestError,
+    "payload_too_large": BadRequestError,  # a size bound (status 413); the message names it
     "workspace_not_found": NotFoundError,
     "repository_not_found": NotFoundError,
     "ref_not_found": NotFoundError,
@@ -154,6 +155,7 @@ _BY_STATUS: dict[int, type[SandboxError]] = {
     403: PermissionDeniedError,
     404: NotFoundError,
     409: ConflictError,
+    413: BadRequestError,
     429: RateLimitError,
     501: NotSupportedError,
     504: TimeoutException,
