@@ -1506,7 +1506,7 @@ class Manager:
                     )
                 continue
             try:
-                agent = await self._connect_agent(be, rec.handle)
+                agent = await self._reattach_agent(be, rec.handle, paused=info.state is SandboxState.PAUSED)
             except Exception as exc:
                 log.warning("cannot re-attach sandbox %s: %s", info.id, exc, extra={"sandbox_id": info.id})
                 await self._cleanup(info.id, info.backend, rec.handle)
@@ -1544,6 +1544,24 @@ class Manager:
                 await asyncio.to_thread(self._driver.remove_sandbox, d)
         await self._reconcile_layers()
         self._emit_counts()
+
+    async def _reattach_agent(self, be: Backend, handle: SandboxHandle, *, paused: bool) -> AgentClient:
+        """Connect to a sandbox's agent after a restart. A frozen agent sends no HELLO: a sandbox the daemon froze
+        for a snapshot or fork when it died is still frozen (its record says running) and is thawed; a paused one
+        is thawed just long enough for the HELLO, then frozen again."""
+        if be.capabilities.pause:
+            try:
+                await be.resume(handle)
+            except BranchboxError as exc:  # the connect below says what is wrong
+                log.warning("cannot thaw %s: %s", handle.sandbox_id, exc, extra={"sandbox_id": handle.sandbox_id})
+        agent = await self._connect_agent(be, handle)
+        if paused and be.capabilities.pause:
+            try:
+                await be.pause(handle)
+            except BaseException:
+                await agent.aclose()
+                raise
+        return agent
 
     def _emit(self, ev: ManagerEvent) -> None:
         """Queue ``ev`` for the subscribers, who get it soon after (in order, once the current step of the event
