@@ -96,6 +96,13 @@ def test_background_wait_kill_list_stdin(sbx: Sandbox) -> None:
     assert sbx.commands.kill(999_999) is False
 
 
+def test_stream_input(sbx: Sandbox) -> None:
+    h = sbx.commands.run("cat", background=True, stdin=True)
+    sbx.commands.stream_input(h.pid, ["one\n", b"two\n"])  # one client-streaming call, input in order
+    sbx.commands.close_stdin(h.pid)
+    assert h.wait().stdout == "one\ntwo\n"
+
+
 def test_process_outlives_its_stream_and_connect(sbx: Sandbox) -> None:
     h = sbx.commands.run("cat; echo done", background=True, stdin=True)
     h.disconnect()  # the stream ends; the process keeps running

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import secrets
 import time
+from typing import Any
 
 import httpx
 import pytest
 from e2b.exceptions import AuthenticationException, NotFoundException, SandboxException
 
+from branchbox.api.auth import generate_api_key, hash_api_key
 from e2b import AsyncSandbox, Sandbox, SandboxQuery, SandboxState
 from tests.e2b.conftest import E2BDaemon
 
@@ -142,6 +144,47 @@ async def test_async_lifecycle(e2b_env: E2BDaemon) -> None:
         await AsyncSandbox.connect(sbx.sandbox_id)
     with pytest.raises(AuthenticationException):
         await AsyncSandbox.create(api_key="bb_wrong")
+
+
+def test_snapshot_and_fork(e2b_env: E2BDaemon) -> None:
+    sbx = Sandbox.create(timeout=120)
+    made: list[Sandbox] = []
+    try:
+        sbx.files.write("/root/state.txt", "v1")
+        snap = sbx.create_snapshot()
+        sbx.files.write("/root/state.txt", "v2")
+        # a snapshot id is a template for Sandbox.create, as on E2B
+        restored = Sandbox.create(template=snap.snapshot_id, timeout=60)
+        made.append(restored)
+        assert restored.files.read("/root/state.txt") == "v1"
+        forks = sbx.fork(count=2, timeout=60)
+        assert all(isinstance(f, Sandbox) for f in forks)
+        made += [f for f in forks if isinstance(f, Sandbox)]
+        assert {f.files.read("/root/state.txt") for f in made[1:]} == {"v2"}
+        assert len({sbx.sandbox_id, *(f.sandbox_id for f in made)}) == 4
+        assert sbx.commands.run("cat /root/state.txt").stdout == "v2"  # the parent goes on
+    finally:
+        for s in [sbx, *made]:
+            s.kill()
+
+
+def test_paused_sandbox_survives_daemon_restart(daemon_factory: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    key = generate_api_key()
+    d = daemon_factory(keep=True, env={"BRANCHBOX_REQUIRE_AUTH": "true", "BRANCHBOX_API_KEY_HASHES": hash_api_key(key)})
+    d.headers = {"authorization": f"Bearer {key}"}
+    for name in ("E2B_API_URL", "E2B_SANDBOX_URL"):
+        monkeypatch.setenv(name, d.url)
+    monkeypatch.setenv("E2B_API_KEY", key)
+    sbx = Sandbox.create(timeout=300)
+    sbx.files.write("/root/kept.txt", "kept")
+    sbx.pause()
+    d.stop()
+    d.start()
+    assert Sandbox.get_info(sbx.sandbox_id).state == SandboxState.PAUSED
+    again = Sandbox.connect(sbx.sandbox_id)  # the token the SDK holds still opens it (derived, not stored)
+    assert again.files.read("/root/kept.txt") == "kept"
+    assert sbx.commands.run("echo alive").stdout == "alive\n"
+    again.kill()
 
 
 def test_timeout_expiry_kills(e2b_env: E2BDaemon) -> None:

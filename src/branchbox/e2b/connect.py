@@ -19,6 +19,7 @@ from __future__ import annotations
 import gzip
 import json
 import struct
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
 from branchbox.errors import BranchboxError
@@ -152,3 +153,35 @@ def timeout_s(value: str | None) -> float | None:
 def check_method(method: str) -> None:
     if method != "POST":
         raise RpcError("unimplemented", f"Connect calls are POST, not {method}")
+
+
+async def stream_messages(
+    receive: Callable[[], Awaitable[MutableMapping[str, Any]]], encoding: str | None
+) -> AsyncIterator[dict[str, Any]]:
+    """The messages of a client-streaming request body, each as soon as its envelope is complete."""
+    buf = b""
+    more = True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise RpcError("canceled", "the client went away")
+        buf += message.get("body", b"")
+        more = bool(message.get("more_body", False))
+        while len(buf) >= 5:
+            flags, length = struct.unpack(">BI", buf[:5])
+            if length > MAX_MESSAGE:
+                raise RpcError("resource_exhausted", f"a request message is over {MAX_MESSAGE} bytes")
+            if len(buf) < 5 + length:
+                break
+            data, buf = buf[5 : 5 + length], buf[5 + length :]
+            if flags & END_STREAM:
+                return
+            if flags & COMPRESSED:
+                if encoding != "gzip":
+                    raise RpcError(
+                        "unimplemented", f"message encoding {encoding!r} is not supported: send gzip or none"
+                    )
+                data = _gunzip(data)
+            yield _decode_json(data)
+    if buf:
+        raise RpcError("invalid_argument", "the request body ends inside an envelope")

@@ -147,7 +147,10 @@ async def _dispatch(  # noqa: PLR0911 (one return per route)
             return await _list(state, query)
     elif action is None:
         if method == "GET":
-            return Reply(200, listed_json(await mgr.get(sid), detail=True, state=state))
+            info = await mgr.get(sid)
+            if info.state not in _VISIBLE:  # E2B knows running and paused sandboxes only
+                return error(404, f"sandbox {sid} is not running (it is {info.state.value}: {info.error or 'gone'})")
+            return Reply(200, listed_json(info, detail=True, state=state))
         if method == "DELETE":
             await mgr.destroy(sid)
             return Reply(204)
@@ -181,6 +184,7 @@ async def _dispatch(  # noqa: PLR0911 (one return per route)
     return error(405 if sid is None or action in _ACTIONS else 404, f"no such route {method} on this path")
 
 
+_VISIBLE = (SandboxState.RUNNING, SandboxState.PAUSED)
 _ACTIONS = frozenset({"timeout", "refreshes", "connect", "resume", "pause", "snapshots", "fork"})
 
 

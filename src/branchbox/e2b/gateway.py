@@ -32,6 +32,7 @@ from branchbox.e2b.filesystem import FilesystemService
 from branchbox.e2b.process import ProcessService
 from branchbox.e2b.state import E2BState, basic_user, resolve_path
 from branchbox.e2b.tokens import file_signature
+from branchbox.e2b.watch import WatchService
 from branchbox.errors import BranchboxError
 
 MAX_BODY = 1024 * 1024  # a control-plane or RPC request body
@@ -148,6 +149,10 @@ class E2BGateway:
         headers: dict[str, str], user: str | None,
     ) -> None:  # fmt: skip
         streaming = headers.get("content-type", "").startswith(connect.STREAM_JSON)
+        if streaming and path == "/process.Process/StreamInput":  # client streaming: input as it comes
+            await _client_stream(send, ProcessService(state).stream_input(
+                sid, connect.stream_messages(receive, headers.get("connect-content-encoding"))))  # fmt: skip
+            return
         try:
             connect.check_method(scope["method"])
             deadline_s = connect.timeout_s(headers.get("connect-timeout-ms"))
@@ -158,12 +163,13 @@ class E2BGateway:
             await _envd_error(send, streaming, headers, exc, connect.STATUS[exc.code])
             return
         deadline = None if deadline_s is None else time.monotonic() + deadline_s
-        procs, fs = ProcessService(state), FilesystemService(state)
+        procs, fs, watch = ProcessService(state), FilesystemService(state), WatchService(state)
         if streaming:
             keepalive = _keepalive(headers.get("keepalive-ping-interval"))
             streams: dict[str, Callable[[], AsyncIterator[dict[str, Any]]]] = {
                 "/process.Process/Start": lambda: procs.start(sid, req, user, deadline, keepalive),
                 "/process.Process/Connect": lambda: procs.connect(sid, req, deadline, keepalive),
+                "/filesystem.Filesystem/WatchDir": lambda: watch.watch_dir(sid, req, user, deadline),
             }
             make = streams.get(path)
             if make is None:
@@ -183,6 +189,9 @@ class E2BGateway:
             "/filesystem.Filesystem/MakeDir": lambda: fs.make_dir(sid, req, user),
             "/filesystem.Filesystem/Remove": lambda: fs.remove(sid, req, user),
             "/filesystem.Filesystem/Move": lambda: fs.move(sid, req, user),
+            "/filesystem.Filesystem/CreateWatcher": lambda: watch.create(sid, req, user),
+            "/filesystem.Filesystem/GetWatcherEvents": lambda: watch.events(sid, req),
+            "/filesystem.Filesystem/RemoveWatcher": lambda: watch.remove(sid, req),
         }
         call = unary.get(path, lambda: _unimplemented(path))
         try:
@@ -214,6 +223,17 @@ async def _enveloped(messages: AsyncIterator[dict[str, Any]]) -> AsyncIterator[b
         yield connect.end_stream(connect.from_branchbox(exc))
         return
     yield connect.end_stream()
+
+
+async def _client_stream(send: Send, call: Awaitable[dict[str, Any]]) -> None:
+    try:
+        body = connect.envelope(await call) + connect.end_stream()
+    except RpcError as exc:
+        body = connect.end_stream(exc)
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", connect.STREAM_JSON.encode()),
+                            (b"content-length", str(len(body)).encode())]})  # fmt: skip
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _bytes(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

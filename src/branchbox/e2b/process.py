@@ -183,6 +183,21 @@ class ProcessService:
         await self._with_handle(sid, pid, lambda h: h.send_stdin(chunk))
         return {}
 
+    async def stream_input(self, sid: str, messages: AsyncIterator[Message]) -> Message:
+        """A client stream: ``start`` (the process), then ``data`` (input) and ``keepalive`` messages, in order."""
+        pid: int | None = None
+        async for m in messages:
+            if "start" in m:
+                pid = await self._pid(sid, (m["start"] or {}).get("process"))
+            elif "data" in m:
+                if pid is None:
+                    raise RpcError("invalid_argument", "the input stream must begin with a start message")
+                data = (m["data"] or {}).get("input") or {}
+                payload = data.get("stdin", data.get("pty"))
+                chunk = _unb64(payload if payload is not None else "", "input")
+                await self._with_handle(sid, pid, lambda h, c=chunk: h.send_stdin(c))
+        return {}
+
     async def close_stdin(self, sid: str, req: Message) -> Message:
         pid = await self._pid(sid, req.get("process"))
         await self._with_handle(sid, pid, lambda h: h.close_stdin())

@@ -9,7 +9,7 @@ import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from branchbox.e2b.tokens import Tokens, load_secret
 
@@ -31,6 +31,7 @@ class E2BState:
     check_key: Callable[[str | None], None]
     tokens: Tokens
     handles: dict[tuple[str, int], ProcessHandle] = field(default_factory=dict)
+    watchers: dict[str, Any] = field(default_factory=dict)  # watcher id -> branchbox.e2b.watch.Watcher
 
     @classmethod
     def of(cls, manager: Manager, check_key: Callable[[str | None], None]) -> E2BState:
