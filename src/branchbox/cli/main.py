@@ -337,11 +337,15 @@ def key() -> None:
 
 
 @key.command(name="new")
-def key_new() -> None:
+@click.option("--e2b", "e2b_format", is_flag=True, help="In E2B's format (e2b_ + 40 hex digits): some e2b SDKs (2.45) "
+              "refuse other keys before sending them (docs/e2b.md).")  # fmt: skip
+def key_new(e2b_format: bool) -> None:
     """Print a new API key and the sha256 hash the daemon stores (api_key_hashes / api_keys_file)."""
+    import secrets  # noqa: PLC0415
+
     from branchbox.api.auth import generate_api_key, hash_api_key  # noqa: PLC0415
 
-    k = generate_api_key()
+    k = "e2b_" + secrets.token_hex(20) if e2b_format else generate_api_key()
     click.echo(f"key:  {k}\nhash: {hash_api_key(k)}")
 
 

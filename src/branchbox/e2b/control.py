@@ -13,6 +13,7 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qs, parse_qsl
 
@@ -145,6 +146,9 @@ async def _dispatch(  # noqa: PLR0911 (one return per route)
             return await _create(state, body)
         if method == "GET":
             return await _list(state, query)
+    elif action in ("metrics", "logs") and method == "GET":
+        await mgr.get(sid)  # 404 for an unknown sandbox
+        return Reply(200, [] if action == "metrics" else {"logs": [], "logEntries": []})
     elif action is None:
         if method == "GET":
             info = await mgr.get(sid)
@@ -244,6 +248,11 @@ async def _list(state: E2BState, query: str) -> Reply:
         raise _BadRequest(f"limit must be 1 to {MAX_PAGE}")
     order_asc = params.get("order", ["desc"])[0] == "asc"
     infos = await state.manager.list(metadata=meta or None, states=states)
+    if "template" in params:
+        infos = [i for i in infos if i.template == params["template"][0]]
+    if "startedAfter" in params:
+        after = _timestamp(params["startedAfter"][0])
+        infos = [i for i in infos if i.created_at >= after]
     infos.sort(key=lambda i: (i.created_at, i.id), reverse=not order_asc)
     token = params.get("nextToken", [None])[0]
     if token:
@@ -262,6 +271,13 @@ def _query_int(params: dict[str, list[str]], key: str, default: int) -> int:
     if not raw.isdigit():
         raise _BadRequest(f"{key} must be a positive integer")
     return int(raw)
+
+
+def _timestamp(value: str) -> float:
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        raise _BadRequest(f"startedAfter must be an RFC 3339 time, not {value!r}") from None
 
 
 def _cursor(token: str) -> tuple[float, str]:

@@ -70,7 +70,11 @@ class E2BGateway:
         elif path.startswith(("/sandboxes", "/v2/sandboxes")):
             scope["route"] = RouteName("/e2b" + _template(path))
             state = self.state(scope)
-            body = await _read(receive)
+            try:
+                body = await _read(receive)
+            except RpcError as exc:
+                await _json(send, 413, {"code": 413, "message": exc.message})
+                return
             reply = await control.handle(state, scope["method"], path, _qs(scope), _headers(scope), body)
             await _json(send, reply.status, reply.body, reply.headers)
         elif path == "/files" and b"signature=" in scope.get("query_string", b""):
