@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -24,8 +25,9 @@ import pytest
 import branchbox
 from branchbox.core.models import TemplateInfo
 from branchbox.core.settings import ManagerSettings
+from branchbox.net.settings import NetworkSettings
 from tests.leaks import _cgroup_dirs, _in_cgroup_tree
-from tests.net_env import Internet, make_internet, network_settings
+from tests.net_env import Internet, make_internet
 
 TEST_ROOT = Path(os.environ.get("BRANCHBOX_TEST_ROOT", "/var/tmp/branchbox-test"))
 
@@ -126,7 +128,12 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 
 class DaemonProc:
-    """A ``branchbox serve`` subprocess on a free loopback port with its own data dir and cgroup parent."""
+    """A ``branchbox serve`` subprocess on a free loopback port with its own data dir and cgroup parent.
+
+    Its subnet, nftables table and veth prefix are the daemon's own choice (a claimed, allocated subnet; names
+    derived from the cgroup parent), read back from ``DATA/host.json`` after start (``names``, ``network``).
+    ``derived=True`` leaves the cgroup parent to the daemon too (derived from the data dir), as a user's
+    ``branchbox serve`` without configuration has it."""
 
     def __init__(
         self,
@@ -136,28 +143,31 @@ class DaemonProc:
         env: dict[str, str] | None = None,
         api_key: str | None = None,
         config: str | None = None,
+        derived: bool = False,
     ) -> None:
         self.headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self.data_dir = data_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.cgroup_parent = f"bbtest-{data_dir.name}"
+        self.derived = derived
+        self.cgroup_parent = "" if derived else f"bbtest-{data_dir.name}"  # derived: known after start
+        self.names: dict[str, str] = {}
         self.log_path = data_dir / "daemon.log"
         self.keep = keep
         self.extra_env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
-        # networking on (the daemon's default) in a subnet of its own; DNS goes nowhere (port 9, discard)
-        self.network = network_settings(None)
-        self.network_env = {"BRANCHBOX_NETWORK_SUBNET": self.network.subnet,
-                            "BRANCHBOX_NETWORK_DNS_UPSTREAM": "127.0.0.1:9"}  # fmt: skip
+        # networking on (the daemon's default) in a subnet it allocates; DNS goes nowhere (port 9, discard)
+        self.network: NetworkSettings | None = None  # what the daemon resolved (after start)
+        self.network_env = {"BRANCHBOX_NETWORK_DNS_UPSTREAM": "127.0.0.1:9"}
         self.config_path: Path | None = None
         if config is not None:
             self.config_path = data_dir / "config.toml"
             self.config_path.write_text(config)
 
     def start(self, timeout: float = 60.0) -> None:
+        names = {} if self.derived else {"BRANCHBOX_CGROUP_PARENT": self.cgroup_parent}
         env = cli_env(
-            BRANCHBOX_CGROUP_PARENT=self.cgroup_parent,
+            **names,
             BRANCHBOX_KEEP_SANDBOXES_ON_SHUTDOWN="true" if self.keep else "false",
             BRANCHBOX_LOG_LEVEL="debug",
             **{**self.network_env, **self.extra_env},
@@ -176,12 +186,22 @@ class DaemonProc:
                 raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
             try:
                 if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
+                    self._read_names()
                     return
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"daemon not healthy after {timeout} s:\n{self.log()}")
             time.sleep(0.05)
+
+    def _read_names(self) -> None:
+        """The names the daemon claimed (DATA/host.json, written before it listens)."""
+        self.names = json.loads((self.data_dir / "host.json").read_text())
+        self.cgroup_parent = self.names["cgroup_parent"]
+        if self.names.get("subnet"):
+            self.network = NetworkSettings(
+                subnet=self.names["subnet"], table=self.names["table"], if_prefix=self.names["if_prefix"]
+            )
 
     def log(self) -> str:
         try:
@@ -209,6 +229,7 @@ class DaemonProc:
 
     def leftovers(self) -> list[str]:
         """Cgroups and processes of this daemon's sandboxes still on the host."""
+        assert self.cgroup_parent, "start the daemon first (its cgroup parent is derived)"
         cgroups = sorted(_cgroup_dirs(self.cgroup_parent, spares=True))
         procs = [str(p) for p in os.listdir("/proc") if p.isdigit() and _in_cgroup_tree(int(p), self.cgroup_parent)]
         return cgroups + procs
@@ -228,7 +249,8 @@ class DaemonProc:
 
 @pytest.fixture
 def daemon_factory(default_template: Any) -> Iterator[Any]:
-    """Start daemons with ``daemon_factory(keep=..., env=..., config=TOML)``; all are cleaned up at the end."""
+    """Start daemons with ``daemon_factory(keep=..., env=..., config=TOML, derived=...)``; all are cleaned up at the
+    end."""
     made: list[DaemonProc] = []
 
     def make(
@@ -238,8 +260,9 @@ def daemon_factory(default_template: Any) -> Iterator[Any]:
         api_key: str | None = None,
         config: str | None = None,
         start: bool = True,
+        derived: bool = False,
     ) -> DaemonProc:
-        d = DaemonProc(new_data_dir(), keep=keep, env=env, api_key=api_key, config=config)
+        d = DaemonProc(new_data_dir(), keep=keep, env=env, api_key=api_key, config=config, derived=derived)
         made.append(d)
         if start:
             d.start()

@@ -20,9 +20,13 @@ default one is ``[pools."<template>@<backend>"]``::
     memory_mb = 256
 
 Networking (docs/networking.md) is on by default: ``network = false`` gives sandboxes loopback only. The
-``network_*`` settings are those of :class:`~branchbox.net.NetworkSettings`; ``network_table`` and
-``network_if_prefix`` default to names derived from ``cgroup_parent`` so two daemons on one host differ (their
-subnets must differ too).
+``network_*`` settings are those of :class:`~branchbox.net.NetworkSettings`.
+
+Host-unique names (neighbouring daemons, :mod:`branchbox.daemon.claims`): ``cgroup_parent``, ``network_table``,
+``network_if_prefix`` and ``network_subnet`` are None unless configured. ``branchbox serve`` then resolves them
+(what the data dir's ``host.json`` recorded, else derived from the data dir: the cgroup parent from its real
+path, the table and prefix from the cgroup parent, the subnet allocated) and claims them host-wide before the
+Manager starts (:meth:`DaemonConfig.with_names`).
 
 API keys are never stored in clear: ``api_key_hashes`` holds sha256 hex digests (``branchbox key new`` prints
 a key and its digest) and ``api_keys_file`` names a file with one digest per line (``#`` comments allowed).
@@ -31,9 +35,9 @@ a key and its digest) and ``api_keys_file`` names a file with one digest per lin
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.util
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -45,6 +49,7 @@ from branchbox.api.settings import ApiSettings
 from branchbox.core.limits import MAX_TIMEOUT_S
 from branchbox.core.pool import PoolConfig
 from branchbox.core.settings import DEFAULT_DATA_DIR, ManagerSettings, WorkspaceSettings
+from branchbox.daemon.claims import LEGACY_CGROUP_PARENT, LEGACY_SUBNET, HostNames, Wanted, network_names
 from branchbox.errors import BadRequestError
 from branchbox.net.settings import NetworkSettings
 
@@ -74,7 +79,8 @@ class DaemonConfig:
     max_sandboxes: int = _core("max_sandboxes")
     default_backend: str = _core("default_backend")
     keep_sandboxes_on_shutdown: bool = _core("keep_sandboxes_on_shutdown")
-    cgroup_parent: str = _core("cgroup_parent")  # unique per daemon sharing a host
+    # host-unique names: None (not configured) is resolved by the daemon's claim (derived from data_dir)
+    cgroup_parent: str | None = None
     api_key_hashes: tuple[str, ...] = ()
     api_keys_file: Path | None = None
     require_auth: bool | None = None
@@ -83,7 +89,7 @@ class DaemonConfig:
     graceful_timeout: float = 10.0  # seconds to let open requests and streams finish on SIGTERM
     event_loop: str = "auto"  # asyncio | uvloop | auto (uvloop when installed)
     network: bool = True  # false: sandboxes get loopback only
-    network_subnet: str = _core("subnet", NetworkSettings)
+    network_subnet: str | None = None  # one /30 per sandbox (default: a free /19 of 10.224.0.0/11, allocated)
     network_table: str | None = None  # nftables table (default: from cgroup_parent)
     network_if_prefix: str | None = None  # host-side veth name prefix (default: from cgroup_parent)
     network_dns_upstream: str | None = None  # host[:port]; default: the first nameserver of /etc/resolv.conf
@@ -93,13 +99,34 @@ class DaemonConfig:
     tmp_tmpfs_mb: int = _core("tmp_tmpfs_mb")  # containers: a memory-backed /tmp of this size; 0: on disk
     pools: tuple[PoolConfig, ...] = ()  # [pools.<template>] tables; only from the config file
 
+    def wanted_names(self) -> Wanted:
+        """The host-unique names as configured (None: not configured)."""
+        return Wanted(
+            network=self.network,
+            cgroup_parent=self.cgroup_parent,
+            table=self.network_table,
+            if_prefix=self.network_if_prefix,
+            subnet=self.network_subnet,
+        )
+
+    def with_names(self, names: HostNames) -> DaemonConfig:
+        """This config with the names a claim resolved."""
+        return dataclasses.replace(
+            self,
+            cgroup_parent=names.cgroup_parent,
+            network_table=names.table,
+            network_if_prefix=names.if_prefix,
+            network_subnet=names.subnet,
+        )
+
     def network_settings(self) -> NetworkSettings | None:
+        """Networking as configured; names not resolved yet (see :meth:`with_names`) take the legacy ones."""
         if not self.network:
             return None
-        table, prefix = _network_names(self.cgroup_parent)
+        table, prefix = network_names(self.cgroup_parent or LEGACY_CGROUP_PARENT)
         try:
             return NetworkSettings(
-                subnet=self.network_subnet,
+                subnet=self.network_subnet or LEGACY_SUBNET,
                 table=self.network_table or table,
                 if_prefix=self.network_if_prefix or prefix,
                 dns_upstream=self.network_dns_upstream,
@@ -117,7 +144,7 @@ class DaemonConfig:
             max_sandboxes=self.max_sandboxes,
             default_backend=self.default_backend,
             keep_sandboxes_on_shutdown=self.keep_sandboxes_on_shutdown,
-            cgroup_parent=self.cgroup_parent,
+            cgroup_parent=self.cgroup_parent or LEGACY_CGROUP_PARENT,
             tmp_tmpfs_mb=self.tmp_tmpfs_mb,
             pools=self.pools,
             network=self.network_settings(),
@@ -153,16 +180,8 @@ class DaemonConfig:
         return tuple(hashes)
 
 
+_CGROUP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _FIELDS = {f.name: f for f in fields(DaemonConfig) if f.name != "pools"}
-
-
-def _network_names(cgroup_parent: str) -> tuple[str, str]:
-    """nftables table and veth prefix of a daemon: ``branchbox``/``bbn`` for the default one, else unique
-    names derived from its cgroup parent."""
-    if cgroup_parent == "branchbox":
-        return "branchbox", "bbn"
-    digest = hashlib.sha256(cgroup_parent.encode()).hexdigest()
-    return f"branchbox_{digest[:8]}", f"b{digest[:5]}"
 
 
 def _convert(name: str, value: Any, source: str) -> Any:
@@ -322,6 +341,11 @@ def load_config(
 
 
 def _check(cfg: DaemonConfig) -> DaemonConfig:
+    if cfg.cgroup_parent is not None and not _CGROUP_NAME.match(cfg.cgroup_parent):
+        raise ConfigError(
+            f"cgroup_parent {cfg.cgroup_parent!r}: use 1-64 of A-Z, a-z, 0-9, '_', '-', '.' starting with a "
+            "letter or digit (one cgroup directory name)"
+        )
     if cfg.git_cache_budget_mb < 0 or cfg.git_ref_ttl < 0:
         raise ConfigError("git_cache_budget_mb and git_ref_ttl must be >= 0")
     if not 0 < cfg.default_timeout <= cfg.max_timeout <= MAX_TIMEOUT_S:

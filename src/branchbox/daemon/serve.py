@@ -17,15 +17,21 @@ import math
 import signal
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 import structlog
 import uvicorn
 
 from branchbox.api import create_app
 from branchbox.api.warmup import warm_routes
+from branchbox.daemon.claims import claim
 from branchbox.daemon.config import DaemonConfig
 from branchbox.daemon.logs import configure_logging
 from branchbox.errors import BranchboxError
+
+if TYPE_CHECKING:
+    from branchbox.api.settings import ApiSettings
 
 
 def _has(module: str) -> bool:
@@ -74,12 +80,25 @@ def daemon_version() -> str:
 
 
 async def serve(cfg: DaemonConfig) -> None:
-    """Run until SIGTERM/SIGINT. Logging must already be configured."""
-    from branchbox.core.manager import Manager  # noqa: PLC0415 - heavy; keeps `branchbox --help` fast
-
+    """Claim this daemon's data dir and host-unique names, then run until SIGTERM/SIGINT. Logging must already be
+    configured."""
     log = structlog.get_logger("branchbox.daemon")
     api_settings = cfg.api_settings(daemon_version())  # reads the keys file: fail before touching state
     log.info("daemon.starting", data_dir=str(cfg.data_dir), backend=cfg.default_backend)
+    host_claim = claim(cfg.data_dir, cfg.wanted_names())  # ClaimError: another daemon owns a name or the dir
+    try:
+        cfg = cfg.with_names(host_claim.names)
+        log.info("daemon.names", **asdict(host_claim.names))
+        await _serve(cfg, api_settings)
+    finally:
+        host_claim.release()
+    log.info("daemon.stopped")
+
+
+async def _serve(cfg: DaemonConfig, api_settings: ApiSettings) -> None:
+    from branchbox.core.manager import Manager  # noqa: PLC0415 - heavy; keeps `branchbox --help` fast
+
+    log = structlog.get_logger("branchbox.daemon")
     async with Manager.open(cfg.manager_settings()) as manager:
         app = create_app(manager, api_settings)
         config = uvicorn.Config(
@@ -114,7 +133,6 @@ async def serve(cfg: DaemonConfig) -> None:
         )
         await server.serve()
         log.info("daemon.stopping", keep_sandboxes=cfg.keep_sandboxes_on_shutdown)
-    log.info("daemon.stopped")
 
 
 def run(cfg: DaemonConfig) -> None:
