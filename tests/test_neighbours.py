@@ -22,7 +22,9 @@ from branchbox.daemon.claims import (
     ALLOC_POOL,
     ClaimError,
     HostNames,
+    Wanted,
     allocate_subnet,
+    claim,
     claims_dir,
     derive,
     host_routes,
@@ -227,8 +229,9 @@ def test_derived_names_are_stable_distinct_and_legacy_for_the_default_data_dir(t
 def test_clashes_name_each_setting() -> None:
     a = HostNames("p1", "t1", "x1", "10.224.0.0/18")
     assert a.clashes(HostNames("p2", "t2", "x2", "10.224.64.0/18")) == []
+    assert HostNames("p1-vm").clashes(a) == ["cgroup_parent (p1-vm; a daemon's microVMs use p1-vm-vm)"]
     assert a.clashes(HostNames("p1", "t1", "x1", "10.224.32.0/20")) == [
-        "cgroup_parent (p1)",
+        "cgroup_parent (p1; a daemon's microVMs use p1-vm)",
         "network_table (t1)",
         "network_if_prefix (x1)",
         "network_subnet (10.224.0.0/18 overlaps 10.224.32.0/20)",
@@ -248,3 +251,57 @@ def test_allocated_subnets_avoid_claims_and_host_routes(tmp_path: Path) -> None:
     with pytest.raises(ClaimError, match="configure network_subnet"):
         allocate_subnet([str(ALLOC_POOL)], [], tmp_path)
     assert all(r.prefixlen > 0 for r in host_routes())
+
+
+def test_claims_in_a_private_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The registry's rules without daemons: same data dir refused while held, names kept across restarts, a
+    derived name that another daemon holds is derived again, a configured one is refused naming the other."""
+    monkeypatch.setenv("BRANCHBOX_CLAIMS_DIR", str(tmp_path / "claims"))
+    one, two = tmp_path / "one", tmp_path / "two"
+    first = claim(one, Wanted(network=True))
+    try:
+        with pytest.raises(ClaimError, match=f"another daemon \\(pid {os.getpid()}\\) already serves"):
+            claim(one, Wanted(network=True))
+    finally:
+        first.release()
+    again = claim(one, Wanted(network=True))  # released (as by a crash): the same names again
+    again.release()
+    assert again.names == first.names
+    # another data dir whose derived names someone else holds gets salted names
+    registry = tmp_path / "claims" / "claims.json"
+    doc = json.loads(registry.read_text())
+    squatter = tmp_path / "squatter"
+    squatter.mkdir()
+    doc[str(squatter)] = {"pid": 1, "names": {"cgroup_parent": derive(two), "table": None, "if_prefix": None,
+                                               "subnet": None}}  # fmt: skip
+    registry.write_text(json.dumps(doc))
+    second = claim(two, Wanted(network=True))
+    second.release()
+    assert second.names.cgroup_parent == derive(two, salt=1)
+    assert not second.names.clashes(first.names)
+    with pytest.raises(ClaimError, match=f"data dir {squatter} \\(not running.*BRANCHBOX_CGROUP_PARENT"):
+        claim(tmp_path / "three", Wanted(network=False, cgroup_parent=derive(two)))
+    squatter.rmdir()  # a deleted data dir frees its names
+    claim(tmp_path / "three", Wanted(network=False, cgroup_parent=derive(two))).release()
+
+
+@pytest.mark.root
+def test_orphan_veths_are_matched_by_the_whole_prefix() -> None:
+    """``bbq`` owns ``bbq-<slot>`` only: a neighbour's ``bbqx-1`` is not its orphan."""
+    import asyncio
+    import subprocess
+
+    from branchbox.net.service import Network
+    from branchbox.net.settings import NetworkSettings
+
+    mine, theirs = "bbq-7f1", "bbqx-7f1"
+    for name, peer in ((mine, "nqa7f1"), (theirs, "nqb7f1")):  # no dummy module here: veth pairs
+        subprocess.run(["ip", "link", "add", name, "type", "veth", "peer", "name", peer], check=True)
+    try:
+        net = Network(NetworkSettings(subnet="10.251.0.0/24", table="neigh_unused", if_prefix="bbq"))
+        assert net.interfaces() == [mine]
+        assert asyncio.run(net.remove_orphans()) == [mine]
+        assert os.path.exists(f"/sys/class/net/{theirs}")
+    finally:
+        for name in (mine, theirs):
+            subprocess.run(["ip", "link", "del", name], check=False, capture_output=True)

@@ -49,6 +49,7 @@ LOCK_FILE = "daemon.lock"
 # allocated subnets: /19s (2048 sandboxes each, 256 of them) in 10.224.0.0/11, away from the legacy 10.200.0.0/16
 ALLOC_POOL = ipaddress.IPv4Network("10.224.0.0/11")
 ALLOC_PREFIX = 19
+VM_SUFFIX = "-vm"  # the microVM backend's cgroups are under <cgroup_parent>-vm (backends/microvm/config.py)
 _SALTS = 16  # derived names that collide with another claim are derived again with a salt, this many times
 
 
@@ -68,8 +69,9 @@ class HostNames:
     def clashes(self, other: HostNames) -> list[str]:
         """The settings (config names) in which ``self`` and ``other`` collide."""
         out = []
-        if self.cgroup_parent == other.cgroup_parent:
-            out.append(f"cgroup_parent ({self.cgroup_parent})")
+        mine, theirs = self.cgroup_parent, other.cgroup_parent
+        if mine == theirs or VM_SUFFIX in (mine.removeprefix(theirs), theirs.removeprefix(mine)):
+            out.append(f"cgroup_parent ({mine}; a daemon's microVMs use {mine}{VM_SUFFIX})")
         if self.table is not None and self.table == other.table:
             out.append(f"network_table ({self.table})")
         if self.if_prefix is not None and self.if_prefix == other.if_prefix:
