@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import resource
@@ -350,6 +351,90 @@ async def test_exec_large_output_streams(client: AgentClient) -> None:
     assert len(res.stdout) == 20_000_000
     assert sum(seen) == 20_000_000
     assert len(seen) > 1
+
+
+async def test_exec_keeps_at_most_max_output_per_stream(client: AgentClient) -> None:
+    """The result keeps the first ``max_output`` bytes of each stream; the rest is drained to the exit."""
+    seen: list[int] = []
+    cmd = ["sh", "-c", "head -c 9000000 /dev/zero; echo err >&2; exit 3"]
+    res = await client.exec(cmd, max_output=5_000_000, on_stdout=lambda b: seen.append(len(b)))
+    assert (res.exit_code, len(res.stdout), res.stdout_truncated) == (3, 5_000_000, True)
+    assert (res.stderr, res.stderr_truncated) == (b"err\n", False)
+    assert sum(seen) == 9_000_000  # a callback still gets everything
+    exact = await client.exec(["head", "-c", "1000", "/dev/zero"], max_output=1000)
+    assert (len(exact.stdout), exact.stdout_truncated) == (1000, False)
+
+
+async def test_agent_cuts_off_a_host_that_ignores_its_window(agent: RunningAgent) -> None:
+    """A host sending stdin beyond the credit the agent granted (to a process that does not read) is cut off
+    with a protocol error instead of being buffered; the agent keeps serving other connections."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, str(agent.socket))
+    try:
+        parser = wire.FrameParser()
+        async with asyncio.timeout(GUARD):
+            while not parser.feed(await loop.sock_recv(sock, 65536)):  # HELLO
+                pass
+            call = {"method": "exec", "params": {"cmd": ["sleep", "60"], "stdin": True}}
+            await loop.sock_sendall(sock, wire.encode_json(wire.CALL, 1, call))
+            chunk = b"x" * wire.CHUNK_SIZE
+            sent = 0
+            with contextlib.suppress(OSError):  # the agent may cut us off while we still send
+                while sent <= wire.INITIAL_WINDOW:
+                    await loop.sock_sendall(sock, wire.encode_data(1, wire.STDIN, chunk))
+                    sent += len(chunk)
+            with contextlib.suppress(OSError):  # ECONNRESET counts as cut off too
+                while await loop.sock_recv(sock, 65536):  # until the agent closes (the guard fails the test)
+                    pass
+    finally:
+        sock.close()
+    c = await agent.client()
+    assert (await c.exec(["echo", "still serving"])).stdout == b"still serving\n"
+    await c.aclose()
+
+
+async def test_client_cuts_off_an_agent_that_ignores_its_window(tmp_path: Path) -> None:
+    """An agent (a sandbox's PID 1 may be hostile) sending a download beyond the host's credit while nobody reads
+    it is cut off with a protocol error, instead of growing the daemon's memory."""
+    path = tmp_path / "fake.sock"
+    served = asyncio.Event()
+
+    async def fake_agent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            hello = {"protocol": wire.PROTOCOL_VERSION, "methods": ["files.read"]}
+            writer.write(wire.encode_json(wire.HELLO, 0, hello))
+            parser = wire.FrameParser()
+            while not (frames := parser.feed(await reader.read(65536))):
+                pass
+            channel = frames[0][1]
+            for _ in range(wire.INITIAL_WINDOW // wire.CHUNK_SIZE + 1):  # one chunk more than the credit
+                writer.write(wire.encode_data(channel, wire.STDOUT, b"y" * wire.CHUNK_SIZE))
+            with contextlib.suppress(OSError):
+                await writer.drain()
+                await reader.read()  # until the client hangs up
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            served.set()
+
+    server = await asyncio.start_unix_server(fake_agent, str(path))
+    try:
+        c = await AgentClient.connect(path, timeout=GUARD)
+        chunks = aiter(c.download("/big"))
+        async with asyncio.timeout(GUARD):
+            assert await anext(chunks) == b"y" * wire.CHUNK_SIZE  # then the reader stalls
+            await c.wait_closed()
+            with pytest.raises(AgentDisconnectedError, match="beyond its window"):
+                async for _ in chunks:
+                    pass
+        await c.aclose()
+        await served.wait()
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 async def test_exec_invalid_utf8_is_bytes(client: AgentClient) -> None:

@@ -76,16 +76,17 @@ def _entry(d: Mapping[str, Any]) -> FileEntry:
 class _Call:
     """One call in flight: receives the frames of its channel; RESULT resolves ``future``."""
 
-    __slots__ = ("channel", "conn", "credit", "credit_waiter", "done", "future", "unacked")
+    __slots__ = ("channel", "conn", "credit", "credit_waiter", "done", "future", "unacked", "window")
 
     def __init__(self, conn: _Connection) -> None:
         self.conn = conn
         self.channel = conn.register(self)
         self.future: asyncio.Future[Any] = conn.loop.create_future()
-        self.credit = wire.INITIAL_WINDOW
+        self.credit = wire.INITIAL_WINDOW  # DATA bytes we may still send the agent
         self.credit_waiter: asyncio.Future[None] | None = None
         self.done = False
         self.unacked = 0
+        self.window = wire.INITIAL_WINDOW  # DATA bytes the agent may still send us (checked on receipt)
 
     def on_data(self, stream: int, data: bytes) -> None:
         """Agent output (ignored unless overridden)."""
@@ -123,10 +124,17 @@ class _Call:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def received(self, n: int) -> None:
+        """``n`` bytes of DATA arrived: an agent that sends beyond the credit we granted breaks the protocol."""
+        self.window -= n
+        if self.window < 0:
+            raise wire.ProtocolError(f"the agent sent DATA beyond its window on channel {self.channel}")
+
     def ack(self, n: int) -> None:
         """We consumed ``n`` bytes of the agent's DATA: return credit in batches."""
         self.unacked += n
         if self.unacked >= ACK_EVERY and not self.done:
+            self.window += self.unacked
             self.conn.write(wire.encode_window(self.channel, self.unacked))
             self.unacked = 0
 
@@ -155,27 +163,36 @@ class _Call:
 
 
 class _ExecCall(_Call):
-    __slots__ = ("on_stderr", "on_stdout", "stderr", "stdout")
+    """A foreground exec: keeps at most ``limit`` bytes of each stream (the rest is counted, handed to the
+    callbacks and dropped, and its credit returned at once: the process is drained, never blocked or killed)."""
+
+    __slots__ = ("kept", "limit", "on_stderr", "on_stdout", "stderr", "stdout", "truncated")
 
     def __init__(
         self,
         conn: _Connection,
         on_stdout: Callable[[bytes], object] | None,
         on_stderr: Callable[[bytes], object] | None,
+        limit: int | None,
     ) -> None:
         super().__init__(conn)
         self.stdout: list[bytes] = []
         self.stderr: list[bytes] = []
-        self.on_stdout = on_stdout
-        self.on_stderr = on_stderr
+        self.on_stdout, self.on_stderr, self.limit = on_stdout, on_stderr, limit
+        self.kept, self.truncated = [0, 0, 0], [False, False, False]  # per stream
 
     def on_data(self, stream: int, data: bytes) -> None:
         if stream == wire.STDERR:
-            self.stderr.append(data)
-            callback = self.on_stderr
+            chunks, callback = self.stderr, self.on_stderr
         else:
-            self.stdout.append(data)
-            callback = self.on_stdout
+            stream, chunks, callback = wire.STDOUT, self.stdout, self.on_stdout
+        keep = data
+        if self.limit is not None and self.kept[stream] + len(data) > self.limit:
+            keep = data[: self.limit - self.kept[stream]]
+            self.truncated[stream] = True
+        if keep:
+            chunks.append(keep)
+            self.kept[stream] += len(keep)
         self.ack(len(data))
         if callback is not None:
             try:
@@ -256,6 +273,7 @@ class _Connection(asyncio.Protocol):
         self.hello: asyncio.Future[dict[str, Any]] = loop.create_future()
         self.lost: asyncio.Future[None] = loop.create_future()
         self.closing = False
+        self.broken: str | None = None  # why this client cut the connection (the agent broke the protocol)
         self.write_paused: asyncio.Future[None] | None = None
         self.nonce: str | None = None  # set when this client opens the session (character-device agents)
 
@@ -266,7 +284,9 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        if self.closing:
+        if self.broken is not None:
+            err = AgentDisconnectedError(self.broken)
+        elif self.closing:
             err = AgentDisconnectedError("the agent connection was closed by this client")
         else:
             err = AgentDisconnectedError(f"lost the connection to the agent ({exc or 'closed by the agent'})")
@@ -299,6 +319,7 @@ class _Connection(asyncio.Protocol):
                 if kind == wire.DATA:
                     if call is not None:
                         stream, chunk = wire.split_stream(payload)
+                        call.received(len(chunk))
                         call.on_data(stream, chunk)
                 elif kind == wire.RESULT:
                     if call is not None:
@@ -313,8 +334,9 @@ class _Connection(asyncio.Protocol):
                 elif kind == wire.HELLO and not self.hello.done():
                     self.on_hello(wire.decode_json(payload))
         except wire.ProtocolError as exc:
+            self.broken = f"agent protocol error: {exc}"
             if not self.hello.done():
-                self.hello.set_exception(AgentError(f"agent protocol error: {exc}"))
+                self.hello.set_exception(AgentError(self.broken))
             if self.transport is not None:
                 self.transport.abort()
 
@@ -607,10 +629,13 @@ class AgentClient:
         timeout: float | None = None,
         on_stdout: Callable[[bytes], object] | None = None,
         on_stderr: Callable[[bytes], object] | None = None,
+        max_output: int | None = None,
     ) -> ExecResult:
-        """Run a command to completion; a str runs in a shell (or directly when simple)."""
+        """Run a command to completion; a str runs in a shell (or directly when simple). ``max_output``: keep at
+        most this many bytes of each stream in the result (the rest is drained and dropped; the result says
+        ``stdout_truncated`` / ``stderr_truncated``); None keeps everything."""
         conn = self._conn
-        call = _ExecCall(conn, on_stdout, on_stderr)
+        call = _ExecCall(conn, on_stdout, on_stderr, max_output)
         params = _exec_params(cmd, env, cwd, user, timeout)
         start = time.perf_counter()
         frame = _call_frame(call.channel, "exec", params)
@@ -641,6 +666,8 @@ class AgentClient:
             stderr=b"".join(call.stderr),
             signal=result.get("signal"),
             duration_ms=(time.perf_counter() - start) * 1000.0,
+            stdout_truncated=call.truncated[wire.STDOUT],
+            stderr_truncated=call.truncated[wire.STDERR],
         )
 
     async def spawn(

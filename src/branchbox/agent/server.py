@@ -651,7 +651,14 @@ class Handler:
     def __init__(self, conn: Connection, channel: int) -> None:
         self.conn = conn
         self.channel = channel
+        self.window = wire.INITIAL_WINDOW  # DATA bytes the host may still send on this call
         conn.calls[channel] = self
+
+    def received(self, n: int) -> None:
+        """``n`` bytes of the host's DATA arrived: beyond the credit granted is a protocol error."""
+        self.window -= n
+        if self.window < 0:
+            raise wire.ProtocolError(f"the host sent DATA beyond its window on channel {self.channel}")
 
     def end(self, body: dict[str, Any]) -> None:
         if self.conn.calls.get(self.channel) is self:
@@ -682,6 +689,7 @@ class Receiver(Handler):
     def ack(self, n: int) -> None:
         self.consumed += n
         if self.consumed >= ACK_EVERY and self.conn.calls.get(self.channel) is self:
+            self.window += self.consumed
             self.conn.send(wire.encode_window(self.channel, self.consumed))
             self.consumed = 0
 
@@ -1051,6 +1059,7 @@ class Connection(asyncio.Protocol):
                     continue  # late frame for a call that already ended
                 if kind == wire.DATA:
                     stream, chunk = wire.split_stream(payload)
+                    call.received(len(chunk))
                     call.on_data(stream, chunk)
                 elif kind == wire.WINDOW:
                     call.on_window(wire.decode_window(payload))

@@ -55,6 +55,7 @@ async def run_foreground(ctx: AppContext, sandbox_id: str, body: RunCommandReque
         user=body.user,
         stdin=None if body.stdin is None else body.stdin.encode("utf-8"),
         timeout=body.timeout,
+        max_output=body.max_output,
     )
     return CommandResult(
         exit_code=result.exit_code,
@@ -62,6 +63,8 @@ async def run_foreground(ctx: AppContext, sandbox_id: str, body: RunCommandReque
         stderr=result.stderr_text,
         signal=result.signal,
         duration_ms=result.duration_ms,
+        stdout_truncated=result.stdout_truncated,
+        stderr_truncated=result.stderr_truncated,
     )
 
 

@@ -173,6 +173,11 @@ class RunCommandRequest(_Strict):
     timeout: Timeout = None
     background: bool = Field(default=False, description="Return at once with the pid instead of waiting.")
     tag: Tag = None
+    max_output: Annotated[int | None, Field(ge=0)] = Field(
+        default=None,
+        description="Keep at most this many bytes of each output stream (never more than the daemon's "
+        "max_output_mb, 64 MiB by default); the command still runs to its exit, the rest is dropped.",
+    )
 
 
 class CommandResult(BaseModel):
@@ -181,6 +186,13 @@ class CommandResult(BaseModel):
     stderr: str = Field(description="UTF-8 decoded with errors='replace'.")
     signal: int | None = None
     duration_ms: float
+    stdout_truncated: bool = Field(
+        default=False,
+        description="The command printed more than the output limit on stdout: `stdout` holds the first "
+        "bytes, the rest was dropped (the command still ran to its exit). Stream the output (commands/stream) "
+        "or redirect it to a file to get all of it.",
+    )
+    stderr_truncated: bool = Field(default=False, description="As `stdout_truncated`, for stderr.")
 
 
 class BackgroundCommand(BaseModel):

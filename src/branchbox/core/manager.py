@@ -579,11 +579,18 @@ class Manager:
         timeout: float | None = None,
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
+        max_output: int | None = None,
     ) -> ExecResult:
+        """Run a command to its exit. The result keeps at most ``max_output`` bytes of each stream (never more
+        than the ``max_output_bytes`` setting); the rest is drained, given to the callbacks and dropped, and the
+        result says ``stdout_truncated`` / ``stderr_truncated``."""
         live = self._require(sandbox_id, SandboxState.RUNNING)
         validate.command(cmd)
         validate.stdin(stdin)
         env_ = validate.env(env)
+        limit = self.settings.max_output_bytes
+        if max_output is not None:
+            limit = min(limit, max(0, max_output))
         t0 = time.perf_counter()
         outcome = "error"
         try:
@@ -591,7 +598,7 @@ class Manager:
                 live,
                 live.agent.exec(
                     cmd, env=env_, cwd=cwd, user=user, stdin=stdin, timeout=timeout,
-                    on_stdout=on_stdout, on_stderr=on_stderr,
+                    on_stdout=on_stdout, on_stderr=on_stderr, max_output=limit,
                 ),
             )  # fmt: skip
             outcome = "ok"

@@ -54,6 +54,8 @@ class ExecResult:
     stderr: bytes
     signal: int | None = None  # set when the process was killed by a signal (exit_code is then 128 + signal)
     duration_ms: float = 0.0
+    stdout_truncated: bool = False  # the process printed more than the call's output limit: the rest was dropped
+    stderr_truncated: bool = False
 
     @property
     def stdout_text(self) -> str:

@@ -41,6 +41,7 @@ class ManagerSettings:
     idmap: IdMap = field(default_factory=IdMap)
     agent_connect_timeout: float = 10.0
     tmp_tmpfs_mb: int = 0  # containers: 0 keeps /tmp in the sandbox's files; N mounts an N MiB tmpfs (no snapshots)
+    max_output_bytes: int = 64 << 20  # a foreground exec keeps at most this much of each stream (the rest dropped)
     pools: tuple[PoolConfig, ...] = ()  # warm pools started with the Manager (changeable live)
     network: NetworkSettings | None = None  # None: sandboxes get loopback only (docs/networking.md)
     workspaces: WorkspaceSettings = field(default_factory=WorkspaceSettings)

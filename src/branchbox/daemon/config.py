@@ -77,6 +77,7 @@ class DaemonConfig:
     default_timeout: float = _core("default_timeout")
     max_timeout: float = _core("max_timeout")
     max_sandboxes: int = _core("max_sandboxes")
+    max_output_mb: int = _core("max_output_bytes") >> 20  # a run keeps at most this much of each output stream
     default_backend: str = _core("default_backend")
     keep_sandboxes_on_shutdown: bool = _core("keep_sandboxes_on_shutdown")
     # host-unique names: None (not configured) is resolved by the daemon's claim (derived from data_dir)
@@ -136,12 +137,15 @@ class DaemonConfig:
             raise ConfigError(f"network settings: {exc.message}") from exc
 
     def manager_settings(self) -> ManagerSettings:
+        if self.max_output_mb < 1:
+            raise ConfigError(f"max_output_mb must be at least 1 (MiB per output stream), not {self.max_output_mb}")
         return ManagerSettings(
             data_dir=self.data_dir,
             templates_dir=self.templates_dir,
             default_timeout=self.default_timeout,
             max_timeout=self.max_timeout,
             max_sandboxes=self.max_sandboxes,
+            max_output_bytes=self.max_output_mb << 20,
             default_backend=self.default_backend,
             keep_sandboxes_on_shutdown=self.keep_sandboxes_on_shutdown,
             cgroup_parent=self.cgroup_parent or LEGACY_CGROUP_PARENT,

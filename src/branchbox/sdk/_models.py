@@ -63,6 +63,8 @@ class CommandResult:
     stderr: str
     signal: int | None = None
     duration_ms: float = 0.0
+    stdout_truncated: bool = False  # more was printed than the output limit: ``stdout`` holds the first bytes
+    stderr_truncated: bool = False
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> CommandResult:
@@ -72,6 +74,44 @@ class CommandResult:
             stderr=d.get("stderr", ""),
             signal=d.get("signal"),
             duration_ms=float(d.get("duration_ms", 0.0)),
+            stdout_truncated=bool(d.get("stdout_truncated", False)),
+            stderr_truncated=bool(d.get("stderr_truncated", False)),
+        )
+
+
+MAX_OUTPUT_CHARS = 64 << 20  # a streamed run's result keeps at most this much of each stream (as the daemon's run)
+
+
+class OutputCollector:
+    """What a streamed run keeps for its :class:`CommandResult`: at most ``limit`` characters of each stream (the
+    callbacks still get everything), with ``stdout_truncated`` / ``stderr_truncated`` set when more came."""
+
+    __slots__ = ("limit", "parts", "sizes", "truncated")
+
+    def __init__(self, limit: int = MAX_OUTPUT_CHARS) -> None:
+        self.limit = limit
+        self.parts: dict[str, list[str]] = {"stdout": [], "stderr": []}
+        self.sizes = {"stdout": 0, "stderr": 0}
+        self.truncated = {"stdout": False, "stderr": False}
+
+    def add(self, stream: str, text: str) -> None:
+        room = self.limit - self.sizes[stream]
+        if len(text) > room:
+            text = text[: max(room, 0)]
+            self.truncated[stream] = True
+        if text:
+            self.parts[stream].append(text)
+            self.sizes[stream] += len(text)
+
+    def result(self, exit_code: int, signal: int | None, duration_ms: float) -> CommandResult:
+        return CommandResult(
+            exit_code=exit_code,
+            stdout="".join(self.parts["stdout"]),
+            stderr="".join(self.parts["stderr"]),
+            signal=signal,
+            duration_ms=duration_ms,
+            stdout_truncated=self.truncated["stdout"],
+            stderr_truncated=self.truncated["stderr"],
         )
 
 

@@ -45,6 +45,7 @@ from branchbox.sdk._models import (
     CommandResult,
     EntryInfo,
     NetworkInfo,
+    OutputCollector,
     PoolInfo,
     ProcessInfo,
     SandboxInfo,
@@ -180,25 +181,18 @@ def _consume(
     on_stderr: OutputCallback | None,
 ) -> CommandResult:
     t0 = time.perf_counter()
-    out: list[str] = []
-    err: list[str] = []
+    kept = OutputCollector()
     try:
         for raw in ws:
             ev = rq.parse_event(raw, binary=binary)
             if ev.kind == "stdout":
-                out.append(ev.text)
+                kept.add("stdout", ev.text)
                 call(on_stdout, ev.text)
             elif ev.kind == "stderr":
-                err.append(ev.text)
+                kept.add("stderr", ev.text)
                 call(on_stderr, ev.text)
             elif ev.kind == "exit":
-                return CommandResult(
-                    exit_code=ev.exit_code,
-                    stdout="".join(out),
-                    stderr="".join(err),
-                    signal=ev.signal,
-                    duration_ms=(time.perf_counter() - t0) * 1000,
-                )
+                return kept.result(ev.exit_code, ev.signal, (time.perf_counter() - t0) * 1000)
             elif ev.error is not None:
                 raise ev.error
     except ConnectionClosed as exc:

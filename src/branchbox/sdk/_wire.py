@@ -56,7 +56,7 @@ class _Conn:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.buf = b""
+        self.buf = bytearray()  # appended and consumed in place: a large body costs linear time, not quadratic
 
     def idle_ok(self) -> bool:
         """An idle keep-alive connection must have nothing to read; readable means closed by the daemon."""
@@ -71,7 +71,8 @@ class _Conn:
     def _take(self, n: int) -> bytes:
         while len(self.buf) < n:
             self._fill()
-        out, self.buf = self.buf[:n], self.buf[n:]
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
         return out
 
     def _line(self) -> bytes:
@@ -79,7 +80,8 @@ class _Conn:
             if len(self.buf) > _MAX_HEAD:
                 raise http.client.LineTooLong("response header line")
             self._fill()
-        out, self.buf = self.buf[:i], self.buf[i + 2 :]
+        out = bytes(self.buf[:i])
+        del self.buf[: i + 2]
         return out
 
     def exchange(self, request: bytes, head_only: bool) -> tuple[Reply, bool]:
@@ -89,7 +91,8 @@ class _Conn:
             if len(self.buf) > _MAX_HEAD:
                 raise http.client.LineTooLong("response header")
             self._fill()
-        head, self.buf = self.buf[:end].decode("latin-1"), self.buf[end + 4 :]
+        head = self.buf[:end].decode("latin-1")
+        del self.buf[: end + 4]
         status_line, *lines = head.split("\r\n")
         parts = status_line.split(" ", 2)
         if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
@@ -123,7 +126,8 @@ class _Conn:
     def _rest(self) -> bytes:
         while chunk := self.sock.recv(65536):
             self.buf += chunk
-        out, self.buf = self.buf, b""
+        out = bytes(self.buf)
+        self.buf.clear()
         return out
 
     def close(self) -> None:
