@@ -96,7 +96,6 @@ def _eventually_empty(path: Path, what: str) -> None:
 
 def test_kill9_during_concurrent_creates_forks_and_snapshots(daemon_factory: Any) -> None:
     d: DaemonProc = daemon_factory(keep=True, start=False)
-    d.network_env.update(BRANCHBOX_NETWORK_TABLE=d.network.table, BRANCHBOX_NETWORK_IF_PREFIX=d.network.if_prefix)
     mounts_before = _mounts()
     d.start()
     parent = httpx.post(d.url + "/v1/sandboxes", json={}, timeout=60).json()["sandbox_id"]
@@ -144,6 +143,7 @@ def test_kill9_during_concurrent_creates_forks_and_snapshots(daemon_factory: Any
     _eventually_empty(d.data_dir / "layers", "layer dirs")
     assert d.stop() == 0
     assert d.leftovers() == []
+    assert d.network is not None
     net = host_network_state(d.network)
     assert not net["ifaces"] and not net["tables"], net
     assert _mounts() <= mounts_before

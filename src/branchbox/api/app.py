@@ -271,6 +271,7 @@ def create_app(manager: Manager, settings: ApiSettings | None = None, *, metrics
     manager.subscribe(metrics.on_event, kinds=Metrics.EVENT_KINDS)
     metrics.watch_pools(manager.pool_statistics)
     metrics.watch_states(manager.state_counts)
+    metrics.watch_agent_calls(manager.open_agent_calls)
     app.add_middleware(PortProxy, fastapi=app)  # /v1/sandboxes/{id}/ports/{port}/... (HTTP and WebSocket)
     app.add_middleware(E2BGateway)  # the E2B-compatible API: /sandboxes, /v2/sandboxes, envd calls (docs/e2b.md)
     app.add_middleware(_Observe, metrics=metrics, log=log)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import Metric
@@ -124,6 +124,13 @@ class Metrics:
             ["code", "layer"],
             registry=r,
         )
+        # the daemon's own process_resident_memory_bytes, process_open_fds, ...: what a leak shows in first
+        ProcessCollector(registry=r)
+        self.agent_calls = Gauge(
+            "branchbox_agent_open_calls",
+            "Calls and streams open on sandboxes' agents (each holds a channel, a task and buffers in the daemon).",
+            registry=r,
+        )
         self._pools: PoolCollector | None = None
         self._states: StateCollector | None = None
         self._child = _Children()
@@ -155,6 +162,10 @@ class Metrics:
         if self._states is None:
             self._states = StateCollector(source)
             self.registry.register(self._states)
+
+    def watch_agent_calls(self, source: Callable[[], int]) -> None:
+        """Export the open agent calls that ``source`` counts (called at each scrape)."""
+        self.agent_calls.set_function(source)
 
     def count_api_error(self, code: str) -> None:
         self._child(self.errors, code, "api").inc()

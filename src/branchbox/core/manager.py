@@ -1602,6 +1602,10 @@ class Manager:
         if self._wanted("state"):
             self._emit(ManagerEvent("state", counts=self.state_counts()))
 
+    def open_agent_calls(self) -> int:
+        """Calls and streams open on the agents of live sandboxes (0 when nothing waits on any agent)."""
+        return sum(live.agent.open_calls for live in self._live.values())
+
     def state_counts(self) -> dict[str, int]:
         """Sandboxes by state, as :meth:`list` shows them (every state present; warm pool members not counted:
         they are no one's yet). A dead sandbox (error, stopped) is no longer live but its record is kept for
