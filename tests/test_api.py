@@ -25,7 +25,7 @@ def test_metadata_filter_accepts_repeated_and_e2b_forms() -> None:
 
 async def _client(app: FastAPI, headers: dict[str, str] | None = None) -> httpx.AsyncClient:
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    return httpx.AsyncClient(transport=transport, base_url="http://test", headers=headers or {}, timeout=120)
+    return httpx.AsyncClient(transport=transport, base_url="http://localhost", headers=headers or {}, timeout=120)
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ async def test_startup_builds_every_route_so_requests_build_none(manager: Any, m
         at_start = len(built)
         assert at_start > 0, "the start-up built no route state"
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
             assert (await c.get("/v1/pools")).status_code == 200  # the last routers of the app
             assert (await c.get("/v1/templates")).status_code == 200
             assert (await c.get("/no/such/route")).status_code == 404  # walks every router

@@ -51,7 +51,7 @@ class Conn:
 
 def request(method: str, path: str, body: Any = None, *, version: str = "1.1", extra: str = "") -> bytes:
     data = b"" if body is None else json.dumps(body).encode()
-    head = f"{method} {path} HTTP/{version}\r\nhost: x\r\n{extra}"
+    head = f"{method} {path} HTTP/{version}\r\nhost: localhost\r\n{extra}"
     if body is not None:
         head += f"content-type: application/json\r\ncontent-length: {len(data)}\r\n"
     return (head + "\r\n").encode() + data
@@ -101,7 +101,7 @@ def test_hot_routes_keep_http_semantics(daemon: DaemonProc) -> None:
         old.close()
     metrics = Conn(daemon.port)
     try:
-        metrics.send(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+        metrics.send(b"GET /metrics HTTP/1.1\r\nhost: localhost\r\n\r\n")
         while b'route="/v1/sandboxes/{sandbox_id}/commands",status="200"} 4.0' not in metrics.buf:
             assert metrics._fill(), metrics.buf.decode()[-2000:]
     finally:
@@ -125,7 +125,7 @@ def test_unusual_hot_requests_go_to_the_app(daemon: DaemonProc) -> None:
         body = json.dumps({"cmd": "cat", "stdin": "chunked"}).encode()
         chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
         c.send(
-            f"POST {base} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            f"POST {base} HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n"
             "transfer-encoding: chunked\r\n\r\n".encode()
             + chunked
         )
@@ -141,7 +141,7 @@ def test_unusual_hot_requests_go_to_the_app(daemon: DaemonProc) -> None:
 @pytest.mark.parametrize(
     "raw",
     [
-        b"GET /v1/sandboxes/abc HTTP/1.1\r\nhost: x\r\n\r\n",
+        b"GET /v1/sandboxes/abc HTTP/1.1\r\nhost: localhost\r\n\r\n",
         b"GET /v1/sandboxes/abc?x=1 HTTP/1.1\r\n\r\n",
         b"POST /v1/sandboxes HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
         b"POST /v1/sandboxes HTTP/1.1\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
@@ -160,7 +160,7 @@ def test_plain_requests_are_parsed_here(raw: bytes) -> None:
 @pytest.mark.parametrize(
     "raw",
     [
-        b"GET /v1/sandboxes/abc HTTP/1.1\r\nhost: x\r\n",  # head not complete yet
+        b"GET /v1/sandboxes/abc HTTP/1.1\r\nhost: localhost\r\n",  # head not complete yet
         b"POST /v1/sandboxes HTTP/1.1\r\ncontent-length: 5\r\n\r\n{}",  # body not complete yet
         b"POST /v1/sandboxes HTTP/1.1\r\ncontent-length: 2\r\n\r\n{}GET / HTTP/1.1\r\n\r\n",  # pipelined
         b"POST /v1/sandboxes HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",

@@ -30,7 +30,9 @@ Hierarchy::
     │   ├── InvalidStateError           invalid_state       409
     │   └── FileExistsInSandboxError    file_exists         409
     ├── PermissionDeniedError           permission_denied   403
-    │   └── RepositoryAuthError         repository_auth_failed 403
+    │   ├── RepositoryAuthError         repository_auth_failed 403
+    │   ├── HostNotAllowedError         host_not_allowed    403  (a Host header not on the API's allow-list)
+    │   └── OriginNotAllowedError       origin_not_allowed  403  (a browser page of another origin)
     ├── LimitExceededError              limit_exceeded      429
     ├── TimeoutError_ (TimeoutError)    timeout             504
     ├── NotSupportedError               not_supported       501
@@ -227,6 +229,14 @@ class NodeNotFoundError(NotFoundError):
 
 class RepositoryAuthError(PermissionDeniedError):
     code = "repository_auth_failed"
+
+
+class HostNotAllowedError(PermissionDeniedError):
+    code = "host_not_allowed"
+
+
+class OriginNotAllowedError(PermissionDeniedError):
+    code = "origin_not_allowed"
 
 
 class GitError(BranchboxError):

@@ -36,6 +36,7 @@ from branchbox.api import (
 from branchbox.api.auth import ApiKeyChecker
 from branchbox.api.context import AppContext, Ctx, require_api_key
 from branchbox.api.fastpath import FastPath
+from branchbox.api.guard import Guard, GuardMiddleware
 from branchbox.api.metrics import CONTENT_TYPE, Metrics
 from branchbox.api.ports import PortProxy
 from branchbox.api.schemas import ErrorResponse, HealthResponse, VersionResponse
@@ -261,21 +262,19 @@ def create_app(manager: Manager, settings: ApiSettings | None = None, *, metrics
     metrics = metrics or Metrics()
     log: structlog.typing.FilteringBoundLogger = structlog.get_logger("branchbox.api")
     app = _build(settings)
-    app.state.ctx = AppContext(
-        manager=manager,
-        settings=settings,
-        metrics=metrics,
-        checker=ApiKeyChecker(settings.api_key_hashes, required=settings.auth_required),
-        log=log,
-    )
+    checker = ApiKeyChecker(settings.api_key_hashes, required=settings.auth_required)
+    app.state.ctx = AppContext(manager=manager, settings=settings, metrics=metrics, checker=checker, log=log)
+    guard = Guard(settings)
     manager.subscribe(metrics.on_event, kinds=Metrics.EVENT_KINDS)
     metrics.watch_pools(manager.pool_statistics)
     metrics.watch_states(manager.state_counts)
     metrics.watch_agent_calls(manager.open_agent_calls)
-    app.add_middleware(PortProxy, fastapi=app)  # /v1/sandboxes/{id}/ports/{port}/... (HTTP and WebSocket)
+    # {port}-{id}.<port_domain> and /v1/sandboxes/{id}/ports/{port}/... (HTTP and WebSocket)
+    app.add_middleware(PortProxy, fastapi=app, guard=guard)
     app.add_middleware(E2BGateway)  # the E2B-compatible API: /sandboxes, /v2/sandboxes, envd calls (docs/e2b.md)
+    app.add_middleware(GuardMiddleware, guard=guard, checker=checker)  # Host, Origin, body size, WebSocket keys
     app.add_middleware(_Observe, metrics=metrics, log=log)
-    app.fast = FastPath(app.stack, app, observe=functools.partial(observe, metrics, log))
+    app.fast = FastPath(app.stack, app, observe=functools.partial(observe, metrics, log), guard=guard)
     return app
 
 

@@ -18,7 +18,8 @@ def generate_api_key() -> str:
 
 
 def hash_api_key(key: str) -> str:
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+    """sha256 hex of the key's bytes (header text is latin-1 decoded: any value hashes, none raises)."""
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def is_key_hash(value: str) -> bool:
@@ -79,4 +80,6 @@ class PortTokens:
         return hmac.new(self._secret, sandbox_id.encode(), hashlib.sha256).hexdigest()[:40]
 
     def check(self, sandbox_id: str, token: str) -> bool:
-        return hmac.compare_digest(self.token(sandbox_id), token)
+        """Constant-time; any text is just a wrong token (compare_digest raises on non-ASCII str: compare bytes)."""
+        given = token.encode("utf-8", "surrogatepass")
+        return hmac.compare_digest(self.token(sandbox_id).encode("ascii"), given)

@@ -5,25 +5,27 @@ every route, response re-validation): ``POST /v1/sandboxes``, ``GET /v1/sandboxe
 It runs in front of the whole Starlette stack (``_App.__call__``) and does its own timing and logging. It parses
 the body with the same pydantic model as the FastAPI route, checks the API key the same way and runs the same
 shared function. Whatever it does not handle the normal way (another route, not JSON, ``background=true``, a body
-that fails validation) goes on to FastAPI with the body replayed, so error messages and the OpenAPI document stay
+that fails validation, and what :meth:`Guard.plain` does not pass: browser headers, a foreign Host, a chunked
+or large body) goes on to FastAPI with the body replayed, so error messages and the OpenAPI document stay
 those of the FastAPI routes.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 import structlog
 from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from branchbox.api.context import AppContext
+from branchbox.api.guard import Guard
+from branchbox.api.responses import error_json
 from branchbox.api.routes_commands import run_foreground
 from branchbox.api.routes_sandboxes import create, log_created
 from branchbox.api.schemas import CreateSandboxRequest, RunCommandRequest, SandboxResponse
@@ -124,14 +126,15 @@ class FastPath:
     server, the tests' in-process client). ``observe(method, route, status, seconds)`` records each request
     answered here (``app`` records the others)."""
 
-    def __init__(self, app: ASGIApp, fastapi: FastAPI, *, observe: Observe) -> None:
+    def __init__(self, app: ASGIApp, fastapi: FastAPI, *, observe: Observe, guard: Guard) -> None:
         self.app = app
         self.fastapi = fastapi
         self.observe = observe
+        self.guard = guard
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         hot = match(scope["method"], scope["path"]) if scope["type"] == "http" else None
-        if hot is None:
+        if hot is None or not self.guard.plain(scope["headers"]):  # the app's guard answers what is unusual
             await self.app(scope, receive, send)
             return
         structlog.contextvars.clear_contextvars()
@@ -157,10 +160,12 @@ class FastPath:
         job = self.prepare(hot, headers, body)
         return None if job is None else await job()
 
-    def prepare(self, hot: Hot, headers: Headers, body: bytes) -> Callable[[], Awaitable[Answer]] | None:
+    def prepare(self, hot: Hot, headers: Headers, body: bytes) -> Callable[[], Awaitable[Answer]] | None:  # noqa: PLR0911
         """Check a hot request at once, without waiting: the call that answers it, or None when it is not for the
         fast path after all (not JSON, ``background=true``, a body that fails validation): the app answers it
         then, with FastAPI's messages. The call always answers (errors included)."""
+        if not self.guard.plain(headers):  # a browser's request, a foreign Host, a big body: the app's guard
+            return None
         sid = hot.sandbox_id
         if hot.route is _GET:
             return lambda: self._serve(headers, sid, lambda ctx: self._get(ctx, sid))
@@ -222,11 +227,3 @@ def _parse(model: type[M], raw: bytes) -> M | None:
         return model.model_validate_json(raw)
     except ValidationError:
         return None  # FastAPI answers with its own 400 message
-
-
-def error_json(code: str, message: str, details: dict[str, Any] | None = None) -> bytes:
-    """The one error body: ``{"error": {"code", "message"[, "details"]}}``."""
-    body: dict[str, Any] = {"code": code, "message": message}
-    if details:
-        body["details"] = details
-    return json.dumps({"error": body}).encode("utf-8")

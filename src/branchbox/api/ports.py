@@ -1,13 +1,20 @@
-"""The port proxy: ``/v1/sandboxes/{id}/ports/{port}/{path}`` (any method, and WebSocket) reaches ``{path}`` on
-port ``{port}`` of the sandbox, over its veth (the daemon's host reaches every sandbox; sandboxes never reach the
-host). A pure ASGI middleware: bodies are streamed both ways, nothing is buffered.
+"""The port proxy: a request to host ``{port}-{id}.{port_domain}`` (default ``localhost``: browsers resolve
+``*.localhost`` to loopback; any path, any method, and WebSocket) reaches that path on port ``{port}`` of the
+sandbox, over its veth (the daemon's host reaches every sandbox; sandboxes never reach the host). Each port of
+each sandbox is so a browser origin of its own, apart from the API's. ``/v1/sandboxes/{id}/ports/{port}/{path}``
+on the API's host does the same for clients that cannot resolve those names (``get_host``); its responses carry
+``Content-Security-Policy: sandbox`` (no ``allow-same-origin``), so a page shown from there runs in an opaque
+origin, not the API's. A pure ASGI middleware: bodies are streamed both ways, nothing is buffered.
 
 Auth: the daemon's API key (``Authorization: Bearer``; not forwarded to the sandbox), or the sandbox's port
-token (``X-Branchbox-Token`` header or ``?bb_token=`` query parameter; removed before forwarding; any
-``Authorization`` header then belongs to the sandbox's app and is forwarded). A daemon on loopback without keys
-needs neither. A server in a container sandbox may listen on 0.0.0.0, its eth0 address or 127.0.0.1 (a dev server's
-default): when its address refuses, the proxy connects again through a socket made in the sandbox's network
-namespace, whose 127.0.0.1 is the sandbox's. A microVM's loopback is in its guest: its servers need 0.0.0.0.
+token (``X-Branchbox-Token`` header, ``?bb_token=`` query parameter, or on a port's host the ``bb_token``
+cookie that a valid ``?bb_token=`` sets; removed before forwarding; any ``Authorization`` header then belongs to
+the sandbox's app and is forwarded). A daemon on loopback without keys needs neither (its ports are public to
+the host's users, as a dev server on localhost is); a daemon that requires keys requires one of them.
+
+A server in a container sandbox may listen on 0.0.0.0, its eth0 address or 127.0.0.1 (a dev server's default):
+when its address refuses, the proxy connects again through a socket made in the sandbox's network namespace,
+whose 127.0.0.1 is the sandbox's. A microVM's loopback is in its guest: its servers need 0.0.0.0.
 """
 
 from __future__ import annotations
@@ -20,13 +27,15 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from branchbox.api.context import AppContext
-from branchbox.api.fastpath import RouteName, error_json
+from branchbox.api.fastpath import RouteName
+from branchbox.api.guard import Guard
 from branchbox.api.port_relay import HOP, UpstreamError, relay
+from branchbox.api.responses import error_json
 from branchbox.errors import BadRequestError, BranchboxError, PortUnreachableError, TimeoutError_, UnauthorizedError
 
 if TYPE_CHECKING:
@@ -36,6 +45,8 @@ _PORTS = re.compile(r"^/v1/sandboxes/([^/]+)/ports/(\d{1,5})(/.*)?$")
 ROUTE = RouteName("/v1/sandboxes/{sandbox_id}/ports/{port}/{path}")
 TOKEN_HEADER = b"x-branchbox-token"
 TOKEN_PARAM = "bb_token"  # noqa: S105 - the name of a query parameter, not a secret
+TOKEN_COOKIE = b"bb_token"
+SANDBOX_CSP = b"sandbox allow-scripts allow-forms allow-popups allow-modals allow-downloads allow-pointer-lock"
 _WS_SKIP = HOP | {b"sec-websocket-key", b"sec-websocket-version", b"sec-websocket-extensions",
                    b"sec-websocket-protocol", b"host"}  # fmt: skip
 CONNECT_TIMEOUT_S = 10.0
@@ -97,22 +108,34 @@ async def _connect(sock: socket.socket, host: str, port: int) -> None:
 
 
 class PortProxy:
-    def __init__(self, app: ASGIApp, fastapi: FastAPI) -> None:
+    def __init__(self, app: ASGIApp, fastapi: FastAPI, guard: Guard) -> None:
         self.app = app
         self.fastapi = fastapi
+        self.guard = guard
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        m = _PORTS.match(scope["path"]) if scope["type"] in ("http", "websocket") else None
-        if m is None:
+        if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
+        host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), None)
+        target = self.guard.port_target(host)
+        raw_path = scope["raw_path"].decode("latin-1") if scope.get("raw_path") else scope["path"]
+        if target is not None:  # {port}-{id}.<domain>: the sandbox's own origin, every path is the sandbox's
+            port, sandbox_id = target
+            path, by_host = raw_path, True
+        else:
+            m = _PORTS.match(scope["path"])
+            if m is None:
+                await self.app(scope, receive, send)
+                return
+            raw = _PORTS.match(raw_path)
+            sandbox_id, port = m.group(1), int(m.group(2))
+            path, by_host = (raw or m).group(3) or "/", False  # as the client sent it: %2F stays encoded
+            send = _sandboxed(send)  # under the API's origin: the page gets an opaque origin of its own
         scope["route"] = ROUTE
         ctx: AppContext = self.fastapi.state.ctx
-        raw = _PORTS.match(scope["raw_path"].decode("latin-1")) if scope.get("raw_path") else None
-        sandbox_id, port = m.group(1), int(m.group(2))
-        path = (raw or m).group(3) or "/"  # as the client sent it: %2F and friends stay encoded
         try:
-            headers, query = _authorize(ctx, scope, sandbox_id)
+            headers, query, cookie = _authorize(ctx, scope, sandbox_id, by_host=by_host)
             if not 0 < port < 65536:
                 raise BadRequestError(f"port {port} is out of range: use 1-65535")
             address = (await ctx.manager.get_network(sandbox_id)).address
@@ -125,6 +148,8 @@ class PortProxy:
             return
         target = path + (f"?{query}" if query else "")
         upstream = Upstream(ctx, sandbox_id, address, port)
+        if cookie is not None:
+            send = _with_cookie(send, cookie)
         if scope["type"] == "websocket":
             await self._websocket(ctx, upstream, target, headers, scope, receive, send)
         else:
@@ -180,7 +205,7 @@ class PortProxy:
             "additional_headers": extra,
             "subprotocols": scope.get("subprotocols") or None,
             "open_timeout": CONNECT_TIMEOUT_S,
-            "max_size": None,
+            "max_size": ctx.settings.max_ws_message_bytes,  # bigger: closed with 1009 (message too big)
             "compression": None,
             "proxy": None,
         }
@@ -231,31 +256,80 @@ async def _relay(upstream: ClientConnection, receive: Receive, send: Send) -> No
         await upstream.close()
 
 
-def _authorize(ctx: AppContext, scope: Scope, sandbox_id: str) -> tuple[list[tuple[bytes, bytes]], str]:
-    """Check the caller; return the headers and query string to forward (daemon credentials removed)."""
+def _authorize(
+    ctx: AppContext, scope: Scope, sandbox_id: str, *, by_host: bool
+) -> tuple[list[tuple[bytes, bytes]], str, str | None]:
+    """Check the caller; return the headers and query string to forward (daemon credentials removed), and the
+    token to set as a cookie (a sandbox port's host given a valid ``?bb_token=``: its page's next requests,
+    which carry no query, then carry the cookie)."""
     raw_query = scope.get("query_string", b"").decode("latin-1")
     params = parse_qsl(raw_query, keep_blank_values=True)
     token = next((v for k, v in params if k == TOKEN_PARAM), None)
+    from_query = token is not None
     headers: list[tuple[bytes, bytes]] = []
     authorization: str | None = None
     for k, v in scope["headers"]:
         if k == TOKEN_HEADER:
-            token = v.decode("latin-1")
+            token, from_query = v.decode("latin-1"), False
             continue
         if k == b"authorization":
             authorization = v.decode("latin-1")
+        if k == b"cookie" and by_host:
+            kept, found = _split_cookie(v)
+            token = token if token is not None or found is None else found
+            if kept:
+                headers.append((k, kept))
+            continue
         headers.append((k, v))
-    query = urlencode([(k, v) for k, v in params if k != TOKEN_PARAM]) if token is not None else raw_query
+    query = urlencode([(k, v) for k, v in params if k != TOKEN_PARAM]) if from_query else raw_query
     if token is not None:
         if not ctx.port_tokens.check(sandbox_id, token):
             raise UnauthorizedError(
                 "invalid port token: get the current one from GET /v1/sandboxes/{id}/network (port_token)"
             )
-        return headers, query
+        return headers, query, token if by_host and from_query else None
     ctx.checker.check(authorization)
     if ctx.checker.is_api_key(authorization):
         headers = [(k, v) for k, v in headers if k != b"authorization"]
-    return headers, query
+    return headers, query, None
+
+
+def _split_cookie(value: bytes) -> tuple[bytes, str | None]:
+    """A Cookie header without the port token's cookie, and that token (None if absent)."""
+    kept: list[bytes] = []
+    token = None
+    for part in value.split(b";"):
+        name, _, val = part.strip().partition(b"=")
+        if name == TOKEN_COOKIE:
+            token = val.decode("latin-1")
+        elif part.strip():
+            kept.append(part.strip())
+    return b"; ".join(kept), token
+
+
+def _with_cookie(send: Send, token: str) -> Send:
+    """``send`` that sets the port token as a cookie of this host only (HttpOnly, SameSite=Lax)."""
+    cookie = TOKEN_COOKIE + b"=" + token.encode("latin-1") + b"; Path=/; HttpOnly; SameSite=Lax"
+
+    async def wrapped(msg: Message) -> None:
+        if msg["type"] == "http.response.start":
+            msg = {**msg, "headers": [*msg.get("headers", []), (b"set-cookie", cookie)]}
+        await send(msg)
+
+    return wrapped
+
+
+def _sandboxed(send: Send) -> Send:
+    """``send`` that adds ``Content-Security-Policy: sandbox`` (without allow-same-origin) to the response: a page
+    served under the API's own origin runs in an opaque origin, so its requests to the API carry
+    ``Origin: null`` and are refused (:mod:`branchbox.api.guard`), and it reads nothing of the API's."""
+
+    async def wrapped(msg: Message) -> None:
+        if msg["type"] == "http.response.start":
+            msg = {**msg, "headers": [*msg.get("headers", []), (b"content-security-policy", SANDBOX_CSP)]}
+        await send(msg)
+
+    return wrapped
 
 
 async def _body(receive: Receive) -> AsyncIterator[bytes]:

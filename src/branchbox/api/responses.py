@@ -4,6 +4,9 @@ finished ``Response`` (it then skips re-validating and re-encoding the return va
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from pydantic import BaseModel
 from starlette.responses import Response
 
@@ -17,3 +20,11 @@ class JsonResponse(Response):
 def json_response(model: BaseModel, status_code: int = 200) -> Response:
     """One model -> a JSON response (pydantic's JSON mode: datetimes as ISO 8601, enums as values)."""
     return JsonResponse(model.__pydantic_serializer__.to_json(model), status_code=status_code)
+
+
+def error_json(code: str, message: str, details: dict[str, Any] | None = None) -> bytes:
+    """The one error body: ``{"error": {"code", "message"[, "details"]}}``."""
+    body: dict[str, Any] = {"code": code, "message": message}
+    if details:
+        body["details"] = details
+    return json.dumps({"error": body}).encode("utf-8")

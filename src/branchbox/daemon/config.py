@@ -85,6 +85,11 @@ class DaemonConfig:
     api_key_hashes: tuple[str, ...] = ()
     api_keys_file: Path | None = None
     require_auth: bool | None = None
+    allowed_hosts: tuple[str, ...] = ()  # Host names the API answers besides localhost/the bind host/IP literals
+    allowed_origins: tuple[str, ...] = ()  # browser origins whose pages may call the API
+    port_domain: str = "localhost"  # sandbox ports at {port}-{sandbox_id}.{port_domain}
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_upload_bytes: int = 8 * 1024 * 1024 * 1024
     log_level: str = "info"
     log_format: str = "json"  # json | console
     graceful_timeout: float = 10.0  # seconds to let open requests and streams finish on SIGTERM
@@ -162,6 +167,11 @@ class DaemonConfig:
             api_key_hashes=self.all_key_hashes(),
             require_auth=self.require_auth,
             version=version,
+            allowed_hosts=self.allowed_hosts,
+            allowed_origins=self.allowed_origins,
+            port_domain=self.port_domain,
+            max_body_bytes=self.max_body_bytes,
+            max_upload_bytes=self.max_upload_bytes,
         )
 
     def all_key_hashes(self) -> tuple[str, ...]:
@@ -191,6 +201,8 @@ _FIELDS = {f.name: f for f in fields(DaemonConfig) if f.name != "pools"}
 def _convert(name: str, value: Any, source: str) -> Any:
     """Turn a TOML/env/flag value into the field's type, or raise ConfigError naming the source."""
     try:
+        if name in ("allowed_hosts", "allowed_origins"):
+            return _names(value)
         return _coerce(str(_FIELDS[name].type), value)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid {name}={value!r} from {source}: {exc}") from exc
@@ -219,6 +231,12 @@ def _hashes(value: Any) -> tuple[str, ...]:
     if any(not is_key_hash(i) for i in out):
         raise ValueError("every entry must be a sha256 hex digest of a key, not the key itself")
     return out
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    """A list of names (TOML list, or comma-separated in the environment)."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return tuple(str(i).strip() for i in items if str(i).strip())
 
 
 def _coerce(kind: str, value: Any) -> Any:  # noqa: PLR0911 - a flat dispatch on the field type

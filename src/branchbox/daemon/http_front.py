@@ -26,7 +26,8 @@ from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
-from branchbox.api.fastpath import Answer, FastPath, Hot, error_json, match
+from branchbox.api.fastpath import Answer, FastPath, Hot, match
+from branchbox.api.responses import error_json
 
 _log = logging.getLogger("branchbox.daemon")
 _JSON = b"content-type: application/json\r\ncontent-length: "
