@@ -5,8 +5,8 @@ shows. Three checks keep those pages out (docs/architecture.md, "Security model"
 
 * **Host.** DNS rebinding points an attacker's name at 127.0.0.1; the browser then sends ``Host: evil.example``.
   The API answers only Host names on its allow-list: ``localhost`` and its subdomains (browsers resolve them to
-  loopback), the bind address, any IP literal (a rebinding needs a name), and ``allowed_hosts`` (``*`` for any, ``.example.com`` for subdomains). Else 403
-  ``host_not_allowed``.
+  loopback), the bind address, any IP literal (a rebinding needs a name), and ``allowed_hosts`` (``*`` for any,
+  ``.example.com`` for subdomains). Else 403 ``host_not_allowed``.
 * **Origin.** A browser marks requests a page makes with ``Origin`` (``null`` from a sandboxed document) and,
   in current browsers, ``Sec-Fetch-Site``. Such a request is refused (403 ``origin_not_allowed``) unless its
   origin is in ``allowed_origins`` or is the API's own (same host and port as the request's ``Host``). Clients
