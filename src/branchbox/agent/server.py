@@ -17,7 +17,6 @@ import fcntl
 import functools
 import json
 import os
-import pwd
 import re
 import select
 import shutil
@@ -33,7 +32,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from . import archive, wire
+from . import archive, users, wire
 
 AGENT_VERSION = "0.1.0"
 READ_SIZE = 64 * 1024  # one read from a process pipe (always below the DATA frame limit)
@@ -325,21 +324,15 @@ def _child_setup(reset_oom: bool, ctty: bool, ids: tuple[int, int, list[int]] | 
 
 
 def _resolve_user(user: Any) -> tuple[int, int, list[int], str, str]:
-    """(uid, gid, groups, name, home) for a user name or uid."""
+    """(uid, gid, groups, name, home) for a user name or uid, from the sandbox's /etc/passwd and /etc/group as
+    parsed by the agent itself (:mod:`users`): never through NSS, which would load the sandbox's libnss_*.so."""
+    if isinstance(user, bool) or not (isinstance(user, int) or (isinstance(user, str) and user)):
+        raise CallError("bad_request", "user must be a user name or a uid")
     try:
-        if isinstance(user, int) or (isinstance(user, str) and user.isdigit()):
-            uid = int(user)
-            try:
-                pw = pwd.getpwuid(uid)
-            except KeyError:
-                return uid, uid, [uid], str(uid), "/"
-        elif isinstance(user, str) and user:
-            pw = pwd.getpwnam(user)
-        else:
-            raise CallError("bad_request", "user must be a user name or a uid")
-    except KeyError:
-        raise CallError("bad_request", f"unknown user {user!r}: create it in the template or pass a uid") from None
-    return pw.pw_uid, pw.pw_gid, os.getgrouplist(pw.pw_name, pw.pw_gid), pw.pw_name, pw.pw_dir
+        u = users.lookup(user)
+    except users.UserError as exc:
+        raise CallError("bad_request", str(exc)) from None
+    return u.uid, u.gid, u.groups, u.name, u.home
 
 
 def _winsize(cols: int, rows: int) -> bytes:
