@@ -93,8 +93,17 @@ def test_flavours_have_the_same_methods_and_signatures(sync_name: str, async_nam
 def test_parts_have_the_same_methods_and_signatures() -> None:
     from branchbox.sdk import _async, _sync
 
-    for part in ("Commands", "Files", "Pty"):
+    for part in ("Commands", "Files", "Pty", "Git"):
         s, a = _public(getattr(_sync, part)), _public(getattr(_async, "Async" + part))
         assert sorted(s) == sorted(a), part
         for name in s:
             assert _strip(s[name]) == _strip(a[name]), (part, name)
+
+
+def test_workspace_pair_has_the_same_methods() -> None:
+    """Hand-written (``Workspace.sandbox`` is a property, ``AsyncWorkspace.sandbox()`` a coroutine), so at least
+    the same names and, but for ``sandbox``, the same signatures."""
+    s, a = _public(sdk.Workspace), _public(sdk.AsyncWorkspace)
+    assert sorted(s) == sorted(a)
+    for name in set(s) - {"sandbox"}:
+        assert _strip(s[name]) == _strip(a[name]), name

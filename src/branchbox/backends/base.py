@@ -10,14 +10,21 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from branchbox.agent.wire import VsockAddress
 from branchbox.core.models import Resources
 from branchbox.core.timing import PhaseTimer
 
-if TYPE_CHECKING:
-    from branchbox.storage.base import LayerInfo
+
+@dataclass(frozen=True, slots=True)
+class LayerInfo:
+    """An immutable layer on disk (made by a storage driver, booted by a backend). Sizes are ``None`` when not
+    measured yet (measured off the hot path)."""
+
+    path: Path
+    size_bytes: int | None = None
+    files: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import structlog
 import uvicorn
 
+from branchbox._version import VERSION
 from branchbox.api import create_app
 from branchbox.api.warmup import warm_routes
 from branchbox.daemon.claims import claim
@@ -74,9 +75,7 @@ class _Server(uvicorn.Server):
 
 
 def daemon_version() -> str:
-    from branchbox import __version__  # noqa: PLC0415 - the package root imports this module lazily
-
-    return __version__
+    return VERSION
 
 
 async def serve(cfg: DaemonConfig) -> None:

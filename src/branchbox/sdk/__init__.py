@@ -60,7 +60,8 @@ from branchbox.sdk._models import (
 )
 from branchbox.sdk._pty import AsyncPtyHandle, PtyHandle
 from branchbox.sdk._sync import CommandHandle, Sandbox
-from branchbox.sdk._workspaces import AsyncWorkspace, Workspace, WorkspaceInfo
+from branchbox.sdk._workspace import AsyncWorkspace, Workspace
+from branchbox.sdk._workspaces import WorkspaceInfo
 
 __all__ = [
     "DEFAULT_URL",

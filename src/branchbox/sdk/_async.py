@@ -15,6 +15,7 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import json
+import shlex
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -53,7 +54,7 @@ from branchbox.sdk._models import (
 )
 from branchbox.sdk._pty import AsyncPtyHandle
 from branchbox.sdk._wire import Reply
-from branchbox.sdk._workspaces import AsyncGit
+from branchbox.sdk._workspaces import clone_command
 
 CHUNK = 256 * 1024
 Timeout = float | None | _Unset
@@ -511,6 +512,21 @@ class AsyncPty:
             await ws.close()
             raise
         return handle
+
+
+class AsyncGit:
+    """``sbx.git``: git inside a sandbox (runs through the agent)."""
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sbx = sandbox
+
+    async def clone(
+        self, url: str, path: str | None = None, *, branch: str | None = None, depth: int | None = None,
+        token: str | None = None, cwd: str | None = None, timeout: float | None = 600,
+    ) -> CommandResult:  # fmt: skip
+        """``git clone`` inside the sandbox (it needs network access to the server). Raises on failure."""
+        argv, env = clone_command(url, path, branch=branch, depth=depth, token=token)
+        return await self._sbx.commands.run(shlex.join(argv), envs=env, cwd=cwd, timeout=timeout)
 
 
 class AsyncSandbox:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import json
+import shlex
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -54,7 +55,7 @@ from branchbox.sdk._models import (
 )
 from branchbox.sdk._pty import PtyHandle
 from branchbox.sdk._wire import Reply
-from branchbox.sdk._workspaces import Git
+from branchbox.sdk._workspaces import clone_command
 
 CHUNK = 256 * 1024
 Timeout = float | None | _Unset
@@ -504,6 +505,21 @@ class Pty:
             ws.close()
             raise
         return handle
+
+
+class Git:
+    """``sbx.git``: git inside a sandbox (runs through the agent)."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sbx = sandbox
+
+    def clone(
+        self, url: str, path: str | None = None, *, branch: str | None = None, depth: int | None = None,
+        token: str | None = None, cwd: str | None = None, timeout: float | None = 600,
+    ) -> CommandResult:  # fmt: skip
+        """``git clone`` inside the sandbox (it needs network access to the server). Raises on failure."""
+        argv, env = clone_command(url, path, branch=branch, depth=depth, token=token)
+        return self._sbx.commands.run(shlex.join(argv), envs=env, cwd=cwd, timeout=timeout)
 
 
 class Sandbox:

@@ -13,16 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from branchbox.backends.base import IdMap
+from branchbox.backends.base import IdMap, LayerInfo
 
-
-@dataclass(frozen=True, slots=True)
-class LayerInfo:
-    """An immutable layer on disk. Sizes are ``None`` when not measured yet (measured off the hot path)."""
-
-    path: Path
-    size_bytes: int | None = None
-    files: int | None = None
+__all__ = ["LayerInfo", "SandboxDirs", "StorageDriver"]  # LayerInfo: defined with the backends (a layer boots them)
 
 
 @dataclass(frozen=True, slots=True)

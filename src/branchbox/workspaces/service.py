@@ -26,7 +26,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from branchbox.core.snapshots import new_layer_id
 from branchbox.core.timing import PhaseTimer
@@ -41,14 +41,12 @@ from branchbox.errors import (
 from branchbox.storage.fsutil import disk_usage, syncfs
 from branchbox.workspaces import layers as layer_fs
 from branchbox.workspaces.checkout import build_checkout, build_diff
+from branchbox.workspaces.host import WorkspaceHost
 from branchbox.workspaces.locks import RepoLocks, SingleFlight
 from branchbox.workspaces.mirror import Mirror, check_access, default_branch, ls_remote
 from branchbox.workspaces.models import WorkspaceInfo, WorkspaceStatus
 from branchbox.workspaces.records import CommitLayer, WorkspaceRecords
 from branchbox.workspaces.urls import RepoUrl, check_branch, check_commit, check_sandbox_path, parse_repo_url
-
-if TYPE_CHECKING:
-    from branchbox.core.manager import Manager
 
 log = logging.getLogger("branchbox.workspaces")
 MAX_DEPTH = 1_000_000
@@ -73,7 +71,7 @@ def new_workspace_id() -> str:
 
 
 class WorkspaceService:
-    def __init__(self, manager: Manager) -> None:
+    def __init__(self, manager: WorkspaceHost) -> None:
         self._m = manager
         self.settings = manager.settings.workspaces
         self.root = manager.settings.data_dir / "git"

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import branchbox
 from branchbox.backends.base import BootSpec, Capabilities, IdMap, SandboxHandle
 from branchbox.backends.container import cgroups as cg_mod
 from branchbox.backends.container import syscalls
@@ -299,7 +298,7 @@ class ContainerBackend:
 
 def _popen_zygote(sock: socket.socket, log_path: Path, parent: str, idmap: IdMap) -> subprocess.Popen[bytes]:
     """Spawn the zygote (once per backend start; not on the boot path)."""
-    src = str(Path(branchbox.__file__).resolve().parent.parent)
+    src = str(Path(__file__).resolve().parents[3])  # src/, holding the branchbox package
     env = dict(os.environ)
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     cmd = [sys.executable, "-m", "branchbox.backends.container.zygote", "--fd", str(sock.fileno())]

@@ -23,7 +23,7 @@ from typing import Any
 
 from branchbox.agent.client import AgentClient
 from branchbox.agent.wire import VsockAddress
-from branchbox.backends.base import BootSpec, Capabilities, SandboxHandle
+from branchbox.backends.base import BootSpec, Capabilities, LayerInfo, SandboxHandle
 from branchbox.backends.microvm import accel as accel_mod
 from branchbox.backends.microvm import image, memfile, qemu, tplcache, vsock
 from branchbox.backends.microvm.jail import Jail, JailConfig
@@ -31,7 +31,6 @@ from branchbox.backends.microvm.qmp import QMP
 from branchbox.backends.microvm.vmpool import IncomingPool, Slot
 from branchbox.core.timing import PhaseTimer
 from branchbox.errors import BackendError, BranchboxError, NotSupportedError
-from branchbox.storage.base import LayerInfo
 
 log = logging.getLogger("branchbox.microvm")
 

@@ -1,0 +1,257 @@
+"""The import structure of src/branchbox: no module imports another that (directly or not) imports it back, and no
+layer imports one above it (the layers of docs/architecture.md).
+
+What counts as an import: every ``import``/``from ... import`` of a branchbox module, at module level, inside
+functions (a lazy import is still a dependency), and under ``if TYPE_CHECKING:`` (a type is a dependency on the
+other layer's API too). ``from pkg import name`` counts as an import of ``pkg.name`` when that is a module, else
+of ``pkg``. The package root (``branchbox/__init__.py``, lazy exports for users) is the facade above every layer
+and imports nothing eagerly but ``errors`` and ``_version``.
+
+Exceptions are listed below with the issue that removes them; an exception that no longer occurs fails too, so
+the list only shrinks."""
+
+from __future__ import annotations
+
+import ast
+import functools
+from collections.abc import Iterable
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parent.parent / "src" / "branchbox"
+
+# top to bottom: a package imports packages of its own row or below (rows: docs/architecture.md, "Layers")
+LAYERS: list[tuple[str, ...]] = [
+    ("cli", "fleet"),
+    ("daemon",),
+    ("api", "e2b"),
+    ("workspaces",),
+    ("core",),
+    ("images", "storage"),
+    ("backends",),
+    ("agent", "net"),
+    ("sdk",),
+    ("errors", "_version", "templates"),  # templates: the built-in template specs (data)
+]
+# plain data and helpers with no I/O that every layer shares: they sit with errors, at the bottom
+SHARED = frozenset({"branchbox.core.models", "branchbox.core.limits", "branchbox.core.timing"})
+
+ALLOWED_UPWARD = {
+    # issue 20.1: the Manager becomes a facade over services (lifecycle, snapshots, pools, network, workspaces);
+    # until that split it builds the workspaces service itself. The service sees it only as WorkspaceHost.
+    ("branchbox.core.manager", "branchbox.workspaces.service"),
+}
+ALLOWED_CYCLES = {
+    # issue 20.6 / 22.6: the warm-QEMU pool types its owner; the microVM backend is being reworked (the jail)
+    frozenset({"branchbox.backends.microvm.backend", "branchbox.backends.microvm.vmpool"}),
+}
+
+Edge = tuple[str, str, int]  # importer, imported, line
+
+
+def modules(src: Path) -> dict[str, Path]:
+    out = {}
+    for path in src.rglob("*.py"):
+        parts = list(path.relative_to(src.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        out[".".join(parts)] = path
+    return out
+
+
+def imports(name: str, path: Path, known: Iterable[str]) -> list[Edge]:
+    """Every import of a module of ``known`` in ``path`` (module level, in functions, under TYPE_CHECKING)."""
+    known = set(known)
+    pkg = name if path.name == "__init__.py" else name.rpartition(".")[0]
+
+    def resolve(target: str) -> str:
+        while target and target not in known:
+            target = target.rpartition(".")[0]
+        return target
+
+    out: list[Edge] = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
+                base = ".".join([*up, base] if base else up)
+            targets = [f"{base}.{a.name}" for a in node.names]
+        else:
+            continue
+        for t in targets:
+            hit = resolve(t)
+            if hit and hit != name:
+                out.append((name, hit, node.lineno))
+    return out
+
+
+def graph(src: Path) -> list[Edge]:
+    mods = modules(src)
+    return [e for name, path in sorted(mods.items()) for e in imports(name, path, mods)]
+
+
+@functools.cache
+def _src_graph() -> tuple[Edge, ...]:
+    return tuple(graph(SRC))
+
+
+def rank(module: str) -> int:
+    """0 is the top row. The package root is above everything; SHARED modules are with the bottom row."""
+    parts = module.split(".")
+    if len(parts) == 1:
+        return -1
+    if module in SHARED:
+        return len(LAYERS) - 1
+    for i, row in enumerate(LAYERS):
+        if parts[1] in row:
+            return i
+    raise AssertionError(f"{module}: its package is in no row of LAYERS (tests/test_structure.py): place it")
+
+
+def upward(edges: Iterable[Edge]) -> list[Edge]:
+    return [(a, b, line) for a, b, line in edges if rank(b) < rank(a)]
+
+
+def cycles(edges: Iterable[Edge]) -> list[frozenset[str]]:
+    """Strongly connected components of more than one module (Tarjan, iterative)."""
+    succ: dict[str, set[str]] = {}
+    for a, b, _ in edges:
+        succ.setdefault(a, set()).add(b)
+        succ.setdefault(b, set())
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[frozenset[str]] = []
+    for root in sorted(succ):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(succ[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on.add(root)
+        while work:
+            v, it = work[-1]
+            w = next(it, None)
+            if w is not None:
+                if w not in index:
+                    index[w] = low[w] = len(index)
+                    stack.append(w)
+                    on.add(w)
+                    work.append((w, iter(sorted(succ[w]))))
+                elif w in on:
+                    low[v] = min(low[v], index[w])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[v])
+            if low[v] == index[v]:
+                comp = set()
+                while True:
+                    w = stack.pop()
+                    on.discard(w)
+                    comp.add(w)
+                    if w == v:
+                        break
+                if len(comp) > 1:
+                    out.append(frozenset(comp))
+    return out
+
+
+# ------------------------------------------------------------------ the checks
+
+
+def test_no_upward_imports_between_layers() -> None:
+    found = upward(_src_graph())
+    unexpected = sorted(e for e in found if (e[0], e[1]) not in ALLOWED_UPWARD)
+    assert not unexpected, "imports of a layer above (see LAYERS):\n" + "\n".join(
+        f"  {a} -> {b} (line {line})" for a, b, line in unexpected
+    )
+    stale = ALLOWED_UPWARD - {(a, b) for a, b, _ in found}
+    assert not stale, f"these exceptions no longer occur: remove them from ALLOWED_UPWARD: {stale}"
+
+
+def test_no_import_cycles() -> None:
+    found = set(cycles(_src_graph()))
+    unexpected = found - ALLOWED_CYCLES
+    assert not unexpected, "import cycles:\n" + "\n".join(f"  {sorted(c)}" for c in unexpected)
+    stale = ALLOWED_CYCLES - found
+    assert not stale, f"these cycles are gone: remove them from ALLOWED_CYCLES: {stale}"
+
+
+def _package(module: str) -> str:
+    return "shared" if module in SHARED else module.split(".")[1]
+
+
+def test_no_cycles_between_packages() -> None:
+    pkgs = {(_package(a), _package(b), 0) for a, b, _ in _src_graph() if a.count(".") and b.count(".")}
+    edges = [(a, b, 0) for a, b, _ in pkgs if a != b]
+    allowed = {("core", "workspaces")}  # the ALLOWED_UPWARD exception above, at package level
+    assert not cycles(e for e in edges if (e[0], e[1]) not in allowed)
+
+
+def test_every_package_has_a_row_and_the_shared_modules_import_only_the_bottom() -> None:
+    mods = modules(SRC)
+    for name in mods:
+        rank(name)  # raises for a package missing from LAYERS
+    for name in SHARED:
+        for _, b, line in imports(name, mods[name], mods):
+            assert rank(b) == len(LAYERS) - 1, f"{name} (shared by every layer) imports {b} (line {line})"
+
+
+def test_the_checks_catch_what_they_look_for(tmp_path: Path) -> None:
+    """The same functions on a small package with one upward import, one cycle through a function-local import
+    and one through a TYPE_CHECKING import."""
+    pkg = tmp_path / "branchbox"
+    for rel, text in {
+        "__init__.py": "",
+        "core/__init__.py": "",
+        "core/a.py": "from branchbox.cli import main\n",  # upward
+        "cli/__init__.py": "",
+        "cli/main.py": "def f():\n    from branchbox.core import a\n",
+        "net/__init__.py": "",
+        "net/x.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from branchbox.net import y\n",
+        "net/y.py": "from . import x\n",
+    }.items():
+        (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / rel).write_text(text)
+    edges = graph(pkg)
+    assert [(a, b) for a, b, _ in upward(edges)] == [("branchbox.core.a", "branchbox.cli.main")]
+    assert set(cycles(edges)) == {
+        frozenset({"branchbox.core.a", "branchbox.cli.main"}),
+        frozenset({"branchbox.net.x", "branchbox.net.y"}),
+    }
+
+
+@pytest.mark.parametrize("module", sorted(SHARED))
+def test_shared_modules_exist(module: str) -> None:
+    assert module in modules(SRC)
+
+
+def test_http_front_overrides_only_hooks_the_pinned_uvicorn_has() -> None:
+    """daemon/http_front.py subclasses uvicorn's private HttpToolsProtocol: every method it overrides must exist
+    in the uvicorn installed (pyproject pins the range where they do); a renamed hook would silently stop being
+    called."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    from branchbox.daemon.http_front import FrontProtocol
+
+    tree = ast.parse((SRC / "daemon" / "http_front.py").read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == FrontProtocol.__name__)
+    overridden = [n.name for n in cls.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)]
+    calls_super = {
+        n.func.attr
+        for n in ast.walk(cls)
+        if isinstance(n, ast.Call)
+        and isinstance(n.func, ast.Attribute)
+        and isinstance(n.func.value, ast.Call)
+        and getattr(n.func.value.func, "id", "") == "super"
+    }
+    assert calls_super, "http_front no longer extends uvicorn's methods: revisit this test and the pin"
+    for name in calls_super:
+        assert hasattr(HttpToolsProtocol, name), f"uvicorn's HttpToolsProtocol has no {name}: check the pin"
+    assert "_start_asgi_task" in overridden
