@@ -74,20 +74,22 @@ def test_labels_filter() -> None:
         r.allocate(req(labels=(("region", "ap"),)), now=0)
 
 
-def test_release_gives_back_and_commit_keeps_until_the_next_push() -> None:
+def test_release_gives_back_and_commit_keeps_for_its_grace() -> None:
     r = fleet(cap(1024))
     a = r.allocate(req(1024), now=0)
     r.release(a)
     assert r.get("n0").memory_mb == 1024
     b = r.allocate(req(1024), now=0)
-    # a push made before the node created the sandbox still shows the memory free: the reservation holds it
+    # a push read before the node created the sandbox still shows the memory free: the reservation holds it
     r.update("n0", cap(1024), seq=1, now=0)
     assert r.get("n0").memory_mb == 0
-    r.commit(b)
-    r.update("n0", cap(0, running=1), seq=2, now=0)  # the node counts it now
+    r.commit(b, now=1.0)
+    r.update("n0", cap(1024), seq=2, now=2.0)  # still a push from before the create, within the grace (2 s)
     assert r.get("n0").memory_mb == 0
-    r.update("n0", cap(1024), seq=3, now=0)  # destroyed on the node
-    assert r.allocate(req(1024), now=0).node_id == "n0"
+    r.update("n0", cap(0, running=1), seq=3, now=2.5)  # it counts the sandbox now (twice for a moment: 0)
+    assert r.get("n0").memory_mb == 0
+    r.update("n0", cap(1024), seq=4, now=3.5)  # after the grace the push alone counts: destroyed on the node
+    assert r.allocate(req(1024), now=3.5).node_id == "n0"
 
 
 def test_stale_pushes_are_ignored() -> None:

@@ -16,6 +16,7 @@ from rich.text import Text
 
 from branchbox.cli import shell as shell_mod
 from branchbox.cli.copy import cp
+from branchbox.cli.fleet import fleet, fleet_join_hook
 from branchbox.cli.network import network, network_patch, port
 from branchbox.cli.pools import pools
 from branchbox.cli.snapshots import fork, reset, restore, snapshot
@@ -305,7 +306,22 @@ def shell(conn: _Conn, sandbox_id: str, cmd: str | None) -> None:
 @click.option("--keep-sandboxes/--stop-sandboxes", "keep_sandboxes_on_shutdown", default=None)
 @click.option("--log-level", default=None, type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--log-format", default=None, type=click.Choice(["json", "console"]))
-def serve(config_file: Path | None, **flags: Any) -> None:
+@click.option(
+    "--fleet",
+    "fleet_address",
+    default=None,
+    metavar="HOST:PORT",
+    help="Join the fleet on this Ray cluster [env BRANCHBOX_FLEET_ADDRESS] (docs/fleet.md).",
+)
+@click.option("--fleet-name", default=None, help="This node's name in the fleet (default HOSTNAME:PORT).")
+@click.option("--fleet-label", "fleet_labels", multiple=True, metavar="KEY=VALUE", help="A placement label.")
+def serve(
+    config_file: Path | None,
+    fleet_address: str | None,
+    fleet_name: str | None,
+    fleet_labels: tuple[str, ...],
+    **flags: Any,
+) -> None:
     """Run the daemon. Precedence: flags > BRANCHBOX_* env > config file > defaults."""
     from branchbox.daemon.config import ConfigError, load_config  # noqa: PLC0415 - keep CLI start-up light
     from branchbox.daemon.serve import run  # noqa: PLC0415
@@ -315,7 +331,7 @@ def serve(config_file: Path | None, **flags: Any) -> None:
     except ConfigError as exc:
         err.print(f"[red]config error[/red]: {escape(exc.message)}", highlight=False)
         sys.exit(2)
-    run(cfg)
+    run(cfg, fleet_join_hook(cfg.host, fleet_address, fleet_name, fleet_labels))
 
 
 @cli.command()
@@ -356,6 +372,7 @@ cli.add_command(network)
 cli.add_command(port)
 cli.add_command(cp)
 cli.add_command(workspace)
+cli.add_command(fleet)
 for _cmd in (snapshot, fork, restore, reset):
     cli.add_command(_cmd)
 

@@ -78,7 +78,12 @@ def daemon_version() -> str:
     return VERSION
 
 
-async def serve(cfg: DaemonConfig) -> None:
+# a fleet join (branchbox.fleet.node via the CLI): called with the port while the daemon starts, off the event
+# loop; returns how to leave
+JoinHook = Callable[[int], Callable[[], None]]
+
+
+async def serve(cfg: DaemonConfig, join: JoinHook | None = None) -> None:
     """Claim this daemon's data dir and host-unique names, then run until SIGTERM/SIGINT. Logging must already be
     configured."""
     log = structlog.get_logger("branchbox.daemon")
@@ -88,13 +93,13 @@ async def serve(cfg: DaemonConfig) -> None:
     try:
         cfg = cfg.with_names(host_claim.names)
         log.info("daemon.names", **asdict(host_claim.names))
-        await _serve(cfg, api_settings)
+        await _serve(cfg, api_settings, join)
     finally:
         host_claim.release()
     log.info("daemon.stopped")
 
 
-async def _serve(cfg: DaemonConfig, api_settings: ApiSettings) -> None:
+async def _serve(cfg: DaemonConfig, api_settings: ApiSettings, join: JoinHook | None) -> None:
     from branchbox.core.manager import Manager  # noqa: PLC0415 - heavy; keeps `branchbox --help` fast
 
     log = structlog.get_logger("branchbox.daemon")
@@ -130,17 +135,41 @@ async def _serve(cfg: DaemonConfig, api_settings: ApiSettings) -> None:
             auth_required=api_settings.auth_required,
             keys=len(api_settings.api_key_hashes),
         )
+        joined = asyncio.ensure_future(_join(join, cfg.port)) if join is not None else None
         await server.serve()
         log.info("daemon.stopping", keep_sandboxes=cfg.keep_sandboxes_on_shutdown)
+        if joined is not None:
+            await _leave(joined)
 
 
-def run(cfg: DaemonConfig) -> None:
+async def _join(join: JoinHook, port: int) -> Callable[[], None] | None:
+    """Join while the server starts (the node agent reads the daemon only after it is up, and retries)."""
+    log = structlog.get_logger("branchbox.daemon")
+    try:
+        leave = await asyncio.get_running_loop().run_in_executor(None, join, port)
+    except Exception:
+        log.exception("fleet.join_failed")  # the daemon keeps serving on its own
+        return None
+    log.info("fleet.joined")
+    return leave
+
+
+async def _leave(joined: asyncio.Future[Callable[[], None] | None]) -> None:
+    if not joined.done():
+        joined.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        leave = await joined
+        if leave is not None:
+            await asyncio.get_running_loop().run_in_executor(None, leave)
+
+
+def run(cfg: DaemonConfig, join: JoinHook | None = None) -> None:
     """Configure logging and serve (blocking). A branchbox error at start (e.g. a pool of an unknown template)
-    is logged and exits with status 2."""
+    is logged and exits with status 2. ``join``: see :data:`JoinHook`."""
     configure_logging(cfg.log_level, cfg.log_format)
     try:
         with asyncio.Runner(loop_factory=loop_factory(cfg.event_loop)) as runner:
-            runner.run(serve(cfg))
+            runner.run(serve(cfg, join))
     except BranchboxError as exc:
         structlog.get_logger("branchbox.daemon").error("daemon.failed", code=exc.code, message=exc.message)
         sys.exit(2)

@@ -13,9 +13,11 @@ those with a free warm member. ``allocate`` is filter -> score -> select over on
   labels match, not draining, not lost, heard from within ``stale_after`` seconds.
 
 An allocation *reserves* its memory and CPU on the node (and the warm member it counted on) until
-:meth:`Registry.commit` (the node made the sandbox: its own pushes count it from then on) or
-:meth:`Registry.release` (the create failed: the capacity comes back). Pushes are authoritative, minus the
-reservations still in flight, and a push older than the last one seen (a lower ``seq``) is ignored.
+:meth:`Registry.release` (the create failed: the capacity comes back) or :meth:`Registry.commit` (the node made
+the sandbox: its pushes count it, once a push read after the create arrives; until ``commit_grace`` seconds
+have passed, the reservation stays, so a push read just before the create cannot make the node look empty).
+Pushes are authoritative, minus those reservations, and a push older than the last one seen (a lower ``seq``)
+is ignored.
 
 Cost: an allocation lowers one node's free memory, which moves that node in the index of every key it holds.
 Under ``spread`` those moves are lazy: a heap entry keeps the free memory at its placement, an upper bound of
@@ -95,6 +97,7 @@ class NodeView(NamedTuple):
 
 class _Node:
     __slots__ = (
+        "committed",
         "cpu",
         "draining",
         "entries",
@@ -119,6 +122,8 @@ class _Node:
         self.labels: Mapping[str, str] = MappingProxyType(dict(labels))  # replaced, never changed in place
         self.held: frozenset[Key] = frozenset()
         self.mem = self.cpu = self.running = self.pending_mem = self.pending_cpu = 0
+        # creates the node answered, kept counted for ``commit_grace`` s: (when, memory, cpu)
+        self.committed: list[tuple[float, int, int]] = []
         self.seq = -1
         self.seen = 0.0
         self.draining = self.lost = False
@@ -248,11 +253,12 @@ class Registry:
     """Nodes and their capacity; ``allocate`` / ``commit`` / ``release``. Not thread-safe: one owner (the
     controller) calls it. Times are the caller's monotonic seconds."""
 
-    def __init__(self, *, policy: Policy = "spread", stale_after: float = 3.0) -> None:
+    def __init__(self, *, policy: Policy = "spread", stale_after: float = 3.0, commit_grace: float = 2.0) -> None:
         if policy not in POLICIES:
             raise BadRequestError(f"placement policy {policy!r} is unknown: use one of {', '.join(POLICIES)}")
         self.policy = policy
         self.stale_after = stale_after
+        self.commit_grace = commit_grace
         self._make = _SpreadIndex if policy == "spread" else _PackIndex
         # pack's order needs exact entries (an out-of-date one can hide a tighter fit): moved at once
         self._eager = policy == "pack"
@@ -284,6 +290,7 @@ class Registry:
             node.url = url
             node.labels = MappingProxyType(dict(labels or {}))
             node.pending_mem = node.pending_cpu = 0
+            node.committed.clear()
         node.lost = False
         self._apply(node, capacity, seq, now)
 
@@ -374,13 +381,14 @@ class Registry:
 
     # ------------------------------------------------------------------ after the node answered
 
-    def commit(self, alloc: Allocation) -> None:
-        """The node made the sandbox: its next pushes count it, so the reservation ends (the capacity stays
-        taken until then)."""
+    def commit(self, alloc: Allocation, *, now: float) -> None:
+        """The node made the sandbox. Its pushes will count it, but one read before the create may still be on
+        its way: the capacity stays taken for ``commit_grace`` seconds of pushes, then the pushes alone count."""
         node = self._nodes.get(alloc.node_id)
         if node is not None:
             node.pending_mem = max(0, node.pending_mem - alloc.memory_mb)
             node.pending_cpu = max(0, node.pending_cpu - alloc.cpu_millis)
+            node.committed.append((now, alloc.memory_mb, alloc.cpu_millis))
 
     def release(self, alloc: Allocation) -> None:
         """The create failed: the reservation and its capacity come back (not a warm member: it may be used)."""
@@ -422,8 +430,13 @@ class Registry:
             raise BadRequestError(f"node {node.node_id!r} pushed a negative capacity: {cap}")
         node.pushed = cap
         node.seq, node.seen = seq, now
-        node.mem = cap.memory_mb - node.pending_mem
-        node.cpu = cap.cpu_millis - node.pending_cpu
+        if node.committed:
+            node.committed = [c for c in node.committed if now - c[0] <= self.commit_grace]
+        held_mem = node.pending_mem + sum(c[1] for c in node.committed)
+        held_cpu = node.pending_cpu + sum(c[2] for c in node.committed)
+        # a push that already counts a committed create counts it twice for a moment: never below zero
+        node.mem = max(0, cap.memory_mb - held_mem)
+        node.cpu = max(0, cap.cpu_millis - held_cpu)
         node.running = cap.running
         node.warm = {k: n for k, n in cap.warm.items() if n > 0}
         node.held = cap.templates | node.warm.keys()

@@ -1,0 +1,175 @@
+"""``branchbox fleet ...``: run the controller, list nodes, drain one; and the ``serve --fleet`` join hook.
+
+Nothing here imports Ray until a fleet command runs (the extra ``branchbox[fleet]``)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import httpx
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+out = Console()
+err = Console(stderr=True)
+
+
+def _need_ray() -> None:
+    try:
+        import ray  # noqa: F401, PLC0415
+    except ImportError:
+        err.print("[red]error[/red]: the fleet needs Ray: pip install 'branchbox[fleet]'", highlight=False)
+        sys.exit(2)
+
+
+def fleet_join_hook(
+    host: str, address: str | None, name: str | None, labels: tuple[str, ...]
+) -> Callable[[int], Callable[[], None]] | None:
+    """The daemon's join hook when ``--fleet`` or ``BRANCHBOX_FLEET_ADDRESS`` is given, else None."""
+    from branchbox.errors import BadRequestError  # noqa: PLC0415
+    from branchbox.fleet.node import JoinSettings, join, parse_labels  # noqa: PLC0415 - light (no Ray import)
+
+    try:
+        settings = JoinSettings.from_env(address, name=name, labels=parse_labels(labels))
+    except (BadRequestError, ValueError) as exc:
+        err.print(f"[red]config error[/red]: fleet: {escape(str(exc))}", highlight=False)
+        sys.exit(2)
+    if not settings.address:
+        return None
+    _need_ray()
+    import os  # noqa: PLC0415
+    import socket  # noqa: PLC0415
+
+    advertise = os.environ.get("BRANCHBOX_FLEET_URL", "")
+
+    def hook(port: int) -> Callable[[], None]:
+        where = host if host not in ("0.0.0.0", "::", "") else socket.getfqdn()  # noqa: S104 - compared, not bound
+        url = advertise or f"http://{where}:{port}"
+        return join(settings, url, port).leave
+
+    return hook
+
+
+def _client(ctx: click.Context) -> tuple[str, dict[str, str]]:
+    conn = ctx.find_root().obj
+    url = (getattr(conn, "url", None) or "http://127.0.0.1:7080").rstrip("/")
+    key = getattr(conn, "api_key", None)
+    return url, ({"authorization": f"Bearer {key}"} if key else {})
+
+
+def _check(resp: httpx.Response) -> Any:
+    if resp.status_code >= 400:
+        try:
+            e = resp.json()["error"]
+            msg = f"({e['code']}): {e['message']}"
+        except (ValueError, KeyError, TypeError):
+            msg = f"HTTP {resp.status_code}: {resp.text[:200]}"
+        err.print(f"[red]error[/red] {escape(msg)}", highlight=False)
+        sys.exit(1)
+    return resp.json()
+
+
+@click.group()
+def fleet() -> None:
+    """Many hosts behind one controller, on Ray (docs/fleet.md). --url points at the controller."""
+
+
+@fleet.command(name="serve")
+@click.option(
+    "--address",
+    envvar="BRANCHBOX_FLEET_ADDRESS",
+    required=True,
+    metavar="HOST:PORT",
+    help="The Ray cluster's GCS address (ray start --head prints it) [env BRANCHBOX_FLEET_ADDRESS].",
+)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=7080, show_default=True)
+@click.option("--policy", type=click.Choice(["spread", "pack"]), default="spread", show_default=True)
+@click.option("--stale-after", type=float, default=1.5, show_default=True, help="Seconds without a push: lost.")
+@click.option(
+    "--placement-timeout",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Seconds a create waits for room before no_capacity.",
+)
+@click.option("--backend", "default_backend", default="container", show_default=True)
+@click.option(
+    "--api-keys-file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Key hashes the controller checks (give the nodes the same file).",
+)
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+def fleet_serve(
+    address: str,
+    host: str,
+    port: int,
+    policy: str,
+    stale_after: float,
+    placement_timeout: float,
+    default_backend: str,
+    api_keys_file: Path | None,
+    log_level: str,
+) -> None:
+    """Run the fleet controller: the daemon's HTTP API for every node of the fleet."""
+    _need_ray()
+    from branchbox.api.auth import ApiKeyChecker  # noqa: PLC0415
+    from branchbox.fleet.controller import ControllerSettings  # noqa: PLC0415
+    from branchbox.fleet.serve import run_fleet  # noqa: PLC0415
+
+    hashes: list[str] = []
+    if api_keys_file is not None:
+        hashes = [ln.split("#", 1)[0].strip() for ln in api_keys_file.read_text().splitlines()]
+        hashes = [h for h in hashes if h]
+    settings = ControllerSettings(
+        address=address,
+        policy=policy,  # type: ignore[arg-type]
+        stale_after=stale_after,
+        placement_timeout=placement_timeout,
+        default_backend=default_backend,
+    )
+    keys = ApiKeyChecker(hashes, required=bool(hashes) or host not in ("127.0.0.1", "localhost", "::1"))
+    run_fleet(settings, host=host, port=port, keys=keys, log_level=log_level)
+
+
+@fleet.command(name="nodes")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def fleet_nodes(ctx: click.Context, as_json: bool) -> None:
+    """The fleet's nodes with their capacity and health."""
+    url, headers = _client(ctx)
+    nodes = _check(httpx.get(url + "/v1/fleet/nodes", headers=headers, timeout=30))
+    if as_json:
+        import json  # noqa: PLC0415
+
+        click.echo(json.dumps(nodes, indent=2))
+        return
+    table = Table("NODE", "STATE", "RUNNING", "MEM FREE", "CPU FREE", "WARM", "LAST PUSH", "URL")
+    for n in nodes:
+        style = {"ready": "green", "draining": "yellow", "lost": "red"}[n["state"]]
+        warm = ", ".join(f"{w['template']}:{w['ready']}" for w in n["warm"]) or "-"
+        state = n["state"] + (f" ({n['lost_reason']})" if n.get("lost_reason") else "")
+        table.add_row(
+            n["node"], f"[{style}]{escape(state)}[/{style}]", str(n["running"]), f"{n['memory_mb_free']} MiB",
+            f"{n['cpu_free']:g}", escape(warm), f"{n['seconds_since_push']:.1f} s ago", n["url"],
+        )  # fmt: skip
+    out.print(table)
+
+
+@fleet.command(name="drain")
+@click.argument("node")
+@click.option("--undo", is_flag=True, help="Take new sandboxes again.")
+@click.pass_context
+def fleet_drain(ctx: click.Context, node: str, undo: bool) -> None:
+    """Stop new placements on NODE (its sandboxes keep running)."""
+    url, headers = _client(ctx)
+    got = _check(
+        httpx.post(f"{url}/v1/fleet/nodes/{node}/drain", json={"draining": not undo}, headers=headers, timeout=30)
+    )
+    click.echo(f"{got['node']}: {got['state']}")

@@ -1,0 +1,360 @@
+"""The controller's HTTP front: the daemon's API, served for the whole fleet (``branchbox fleet serve``).
+
+Why a proxy by id and not a Manager facade behind ``create_app``: the daemon's API has some 40 routes (files as
+streams both ways, WebSockets, the port proxy, snapshots, forks); a facade would re-implement each over the
+network and drift from the daemon. Instead the controller answers what needs the whole fleet itself (create:
+allocate then call the chosen node; lists: ask every node and merge; the fleet's own routes) and forwards every
+request about one sandbox or snapshot, bytes and WebSocket frames as they come, to the node that holds it. The
+SDK and CLI work unchanged against either. The SDK is not redirected to the node: nodes may sit on a private
+network the controller alone reaches, and a sandbox id stays valid when its node's address changes.
+
+* ``POST /v1/sandboxes``: placement labels come from the ``fleet.labels`` metadata key (``region=eu,kvm=1``).
+  The answer's ``timings`` gain ``fleet_allocate``, ``fleet_node_call`` (the node's ``total`` is its create) and
+  ``fleet_total``, and the histogram ``branchbox_fleet_create_seconds{phase}`` counts them; header
+  ``x-branchbox-node`` names the node. A restore (``snapshot``) goes to the node that holds the snapshot: a
+  snapshot is not moved between nodes, and one on a lost node answers ``sandbox_lost``.
+* A sandbox whose node is lost answers ``503 sandbox_lost``; one no node knows, ``404 sandbox_not_found``.
+* ``GET /v1/fleet/nodes``; ``POST /v1/fleet/nodes/{node}/drain`` (``{"draining": false}`` undoes it).
+* Workspaces and pools are per node: the controller answers ``501 not_supported`` for them (docs/fleet.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import structlog
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+from branchbox.api.auth import ApiKeyChecker
+from branchbox.api.ports import _relay
+from branchbox.errors import (
+    BadRequestError,
+    BranchboxError,
+    NotSupportedError,
+    SandboxLostError,
+    SandboxNotFoundError,
+    SnapshotNotFoundError,
+)
+from branchbox.fleet.controller import Controller
+from branchbox.fleet.node import parse_labels
+from branchbox.fleet.registry import Request
+
+log = structlog.get_logger("branchbox.fleet")
+
+_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host", "proxy-connection"}
+LABELS_KEY = "fleet.labels"
+
+
+def _error(exc: BranchboxError) -> JSONResponse:
+    return JSONResponse({"error": exc.to_dict()}, status_code=exc.http_status)
+
+
+def _json_object(raw: bytes) -> dict[str, Any] | None:
+    """An empty body is {}; anything but a JSON object is None."""
+    try:
+        body = json.loads(raw) if raw else {}
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def _forward_headers(headers: Any) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k.lower() not in _HOP}
+
+
+class FleetFront:
+    """The ASGI app's state: the controller, one HTTP client to the nodes, the create histogram."""
+
+    def __init__(self, controller: Controller, *, keys: ApiKeyChecker, version: str) -> None:
+        self.controller = controller
+        self.keys = keys
+        self.version = version
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(connect=5.0, read=3600.0, write=3600.0, pool=30.0),
+            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
+        )
+        self.metrics = CollectorRegistry()
+        self.create_seconds = Histogram(
+            "branchbox_fleet_create_seconds",
+            "Creates through the fleet controller, per phase (allocate, node_call, node_create, total)",
+            ["phase"],
+            registry=self.metrics,
+            buckets=(0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        controller.reconcile = self.reconcile
+
+    # ------------------------------------------------------------------ helpers
+
+    def check(self, request: HttpRequest | WebSocket) -> None:
+        self.keys.check(request.headers.get("authorization"))
+
+    async def _ask_all(self, path: str, headers: dict[str, str], params: Any = None) -> list[tuple[str, Any]]:
+        """GET ``path`` on every live node at once: (node, JSON) of those that answered 200."""
+        nodes = self.controller.live_nodes()
+
+        async def one(node: str, url: str) -> tuple[str, Any] | None:
+            try:
+                resp = await self.client.get(url + path, headers=headers, params=params, timeout=10.0)
+            except httpx.HTTPError:
+                return None
+            return (node, resp.json()) if resp.status_code == 200 else None
+
+        got = await asyncio.gather(*(one(v.node_id, v.url) for v in nodes))
+        return [g for g in got if g is not None]
+
+    async def owner(self, kind: str, ident: str, headers: dict[str, str]) -> str:
+        """The node holding sandbox (or snapshot) ``ident``: remembered, else asked of every live node."""
+        table = self.controller.owners if kind == "sandboxes" else self.controller.snapshot_owners
+        node = table.get(ident)
+        if node is not None:
+            return node
+        found = await self._ask_all(f"/v1/{kind}/{quote(ident, safe='')}", headers)
+        if found:
+            table[ident] = found[0][0]
+            return found[0][0]
+        lost = [n for n in self.controller.lost_why if n in self.controller.registry]
+        if kind == "sandboxes":
+            hint = f" (nodes lost right now: {', '.join(sorted(lost))})" if lost else ""
+            raise SandboxNotFoundError(
+                f"no node of the fleet has sandbox {ident!r}{hint}: list them with `branchbox ls`"
+            )
+        raise SnapshotNotFoundError(f"no node of the fleet has snapshot {ident!r}: list them with GET /v1/snapshots")
+
+    async def reconcile(self, node: str) -> None:
+        """After a rejoin: learn which sandboxes the node holds again (an owner entry also comes back lazily)."""
+        with contextlib.suppress(Exception):
+            url = self.controller.node_url(node)
+            resp = await self.client.get(url + "/v1/sandboxes", timeout=10.0)
+            if resp.status_code == 200:
+                for sbx in resp.json():
+                    self.controller.owners[sbx["sandbox_id"]] = node
+                log.info("fleet.reconciled", node=node, sandboxes=len(resp.json()))
+
+    async def forward(self, request: HttpRequest, node: str, path: str) -> Response:
+        try:
+            base = self.controller.node_url(node)
+        except BranchboxError as exc:
+            return _error(exc)
+        headers = _forward_headers(request.headers)
+        body = request.stream() if request.method not in ("GET", "HEAD", "DELETE") else None
+        upstream = self.client.build_request(
+            request.method, base + path, params=request.url.query.encode() or None, headers=headers, content=body
+        )
+        try:
+            resp = await self.client.send(upstream, stream=True)
+        except httpx.TransportError as exc:
+            return _error(
+                SandboxLostError(
+                    f"node {node!r} did not answer ({type(exc).__name__}): the sandbox is unreachable; "
+                    "see `branchbox fleet nodes`",
+                    node=node,
+                )
+            )
+        out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP}
+        return StreamingResponse(
+            resp.aiter_raw(), status_code=resp.status_code, headers=out_headers, background=BackgroundTask(resp.aclose)
+        )
+
+
+def create_fleet_app(front: FleetFront) -> Starlette:
+    controller = front.controller
+
+    async def health(request: HttpRequest) -> Response:
+        return JSONResponse({"status": "ok", "nodes": len(controller.live_nodes())})
+
+    async def version(request: HttpRequest) -> Response:
+        return JSONResponse({"version": front.version})
+
+    async def metrics(request: HttpRequest) -> Response:
+        front.check(request)
+        return Response(generate_latest(front.metrics), media_type=CONTENT_TYPE_LATEST)
+
+    async def nodes(request: HttpRequest) -> Response:
+        front.check(request)
+        return JSONResponse(controller.describe())
+
+    async def drain(request: HttpRequest) -> Response:
+        front.check(request)
+        body = _json_object(await request.body())
+        if body is None or not isinstance(body.get("draining", True), bool):
+            raise BadRequestError('body: {"draining": true|false} (or none: true)')
+        node = request.path_params["node"]
+        controller.registry.drain(node, body.get("draining", True))
+        desc = next(d for d in controller.describe() if d["node"] == node)
+        return JSONResponse(desc)
+
+    async def create(request: HttpRequest) -> Response:
+        t0 = time.perf_counter()
+        front.check(request)
+        raw = await request.body()
+        body = _json_object(raw)
+        if body is None:
+            raise BadRequestError("the body must be a JSON object (see docs/openapi.json: CreateSandboxRequest)")
+        headers = _forward_headers(request.headers)
+        snapshot = body.get("snapshot")
+        alloc = None
+        if snapshot:  # a restore runs where its snapshot is: snapshots are not moved between nodes
+            node = await front.owner("snapshots", str(snapshot), headers)
+            url = controller.node_url(node)
+        else:
+            metadata = body.get("metadata") or {}
+            labels = parse_labels(str(metadata.get(LABELS_KEY, ""))) if isinstance(metadata, dict) else {}
+            try:
+                req = Request(
+                    str(body.get("template") or "default"),
+                    str(body.get("backend") or controller.settings.default_backend),
+                    int(body.get("memory_mb") or 512),
+                    round(float(body.get("cpu") or 1.0) * 1000),
+                    tuple(sorted(labels.items())),
+                )
+            except (TypeError, ValueError) as exc:
+                raise BadRequestError(f"invalid request: {exc} (see docs/openapi.json: CreateSandboxRequest)") from None
+            alloc = await controller.place(req, controller.settings.placement_timeout)
+            node, url = alloc.node_id, alloc.url
+        t1 = time.perf_counter()
+        try:
+            resp = await front.client.post(url + "/v1/sandboxes", content=raw, headers=headers, timeout=300.0)
+        except httpx.TransportError as exc:
+            if alloc is not None:
+                controller.registry.release(alloc)
+            raise SandboxLostError(
+                f"node {node!r} did not answer the create ({type(exc).__name__}); nothing was made through the "
+                "controller: try again (the node will be avoided once it is lost)",
+                node=node,
+            ) from None
+        t2 = time.perf_counter()
+        if resp.status_code != 201:
+            if alloc is not None:
+                controller.registry.release(alloc)
+            return Response(resp.content, status_code=resp.status_code, media_type="application/json")
+        if alloc is not None:
+            controller.registry.commit(alloc, now=controller.clock())
+        data = resp.json()
+        controller.owners[data["sandbox_id"]] = node
+        timings = data.setdefault("timings", {})
+        node_create = float(timings.get("total", 0.0))
+        t3 = time.perf_counter()
+        timings.update(
+            fleet_allocate=round((t1 - t0) * 1e3, 3),
+            fleet_node_call=round((t2 - t1) * 1e3, 3),
+            fleet_total=round((t3 - t0) * 1e3, 3),
+        )
+        for phase, secs in (
+            ("allocate", t1 - t0),
+            ("node_call", t2 - t1),
+            ("node_create", node_create / 1e3),
+            ("total", t3 - t0),
+        ):
+            front.create_seconds.labels(phase).observe(secs)
+        return JSONResponse(data, status_code=201, headers={"x-branchbox-node": node})
+
+    async def list_all(request: HttpRequest, kind: str) -> Response:
+        front.check(request)
+        headers = _forward_headers(request.headers)
+        answers = await front._ask_all(f"/v1/{kind}", headers, params=request.url.query.encode() or None)
+        merged: list[Any] = []
+        seen: set[str] = set()
+        for node, items in answers:
+            for item in items:
+                ident = item.get("sandbox_id") or item.get("snapshot_id") or item.get("name")
+                if kind == "sandboxes":
+                    controller.owners[item["sandbox_id"]] = node
+                elif kind == "snapshots":
+                    controller.snapshot_owners[item["snapshot_id"]] = node
+                if kind == "templates":
+                    if ident in seen:
+                        continue
+                    seen.add(ident)
+                merged.append(item)
+        return JSONResponse(merged)
+
+    async def sandboxes(request: HttpRequest) -> Response:
+        if request.method == "POST":
+            return await create(request)
+        return await list_all(request, "sandboxes")
+
+    async def snapshots(request: HttpRequest) -> Response:
+        return await list_all(request, "snapshots")
+
+    async def templates(request: HttpRequest) -> Response:
+        return await list_all(request, "templates")
+
+    async def one(request: HttpRequest) -> Response:
+        kind, ident = request.path_params["kind"], request.path_params["ident"]
+        if kind not in ("sandboxes", "snapshots"):
+            return await unsupported(request)
+        front.check(request)
+        rest = request.path_params.get("rest", "")
+        node = await front.owner(kind, ident, _forward_headers(request.headers))
+        path = f"/v1/{kind}/{quote(ident, safe='')}" + (f"/{rest}" if rest else "")
+        resp = await front.forward(request, node, path)
+        if kind == "sandboxes" and request.method == "DELETE" and not rest and resp.status_code in (200, 204):
+            controller.owners.pop(ident, None)
+        return resp
+
+    async def unsupported(request: HttpRequest) -> Response:
+        raise NotSupportedError(
+            f"{request.url.path} is per node and not served by the fleet controller: call the node's daemon "
+            "(its URL is in `branchbox fleet nodes`)"
+        )
+
+    async def ws(websocket: WebSocket) -> None:
+        try:
+            front.check(websocket)
+            ident, rest = websocket.path_params["ident"], websocket.path_params["rest"]
+            node = await front.owner("sandboxes", ident, _forward_headers(websocket.headers))
+            base = controller.node_url(node)
+        except BranchboxError as exc:
+            await websocket.close(code=4000 + exc.http_status, reason=exc.message[:120])
+            return
+        await relay(websocket, base, f"/v1/sandboxes/{quote(ident, safe='')}/{rest}")
+
+    async def on_error(request: HttpRequest, exc: Exception) -> Response:
+        assert isinstance(exc, BranchboxError)
+        return _error(exc)
+
+    return Starlette(
+        routes=[
+            Route("/health", health),
+            Route("/version", version),
+            Route("/metrics", metrics),
+            Route("/v1/fleet/nodes", nodes),
+            Route("/v1/fleet/nodes/{node}/drain", drain, methods=["POST"]),
+            Route("/v1/sandboxes", sandboxes, methods=["GET", "POST"]),
+            Route("/v1/snapshots", snapshots),
+            Route("/v1/templates", templates),
+            WebSocketRoute("/v1/sandboxes/{ident}/{rest:path}", ws),
+            Route("/v1/{kind:str}/{ident}", one, methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"]),
+            Route("/v1/{kind:str}/{ident}/{rest:path}", one, methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"]),
+            Route("/{path:path}", unsupported, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
+        ],
+        exception_handlers={BranchboxError: on_error},
+    )
+
+
+async def relay(client: WebSocket, base: str, path: str) -> None:
+    """Relay one WebSocket to the node, frames as they come, close codes passed on."""
+    from websockets.asyncio.client import connect  # noqa: PLC0415
+    from websockets.exceptions import InvalidStatus  # noqa: PLC0415
+
+    url = "ws" + base.removeprefix("http") + path + (f"?{client.url.query}" if client.url.query else "")
+    headers = {k: v for k, v in client.headers.items() if k.lower() == "authorization"}
+    try:
+        upstream = await connect(url, additional_headers=headers, max_size=16 * 1024 * 1024, open_timeout=10)
+    except (OSError, InvalidStatus, TimeoutError) as exc:
+        await client.close(code=1011, reason=f"the sandbox's node did not accept the stream: {exc}"[:120])
+        return
+    await client.accept()
+    await _relay(upstream, client.receive, client.send)  # the port proxy's relay: frames and close codes
