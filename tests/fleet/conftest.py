@@ -23,9 +23,6 @@ import pytest
 from branchbox.sdk._wire import close_shared
 from tests.conftest import DaemonProc, cli_env, free_port, new_data_dir
 
-ray = pytest.importorskip("ray", reason="the fleet tests need Ray: pip install 'branchbox[fleet]' (make test does)")
-from ray.cluster_utils import Cluster  # noqa: E402
-
 # node loss seen in ~1-1.5 s instead of Ray's default ~15 s (measured, /work/shared/MACHINE.md's numbers)
 HEALTH = {
     "health_check_initial_delay_ms": 0,
@@ -133,6 +130,9 @@ def daemon_env(address: str, name: str, ray_node_id: str, slot: int) -> dict[str
 
 @pytest.fixture(scope="module")
 def fleet(default_template: Any) -> Iterator[Fleet]:
+    pytest.importorskip("ray", reason="the fleet tests need Ray: pip install 'branchbox[fleet]' (make test does)")
+    from ray.cluster_utils import Cluster
+
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every node on 127.0.0.1
     logs = new_data_dir()
     cluster = Cluster(
