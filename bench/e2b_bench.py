@@ -77,7 +77,7 @@ def main() -> None:
             for _ in range(3):  # warm both paths (connections, imports, FastAPI's first requests)
                 with NativeSandbox.create(base_url=url) as n:
                     n.commands.run(CMD)
-                e = E2BSandbox.create()
+                e = E2BSandbox.create("default")
                 e.commands.run("true")
                 e.kill()
             for _ in range(args.creates):
@@ -87,12 +87,12 @@ def main() -> None:
                 samples["native_create"].append((time.perf_counter() - t0) * 1e3)
                 n.kill()
                 t0 = time.perf_counter()
-                e = E2BSandbox.create()
+                e = E2BSandbox.create("default")
                 e.commands.run("true")
                 samples["e2b_create"].append((time.perf_counter() - t0) * 1e3)
                 e.kill()
             n = NativeSandbox.create(base_url=url)
-            e = E2BSandbox.create()
+            e = E2BSandbox.create("default")
             try:
                 for _ in range(args.n):
                     t0 = time.perf_counter()

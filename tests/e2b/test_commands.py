@@ -7,7 +7,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-from e2b.exceptions import SandboxNotRunningException, TimeoutException
+from e2b.exceptions import InvalidArgumentException, SandboxNotRunningException, TimeoutException
 from e2b.sandbox.commands.command_handle import PtySize
 
 from e2b import AsyncSandbox, CommandExitException, Sandbox
@@ -18,14 +18,14 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture
 def sbx(e2b_env: E2BDaemon) -> Iterator[Sandbox]:
-    s = Sandbox.create(timeout=300)
+    s = Sandbox.create("default", timeout=300)
     yield s
     Sandbox.kill(s.sandbox_id)
 
 
 @pytest.fixture
 async def asbx(e2b_env: E2BDaemon) -> AsyncIterator[AsyncSandbox]:
-    s = await AsyncSandbox.create(timeout=300)
+    s = await AsyncSandbox.create("default", timeout=300)
     yield s
     await AsyncSandbox.kill(s.sandbox_id)
 
@@ -117,7 +117,7 @@ def test_process_outlives_its_stream_and_connect(sbx: Sandbox) -> None:
 
 
 def test_sandbox_killed_mid_command(e2b_env: E2BDaemon) -> None:
-    sbx = Sandbox.create(timeout=120)
+    sbx = Sandbox.create("default", timeout=120)
     h = sbx.commands.run("echo started; sleep 100", background=True)
     threading.Timer(0.5, lambda: Sandbox.kill(sbx.sandbox_id)).start()
     with pytest.raises(SandboxNotRunningException):
@@ -164,3 +164,35 @@ async def test_async_commands(asbx: AsyncSandbox) -> None:
     await asbx.pty.send_stdin(p.pid, b"echo pty-ok; exit\n")
     await p.wait()
     assert b"pty-ok\r\n" in b"".join(out)
+
+
+def test_users(sbx: Sandbox) -> None:
+    # the default template has no useradd (minbase): a user by hand
+    sbx.commands.run(
+        "echo 'alice:x:1001:1001::/home/alice:/bin/bash' >> /etc/passwd && echo 'alice:x:1001:' >> /etc/group"
+        " && mkdir -p /home/alice && chown 1001:1001 /home/alice"
+    )
+    assert sbx.commands.run("id -un; echo $HOME", user="alice").stdout == "alice\n/home/alice\n"
+    # a relative path is under the user's home, and what is written for a user is theirs (as envd does)
+    assert sbx.files.write("notes.txt", "one\n", user="alice").path == "/home/alice/notes.txt"
+    assert sbx.files.make_dir("proj", user="alice") is True
+    sbx.commands.run("echo two >> notes.txt && touch proj/x", user="alice", cwd="/home/alice")
+    assert sbx.files.read("notes.txt", user="alice") == "one\ntwo\n"
+    owners = sbx.commands.run("stat -c %U /home/alice/notes.txt /home/alice/proj").stdout
+    assert owners == "alice\nalice\n"
+    with pytest.raises(InvalidArgumentException):
+        sbx.commands.run("true", user="nobody-here")
+
+
+def test_base_template_is_what_e2b_code_expects(e2b_env: E2BDaemon, base_template: object) -> None:
+    with Sandbox.create("base", timeout=120) as sbx:
+        assert sbx.commands.run("id -un; pwd; echo $HOME").stdout == "user\n/home/user\n/home/user\n"
+        # root is one user= away; sudo is configured without password but cannot raise privileges here: every
+        # sandbox process has no_new_privs (docs/e2b.md)
+        assert sbx.commands.run("id -un", user="root").stdout == "root\n"
+        assert "user ALL=(ALL:ALL) NOPASSWD: ALL" in sbx.files.read("/etc/sudoers.d/user", user="root")
+        info = sbx.files.write("hello.txt", "hi")
+        assert info.path == "/home/user/hello.txt"
+        assert sbx.commands.run("stat -c %U hello.txt && echo more >> hello.txt && cat hello.txt").stdout == (
+            "user\nhimore\n"
+        )

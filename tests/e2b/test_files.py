@@ -21,7 +21,7 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture
 def sbx(e2b_env: E2BDaemon) -> Iterator[Sandbox]:
-    s = Sandbox.create(timeout=300)
+    s = Sandbox.create("default", timeout=300)
     yield s
     Sandbox.kill(s.sandbox_id)
 
@@ -92,7 +92,7 @@ def test_signed_urls(sbx: Sandbox, e2b_env: E2BDaemon) -> None:
 
 
 async def test_async_files(e2b_env: E2BDaemon) -> None:
-    sbx = await AsyncSandbox.create(timeout=120)
+    sbx = await AsyncSandbox.create("default", timeout=120)
     try:
         f = sbx.files
         await f.write("/tmp/a", "async")
@@ -144,7 +144,7 @@ def test_watch_dir(sbx: Sandbox) -> None:
 
 
 async def test_async_watch_dir(e2b_env: E2BDaemon) -> None:
-    sbx = await AsyncSandbox.create(timeout=120)
+    sbx = await AsyncSandbox.create("default", timeout=120)
     try:
         await sbx.files.make_dir("/tmp/aw")
         got = asyncio.Event()

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.timeout(300)
 
 def test_create_info_timeout_kill(e2b_env: E2BDaemon) -> None:
     tag = secrets.token_hex(4)
-    sbx = Sandbox.create(timeout=120, metadata={"t": tag}, envs={"GREETING": "hello"})
+    sbx = Sandbox.create("default", timeout=120, metadata={"t": tag}, envs={"GREETING": "hello"})
     try:
         assert sbx.is_running()
         info = sbx.get_info()
@@ -50,7 +50,7 @@ def test_create_info_timeout_kill(e2b_env: E2BDaemon) -> None:
 
 def test_list_filters_paging_and_pause(e2b_env: E2BDaemon) -> None:
     tag = secrets.token_hex(4)
-    made = [Sandbox.create(timeout=120, metadata={"t": tag, "n": str(i)}) for i in range(3)]
+    made = [Sandbox.create("default", timeout=120, metadata={"t": tag, "n": str(i)}) for i in range(3)]
     try:
         mine = SandboxQuery(metadata={"t": tag})
         listed = Sandbox.list(query=mine).next_items()
@@ -84,10 +84,10 @@ def test_list_filters_paging_and_pause(e2b_env: E2BDaemon) -> None:
 
 def test_bad_api_key_and_bad_access_token(e2b_env: E2BDaemon) -> None:
     with pytest.raises(AuthenticationException):
-        Sandbox.create(api_key="bb_wrong")
+        Sandbox.create("default", api_key="bb_wrong")
     with pytest.raises(AuthenticationException):
         Sandbox.list(api_key="bb_wrong").next_items()
-    sbx = Sandbox.create(timeout=60)
+    sbx = Sandbox.create("default", timeout=60)
     try:
         # another sandbox's token (or none) opens nothing: envd answers 401
         headers = {"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": "49983"}
@@ -125,7 +125,7 @@ def test_control_plane_errors_are_e2b_json(e2b_env: E2BDaemon) -> None:
 
 async def test_async_lifecycle(e2b_env: E2BDaemon) -> None:
     tag = secrets.token_hex(4)
-    sbx = await AsyncSandbox.create(timeout=120, metadata={"t": tag})
+    sbx = await AsyncSandbox.create("default", timeout=120, metadata={"t": tag})
     try:
         assert await sbx.is_running()
         assert (await sbx.get_info()).metadata == {"t": tag}
@@ -143,11 +143,11 @@ async def test_async_lifecycle(e2b_env: E2BDaemon) -> None:
     with pytest.raises(NotFoundException):
         await AsyncSandbox.connect(sbx.sandbox_id)
     with pytest.raises(AuthenticationException):
-        await AsyncSandbox.create(api_key="bb_wrong")
+        await AsyncSandbox.create("default", api_key="bb_wrong")
 
 
 def test_snapshot_and_fork(e2b_env: E2BDaemon) -> None:
-    sbx = Sandbox.create(timeout=120)
+    sbx = Sandbox.create("default", timeout=120)
     made: list[Sandbox] = []
     try:
         sbx.files.write("/root/state.txt", "v1")
@@ -175,7 +175,7 @@ def test_paused_sandbox_survives_daemon_restart(daemon_factory: Any, monkeypatch
     for name in ("E2B_API_URL", "E2B_SANDBOX_URL"):
         monkeypatch.setenv(name, d.url)
     monkeypatch.setenv("E2B_API_KEY", key)
-    sbx = Sandbox.create(timeout=300)
+    sbx = Sandbox.create("default", timeout=300)
     sbx.files.write("/root/kept.txt", "kept")
     sbx.pause()
     d.stop()
@@ -188,7 +188,7 @@ def test_paused_sandbox_survives_daemon_restart(daemon_factory: Any, monkeypatch
 
 
 def test_timeout_expiry_kills(e2b_env: E2BDaemon) -> None:
-    sbx = Sandbox.create(timeout=2)
+    sbx = Sandbox.create("default", timeout=2)
     deadline = time.monotonic() + 60
     while sbx.is_running() and time.monotonic() < deadline:
         time.sleep(0.2)

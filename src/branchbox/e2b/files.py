@@ -13,7 +13,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
-from branchbox.e2b.state import E2BState, resolve_path
+from branchbox.e2b.state import E2BState, resolve_path, run_as
 from branchbox.errors import BranchboxError
 
 CHUNK = 256 * 1024
@@ -33,6 +33,16 @@ def _status(exc: BranchboxError) -> int:
     if exc.code == "limit_exceeded":
         return 507
     return exc.http_status if exc.http_status < 500 else 500
+
+
+async def give_to(state: E2BState, sid: str, paths: list[str], user: str | None) -> None:
+    """Files written for a user other than root become that user's, as envd writes them (the agent writes as
+    root): one ``chown`` in the sandbox."""
+    if run_as(user) is None or not paths:
+        return
+    res = await state.manager.exec(sid, ["chown", "--", f"{user}:", *paths], timeout=60)
+    if res.exit_code != 0:
+        raise FilesError(400, f"cannot give the files to {user!r}: {res.stderr_text.strip()[:300]}")
 
 
 def _written(path: str) -> dict[str, Any]:
@@ -99,6 +109,7 @@ async def upload(
                     path = resolve_path(name, user)
                     await mgr.upload(sid, path, _upload_file(part))
                     out.append(_written(path))
+                await give_to(state, sid, [w["path"] for w in out], user)
                 return out
             finally:
                 await form.close()
@@ -106,6 +117,7 @@ async def upload(
             raise FilesError(400, "path= is required for an octet-stream upload")
         path = resolve_path(query["path"], user)
         await mgr.upload(sid, path, _body(receive, headers.get("content-encoding", "").lower() == "gzip"))
+        await give_to(state, sid, [path], user)
         return [_written(path)]
     except BranchboxError as exc:
         raise FilesError(_status(exc), exc.message) from exc

@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 
 from branchbox.core.models import FileEntry
 from branchbox.e2b.connect import RpcError, from_branchbox
+from branchbox.e2b.files import FilesError, give_to
 from branchbox.e2b.state import E2BState, iso, resolve_path
 from branchbox.errors import BranchboxError, FileNotFoundInSandboxError
 
@@ -70,7 +71,12 @@ class FilesystemService:
         try:
             await self.state.manager.stat(sid, path)
         except FileNotFoundInSandboxError:
-            return {"entry": entry_json(await _call(self.state.manager.mkdir(sid, path)))}
+            entry = await _call(self.state.manager.mkdir(sid, path))
+            try:
+                await give_to(self.state, sid, [path], user)
+            except FilesError as exc:
+                raise RpcError("invalid_argument", exc.message) from exc
+            return {"entry": entry_json(entry)}
         except BranchboxError as exc:
             raise from_branchbox(exc) from exc
         raise RpcError("already_exists", f"{path} already exists")

@@ -94,14 +94,13 @@ class E2BGateway:
             return
         try:
             info = await state.manager.get(sid)
-            running = info.state is SandboxState.RUNNING
         except BranchboxError:
-            running = False
-        if not running:  # what E2B's proxy answers for a sandbox that is gone (or paused)
-            message = f"The sandbox {sid} was not found"
+            info = None
+        if info is None or info.state is not SandboxState.RUNNING:  # what E2B's proxy answers for a sandbox that is
+            message = f"The sandbox {sid} was not found"  # gone (or paused)
             await _envd_error(send, rpc, headers, RpcError("unavailable", message), 502, sandbox=sid)
             return
-        user = basic_user(headers.get("authorization"))
+        user = basic_user(headers.get("authorization")) or state.default_user(info.template_digest)
         if path == "/health":
             await _json(send, 204, None)
         elif path == "/files":
@@ -144,7 +143,8 @@ class E2BGateway:
         for info in await state.manager.list(states={SandboxState.RUNNING}):
             token = state.tokens.token(info.id)
             if file_signature(path, operation, user, token, exp) == signature:
-                await self._files(state, info.id, scope, receive, send, query, user or None)
+                default = state.default_user(info.template_digest)
+                await self._files(state, info.id, scope, receive, send, query, user or default)
                 return
         await _json(send, 401, {"code": 401, "message": "the URL's signature matches no running sandbox"})
 

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from branchbox.e2b.tokens import Tokens, load_secret
+from branchbox.errors import BranchboxError
 
 if TYPE_CHECKING:
     from branchbox.agent.client import ProcessHandle
@@ -32,10 +33,22 @@ class E2BState:
     tokens: Tokens
     handles: dict[tuple[str, int], ProcessHandle] = field(default_factory=dict)
     watchers: dict[str, Any] = field(default_factory=dict)  # watcher id -> branchbox.e2b.watch.Watcher
+    _users: dict[str, str | None] = field(default_factory=dict)  # template digest -> its default user
 
     @classmethod
     def of(cls, manager: Manager, check_key: Callable[[str | None], None]) -> E2BState:
         return cls(manager, check_key, Tokens(load_secret(manager.settings.data_dir)))
+
+    def default_user(self, template_digest: str) -> str | None:
+        """The ``user`` of the sandbox's template spec (``base``: ``user``), what envd runs as when the request
+        names nobody. None for root, or when the template does not say."""
+        if template_digest not in self._users:
+            try:
+                user = self.manager.templates.metadata(template_digest).get("user")
+            except (BranchboxError, OSError, ValueError):
+                user = None
+            self._users[template_digest] = user if isinstance(user, str) and user != DEFAULT_USER else None
+        return self._users[template_digest]
 
 
 def basic_user(authorization: str | None) -> str | None:
