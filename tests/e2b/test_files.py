@@ -38,7 +38,7 @@ def test_write_read_one_and_many(sbx: Sandbox) -> None:
     assert [w.path for w in many] == ["/tmp/m/one", "/tmp/m/deep/two"]
     assert f.read("/tmp/m/deep/two") == "2"
     # a file-like body goes as application/octet-stream, streamed; gzip too
-    payload = bytes(range(256)) * 8192  # 2 MiB
+    payload = bytes(range(256)) * 81920  # 20 MiB: over the daemon's JSON body limit (16 MiB), an upload
     f.write("/tmp/big.bin", io.BytesIO(payload))
     assert bytes(f.read("/tmp/big.bin", format="bytes")) == payload
     assert b"".join(f.read("/tmp/big.bin", format="stream")) == payload
