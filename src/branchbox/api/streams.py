@@ -131,10 +131,11 @@ async def _session(ws: WebSocket, handle: ProcessHandle, encoding: str, *, kill_
         for task in (pump_task, read_task):
             task.cancel()
         await asyncio.gather(pump_task, read_task, return_exceptions=True)
-    if pump_task in done:
+    if pump_task in done and not isinstance(pump_task.exception(), WebSocketDisconnect):
         pump_task.result()  # re-raise a failure of the agent (becomes an error frame)
         return
-    exc = read_task.exception()
+    # the client left: noticed by a read, or by a send (a client that stopped reading, then closed)
+    exc = read_task.exception() if read_task in done else None
     if kill_on_disconnect:
         log.info("stream.client_left", action="kill")
         with contextlib.suppress(BranchboxError):
