@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from branchbox.sdk import Sandbox
+from branchbox.sdk import BadRequestError, Sandbox
 from tests.conftest import DaemonProc
 
 MiB = 1 << 20
@@ -89,3 +89,34 @@ def test_run_output_limit_per_call_over_http(daemon: DaemonProc) -> None:
         assert (whole.stdout, whole.stdout_truncated, whole.stderr_truncated) == ("1\n2\n3\n", False, False)
         bad = httpx.post(url, json={"cmd": "true", "max_output": -1}, timeout=60)
         assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_request"
+
+
+class _Counter:
+    """A binary sink that only counts (download's target)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def write(self, data: bytes) -> int:
+        self.n += len(data)
+        return len(data)
+
+
+@pytest.mark.slow
+def test_files_read_of_a_huge_file_is_refused_and_download_streams_it(bounded: Any) -> None:
+    sbx, pid = bounded
+    idle, _ = _rss(pid)
+    size = BIG // 8
+    setup = sbx.commands.run(f"truncate -s {BIG} /huge && head -c {size} /dev/urandom > /big && echo -n hi > /small")
+    assert setup.exit_code == 0, setup.stderr
+    with pytest.raises(BadRequestError, match="stream it instead") as info:
+        sbx.files.read("/huge")  # refused before any byte: nothing read into the daemon or the client
+    assert (info.value.code, info.value.status) == ("payload_too_large", 413)
+    assert sbx.files.read("/small") == "hi"
+    with pytest.raises(BadRequestError, match="stream it instead"):
+        sbx.files.read("/small", max_size=1)
+    counter = _Counter()
+    assert sbx.files.download("/big", counter) == size == counter.n  # type: ignore[arg-type]
+    _, peak = _rss(pid)
+    print(f"download of {size // MiB} MiB: daemon RSS {idle // MiB} MiB, peak +{(peak - idle) // MiB} MiB")
+    assert peak - idle < RSS_BOUND, f"daemon peak RSS grew by {(peak - idle) // MiB} MiB"

@@ -640,17 +640,18 @@ class AgentClient:
     async def read_file(self, path: str) -> bytes:
         return b"".join([chunk async for chunk in self.download(path)])
 
-    def download(self, path: str) -> AsyncIterator[bytes]:
-        """Stream a file in chunks of at most 256 KiB; memory stays bounded by the flow-control window."""
-        return self._stream_out("files.read", path)
+    def download(self, path: str, *, max_size: int | None = None) -> AsyncIterator[bytes]:
+        """Stream a file in chunks of at most 256 KiB; memory stays bounded by the flow-control window. A file
+        larger than ``max_size`` fails with PayloadTooLargeError before any byte is sent."""
+        return self._stream_out("files.read", path, {"max_size": max_size} if max_size is not None else {})
 
     def download_archive(self, path: str) -> AsyncIterator[bytes]:
         """Stream a tar of ``path``: a directory's contents relative to it, or one file under its own name."""
         return self._stream_out("files.archive", path)
 
-    async def _stream_out(self, method: str, path: str) -> AsyncIterator[bytes]:
+    async def _stream_out(self, method: str, path: str, extra: Mapping[str, Any] | None = None) -> AsyncIterator[bytes]:
         call = _StreamCall(self._conn)
-        self._conn.write(_call_frame(call.channel, method, {"path": path}))
+        self._conn.write(_call_frame(call.channel, method, {"path": path, **(extra or {})}))
         try:
             while True:
                 item = await call.next_chunk()

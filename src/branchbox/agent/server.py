@@ -836,8 +836,13 @@ class ChunkSender(Handler):
         self.close()
 
 
-def _fd_chunks(fd: int) -> Iterator[bytes]:
+def _fd_chunks(fd: int, limit: int | None = None) -> Iterator[bytes]:
+    """A file's bytes; more than ``limit`` (a file growing while it is read) fails the read with EFBIG."""
+    size = 0
     while data := os.read(fd, wire.CHUNK_SIZE):
+        size += len(data)
+        if limit is not None and size > limit:
+            raise OSError(errno.EFBIG, f"the file grew past {limit} bytes while it was read")
         yield data
 
 
@@ -1335,14 +1340,24 @@ def m_pty_resize(conn: Connection, channel: int, params: dict[str, Any]) -> dict
 
 def m_files_read(conn: Connection, channel: int, params: dict[str, Any]) -> None:
     path = conn.agent.path(params.get("path"))
+    limit = _int_param(params, "max_size")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise os_error(exc, path) from exc
-    if stat.S_ISDIR(os.fstat(fd).st_mode):
+    st = os.fstat(fd)
+    if stat.S_ISDIR(st.st_mode) or (limit is not None and st.st_size > limit):
         os.close(fd)
-        raise CallError("is_a_directory", f"Is a directory: {path}")
-    ChunkSender(conn, channel, _fd_chunks(fd), functools.partial(os.close, fd)).pump()
+        if stat.S_ISDIR(st.st_mode):
+            raise CallError("is_a_directory", f"Is a directory: {path}")
+        raise CallError(
+            "payload_too_large",
+            f"{path} is {st.st_size} bytes, more than the {limit} a whole read returns: stream it instead "
+            "(sbx.files.download(path, target), GET /files without max_size)",
+            size=st.st_size,
+            max_size=limit,
+        )
+    ChunkSender(conn, channel, _fd_chunks(fd, limit), functools.partial(os.close, fd)).pump()
 
 
 def m_files_write(conn: Connection, channel: int, params: dict[str, Any]) -> None:

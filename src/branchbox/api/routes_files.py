@@ -27,8 +27,16 @@ _TAR: dict[str, Any] = {"application/x-tar": {"schema": {"type": "string", "form
     responses={200: {"content": _BINARY, "description": "The file's bytes, streamed."}},
     summary="Download a file",
 )
-async def download(sandbox_id: SandboxId, path: PathQuery, ctx: Ctx) -> StreamingResponse:
-    return await _streamed(ctx.manager.download(sandbox_id, path), "application/octet-stream")
+async def download(
+    sandbox_id: SandboxId,
+    path: PathQuery,
+    ctx: Ctx,
+    max_size: Annotated[
+        int | None,
+        Query(ge=0, description="Refuse (413 payload_too_large, before any byte) a file larger than this."),
+    ] = None,
+) -> StreamingResponse:
+    return await _streamed(ctx.manager.download(sandbox_id, path, max_size=max_size), "application/octet-stream")
 
 
 @router.get(

@@ -643,10 +643,11 @@ class Manager:
         live = self._require(sandbox_id, SandboxState.RUNNING)
         return await self._agent_call(live, live.agent.read_file(path))
 
-    def download(self, sandbox_id: str, path: str) -> AsyncIterator[bytes]:
-        """Stream a file out of the sandbox in chunks (bounded memory)."""
+    def download(self, sandbox_id: str, path: str, *, max_size: int | None = None) -> AsyncIterator[bytes]:
+        """Stream a file out of the sandbox in chunks (bounded memory); a file over ``max_size`` bytes fails with
+        PayloadTooLargeError before any byte."""
         live = self._require(sandbox_id, SandboxState.RUNNING)
-        return self._stream_out(live, live.agent.download(path))
+        return self._stream_out(live, live.agent.download(path, max_size=max_size))
 
     def download_archive(self, sandbox_id: str, path: str) -> AsyncIterator[bytes]:
         """Stream a tar of a sandbox path: a directory's contents (names relative to it), or one file."""

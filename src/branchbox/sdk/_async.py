@@ -41,6 +41,7 @@ from branchbox.sdk._errors import (
     TimeoutException,
 )
 from branchbox.sdk._models import (
+    MAX_READ_BYTES,
     ArchiveInfo,
     CommandResult,
     EntryInfo,
@@ -361,13 +362,30 @@ class AsyncFiles:
         return self._sandbox.sandbox_id
 
     @overload
-    async def read(self, path: str, *, format: Literal["text"] = ..., request_timeout: Timeout = ...) -> str: ...
-    @overload
-    async def read(self, path: str, *, format: Literal["bytes"], request_timeout: Timeout = ...) -> bytes: ...
     async def read(
-        self, path: str, *, format: Literal["text", "bytes"] = "text", request_timeout: Timeout = UNSET
+        self,
+        path: str,
+        *,
+        format: Literal["text"] = ...,
+        max_size: int | None = ...,
+        request_timeout: Timeout = ...,
+    ) -> str: ...
+    @overload
+    async def read(
+        self, path: str, *, format: Literal["bytes"], max_size: int | None = ..., request_timeout: Timeout = ...
+    ) -> bytes: ...
+    async def read(
+        self,
+        path: str,
+        *,
+        format: Literal["text", "bytes"] = "text",
+        max_size: int | None = MAX_READ_BYTES,
+        request_timeout: Timeout = UNSET,
     ) -> str | bytes:
-        resp = await self._sandbox._http.send(rq.read_file(self._sid, path), request_timeout=request_timeout)
+        """The whole file. One larger than ``max_size`` bytes (64 MiB; None: no limit) raises BadRequestError
+        (``payload_too_large``) before anything is sent: stream it with :meth:`download` instead."""
+        req = rq.read_file(self._sid, path, max_size)
+        resp = await self._sandbox._http.send(req, request_timeout=request_timeout)
         return resp.content.decode("utf-8") if format == "text" else resp.content
 
     async def download(self, path: str, target: str | Path | IO[bytes], *, request_timeout: Timeout = UNSET) -> int:

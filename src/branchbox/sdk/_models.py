@@ -79,6 +79,7 @@ class CommandResult:
         )
 
 
+MAX_READ_BYTES = 64 << 20  # files.read refuses a larger file (download streams it)
 MAX_OUTPUT_CHARS = 64 << 20  # a streamed run's result keeps at most this much of each stream (as the daemon's run)
 
 

@@ -156,8 +156,11 @@ def kill_command(sandbox_id: str, pid: int, signal: int) -> Req:
     return Req("POST", f"{_sbx(sandbox_id)}/commands/{int(pid)}/kill", json={"signal": signal})
 
 
-def read_file(sandbox_id: str, path: str) -> Req:
-    return Req("GET", _sbx(sandbox_id) + "/files", params=[("path", path)])
+def read_file(sandbox_id: str, path: str, max_size: int | None = None) -> Req:
+    params: list[tuple[str, Param]] = [("path", path)]
+    if max_size is not None:
+        params.append(("max_size", max_size))
+    return Req("GET", _sbx(sandbox_id) + "/files", params=params)
 
 
 def write_file(sandbox_id: str, path: str, mode: int | None) -> Req:
