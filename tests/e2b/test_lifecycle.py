@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
-from e2b.exceptions import AuthenticationException, NotFoundException, SandboxException
+from e2b.exceptions import AuthenticationException, NotFoundException, SandboxException, SandboxNotRunningException
 
 from branchbox.api.auth import generate_api_key, hash_api_key
 from e2b import AsyncSandbox, Sandbox, SandboxQuery, SandboxState
@@ -73,6 +73,10 @@ def test_list_filters_paging_and_pause(e2b_env: E2BDaemon) -> None:
         running = Sandbox.list(query=SandboxQuery(metadata={"t": tag}, state=[SandboxState.RUNNING])).next_items()
         assert {s.sandbox_id for s in running} == {made[1].sandbox_id, made[2].sandbox_id}
         assert not made[0].is_running()  # envd of a paused sandbox does not answer
+        with pytest.raises(SandboxNotRunningException):
+            made[0].commands.run("echo frozen")
+        with pytest.raises(SandboxNotRunningException):
+            made[0].files.read("/etc/hostname")
         assert made[0].pause() is False  # already paused
         resumed = Sandbox.connect(made[0].sandbox_id)  # connect resumes a paused sandbox
         assert resumed.get_info().state == SandboxState.RUNNING
@@ -97,6 +101,16 @@ def test_bad_api_key_and_bad_access_token(e2b_env: E2BDaemon) -> None:
             assert r.status_code == 401, r.text
             r = httpx.post(f"{e2b_env.url}/process.Process/List", json={}, headers=h)
             assert r.status_code == 401 and r.json()["code"] == "unauthenticated"
+        # a real token of another sandbox opens nothing here either
+        other = Sandbox.create("default", timeout=60)
+        try:
+            h = {**headers, "X-Access-Token": other._envd_access_token}
+            assert httpx.get(f"{e2b_env.url}/files", params={"path": "/etc/hostname"}, headers=h).status_code == 401
+            # and a sandbox id that does not exist is refused the same way, so ids cannot be probed
+            h = {**h, "E2b-Sandbox-Id": "0" * 20}
+            assert httpx.get(f"{e2b_env.url}/files", params={"path": "/etc/hostname"}, headers=h).status_code == 401
+        finally:
+            other.kill()
         # the right token works with the same request
         token = sbx._envd_access_token
         r = httpx.get(
