@@ -77,7 +77,7 @@ def test_streamed_and_background_runs_apply_backpressure(bounded: Any) -> None:
     assert peak - idle < RSS_BOUND, f"daemon peak RSS grew by {(peak - idle) // MiB} MiB"
 
 
-def test_run_output_limit_per_call_over_http(daemon: DaemonProc) -> None:
+def test_run_output_limit_per_call(daemon: DaemonProc) -> None:
     """``max_output`` lowers the limit for one call (never above the daemon's); output under it is whole."""
     with Sandbox.create(base_url=daemon.url) as sbx:
         url = f"{daemon.url}/v1/sandboxes/{sbx.sandbox_id}/commands"
@@ -85,6 +85,10 @@ def test_run_output_limit_per_call_over_http(daemon: DaemonProc) -> None:
         r = httpx.post(url, json=body, timeout=60).json()
         assert (r["stdout"], r["stdout_truncated"]) == ("y" * 1000, True)
         assert (r["stderr"], r["stderr_truncated"]) == ("1\n2\n3\n", False)
+        five_k = "head -c 5000 /dev/zero | tr '\\0' y"
+        for streamed in (None, lambda _: None):  # the SDK's max_output: plain (the daemon's) and streamed
+            small = sbx.commands.run(five_k, max_output=1000, on_stdout=streamed)
+            assert (small.stdout, small.stdout_truncated) == ("y" * 1000, True)
         whole = sbx.commands.run("seq 3")
         assert (whole.stdout, whole.stdout_truncated, whole.stderr_truncated) == ("1\n2\n3\n", False, False)
         bad = httpx.post(url, json={"cmd": "true", "max_output": -1}, timeout=60)

@@ -182,9 +182,10 @@ async def _consume(
     binary: bool,
     on_stdout: OutputCallback | None,
     on_stderr: OutputCallback | None,
+    max_output: int | None = None,
 ) -> CommandResult:
     t0 = time.perf_counter()
-    kept = OutputCollector()
+    kept = OutputCollector() if max_output is None else OutputCollector(max_output)
     try:
         async for raw in ws:
             ev = rq.parse_event(raw, binary=binary)
@@ -244,6 +245,7 @@ class AsyncCommands:
         on_stderr: OutputCallback | None = ...,
         timeout: float | None = ...,
         tag: str | None = ...,
+        max_output: int | None = ...,
         request_timeout: Timeout = ...,
     ) -> CommandResult: ...
 
@@ -261,6 +263,7 @@ class AsyncCommands:
         on_stderr: OutputCallback | None = ...,
         timeout: float | None = ...,
         tag: str | None = ...,
+        max_output: int | None = ...,
         request_timeout: Timeout = ...,
     ) -> AsyncCommandHandle: ...
 
@@ -277,12 +280,15 @@ class AsyncCommands:
         on_stderr: OutputCallback | None = None,
         timeout: float | None = 60.0,
         tag: str | None = None,
+        max_output: int | None = None,
         request_timeout: Timeout = UNSET,
     ) -> CommandResult | AsyncCommandHandle:
         """Run ``cmd`` (a string runs under /bin/sh -c). ``timeout`` (s) limits the command; None: no limit.
 
-        With ``on_stdout``/``on_stderr`` the output streams over a WebSocket as it is produced; the result
-        still holds all of it (the async flavour's callbacks may be coroutine functions).
+        With ``on_stdout``/``on_stderr`` the output streams over a WebSocket as it is produced (the async
+        flavour's callbacks may be coroutine functions). The result keeps at most ``max_output`` of each stream
+        (default and ceiling of a plain run: the daemon's max_output_mb, 64 MiB; a streamed run: 64 Mi
+        characters) and says ``stdout_truncated`` / ``stderr_truncated`` when more came; callbacks get all.
         ``background=True`` returns a :class:`AsyncCommandHandle` at once.
         """
         sid = self._sandbox.sandbox_id
@@ -315,6 +321,7 @@ class AsyncCommands:
                 timeout=timeout,
                 tag=tag,
                 request_timeout=rt,
+                max_output=max_output,
             )
             if not isinstance(request_timeout, _Unset):  # an explicit per-call limit wins
                 req = dataclasses.replace(req, timeout=request_timeout)
@@ -326,7 +333,7 @@ class AsyncCommands:
             if stdin is not None:
                 await ws.send(rq.stdin_frame(stdin, binary=False))
                 await ws.send(rq.CLOSE_STDIN)
-            return await _consume(ws, binary=False, on_stdout=on_stdout, on_stderr=on_stderr)
+            return await _consume(ws, binary=False, on_stdout=on_stdout, on_stderr=on_stderr, max_output=max_output)
 
     async def list(self, *, request_timeout: Timeout = UNSET) -> list[ProcessInfo]:
         resp = await self._sandbox._http.send(

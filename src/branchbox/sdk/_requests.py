@@ -128,6 +128,7 @@ def run_command(
     timeout: float | None,
     tag: str | None,
     request_timeout: float | None,
+    max_output: int | None = None,
 ) -> Req:
     body = _drop_none(
         {
@@ -138,6 +139,7 @@ def run_command(
             "stdin": stdin,
             "timeout": timeout,
             "tag": tag,
+            "max_output": max_output,
         }
     )
     if background:

@@ -181,9 +181,10 @@ def _consume(
     binary: bool,
     on_stdout: OutputCallback | None,
     on_stderr: OutputCallback | None,
+    max_output: int | None = None,
 ) -> CommandResult:
     t0 = time.perf_counter()
-    kept = OutputCollector()
+    kept = OutputCollector() if max_output is None else OutputCollector(max_output)
     try:
         for raw in ws:
             ev = rq.parse_event(raw, binary=binary)
@@ -243,6 +244,7 @@ class Commands:
         on_stderr: OutputCallback | None = ...,
         timeout: float | None = ...,
         tag: str | None = ...,
+        max_output: int | None = ...,
         request_timeout: Timeout = ...,
     ) -> CommandResult: ...
 
@@ -260,6 +262,7 @@ class Commands:
         on_stderr: OutputCallback | None = ...,
         timeout: float | None = ...,
         tag: str | None = ...,
+        max_output: int | None = ...,
         request_timeout: Timeout = ...,
     ) -> CommandHandle: ...
 
@@ -276,12 +279,15 @@ class Commands:
         on_stderr: OutputCallback | None = None,
         timeout: float | None = 60.0,
         tag: str | None = None,
+        max_output: int | None = None,
         request_timeout: Timeout = UNSET,
     ) -> CommandResult | CommandHandle:
         """Run ``cmd`` (a string runs under /bin/sh -c). ``timeout`` (s) limits the command; None: no limit.
 
-        With ``on_stdout``/``on_stderr`` the output streams over a WebSocket as it is produced; the result
-        still holds all of it (the async flavour's callbacks may be coroutine functions).
+        With ``on_stdout``/``on_stderr`` the output streams over a WebSocket as it is produced (the async
+        flavour's callbacks may be coroutine functions). The result keeps at most ``max_output`` of each stream
+        (default and ceiling of a plain run: the daemon's max_output_mb, 64 MiB; a streamed run: 64 Mi
+        characters) and says ``stdout_truncated`` / ``stderr_truncated`` when more came; callbacks get all.
         ``background=True`` returns a :class:`CommandHandle` at once.
         """
         sid = self._sandbox.sandbox_id
@@ -314,6 +320,7 @@ class Commands:
                 timeout=timeout,
                 tag=tag,
                 request_timeout=rt,
+                max_output=max_output,
             )
             if not isinstance(request_timeout, _Unset):  # an explicit per-call limit wins
                 req = dataclasses.replace(req, timeout=request_timeout)
@@ -325,7 +332,7 @@ class Commands:
             if stdin is not None:
                 ws.send(rq.stdin_frame(stdin, binary=False))
                 ws.send(rq.CLOSE_STDIN)
-            return _consume(ws, binary=False, on_stdout=on_stdout, on_stderr=on_stderr)
+            return _consume(ws, binary=False, on_stdout=on_stdout, on_stderr=on_stderr, max_output=max_output)
 
     def list(self, *, request_timeout: Timeout = UNSET) -> list[ProcessInfo]:
         resp = self._sandbox._http.send(rq.list_commands(self._sandbox.sandbox_id), request_timeout=request_timeout)
