@@ -50,6 +50,15 @@ def _limit(cg: cg_mod.Cgroups, vmid: str, controller: str, v1: str, v2: str) -> 
     return int(f.read_text())
 
 
+def _background(pid: int, vmid: str, cg: cg_mod.Cgroups) -> bool:
+    """Made ahead of demand: every QEMU thread at nice 10, and (where the VM has a cpu cgroup: v2) an idle cgroup."""
+    nices = {int(Path(f"/proc/{pid}/task/{t}/stat").read_text().rsplit(")", 1)[1].split()[16])
+             for t in os.listdir(f"/proc/{pid}/task")}  # fmt: skip
+    idle = cg.is_idle(vmid) if cg.cpu_dir(vmid) is not None else None
+    assert idle in (None, nices == {10}), (nices, idle)
+    return nices == {10}
+
+
 @pytest.fixture
 async def vmm(default_template: Any, vm_data_dir: Path) -> AsyncIterator[Manager]:  # noqa: F811
     async with Manager.open(make_settings(vm_data_dir, default_backend="microvm")) as m:
@@ -65,11 +74,11 @@ async def test_qemu_runs_unprivileged_in_its_own_cgroup_and_mount_namespace(
     infos = [await vmm.create(backend="microvm", memory_mb=256)]
     for pool in be._pools.values():
         await pool.wait_ready()
-    slots = [slot.vmid for pool in be._pools.values() for slot in pool.ready]
-    assert slots and all(be.jail.cgroups().is_idle(v) for v in slots)  # made ahead of demand: idle
+    slots = {slot.vmid: slot.pid for pool in be._pools.values() for slot in pool.ready}
+    assert slots and all(_background(pid, vmid, be.jail.cgroups()) for vmid, pid in slots.items())
     infos.append(await vmm.create(backend="microvm", memory_mb=256))
     claimed = Path(vmm._live[infos[1].id].handle.extra["vm_dir"]).name
-    assert claimed in slots and not be.jail.cgroups().is_idle(claimed)  # claimed: a sandbox like any other
+    assert claimed in slots and not _background(slots[claimed], claimed, be.jail.cgroups())  # claimed: foreground
     vms = []
     for info in infos:
         handle = vmm._live[info.id].handle
@@ -228,3 +237,16 @@ async def test_a_launch_that_fails_says_which_step(jail_env: tuple[Jail, Path]) 
     assert os.waitstatus_to_exitcode(status) == 127
     assert "branchbox jailer: exec: [Errno 2]" in paths.log.read_text()
     await jail.release("vm-c")
+
+
+async def test_a_launch_given_up_before_its_files_exist_leaves_nothing(jail_env: tuple[Jail, Path]) -> None:
+    jail, d = jail_env
+    m, paths = _fake_vm(d, "vm-d")
+    launch = jail.start("vm-d", m, paths)  # a restore starts the launcher, then copies RAM and disk...
+    assert launch.pid is not None and jail.cgroups().exists("vm-d")
+    jail.abort(launch)  # ...which failed
+    assert qemu.start_time(launch.pid) is None and not jail.cgroups().exists("vm-d")
+    single = Jail(JailConfig(uid_base=launch.uid, uid_count=1, cgroup_parent=jail.config.cgroup_parent))
+    uid, fd = single.claim_id()  # its uid is free again
+    os.close(fd)
+    assert uid == launch.uid

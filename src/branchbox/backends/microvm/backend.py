@@ -26,7 +26,7 @@ from branchbox.agent.wire import VsockAddress
 from branchbox.backends.base import BootSpec, Capabilities, LayerInfo, SandboxHandle
 from branchbox.backends.microvm import accel as accel_mod
 from branchbox.backends.microvm import image, memfile, qemu, tplcache, vsock
-from branchbox.backends.microvm.jail import Jail, JailConfig
+from branchbox.backends.microvm.jail import Jail, JailConfig, Launch
 from branchbox.backends.microvm.qmp import QMP
 from branchbox.backends.microvm.vmpool import IncomingPool, Slot
 from branchbox.core.timing import PhaseTimer
@@ -165,17 +165,27 @@ class MicroVMBackend:
                             agent=self._channel)  # fmt: skip
 
     def spawn_vm(self, vmid: str, m: qemu.Machine, *, incoming: bool, nice: int = 0) -> int:
-        """Start QEMU for ``vmid`` (its dir and disk are ready); a vsock machine gets a guest CID of its own."""
+        """Start QEMU for ``vmid`` (its dir and disk are ready)."""
+        return self.run_vm(self.launch_vm(vmid, m, nice=nice), incoming=incoming)
+
+    def launch_vm(self, vmid: str, m: qemu.Machine, *, nice: int = 0) -> Launch:
+        """Start the jail's launcher for ``vmid`` (see jail.py); a vsock machine gets a guest CID of its own."""
         p = self.paths(vmid)
+        p.dir.mkdir(parents=True, exist_ok=True)
         if m.agent != "vsock":
-            return self.jail.spawn(vmid, qemu.command(m, p, incoming=incoming), m, p, nice=nice)
+            return self.jail.start(vmid, m, p, nice=nice)
         fd, cid = vsock.claim_cid()
         try:
             (p.dir / "vsock_cid").write_text(f"{cid}\n")
-            argv = qemu.command(m, p, incoming=incoming, vsock_cid=cid)
-            return self.jail.spawn(vmid, argv, m, p, nice=nice, vsock_fd=fd)
-        finally:
-            os.close(fd)  # QEMU holds the CID through its own copy
+        except BaseException:
+            os.close(fd)
+            raise
+        return self.jail.start(vmid, m, p, nice=nice, vsock_fd=fd, vsock_cid=cid)  # QEMU holds the CID
+
+    def run_vm(self, launch: Launch, *, incoming: bool) -> int:
+        """QEMU's command line to the launcher, once the VM's disk and RAM exist; returns QEMU's pid."""
+        argv = qemu.command(launch.machine, launch.paths, incoming=incoming, vsock_cid=launch.vsock_cid)
+        return self.jail.go(launch, argv)
 
     def paths(self, vmid: str) -> qemu.VmPaths:
         return qemu.VmPaths(dir=self.run_root / vmid, ram=self.shm / f"{vmid}.ram")
@@ -259,10 +269,16 @@ class MicroVMBackend:
             ip.refill()
         if slot is None:
             vmid = sid
-            with timer.phase("vm_prepare"):
-                await self.prepare(vmid, saved)
-            with timer.phase("vm_spawn"):
-                pid = self.spawn_vm(vmid, saved.machine, incoming=True, nice=nice)
+            with timer.phase("vm_spawn"):  # the launcher's interpreter starts while the RAM and disk are made
+                launch = self.launch_vm(vmid, saved.machine, nice=nice)
+            try:
+                with timer.phase("vm_prepare"):
+                    await self.prepare(vmid, saved)
+                with timer.phase("vm_spawn"):
+                    pid = self.run_vm(launch, incoming=True)
+            except BaseException:
+                self.jail.abort(launch)
+                raise
             with timer.phase("vm_qmp"):
                 q = await QMP.connect(self.paths(vmid).qmp)
         else:

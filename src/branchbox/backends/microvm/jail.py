@@ -12,7 +12,8 @@ be a way onto the host. So, as Firecracker's jailer does for its VMM, each QEMU 
   cannot reach: it sees them only through its jail);
 - runs in a **cgroup** of its own (``<cgroup_parent>/<vm id>``, v1 or v2 through the container backend's
   ``Cgroups``): memory = guest RAM + the TCG translation buffer + ``OVERHEAD_MB``, no swap, pids =
-  ``PIDS_BASE`` + vCPUs (QEMU's block thread pool makes up to 64 threads). VMs booted ahead of demand run idle;
+  ``PIDS_BASE`` + vCPUs (QEMU's block thread pool makes up to 64 threads); on v1 not the cpu hierarchy (see
+  ``V1_CONTROLLERS``): VMs booted ahead of demand run at nice 10 (on v2, in idle cgroups);
 - sees only its **own files**: a private mount namespace whose root is a read-only tmpfs holding ``/usr``, the
   loader cache, ``/dev/{null,zero,random,urandom}`` (``/dev/kvm`` as a node of its own under KVM) and its own
   files at their host paths; no data dir, no other VM, no ``/proc``;
@@ -20,8 +21,10 @@ be a way onto the host. So, as Firecracker's jailer does for its VMM, each QEMU 
   resourcecontrol=deny`` (``SECCOMP_ARGS``, in ``qemu.command``).
 
 The launcher (``jailer.py``) is a separate program: the daemon is multi-threaded and never forks, so it
-``posix_spawn``s ``python3 -I -S -B jailer.py SPEC``, which does the above in a fresh single-threaded process and
-execs QEMU (same pid, same start time: liveness and re-attach are unchanged).
+``posix_spawn``s ``python3 -I -S -B jailer.py``, which does the above in a fresh single-threaded process and
+execs QEMU (same pid, same start time: liveness and re-attach are unchanged). Its spec comes on stdin
+(:meth:`Jail.go`) once the VM's files exist, so a restore starts it (:meth:`Jail.start`) before copying RAM and
+disk and the interpreter's start (~11 ms quiet) is off the path.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import marshal
 import os
 import secrets
 import shutil
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,6 +57,10 @@ PIDS_BASE = 96
 UID_BASE = 2_000_000_000  # far above the container backend's ranges (100000 + 65536 per range)
 UID_COUNT = 65536
 ROOT_DIR = "jail"  # the empty directory in the VM's run dir that the launcher mounts its root tmpfs on
+# cgroup v1 hierarchies a VM joins: not cpu, whose group scheduling would make all of a daemon's VMs one entity
+# weighing as much as a single task of the cpu cgroup the daemon runs in (the root here); under load that starved
+# TCG guests (agent connects of fork children went from tens of ms to 8 s). Pause is QMP's stop, not the freezer.
+V1_CONTROLLERS = ("memory", "pids")
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +109,27 @@ def _own(path: Path, uid: int, *, create: bool = False) -> None:
         os.close(fd)
 
 
+@dataclass(slots=True)
+class Launch:
+    """A QEMU being started (see :meth:`Jail.start`)."""
+
+    vmid: str
+    machine: qemu.Machine
+    paths: qemu.VmPaths
+    nice: int = 0
+    vsock_fd: int | None = None  # until QEMU (or its launcher) has its own copy
+    vsock_cid: int | None = None
+    pid: int | None = None  # the launcher's, which becomes QEMU's (None: not jailed, go() spawns QEMU)
+    uid: int = 0
+    go_fd: int = -1  # the launcher's stdin: its spec, then EOF
+
+    def close(self) -> None:
+        """Close this side's copy of the vsock descriptor."""
+        if self.vsock_fd is not None:
+            os.close(self.vsock_fd)
+            self.vsock_fd = None
+
+
 class Jail:
     """Claims uids, makes cgroups and the launcher's argv for the QEMUs of one backend."""
 
@@ -115,6 +144,8 @@ class Jail:
     def cgroups(self) -> cg_mod.Cgroups:
         if self._cg is None:
             cg = cg_mod.detect(self.config.cgroup_parent)
+            if isinstance(cg, cg_mod.CgroupsV1):  # see V1_CONTROLLERS
+                cg = cg_mod.CgroupsV1({k: v for k, v in cg.parents.items() if k in V1_CONTROLLERS})
             cg.ensure_parents()
             self._cg = cg
         return self._cg
@@ -138,6 +169,98 @@ class Jail:
             return uid, fd
         raise OSError(errno.EAGAIN, f"all {count} VM uids from {self.config.uid_base} are in use")
 
+    def start(
+        self,
+        vmid: str,
+        m: qemu.Machine,
+        paths: qemu.VmPaths,
+        *,
+        nice: int = 0,
+        vsock_fd: int | None = None,
+        vsock_cid: int | None = None,
+    ) -> Launch:
+        """Start the launcher of ``vmid`` (its run dir exists); it waits for :meth:`go`, so its interpreter starts
+        while the VM's disk and RAM are made. Takes ``vsock_fd`` (closed here or by go/abort)."""
+        launch = Launch(vmid, m, paths, nice=nice, vsock_fd=vsock_fd, vsock_cid=vsock_cid)
+        if not self.active:
+            return launch  # go() spawns QEMU itself
+        cg = self.cgroups()
+        try:
+            launch.uid, hold = self.claim_id()
+        except BaseException:
+            launch.close()
+            raise
+        go_r, go_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            cg.create(vmid, 0, memory_limit_mb(m), pids_limit(m), idle=nice > 0)
+            try:
+                argv = [sys.executable, "-I", "-S", "-B", str(LAUNCHER)]
+                launch.pid = qemu.spawn(argv, paths, nice=nice, vsock_fd=vsock_fd, hold_fd=hold, stdin_fd=go_r)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    cg.remove(vmid)
+                raise
+            launch.go_fd, go_w = go_w, -1
+        finally:
+            for fd in (go_r, go_w, hold):  # the launcher, then QEMU, holds the uid through its own copy
+                if fd >= 0:
+                    os.close(fd)
+            launch.close()
+        return launch
+
+    def go(self, launch: Launch, argv: Sequence[str]) -> int:
+        """Send the launcher its spec: QEMU's ``argv`` and the VM's files (which exist now). Returns QEMU's pid."""
+        m, paths = launch.machine, launch.paths
+        if launch.pid is None:
+            try:
+                return qemu.spawn(argv, paths, nice=launch.nice, vsock_fd=launch.vsock_fd)
+            finally:
+                launch.close()
+        try:
+            chain = disk_chain(paths.disk)
+            for f in (m.kernel, m.initrd, *chain[1:]):
+                _readable(f)
+            _own(paths.disk, launch.uid)
+            _own(paths.console, launch.uid, create=True)
+            _own(paths.ram, launch.uid, create=True)
+            root = paths.dir / ROOT_DIR
+            root.mkdir(mode=0o700, exist_ok=True)
+            spec = {
+                "cgroups": [str(d / "cgroup.procs") for d in self.cgroups().dirs(launch.vmid).values()],
+                "root": str(root),
+                "uid": launch.uid,
+                "gid": launch.uid,
+                "groups": [],
+                "kvm": _kvm_node() if m.accel == "kvm" else None,
+                "ro": [str(m.kernel), str(m.initrd), *map(str, chain[1:])],
+                "rw": [str(paths.disk), str(paths.console), str(paths.ram)],
+                "argv": [_binary(argv[0]), *argv[1:]],
+                "env": {"PATH": "/usr/bin:/bin"},
+            }
+            data = memoryview(marshal.dumps(spec))
+            while data:
+                data = data[os.write(launch.go_fd, data) :]
+            os.close(launch.go_fd)
+            launch.go_fd = -1
+        except BaseException:
+            self.abort(launch)
+            raise
+        return launch.pid
+
+    def abort(self, launch: Launch) -> None:
+        """Stop a launcher that will not get its spec (the VM's files could not be made) and drop its cgroup."""
+        launch.close()
+        if launch.go_fd >= 0:
+            os.close(launch.go_fd)
+            launch.go_fd = -1
+        if launch.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(launch.pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(launch.pid, 0)
+            with contextlib.suppress(OSError):
+                self.cgroups().remove(launch.vmid)
+
     def spawn(
         self,
         vmid: str,
@@ -148,43 +271,8 @@ class Jail:
         nice: int = 0,
         vsock_fd: int | None = None,
     ) -> int:
-        """Start QEMU (``argv``) in the jail of ``vmid``; its disk overlay exists. Returns QEMU's pid."""
-        if not self.active:
-            return qemu.spawn(argv, paths, nice=nice, vsock_fd=vsock_fd)
-        binary = _binary(argv[0])
-        cg = self.cgroups()
-        uid, hold = self.claim_id()
-        try:
-            cg.create(vmid, 0, memory_limit_mb(m), pids_limit(m), idle=nice > 0)
-            try:
-                chain = disk_chain(paths.disk)
-                for f in (m.kernel, m.initrd, *chain[1:]):
-                    _readable(f)
-                _own(paths.disk, uid)
-                _own(paths.console, uid, create=True)
-                _own(paths.ram, uid, create=True)
-                root = paths.dir / ROOT_DIR
-                root.mkdir(mode=0o700, exist_ok=True)
-                spec = {
-                    "cgroups": [str(d / "cgroup.procs") for d in cg.dirs(vmid).values()],
-                    "root": str(root),
-                    "uid": uid,
-                    "gid": uid,
-                    "groups": [],
-                    "kvm": _kvm_node() if m.accel == "kvm" else None,
-                    "ro": [str(m.kernel), str(m.initrd), *map(str, chain[1:])],
-                    "rw": [str(paths.disk), str(paths.console), str(paths.ram)],
-                    "argv": [binary, *argv[1:]],
-                    "env": {"PATH": "/usr/bin:/bin"},
-                }
-                launcher = [sys.executable, "-I", "-S", "-B", str(LAUNCHER), marshal.dumps(spec).hex()]
-                return qemu.spawn(launcher, paths, nice=nice, vsock_fd=vsock_fd, hold_fd=hold)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    cg.remove(vmid)
-                raise
-        finally:
-            os.close(hold)  # QEMU holds the uid through its own copy
+        """:meth:`start` and :meth:`go` at once (the VM's files exist). Returns QEMU's pid."""
+        return self.go(self.start(vmid, m, paths, nice=nice, vsock_fd=vsock_fd), argv)
 
     def foreground(self, vmid: str) -> None:
         if self.active:

@@ -1,8 +1,9 @@
 """QEMU's launcher: puts itself in a VM's jail, then execs QEMU. Stdlib only, run as its own program.
 
-``python3 -I -S -B jailer.py SPEC`` (SPEC: a ``marshal``-ed dict in hex, see ``branchbox.backends.microvm.jail``:
-marshal is built in, where ``json`` would import ``re``, ~3x this program's imports), spawned by the daemon
-with the VM's sockets and its uid claim already on their fds. In order, as Firecracker's jailer does:
+``python3 -I -S -B jailer.py``, spawned by the daemon with the VM's sockets and its uid claim already on their fds,
+reads its spec from stdin (a ``marshal``-ed dict, see ``branchbox.backends.microvm.jail``; marshal is built in,
+where ``json`` would import ``re``, ~3x this program's imports) once the daemon has made the VM's files: the
+interpreter starts meanwhile. EOF without a spec: the daemon gave up, exit. Then, as Firecracker's jailer does:
 
 1. join the VM's cgroups (every hierarchy's ``cgroup.procs``), so QEMU's memory and threads count there from its
    first allocation;
@@ -126,8 +127,28 @@ def build(spec: dict[str, Any]) -> None:
     _mount(None, "/", None, MS_REMOUNT | MS_RDONLY | root_flags)
 
 
-def main(argv: list[str]) -> None:
-    spec = marshal.loads(bytes.fromhex(argv[1]))  # noqa: S302 - written by the daemon that spawned us (root)
+def read_spec() -> dict[str, Any] | None:
+    """The spec on stdin (up to EOF); stdin becomes /dev/null for QEMU."""
+    chunks = []
+    while chunk := os.read(0, 1 << 16):
+        chunks.append(chunk)
+    null = os.open("/dev/null", os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    if not chunks:
+        return None
+    return marshal.loads(b"".join(chunks))  # type: ignore[no-any-return]  # noqa: S302 - from the daemon (root)
+
+
+def main() -> None:
+    step = "spec"
+    try:
+        spec = read_spec()
+    except (OSError, ValueError, EOFError) as exc:
+        sys.stderr.write(f"branchbox jailer: {step}: {exc}\n")
+        os._exit(127)
+    if spec is None:
+        os._exit(127)  # the daemon gave up on this VM before it was made
     step = "cgroup"
     try:
         for procs in spec["cgroups"]:
@@ -154,4 +175,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv)
+    main()

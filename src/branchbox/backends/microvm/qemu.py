@@ -144,11 +144,17 @@ def _bind(path: Path) -> socket.socket:
 
 
 def spawn(
-    argv: Sequence[str], paths: VmPaths, *, nice: int = 0, vsock_fd: int | None = None, hold_fd: int | None = None
+    argv: Sequence[str],
+    paths: VmPaths,
+    *,
+    nice: int = 0,
+    vsock_fd: int | None = None,
+    hold_fd: int | None = None,
+    stdin_fd: int | None = None,
 ) -> int:
     """Start QEMU (or its launcher, ``argv``) in its own session with the QMP socket and the agent's channel (its
     virtio-serial socket, or ``vsock_fd`` from ``vsock.claim_cid``) in place, and ``hold_fd`` (the uid claim of
-    jail.py) on ``HOLD_FD``; returns its pid."""
+    jail.py) on ``HOLD_FD``, ``stdin_fd`` (default /dev/null) on 0; returns its pid."""
     qmp = _bind(paths.qmp)
     agent = _bind(paths.agent) if vsock_fd is None else None
     channel = (agent.fileno(), AGENT_FD) if agent is not None else (vsock_fd, VSOCK_FD)
@@ -156,7 +162,7 @@ def spawn(
     null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     try:
         actions = [
-            (os.POSIX_SPAWN_DUP2, null, 0),
+            (os.POSIX_SPAWN_DUP2, null if stdin_fd is None else stdin_fd, 0),
             (os.POSIX_SPAWN_DUP2, log, 1),
             (os.POSIX_SPAWN_DUP2, log, 2),
             (os.POSIX_SPAWN_DUP2, qmp.fileno(), QMP_FD),
