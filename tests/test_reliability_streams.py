@@ -6,6 +6,7 @@ daemon's own /metrics (``branchbox_agent_open_calls``, ``process_open_fds``, ``p
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from typing import Any
@@ -115,3 +116,13 @@ def test_a_client_gone_mid_upload_is_freed(daemon: DaemonProc, sandbox: Sandbox)
         s.shutdown(socket.SHUT_RDWR)
     assert_freed(daemon, base, "upload")
     assert sandbox.commands.run("echo ok").stdout.strip() == "ok"
+
+
+def test_disk_pressure_of_the_data_dir_is_in_metrics(daemon: DaemonProc, sandbox: Sandbox) -> None:
+    """A first piece of issue 21.3: the data dir's free and total bytes, read at each scrape."""
+    m = scrape(daemon)
+    st = os.statvfs(daemon.data_dir)
+    assert m["branchbox_data_dir_size_bytes"] == st.f_blocks * st.f_frsize
+    # other programs write to the same filesystem meanwhile: the two reads agree within a margin
+    assert abs(m["branchbox_data_dir_free_bytes"] - st.f_bavail * st.f_frsize) < 256 << 20
+    assert 0 < m["branchbox_data_dir_free_bytes"] <= m["branchbox_data_dir_size_bytes"]

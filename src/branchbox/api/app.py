@@ -269,6 +269,7 @@ def create_app(manager: Manager, settings: ApiSettings | None = None, *, metrics
     metrics.watch_pools(manager.pool_statistics)
     metrics.watch_states(manager.state_counts)
     metrics.watch_agent_calls(manager.open_agent_calls)
+    metrics.watch_disk(manager.settings.data_dir)
     # {port}-{id}.<port_domain> and /v1/sandboxes/{id}/ports/{port}/... (HTTP and WebSocket)
     app.add_middleware(PortProxy, fastapi=app, guard=guard)
     app.add_middleware(E2BGateway)  # the E2B-compatible API: /sandboxes, /v2/sandboxes, envd calls (docs/e2b.md)

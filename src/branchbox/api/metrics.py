@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
@@ -65,6 +67,28 @@ class StateCollector(Collector):
         for state in SandboxState:
             gauge.add_metric([state.value], counts.get(state.value, 0))
         yield gauge
+
+
+class DiskCollector(Collector):
+    """The data dir's filesystem, read at scrape time (``statvfs``, ~2 us): what is left for sandboxes' writable
+    layers, snapshot layers and the daemon's own state.db. Disk pressure shows here before writes fail."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+
+    def collect(self) -> Iterable[Metric]:
+        try:
+            st = os.statvfs(self._path)
+        except OSError:
+            return
+        free = GaugeMetricFamily(
+            "branchbox_data_dir_free_bytes", "Bytes an unprivileged writer may still use on the data dir's filesystem."
+        )
+        free.add_metric([], st.f_bavail * st.f_frsize)
+        total = GaugeMetricFamily("branchbox_data_dir_size_bytes", "Size of the data dir's filesystem.")
+        total.add_metric([], st.f_blocks * st.f_frsize)
+        yield free
+        yield total
 
 
 class _Children:
@@ -133,6 +157,7 @@ class Metrics:
         )
         self._pools: PoolCollector | None = None
         self._states: StateCollector | None = None
+        self._disk: DiskCollector | None = None
         self._child = _Children()
 
     def on_event(self, event: ManagerEvent) -> None:
@@ -166,6 +191,12 @@ class Metrics:
     def watch_agent_calls(self, source: Callable[[], int]) -> None:
         """Export the open agent calls that ``source`` counts (called at each scrape)."""
         self.agent_calls.set_function(source)
+
+    def watch_disk(self, data_dir: Path) -> None:
+        """Export the free and total bytes of ``data_dir``'s filesystem (read at each scrape). Once per Metrics."""
+        if self._disk is None:
+            self._disk = DiskCollector(data_dir)
+            self.registry.register(self._disk)
 
     def count_api_error(self, code: str) -> None:
         self._child(self.errors, code, "api").inc()
