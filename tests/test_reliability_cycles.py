@@ -34,6 +34,7 @@ def _slope(points: list[tuple[int, float]]) -> float:
     return sum((x - mx) * (y - my) for x, y in points) / var if var else 0.0
 
 
+@pytest.mark.timeout(max(300, 60 + 3 * CYCLES))  # ~1 s per cycle on a loaded 2-core host
 def test_create_exec_destroy_cycles_leak_nothing(daemon_factory: Any) -> None:
     d: DaemonProc = daemon_factory(start=False)
     d.start()
