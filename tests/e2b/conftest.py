@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from branchbox.api.auth import generate_api_key, hash_api_key
+from e2b import Sandbox
 from tests.conftest import DaemonProc
 
 
@@ -34,6 +35,14 @@ def e2b_daemon(default_template: Any) -> Iterator[E2BDaemon]:
     finally:
         print(f"--- the log of the daemon on {d.data_dir} ---\n{d.log()}")
         d.cleanup()
+
+
+@pytest.fixture
+def sbx(e2b_env: E2BDaemon) -> Iterator[Sandbox]:
+    """A sandbox of the default template (root, like the native API's), killed at the end."""
+    s = Sandbox.create("default", timeout=300)
+    yield s
+    Sandbox.kill(s.sandbox_id)
 
 
 @pytest.fixture

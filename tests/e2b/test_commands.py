@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 from e2b.exceptions import InvalidArgumentException, SandboxNotRunningException, TimeoutException
@@ -14,13 +14,6 @@ from e2b import AsyncSandbox, CommandExitException, Sandbox
 from tests.e2b.conftest import E2BDaemon
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture
-def sbx(e2b_env: E2BDaemon) -> Iterator[Sandbox]:
-    s = Sandbox.create("default", timeout=300)
-    yield s
-    Sandbox.kill(s.sandbox_id)
 
 
 @pytest.fixture

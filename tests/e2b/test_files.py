@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import io
 import time
-from collections.abc import Iterator
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx
@@ -17,13 +16,6 @@ from e2b import AsyncSandbox, FileType, Sandbox
 from tests.e2b.conftest import E2BDaemon
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture
-def sbx(e2b_env: E2BDaemon) -> Iterator[Sandbox]:
-    s = Sandbox.create("default", timeout=300)
-    yield s
-    Sandbox.kill(s.sandbox_id)
 
 
 def test_write_read_one_and_many(sbx: Sandbox) -> None:
