@@ -160,6 +160,7 @@ async def test_fast_path_routes_match_the_fastapi_routes(manager: Any) -> None:
             assert run.status_code == 200
             assert {k: v for k, v in run.json().items() if k != "duration_ms"} == {
                 "exit_code": 3, "stdout": "out\n", "stderr": "err\n", "signal": None,
+                "stdout_truncated": False, "stderr_truncated": False,
             }  # fmt: skip
             bg = await api.post(base, json={"cmd": "sleep 30", "background": True})  # handed on to FastAPI
             assert bg.json() == {"pid": bg.json()["pid"], "background": True}
