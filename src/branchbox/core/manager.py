@@ -1560,7 +1560,7 @@ class Manager:
         if be.capabilities.pause:
             try:
                 await be.resume(handle)
-            except BranchboxError as exc:  # the connect below says what is wrong
+            except Exception as exc:  # never fatal here: the connect below says what is wrong
                 log.warning("cannot thaw %s: %s", handle.sandbox_id, exc, extra={"sandbox_id": handle.sandbox_id})
         agent = await self._connect_agent(be, handle)
         if paused and be.capabilities.pause:
