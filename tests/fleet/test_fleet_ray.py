@@ -74,9 +74,20 @@ def test_spread_exec_files_and_cli_through_the_controller(fleet: Fleet) -> None:
         assert all(name in table for name in fleet.names)
         metrics = httpx.get(ctl.url + "/metrics").text
         assert 'branchbox_fleet_create_seconds_count{phase="allocate"} 3.0' in metrics
+        # snapshots stay on their node: a restore is sent there, forks run beside their parent
+        snap = made[1].create_snapshot()
+        restored = Sandbox.create(base_url=ctl.url, snapshot=snap.snapshot_id)
+        made.append(restored)
+        assert fleet.holder(restored.sandbox_id) == fleet.holder(made[1].sandbox_id)
+        assert restored.files.read("/tmp/x.txt") == "through the fleet"
+        children = made[0].fork(count=2)
+        made += [c for c in children if isinstance(c, Sandbox)]
+        assert all(isinstance(c, Sandbox) for c in children), children
+        assert {fleet.holder(c.sandbox_id) for c in children} == {fleet.holder(made[0].sandbox_id)}
+        assert children[1].files.read("/tmp/x.txt") == "through the fleet"  # a child found by id via the nodes
     finally:
         kill_all(made)
-    for s in made:
+    for s in made[:3]:
         with pytest.raises(SandboxError) as info:
             Sandbox.connect(s.sandbox_id, base_url=ctl.url)
         assert info.value.code == "sandbox_not_found"

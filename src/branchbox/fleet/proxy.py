@@ -74,6 +74,11 @@ def _forward_headers(headers: Any) -> dict[str, str]:
     return {k: v for k, v in headers.items() if k.lower() not in _HOP}
 
 
+def _auth_only(headers: Any) -> dict[str, str]:
+    """For the controller's own lookups (GETs without a body): the caller's credentials, nothing of its body."""
+    return {k: v for k, v in headers.items() if k.lower() == "authorization"}
+
+
 class FleetFront:
     """The ASGI app's state: the controller, one HTTP client to the nodes, the create histogram."""
 
@@ -206,7 +211,7 @@ def create_fleet_app(front: FleetFront) -> Starlette:
         snapshot = body.get("snapshot")
         alloc = None
         if snapshot:  # a restore runs where its snapshot is: snapshots are not moved between nodes
-            node = await front.owner("snapshots", str(snapshot), headers)
+            node = await front.owner("snapshots", str(snapshot), _auth_only(request.headers))
             url = controller.node_url(node)
         else:
             metadata = body.get("metadata") or {}
@@ -262,7 +267,7 @@ def create_fleet_app(front: FleetFront) -> Starlette:
 
     async def list_all(request: HttpRequest, kind: str) -> Response:
         front.check(request)
-        headers = _forward_headers(request.headers)
+        headers = _auth_only(request.headers)
         answers = await front._ask_all(f"/v1/{kind}", headers, params=request.url.query.encode() or None)
         merged: list[Any] = []
         seen: set[str] = set()
@@ -297,7 +302,7 @@ def create_fleet_app(front: FleetFront) -> Starlette:
             return await unsupported(request)
         front.check(request)
         rest = request.path_params.get("rest", "")
-        node = await front.owner(kind, ident, _forward_headers(request.headers))
+        node = await front.owner(kind, ident, _auth_only(request.headers))
         path = f"/v1/{kind}/{quote(ident, safe='')}" + (f"/{rest}" if rest else "")
         resp = await front.forward(request, node, path)
         if kind == "sandboxes" and request.method == "DELETE" and not rest and resp.status_code in (200, 204):
@@ -314,7 +319,7 @@ def create_fleet_app(front: FleetFront) -> Starlette:
         try:
             front.check(websocket)
             ident, rest = websocket.path_params["ident"], websocket.path_params["rest"]
-            node = await front.owner("sandboxes", ident, _forward_headers(websocket.headers))
+            node = await front.owner("sandboxes", ident, _auth_only(websocket.headers))
             base = controller.node_url(node)
         except BranchboxError as exc:
             await websocket.close(code=4000 + exc.http_status, reason=exc.message[:120])
@@ -322,8 +327,10 @@ def create_fleet_app(front: FleetFront) -> Starlette:
         await relay(websocket, base, f"/v1/sandboxes/{quote(ident, safe='')}/{rest}")
 
     async def on_error(request: HttpRequest, exc: Exception) -> Response:
-        assert isinstance(exc, BranchboxError)
-        return _error(exc)
+        if isinstance(exc, BranchboxError):
+            return _error(exc)
+        log.exception("fleet.internal_error", path=request.url.path, exc_info=exc)
+        return _error(BranchboxError(f"the fleet controller failed: {type(exc).__name__}: {exc} (see its log)"))
 
     return Starlette(
         routes=[
@@ -340,7 +347,7 @@ def create_fleet_app(front: FleetFront) -> Starlette:
             Route("/v1/{kind:str}/{ident}/{rest:path}", one, methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"]),
             Route("/{path:path}", unsupported, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
         ],
-        exception_handlers={BranchboxError: on_error},
+        exception_handlers={BranchboxError: on_error, Exception: on_error},
     )
 
 
