@@ -43,7 +43,8 @@ class JoinSettings:
     memory_mb: int = 0
     """Memory sandboxes may take on this node (default: the host's MemTotal less 1 GiB)."""
     cpu: float = 0.0
-    """CPUs sandboxes may take (default: the host's CPU count)."""
+    """The sum of the sandboxes' CPU limits this node takes (default: 16 per host CPU: a sandbox's ``cpu`` is a
+    quota, not a reserved core, so a host is overcommitted like any container host)."""
     backends: tuple[str, ...] = ("container",)
     ray_node_id: str = ""
     """The Ray node to pin the agent to (default: the node this process's Ray driver is on; set it when several
@@ -94,15 +95,18 @@ def parse_labels(text: str | Sequence[str]) -> dict[str, str]:
     return out
 
 
+CPU_OVERCOMMIT = 16
+
+
 def host_budget() -> tuple[int, int]:
-    """(memory MiB, CPU millicores) of this host for sandboxes: MemTotal less 1 GiB, every CPU."""
+    """(memory MiB, CPU millicores) of this host for sandboxes: MemTotal less 1 GiB; 16 CPU limits per CPU."""
     mem_kb = 0
     with contextlib.suppress(OSError), open("/proc/meminfo") as f:
         for line in f:
             if line.startswith("MemTotal:"):
                 mem_kb = int(line.split()[1])
                 break
-    return max(0, mem_kb // 1024 - 1024), (os.cpu_count() or 1) * 1000
+    return max(0, mem_kb // 1024 - 1024), (os.cpu_count() or 1) * 1000 * CPU_OVERCOMMIT
 
 
 def capacity_of(
