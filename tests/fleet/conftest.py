@@ -52,8 +52,11 @@ class Controller:
         self.log_path = log
         argv = [
             sys.executable, "-m", "branchbox.cli", "fleet", "serve", "--address", address, "--port", str(self.port),
-            "--policy", policy, "--stale-after", "3", "--placement-timeout", "3",
+            "--policy", policy, "--stale-after", "10", "--placement-timeout", "3",
         ]  # fmt: skip
+        # the heartbeat timeout is 10 s here, not the default 3: at a load of ~40 on these 2 cores an agent's
+        # pushes stall for seconds and healthy nodes flapped; the node the test kills is seen lost by Ray's
+        # health checks (tuned above) within ~2-3 s, which is what the test exercises
         with open(log, "ab") as f:
             self.proc = subprocess.Popen(argv, env=cli_env(), stdout=f, stderr=f, start_new_session=True)
 

@@ -16,14 +16,7 @@ from branchbox.sdk import Sandbox, SandboxError
 from tests.conftest import cli_env
 from tests.fleet.conftest import MEMORY_MB, Fleet, daemon_env, wait_for
 
-# one worker runs them all: the module's cluster, daemons and controller are made once (~0.8 GB, ~10 s)
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.template,
-    pytest.mark.fleet,
-    pytest.mark.timeout(900),
-    pytest.mark.xdist_group("fleet"),
-]
+pytestmark = [pytest.mark.root, pytest.mark.template, pytest.mark.fleet, pytest.mark.timeout(1200)]
 
 
 def cli(url: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -44,7 +37,7 @@ def kill_all(sandboxes: list[Sandbox]) -> None:
         s.close()
 
 
-def test_spread_exec_files_and_cli_through_the_controller(fleet: Fleet) -> None:
+def spread_exec_files_and_cli_through_the_controller(fleet: Fleet) -> None:
     ctl = fleet.start_controller("spread")
     made = [Sandbox.create(base_url=ctl.url, memory_mb=256) for _ in range(3)]
     try:
@@ -93,7 +86,7 @@ def test_spread_exec_files_and_cli_through_the_controller(fleet: Fleet) -> None:
         assert info.value.code == "sandbox_not_found"
 
 
-def test_pack_fills_one_node_first(fleet: Fleet) -> None:
+def pack_fills_one_node_first(fleet: Fleet) -> None:
     ctl = fleet.start_controller("pack")
     made = []
     try:
@@ -104,7 +97,7 @@ def test_pack_fills_one_node_first(fleet: Fleet) -> None:
         fleet.start_controller("spread")
 
 
-def test_drain_labels_and_no_capacity(fleet: Fleet) -> None:
+def drain_labels_and_no_capacity(fleet: Fleet) -> None:
     ctl = fleet.controller
     assert ctl is not None
     out = cli(ctl.url, "fleet", "drain", "n0")
@@ -142,7 +135,7 @@ def test_drain_labels_and_no_capacity(fleet: Fleet) -> None:
     assert ctl.nodes()["n0"]["state"] == "ready"
 
 
-def test_node_lost_without_grace_is_avoided_then_rejoins(fleet: Fleet) -> None:
+def node_lost_without_grace_is_avoided_then_rejoins(fleet: Fleet) -> None:
     ctl = fleet.controller
     assert ctl is not None
     victim = fleet.daemons[2]
@@ -174,3 +167,12 @@ def test_node_lost_without_grace_is_avoided_then_rejoins(fleet: Fleet) -> None:
         assert fleet.holder(fresh.sandbox_id) == "n2"
     finally:
         kill_all([kept, *others])
+
+
+def test_a_fleet_end_to_end(fleet: Fleet) -> None:
+    """One test, so one cluster (~0.8 GB, 3 daemons, a controller) whatever pytest-xdist does with a module:
+    the scenarios run in this order (the last one kills a node)."""
+    spread_exec_files_and_cli_through_the_controller(fleet)
+    pack_fills_one_node_first(fleet)
+    drain_labels_and_no_capacity(fleet)
+    node_lost_without_grace_is_avoided_then_rejoins(fleet)
