@@ -118,3 +118,17 @@ def test_watch_diff() -> None:
         {"name": "m", "type": "EVENT_TYPE_CHMOD"},
     ]
     assert diff(new, {}) == [{"name": n, "type": "EVENT_TYPE_REMOVE"} for n in sorted(new)]
+
+
+def test_cli_makes_keys_in_e2b_format() -> None:
+    import re
+
+    from click.testing import CliRunner
+
+    from branchbox.api.auth import hash_api_key
+    from branchbox.cli.main import cli
+
+    out = CliRunner().invoke(cli, ["key", "new", "--e2b"])
+    assert out.exit_code == 0, out.output
+    m = re.fullmatch(r"key:  (e2b_[0-9a-f]{40})\nhash: ([0-9a-f]{64})\n", out.output)
+    assert m is not None and hash_api_key(m.group(1)) == m.group(2)
