@@ -61,7 +61,9 @@ async def bench_git(settings: ManagerSettings, runs: int, results: Results) -> N
     scratch.mkdir()
     generate_repo(served / "repo.git")
     daemon = GitDaemon(served).start()
-    s = dataclasses.replace(settings, data_dir=root / "data")
+    # the git server is on loopback, a blocked range for workspace fetches unless allowed (workspaces/egress.py)
+    loopback = dataclasses.replace(settings.workspaces, allow_cidrs=("127.0.0.0/8",))
+    s = dataclasses.replace(settings, data_dir=root / "data", workspaces=loopback)
     n_first = max(3, min(8, runs // 8))
     try:
         async with Manager.open(s) as m:

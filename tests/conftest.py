@@ -24,11 +24,12 @@ import pytest
 
 import branchbox
 from branchbox.core.models import TemplateInfo
-from branchbox.core.settings import ManagerSettings
+from branchbox.core.settings import ManagerSettings, WorkspaceSettings
 from branchbox.net.settings import NetworkSettings
 from tests.leaks import _cgroup_dirs, _in_cgroup_tree
 from tests.net_env import Internet, make_internet
 
+GIT_SERVERS = ("127.0.0.0/8",)  # where the tests' git servers listen: allowed for workspace fetches
 TEST_ROOT = Path(os.environ.get("BRANCHBOX_TEST_ROOT", "/var/tmp/branchbox-test"))
 
 
@@ -84,6 +85,7 @@ def make_settings(data_dir: Path, **overrides: object) -> ManagerSettings:
         "templates_dir": templates_dir(),
         "cgroup_parent": f"bbtest-{data_dir.name}",
         "keep_sandboxes_on_shutdown": False,
+        "workspaces": WorkspaceSettings(allow_cidrs=GIT_SERVERS),  # the tests' git servers are on loopback
     }
     kw.update(overrides)
     return ManagerSettings(**kw)  # type: ignore[arg-type]
@@ -158,7 +160,8 @@ class DaemonProc:
         self.proc: subprocess.Popen[bytes] | None = None
         # networking on (the daemon's default) in a subnet it allocates; DNS goes nowhere (port 9, discard)
         self.network: NetworkSettings | None = None  # what the daemon resolved (after start)
-        self.network_env = {"BRANCHBOX_NETWORK_DNS_UPSTREAM": "127.0.0.1:9"}
+        self.network_env = {"BRANCHBOX_NETWORK_DNS_UPSTREAM": "127.0.0.1:9",
+                            "BRANCHBOX_GIT_ALLOW_CIDRS": ",".join(GIT_SERVERS)}  # fmt: skip
         self.config_path: Path | None = None
         if config is not None:
             self.config_path = data_dir / "config.toml"

@@ -24,7 +24,7 @@ from branchbox.workspaces.gitcmd import GitResult, base_env, classify
 from branchbox.workspaces.locks import SingleFlight
 from branchbox.workspaces.mirror import config_text
 from branchbox.workspaces.testing import CuttingProxy, GitDaemon, HttpGitServer, commit_file, generate_repo
-from tests.conftest import TEST_ROOT, make_settings
+from tests.conftest import GIT_SERVERS, TEST_ROOT, make_settings
 
 pytestmark = [pytest.mark.root, pytest.mark.template]
 
@@ -101,11 +101,8 @@ def test_parse_repo_url_strips_credentials() -> None:
     assert "s3cr3t-token" not in repr(r)
     assert r.redact("failed for s3cr3t-token") == "failed for ***"
     assert parse_repo_url("https://example.com/Org/Repo").key == r.key  # same cache entry with or without .git
-    assert (
-        parse_repo_url("https://example.com/x.git", token="tok1234")
-        .git_env()["GIT_CONFIG_VALUE_0"]
-        .startswith("Authorization: Basic ")
-    )
+    header = dict(parse_repo_url("https://example.com/x.git", token="tok1234").git_config())["http.extraHeader"]
+    assert header.startswith("Authorization: Basic ")
     assert parse_repo_url("git@github.com:org/repo.git").url == "git@github.com:org/repo.git"
     for bad in ("", "file:///etc", "/srv/repo.git", "ftp://h/x", "ext::sh -c x", "https://", "https://h/",
                 "https://h/x y", "ssh://u:pw@h/x", "-oProxyCommand=id@h:x", "ssh://-oProxyCommand=id/x"):  # fmt: skip
@@ -372,7 +369,7 @@ async def test_credentials_are_never_stored(wm: Manager, git_base: Path, caplog:
 
 async def test_lru_eviction_by_budget(default_template: TemplateInfo, data_dir: Path, git_daemon: GitDaemon,
                                       git_base: Path) -> None:  # fmt: skip
-    settings = make_settings(data_dir, workspaces=WorkspaceSettings(cache_budget_mb=1))
+    settings = make_settings(data_dir, workspaces=WorkspaceSettings(cache_budget_mb=1, allow_cidrs=GIT_SERVERS))
     url = git_daemon.url("repo.git")
     async with Manager.open(settings) as m:
         a = await m.workspaces.create(url, branch="main")
@@ -422,7 +419,9 @@ async def test_ref_ttl_reuses_a_branch_resolution(default_template: TemplateInfo
     cfg = load_config(None, env={"BRANCHBOX_GIT_CACHE_BUDGET_MB": "5", "BRANCHBOX_GIT_REF_TTL": "60"})
     assert cfg.manager_settings().workspaces == WorkspaceSettings(cache_budget_mb=5, ref_ttl=60.0)
     url = git_daemon.url("repo.git", port=proxy.port)
-    async with Manager.open(make_settings(data_dir, workspaces=WorkspaceSettings(ref_ttl=60.0))) as m:
+    async with Manager.open(
+        make_settings(data_dir, workspaces=WorkspaceSettings(ref_ttl=60.0, allow_cidrs=GIT_SERVERS))
+    ) as m:
         await m.workspaces.create(url, branch="main")
         await m.workspaces.wait_background()
         await m.workspaces.create(url, branch="main")  # asks the server (ls-remote) once ...

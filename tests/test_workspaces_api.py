@@ -52,6 +52,11 @@ def test_http_sdk_and_cli(daemon: DaemonProc, git_daemon: GitDaemon) -> None:  #
         # errors keep their codes over HTTP
         bad = c.post("/v1/workspaces", json={"repository_url": "file:///etc", "branch": "main"})
         assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_repository_url"
+        # the host's git obeys the blocked ranges (the cloud's metadata service here; loopback is allowed for the
+        # tests' own git servers by BRANCHBOX_GIT_ALLOW_CIDRS)
+        meta = c.post("/v1/workspaces", json={"repository_url": "http://169.254.169.254/x.git", "branch": "main"})
+        assert meta.status_code == 400 and meta.json()["error"]["code"] == "invalid_repository_url"
+        assert "git_allow_cidrs" in meta.json()["error"]["message"]
         missing = c.post("/v1/workspaces", json={"repository_url": url, "branch": "nope"})
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "ref_not_found"
         assert c.get("/v1/workspaces/ws-none").json()["error"]["code"] == "workspace_not_found"

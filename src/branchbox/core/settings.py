@@ -26,6 +26,7 @@ class WorkspaceSettings:
     ref_ttl: float = 0.0  # seconds a branch's resolved commit is reused without asking the server (0: always ask)
     git_timeout: float = 600.0  # seconds one git network operation may take
     default_depth: int = 1  # depth of the first fetch of a repository the cache has never seen
+    allow_cidrs: tuple[str, ...] = ()  # blocked ranges git may fetch from anyway (workspaces/egress.py)
 
 
 @dataclass(frozen=True, slots=True)

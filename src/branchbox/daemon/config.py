@@ -102,6 +102,7 @@ class DaemonConfig:
     network_dns_port: int = _core("dns_port", NetworkSettings)  # the host-side DNS forwarder's port (0: any free port)
     git_cache_budget_mb: int = _core("cache_budget_mb", WorkspaceSettings)  # git workspace cache, LRU-evicted
     git_ref_ttl: float = _core("ref_ttl", WorkspaceSettings)  # seconds a branch's commit is reused (0: always ask)
+    git_allow_cidrs: tuple[str, ...] = ()  # blocked ranges (private, loopback...) git may fetch from anyway
     tmp_tmpfs_mb: int = _core("tmp_tmpfs_mb")  # containers: a memory-backed /tmp of this size; 0: on disk
     pools: tuple[PoolConfig, ...] = ()  # [pools.<template>] tables; only from the config file
 
@@ -157,7 +158,9 @@ class DaemonConfig:
             tmp_tmpfs_mb=self.tmp_tmpfs_mb,
             pools=self.pools,
             network=self.network_settings(),
-            workspaces=WorkspaceSettings(cache_budget_mb=self.git_cache_budget_mb, ref_ttl=self.git_ref_ttl),
+            workspaces=WorkspaceSettings(
+                cache_budget_mb=self.git_cache_budget_mb, ref_ttl=self.git_ref_ttl, allow_cidrs=self.git_allow_cidrs
+            ),
         )
 
     def api_settings(self, version: str) -> ApiSettings:
@@ -201,7 +204,7 @@ _FIELDS = {f.name: f for f in fields(DaemonConfig) if f.name != "pools"}
 def _convert(name: str, value: Any, source: str) -> Any:
     """Turn a TOML/env/flag value into the field's type, or raise ConfigError naming the source."""
     try:
-        if name in ("allowed_hosts", "allowed_origins"):
+        if name in ("allowed_hosts", "allowed_origins", "git_allow_cidrs"):
             return _names(value)
         return _coerce(str(_FIELDS[name].type), value)
     except (TypeError, ValueError) as exc:

@@ -115,7 +115,7 @@ async def build_diff(
             "BB_MNT": str(mnt), "BB_PATH": sandbox_path, "BB_MIRROR": str(mirror.path), "BB_BASE": base,
             "BB_NEW": commit,
         }  # fmt: skip
-        env.update(repo.git_env())
+        env.update(await repo.git_env())  # a promisor fetch may reach the server: pinned too
         proc = await asyncio.create_subprocess_exec(
             "unshare", "-m", "--propagation", "private", "--", "sh", "-c", _DIFF_SCRIPT,
             env=base_env(env), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,

@@ -18,6 +18,7 @@ from branchbox.errors import (
     RepositoryNotFoundError,
     RepositoryUnreachableError,
 )
+from branchbox.workspaces.egress import ssh_command
 from branchbox.workspaces.urls import RepoUrl
 
 GIT = "git"
@@ -58,7 +59,7 @@ def base_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
         "GIT_TERMINAL_PROMPT": "0",
         "GIT_ASKPASS": "true",
         "SSH_ASKPASS": "true",
-        "GIT_SSH_COMMAND": "ssh -o BatchMode=yes -o StrictHostKeyChecking=accept-new",
+        "GIT_SSH_COMMAND": ssh_command(),  # none of the host's ssh config, keys or agent (workspaces/egress.py)
         "GIT_ALLOW_PROTOCOL": "http:https:git:ssh",
         "GIT_PROTOCOL_FROM_USER": "0",
         "GIT_AUTHOR_NAME": "branchbox",
@@ -86,7 +87,7 @@ async def run_git(
     error on a non-zero exit (the message names ``what`` and the redacted tail of git's stderr)."""
     full_env = base_env(env)
     if repo is not None:
-        full_env.update(repo.git_env())
+        full_env.update(await repo.git_env())  # credentials, and the server's checked address pinned
     proc = await asyncio.create_subprocess_exec(
         GIT, *args, cwd=cwd, env=full_env,
         stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,

@@ -150,7 +150,7 @@ class WorkspaceService:
         ``depth``: depth of the first fetch when the cache has never seen the repository (default 1; its history
         follows in the background). ``token``: credentials for an http(s) server (or put them in the URL); used
         for git processes only, never stored."""
-        repo = parse_repo_url(repository_url, token)
+        repo = replace(parse_repo_url(repository_url, token), allow_cidrs=self.settings.allow_cidrs)
         if branch is not None and commit is not None:
             raise BadRequestError("give either branch or commit, not both")
         br = check_branch(branch) if branch is not None else None

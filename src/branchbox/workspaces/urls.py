@@ -15,6 +15,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 
 from branchbox.errors import BadRequestError, RepositoryUrlError
+from branchbox.workspaces import egress
 
 ALLOWED_SCHEMES = ("https", "http", "git", "ssh")
 DEFAULT_TOKEN_USER = "x-access-token"  # noqa: S105 - a user name sent with a bare token (GitHub, Gitea accept it)
@@ -31,12 +32,29 @@ class RepoUrl:
     key: str  # cache key: hash of the normalized credential-free URL
     name: str  # the repository's name (last path component without .git)
     auth_header: str | None = field(default=None, repr=False)  # "Authorization: Basic ..." for git only
+    scheme: str = "https"
+    host: str = ""
+    port: int | None = None
+    netloc: str = ""  # as in ``url`` (git:// URLs are rewritten to the checked address by this prefix)
+    allow_cidrs: tuple[str, ...] = ()  # blocked ranges the operator allows anyway (workspaces/egress.py)
 
-    def git_env(self) -> dict[str, str]:
-        """Environment entries that give one git process the credentials (empty without credentials)."""
-        if self.auth_header is None:
-            return {}
-        return {"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "http.extraHeader", "GIT_CONFIG_VALUE_0": self.auth_header}
+    def git_config(self) -> list[tuple[str, str]]:
+        """git config entries that give one git process the credentials (empty without credentials)."""
+        return [] if self.auth_header is None else [("http.extraHeader", self.auth_header)]
+
+    async def git_env(self) -> dict[str, str]:
+        """Environment entries for one git process that reaches this repository: its credentials, and the
+        checked, pinned address of its server (raises when that is in a blocked range: workspaces/egress.py)."""
+        pairs = self.git_config()
+        pairs += await egress.pinned_config(self.scheme, self.host, self.port, self.netloc, self.allow_cidrs)
+        env = {"GIT_CONFIG_COUNT": str(len(pairs))}
+        for i, (key, value) in enumerate(pairs):
+            env[f"GIT_CONFIG_KEY_{i}"], env[f"GIT_CONFIG_VALUE_{i}"] = key, value
+        if self.scheme == "ssh":
+            real_port = self.port or 22
+            addr = await egress.resolve(self.host, real_port, self.allow_cidrs)
+            env["GIT_SSH_COMMAND"] = egress.ssh_command(self.host, str(addr))
+        return env
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -71,6 +89,8 @@ def parse_repo_url(raw: str, token: str | None = None) -> RepoUrl:
     user: str | None = None
     password: str | None = None
     m = _SCP_LIKE.match(raw) if "://" not in raw else None
+    port: int | None = None
+    netloc = ""
     if m is not None:
         clean = f"{m['user'] + '@' if m['user'] else ''}{m['host']}:{m['path']}"
         scheme, host, path = "ssh", m["host"].lower(), m["path"]
@@ -122,7 +142,8 @@ def parse_repo_url(raw: str, token: str | None = None) -> RepoUrl:
     name = path.rstrip("/").rsplit("/", 1)[-1].rsplit(":", 1)[-1].removesuffix(".git") or "repo"
     if not re.fullmatch(r"[A-Za-z0-9._-]{1,100}", name) or name in (".", ".."):
         name = "repo"
-    return RepoUrl(url=clean, key=key, name=name, auth_header=header)
+    return RepoUrl(url=clean, key=key, name=name, auth_header=header, scheme=scheme, host=host, port=port,
+                   netloc=netloc)  # fmt: skip
 
 
 def check_branch(branch: str) -> str:
