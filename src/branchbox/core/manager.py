@@ -32,6 +32,7 @@ import asyncio
 import builtins
 import contextlib
 import logging
+import os
 import secrets
 import socket
 import time
@@ -190,9 +191,11 @@ class Manager:
 
     async def start(self) -> None:
         s = self.settings
-        s.data_dir.mkdir(parents=True, exist_ok=True)
-        (s.data_dir / "sandboxes").mkdir(exist_ok=True)
-        (s.data_dir / "layers").mkdir(mode=0o711, exist_ok=True)
+        # private: state, uppers and layers hold sandboxes' files (setuid ones of the sandbox uid range too); the
+        # zygote passes layers to sandboxes as open fds, QEMU sees its files through its jail
+        for d in (s.data_dir, s.data_dir / "sandboxes", s.data_dir / "layers"):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(d, 0o700)
         choice = self._storage_choice
         self._storage = make_driver(choice, s.data_dir) if isinstance(choice, str) else choice
         self._store = Store(s.data_dir / "state.db")
