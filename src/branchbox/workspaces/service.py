@@ -28,6 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import branchbox.workspaces.layers as layer_fs
 from branchbox.core.snapshots import new_layer_id
 from branchbox.core.timing import PhaseTimer
 from branchbox.errors import (
@@ -39,7 +40,6 @@ from branchbox.errors import (
     WorkspaceNotFoundError,
 )
 from branchbox.storage.fsutil import disk_usage, syncfs
-from branchbox.workspaces import layers as layer_fs
 from branchbox.workspaces.checkout import build_checkout, build_diff
 from branchbox.workspaces.host import WorkspaceHost
 from branchbox.workspaces.locks import RepoLocks, SingleFlight

@@ -14,8 +14,8 @@ import re
 import urllib.parse
 from dataclasses import dataclass, field
 
+import branchbox.workspaces.egress as git_egress
 from branchbox.errors import BadRequestError, RepositoryUrlError
-from branchbox.workspaces import egress
 
 ALLOWED_SCHEMES = ("https", "http", "git", "ssh")
 DEFAULT_TOKEN_USER = "x-access-token"  # noqa: S105 - a user name sent with a bare token (GitHub, Gitea accept it)
@@ -46,14 +46,14 @@ class RepoUrl:
         """Environment entries for one git process that reaches this repository: its credentials, and the
         checked, pinned address of its server (raises when that is in a blocked range: workspaces/egress.py)."""
         pairs = self.git_config()
-        pairs += await egress.pinned_config(self.scheme, self.host, self.port, self.netloc, self.allow_cidrs)
+        pairs += await git_egress.pinned_config(self.scheme, self.host, self.port, self.netloc, self.allow_cidrs)
         env = {"GIT_CONFIG_COUNT": str(len(pairs))}
         for i, (key, value) in enumerate(pairs):
             env[f"GIT_CONFIG_KEY_{i}"], env[f"GIT_CONFIG_VALUE_{i}"] = key, value
         if self.scheme == "ssh":
             real_port = self.port or 22
-            addr = await egress.resolve(self.host, real_port, self.allow_cidrs)
-            env["GIT_SSH_COMMAND"] = egress.ssh_command(self.host, str(addr))
+            addr = await git_egress.resolve(self.host, real_port, self.allow_cidrs)
+            env["GIT_SSH_COMMAND"] = git_egress.ssh_command(self.host, str(addr))
         return env
 
     @property
