@@ -218,10 +218,13 @@ class PortProxy:
             await send({"type": "websocket.close", "code": code, "reason": f"sandbox port: {exc}"[:120]})
             return
         await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol})
-        await _relay(upstream, receive, send)
+        await relay_websocket(upstream, receive, send)
 
 
-async def _relay(upstream: ClientConnection, receive: Receive, send: Send) -> None:
+async def relay_websocket(upstream: ClientConnection, receive: Receive, send: Send) -> None:
+    """Relay WebSocket messages both ways between an accepted ASGI WebSocket and a connected upstream until either
+    side closes (the port proxy and the fleet controller both use it)."""
+
     async def client_to_upstream() -> None:
         while True:
             msg = await receive()

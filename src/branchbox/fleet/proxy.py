@@ -38,7 +38,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from branchbox.api.auth import ApiKeyChecker
-from branchbox.api.ports import _relay
+from branchbox.api.ports import relay_websocket
 from branchbox.errors import (
     BadRequestError,
     BranchboxError,
@@ -364,4 +364,4 @@ async def relay(client: WebSocket, base: str, path: str) -> None:
         await client.close(code=1011, reason=f"the sandbox's node did not accept the stream: {exc}"[:120])
         return
     await client.accept()
-    await _relay(upstream, client.receive, client.send)  # the port proxy's relay: frames and close codes
+    await relay_websocket(upstream, client.receive, client.send)  # the port proxy's relay: frames and close codes
