@@ -28,6 +28,7 @@ from branchbox.core.settings import ManagerSettings, WorkspaceSettings
 from branchbox.net.settings import NetworkSettings
 from tests.leaks import _cgroup_dirs, _in_cgroup_tree
 from tests.net_env import Internet, make_internet
+from tests.rootfs_fixtures import busybox_rootfs, busybox_rootfs_tar  # noqa: F401 - session fixtures for all tests
 
 GIT_SERVERS = ("127.0.0.0/8",)  # where the tests' git servers listen: allowed for workspace fetches
 TEST_ROOT = Path(os.environ.get("BRANCHBOX_TEST_ROOT", "/var/tmp/branchbox-test"))
