@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import tarfile
@@ -45,7 +46,10 @@ def test_key_new_prints_a_key_and_its_hash() -> None:
 
 
 def test_unreachable_daemon_is_one_line_not_a_traceback() -> None:
-    out = bb("ls", url="http://127.0.0.1:9")
+    # a port that surely refuses: bound by this test (nobody else can listen there) and not listening
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        out = bb("ls", url=f"http://127.0.0.1:{closed.getsockname()[1]}")
     assert out.returncode == 1
     assert "connection_error" in out.stderr
     assert "Traceback" not in out.stderr

@@ -12,7 +12,8 @@ One table per daemon (family ``inet``, name from the settings) holds everything;
       chain prerouting  (nat)       DNS (udp/tcp 53) from any sandbox -> the host's forwarder
       chain postrouting (nat)       masquerade sandbox traffic leaving by any other interface
       chain input   (filter)        sandbox -> host: replies to the host's own connections and DNS only;
-                                    the forwarder's port is closed to everyone but sandboxes
+                                    the forwarder's port is closed to new flows from other hosts (not to
+                                    loopback, never to replies: see below)
       chain forward (filter)        into a sandbox: replies only; out of a sandbox: chain egress
       chain egress                  anti-spoofing, then allow > deny > blocked > offline > accept (policy.py)
 
@@ -24,6 +25,11 @@ one of 1400 per-sandbox interval sets cost ~24 ms; here ~0.05-0.3 ms).
 
 Base chains use ``policy accept`` and only match branchbox's interfaces, so the host's other traffic and other
 tables are untouched (a drop in another table still applies to sandboxes: nftables evaluates every table).
+The one rule that matches outside them, closing the forwarder's port, drops only *new* flows arriving on an
+interface other than ``lo``: a table outlives a daemon killed with SIGKILL (its sandboxes keep their network), and
+its forwarder's port is then free for the kernel to hand out again, as the source port of a host process's
+connection (whose replies, a RST from a closed port say, were dropped: ``connect`` hung instead of failing) or
+to a service on loopback. The forwarder ignores queries whose source is not a sandbox's address anyway.
 """
 
 from __future__ import annotations
@@ -70,7 +76,7 @@ table inet {table} {{
   chain input {{
     type filter hook input priority filter - 5; policy accept;
     iifname {wild} jump from_sandbox
-    meta l4proto {{ tcp, udp }} th dport {dns_port} drop
+    iifname != "lo" ct state new meta l4proto {{ tcp, udp }} th dport {dns_port} drop
   }}
   chain from_sandbox {{
     ct state established,related accept
