@@ -27,6 +27,7 @@ import pytest
 BUSYBOX = Path("/bin/busybox")
 APP_UID = 1000
 APP_GID = 1000
+FIXED_MTIME = 1_700_000_000  # every member's mtime in the tar
 
 PASSWD = (
     "root:x:0:0:root:/root:/bin/sh\n"
@@ -84,14 +85,16 @@ def build_busybox_rootfs(dest: Path) -> Path:
 
 def write_busybox_tar(rootfs: Path, tar_path: Path) -> Path:
     """Pack ``rootfs`` (from :func:`build_busybox_rootfs`) as an uncompressed tar with numeric owners, members
-    named ``./bin/...`` like ``tar -C ROOTFS -cf rootfs.tar .``. Returns ``tar_path``."""
+    named ``./bin/...`` like ``tar -C ROOTFS -cf rootfs.tar .``. Reproducible (sorted names, fixed mtimes): the
+    same busybox gives the same bytes, so imports of it in later sessions are cache hits. Returns ``tar_path``."""
     with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tar:
-        tar.add(rootfs, arcname=".", filter=_numeric)
+        tar.add(rootfs, arcname=".", filter=_reproducible)
     return tar_path
 
 
-def _numeric(member: tarfile.TarInfo) -> tarfile.TarInfo:
+def _reproducible(member: tarfile.TarInfo) -> tarfile.TarInfo:
     member.uname = member.gname = ""
+    member.mtime = FIXED_MTIME
     return member
 
 

@@ -274,11 +274,12 @@ async def test_import_tiny_rootfs(store_dir: Path, tmp_path: Path, mode: str) ->
     tar = _tiny_rootfs_tar(tmp_path / "rootfs.tar", mode)
     store = TemplateStore(store_dir / "t")
     events: list[BuildEvent] = []
-    info = await store.import_tar(tar, name="tiny", progress=events.append)
+    info = await store.import_tar(tar, name="tiny", progress=events.append, python="/usr/bin/python3")
     assert info.name == "tiny"
     assert info.source == "import"
     assert info.python == "/usr/bin/python3"
     assert store.metadata("tiny")["python_version"] == "3.11"
+    assert store.metadata("tiny")["shell"] is True
     root = store.rootfs("tiny")
     assert root == store_dir / "t" / info.digest / "rootfs"
     assert os.lstat(root).st_uid == BASE
@@ -292,7 +293,7 @@ async def test_import_tiny_rootfs(store_dir: Path, tmp_path: Path, mode: str) ->
     assert any(e.step == "extract" for e in events)
     assert _tmp_dirs(store_dir / "t") == []
     # Same tar again: a cache hit under a second name.
-    again = await store.import_tar(tar, name="tiny2")
+    again = await store.import_tar(tar, name="tiny2", python="/usr/bin/python3")
     assert again.digest == info.digest
     assert {t.name for t in store.list()} == {"tiny", "tiny2"}
 
@@ -320,13 +321,22 @@ async def test_concurrent_imports_extract_once(store_dir: Path, tmp_path: Path) 
 
 
 @pytest.mark.root
-async def test_import_without_python_is_rejected(store_dir: Path, tmp_path: Path) -> None:
+async def test_import_without_python(store_dir: Path, tmp_path: Path) -> None:
+    """The image needs no python (the agent brings its own); a python the caller names must be there."""
     tar = _tiny_rootfs_tar(tmp_path / "nopy.tar", python=False)
     store = TemplateStore(store_dir)
-    with pytest.raises(TemplateSpecError, match="the agent needs python3"):
-        await store.import_tar(tar, name="nopy")
+    with pytest.raises(TemplateSpecError, match=r"no executable at '/usr/bin/python3'.*leave python out"):
+        await store.import_tar(tar, name="nopy", python="/usr/bin/python3")
     assert _tmp_dirs(store_dir) == []
     assert store.list() == []
+    info = await store.import_tar(tar, name="nopy")
+    assert info.python is None and store.metadata("nopy")["python_version"] == ""
+    empty = tmp_path / "empty.tar"
+    with tarfile.open(empty, "w"):
+        pass
+    with pytest.raises(TemplateSpecError, match="the rootfs is empty"):
+        await store.import_tar(empty, name="empty")
+    assert [t.name for t in store.list()] == ["nopy"] and _tmp_dirs(store_dir) == []
 
 
 @pytest.mark.root

@@ -1269,6 +1269,8 @@ def m_exec(conn: Connection, channel: int, params: dict[str, Any]) -> dict[str, 
     except subprocess.SubprocessError as exc:
         raise CallError("internal", f"child setup failed (user, pty or oom_score_adj): {exc}") from exc
     except OSError as exc:
+        if (no_shell := _no_shell(proc.argv, cmd)) is not None:
+            raise no_shell from exc
         if exc.errno not in _NOT_RUNNABLE:
             raise os_error(exc, argv[0]) from exc
         if background:  # no process to give a pid to; ``program`` tells a streamed run's caller what to answer
@@ -1298,8 +1300,24 @@ def _start_as_a_shell_would(proc: Proc, cmd: str | list[str], start: Callable[[]
     except OSError as exc:
         if not isinstance(cmd, str) or exc.errno not in _NOT_RUNNABLE or proc.argv == (shelled := in_shell(cmd)):
             raise
+        if not os.access(shelled[0], os.X_OK):
+            raise  # no shell to ask (a shell-less image): the program itself is what is missing
         proc.argv = shelled
         start()
+
+
+NO_SHELL = (
+    "the sandbox's image has no shell ({shell}): a command string that needs one (pipes, variables, quotes, "
+    "builtins) cannot run; pass the command as a list of arguments, e.g. ['/app/server', '--port', '8080'], "
+    "or add a shell to the image"
+)
+
+
+def _no_shell(argv: list[str], cmd: str | list[str]) -> CallError | None:
+    """The error for a command string whose shell is missing from the image, else None."""
+    if isinstance(cmd, str) and argv == in_shell(cmd) and not os.access(argv[0], os.X_OK):
+        return CallError("bad_request", NO_SHELL.format(shell=argv[0]), reason="no_shell")
+    return None
 
 
 def m_processes_list(conn: Connection, channel: int, params: dict[str, Any]) -> dict[str, Any]:

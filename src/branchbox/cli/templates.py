@@ -92,10 +92,15 @@ def build(spec: str | None, use_default: bool, force: bool, data_dir: Path | Non
 @template.command(name="import")
 @click.argument("tar", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option("--name", required=True, help="Template name.")
-@click.option("--python", default="/usr/bin/python3", show_default=True, help="python3 inside the rootfs.")
+@click.option(
+    "--python",
+    default=None,
+    help="The image's python3, checked and recorded (optional: the agent brings its own runtime).",
+)
 @_with_dirs
-def import_(tar: Path, name: str, python: str, data_dir: Path | None, templates_dir: Path | None) -> None:
-    """Import a rootfs tarball as template NAME."""
+def import_(tar: Path, name: str, python: str | None, data_dir: Path | None, templates_dir: Path | None) -> None:
+    """Import a rootfs tarball as template NAME. Any rootfs works (busybox, alpine, distroless): the image needs
+    no Python; without /bin/sh, run commands as argv lists."""
     store = _store(data_dir, templates_dir)
     info = _with_progress(f"importing {name}", lambda p: store.import_tar(tar, name=name, python=python, progress=p))
     click.echo(f"{info.name} {info.digest}")

@@ -104,7 +104,7 @@ class TemplateInfo:
     digest: str
     created_at: float
     size_bytes: int
-    python: str  # path of python3 inside the rootfs, used to run the agent
+    python: str | None = None  # the image's python3 (informational: the agent brings its own runtime)
     env: Mapping[str, str] = field(default_factory=dict)
     workdir: str = "/"
     source: str = "spec"  # spec | import

@@ -61,16 +61,25 @@ def python_version_from_name(host_path: Path) -> str:
     return m.group(1) if m else ""
 
 
-def check_rootfs(root: Path, python: str) -> Path:
-    """Refuse a rootfs without /bin/sh or without ``python``; return python's resolved host path."""
+def has_shell(root: Path) -> bool:
+    """True when the rootfs has an executable /bin/sh (command strings run under it; argv lists do not need it)."""
     sh = resolve_in_root(root, "/bin/sh")
-    if not sh.is_file():
-        raise TemplateSpecError("the image has no /bin/sh: sandboxes need a POSIX shell; use a full rootfs")
+    return sh.is_file() and bool(os.stat(sh).st_mode & 0o111)
+
+
+def check_rootfs(root: Path, python: str | None) -> Path | None:
+    """An image needs nothing but files: the agent is branchbox's own (the host's Python, forked from the zygote
+    in containers, a read-only runtime disk in microVMs), never the image's. Only an interpreter the caller named
+    (``python``, recorded in the template's metadata) must be there. Returns its resolved host path."""
+    if not any(root.iterdir()):
+        raise TemplateSpecError("the rootfs is empty: make the tar with e.g. `tar -C ROOTFS -cf rootfs.tar .`")
+    if python is None:
+        return None
     py = resolve_in_root(root, python)
     if not py.is_file() or not os.stat(py).st_mode & 0o111:
         raise TemplateSpecError(
-            f"the agent needs python3 in the image: no executable at {python!r}; install python3 in the "
-            "rootfs (Debian: apt-get install python3) or pass the interpreter's path as python="
+            f"no executable at {python!r} in the image; pass the path of the image's python3 as python=, or "
+            "leave python out (the agent does not need it)"
         )
     return py
 

@@ -31,7 +31,13 @@ from branchbox.backends.base import IdMap
 from branchbox.core.models import TemplateInfo
 from branchbox.errors import TemplateNotFoundError, TemplateSpecError
 from branchbox.images.build import BuildEvent, Progress, build_rootfs
-from branchbox.images.importer import check_rootfs, extract_rootfs, python_version_from_name, resolve_in_root
+from branchbox.images.importer import (
+    check_rootfs,
+    extract_rootfs,
+    has_shell,
+    python_version_from_name,
+    resolve_in_root,
+)
 from branchbox.images.shift import shift_id
 from branchbox.images.spec import BUILDER_VERSION, TemplateSpec, check_name, default_spec, is_digest
 
@@ -153,7 +159,7 @@ class TemplateStore:
             digest=digest,
             created_at=float(meta["created_at"]),
             size_bytes=int(meta["size_bytes"]),
-            python=str(meta["python"]),
+            python=meta.get("python"),
             env=dict(meta.get("env", {})),
             workdir=str(meta.get("workdir", "/")),
             source=str(meta.get("source", "spec")),
@@ -309,22 +315,23 @@ class TemplateStore:
         *,
         name: str,
         progress: Progress | None = None,
-        python: str = "/usr/bin/python3",
+        python: str | None = None,
         env: Mapping[str, str] | None = None,
         workdir: str = "/",
     ) -> TemplateInfo:
-        """Import a rootfs tarball (plain, gz, bz2, xz or zst). The digest is the tar's sha256 (mixed with
-        ``python``/``env``/``workdir`` when those are not the defaults)."""
+        """Import a rootfs tarball (plain, gz, bz2, xz or zst). The image needs no Python and no shell (see
+        ``check_rootfs``); ``python``, when given, is the image's interpreter (checked and recorded). The digest is
+        the tar's sha256 (mixed with ``python``/``env``/``workdir`` when those are not the defaults)."""
         check_name(name)
         path = Path(path)
         if not path.is_file():
             raise TemplateSpecError(f"cannot import {str(path)!r}: not a file; pass the path of a rootfs tarball")
-        spec_check = TemplateSpec(name=name, python=python, env=dict(env or {}), workdir=workdir)
+        spec_check = TemplateSpec(name=name, python=python or "/usr/bin/python3", env=dict(env or {}), workdir=workdir)
         _emit(progress, "hash", f"sha256 of {path}")
         digest = await asyncio.to_thread(_sha256_file, path)
         tar_sha = digest
         options = {"python": python, "env": dict(sorted(spec_check.env.items())), "workdir": workdir}
-        if python != "/usr/bin/python3" or spec_check.env or workdir != "/":
+        if python is not None or spec_check.env or workdir != "/":
             blob = json.dumps({"tar": tar_sha, **options}, sort_keys=True).encode()
             digest = hashlib.sha256(blob).hexdigest()
         if (self.root / digest / _META).is_file():
@@ -342,8 +349,10 @@ class TemplateStore:
                     skipped = await asyncio.to_thread(extract_rootfs, path, rootfs, self.idmap)
                     if skipped:
                         _emit(progress, "extract", f"skipped {skipped} device node(s)")
-                    _emit(progress, "check", f"looking for /bin/sh and {python}")
+                    _emit(progress, "check", f"checking the rootfs{f' and {python}' if python else ''}")
                     py = check_rootfs(rootfs, python)
+                    if not has_shell(rootfs):
+                        _emit(progress, "check", "no /bin/sh in the image: run commands as argv lists")
                     wd = resolve_in_root(rootfs, workdir)
                     if not wd.exists():
                         wd.mkdir(mode=0o755, parents=True)
@@ -355,7 +364,8 @@ class TemplateStore:
                         "created_at": time.time(),
                         "size_bytes": await asyncio.to_thread(disk_usage, rootfs),
                         "python": python,
-                        "python_version": python_version_from_name(py.resolve()),
+                        "python_version": python_version_from_name(py.resolve()) if py else "",
+                        "shell": has_shell(rootfs),
                         "env": options["env"],
                         "workdir": workdir,
                         "user": "root",
