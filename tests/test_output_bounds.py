@@ -3,6 +3,8 @@ call ends. Through the SDK against a real daemon, in a 512 MB sandbox, as a user
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import time
 from typing import Any
@@ -53,6 +55,53 @@ def test_foreground_run_of_huge_output_ends_truncated_and_bounded(bounded: Any) 
     assert len(r.stdout) == CAP and set(r.stdout) == {"x"}
     print(f"run of {BIG // MiB} MiB: {took:.1f} s, daemon RSS {idle // MiB} MiB, peak +{(peak - idle) // MiB} MiB")
     assert peak - idle < RSS_BOUND, f"daemon peak RSS grew by {(peak - idle) // MiB} MiB (in {took:.0f} s)"
+
+
+@pytest.mark.slow
+def test_foreground_run_of_nul_bytes_is_written_in_parts_and_bounded(bounded: Any) -> None:
+    """The issue's own command: NUL bytes, which JSON writes as ``\\u0000`` (6 bytes each). The 64 MiB kept are
+    384 MiB of JSON: built whole, the daemon peaked at +850 MiB; written in parts, it holds the kept output."""
+    sbx, pid = bounded
+    idle, _ = _rss(pid)
+    t0 = time.monotonic()
+    r = sbx.commands.run(f"head -c {BIG // 2} /dev/zero", timeout=600, request_timeout=900)
+    took = time.monotonic() - t0
+    _, peak = _rss(pid)
+    assert (r.exit_code, r.stdout_truncated, len(r.stdout), r.stderr) == (0, True, CAP, "")
+    assert r.stdout.count("\0") == CAP
+    print(
+        f"run of {BIG // 2 // MiB} MiB of NULs: {took:.1f} s, daemon RSS {idle // MiB} MiB, +{(peak - idle) // MiB} MiB"
+    )
+    assert peak - idle < RSS_BOUND, f"daemon peak RSS grew by {(peak - idle) // MiB} MiB (in {took:.0f} s)"
+
+
+def test_a_large_run_result_is_the_same_json_on_every_path(daemon: DaemonProc) -> None:
+    """A result over 1 MiB is written in parts, with its content-length, identical to the whole-body encoding:
+    through the SDK, the daemon's own HTTP path (a plain request) and FastAPI's (a chunked request body)."""
+    with Sandbox.create(base_url=daemon.url) as sbx:
+        made = sbx.commands.run(
+            "head -c 1500000 /dev/urandom > /r; printf '\\0\"\\\\\\n\\377 \\342\\202' >> /r; "
+            "head -c 700000 /dev/zero | tr '\\0' 'e' >&2"
+        )
+        assert made.exit_code == 0, made.stderr
+        raw = io.BytesIO()
+        sbx.files.download("/r", raw)
+        want = raw.getvalue().decode("utf-8", "replace")
+        assert len(raw.getvalue()) == 1500000 + 8 and "\0" in want and "\ufffd" in want
+        url = f"{daemon.url}/v1/sandboxes/{sbx.sandbox_id}/commands"
+        body = json.dumps({"cmd": "cat /r; head -c 700000 /dev/zero | tr '\\0' 'e' >&2"}).encode()
+        plain = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=60)
+        chunked = httpx.post(
+            url, content=iter([body[:5], body[5:]]), headers={"content-type": "application/json"}, timeout=60
+        )
+        for resp in (plain, chunked):
+            assert resp.status_code == 200 and int(resp.headers["content-length"]) == len(resp.content)
+            got = resp.json()
+            assert (got["stdout"], got["stderr"], got["exit_code"]) == (want, "e" * 700000, 0)
+            assert (got["stdout_truncated"], got["stderr_truncated"], got["signal"]) == (False, False, None)
+        assert plain.content.split(b',"duration_ms"')[0] == chunked.content.split(b',"duration_ms"')[0]
+        r = sbx.commands.run("cat /r; head -c 700000 /dev/zero | tr '\\0' 'e' >&2")
+        assert (r.stdout, r.stderr, r.exit_code) == (want, "e" * 700000, 0)
 
 
 @pytest.mark.slow

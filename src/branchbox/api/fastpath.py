@@ -28,6 +28,7 @@ from branchbox.api.guard import Guard
 from branchbox.api.responses import error_json
 from branchbox.api.routes_commands import run_foreground
 from branchbox.api.routes_sandboxes import create, log_created
+from branchbox.api.run_json import StreamedJson
 from branchbox.api.schemas import CreateSandboxRequest, RunCommandRequest, SandboxResponse
 from branchbox.errors import BranchboxError
 
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
 M = TypeVar("M", bound=BaseModel)
+R = TypeVar("R", bound=BaseModel | StreamedJson)  # what a hot route answers: a model, or a body in parts
 _SANDBOX = re.compile(r"^/v1/sandboxes/([^/]+)$")
 _COMMANDS = re.compile(r"^/v1/sandboxes/([^/]+)/commands$")
 _JSON_HEADERS = [(b"content-type", b"application/json")]
@@ -76,9 +78,14 @@ def match(method: str, path: str) -> Hot | None:
     return None if m is None else Hot(_RUN, m.group(1))
 
 
-async def _respond(send: Send, status: int, body: bytes) -> None:
-    headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode("ascii"))]
+async def _respond(send: Send, status: int, body: bytes | StreamedJson) -> None:
+    length = body.length if isinstance(body, StreamedJson) else len(body)
+    headers = [*_JSON_HEADERS, (b"content-length", str(length).encode("ascii"))]
     await send({"type": "http.response.start", "status": status, "headers": headers})
+    if isinstance(body, StreamedJson):  # the server's send waits while the client does not read
+        for part in body.parts():
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+        body = b""
     await send({"type": "http.response.body", "body": body})
 
 
@@ -111,10 +118,11 @@ Observe = Callable[[str, str, int, float], None]
 
 
 class Answer(NamedTuple):
-    """A hot request's response, and what to do once it is written (log lines: off the client's wait)."""
+    """A hot request's response, and what to do once it is written (log lines: off the client's wait). A large
+    run result's body comes in parts (:class:`StreamedJson`): write each when the transport takes more."""
 
     status: int
-    body: bytes
+    body: bytes | StreamedJson
     after: Callable[[], None] | None = None
 
 
@@ -190,10 +198,10 @@ class FastPath:
         self,
         headers: Headers,
         sandbox_id: str,
-        handler: Callable[[AppContext], Awaitable[M]],
+        handler: Callable[[AppContext], Awaitable[R]],
         *,
         status: int = 200,
-        after: Callable[[AppContext, M], None] | None = None,
+        after: Callable[[AppContext, R], None] | None = None,
     ) -> Answer:
         ctx: AppContext = self.fastapi.state.ctx
         if sandbox_id:
@@ -210,7 +218,7 @@ class FastPath:
             ctx.metrics.count_api_error("internal")
             ctx.log.exception("api.unexpected", error_type=type(exc).__name__)
             return Answer(500, error_json("internal", f"internal error ({type(exc).__name__}); see the daemon log"))
-        body = model.__pydantic_serializer__.to_json(model)
+        body = model if isinstance(model, StreamedJson) else model.__pydantic_serializer__.to_json(model)
         return Answer(status, body, None if after is None else functools.partial(after, ctx, model))
 
 

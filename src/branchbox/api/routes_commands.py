@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
+from starlette.responses import StreamingResponse
 
 from branchbox.api.context import AppContext, Ctx, SandboxId
 from branchbox.api.responses import json_response
+from branchbox.api.run_json import StreamedJson, command_result
 from branchbox.api.schemas import (
     BackgroundCommand,
     CommandResult,
@@ -42,11 +44,17 @@ async def run_command(sandbox_id: SandboxId, body: RunCommandRequest, ctx: Ctx) 
         await handle.detach()
         ctx.log.info("command.started", pid=pid)
         return json_response(BackgroundCommand(pid=pid))
-    return json_response(await run_foreground(ctx, sandbox_id, body))
+    answer = await run_foreground(ctx, sandbox_id, body)
+    if isinstance(answer, StreamedJson):
+        return StreamingResponse(
+            answer.parts(), media_type="application/json", headers={"content-length": str(answer.length)}
+        )
+    return json_response(answer)
 
 
-async def run_foreground(ctx: AppContext, sandbox_id: str, body: RunCommandRequest) -> CommandResult:
-    """Run a command to its exit (shared with the fast path in :mod:`branchbox.api.fastpath`)."""
+async def run_foreground(ctx: AppContext, sandbox_id: str, body: RunCommandRequest) -> CommandResult | StreamedJson:
+    """Run a command to its exit (shared with the fast path in :mod:`branchbox.api.fastpath`); a large result
+    comes as its JSON body in parts (:mod:`branchbox.api.run_json`)."""
     result = await ctx.manager.exec(
         sandbox_id,
         body.cmd,
@@ -57,15 +65,7 @@ async def run_foreground(ctx: AppContext, sandbox_id: str, body: RunCommandReque
         timeout=body.timeout,
         max_output=body.max_output,
     )
-    return CommandResult(
-        exit_code=result.exit_code,
-        stdout=result.stdout_text,
-        stderr=result.stderr_text,
-        signal=result.signal,
-        duration_ms=result.duration_ms,
-        stdout_truncated=result.stdout_truncated,
-        stderr_truncated=result.stderr_truncated,
-    )
+    return await command_result(result)
 
 
 @router.get("/v1/sandboxes/{sandbox_id}/commands", response_model=list[ProcessResponse], summary="List processes")

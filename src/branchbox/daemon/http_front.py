@@ -28,6 +28,7 @@ from uvicorn.server import ServerState
 
 from branchbox.api.fastpath import Answer, FastPath, Hot, match
 from branchbox.api.responses import error_json
+from branchbox.api.run_json import StreamedJson
 
 _log = logging.getLogger("branchbox.daemon")
 _JSON = b"content-type: application/json\r\ncontent-length: "
@@ -211,10 +212,16 @@ class FrontProtocol(HttpToolsProtocol):
             raise
         status, body = answer.status, answer.body
         if not request.disconnected:
+            length = body.length if isinstance(body, StreamedJson) else len(body)
             head = [STATUS_LINE[status]]
             head += [b"%s: %s\r\n" % pair for pair in request.default_headers]
-            head += [_JSON, b"%d\r\n" % len(body), b"\r\n" if request.keep_alive else b"connection: close\r\n\r\n"]
-            self.transport.write(b"".join(head) + body)
+            head += [_JSON, b"%d\r\n" % length, b"\r\n" if request.keep_alive else b"connection: close\r\n\r\n"]
+            if isinstance(body, StreamedJson):
+                self.transport.write(b"".join(head))
+                if not await self._write_parts(request, body):
+                    return
+            else:
+                self.transport.write(b"".join(head) + body)
             request.response_complete = True
             request.message_event.set()
             if not request.keep_alive:  # HTTP/1.0, "connection: close", or the server is shutting down
@@ -223,3 +230,14 @@ class FrontProtocol(HttpToolsProtocol):
         if answer.after is not None:
             answer.after()
         self.fast.observe(request.scope["method"], hot.route.path, status, time.perf_counter() - t0)
+
+    async def _write_parts(self, request: RequestResponseCycle | Plain, body: StreamedJson) -> bool:
+        """Write a body in parts, each once the transport is below its high-water mark (the client reads);
+        False when the client went away first (the connection is then closed)."""
+        for part in body.parts():
+            await self.flow.drain()
+            if request.disconnected or self.transport.is_closing():
+                self.transport.close()
+                return False
+            self.transport.write(part)
+        return True
