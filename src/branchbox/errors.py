@@ -34,6 +34,7 @@ Hierarchy::
     │   ├── HostNotAllowedError         host_not_allowed    403  (a Host header not on the API's allow-list)
     │   └── OriginNotAllowedError       origin_not_allowed  403  (a browser page of another origin)
     ├── LimitExceededError              limit_exceeded      429
+    ├── DiskFullError                   disk_full           507  (the data dir's free space is below its reserve)
     ├── TimeoutError_ (TimeoutError)    timeout             504
     ├── NotSupportedError               not_supported       501
     ├── TemplateBuildError              template_build_failed 500
@@ -160,6 +161,14 @@ class PayloadTooLargeError(BadRequestError):
 class LimitExceededError(BranchboxError):
     code = "limit_exceeded"
     http_status = 429
+
+
+class DiskFullError(BranchboxError):
+    """The daemon's data dir has less free space than its reserve (``reserve_mb``): nothing that writes to it
+    starts (creates, forks, restores, snapshots) until space is freed."""
+
+    code = "disk_full"
+    http_status = 507
 
 
 class TimeoutError_(BranchboxError, builtins.TimeoutError):

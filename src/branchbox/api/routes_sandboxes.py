@@ -47,6 +47,7 @@ async def create(ctx: AppContext, body: CreateSandboxRequest) -> SandboxResponse
         cpu=body.cpu,
         memory_mb=body.memory_mb,
         pids=body.pids,
+        disk_mb=body.disk_mb,
         metadata=body.metadata,
         backend=body.backend,
         hostname=body.hostname,

@@ -56,6 +56,15 @@ Cmd = (
 Cpu = Annotated[float, Field(ge=L.MIN_CPU, le=L.MAX_CPU, description="Cores (at most this host's).")]
 MemoryMb = Annotated[int, Field(ge=L.MIN_MEMORY_MB, le=L.MAX_MEMORY_MB, description="MiB (at most this host's).")]
 Pids = Annotated[int, Field(ge=L.MIN_PIDS, le=L.MAX_PIDS)]
+DiskMb = Annotated[
+    int | None,
+    Field(
+        ge=L.MIN_DISK_MB,
+        le=L.MAX_DISK_MB,
+        description="MiB the sandbox's writable layer may hold (writes past it fail with EDQUOT inside); null: the "
+        "daemon's default_disk_mb. Needs a btrfs data dir and the container backend.",
+    ),
+]
 
 
 class _Strict(BaseModel):
@@ -107,6 +116,7 @@ class CreateSandboxRequest(_Strict):
     cpu: Cpu = L.DEFAULT_CPU
     memory_mb: MemoryMb = L.DEFAULT_MEMORY_MB
     pids: Pids = L.DEFAULT_PIDS
+    disk_mb: DiskMb = None
     backend: Annotated[str | None, Field(max_length=64)] = None
     hostname: Annotated[str | None, Field(min_length=1, max_length=L.MAX_HOSTNAME)] = None
     snapshot: Annotated[str | None, Field(min_length=1, max_length=255)] = Field(
@@ -131,6 +141,7 @@ class SandboxResponse(BaseModel):
     cpu: float
     memory_mb: int
     pids: int
+    disk_mb: int = Field(description="MiB its writable layer may hold; 0: no limit.")
     source: str = Field(description="cold, warm, snapshot (a restore) or fork.")
     timings: dict[str, float] = Field(description="Per-phase duration of the create, in milliseconds.")
     error: str | None = None
@@ -150,6 +161,7 @@ class SandboxResponse(BaseModel):
             cpu=info.resources.cpu,
             memory_mb=info.resources.memory_mb,
             pids=info.resources.pids,
+            disk_mb=info.resources.disk_mb,
             source=info.source,
             timings=dict(info.timings),
             error=info.error,

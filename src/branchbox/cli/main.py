@@ -83,6 +83,9 @@ def _info_json(i: SandboxInfo) -> dict[str, Any]:
         "end_at": i.end_at.isoformat() if i.end_at else None,
         "backend": i.backend,
         "source": i.source,
+        "cpu": i.cpu,
+        "memory_mb": i.memory_mb,
+        "disk_mb": i.disk_mb,
         "timings": i.timings,
     }
 
@@ -94,6 +97,7 @@ def _info_json(i: SandboxInfo) -> dict[str, Any]:
 @click.option("-m", "--metadata", multiple=True, metavar="KEY=VALUE")
 @click.option("--cpu", type=float, default=None)
 @click.option("--memory-mb", type=int, default=None)
+@click.option("--disk", "disk_mb", type=int, default=None, metavar="MIB", help="Disk limit (default: the daemon's).")
 @click.option("--json", "as_json", is_flag=True, help="Print the sandbox as JSON.")
 @click.option("--timings", is_flag=True, help="Show the per-phase create timing.")
 @click.option("--internet/--no-internet", default=None, help="Egress to the public internet (default: on).")
@@ -108,6 +112,7 @@ def create(
     metadata: tuple[str, ...],
     cpu: float | None,
     memory_mb: int | None,
+    disk_mb: int | None,
     as_json: bool,
     timings: bool,
     internet: bool | None,
@@ -124,6 +129,7 @@ def create(
             metadata=_pairs(metadata, "--metadata"),
             cpu=cpu,
             memory_mb=memory_mb,
+            disk_mb=disk_mb,
             allow_internet_access=internet,
             network=net or None,
             base_url=conn.url,

@@ -19,6 +19,11 @@ MIN_MEMORY_MB = 32  # below this the agent and a shell do not start reliably
 MAX_MEMORY_MB = 1_048_576  # 1 TiB: the schema's ceiling; core also refuses more than this host has
 MIN_PIDS = 16  # the agent, a shell and a pipeline
 MAX_PIDS = 65_536  # the size of a sandbox's uid range; more is a fork bomb's budget, not a workload's
+# disk: bytes a sandbox's writable layer may hold (btrfs qgroup of its upper; docs/snapshots.md "Disk limits").
+# 0 means no limit (a daemon configured so, or a storage driver that cannot limit).
+DEFAULT_DISK_MB = 10_240  # a daemon's default_disk_mb: 10 GiB, as E2B's default sandbox disk (Daytona: 3 GiB)
+MIN_DISK_MB = 16  # the agent's files, a machine-id and a shell's history fit; less fails in surprising ways
+MAX_DISK_MB = 16_777_216  # 16 TiB: the schema's ceiling (btrfs takes any 64-bit byte count)
 
 # -- time -------------------------------------------------------------------------------------------------------
 # The ceiling of every timeout field (a sandbox's lifetime, a command's limit). A daemon's ``max_timeout``

@@ -43,7 +43,7 @@ from typing import Any, TypeVar
 
 from branchbox.agent.client import AgentClient, ProcessHandle
 from branchbox.backends.base import Backend, BootSpec, MemorySnapshots, SandboxHandle
-from branchbox.core import identity, validate
+from branchbox.core import disk, identity, validate
 from branchbox.core import snapshots as snaps
 from branchbox.core.events import ManagerEvent, Subscriber
 from branchbox.core.limits import DEFAULT_CPU, DEFAULT_MEMORY_MB, DEFAULT_PIDS
@@ -251,6 +251,7 @@ class Manager:
         cpu: float = DEFAULT_CPU,
         memory_mb: int = DEFAULT_MEMORY_MB,
         pids: int = DEFAULT_PIDS,
+        disk_mb: int | None = None,
         metadata: Mapping[str, str] | None = None,
         backend: str | None = None,
         hostname: str | None = None,
@@ -261,7 +262,8 @@ class Manager:
         """Create a sandbox from a template (or restore ``snapshot``: its template wins) and return it running.
 
         ``allow_internet_access`` (default True) and ``network`` (``allow_out``/``deny_out`` lists) set its egress
-        policy (docs/networking.md). Bad input changes nothing."""
+        policy (docs/networking.md). ``disk_mb`` limits its writable layer (default: the daemon's
+        ``default_disk_mb``; core/disk.py). Bad input changes nothing."""
         timer = PhaseTimer()
         kind = backend or self.settings.default_backend
         try:
@@ -274,14 +276,16 @@ class Manager:
                     template = snap.template_digest
                 tpl = self.templates.get(template)
                 be = await self._backend(kind)
+                disk_mb = self._disk_mb(disk_mb, be)
                 policy = self._policy_for(be, allow_internet_access, network)
+                disk.check_reserve(self.settings.data_dir, self.settings.reserve_mb, "create")
                 if snapshot is not None:
                     snap = self._snapshot_or_raise(snapshot)  # again: it may have been deleted meanwhile
         except BranchboxError as exc:
             self._emit(ManagerEvent("error", code=exc.code, operation="create"))
             raise
         if snapshot is not None:
-            res = Resources(cpu=float(cpu), memory_mb=memory_mb, pids=pids)
+            res = Resources(cpu=float(cpu), memory_mb=memory_mb, pids=pids, disk_mb=disk_mb)
             info = replace(self._new_info(tpl, kind, res, env_, meta, ttl, hostname), source="snapshot")
             return await self._restore(info, tpl, be, snap.layers, timer, policy=policy)
         pool = self._pools.get(self._pool_key(tpl.name, kind))
@@ -289,12 +293,12 @@ class Manager:
             member = pool.take()
             if member is not None:
                 try:
-                    return await self._claim(member, pool, env_, meta, ttl, hostname, timer, policy)
+                    return await self._claim(member, pool, env_, meta, ttl, hostname, timer, policy, disk_mb=disk_mb)
                 except BranchboxError as exc:  # a broken member: drop it, fall back to a cold create
                     log.warning("pool %s: claim of %s failed (%s)", tpl.name, member.info.id, exc)
                     self._spawn_bg(self._destroy(member.info.id))
-        info = self._new_info(tpl, kind, Resources(cpu=float(cpu), memory_mb=memory_mb, pids=pids), env_, meta, ttl,
-                              hostname)  # fmt: skip
+        res = Resources(cpu=float(cpu), memory_mb=memory_mb, pids=pids, disk_mb=disk_mb)
+        info = self._new_info(tpl, kind, res, env_, meta, ttl, hostname)
         try:
             live = await self._boot_live(info, tpl, be, timer, policy=policy)
         except BaseException as exc:
@@ -327,6 +331,11 @@ class Manager:
                 f"{self.settings.max_sandboxes} sandboxes exist already: destroy some or raise max_sandboxes"
             )
         return env_, meta, ttl
+
+    def _disk_mb(self, requested: int | None, be: Backend) -> int:
+        """A new sandbox's disk limit (core/disk.py): ``requested`` or the default; 0 where nothing limits it."""
+        return disk.resolve(requested, default=self.settings.default_disk_mb, enforcer=self._driver.disk_limits,
+                            vm=be.capabilities.memory_snapshot)  # fmt: skip
 
     def _new_info(
         self,
@@ -390,7 +399,8 @@ class Manager:
                 base_path = None if base is None else self._layer_path(base)
             with timer.phase("dirs"):
                 root = self.templates.rootfs(tpl.digest)
-                dirs = await self._prepare_dirs(sid, base_path, [*lower_paths, root], fresh_machine_id)
+                dirs = await self._prepare_dirs(sid, base_path, [*lower_paths, root], fresh_machine_id,
+                                                info.resources.disk_mb)  # fmt: skip
             spec = BootSpec(
                 sandbox_id=sid,
                 layers=[*lower_paths, root],
@@ -443,10 +453,16 @@ class Manager:
         timer: PhaseTimer,
         policy: NetworkPolicy | None = None,
         pool_name: str | None = None,
+        *,
+        disk_mb: int | None = None,
     ) -> SandboxInfo:
         """The fast path: personalise a ready pool member in at most one agent round trip."""
         with timer.phase("claim"):
             live.backend.foreground(live.handle)
+            if disk_mb is not None and disk_mb != live.info.resources.disk_mb:  # members wait with the default
+                self._driver.set_disk_limit(self._sandbox_dir(live.info.id), disk_mb)  # one ioctl, no commit
+                live.info = replace(live.info, resources=replace(live.info.resources, disk_mb=disk_mb))
+                self._db.update(live.info.id, resources=live.info.resources)
             if policy is not None and self._net is not None:  # members wait with the default policy
                 self._set_policy(live, policy)
             rename = hostname is not None and hostname != live.info.hostname
@@ -708,6 +724,8 @@ class Manager:
         live = self._require(sandbox_id, SandboxState.RUNNING, SandboxState.PAUSED)
         if name is not None and self._db.get_snapshot(name, hidden=True) is not None:
             raise ConflictError(f"a snapshot named {name!r} exists already: pick another name or delete it first")
+        disk.check_reserve(self.settings.data_dir, self.settings.reserve_mb, "snapshot")
+        disk.check_snapshot_budget(self._db.snapshot_bytes(), self.settings.snapshot_budget_mb)
         snap = await self._capture(live, name, timer, hidden=False)
         self._emit(ManagerEvent("snapshot", sandbox_id, live.info.backend, seconds=timer.total_ms / 1e3,
                                 timings=snap.timings))  # fmt: skip
@@ -735,6 +753,7 @@ class Manager:
         if not live.backend.capabilities.fork:
             raise NotSupportedError(f"backend {live.backend.name} cannot fork sandboxes")
         snaps.fork_count(count, self.settings.max_sandboxes - len(self._live) - len(self._creating))
+        disk.check_reserve(self.settings.data_dir, self.settings.reserve_mb, "fork")
         snap = await self._capture(live, None, timer, hidden=True)
         snap_ms = timer.total_ms
         parent = live.info
@@ -1033,9 +1052,13 @@ class Manager:
             policy=policy,
         )
 
-    async def _prepare_dirs(self, sid: str, base: Path | None, lowers: Sequence[Path], machine_id: bool) -> SandboxDirs:
+    async def _prepare_dirs(
+        self, sid: str, base: Path | None, lowers: Sequence[Path], machine_id: bool, disk_mb: int = 0
+    ) -> SandboxDirs:
         def prepare() -> SandboxDirs:
             dirs = self._driver.prepare_sandbox(self._sandbox_dir(sid), self.settings.idmap, base=base)
+            if disk_mb:  # one ioctl on btrfs (no commit); before the machine-id, which counts too
+                self._driver.set_disk_limit(self._sandbox_dir(sid), disk_mb)
             if machine_id:
                 snaps.write_machine_id(dirs.upper, lowers, self.settings.idmap)
             return dirs
@@ -1323,7 +1346,8 @@ class Manager:
     ) -> _Live:
         tpl = self.templates.get(config.template)
         be = await self._backend(config.backend or self.settings.default_backend)
-        res = Resources(cpu=float(config.cpu), memory_mb=config.memory_mb, pids=config.pids)
+        res = Resources(cpu=float(config.cpu), memory_mb=config.memory_mb, pids=config.pids,
+                        disk_mb=self._disk_mb(None, be))  # fmt: skip
         info = replace(self._new_info(tpl, be.name, res, {}, {}, None, None), source="warm")
         if chain:  # a spare of a layer pool: booted like a restore onto the chain
             live = await self._boot_chain(info, tpl, be, chain, PhaseTimer(), pool=name)

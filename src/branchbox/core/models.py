@@ -27,6 +27,7 @@ class Resources:
     cpu: float = DEFAULT_CPU
     memory_mb: int = DEFAULT_MEMORY_MB
     pids: int = DEFAULT_PIDS
+    disk_mb: int = 0  # MiB its writable layer may hold; 0: no limit
 
 
 @dataclass(frozen=True, slots=True)

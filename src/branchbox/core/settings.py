@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from branchbox.backends.base import IdMap
+from branchbox.core.limits import DEFAULT_DISK_MB
 from branchbox.core.pool import PoolConfig
 from branchbox.net.settings import NetworkSettings
 
@@ -42,6 +43,9 @@ class ManagerSettings:
     idmap: IdMap = field(default_factory=IdMap)
     agent_connect_timeout: float = 10.0
     tmp_tmpfs_mb: int = 0  # containers: 0 keeps /tmp in the sandbox's files; N mounts an N MiB tmpfs (no snapshots)
+    default_disk_mb: int = DEFAULT_DISK_MB  # a sandbox's writable layer when create() names none (0: no limit)
+    reserve_mb: int = 512  # free space of the data dir's filesystem kept for the daemon (creates refused below)
+    snapshot_budget_mb: int = 0  # snapshot layers of this daemon together (0: no budget); snapshots refused above
     max_output_bytes: int = 64 << 20  # a foreground exec keeps at most this much of each stream (the rest dropped)
     pools: tuple[PoolConfig, ...] = ()  # warm pools started with the Manager (changeable live)
     network: NetworkSettings | None = None  # None: sandboxes get loopback only (docs/networking.md)

@@ -92,6 +92,10 @@ class LayerRecord:
     created_at: float
 
 
+def _resources_json(res: Resources) -> str:
+    return json.dumps({"cpu": res.cpu, "memory_mb": res.memory_mb, "pids": res.pids, "disk_mb": res.disk_mb})
+
+
 def _handle_to_json(h: SandboxHandle | None) -> str | None:
     if h is None:
         return None
@@ -178,9 +182,7 @@ class Store:
                 info.state.value,
                 info.created_at,
                 info.expires_at,
-                json.dumps(
-                    {"cpu": info.resources.cpu, "memory_mb": info.resources.memory_mb, "pids": info.resources.pids}
-                ),
+                _resources_json(info.resources),
                 json.dumps(dict(info.metadata)),
                 json.dumps(dict(info.env)),
                 info.hostname,
@@ -201,6 +203,8 @@ class Store:
             v = value
             if k == "handle":
                 v = _handle_to_json(value)
+            elif k == "resources":
+                v = _resources_json(value)
             elif isinstance(value, SandboxState):
                 v = value.value
             elif isinstance(value, Mapping):
@@ -241,7 +245,12 @@ class Store:
             state=SandboxState(state),
             created_at=created_at,
             expires_at=expires_at,
-            resources=Resources(cpu=float(r["cpu"]), memory_mb=int(r["memory_mb"]), pids=int(r["pids"])),
+            resources=Resources(
+                cpu=float(r["cpu"]),
+                memory_mb=int(r["memory_mb"]),
+                pids=int(r["pids"]),
+                disk_mb=int(r.get("disk_mb", 0)),
+            ),  # records older than disk limits: none
             metadata=json.loads(metadata),
             env=json.loads(env),
             hostname=hostname,
@@ -309,6 +318,15 @@ class Store:
     def snapshots(self, *, hidden: bool = False) -> list[SnapshotInfo]:
         rows = self._db.execute(f"{_SNAPSHOT_SELECT} WHERE s.hidden<=? ORDER BY s.created_at", (int(hidden),))
         return [self._snapshot(r) for r in rows]
+
+    def snapshot_bytes(self) -> int:
+        """Measured bytes of every layer a snapshot (forks' hidden ones too) names, each layer once; layers not
+        measured yet count 0."""
+        row = self._db.execute(
+            "SELECT COALESCE(SUM(size_bytes), 0) FROM layers"
+            " WHERE id IN (SELECT j.value FROM snapshots, json_each(snapshots.layers) j)"
+        ).fetchone()
+        return int(row[0])
 
     def delete_snapshot(self, snapshot_id: str) -> None:
         self._db.execute("DELETE FROM snapshots WHERE id=?", (snapshot_id,))

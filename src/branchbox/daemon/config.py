@@ -46,7 +46,7 @@ from typing import Any
 
 from branchbox.api.auth import is_key_hash
 from branchbox.api.settings import ApiSettings
-from branchbox.core.limits import MAX_TIMEOUT_S
+from branchbox.core.limits import MAX_TIMEOUT_S, MIN_DISK_MB
 from branchbox.core.pool import PoolConfig
 from branchbox.core.settings import DEFAULT_DATA_DIR, ManagerSettings, WorkspaceSettings
 from branchbox.daemon.claims import LEGACY_CGROUP_PARENT, LEGACY_SUBNET, HostNames, Wanted, network_names
@@ -104,6 +104,9 @@ class DaemonConfig:
     git_ref_ttl: float = _core("ref_ttl", WorkspaceSettings)  # seconds a branch's commit is reused (0: always ask)
     git_allow_cidrs: tuple[str, ...] = ()  # blocked ranges (private, loopback...) git may fetch from anyway
     tmp_tmpfs_mb: int = _core("tmp_tmpfs_mb")  # containers: a memory-backed /tmp of this size; 0: on disk
+    default_disk_mb: int = _core("default_disk_mb")  # a sandbox's disk when the create names none (0: no limit)
+    reserve_mb: int = _core("reserve_mb")  # free space kept for the daemon's state: creates refused below it
+    snapshot_budget_mb: int = _core("snapshot_budget_mb")  # all snapshot layers together (0: no budget)
     pools: tuple[PoolConfig, ...] = ()  # [pools.<template>] tables; only from the config file
 
     def wanted_names(self) -> Wanted:
@@ -145,6 +148,13 @@ class DaemonConfig:
     def manager_settings(self) -> ManagerSettings:
         if self.max_output_mb < 1:
             raise ConfigError(f"max_output_mb must be at least 1 (MiB per output stream), not {self.max_output_mb}")
+        for name in ("default_disk_mb", "reserve_mb", "snapshot_budget_mb"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be 0 or more (MiB), not {getattr(self, name)}")
+        if 0 < self.default_disk_mb < MIN_DISK_MB:
+            raise ConfigError(
+                f"default_disk_mb must be 0 (no limit) or at least {MIN_DISK_MB}, not {self.default_disk_mb}"
+            )
         return ManagerSettings(
             data_dir=self.data_dir,
             templates_dir=self.templates_dir,
@@ -156,6 +166,9 @@ class DaemonConfig:
             keep_sandboxes_on_shutdown=self.keep_sandboxes_on_shutdown,
             cgroup_parent=self.cgroup_parent or LEGACY_CGROUP_PARENT,
             tmp_tmpfs_mb=self.tmp_tmpfs_mb,
+            default_disk_mb=self.default_disk_mb,
+            reserve_mb=self.reserve_mb,
+            snapshot_budget_mb=self.snapshot_budget_mb,
             pools=self.pools,
             network=self.network_settings(),
             workspaces=WorkspaceSettings(

@@ -588,6 +588,7 @@ class AsyncSandbox:
         cpu: float | None = None,
         memory_mb: int | None = None,
         pids: int | None = None,
+        disk_mb: int | None = None,
         backend: str | None = None,
         hostname: str | None = None,
         snapshot: str | None = None,
@@ -599,7 +600,9 @@ class AsyncSandbox:
     ) -> AsyncSandbox:
         """Create a sandbox. ``timeout`` is its lifetime in seconds (None: the daemon's default).
 
-        ``snapshot`` (id or name) restores that snapshot into the new sandbox (its template wins)."""
+        ``snapshot`` (id or name) restores that snapshot into the new sandbox (its template wins). ``disk_mb``
+        limits what the sandbox may write (MiB; None: the daemon's default): past it, writes inside fail with
+        "Disk quota exceeded"."""
         http = _AsyncHttp(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
         try:
             req = rq.create_sandbox(
@@ -610,6 +613,7 @@ class AsyncSandbox:
                 cpu=cpu,
                 memory_mb=memory_mb,
                 pids=pids,
+                disk_mb=disk_mb,
                 backend=backend,
                 hostname=hostname,
                 snapshot=snapshot,

@@ -16,8 +16,9 @@ Hierarchy::
     ├── NotSupportedError             not_supported
     ├── AgentError                    agent_error, agent_disconnected
     ├── ServerError                   internal, backend_error, network_error, port_unreachable,
-    │                                 template_build_failed, git_error, repository_unreachable,
-    │                                 unknown codes
+    │   │                             template_build_failed, git_error, repository_unreachable,
+    │   │                             unknown codes
+    │   └── DiskFullError             disk_full (the daemon's disk is below its reserve: free space)
     └── ConnectionError_ (ConnectionError) the daemon could not be reached
 """
 
@@ -98,6 +99,10 @@ class ServerError(SandboxError):
     pass
 
 
+class DiskFullError(ServerError):
+    pass
+
+
 class ConnectionError_(SandboxError, builtins.ConnectionError):
     pass
 
@@ -138,6 +143,7 @@ ERROR_TABLE: dict[str, type[SandboxError]] = {
     "repository_auth_failed": PermissionDeniedError,
     "git_error": ServerError,
     "repository_unreachable": ServerError,
+    "disk_full": DiskFullError,
 }
 
 

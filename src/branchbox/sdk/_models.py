@@ -27,6 +27,7 @@ class SandboxInfo:
     cpu: float = 0.0
     memory_mb: int = 0
     pids: int = 0
+    disk_mb: int = 0  # MiB its writable layer may hold; 0: no limit
     template_digest: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     error: str | None = None
@@ -48,6 +49,7 @@ class SandboxInfo:
             cpu=float(d.get("cpu", 0.0)),
             memory_mb=int(d.get("memory_mb", 0)),
             pids=int(d.get("pids", 0)),
+            disk_mb=int(d.get("disk_mb", 0)),
             template_digest=d.get("template_digest", ""),
             timings={k: float(v) for k, v in (d.get("timings") or {}).items()},
             error=d.get("error"),

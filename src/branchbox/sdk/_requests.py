@@ -49,6 +49,7 @@ def create_sandbox(
     backend: str | None,
     hostname: str | None,
     snapshot: str | None = None,
+    disk_mb: int | None = None,
     allow_internet_access: bool | None = None,
     network: Mapping[str, Any] | None = None,
 ) -> Req:
@@ -61,6 +62,7 @@ def create_sandbox(
             "cpu": cpu,
             "memory_mb": memory_mb,
             "pids": pids,
+            "disk_mb": disk_mb,
             "backend": backend,
             "hostname": hostname,
             "snapshot": snapshot,

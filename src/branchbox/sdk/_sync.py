@@ -581,6 +581,7 @@ class Sandbox:
         cpu: float | None = None,
         memory_mb: int | None = None,
         pids: int | None = None,
+        disk_mb: int | None = None,
         backend: str | None = None,
         hostname: str | None = None,
         snapshot: str | None = None,
@@ -592,7 +593,9 @@ class Sandbox:
     ) -> Sandbox:
         """Create a sandbox. ``timeout`` is its lifetime in seconds (None: the daemon's default).
 
-        ``snapshot`` (id or name) restores that snapshot into the new sandbox (its template wins)."""
+        ``snapshot`` (id or name) restores that snapshot into the new sandbox (its template wins). ``disk_mb``
+        limits what the sandbox may write (MiB; None: the daemon's default): past it, writes inside fail with
+        "Disk quota exceeded"."""
         http = _Http(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
         try:
             req = rq.create_sandbox(
@@ -603,6 +606,7 @@ class Sandbox:
                 cpu=cpu,
                 memory_mb=memory_mb,
                 pids=pids,
+                disk_mb=disk_mb,
                 backend=backend,
                 hostname=hostname,
                 snapshot=snapshot,

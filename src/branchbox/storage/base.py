@@ -30,9 +30,14 @@ class StorageDriver(Protocol):
 
     name: str
     clones_layers: bool  # True: a restore clones the top layer as the new upper in O(1) (btrfs snapshots)
+    disk_limits: str | None  # how set_disk_limit enforces a limit ("btrfs squota", ...); None: it cannot
 
     def prepare_sandbox(self, sandbox_dir: Path, idmap: IdMap, *, base: Path | None = None) -> SandboxDirs:
         """Create ``sandbox_dir/{upper,work,run}``. ``base``: a layer whose content the upper starts with."""
+
+    def set_disk_limit(self, sandbox_dir: Path, disk_mb: int) -> None:
+        """Limit what the sandbox's upper may hold to ``disk_mb`` MiB (0: no limit); writes past it fail with
+        EDQUOT/ENOSPC inside. Only called when ``disk_limits`` is set. Cheap: no transaction commit."""
 
     def upper_dir(self, sandbox_dir: Path) -> Path:
         """Where ``prepare_sandbox`` put the sandbox's upper."""

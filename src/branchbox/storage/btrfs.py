@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from branchbox.backends.base import IdMap
+from branchbox.storage import quota
 from branchbox.storage.base import LayerInfo, SandboxDirs
 from branchbox.storage.flatten import flatten_into
 from branchbox.storage.fsutil import disk_usage, fsync_dir, syncfs
@@ -102,6 +103,12 @@ class BtrfsDriver:
 
     name = "btrfs"
     clones_layers = True
+
+    def __init__(self, quota_mode: str | None = None) -> None:
+        self.disk_limits: str | None = None if quota_mode is None else f"btrfs {quota_mode}"  # storage/quota.py
+
+    def set_disk_limit(self, sandbox_dir: Path, disk_mb: int) -> None:
+        quota.set_limit(sandbox_dir / "fs", disk_mb << 20 if disk_mb > 0 else None)
 
     def upper_dir(self, sandbox_dir: Path) -> Path:
         return sandbox_dir / "fs" / "upper"

@@ -52,6 +52,10 @@ class OverlayDriver:
 
     name = "overlay"
     clones_layers = False
+    disk_limits: str | None = None  # a plain directory upper: nothing limits it (docs/snapshots.md)
+
+    def set_disk_limit(self, sandbox_dir: Path, disk_mb: int) -> None:
+        raise NotImplementedError("the overlay driver cannot limit a sandbox's disk")
 
     def prepare_sandbox(self, sandbox_dir: Path, idmap: IdMap, *, base: Path | None = None) -> SandboxDirs:
         upper, work, run = prepare_sandbox_dirs(sandbox_dir, idmap)

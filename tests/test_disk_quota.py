@@ -1,0 +1,128 @@
+"""Disk limits (issue 21.3), the way users reach them: the SDK against a real daemon whose data dir is on a btrfs
+filesystem the test makes (a loop device, unmounted and detached even when the test fails)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from branchbox.sdk import BadRequestError, NotSupportedError, Sandbox
+from tests.conftest import TEST_ROOT, DaemonProc
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.template,
+    pytest.mark.skipif(shutil.which("mkfs.btrfs") is None, reason="mkfs.btrfs is missing: apt-get install btrfs-progs"),
+]
+
+QUOTA_MSG = "Disk quota exceeded"
+
+
+class LoopFs:
+    """A btrfs filesystem of ``size_mb`` on a loop device under the test root (named btrfs-*: a fixture mount
+    for the leak checks)."""
+
+    def __init__(self, size_mb: int) -> None:
+        TEST_ROOT.mkdir(parents=True, exist_ok=True)
+        tag = f"btrfs-quota-{os.getpid()}-{secrets.token_hex(3)}"
+        self.img = TEST_ROOT / f"{tag}.img"
+        self.mnt = TEST_ROOT / tag
+        self.mounted = False
+        self.mnt.mkdir()
+        with open(self.img, "wb") as f:
+            f.truncate(size_mb << 20)
+        subprocess.run(["mkfs.btrfs", "-q", str(self.img)], check=True, capture_output=True)
+        subprocess.run(["mount", "-o", "loop", str(self.img), str(self.mnt)], check=True, capture_output=True)
+        self.mounted = True  # mount -o loop sets autoclear: the umount detaches the loop device
+        os.chmod(self.mnt, 0o711)
+
+    def remove(self) -> None:
+        if self.mounted and subprocess.run(["umount", str(self.mnt)], check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(self.mnt)], check=False)
+        self.mnt.rmdir()
+        self.img.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def btrfs_daemon(default_template: Any) -> Iterator[Callable[..., DaemonProc]]:
+    """``btrfs_daemon(size_mb=1024, config=TOML)``: a daemon whose data dir is on a fresh btrfs of its own."""
+    made: list[tuple[LoopFs, DaemonProc]] = []
+
+    def make(size_mb: int = 1024, config: str | None = None) -> DaemonProc:
+        fs = LoopFs(size_mb)
+        data = fs.mnt / "data"
+        data.mkdir(mode=0o711)
+        d = DaemonProc(data, config=config)
+        made.append((fs, d))
+        d.start()
+        return d
+
+    yield make
+    for fs, d in made:
+        try:
+            print(f"--- the log of the daemon on {d.data_dir} ---\n{d.log()}")
+            d.cleanup()
+        finally:
+            fs.remove()
+
+
+def write(sbx: Sandbox, path: str, mb: int) -> Any:
+    """Write ``mb`` MiB of zeros to ``path`` inside the sandbox, synced (the quota is charged at allocation)."""
+    return sbx.commands.run(f"head -c {mb}M /dev/zero > {path} && sync {path}", timeout=120)
+
+
+def test_a_sandbox_writing_past_its_disk_limit_gets_edquot_and_others_write_on(
+    btrfs_daemon: Callable[..., DaemonProc],
+) -> None:
+    d = btrfs_daemon()
+    small = Sandbox.create(base_url=d.url, disk_mb=64, allow_internet_access=False)
+    other = Sandbox.create(base_url=d.url, allow_internet_access=False)
+    try:
+        assert small.info.disk_mb == 64
+        assert other.info.disk_mb == 10240  # the daemon's default_disk_mb
+        assert small.get_info().disk_mb == 64
+        r = write(small, "/big", 100)
+        assert r.exit_code != 0
+        assert QUOTA_MSG in r.stderr
+        kept = int(small.commands.run("stat -c %s /big").stdout)
+        assert 32 << 20 < kept <= 64 << 20  # it wrote up to its limit, not beyond
+        assert write(other, "/big", 100).exit_code == 0  # a neighbour is not affected
+        small.commands.run("rm /big && sync")  # freeing space gives the sandbox its room back
+        assert write(small, "/again", 16).exit_code == 0
+
+        # a fork inherits the parent's limit (and counts only what it writes itself)
+        (child,) = small.fork()
+        assert isinstance(child, Sandbox)
+        try:
+            assert child.info.disk_mb == 64
+            r = write(child, "/big", 100)
+            assert r.exit_code != 0 and QUOTA_MSG in r.stderr
+            assert "again" in child.commands.run("ls /").stdout
+        finally:
+            child.kill()
+    finally:
+        small.kill()
+        other.kill()
+
+
+def test_disk_mb_bad_input_and_drivers_that_cannot_limit(
+    btrfs_daemon: Callable[..., DaemonProc], daemon: DaemonProc
+) -> None:
+    d = btrfs_daemon()
+    for bad in (0, 15, -1):
+        with pytest.raises(BadRequestError, match="disk_mb"):
+            Sandbox.create(base_url=d.url, disk_mb=bad)
+    # the daemon on ext4 (overlay driver): an explicit limit is refused, and sandboxes show none
+    with pytest.raises(NotSupportedError, match="btrfs"):
+        Sandbox.create(base_url=daemon.url, disk_mb=64)
+    sbx = Sandbox.create(base_url=daemon.url, allow_internet_access=False)
+    try:
+        assert sbx.info.disk_mb == 0
+    finally:
+        sbx.kill()
