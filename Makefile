@@ -17,11 +17,14 @@ PYTEST_ARGS ?=
 # the microvm backend: QEMU (microvm machine, qemu-img), mkfs.ext4, lz4 for the kernel, busybox for the initrd,
 # cpio (only the test that reads our initrd archive back)
 VM_APT_PACKAGES := qemu-system-x86 qemu-utils e2fsprogs lz4 busybox-static cpio
+# image import: skopeo copies images into an OCI layout. Only `make test` installs the tests' local registry and
+# htpasswd (on a systemd host Debian's docker-registry package starts a registry on :5000; the tests run their own)
+TEST_APT_PACKAGES := docker-registry apache2-utils
 APT_PACKAGES := mmdebstrap bubblewrap busybox-static git ca-certificates iproute2 nftables libseccomp2 \
-	python3 python3-venv tar xz-utils zstd btrfs-progs $(VM_APT_PACKAGES)
+	python3 python3-venv tar xz-utils zstd btrfs-progs skopeo $(VM_APT_PACKAGES)
 BENCH_APT_PACKAGES := docker.io
 
-.PHONY: help setup apt venv storage template run test test-fast bench lint format sdk clean
+.PHONY: help setup apt test-apt venv storage template run test test-fast bench lint format sdk clean
 
 help:
 	@echo "make run    set up (apt packages, virtualenv, default template) and start the daemon on 127.0.0.1"
@@ -38,6 +41,10 @@ apt:
 		echo "installing: $$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
+
+test-apt:
+	@missing=$$(for p in $(TEST_APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
 
 venv: $(VENV)/.installed
 
@@ -57,10 +64,10 @@ template: apt venv storage
 run: setup
 	$(BB) serve --config etc/branchbox.toml --data-dir $(DATA_DIR)
 
-test: setup
+test: setup test-apt
 	$(PY) -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
-test-fast: venv
+test-fast: venv test-apt
 	$(PY) -m pytest -n $(PYTEST_WORKERS) -m "not slow" $(PYTEST_ARGS)
 
 bench: setup

@@ -14,7 +14,11 @@ Hierarchy::
     │   ├── NotADirectoryInSandboxError not_a_directory     400
     │   ├── IsADirectoryInSandboxError  is_a_directory      400
     │   ├── RepositoryUrlError          invalid_repository_url 400
+    │   ├── ImageReferenceError         invalid_image_reference 400 (not a transport:target skopeo knows)
+    │   ├── UnsupportedImageError       unsupported_image   400  (media type, platform or schema)
+    │   ├── UnsafeImageError            unsafe_image        400  (a layer escapes the root, bad whiteout, ...)
     │   └── PayloadTooLargeError        payload_too_large   413  (a size bound of core/limits.py)
+    │       └── ImageTooLargeError      image_too_large     413  (an image over its unpacked size/file cap)
     ├── UnauthorizedError               unauthorized        401
     ├── NotFoundError (LookupError)     not_found           404
     │   ├── SandboxNotFoundError        sandbox_not_found   404
@@ -25,12 +29,14 @@ Hierarchy::
     │   ├── WorkspaceNotFoundError      workspace_not_found 404
     │   ├── RepositoryNotFoundError     repository_not_found 404
     │   ├── RefNotFoundError            ref_not_found       404  (missing branch or commit)
+    │   ├── ImageNotFoundError          image_not_found     404  (no such image, tag, archive or layout)
     │   └── NodeNotFoundError           node_not_found      404  (fleet: no such node)
     ├── ConflictError                   conflict            409
     │   ├── InvalidStateError           invalid_state       409
     │   └── FileExistsInSandboxError    file_exists         409
     ├── PermissionDeniedError           permission_denied   403
     │   ├── RepositoryAuthError         repository_auth_failed 403
+    │   ├── RegistryAuthError           registry_auth_failed 403
     │   ├── HostNotAllowedError         host_not_allowed    403  (a Host header not on the API's allow-list)
     │   └── OriginNotAllowedError       origin_not_allowed  403  (a browser page of another origin)
     ├── LimitExceededError              limit_exceeded      429
@@ -45,6 +51,8 @@ Hierarchy::
     ├── PortUnreachableError            port_unreachable    502
     ├── GitError                        git_error           500
     │   └── RepositoryUnreachableError  repository_unreachable 502  (connect failed, or the server died mid-fetch)
+    ├── RegistryUnreachableError        registry_unreachable 502  (an image registry or Docker daemon)
+    ├── ImageDigestMismatchError        image_digest_mismatch 502 (a blob is not what its digest says)
     └── AgentError                      agent_error         502
         └── AgentDisconnectedError      agent_disconnected  502
 
@@ -254,6 +262,40 @@ class GitError(BranchboxError):
 
 class RepositoryUnreachableError(GitError):
     code = "repository_unreachable"
+    http_status = 502
+
+
+class ImageReferenceError(BadRequestError):
+    code = "invalid_image_reference"
+
+
+class UnsupportedImageError(BadRequestError):
+    code = "unsupported_image"
+
+
+class UnsafeImageError(BadRequestError):
+    code = "unsafe_image"
+
+
+class ImageTooLargeError(PayloadTooLargeError):
+    code = "image_too_large"
+
+
+class ImageNotFoundError(NotFoundError):
+    code = "image_not_found"
+
+
+class RegistryAuthError(PermissionDeniedError):
+    code = "registry_auth_failed"
+
+
+class RegistryUnreachableError(BranchboxError):
+    code = "registry_unreachable"
+    http_status = 502
+
+
+class ImageDigestMismatchError(BranchboxError):
+    code = "image_digest_mismatch"
     http_status = 502
 
 

@@ -16,6 +16,8 @@ from branchbox.core.models import TemplateInfo
 from branchbox.core.settings import DEFAULT_DATA_DIR
 from branchbox.errors import BranchboxError
 from branchbox.images import BuildEvent, TemplateStore, default_spec, load_spec
+from branchbox.images.oci_fetch import FetchOptions
+from branchbox.images.oci_unpack import Budget
 
 err = Console(stderr=True)
 out = Console()
@@ -103,6 +105,71 @@ def import_(tar: Path, name: str, python: str | None, data_dir: Path | None, tem
     no Python; without /bin/sh, run commands as argv lists."""
     store = _store(data_dir, templates_dir)
     info = _with_progress(f"importing {name}", lambda p: store.import_tar(tar, name=name, python=python, progress=p))
+    click.echo(f"{info.name} {info.digest}")
+
+
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def _size(value: str) -> int:
+    v = value.strip().lower().removesuffix("b").removesuffix("i")
+    unit = v[-1:] if v[-1:] in _SIZE_UNITS else ""
+    try:
+        n = float(v[: len(v) - len(unit)])
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a size (e.g. 512M, 8G)") from None
+    if n <= 0:
+        raise click.BadParameter("the size must be positive")
+    return int(n * _SIZE_UNITS[unit])
+
+
+@template.command(name="import-image")
+@click.argument("ref")
+@click.option("--name", required=True, help="Template name.")
+@click.option(
+    "--creds",
+    envvar="BRANCHBOX_REGISTRY_CREDS",
+    default=None,
+    help="USER[:PASSWORD] for a docker:// registry (prompts for the password when left out) "
+    "[env BRANCHBOX_REGISTRY_CREDS]. Never logged.",
+)
+@click.option(
+    "--authfile", type=click.Path(path_type=Path, dir_okay=False), default=None, help="A containers-auth.json."
+)
+@click.option("--insecure", is_flag=True, help="Plain HTTP or unverified TLS to the registry (--src-tls-verify=false).")
+@click.option("--max-size", default="16G", show_default=True, help="Refuse images that unpack to more than this.")
+@click.option("--max-files", default=1_000_000, show_default=True, help="Refuse images with more entries than this.")
+@_with_dirs
+def import_image(
+    ref: str,
+    name: str,
+    creds: str | None,
+    authfile: Path | None,
+    insecure: bool,
+    max_size: str,
+    max_files: int,
+    data_dir: Path | None,
+    templates_dir: Path | None,
+) -> None:
+    """Import a container image as template NAME. REF in skopeo's syntax: docker://registry/repo:tag,
+    docker-daemon:repo:tag, docker-archive:PATH, oci-archive:PATH, oci:DIR[:tag]."""
+    if creds is not None and ":" not in creds:
+        creds = f"{creds}:{click.prompt(f'password for {creds}', hide_input=True, err=True)}"
+    store = _store(data_dir, templates_dir)
+    opts = FetchOptions(creds=creds, authfile=authfile, tls_verify=not insecure)
+    budget = Budget(max_bytes=_size(max_size), max_files=max_files)
+
+    def work(p: object) -> object:
+        assert callable(p)
+
+        def on_event(ev: BuildEvent) -> None:
+            if ev.step in ("cached", "unpack") and (ev.step == "cached" or " in " in ev.message):
+                err.print(f"  {escape(ev.message)}", highlight=False)
+            p(ev)
+
+        return store.import_image(ref, name=name, progress=on_event, options=opts, budget=budget)
+
+    info = _with_progress(f"importing {name}", work)
     click.echo(f"{info.name} {info.digest}")
 
 

@@ -14,13 +14,18 @@ from branchbox.agent.client import AgentClient
 
 
 async def personalise(
-    agent: AgentClient, *, hostname: str, env: Mapping[str, str] | None = None, workdir: str | None = None
+    agent: AgentClient,
+    *,
+    hostname: str,
+    env: Mapping[str, str] | None = None,
+    workdir: str | None = None,
+    user: str | None = None,
 ) -> None:
     """A unique clone: hostname, a new machine-id, the RNG reseeded from the host, the wall clock set; then the
     base environment and working directory (when given)."""
     calls: list[Awaitable[Any]] = [
         agent.identity(hostname=hostname, machine_id=secrets.token_hex(16), entropy=os.urandom(32), clock=time.time())
     ]
-    if env or (workdir not in (None, "/")):
-        calls.append(agent.configure(env=env, workdir=workdir))
+    if env or (workdir not in (None, "/")) or user is not None:
+        calls.append(agent.configure(env=env, workdir=workdir, user=user))
     await asyncio.gather(*calls)

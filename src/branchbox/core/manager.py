@@ -140,6 +140,11 @@ class _Live:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
+def _image_user(tpl: TemplateInfo) -> str | None:
+    """An imported image's USER, the default user of its sandboxes' commands (None: root)."""
+    return tpl.user if tpl.source == "image" and tpl.user not in ("root", "0") else None
+
+
 class Manager:
     """In-process core. Use ``async with Manager.open(settings) as m``."""
 
@@ -422,9 +427,14 @@ class Manager:
             else:
                 with timer.phase("agent_connect"):
                     agent = await self._connect_agent(be, handle)
+            user = _image_user(tpl)
             if be.capabilities.agent_session:
                 with timer.phase("identity"):
-                    await identity.personalise(agent, hostname=info.hostname, env=spec.env, workdir=spec.workdir)
+                    await identity.personalise(
+                        agent, hostname=info.hostname, env=spec.env, workdir=spec.workdir, user=user
+                    )
+            elif user is not None:
+                await agent.configure(env=spec.env, workdir=spec.workdir, user=user)
             info = replace(info, state=SandboxState.RUNNING, timings=timer.as_dict())
             if base is not None:  # the upper is a clone of base now: only the lowers are used
                 self._db.update(sid, state=info.state, handle=handle, timings=info.timings, layers=list(lowers))
@@ -469,8 +479,8 @@ class Manager:
             session = live.backend.capabilities.agent_session
             calls: builtins.list[Awaitable[Any]] = []  # at most one round trip: the agent answers them together
             if env:
-                base = self.templates.get(live.info.template_digest).env if session else {}
-                calls.append(live.agent.configure(env={**base, **env}))
+                tpl = self.templates.get(live.info.template_digest)
+                calls.append(live.agent.configure(env={**(tpl.env if session else {}), **env}, user=_image_user(tpl)))
             if rename and hostname is not None:
                 if not session:  # a container: renamed from outside (its agent has no CAP_SYS_ADMIN)
                     live.backend.set_hostname(live.handle, hostname)

@@ -38,6 +38,10 @@ from branchbox.images.importer import (
     python_version_from_name,
     resolve_in_root,
 )
+from branchbox.images.oci_fetch import FetchOptions, fetch, parse_ref
+from branchbox.images.oci_import import OCI_IMPORTER_VERSION, template_digest, unpack_image
+from branchbox.images.oci_layout import defaults, read_image
+from branchbox.images.oci_unpack import Budget
 from branchbox.images.shift import shift_id
 from branchbox.images.spec import BUILDER_VERSION, TemplateSpec, check_name, default_spec, is_digest
 
@@ -163,6 +167,7 @@ class TemplateStore:
             env=dict(meta.get("env", {})),
             workdir=str(meta.get("workdir", "/")),
             source=str(meta.get("source", "spec")),
+            user=str(meta.get("user") or "root"),
         )
 
     def get(self, name_or_digest: str) -> TemplateInfo:
@@ -219,8 +224,8 @@ class TemplateStore:
                 shutil.rmtree(p, ignore_errors=True)
 
     @contextlib.asynccontextmanager
-    async def _building(self, digest: str) -> AsyncIterator[None]:
-        """Hold the gc lock shared (cleaning stale temp dirs first when nobody builds) and the digest lock."""
+    async def _gc_shared(self) -> AsyncIterator[None]:
+        """Hold the gc lock shared (cleaning stale temp dirs first when nobody builds): our .tmp-* dirs live."""
         self._ensure_dirs()
         gc = self.root / ".gc.lock"
         fd = os.open(gc, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -232,10 +237,15 @@ class TemplateStore:
             else:
                 await asyncio.to_thread(self._clean_stale_tmp)
                 fcntl.flock(fd, fcntl.LOCK_SH)
-            async with self._flock(self._locks / f"{digest}.lock", fcntl.LOCK_EX):
-                yield
+            yield
         finally:
             os.close(fd)
+
+    @contextlib.asynccontextmanager
+    async def _building(self, digest: str) -> AsyncIterator[None]:
+        """Hold the gc lock shared and the digest lock."""
+        async with self._gc_shared(), self._flock(self._locks / f"{digest}.lock", fcntl.LOCK_EX):
+            yield
 
     def _new_tmp(self) -> Path:
         tmp = self.root / f".tmp-{secrets.token_hex(8)}"
@@ -380,6 +390,99 @@ class TemplateStore:
             self._set_name(name, digest)
         _emit(progress, "done", f"imported {name} ({digest[:12]})", 1.0)
         return self._info(digest, name)
+
+    async def import_image(
+        self,
+        ref: str,
+        *,
+        name: str,
+        progress: Progress | None = None,
+        options: FetchOptions | None = None,
+        budget: Budget | None = None,
+        cwd: Path | None = None,
+    ) -> TemplateInfo:
+        """Import a container image (skopeo's transport syntax: docker://, docker-daemon:, docker-archive:,
+        oci-archive:, oci:) as template ``name``. The digest is the image's manifest digest (+ importer version
+        and id range); layers are unpacked once into ``layers/`` and shared (docs/templates.md)."""
+        check_name(name)
+        image_ref = parse_ref(ref, cwd=cwd)
+        async with self._gc_shared():
+            tmp = self._new_tmp()
+            try:
+                _emit(progress, "fetch", f"copying {str(image_ref)[:200]} (skopeo)")
+                layout, blobs = tmp / "layout", self.root / "blobs"
+                await fetch(
+                    image_ref, layout, blobs, options or FetchOptions(), lambda ln: _emit(progress, "fetch", ln)
+                )
+                image = await asyncio.to_thread(read_image, layout, blobs, ref_name="image")
+                digest = template_digest(image, self.idmap)
+                async with self._flock(self._locks / f"{digest}.lock", fcntl.LOCK_EX):
+                    if (self.root / digest / _META).is_file():
+                        self._set_name(name, digest)
+                        _emit(
+                            progress, "cached", f"{image.manifest_digest[:19]} was imported before ({digest[:12]})", 1
+                        )
+                        return self._info(digest, name)
+                    meta = await asyncio.to_thread(self._unpack_image, image, tmp, budget or Budget(), progress)
+                    meta.update(name=name, digest=digest, image={**meta["image"], "reference": str(image_ref)[:1024]})
+                    await asyncio.to_thread(self._commit, tmp, digest, meta)
+                    self._set_name(name, digest)
+            finally:
+                if tmp.exists():
+                    await asyncio.to_thread(shutil.rmtree, tmp, True)
+        _emit(progress, "done", f"imported {name} ({digest[:12]}, {meta['size_bytes'] / 1e6:.0f} MB)", 1.0)
+        return self._info(digest, name)
+
+    def _unpack_image(self, image: Any, tmp: Path, budget: Budget, progress: Progress | None) -> dict[str, Any]:
+        """The rootfs of ``image`` in ``tmp/rootfs`` (through the layer cache) and its template.json fields."""
+        t0 = time.monotonic()
+        rootfs = tmp / "rootfs"
+        counts = unpack_image(
+            image,
+            blobs=self.root / "blobs",
+            stacks=self.root / "layers",
+            locks=self._locks,
+            work=tmp,
+            dest=rootfs,
+            idmap=self.idmap,
+            budget=budget,
+            say=lambda step, msg, frac: _emit(progress, step, msg, frac),
+        )
+        for p in tmp.iterdir():  # the layout, the auth file: only rootfs and template.json are kept
+            if p.name != "rootfs":
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        d = defaults(image.config)
+        wd = resolve_in_root(rootfs, d["workdir"])
+        for missing in reversed([wd, *wd.parents][: len(wd.relative_to(rootfs).parts)]):
+            if not missing.exists():  # owned by root inside, like the image's own directories
+                missing.mkdir(mode=0o755)
+                os.lchown(missing, shift_id(0, self.idmap), shift_id(0, self.idmap))
+        py = resolve_in_root(rootfs, "/usr/bin/python3")
+        has_python = py.is_file() and bool(os.stat(py).st_mode & 0o111)
+        return {
+            "source": "image",
+            "created_at": time.time(),
+            "build_seconds": round(time.monotonic() - t0, 3),
+            "size_bytes": disk_usage(rootfs),
+            "python": "/usr/bin/python3" if has_python else None,
+            "python_version": python_version_from_name(py.resolve()) if has_python else "",
+            "shell": has_shell(rootfs),
+            "env": d["env"],
+            "workdir": d["workdir"],
+            "user": d["user"],
+            "entrypoint": d["entrypoint"],
+            "cmd": d["cmd"],
+            "idmap": {"host_base": self.idmap.host_base, "count": self.idmap.count},
+            "builder_version": BUILDER_VERSION,
+            "image": {
+                "manifest_digest": image.manifest_digest,
+                "config_digest": image.config_digest,
+                "platform": f"{image.os}/{image.architecture}",
+                "layers": [{"digest": x.digest, "diff_id": x.diff_id, "size": x.size} for x in image.layers],
+                "importer_version": OCI_IMPORTER_VERSION,
+                **counts,
+            },
+        }
 
     def remove(self, name: str) -> None:
         """Remove a name; the template itself goes when no name points at it (a digest removes all its names).

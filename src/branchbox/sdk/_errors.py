@@ -4,12 +4,13 @@ Hierarchy::
 
     SandboxError
     ├── BadRequestError (ValueError)  bad_request, invalid_path, invalid_template_spec, not_a_directory,
-    │                                 is_a_directory, invalid_network_policy, invalid_repository_url
+    │                                 is_a_directory, invalid_network_policy, invalid_repository_url,
+    │                                 invalid_image_reference, unsupported_image, unsafe_image, image_too_large
     ├── AuthenticationError           unauthorized
-    ├── PermissionDeniedError         permission_denied, repository_auth_failed
+    ├── PermissionDeniedError         permission_denied, repository_auth_failed, registry_auth_failed
     ├── NotFoundError (LookupError)   not_found, sandbox_not_found, template_not_found, snapshot_not_found,
     │                                 file_not_found, process_not_found, workspace_not_found,
-    │                                 repository_not_found, ref_not_found
+    │                                 repository_not_found, ref_not_found, image_not_found
     ├── ConflictError                 conflict, invalid_state, file_exists
     ├── RateLimitError                limit_exceeded
     ├── TimeoutException (TimeoutError) timeout, and client-side request timeouts
@@ -17,7 +18,7 @@ Hierarchy::
     ├── AgentError                    agent_error, agent_disconnected
     ├── ServerError                   internal, backend_error, network_error, port_unreachable,
     │   │                             template_build_failed, git_error, repository_unreachable,
-    │   │                             unknown codes
+    │   │                             registry_unreachable, image_digest_mismatch, unknown codes
     │   └── DiskFullError             disk_full (the daemon's disk is below its reserve: free space)
     └── ConnectionError_ (ConnectionError) the daemon could not be reached
 """
@@ -144,6 +145,14 @@ ERROR_TABLE: dict[str, type[SandboxError]] = {
     "git_error": ServerError,
     "repository_unreachable": ServerError,
     "disk_full": DiskFullError,
+    "invalid_image_reference": BadRequestError,
+    "unsupported_image": BadRequestError,
+    "unsafe_image": BadRequestError,
+    "image_too_large": BadRequestError,  # status 413, like payload_too_large
+    "image_not_found": NotFoundError,
+    "registry_auth_failed": PermissionDeniedError,
+    "registry_unreachable": ServerError,
+    "image_digest_mismatch": ServerError,
 }
 
 

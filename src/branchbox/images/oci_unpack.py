@@ -1,0 +1,309 @@
+"""Apply one OCI layer (a plain, gzip or zstd tar) onto a root filesystem tree, safely.
+
+OCI's changeset semantics: ``.wh.NAME`` deletes NAME of the layers below, ``.wh..wh..opq`` empties its directory
+of what the layers below put there (entries of this layer stay), and an entry replaces what was at its path
+unless both are directories. Paths are resolved inside the root (a parent that is a symlink is followed as the
+sandbox would see it, never onto the host: ``importer.resolve_in_root``); absolute names and ``..`` are refused,
+hard links must point at an existing non-directory inside the root, device nodes are skipped, owners are shifted
+into the store's id range (``shift.shift_id``), setuid/setgid bits and ``security.capability`` survive. Every
+entry counts against a :class:`Budget` (unpacked bytes, entries): a tar bomb stops with ``image_too_large``
+before it fills the disk. The uncompressed stream is hashed as it is read: a layer whose diff id does not match
+fails with ``image_digest_mismatch``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+import tarfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from branchbox.backends.base import IdMap
+from branchbox.errors import (
+    BranchboxError,
+    ImageDigestMismatchError,
+    ImageTooLargeError,
+    TemplateBuildError,
+    UnsafeImageError,
+    UnsupportedImageError,
+)
+from branchbox.images.importer import resolve_in_root
+from branchbox.images.oci_layout import Layer
+from branchbox.images.shift import shift_id
+
+WHITEOUT = ".wh."
+OPAQUE = ".wh..wh..opq"
+_CAP_PAX = "SCHILY.xattr.security.capability"
+_MAX_META = 1 << 20  # a long name or pax header above 1 MiB is an attack, not a file name
+_META_TYPES = (
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+)
+
+
+@dataclass
+class Budget:
+    """What one import may unpack: ``max_bytes`` of file content and ``max_files`` entries, over all layers."""
+
+    max_bytes: int = 16 << 30
+    max_files: int = 1_000_000
+    bytes: int = 0
+    files: int = 0
+
+    def take(self, size: int) -> None:
+        self.files += 1
+        self.bytes += size
+        if self.files > self.max_files:
+            raise ImageTooLargeError(
+                f"the image has more than {self.max_files} files: raise the cap (--max-files) if you trust it",
+                limit="max_files",
+                max_files=self.max_files,
+            )
+        if self.bytes > self.max_bytes:
+            raise ImageTooLargeError(
+                f"the image unpacks to more than {self.max_bytes} bytes: raise the cap (--max-size) if you trust it",
+                limit="max_bytes",
+                max_bytes=self.max_bytes,
+            )
+
+    def stream_cap(self) -> int:
+        """How many uncompressed bytes a layer may stream (content + tar headers and padding)."""
+        return self.max_bytes - self.bytes + 4096 * (self.max_files - self.files) + (1 << 20)
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """Refuses long-name and pax headers above 1 MiB before tarfile reads them into memory."""
+
+    def _proc_member(self, tarfile: tarfile.TarFile) -> Any:
+        if self.type in _META_TYPES and self.size > _MAX_META:
+            raise UnsafeImageError(f"a tar header of {self.size} bytes (over {_MAX_META}): refusing the layer")
+        return super()._proc_member(tarfile)  # type: ignore[misc]
+
+
+class _HashingReader:
+    """Reads from ``raw``, hashing and counting; more than ``cap`` bytes is a tar bomb."""
+
+    def __init__(self, raw: IO[bytes], cap: int) -> None:
+        self.raw = raw
+        self.cap = cap
+        self.count = 0
+        self.sha = hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n if 0 <= n <= 1 << 20 else 1 << 20)
+        self.count += len(data)
+        if self.count > self.cap:
+            raise ImageTooLargeError(
+                "a layer's uncompressed stream is larger than the image's unpack cap: refusing it (--max-size)",
+                limit="max_bytes",
+            )
+        self.sha.update(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+@contextlib.contextmanager
+def _decompressed(path: Path, compression: str) -> Iterator[IO[bytes]]:
+    if compression == "zstd":
+        proc = subprocess.Popen(
+            ["zstd", "-dcq", "--", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
+        )
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        try:
+            yield proc.stdout
+            rest = proc.stdout.read()
+            if rest:
+                raise UnsupportedImageError(f"layer {path.name}: data after the end of the tar stream")
+            err = proc.stderr.read(4096).decode(errors="replace").strip()
+            if proc.wait() != 0:
+                raise UnsupportedImageError(f"layer {path.name} is not valid zstd: {err[-300:]}")
+        finally:
+            proc.stdout.close()
+            proc.stderr.close()
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        return
+    with path.open("rb") as fh:
+        if compression == "gzip":
+            with gzip.GzipFile(fileobj=fh, mode="rb") as gz:
+                yield gz  # type: ignore[misc]
+        else:
+            yield fh
+
+
+def _remove(path: Path | str) -> None:
+    st = os.lstat(path)
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+def _parts(name: str, what: str) -> list[str]:
+    if name.startswith("/"):
+        raise UnsafeImageError(f"layer entry {name[:200]!r} {what}has an absolute path: refusing the image")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise UnsafeImageError(f"layer entry {name[:200]!r} {what}contains '..': refusing the image")
+    return parts
+
+
+class _Applier:
+    def __init__(self, root: Path, idmap: IdMap, budget: Budget, layer: Layer) -> None:
+        self.root = root
+        self.idmap = idmap
+        self.budget = budget
+        self.layer = layer
+        self.created: set[str] = set()
+        self.dirs: list[tuple[str, float]] = []
+        self.skipped_devices = 0
+        self.root_id = shift_id(0, idmap)
+
+    def _parent(self, rel_parts: list[str]) -> Path:
+        """The host dir for the layer path ``rel_parts`` (symlinks followed inside the root), made if missing."""
+        parent = resolve_in_root(self.root, "/".join(rel_parts))
+        rel = parent.relative_to(self.root)
+        cur = self.root
+        for comp in rel.parts:
+            cur = cur / comp
+            try:
+                st = os.lstat(cur)
+            except FileNotFoundError:
+                os.mkdir(cur, 0o755)
+                os.lchown(cur, self.root_id, self.root_id)
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                raise UnsupportedImageError(
+                    f"layer {self.layer.digest}: /{'/'.join(rel_parts)} has a non-directory parent ({cur.name})"
+                )
+        return parent
+
+    def _opaque(self, rel_parts: list[str]) -> None:
+        d = resolve_in_root(self.root, "/".join(rel_parts))
+        if not d.is_dir() or d.is_symlink():
+            return
+        for dirpath, dirnames, filenames in os.walk(d):
+            for name in (*dirnames, *filenames):
+                p = os.path.join(dirpath, name)
+                if os.path.relpath(p, self.root) not in self.created:
+                    _remove(p)
+            dirnames[:] = [n for n in dirnames if os.path.lexists(os.path.join(dirpath, n))]
+
+    def _whiteout(self, rel_parts: list[str], name: str, member: tarfile.TarInfo) -> None:
+        if name in ("", ".", ".."):
+            raise UnsafeImageError(f"whiteout {member.name[:200]!r} names no file: refusing the image")
+        target = resolve_in_root(self.root, "/".join(rel_parts)) / name
+        if os.path.lexists(target):
+            _remove(target)
+
+    def _link_target(self, member: tarfile.TarInfo) -> str:
+        parts = _parts(member.linkname, f"(hard link of {member.name[:100]!r}) ")
+        if not parts:
+            raise UnsafeImageError(f"hard link {member.name[:200]!r} points at the root: refusing the image")
+        target = resolve_in_root(self.root, "/".join(parts[:-1])) / parts[-1]
+        try:
+            st = os.lstat(target)
+        except FileNotFoundError:
+            raise UnsafeImageError(
+                f"hard link {member.name[:200]!r} -> {member.linkname[:200]!r}: no such file in the image"
+            ) from None
+        if stat.S_ISDIR(st.st_mode):
+            raise UnsafeImageError(f"hard link {member.name[:200]!r} points at a directory: refusing the image")
+        return str(target.relative_to(self.root))
+
+    def apply(self, tar: tarfile.TarFile) -> None:
+        for member in tar:
+            parts = _parts(member.name, "")
+            if not parts:
+                continue  # the root itself: its owner and mode are the store's
+            base, parent_parts = parts[-1], parts[:-1]
+            if base.startswith(WHITEOUT):
+                if base == OPAQUE:
+                    self._opaque(parent_parts)
+                elif not base.startswith(WHITEOUT + WHITEOUT):  # .wh..wh.* (aufs internals) mean nothing here
+                    self._whiteout(parent_parts, base[len(WHITEOUT) :], member)
+                continue
+            self.budget.take(member.size if member.isreg() else 0)
+            if member.ischr() or member.isblk():
+                self.skipped_devices += 1
+                continue
+            linkname = self._link_target(member) if member.islnk() else member.linkname
+            dest = self._parent(parent_parts) / base
+            try:
+                st = os.lstat(dest)
+            except FileNotFoundError:
+                pass
+            else:
+                if not (member.isdir() and stat.S_ISDIR(st.st_mode)):
+                    _remove(dest)
+            rel = str(dest.relative_to(self.root))
+            new = member.replace(
+                name=rel,
+                linkname=linkname,
+                uid=shift_id(member.uid, self.idmap),
+                gid=shift_id(member.gid, self.idmap),
+                uname="",
+                gname="",
+                deep=False,
+            )
+            tar.extract(new, self.root, set_attrs=True, numeric_owner=True, filter="fully_trusted")
+            self.created.add(rel)
+            if member.isdir():
+                self.dirs.append((rel, float(member.mtime)))
+            caps = member.pax_headers.get(_CAP_PAX)
+            if caps is not None and member.isreg():
+                try:
+                    os.setxattr(
+                        dest, "security.capability", caps.encode("utf-8", "surrogateescape"), follow_symlinks=False
+                    )
+                except OSError as exc:
+                    raise UnsupportedImageError(
+                        f"{member.name[:200]!r}: its file capabilities are invalid ({exc})"
+                    ) from exc
+        for rel, mtime in reversed(self.dirs):  # entries written into a dir changed its mtime
+            with contextlib.suppress(OSError):
+                os.utime(self.root / rel, (mtime, mtime), follow_symlinks=False)
+
+
+def apply_layer(root: Path, blob: Path, layer: Layer, idmap: IdMap, budget: Budget) -> int:
+    """Unpack ``blob`` (already checked against ``layer.digest``) onto ``root``; returns skipped device nodes."""
+    applier = _Applier(root, idmap, budget, layer)
+    try:
+        with _decompressed(blob, layer.compression) as raw:
+            reader = _HashingReader(raw, budget.stream_cap())
+            with tarfile.open(fileobj=reader, mode="r|", tarinfo=_BoundedTarInfo) as tar:  # type: ignore[call-overload]
+                tar.errorlevel = 2
+                applier.apply(tar)
+            reader.drain()
+    except BranchboxError:
+        raise
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, UnicodeError) as exc:
+        raise UnsupportedImageError(
+            f"layer {layer.digest} is not a valid {layer.compression or 'plain'} tar: {exc}", digest=layer.digest
+        ) from exc
+    except OSError as exc:
+        raise TemplateBuildError(f"unpacking layer {layer.digest} failed: {exc}", step="unpack") from exc
+    if "sha256:" + reader.sha.hexdigest() != layer.diff_id:
+        raise ImageDigestMismatchError(
+            f"layer {layer.digest} unpacks to sha256:{reader.sha.hexdigest()}, but the image config says "
+            f"{layer.diff_id}: the image is corrupt or was tampered with; nothing was imported",
+            digest=layer.digest,
+        )
+    return applier.skipped_devices

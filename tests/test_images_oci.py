@@ -1,0 +1,411 @@
+"""Templates from OCI/Docker images (issue 25): `template import-image` with skopeo's transports, OCI layer
+semantics (whiteouts, opaque dirs, hard links, owners, setuid, devices), the shared layer cache, typed errors
+that leave nothing behind, and the attacks a hostile image can try. The images are made by the tests
+(tests/oci_images.py); no network."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import stat
+import subprocess
+import sys
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from branchbox.errors import (
+    BranchboxError,
+    ImageDigestMismatchError,
+    ImageNotFoundError,
+    ImageReferenceError,
+    ImageTooLargeError,
+    RegistryAuthError,
+    RegistryUnreachableError,
+    UnsafeImageError,
+    UnsupportedImageError,
+)
+from branchbox.images.oci_fetch import FetchOptions, parse_ref
+from branchbox.images.oci_layout import read_image
+from branchbox.images.oci_unpack import Budget
+from branchbox.images.store import TemplateStore
+from tests.conftest import cli_env
+from tests.oci_images import Entry, digest_of, registry, skopeo_copy, tar_bytes, write_layout
+
+CAP_NET_RAW = "\x01\x00\x00\x02" + "\x00\x20\x00\x00" + "\x00" * 12  # vfs_cap_data v2: cap_net_raw permitted
+BASE = [
+    Entry("bin", "dir", mode=0o755),
+    Entry("bin/sh", data=b"#!/bin/true\n", mode=0o755),
+    Entry("etc", "dir", mode=0o755),
+    Entry("etc/passwd", data=b"root:x:0:0::/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n"),
+    Entry("etc/gone", data=b"deleted by a whiteout"),
+    Entry("opt/lower", "dir", mode=0o755),
+    Entry("opt/lower/old", data=b"hidden by an opaque dir"),
+    Entry("home/app/owned", data=b"mine", uid=1000, gid=1000),
+    Entry("usr/bin/su", data=b"setuid", mode=0o4755),
+    Entry("usr/bin/ping", data=b"caps", mode=0o755, pax={"SCHILY.xattr.security.capability": CAP_NET_RAW}),
+    Entry("dev/null", "chardev"),
+    Entry("lib", "symlink", link="usr/lib"),
+    Entry("usr/lib/libc.so", data=b"libc"),
+    Entry("data", "dir", mode=0o755),
+    Entry("data/swap", "dir", mode=0o755),
+    Entry("data/swap/in-dir", data=b"x"),
+]
+TOP = [
+    Entry("etc/.wh.gone"),
+    Entry("opt/lower/.wh..wh..opq"),
+    Entry("opt/lower/new", data=b"this layer's"),
+    Entry("etc/hosts", data=b"127.0.0.1 localhost\n"),
+    Entry("etc/hosts.hard", "hardlink", link="etc/hosts"),
+    Entry("lib/libextra.so", data=b"through the /lib symlink"),
+    Entry("data/swap", data=b"a file replaces the directory"),
+]
+CONFIG = {
+    "Env": ["PATH=/usr/bin:/bin", "GREETING=hello world", "EMPTY="],
+    "WorkingDir": "/srv/app",
+    "User": "1000",
+    "Entrypoint": ["/bin/sh", "-c"],
+    "Cmd": ["echo hi"],
+}
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> TemplateStore:
+    return TemplateStore(tmp_path / "templates")
+
+
+def assert_nothing_left(store: TemplateStore, keep: Collection[str] = ()) -> None:
+    """No temp dir, and no template or name besides ``keep``'s."""
+    root = store.root
+    if not root.exists():
+        return
+    assert not [p.name for p in root.iterdir() if p.name.startswith(".tmp-")]
+    assert {t.name for t in store.list()} == set(keep)
+
+
+def image(tmp_path: Path, layers: list[list[Entry]], name: str = "img", **kw: Any) -> Path:
+    layout = tmp_path / name
+    write_layout(layout, [tar_bytes(entries) for entries in layers], **kw)
+    return layout
+
+
+# ------------------------------------------------------------------ references
+
+
+@pytest.mark.parametrize(
+    "ref",
+    [
+        "docker://registry.example.com:5000/team/app:1.2",
+        "docker://alpine",
+        "docker://library/python:3.12-slim",
+        "docker://localhost/x@sha256:" + "a" * 64,
+        "docker-daemon:busybox:latest",
+        "docker-daemon:sha256:" + "b" * 64,
+    ],
+)
+def test_good_references(ref: str) -> None:
+    parsed = parse_ref(ref)
+    assert str(parsed) == ref
+
+
+@pytest.mark.parametrize(
+    "ref",
+    [
+        "",
+        "alpine:3",  # no transport
+        "docker:alpine",  # docker needs //
+        "docker://Alpine",  # upper case repository
+        "docker://x/../y",
+        "docker://-x",
+        "docker://a b",
+        "docker-daemon:busybox",  # no tag
+        "dir:/tmp/x",  # a transport we do not offer
+        "containers-storage:x",
+        "docker://x\n",
+        "oci:/tmp/x:bad name",
+    ],
+)
+def test_bad_references(ref: str) -> None:
+    with pytest.raises(ImageReferenceError) as exc:
+        parse_ref(ref)
+    assert exc.value.code == "invalid_image_reference"
+    assert "skopeo's syntax" in exc.value.message
+
+
+def test_registry_of_a_reference() -> None:
+    assert parse_ref("docker://alpine").registry == "docker.io"
+    assert parse_ref("docker://library/alpine").registry == "docker.io"
+    assert parse_ref("docker://127.0.0.1:5000/a/b:1").registry == "127.0.0.1:5000"
+    assert parse_ref("docker://localhost/a").registry == "localhost"
+
+
+# ------------------------------------------------------------------ layers
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd", ""])
+def test_layers_unpack_with_oci_semantics(tmp_path: Path, store: TemplateStore, compression: str) -> None:
+    layout = image(tmp_path, [BASE, TOP], compression=compression, config=CONFIG)
+    events: list[str] = []
+    info = run(store.import_image(f"oci:{layout}:latest", name="sem", progress=lambda e: events.append(e.step)))
+    assert info.name == "sem"
+    assert info.source == "image"
+    r = store.rootfs("sem")
+    base = store.idmap.host_base
+
+    def owner(p: str) -> tuple[int, int]:
+        st = os.lstat(r / p)
+        return st.st_uid - base, st.st_gid - base
+
+    assert not (r / "etc/gone").exists()  # whiteout
+    assert sorted(os.listdir(r / "opt/lower")) == ["new"]  # opaque: the lower's 'old' is gone, this layer's stays
+    assert (r / "etc/passwd").exists()
+    hosts, hard = os.lstat(r / "etc/hosts"), os.lstat(r / "etc/hosts.hard")
+    assert (hosts.st_ino, hosts.st_nlink) == (hard.st_ino, 2)  # a hard link, inside the root
+    assert owner("home/app/owned") == (1000, 1000)
+    assert owner("home/app") == (0, 0)  # implicit parents belong to root inside
+    assert owner("etc/passwd") == (0, 0)
+    su = os.lstat(r / "usr/bin/su")
+    assert stat.S_IMODE(su.st_mode) == 0o4755  # setuid survives the shift
+    assert os.getxattr(r / "usr/bin/ping", "security.capability", follow_symlinks=False)[:4] == b"\x01\x00\x00\x02"
+    assert not (r / "dev/null").exists()  # device nodes are skipped
+    assert (r / "usr/lib/libextra.so").read_bytes() == b"through the /lib symlink"  # parent symlink followed inside
+    assert os.readlink(r / "lib") == "usr/lib"
+    assert (r / "data/swap").read_bytes() == b"a file replaces the directory"
+    assert (r / "srv/app").is_dir()  # the image's WorkingDir is made
+    assert owner("srv") == (0, 0)
+    meta = store.metadata("sem")
+    assert meta["env"] == {"PATH": "/usr/bin:/bin", "GREETING": "hello world", "EMPTY": ""}
+    assert meta["workdir"] == "/srv/app"
+    assert meta["user"] == "1000"
+    assert meta["entrypoint"] == ["/bin/sh", "-c"]
+    assert meta["cmd"] == ["echo hi"]
+    assert meta["image"]["platform"] == "linux/amd64"
+    assert meta["image"]["skipped_devices"] == 1
+    assert {"fetch", "verify", "unpack", "done"} <= set(events)
+
+
+def test_layer_cache_is_shared_and_reimport_is_cached(tmp_path: Path, store: TemplateStore) -> None:
+    a = image(tmp_path, [BASE, TOP], name="a", config=CONFIG)
+    b = image(tmp_path, [BASE, TOP, [Entry("extra", data=b"b only")]], name="b", config=CONFIG)
+    info_a = run(store.import_image(f"oci:{a}:latest", name="a"))
+    assert store.metadata("a")["image"]["layers_unpacked"] == 2
+    info_b = run(store.import_image(f"oci:{b}:latest", name="b"))
+    meta_b = store.metadata("b")["image"]
+    assert (meta_b["layers_cached"], meta_b["layers_unpacked"]) == (2, 1)
+    assert info_a.digest != info_b.digest
+    assert (store.rootfs("b") / "extra").exists()
+    assert not (store.rootfs("a") / "extra").exists()  # stacks are cloned, never shared writable
+    steps: list[str] = []
+    again = run(store.import_image(f"oci:{a}:latest", name="a-again", progress=lambda e: steps.append(e.step)))
+    assert again.digest == info_a.digest
+    assert "cached" in steps
+    assert "unpack" not in steps
+    assert len(list((store.root / "layers").iterdir())) == 3
+
+
+def test_other_transports_give_the_same_tree(tmp_path: Path, store: TemplateStore) -> None:
+    layout = image(tmp_path, [BASE, TOP], config=CONFIG)
+    skopeo_copy(f"oci:{layout}:latest", f"oci-archive:{tmp_path}/img.oci.tar:latest")
+    skopeo_copy(f"oci:{layout}:latest", f"docker-archive:{tmp_path}/img.docker.tar:test/img:1")
+    trees = {}
+    for ref in (f"oci:{layout}", f"oci-archive:{tmp_path}/img.oci.tar", f"docker-archive:{tmp_path}/img.docker.tar"):
+        info = run(store.import_image(ref, name=ref.split(":")[0]))
+        r = store.rootfs(info.name)
+        trees[ref.split(":")[0]] = sorted(str(p.relative_to(r)) for p in r.rglob("*"))
+        assert store.metadata(info.name)["env"]["GREETING"] == "hello world"
+    assert trees["oci"] == trees["oci-archive"] == trees["docker-archive"]
+
+
+def test_index_picks_this_platform(tmp_path: Path, store: TemplateStore) -> None:
+    layout = image(tmp_path, [BASE], as_index=True)
+    picked = read_image(layout, layout / "blobs", ref_name="latest")  # our own index walk (arm64 decoy first)
+    assert picked.architecture == "amd64"
+    info = run(store.import_image(f"oci:{layout}:latest", name="multi"))
+    assert (store.rootfs(info.name) / "bin/sh").exists()
+    arm = image(tmp_path, [BASE], name="arm", architecture="arm64")
+    with pytest.raises(UnsupportedImageError, match="linux/arm64"):
+        run(store.import_image(f"oci:{arm}:latest", name="arm"))
+    assert store.list()[0].name == "multi"
+
+
+# ------------------------------------------------------------------ errors leave nothing behind
+
+
+def test_errors_are_typed_and_leave_nothing(tmp_path: Path, store: TemplateStore) -> None:
+    layout = image(tmp_path, [BASE])
+    cases: list[tuple[str, type[BranchboxError]]] = [
+        (f"oci:{layout}:nope", ImageNotFoundError),
+        (f"docker-archive:{tmp_path}/missing.tar", ImageNotFoundError),
+        (f"oci:{tmp_path}/missing-dir", ImageNotFoundError),
+        ("docker://127.0.0.1:1/none/such:1", RegistryUnreachableError),
+        ("nonsense", ImageReferenceError),
+    ]
+    for ref, cls in cases:
+        with pytest.raises(cls) as exc:
+            run(store.import_image(ref, name="x"))
+        assert exc.value.code == cls.code, (ref, exc.value)
+        assert_nothing_left(store)
+    odd = image(tmp_path, [BASE], name="odd", layer_media="application/vnd.example.layer.v1+tar")
+    with pytest.raises(UnsupportedImageError, match="media type"):
+        run(store.import_image(f"oci:{odd}:latest", name="x"))
+    assert_nothing_left(store)
+
+
+def test_digest_mismatch(tmp_path: Path, store: TemplateStore) -> None:
+    layout = image(tmp_path, [BASE, TOP], compression="")
+    blob = layout / "blobs/sha256" / read_image(layout, layout / "blobs").layers[1].digest[7:]
+    data = bytearray(blob.read_bytes())
+    data[600] ^= 0xFF  # inside the first member's content
+    blob.write_bytes(bytes(data))
+    with pytest.raises(ImageDigestMismatchError):
+        run(store.import_image(f"oci:{layout}:latest", name="x"))
+    assert_nothing_left(store)
+    # a config whose diff_id lies about an intact layer: caught while unpacking, and the stack is not kept
+    lying = tmp_path / "lying"
+    write_layout(lying, [tar_bytes([*BASE, Entry("extra")])], diff_ids=[digest_of(tar_bytes(BASE))])
+    with pytest.raises(ImageDigestMismatchError, match="unpacks to"):
+        run(store.import_image(f"oci:{lying}:latest", name="x"))
+    assert_nothing_left(store)
+    assert not list((store.root / "layers").iterdir())
+
+
+# ------------------------------------------------------------------ attacks
+
+
+@pytest.mark.parametrize(
+    ("entries", "match"),
+    [
+        ([Entry("../escape", data=b"x")], "contains '..'"),
+        ([Entry("/etc/escape", data=b"x")], "absolute path"),
+        ([Entry("a/../../escape", data=b"x")], "contains '..'"),
+        ([Entry("etc/../.wh.x")], "contains '..'"),
+        ([Entry("x", "hardlink", link="/etc/passwd")], "absolute path"),
+        ([Entry("x", "hardlink", link="../../../etc/passwd")], "contains '..'"),
+        ([Entry("x", "hardlink", link="missing")], "no such file"),
+        ([Entry("d", "dir"), Entry("x", "hardlink", link="d")], "directory"),
+        ([Entry("etc/.wh..")], "names no file"),
+    ],
+)
+def test_hostile_entries_are_refused(tmp_path: Path, store: TemplateStore, entries: list[Entry], match: str) -> None:
+    layout = image(tmp_path, [BASE, entries])
+    with pytest.raises(UnsafeImageError, match=match) as exc:
+        run(store.import_image(f"oci:{layout}:latest", name="evil"))
+    assert exc.value.code == "unsafe_image"
+    assert_nothing_left(store)
+
+
+def test_symlinks_never_reach_the_host(tmp_path: Path, store: TemplateStore) -> None:
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "victim").write_text("keep me")
+    (host / "passwd").write_text("host secret")
+    evil = [
+        Entry("abs", "symlink", link=str(host)),
+        Entry("rel", "symlink", link="../../../../../../../../.." + str(host)),
+    ]
+    writes = [
+        Entry("abs/planted", data=b"written through an absolute symlink"),
+        Entry("rel/planted2", data=b"written through a relative symlink"),
+        Entry("abs/.wh.victim"),
+        Entry("stolen", "hardlink", link="abs/passwd"),
+    ]
+    layout = image(tmp_path, [BASE, evil, writes[:3]])
+    info = run(store.import_image(f"oci:{layout}:latest", name="sym"))
+    r = store.rootfs(info.name)
+    assert sorted(os.listdir(host)) == ["passwd", "victim"]
+    assert (host / "victim").read_text() == "keep me"
+    assert (r / str(host).lstrip("/") / "planted").read_bytes() == b"written through an absolute symlink"
+    assert (r / str(host).lstrip("/") / "planted2").exists()
+    layout2 = image(tmp_path, [BASE, evil, writes[3:]], name="img2")
+    with pytest.raises(UnsafeImageError, match="no such file"):  # the link resolves inside the root: not there
+        run(store.import_image(f"oci:{layout2}:latest", name="sym2"))
+    assert os.stat(host / "passwd").st_nlink == 1
+
+
+def test_tar_bombs_stop_at_the_caps(tmp_path: Path, store: TemplateStore) -> None:
+    bomb = image(tmp_path, [BASE, [Entry("zeros", data=bytes(4 << 20))]], name="bomb")
+    assert sum(f.stat().st_size for f in (bomb / "blobs/sha256").iterdir()) < 64 << 10  # small on the wire
+    with pytest.raises(ImageTooLargeError, match="more than 1048576 bytes") as exc:
+        run(store.import_image(f"oci:{bomb}:latest", name="bomb", budget=Budget(max_bytes=1 << 20)))
+    assert exc.value.http_status == 413
+    many = image(tmp_path, [BASE, [Entry(f"f{i}") for i in range(200)]], name="many")
+    with pytest.raises(ImageTooLargeError, match="more than 100 files"):
+        run(store.import_image(f"oci:{many}:latest", name="many", budget=Budget(max_files=100)))
+    huge_name = image(tmp_path, [[Entry("x" * 100, pax={"comment": "y" * (2 << 20)})]], name="pax")
+    with pytest.raises(UnsafeImageError, match="tar header"):
+        run(store.import_image(f"oci:{huge_name}:latest", name="pax"))
+    assert_nothing_left(store)
+
+
+# ------------------------------------------------------------------ registries
+
+
+def test_registry_anonymous_and_with_auth(tmp_path: Path, store: TemplateStore) -> None:
+    layout = image(tmp_path, [BASE, TOP], config=CONFIG)
+    with registry(tmp_path / "open") as reg:
+        reg.push(f"oci:{layout}:latest", "team/app:1")
+        insecure = FetchOptions(tls_verify=False)
+        info = run(store.import_image(reg.ref("team/app:1"), name="from-reg", options=insecure))
+        assert (store.rootfs(info.name) / "etc/hosts.hard").exists()
+        assert store.metadata(info.name)["image"]["reference"] == reg.ref("team/app:1")
+        with pytest.raises(ImageNotFoundError):
+            run(store.import_image(reg.ref("team/app:2"), name="x", options=insecure))
+        with pytest.raises(RegistryUnreachableError, match="--insecure"):  # plain HTTP, TLS asked
+            run(store.import_image(reg.ref("team/app:1"), name="x"))
+    secret = "s3cret-Pa55"
+    with registry(tmp_path / "auth", creds=f"bot:{secret}") as reg:
+        reg.push(f"oci:{layout}:latest", "private/app:1")
+        for opts in (FetchOptions(tls_verify=False), FetchOptions(creds="bot:wrong-" + secret, tls_verify=False)):
+            with pytest.raises(RegistryAuthError) as exc:
+                run(store.import_image(reg.ref("private/app:1"), name="x", options=opts))
+            assert secret not in exc.value.message
+        assert_nothing_left(store, keep={"from-reg"})
+        info = run(
+            store.import_image(
+                reg.ref("private/app:1"), name="private", options=FetchOptions(creds=f"bot:{secret}", tls_verify=False)
+            )
+        )
+        assert info.digest == store.get("from-reg").digest  # same image, same template
+        authfile = tmp_path / "auth.json"
+        auth = base64.b64encode(f"bot:{secret}".encode()).decode()
+        authfile.write_text(json.dumps({"auths": {reg.host: {"auth": auth}}}))
+        opts = FetchOptions(authfile=authfile, tls_verify=False)
+        assert run(store.import_image(reg.ref("private/app:1"), name="p2", options=opts)).digest == info.digest
+    assert not list(store.root.rglob("auth.json"))  # the creds file went with the temp dir
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def test_cli_import_image(tmp_path: Path) -> None:
+    layout = image(tmp_path, [BASE, TOP], config=CONFIG)
+    tdir = str(tmp_path / "t")
+
+    def bb(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "branchbox.cli", "template", *args, "--templates-dir", tdir]
+        return subprocess.run(argv, env=cli_env(), capture_output=True, text=True, check=False)
+
+    ok = bb("import-image", f"oci:{layout}:latest", "--name", "cli")
+    assert ok.returncode == 0, ok.stderr
+    name, digest = ok.stdout.split()
+    assert name == "cli"
+    assert len(digest) == 64
+    assert "layer 1/2" in ok.stderr
+    assert "layer 2/2" in ok.stderr
+    again = bb("import-image", f"oci:{layout}", "--name", "cli2")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.split()[1] == digest
+    bad = bb("import-image", "docker:/x", "--name", "bad")
+    assert bad.returncode == 1
+    assert "invalid_image_reference" in bad.stderr
+    listing = bb("ls")
+    assert "cli2" in listing.stdout
+    assert "image" in listing.stdout
