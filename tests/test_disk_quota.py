@@ -6,13 +6,16 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import sqlite3
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx
 import pytest
 
-from branchbox.sdk import BadRequestError, NotSupportedError, Sandbox
+from branchbox.sdk import BadRequestError, DiskFullError, NotSupportedError, Sandbox
 from tests.conftest import TEST_ROOT, DaemonProc
 
 pytestmark = [
@@ -126,3 +129,63 @@ def test_disk_mb_bad_input_and_drivers_that_cannot_limit(
         assert sbx.info.disk_mb == 0
     finally:
         sbx.kill()
+
+
+def health(d: DaemonProc) -> dict[str, Any]:
+    r = httpx.get(d.url + "/health", timeout=10)
+    assert r.status_code == 200  # the daemon answers whatever its disk
+    body: dict[str, Any] = r.json()
+    return body
+
+
+def metric(d: DaemonProc, name: str) -> float:
+    text = httpx.get(d.url + "/metrics", timeout=10).text
+    (line,) = [x for x in text.splitlines() if x.startswith(name + " ")]
+    return float(line.split()[1])
+
+
+def test_a_nearly_full_data_dir_keeps_the_reserve_refuses_new_work_and_recovers(
+    btrfs_daemon: Callable[..., DaemonProc],
+) -> None:
+    d = btrfs_daemon(size_mb=320, config="reserve_mb = 64\n")
+    assert health(d) == {"status": "ok"}
+    filler = Sandbox.create(base_url=d.url, allow_internet_access=False)  # the default limit: above the fs size
+    other = Sandbox.create(base_url=d.url, allow_internet_access=False)
+    try:
+        other.files.write("/note", "kept")
+        r = write(filler, "/big", 400)
+        assert r.exit_code != 0
+        assert QUOTA_MSG in r.stderr  # the daemon's group limit stopped it, not a full filesystem
+        st = os.statvfs(d.data_dir)
+        assert st.f_bavail * st.f_frsize > 32 << 20  # the reserve is still there for the daemon's state
+
+        # pressure shows, new work is refused with a clear error, and nothing else breaks
+        h = health(d)
+        assert h["status"] == "degraded" and "reserve_mb" in h["reasons"][0], h
+        assert metric(d, "branchbox_disk_pressure") == 1
+        assert metric(d, "branchbox_data_dir_reserve_bytes") == 64 << 20
+        assert metric(d, "branchbox_sandboxes_disk_bytes") > 128 << 20  # most of the 320 MiB went to the filler
+        with pytest.raises(DiskFullError, match="reserve_mb") as info:
+            Sandbox.create(base_url=d.url, allow_internet_access=False)
+        assert info.value.code == "disk_full" and info.value.status == 507
+        with pytest.raises(DiskFullError):
+            other.fork()
+        with pytest.raises(DiskFullError):
+            other.create_snapshot()
+        assert other.commands.run("cat /note && echo ran").stdout == "keptran\n"
+        assert other.files.read("/note") == "kept"
+        assert {s.sandbox_id for s in Sandbox.list(base_url=d.url)} == {filler.sandbox_id, other.sandbox_id}
+        with sqlite3.connect(f"file:{d.data_dir / 'state.db'}?mode=ro", uri=True) as db:
+            assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+        # freeing space ends the pressure: creates work again
+        filler.commands.run("rm -f /big && sync")
+        deadline = time.monotonic() + 60  # btrfs frees extents at its next commit
+        while health(d)["status"] != "ok" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert health(d)["status"] == "ok"
+        again = Sandbox.create(base_url=d.url, allow_internet_access=False)
+        again.kill()
+    finally:
+        filler.kill()
+        other.kill()

@@ -190,8 +190,17 @@ def _build(settings: ApiSettings) -> _App:
         app.include_router(module.router, dependencies=auth)
     app.include_router(streams.router)
 
-    @app.get("/health", response_model=HealthResponse, tags=["meta"], summary="Liveness")
-    async def health() -> HealthResponse:
+    @app.get(
+        "/health",
+        response_model=HealthResponse,
+        response_model_exclude_none=True,  # {"status": "ok"} as before when nothing is degraded
+        tags=["meta"],
+        summary="Liveness and pressure",
+    )
+    async def health(ctx: Ctx) -> HealthResponse:
+        disk = ctx.manager.disk_pressure()  # statvfs, ~2 us
+        if disk.low:
+            return HealthResponse(status="degraded", reasons=[f"disk: {disk.reason()}"])
         return HealthResponse()
 
     @app.get("/version", response_model=VersionResponse, tags=["meta"], summary="Daemon version")
@@ -269,7 +278,7 @@ def create_app(manager: Manager, settings: ApiSettings | None = None, *, metrics
     metrics.watch_pools(manager.pool_statistics)
     metrics.watch_states(manager.state_counts)
     metrics.watch_agent_calls(manager.open_agent_calls)
-    metrics.watch_disk(manager.settings.data_dir)
+    metrics.watch_disk(manager.disk_pressure)
     # {port}-{id}.<port_domain> and /v1/sandboxes/{id}/ports/{port}/... (HTTP and WebSocket)
     app.add_middleware(PortProxy, fastapi=app, guard=guard)
     app.add_middleware(E2BGateway)  # the E2B-compatible API: /sandboxes, /v2/sandboxes, envd calls (docs/e2b.md)

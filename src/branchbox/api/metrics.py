@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
@@ -13,6 +11,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from branchbox.core.disk import Pressure
 from branchbox.core.events import ManagerEvent
 from branchbox.core.models import SandboxState
 from branchbox.core.pool import PoolStats
@@ -71,24 +70,35 @@ class StateCollector(Collector):
 
 class DiskCollector(Collector):
     """The data dir's filesystem, read at scrape time (``statvfs``, ~2 us): what is left for sandboxes' writable
-    layers, snapshot layers and the daemon's own state.db. Disk pressure shows here before writes fail."""
+    layers, snapshot layers and the daemon's own state.db, the reserve kept for the latter, and what the sandboxes
+    hold together (core/disk.py). Disk pressure shows here before writes fail."""
 
-    def __init__(self, path: Path) -> None:
-        self._path = path
+    def __init__(self, source: Callable[[], Pressure]) -> None:
+        self._source = source
 
     def collect(self) -> Iterable[Metric]:
         try:
-            st = os.statvfs(self._path)
+            p = self._source()
         except OSError:
             return
-        free = GaugeMetricFamily(
-            "branchbox_data_dir_free_bytes", "Bytes an unprivileged writer may still use on the data dir's filesystem."
-        )
-        free.add_metric([], st.f_bavail * st.f_frsize)
-        total = GaugeMetricFamily("branchbox_data_dir_size_bytes", "Size of the data dir's filesystem.")
-        total.add_metric([], st.f_blocks * st.f_frsize)
-        yield free
-        yield total
+        yield _gauge("branchbox_data_dir_free_bytes", "Bytes an unprivileged writer may still use on the data dir's "
+                     "filesystem.", p.free)  # fmt: skip
+        yield _gauge("branchbox_data_dir_size_bytes", "Size of the data dir's filesystem.", p.size)
+        yield _gauge("branchbox_data_dir_reserve_bytes", "Free space the daemon keeps for its own state (reserve_mb).",
+                     p.reserve)  # fmt: skip
+        yield _gauge("branchbox_disk_pressure", "1 when free space is down to the reserve: creates, forks and "
+                     "snapshots are refused with disk_full.", int(p.low))  # fmt: skip
+        if p.sandboxes is not None and p.sandboxes_limit is not None:
+            yield _gauge("branchbox_sandboxes_disk_bytes", "Bytes the daemon's sandboxes' writable layers hold "
+                         "together (at the last refresh).", p.sandboxes)  # fmt: skip
+            yield _gauge("branchbox_sandboxes_disk_limit_bytes", "What they may hold together: free space beyond "
+                         "the reserve (at the last refresh).", p.sandboxes_limit)  # fmt: skip
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    g = GaugeMetricFamily(name, doc)
+    g.add_metric([], value)
+    return g
 
 
 class _Children:
@@ -192,10 +202,10 @@ class Metrics:
         """Export the open agent calls that ``source`` counts (called at each scrape)."""
         self.agent_calls.set_function(source)
 
-    def watch_disk(self, data_dir: Path) -> None:
-        """Export the free and total bytes of ``data_dir``'s filesystem (read at each scrape). Once per Metrics."""
+    def watch_disk(self, source: Callable[[], Pressure]) -> None:
+        """Export the data dir's disk pressure that ``source`` reports (read at each scrape). Once per Metrics."""
         if self._disk is None:
-            self._disk = DiskCollector(data_dir)
+            self._disk = DiskCollector(source)
             self.registry.register(self._disk)
 
     def count_api_error(self, code: str) -> None:

@@ -295,7 +295,10 @@ class TemplateResponse(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    status: Literal["ok"] = "ok"
+    status: Literal["ok", "degraded"] = Field(
+        default="ok", description="degraded: the daemon answers but refuses some work; reasons say why."
+    )
+    reasons: list[str] | None = Field(default=None, description="When degraded: what is, and what to do about it.")
 
 
 class VersionResponse(BaseModel):

@@ -158,6 +158,7 @@ class Manager:
         self.settings = settings
         self._storage_choice = storage
         self._storage: StorageDriver | None = None
+        self._reserve: disk.ReserveKeeper | None = None  # the sandboxes' group limit (core/disk.py)
         self._gc_task: asyncio.Task[None] | None = None
         self._gc_again = False
         self.templates = TemplateStore(settings.template_root, settings.idmap)
@@ -203,6 +204,11 @@ class Manager:
             os.chmod(d, 0o700)
         choice = self._storage_choice
         self._storage = make_driver(choice, s.data_dir) if isinstance(choice, str) else choice
+        self._reserve = disk.ReserveKeeper(self._storage.keep_free, s.reserve_mb)
+        try:
+            await asyncio.to_thread(self._reserve.refresh_now)
+        except OSError as exc:
+            log.warning("keeping the disk reserve failed: %s", exc)
         self._store = Store(s.data_dir / "state.db")
         await self._backend(s.default_backend)
         if s.network is not None:
@@ -222,6 +228,8 @@ class Manager:
             return
         self._closed = True
         await self._liveness.aclose()
+        if self._reserve is not None:
+            await self._reserve.aclose()
         await self.workspaces.aclose()
         for pool in [*self._layer_pools.values(), *self._pools.values()]:
             await pool.aclose()  # ready members stay running and re-join their pool on the next start
@@ -284,6 +292,7 @@ class Manager:
                 disk_mb = self._disk_mb(disk_mb, be)
                 policy = self._policy_for(be, allow_internet_access, network)
                 disk.check_reserve(self.settings.data_dir, self.settings.reserve_mb, "create")
+                self._poke_reserve()
                 if snapshot is not None:
                     snap = self._snapshot_or_raise(snapshot)  # again: it may have been deleted meanwhile
         except BranchboxError as exc:
@@ -341,6 +350,16 @@ class Manager:
         """A new sandbox's disk limit (core/disk.py): ``requested`` or the default; 0 where nothing limits it."""
         return disk.resolve(requested, default=self.settings.default_disk_mb, enforcer=self._driver.disk_limits,
                             vm=be.capabilities.memory_snapshot)  # fmt: skip
+
+    def _poke_reserve(self) -> None:
+        if self._reserve is not None:
+            self._reserve.poke()
+
+    def disk_pressure(self) -> disk.Pressure:
+        """The data dir's disk now (/metrics, /health); refreshes the sandboxes' group limit in the background."""
+        self._poke_reserve()
+        state = None if self._reserve is None else self._reserve.state
+        return disk.pressure(self.settings.data_dir, self.settings.reserve_mb, state)
 
     def _new_info(
         self,
@@ -736,6 +755,7 @@ class Manager:
             raise ConflictError(f"a snapshot named {name!r} exists already: pick another name or delete it first")
         disk.check_reserve(self.settings.data_dir, self.settings.reserve_mb, "snapshot")
         disk.check_snapshot_budget(self._db.snapshot_bytes(), self.settings.snapshot_budget_mb)
+        self._poke_reserve()
         snap = await self._capture(live, name, timer, hidden=False)
         self._emit(ManagerEvent("snapshot", sandbox_id, live.info.backend, seconds=timer.total_ms / 1e3,
                                 timings=snap.timings))  # fmt: skip
@@ -764,6 +784,7 @@ class Manager:
             raise NotSupportedError(f"backend {live.backend.name} cannot fork sandboxes")
         snaps.fork_count(count, self.settings.max_sandboxes - len(self._live) - len(self._creating))
         disk.check_reserve(self.settings.data_dir, self.settings.reserve_mb, "fork")
+        self._poke_reserve()
         snap = await self._capture(live, None, timer, hidden=True)
         snap_ms = timer.total_ms
         parent = live.info
@@ -1067,7 +1088,7 @@ class Manager:
     ) -> SandboxDirs:
         def prepare() -> SandboxDirs:
             dirs = self._driver.prepare_sandbox(self._sandbox_dir(sid), self.settings.idmap, base=base)
-            if disk_mb:  # one ioctl on btrfs (no commit); before the machine-id, which counts too
+            if self._driver.disk_limits is not None:  # a few ioctls on btrfs (no commit); before the machine-id
                 self._driver.set_disk_limit(self._sandbox_dir(sid), disk_mb)
             if machine_id:
                 snaps.write_machine_id(dirs.upper, lowers, self.settings.idmap)

@@ -39,6 +39,10 @@ class StorageDriver(Protocol):
         """Limit what the sandbox's upper may hold to ``disk_mb`` MiB (0: no limit); writes past it fail with
         EDQUOT/ENOSPC inside. Only called when ``disk_limits`` is set. Cheap: no transaction commit."""
 
+    def keep_free(self, reserve_bytes: int) -> tuple[int, int] | None:
+        """Limit this daemon's sandboxes together so that ``reserve_bytes`` stay free on the filesystem (0: no
+        limit); return (bytes they hold, their limit), or None when the driver cannot. Called off the hot path."""
+
     def upper_dir(self, sandbox_dir: Path) -> Path:
         """Where ``prepare_sandbox`` put the sandbox's upper."""
 

@@ -104,11 +104,30 @@ class BtrfsDriver:
     name = "btrfs"
     clones_layers = True
 
-    def __init__(self, quota_mode: str | None = None) -> None:
-        self.disk_limits: str | None = None if quota_mode is None else f"btrfs {quota_mode}"  # storage/quota.py
+    def __init__(self, quota_mode: str | None = None, data_dir: Path | None = None) -> None:
+        """``quota_mode``: the filesystem's quotas (storage/quota.py), None when off; with ``data_dir``, every
+        upper joins the data dir's group (the reserve's limit)."""
+        self.disk_limits: str | None = None if quota_mode is None else f"btrfs {quota_mode}"
+        self._root = data_dir
+        self._group: int | None = None
+        if quota_mode is not None and data_dir is not None:
+            self._group = quota.group_id(os.path.realpath(data_dir))
+            quota.create_group(data_dir, self._group)
 
     def set_disk_limit(self, sandbox_dir: Path, disk_mb: int) -> None:
-        quota.set_limit(sandbox_dir / "fs", disk_mb << 20 if disk_mb > 0 else None)
+        fs = sandbox_dir / "fs"
+        if self._group is not None:
+            quota.assign(fs, self._group)
+        quota.set_limit(fs, disk_mb << 20 if disk_mb > 0 else None)
+
+    def keep_free(self, reserve_bytes: int) -> tuple[int, int] | None:
+        if self._group is None or self._root is None:
+            return None
+        used = quota.usage(self._root, self._group) or 0
+        st = os.statvfs(self._root)
+        limit = max(used, used + st.f_bavail * st.f_frsize - reserve_bytes)
+        quota.set_limit(self._root, limit if reserve_bytes > 0 else None, self._group)
+        return used, limit
 
     def upper_dir(self, sandbox_dir: Path) -> Path:
         return sandbox_dir / "fs" / "upper"

@@ -57,6 +57,9 @@ class OverlayDriver:
     def set_disk_limit(self, sandbox_dir: Path, disk_mb: int) -> None:
         raise NotImplementedError("the overlay driver cannot limit a sandbox's disk")
 
+    def keep_free(self, reserve_bytes: int) -> tuple[int, int] | None:
+        return None
+
     def prepare_sandbox(self, sandbox_dir: Path, idmap: IdMap, *, base: Path | None = None) -> SandboxDirs:
         upper, work, run = prepare_sandbox_dirs(sandbox_dir, idmap)
         if base is not None:

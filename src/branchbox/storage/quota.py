@@ -7,15 +7,19 @@ only for what it writes afterwards. A filesystem that already has full qgroups k
 subvolume's exclusive bytes, which is the same figure for what a sandbox writes.
 
 Limits are ``max_excl`` of the subvolume's level-0 qgroup: a write past it fails with ``EDQUOT`` ("Disk quota
-exceeded") inside the sandbox, and nothing else on the filesystem is affected. Quotas are per filesystem: enabling
+exceeded") inside the sandbox, and nothing else on the filesystem is affected. Every sandbox upper of a daemon is
+also a member of the daemon's level-1 qgroup (``group_id`` of its data dir), whose limit keeps the daemon's
+reserve free: all its sandboxes together cannot fill the filesystem. Quotas are per filesystem: enabling
 them on a filesystem several daemons share changes nothing for the others (their subvolumes get qgroups without a
 limit). Deleting a subvolume drops its qgroup once its extents are freed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
+import hashlib
 import os
 import struct
 import uuid
@@ -32,6 +36,8 @@ _W, _R = 1, 2
 BTRFS_IOC_INO_LOOKUP = _ioc(_R | _W, 18, 4096)
 BTRFS_IOC_FS_INFO = _ioc(_R, 31, 1024)
 BTRFS_IOC_QUOTA_CTL = _ioc(_R | _W, 40, 16)
+BTRFS_IOC_QGROUP_ASSIGN = _ioc(_W, 41, 24)
+BTRFS_IOC_QGROUP_CREATE = _ioc(_W, 42, 16)
 BTRFS_IOC_QGROUP_LIMIT = _ioc(_R, 43, 48)  # _IOR in the kernel's header, although it only reads the argument
 QUOTA_CTL_ENABLE_SIMPLE = 4
 QGROUP_LIMIT_MAX_EXCL = 1 << 1
@@ -95,17 +101,42 @@ def enable(path: Path) -> str:
     return mode(path) or "squota"
 
 
-def set_limit(subvolume: Path, limit_bytes: int | None) -> None:
-    """Limit the bytes subvolume ``subvolume`` may own (None: no limit). One ioctl, no transaction commit."""
+def set_limit(path: Path, limit_bytes: int | None, qgroup: int = 0) -> None:
+    """Limit the bytes qgroup ``qgroup`` may own (None: no limit); 0 is the level-0 qgroup of the subvolume
+    holding ``path``. One ioctl, no transaction commit."""
     flags = 0 if limit_bytes is None else QGROUP_LIMIT_MAX_EXCL
-    arg = bytearray(struct.pack("QQQQQQ", 0, flags, 0, limit_bytes or 0, 0, 0))  # qgroup 0: the fd's subvolume
-    _ioctl(subvolume, BTRFS_IOC_QGROUP_LIMIT, arg)
+    arg = bytearray(struct.pack("QQQQQQ", qgroup, flags, 0, limit_bytes or 0, 0, 0))
+    _ioctl(path, BTRFS_IOC_QGROUP_LIMIT, arg)
 
 
-def usage(subvolume: Path) -> int | None:
-    """Bytes charged to the subvolume (None: quotas off or its qgroup is gone)."""
+def group_id(key: str) -> int:
+    """A level-1 qgroup id for ``key`` (a data dir's real path): 48 bits of its sha256, so daemons sharing a
+    filesystem get groups of their own."""
+    digest = hashlib.sha256(key.encode()).digest()
+    return (1 << 48) | int.from_bytes(digest[:6], "big")
+
+
+def create_group(path: Path, qgroup: int) -> None:
+    """Make qgroup ``qgroup`` on the filesystem holding ``path``; one that exists is fine."""
+    with contextlib.suppress(FileExistsError):
+        _ioctl(path, BTRFS_IOC_QGROUP_CREATE, bytearray(struct.pack("QQ", 1, qgroup)))
+
+
+def assign(subvolume: Path, qgroup: int) -> None:
+    """Make the subvolume's level-0 qgroup a member of ``qgroup`` (its bytes count there too)."""
+    arg = bytearray(struct.pack("QQQ", 1, subvolume_id(subvolume), qgroup))
+    with contextlib.suppress(FileExistsError):
+        _ioctl(subvolume, BTRFS_IOC_QGROUP_ASSIGN, arg)
+
+
+def _name(qgroup: int) -> str:
+    return f"{qgroup >> 48}_{qgroup & ((1 << 48) - 1)}"
+
+
+def usage(path: Path, qgroup: int = 0) -> int | None:
+    """Bytes charged to ``qgroup`` (0: the subvolume holding ``path``); None: quotas off or no such qgroup."""
     try:
-        f = SYSFS / fsid(subvolume) / "qgroups" / f"0_{subvolume_id(subvolume)}" / "exclusive"
-        return int(f.read_text())
+        name = _name(qgroup) if qgroup else f"0_{subvolume_id(path)}"
+        return int((SYSFS / fsid(path) / "qgroups" / name / "exclusive").read_text())
     except (FileNotFoundError, NotADirectoryError):
         return None

@@ -32,5 +32,5 @@ def make_driver(kind: str, data_dir: Path) -> StorageDriver:
         except OSError as exc:
             log.warning("disk limits are off: btrfs quotas on %s: %s; sandboxes get no disk_mb", data_dir, exc)
             mode = None
-        return BtrfsDriver(mode)
+        return BtrfsDriver(mode, data_dir)
     raise NotSupportedError(f"storage driver {kind!r} does not exist; use one of: auto, {', '.join(DRIVERS)}")
