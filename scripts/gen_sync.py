@@ -36,6 +36,7 @@ REPLACEMENTS = {
     "asyncio": "sync",  # websockets.asyncio.client -> websockets.sync.client (the module imports no asyncio)
     "aclose": "close",
     "aread": "read",
+    "aiter_lines": "iter_lines",
     "aiter_bytes": "iter_bytes",
     "acall": "call",  # _concurrency
     "aoffload": "offload",  # _concurrency

@@ -30,6 +30,7 @@ from branchbox.api import (
     routes_pools,
     routes_sandboxes,
     routes_snapshots,
+    routes_templates,
     routes_workspaces,
     streams,
 )
@@ -186,7 +187,7 @@ def _build(settings: ApiSettings) -> _App:
     )
     auth = [Depends(require_api_key), Depends(HTTPBearer(auto_error=False))]
     routes = (routes_sandboxes, routes_commands, routes_files, routes_pools, routes_snapshots, routes_network)
-    for module in (*routes, routes_workspaces):
+    for module in (*routes, routes_templates, routes_workspaces):
         app.include_router(module.router, dependencies=auth)
     app.include_router(streams.router)
 

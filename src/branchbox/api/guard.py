@@ -43,7 +43,9 @@ if TYPE_CHECKING:
     from branchbox.api.auth import ApiKeyChecker
 
 Headers = Iterable[tuple[bytes, bytes]]
-_UPLOADS = re.compile(r"^(/v1/sandboxes/[^/]+/(files|files/archive|ports/\d+(/.*)?)|/files)$")  # /files: E2B's envd
+_UPLOADS = re.compile(
+    r"^(/v1/sandboxes/[^/]+/(files|files/archive|ports/\d+(/.*)?)|/files|/v1/templates)$"
+)  # /files: E2B's envd
 _API_WS = re.compile(r"^/v1/(?!sandboxes/[^/]+/ports/\d)")  # the API's WebSockets (not the port proxy's path)
 _BROWSER_SITES = frozenset({b"same-origin", b"none"})  # Sec-Fetch-Site values of the API's own pages, typed URLs
 

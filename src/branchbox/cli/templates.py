@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
@@ -18,6 +19,7 @@ from branchbox.errors import BranchboxError
 from branchbox.images import BuildEvent, TemplateStore, default_spec, load_spec
 from branchbox.images.oci_fetch import FetchOptions
 from branchbox.images.oci_unpack import Budget
+from branchbox.sdk import SandboxError, Template
 
 err = Console(stderr=True)
 out = Console()
@@ -76,9 +78,34 @@ def template() -> None:
 @click.argument("spec", required=False)
 @click.option("--default", "use_default", is_flag=True, help="Build the bundled default template.")
 @click.option("--force", is_flag=True, help="Rebuild even when cached.")
+@click.option("-f", "--file", "dockerfile", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Build from this Dockerfile with SPEC as the context directory (through the daemon).")  # fmt: skip
+@click.option("--build-arg", "build_args", multiple=True, metavar="KEY=VALUE", help="A Dockerfile ARG value.")
+@click.option("--name", default=None, help="Name of the template a Dockerfile build makes.")
 @_with_dirs
-def build(spec: str | None, use_default: bool, force: bool, data_dir: Path | None, templates_dir: Path | None) -> None:
-    """Build a template from SPEC (a TOML spec file, or 'default'; same as --default)."""
+def build(
+    spec: str | None,
+    use_default: bool,
+    force: bool,
+    dockerfile: Path | None,
+    build_args: tuple[str, ...],
+    name: str | None,
+    data_dir: Path | None,
+    templates_dir: Path | None,
+) -> None:
+    """Build a template from SPEC (a TOML spec file, or 'default'; same as --default), or from a Dockerfile:
+    `build -f Dockerfile [--build-arg K=V] --name NAME CONTEXT` (CONTEXT/Dockerfile when -f is left out and
+    CONTEXT is a directory). Dockerfile builds run in the daemon (RUN steps run in sandboxes): --url/BRANCHBOX_URL.
+    """
+    if dockerfile is not None or (spec is not None and Path(spec).is_dir()):
+        if spec is None or use_default or force:
+            raise click.UsageError("a Dockerfile build takes CONTEXT (a directory) and no --default/--force")
+        if name is None:
+            raise click.UsageError("a Dockerfile build needs --name NAME")
+        _build_dockerfile(Path(spec), dockerfile, name, build_args)
+        return
+    if build_args or name is not None:
+        raise click.UsageError("--build-arg and --name are for Dockerfile builds (-f Dockerfile CONTEXT)")
     if (spec is None and not use_default) or (spec not in (None, "default") and use_default):
         raise click.UsageError("give a SPEC file or --default (not both)")
     store = _store(data_dir, templates_dir)
@@ -88,6 +115,55 @@ def build(spec: str | None, use_default: bool, force: bool, data_dir: Path | Non
         err.print(f"[red]error[/red] ({exc.code}): {escape(exc.message)}", highlight=False)
         raise SystemExit(1) from exc
     info = _with_progress(f"building {tspec.name}", lambda p: store.build(tspec, progress=p, force=force))
+    click.echo(f"{info.name} {info.digest}")
+
+
+def _build_dockerfile(context: Path, dockerfile: Path | None, name: str, build_args: tuple[str, ...]) -> None:
+    """Send the context to the daemon and print its build log like `docker build` does."""
+    args: dict[str, str] = {}
+    for value in build_args:
+        key, sep, val = value.partition("=")
+        if not key or not sep:
+            raise click.BadParameter(f"{value!r} is not KEY=VALUE", param_hint="--build-arg")
+        args[key] = val
+    root = click.get_current_context().find_root().obj
+    url, api_key = getattr(root, "url", None), getattr(root, "api_key", None)
+    at_line_start = [True]
+
+    def on_event(ev: dict[str, Any]) -> None:
+        kind = ev.get("type")
+        if kind == "step":
+            if not at_line_start[0]:
+                err.file.write("\n")
+            err.print(f"[bold]Step {ev['step']}/{ev['total']}[/bold] : {escape(str(ev['instruction']))}",
+                      highlight=False)  # fmt: skip
+            at_line_start[0] = True
+        elif kind == "cached":
+            err.print(" ---> CACHED", highlight=False)
+        elif kind == "log":
+            data = str(ev.get("data", ""))
+            err.file.write(data)
+            err.file.flush()
+            if data:
+                at_line_start[0] = data.endswith("\n")
+        elif kind == "commit":
+            if not at_line_start[0]:
+                err.file.write("\n")
+                at_line_start[0] = True
+            err.print(f" ---> {escape(str(ev.get('message', '')))}", highlight=False)
+        elif kind == "built":
+            err.print(f"Successfully built {ev['name']} ({str(ev['digest'])[:12]}) in {ev['seconds']:.1f} s",
+                      highlight=False)  # fmt: skip
+
+    try:
+        info = Template.build(context, name=name, dockerfile=dockerfile, build_args=args, on_event=on_event,
+                              base_url=url, api_key=api_key)  # fmt: skip
+    except (SandboxError, ValueError) as exc:
+        if not at_line_start[0]:
+            err.file.write("\n")
+        code = getattr(exc, "code", "bad_request")
+        err.print(f"[red]error[/red] ({code}): {escape(getattr(exc, 'message', str(exc)))}", highlight=False)
+        raise SystemExit(1) from exc
     click.echo(f"{info.name} {info.digest}")
 
 

@@ -141,8 +141,8 @@ class _Live:
 
 
 def _image_user(tpl: TemplateInfo) -> str | None:
-    """An imported image's USER, the default user of its sandboxes' commands (None: root)."""
-    return tpl.user if tpl.source == "image" and tpl.user not in ("root", "0") else None
+    """An imported image's or a Dockerfile's USER, the default user of its sandboxes' commands (None: root)."""
+    return tpl.user if tpl.source in ("image", "dockerfile") and tpl.user not in ("root", "0") else None
 
 
 class Manager:
@@ -1223,6 +1223,12 @@ class Manager:
             for lid in (layer_id, *below):
                 self._db.pin_layer(lid, owner)
         self._spawn_bg(self._measure(layer_id, self._layer_path(layer_id)))
+
+    def pin_layers(self, layers: Sequence[str], owner: str) -> None:
+        """Keep the recorded ``layers`` (a snapshot's chain) alive under the pin ``owner``."""
+        with self._db.durable():
+            for lid in layers:
+                self._db.pin_layer(lid, owner)
 
     def unpin_layers(self, owner: str) -> None:
         """Drop the pins of ``owner``; its layers go once no sandbox uses them."""

@@ -108,7 +108,7 @@ class TemplateInfo:
     python: str | None = None  # the image's python3 (informational: the agent brings its own runtime)
     env: Mapping[str, str] = field(default_factory=dict)
     workdir: str = "/"
-    source: str = "spec"  # spec | import | image
+    source: str = "spec"  # spec | import | image | dockerfile
     user: str = "root"  # default user of commands (an image's USER; a spec's user)
 
 

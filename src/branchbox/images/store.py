@@ -23,7 +23,7 @@ import secrets
 import shutil
 import stat
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -483,6 +483,39 @@ class TemplateStore:
                 **counts,
             },
         }
+
+    async def commit_tree(
+        self, digest: str, *, name: str, fill: Callable[[Path], None], meta: Mapping[str, Any]
+    ) -> TemplateInfo:
+        """A template made by ``fill(rootfs)`` (a tree already in the sandbox uid range) under ``digest``, with
+        ``meta`` in its template.json; returns at once when ``digest`` exists (the name is pointed at it)."""
+        check_name(name)
+        self._ensure_dirs()
+        async with self._building(digest):
+            if not (self.root / digest / _META).is_file():
+                tmp = self._new_tmp()
+                try:
+                    rootfs = tmp / "rootfs"
+                    await asyncio.to_thread(fill, rootfs)
+                    full = {
+                        "python": "/usr/bin/python3",
+                        "env": {},
+                        "workdir": "/",
+                        "user": "root",
+                        **meta,
+                        "name": name,
+                        "digest": digest,
+                        "created_at": time.time(),
+                        "size_bytes": await asyncio.to_thread(disk_usage, rootfs),
+                        "idmap": {"host_base": self.idmap.host_base, "count": self.idmap.count},
+                        "builder_version": BUILDER_VERSION,
+                    }
+                    await asyncio.to_thread(self._commit, tmp, digest, full)
+                finally:
+                    if tmp.exists():
+                        shutil.rmtree(tmp, ignore_errors=True)
+            self._set_name(name, digest)
+        return self._info(digest, name)
 
     def remove(self, name: str) -> None:
         """Remove a name; the template itself goes when no name points at it (a digest removes all its names).

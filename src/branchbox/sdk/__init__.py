@@ -22,7 +22,7 @@ checked out from the daemon's cache (``ws.sandbox``, ``ws.path``, ``ws.commit``,
 ``sbx.git.clone(url, path)`` runs ``git clone`` inside an existing sandbox.
 """
 
-from branchbox.sdk._async import AsyncCommandHandle, AsyncSandbox
+from branchbox.sdk._async import AsyncCommandHandle, AsyncSandbox, AsyncTemplate
 from branchbox.sdk._config import DEFAULT_URL, ConnectionConfig
 from branchbox.sdk._errors import (
     ERROR_TABLE,
@@ -60,7 +60,7 @@ from branchbox.sdk._models import (
     TemplateInfo,
 )
 from branchbox.sdk._pty import AsyncPtyHandle, PtyHandle
-from branchbox.sdk._sync import CommandHandle, Sandbox
+from branchbox.sdk._sync import CommandHandle, Sandbox, Template
 from branchbox.sdk._workspace import AsyncWorkspace, Workspace
 from branchbox.sdk._workspaces import WorkspaceInfo
 
@@ -72,6 +72,7 @@ __all__ = [
     "AsyncCommandHandle",
     "AsyncPtyHandle",
     "AsyncSandbox",
+    "AsyncTemplate",
     "AsyncWorkspace",
     "AuthenticationError",
     "BadRequestError",
@@ -100,6 +101,7 @@ __all__ = [
     "SandboxNotFoundError",
     "ServerError",
     "SnapshotInfo",
+    "Template",
     "TemplateInfo",
     "TemplateNotFoundError",
     "TimeoutException",

@@ -28,7 +28,7 @@ import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from branchbox.sdk import _awire, _tar
+from branchbox.sdk import _awire, _context, _tar
 from branchbox.sdk import _requests as rq
 from branchbox.sdk._concurrency import acall, aoffload
 from branchbox.sdk._config import UNSET, ConnectionConfig, _Unset, default_ssl_context
@@ -125,10 +125,16 @@ class _AsyncHttp:
         return resp
 
     @asynccontextmanager
-    async def stream(self, req: rq.Req, *, request_timeout: Timeout = UNSET) -> AsyncIterator[httpx.Response]:
+    async def stream(
+        self, req: rq.Req, *, request_timeout: Timeout = UNSET, content: Any = None
+    ) -> AsyncIterator[httpx.Response]:
         try:
             async with self.client.stream(
-                req.method, req.path, params=req.params or None, timeout=self._timeout(req, request_timeout)
+                req.method,
+                req.path,
+                params=req.params or None,
+                content=content,
+                timeout=self._timeout(req, request_timeout),
             ) as resp:
                 if resp.status_code >= 400:
                     rq.raise_for_status(resp.status_code, await resp.aread())
@@ -891,3 +897,46 @@ class AsyncSandbox:
 
     def __repr__(self) -> str:
         return f"AsyncSandbox(sandbox_id={self.sandbox_id!r}, template={self._info.template_id!r})"
+
+
+class AsyncTemplate:
+    """Templates built by the daemon: ``await AsyncTemplate.build(context, name=...)`` (a Dockerfile build)."""
+
+    @staticmethod
+    async def build(
+        context: str | Path,
+        *,
+        name: str,
+        dockerfile: str | Path | None = None,
+        build_args: Mapping[str, str] | None = None,
+        on_log: OutputCallback | None = None,
+        on_event: Callable[[dict[str, Any]], object] | None = None,
+        base_url: str | None = None,
+        api_key: str | None = None,
+    ) -> TemplateInfo:
+        """Build template ``name`` from a Dockerfile (default ``CONTEXT/Dockerfile``) and the directory
+        ``context`` (sent as a tar, minus what its ``.dockerignore`` excludes; symlinks are sent as links).
+
+        ``build_args``: values of the Dockerfile's ARGs. ``on_log`` gets the output of RUN steps as it comes;
+        ``on_event`` every event of the build log (step, cached/running, log, commit, built: docs/api.md). A
+        failed build raises the daemon's error (``invalid_template_spec`` for a bad Dockerfile,
+        ``template_not_found`` for an unknown FROM, ``template_build_failed`` with the step's line, exit code
+        and last output lines for a failing RUN) and leaves no template behind."""
+        packed, inside = await aoffload(_context.pack_context, context, dockerfile)
+        http = _AsyncHttp(ConnectionConfig.resolve(base_url=base_url, api_key=api_key))
+        try:
+            with packed:
+                req = rq.build_template(name, inside, build_args)
+                async with http.stream(req, content=_achunks(packed)) as resp:
+                    async for line in resp.aiter_lines():
+                        if not line.strip():
+                            continue
+                        event = rq.build_event(line.encode())
+                        await acall(on_event, event)
+                        if event.get("type") == "log":
+                            await acall(on_log, str(event.get("data", "")))
+                        elif event.get("type") == "done":
+                            return TemplateInfo.from_json(event["template"])
+        finally:
+            await http.aclose()
+        raise SandboxError("the build log ended without a result: the daemon stopped during the build")

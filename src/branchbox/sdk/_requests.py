@@ -206,6 +206,30 @@ def list_templates() -> Req:
     return Req("GET", "/v1/templates")
 
 
+def build_template(name: str, dockerfile: str, build_args: Mapping[str, str] | None) -> Req:
+    """A Dockerfile build (the body: the context tar); no time limit: a build runs as long as its steps."""
+    if not name:
+        raise ValueError("name must not be empty")
+    params: list[tuple[str, Param]] = [("name", name), ("dockerfile", dockerfile)]
+    params += [("build_arg", f"{k}={v}") for k, v in (build_args or {}).items()]
+    return Req("POST", "/v1/templates", params=params, use_default_timeout=False, timeout=None)
+
+
+def build_event(line: bytes) -> dict[str, Any]:
+    """One line of a build log; an ``error`` event raises its SDK exception."""
+    try:
+        event = json.loads(line)
+    except ValueError:
+        raise SandboxError(f"the build log has a line that is not JSON: {line[:200]!r}", code="internal") from None
+    if not isinstance(event, dict):
+        raise SandboxError(f"the build log has a line that is not an object: {line[:200]!r}", code="internal")
+    if event.get("type") == "error":
+        err = event.get("error") or {}
+        raise error_for(str(err.get("code", "internal")), str(err.get("message", "build failed")),
+                        details=err.get("details"))  # fmt: skip
+    return event
+
+
 def _pool(template: str) -> str:
     if not template:
         raise ValueError("template must not be empty")

@@ -29,8 +29,8 @@ import httpx
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
+from branchbox.sdk import _context, _tar, _wire
 from branchbox.sdk import _requests as rq
-from branchbox.sdk import _tar, _wire
 from branchbox.sdk._concurrency import call, offload
 from branchbox.sdk._config import UNSET, ConnectionConfig, _Unset, default_ssl_context
 from branchbox.sdk._errors import (
@@ -124,10 +124,14 @@ class _Http:
         return resp
 
     @contextmanager
-    def stream(self, req: rq.Req, *, request_timeout: Timeout = UNSET) -> Iterator[httpx.Response]:
+    def stream(self, req: rq.Req, *, request_timeout: Timeout = UNSET, content: Any = None) -> Iterator[httpx.Response]:
         try:
             with self.client.stream(
-                req.method, req.path, params=req.params or None, timeout=self._timeout(req, request_timeout)
+                req.method,
+                req.path,
+                params=req.params or None,
+                content=content,
+                timeout=self._timeout(req, request_timeout),
             ) as resp:
                 if resp.status_code >= 400:
                     rq.raise_for_status(resp.status_code, resp.read())
@@ -876,3 +880,46 @@ class Sandbox:
 
     def __repr__(self) -> str:
         return f"Sandbox(sandbox_id={self.sandbox_id!r}, template={self._info.template_id!r})"
+
+
+class Template:
+    """Templates built by the daemon: ``Template.build(context, name=...)`` (a Dockerfile build)."""
+
+    @staticmethod
+    def build(
+        context: str | Path,
+        *,
+        name: str,
+        dockerfile: str | Path | None = None,
+        build_args: Mapping[str, str] | None = None,
+        on_log: OutputCallback | None = None,
+        on_event: Callable[[dict[str, Any]], object] | None = None,
+        base_url: str | None = None,
+        api_key: str | None = None,
+    ) -> TemplateInfo:
+        """Build template ``name`` from a Dockerfile (default ``CONTEXT/Dockerfile``) and the directory
+        ``context`` (sent as a tar, minus what its ``.dockerignore`` excludes; symlinks are sent as links).
+
+        ``build_args``: values of the Dockerfile's ARGs. ``on_log`` gets the output of RUN steps as it comes;
+        ``on_event`` every event of the build log (step, cached/running, log, commit, built: docs/api.md). A
+        failed build raises the daemon's error (``invalid_template_spec`` for a bad Dockerfile,
+        ``template_not_found`` for an unknown FROM, ``template_build_failed`` with the step's line, exit code
+        and last output lines for a failing RUN) and leaves no template behind."""
+        packed, inside = offload(_context.pack_context, context, dockerfile)
+        http = _Http(ConnectionConfig.resolve(base_url=base_url, api_key=api_key))
+        try:
+            with packed:
+                req = rq.build_template(name, inside, build_args)
+                with http.stream(req, content=_chunks(packed)) as resp:
+                    for line in resp.iter_lines():
+                        if not line.strip():
+                            continue
+                        event = rq.build_event(line.encode())
+                        call(on_event, event)
+                        if event.get("type") == "log":
+                            call(on_log, str(event.get("data", "")))
+                        elif event.get("type") == "done":
+                            return TemplateInfo.from_json(event["template"])
+        finally:
+            http.close()
+        raise SandboxError("the build log ended without a result: the daemon stopped during the build")

@@ -1,0 +1,137 @@
+"""Template builds from a Dockerfile: ``POST /v1/templates`` (the build context as a tar body) -> an NDJSON log.
+
+The body is spooled to a file in ``DATA/build-contexts`` (bounded by ``max_upload_bytes``) and read in place;
+the build runs as a task whose events become one JSON object per line. A client that goes away cancels
+the build: its sandbox is destroyed and nothing is committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import StreamingResponse
+
+from branchbox.api.context import Ctx
+from branchbox.api.schemas import TemplateResponse
+from branchbox.core.models import TemplateInfo
+from branchbox.errors import BadRequestError, BranchboxError
+from branchbox.images.dockerfile_build import DockerfileBuild
+from branchbox.images.dockerfile_context import Context
+
+router = APIRouter(tags=["templates"])
+
+_TAR: dict[str, Any] = {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}}
+_NDJSON: dict[str, Any] = {"application/x-ndjson": {"schema": {"type": "string"}}}
+_DESCRIPTION = """\
+The body is the build context as a tar (plain, gz, bz2 or xz), with the Dockerfile inside it (`dockerfile`,
+default `Dockerfile`; clients put one from outside the context at `.branchbox.Dockerfile`). The answer is a
+stream of JSON objects, one per line (`application/x-ndjson`):
+
+* `{"type": "step", "step": N, "total": M, "line": L, "instruction": "RUN ..."}` as each instruction starts,
+* `{"type": "cached"}` or `{"type": "running"}` right after it (`cached`: the step's result was reused),
+* `{"type": "log", "data": "..."}` output of a RUN step (stdout and stderr, as it comes),
+* `{"type": "commit", "message": "..."}` while the template is written,
+* `{"type": "built", "name": ..., "digest": ..., "seconds": ...}` then `{"type": "done", "template": {...}}`,
+* or, last, `{"type": "error", "error": {"code", "message", "details"}}`: the build failed (the message names
+  the Dockerfile line; a failed RUN has `exit_code` and the last lines of its output) and left nothing behind.
+
+Errors found before the build starts (a bad name, a body that is not a tar, a missing Dockerfile) are plain
+JSON errors with their HTTP status. docs/templates.md, "Dockerfile builds", lists what each instruction does."""
+
+
+def _build_args(values: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for value in values:
+        key, sep, val = value.partition("=")
+        if not key or not sep:
+            raise BadRequestError(f"build_arg {value!r} is not KEY=VALUE: pass ?build_arg=KEY=VALUE")
+        out[key] = val
+    return out
+
+
+async def _spool(request: Request, directory: Path) -> Path:
+    await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=".build-context-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            async for chunk in request.stream():
+                if chunk:
+                    await asyncio.to_thread(fh.write, chunk)
+    except BaseException:
+        os.unlink(name)
+        raise
+    return Path(name)
+
+
+@router.post(
+    "/v1/templates",
+    response_class=StreamingResponse,
+    openapi_extra={"requestBody": {"required": True, "content": _TAR}},
+    responses={200: {"content": _NDJSON, "description": "The build log, one JSON object per line."}},
+    summary="Build a template from a Dockerfile (the build context as a tar body)",
+    description=_DESCRIPTION,
+)
+async def build_template(
+    request: Request,
+    ctx: Ctx,
+    name: Annotated[str, Query(description="Name of the template to build.")],
+    dockerfile: Annotated[str, Query(description="Path of the Dockerfile inside the context.")] = "Dockerfile",
+    build_arg: Annotated[list[str] | None, Query(description="KEY=VALUE for an ARG (repeat for more).")] = None,
+) -> StreamingResponse:
+    args = _build_args(build_arg or [])
+    data = ctx.manager.settings.data_dir
+    path = await _spool(request, data / "build-contexts")
+    try:
+        context = await asyncio.to_thread(Context, path)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+    try:
+        build = DockerfileBuild(ctx.manager, context, name=name, dockerfile=dockerfile, build_args=args,
+                                emit=queue.put_nowait, cache_dir=data / "build-cache")  # fmt: skip
+    except BaseException:
+        context.close()
+        path.unlink(missing_ok=True)
+        raise
+
+    async def work() -> None:
+        try:
+            info = await build.run()
+            ctx.log.info("template_built", template=info.name, digest=info.digest)
+            queue.put_nowait({"type": "done", "template": _template(info)})
+        except BranchboxError as exc:
+            queue.put_nowait({"type": "error", "error": exc.to_dict()})
+        except Exception as exc:
+            ctx.log.exception("template_build_crashed")
+            queue.put_nowait({"type": "error", "error": {"code": "internal", "message": f"build failed: {exc}"}})
+        finally:
+            context.close()
+            path.unlink(missing_ok=True)
+            queue.put_nowait(None)
+
+    task = asyncio.get_running_loop().create_task(work())
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            while (event := await queue.get()) is not None:
+                yield (json.dumps(event, separators=(",", ":")) + "\n").encode()
+        finally:
+            if not task.done():  # the client went away: stop the build (its sandbox is destroyed)
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+
+    return StreamingResponse(body(), media_type="application/x-ndjson")
+
+
+def _template(info: TemplateInfo) -> dict[str, Any]:
+    return TemplateResponse.of(info).model_dump(mode="json")
