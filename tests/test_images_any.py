@@ -15,8 +15,8 @@ import pytest
 
 from branchbox.images.store import TemplateStore
 from branchbox.sdk import BadRequestError, Sandbox
-from tests.conftest import DaemonProc, cli_env, templates_dir
-from tests.rootfs_fixtures import APP_UID, BUSYBOX, GROUP, PASSWD, write_busybox_tar
+from tests.conftest import DaemonProc, cli_env, templates_dir, vm_cache
+from tests.rootfs_fixtures import APP_UID, BUSYBOX, GROUP, PASSWD, build_busybox_rootfs, write_busybox_tar
 from tests.test_pools_api import wait_pool
 
 
@@ -157,3 +157,64 @@ def test_shellless_image_runs_argv_and_says_what_to_change(daemon: DaemonProc, s
         sbx.files.write("/data/x", "files work\n")
         assert sbx.files.read("/data/x") == "files work\n"
         assert sbx.commands.run(["/app/busybox", "id", "-un"], user="app").stdout == "app\n"
+
+
+@pytest.mark.root
+@pytest.mark.microvm
+def test_busybox_template_boots_as_a_microvm(daemon_factory: Any, busybox_template: str, tmp_path: Path) -> None:
+    """The guest's agent runs on branchbox's runtime disk (the host's python3 and libraries through the host's
+    loader), not on the image's (busybox has none): commands, files, archives, users, a PTY and a fork."""
+    if not shutil.which("qemu-system-x86_64"):
+        pytest.skip("qemu-system-x86_64 is not installed (make apt installs qemu-system-x86)")
+    d = daemon_factory(env={"BRANCHBOX_VM_CACHE": str(vm_cache())})
+    with Sandbox.create(template=busybox_template, backend="microvm", base_url=d.url, request_timeout=300) as sbx:
+        assert sbx.info.backend == "microvm"
+        pid1 = sbx.commands.run(["/bin/busybox", "cat", "/proc/1/cmdline"]).stdout.split("\0")
+        assert pid1[:4] == ["/.branchbox/rt/lib/ld-linux-x86-64.so.2", "--library-path", "/.branchbox/rt/lib",
+                            "/.branchbox/rt/bin/python3"], pid1  # fmt: skip
+        r = sbx.commands.run("echo $((6*7)) | cat; ls /usr/lib /lib 2>&1 | wc -l; touch /.branchbox/rt/x 2>&1")
+        assert r.stdout.split()[:2] == ["42", "2"], r.stdout  # no /usr/lib, no /lib: no libc, no python
+        assert "Read-only file system" in r.stdout
+        assert sbx.commands.run("id -un", user="app").stdout == "app\n"
+        sbx.files.write("/home/app/note", "in a VM\n")
+        assert sbx.files.read("/home/app/note") == "in a VM\n"
+        src = tmp_path / "up"
+        src.mkdir()
+        (src / "f.txt").write_text("archived\n")
+        sbx.files.upload_dir(src, "/data")
+        assert sbx.commands.run("cat /data/f.txt").stdout == "archived\n"
+        out: list[bytes] = []
+        term = sbx.pty.create(cmd=["/bin/sh"], on_data=out.append)
+        term.send_input("echo vm-pty-$((2+3))\nexit\n")
+        term.wait(timeout=120)
+        assert "vm-pty-5" in b"".join(out).decode()
+        (kid,) = sbx.fork(count=1)
+        assert isinstance(kid, Sandbox), kid
+        with kid:
+            assert kid.files.read("/home/app/note") == "in a VM\n"
+            assert kid.commands.run(["/bin/busybox", "echo", "forked"]).stdout == "forked\n"
+
+
+@pytest.mark.root
+def test_runtime_runs_the_agent_in_a_root_without_python(tmp_path: Path) -> None:
+    """The microVM runtime's files, put at /.branchbox/rt of a busybox root (no libc, no python), run the agent's
+    modules in a chroot exactly as the guest's shim starts them; stdlib comes from the runtime, not the image."""
+    from branchbox import agent
+    from branchbox.backends.microvm import runtime
+
+    root = build_busybox_rootfs(tmp_path / "root")
+    runtime.write_tree(runtime.interpreter(), runtime.stdlib_dir(), root / ".branchbox/rt")
+    (root / ".branchbox/bbagent").mkdir()
+    for name in agent.FILES:
+        shutil.copy2(Path(agent.__file__).with_name(name), root / ".branchbox/bbagent" / name)
+    argv = runtime.agent_argv("server")
+    probe = ("import sys;sys.path[:0]=['/.branchbox'];import bbagent.server, bbagent.vsock, bbagent.archive, "
+             "tarfile, pty, termios, gzip, json, asyncio;"
+             "print(sys.prefix, all(m.__file__.startswith('/.branchbox/') for m in sys.modules.values() "
+             "if getattr(m, '__file__', None)))")  # fmt: skip
+    out = subprocess.run(["chroot", str(root), *argv[:-1], probe], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["/.branchbox/rt", "True"]
+    assert argv[-1].endswith("from bbagent.server import main;main()")
+    shim = (Path(runtime.__file__).parent / "guest/shim.sh").read_text()
+    assert "$rt/lib/ld-linux-x86-64.so.2 --library-path $rt/lib $rt/bin/python3 -I -S -B" in shim

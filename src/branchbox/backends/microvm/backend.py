@@ -25,7 +25,7 @@ from branchbox.agent.client import AgentClient
 from branchbox.agent.wire import VsockAddress
 from branchbox.backends.base import BootSpec, Capabilities, LayerInfo, SandboxHandle
 from branchbox.backends.microvm import accel as accel_mod
-from branchbox.backends.microvm import image, memfile, qemu, tplcache, vsock
+from branchbox.backends.microvm import image, memfile, qemu, runtime, tplcache, vsock
 from branchbox.backends.microvm.jail import Jail, JailConfig, Launch
 from branchbox.backends.microvm.qmp import QMP
 from branchbox.backends.microvm.vmpool import IncomingPool, Slot
@@ -73,13 +73,15 @@ class Saved:
 
 def _machine_json(m: qemu.Machine) -> dict[str, Any]:
     return {"vcpus": m.vcpus, "memory_mb": m.memory_mb, "accel": m.accel, "kernel": str(m.kernel),
-            "initrd": str(m.initrd), "cmdline": m.cmdline, "agent": m.agent}  # fmt: skip
+            "initrd": str(m.initrd), "cmdline": m.cmdline, "agent": m.agent,
+            "runtime": str(m.runtime) if m.runtime is not None else None}  # fmt: skip
 
 
 def _machine_from(d: dict[str, Any]) -> qemu.Machine:
     return qemu.Machine(vcpus=int(d["vcpus"]), memory_mb=int(d["memory_mb"]), accel=str(d["accel"]),
                         kernel=Path(d["kernel"]), initrd=Path(d["initrd"]), cmdline=str(d["cmdline"]),
-                        agent=str(d.get("agent", "serial")))  # fmt: skip
+                        agent=str(d.get("agent", "serial")),
+                        runtime=Path(d["runtime"]) if d.get("runtime") else None)  # fmt: skip
 
 
 class MicroVMBackend:
@@ -92,6 +94,7 @@ class MicroVMBackend:
         self.shm = memfile.shm_root(config.data_dir)  # RAM files of this data dir's VMs
         self.template_shm = memfile.shm_root(config.cache_dir, "branchbox-templates")  # memory templates' RAM
         self._guest: image.GuestImages | None = None
+        self._runtime: Path | None = None  # the agent's runtime disk (runtime.py)
         self._accel: accel_mod.Accel | None = None
         self._channel = "serial"
         self._aslr = False
@@ -138,6 +141,7 @@ class MicroVMBackend:
             if self._guest is None or self._accel is None:
                 self._channel = self.agent_channel()
                 g = await asyncio.to_thread(image.ensure_guest, self.config.cache_dir, vsock=self._channel == "vsock")
+                self._runtime = await asyncio.to_thread(runtime.ensure_runtime, self.config.cache_dir)
                 self._accel = await accel_mod.choose(self.config.cache_dir, g)
                 if self._accel.name == "tcg":
                     self._aslr = accel_mod.keeps_aslr(self.config.tcg_aslr, await asyncio.to_thread(qemu.version))
@@ -159,10 +163,10 @@ class MicroVMBackend:
 
     async def machine(self, vcpus: int, memory_mb: int) -> qemu.Machine:
         g, acc = await self.guest()
-        extra = f"bb.vsock={vsock.AGENT_PORT}" if self._channel == "vsock" else ""
+        extra = "bb.rt" + (f" bb.vsock={vsock.AGENT_PORT}" if self._channel == "vsock" else "")
         return qemu.Machine(vcpus=vcpus, memory_mb=memory_mb, accel=acc.name, kernel=g.kernel, initrd=g.initrd,
                             cmdline=accel_mod.guest_cmdline(acc.name, extra, tcg_aslr=self._aslr),
-                            agent=self._channel)  # fmt: skip
+                            agent=self._channel, runtime=self._runtime)  # fmt: skip
 
     def spawn_vm(self, vmid: str, m: qemu.Machine, *, incoming: bool, nice: int = 0) -> int:
         """Start QEMU for ``vmid`` (its dir and disk are ready)."""

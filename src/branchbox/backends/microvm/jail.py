@@ -8,8 +8,8 @@ be a way onto the host. So, as Firecracker's jailer does for its VMM, each QEMU 
   ``/run/branchbox/vm-ids/<uid>`` whose descriptor QEMU inherits (``HOLD_FD``): it is held exactly as long as
   that QEMU lives, across daemon restarts, and every daemon on the host claims from the same files, so two VMs
   never share a uid. The files it must write (its disk overlay, console log, RAM file) are chowned to it; the
-  files it reads (kernel, initrd, the disk's backing chain) are made readable (they sit in 0700 dirs the uid
-  cannot reach: it sees them only through its jail);
+  files it reads (kernel, initrd, the agent's runtime disk, the disk's backing chain) are made readable (they sit
+  in 0700 dirs the uid cannot reach: it sees them only through its jail);
 - runs in a **cgroup** of its own (``<cgroup_parent>/<vm id>``, v1 or v2 through the container backend's
   ``Cgroups``): memory = guest RAM + the TCG translation buffer + ``OVERHEAD_MB``, no swap, pids =
   ``PIDS_BASE`` + vCPUs (QEMU's block thread pool makes up to 64 threads); on v1 not the cpu hierarchy (see
@@ -218,7 +218,8 @@ class Jail:
                 launch.close()
         try:
             chain = disk_chain(paths.disk)
-            for f in (m.kernel, m.initrd, *chain[1:]):
+            ro = [m.kernel, m.initrd, *([m.runtime] if m.runtime is not None else []), *chain[1:]]
+            for f in ro:
                 _readable(f)
             _own(paths.disk, launch.uid)
             _own(paths.console, launch.uid, create=True)
@@ -232,7 +233,7 @@ class Jail:
                 "gid": launch.uid,
                 "groups": [],
                 "kvm": _kvm_node() if m.accel == "kvm" else None,
-                "ro": [str(m.kernel), str(m.initrd), *map(str, chain[1:])],
+                "ro": [str(f) for f in ro],
                 "rw": [str(paths.disk), str(paths.console), str(paths.ram)],
                 "argv": [_binary(argv[0]), *argv[1:]],
                 "env": {"PATH": "/usr/bin:/bin"},

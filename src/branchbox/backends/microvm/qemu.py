@@ -30,6 +30,8 @@ VSOCK_FD = 4  # or /dev/vhost-vsock holding the VM's guest CID (agent over vsock
 HOLD_FD = 5  # the VM's uid claim (see jail.py): held by QEMU as long as it lives
 # QEMU's own seccomp filter: no obsolete calls, no set*id, no fork/exec, no scheduler or resource-limit changes
 SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+ROOT_SERIAL = "bbroot"  # virtio-blk serials the guest's init looks for (guest/init.sh)
+RUNTIME_SERIAL = "bbrt"
 TCG_TB_MB = 256  # TCG's translation buffer (QEMU's default is 1 GiB, touched as it fills): bounded, it fits a cgroup
 
 
@@ -44,11 +46,13 @@ class Machine:
     initrd: Path
     cmdline: str
     agent: str = "serial"  # the agent channel: "serial" (virtio-serial port) | "vsock" (vhost-vsock-device)
+    runtime: Path | None = None  # the agent's read-only runtime disk (runtime.py); None: the image's python3
 
     def key(self) -> str:
         """Names a memory template: a saved guest kernel keeps the command line it booted with."""
         boot = hashlib.sha256(self.cmdline.encode()).hexdigest()[:8]
-        return f"{self.accel}-{self.vcpus}c-{self.memory_mb}m-{self.initrd.stem}.{boot}"
+        rt = f".rt{self.runtime.stem[:8]}" if self.runtime is not None else ""
+        return f"{self.accel}-{self.vcpus}c-{self.memory_mb}m-{self.initrd.stem}.{boot}{rt}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +123,7 @@ def command(m: Machine, paths: VmPaths, *, incoming: bool, vsock_cid: int | None
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-serial", f"file:{paths.console}",
         "-drive", f"id=root,file={paths.disk},format=qcow2,if=none,discard=unmap",
-        "-device", "virtio-blk-device,drive=root",
+        *_disks(m),
         *channel,
         "-chardev", f"socket,id=qmp,fd={QMP_FD},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
@@ -127,6 +131,18 @@ def command(m: Machine, paths: VmPaths, *, incoming: bool, vsock_cid: int | None
     if incoming:
         argv += ["-incoming", "defer"]
     return argv
+
+
+def _disks(m: Machine) -> list[str]:
+    """The root disk's device and, with a runtime, its read-only disk. The guest's init finds each by its serial
+    (virtio-mmio devices are not numbered in command-line order)."""
+    if m.runtime is None:
+        return ["-device", "virtio-blk-device,drive=root"]
+    return [
+        "-device", f"virtio-blk-device,drive=root,serial={ROOT_SERIAL}",
+        "-drive", f"id=rt,file={m.runtime},format=raw,if=none,readonly=on",
+        "-device", f"virtio-blk-device,drive=rt,serial={RUNTIME_SERIAL}",
+    ]  # fmt: skip
 
 
 def _bind(path: Path) -> socket.socket:
