@@ -63,6 +63,9 @@ class BootSpec:
     env: Mapping[str, str] = field(default_factory=dict)  # base environment of every process the agent starts
     workdir: str = "/"
     idmap: IdMap = field(default_factory=IdMap)
+    # the host uid of root in the range each lower layer's files are owned by (same order as ``layers``; empty:
+    # all in ``idmap``'s range). A layer in another range is mounted through an idmapped mount (issue 22.1)
+    layer_bases: Sequence[int] = ()
     network: bool = False  # True: the Manager wires a veth into the init's own network namespace after boot
     background: bool = False  # boot at low CPU priority (warm pool refills must not slow users' sandboxes)
     memory_snapshot: Path | None = None  # a memory snapshot layer to continue from (capabilities.memory_snapshot)
@@ -137,3 +140,13 @@ class MemorySnapshots(Protocol):
     async def capture(self, handle: SandboxHandle, dest: Path) -> LayerInfo:
         """Save a *paused* sandbox's memory, devices and disk into the new layer dir ``dest`` (durable on return).
         A BootSpec with ``memory_snapshot=dest`` boots a sandbox that continues from it."""
+
+
+@runtime_checkable
+class HostIdRanges(Protocol):
+    """A backend whose sandboxes map to host uid ranges (the container backend): it picks each sandbox's range
+    before its directories are made (a range whose spare shell waits ready in the zygote, when there is one)."""
+
+    def choose_idmap(self, sandbox_id: str) -> IdMap:
+        """The range sandbox ``sandbox_id`` will boot in (held for it until the Manager releases it)."""
+        ...

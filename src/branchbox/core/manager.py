@@ -42,7 +42,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from branchbox.agent.client import AgentClient, ProcessHandle
-from branchbox.backends.base import Backend, BootSpec, MemorySnapshots, SandboxHandle
+from branchbox.backends.base import Backend, BootSpec, HostIdRanges, IdMap, MemorySnapshots, SandboxHandle
+from branchbox.backends.idranges import IdRanges
 from branchbox.core import disk, identity, validate
 from branchbox.core import snapshots as snaps
 from branchbox.core.events import ManagerEvent, Subscriber
@@ -96,7 +97,7 @@ def new_sandbox_id() -> str:
     return secrets.token_hex(10)
 
 
-def make_backend(kind: str, settings: ManagerSettings) -> Backend:
+def make_backend(kind: str, settings: ManagerSettings, ids: IdRanges | None = None) -> Backend:
     """The backend registry: kind -> backend, imported lazily so unused backends cost nothing."""
     if kind == "container":
         from branchbox.backends.container import ContainerBackend  # noqa: PLC0415 - lazy by design
@@ -106,6 +107,7 @@ def make_backend(kind: str, settings: ManagerSettings) -> Backend:
             cgroup_parent=settings.cgroup_parent,
             idmap=settings.idmap,
             tmp_tmpfs_mb=settings.tmp_tmpfs_mb,
+            ids=ids,
         )
     if kind == "microvm":
         from branchbox.backends.microvm import MicroVMBackend  # noqa: PLC0415 - lazy by design
@@ -176,6 +178,9 @@ class Manager:
         self._last_capture = 0.0  # ... and none until captures have paused for MEASURE_QUIET_S
         self._closed = False
         self._liveness = Watchdog(self._check_agents)  # runs while agent calls are open (core/liveness.py)
+        # per-sandbox uid ranges (issue 22.1): in use while a record or a layer names them (or a boot holds them)
+        block = settings.uid_ranges
+        self._ids = None if block is None else IdRanges(*block, in_use=lambda: self._db.id_ranges_in_use())  # noqa: PLW0108
         from branchbox.workspaces.service import WorkspaceService  # noqa: PLC0415 - the git cache is optional
 
         self.workspaces = WorkspaceService(self)  # git workspaces: docs/workspaces.md
@@ -402,6 +407,7 @@ class Manager:
         existing: bool = False,
         memory: str | None = None,
         policy: NetworkPolicy | None = None,
+        idmap: IdMap | None = None,
     ) -> _Live:
         """Boot a sandbox for ``info`` and register it (running, watched). On failure nothing is left.
 
@@ -414,17 +420,19 @@ class Manager:
         handle: SandboxHandle | None = None
         try:
             with timer.phase("store"):
+                idmap = idmap or self._idmap_for(sid, be, existing=existing)
                 pinned = [base, *lowers] if base is not None else list(lowers)  # nothing frees them meanwhile
                 if existing:
                     self._db.update(sid, state=info.state, layers=pinned, handle=None, error=None)
                 else:
-                    self._db.insert(info, pool=pool, layers=pinned)
+                    self._db.insert(info, pool=pool, layers=pinned, uid_base=idmap.host_base)
                 lower_paths = [self._lower_path(lid) for lid in lowers]
+                bases = [*self._db.layer_uid_bases(lowers), self.settings.idmap.host_base]  # the template's last
                 base_path = None if base is None else self._layer_path(base)
             with timer.phase("dirs"):
                 root = self.templates.rootfs(tpl.digest)
                 dirs = await self._prepare_dirs(sid, base_path, [*lower_paths, root], fresh_machine_id,
-                                                info.resources.disk_mb)  # fmt: skip
+                                                info.resources.disk_mb, idmap, bases)  # fmt: skip
             spec = BootSpec(
                 sandbox_id=sid,
                 layers=[*lower_paths, root],
@@ -435,7 +443,8 @@ class Manager:
                 resources=info.resources,
                 env={**tpl.env, **info.env},
                 workdir=tpl.workdir,
-                idmap=self.settings.idmap,
+                idmap=idmap,
+                layer_bases=bases,
                 network=self._net is not None and be.capabilities.network,
                 background=pool is not None,
                 memory_snapshot=None if memory is None else self._layer_path(memory),
@@ -1005,8 +1014,9 @@ class Manager:
         )
         try:
             with timer.phase("store"), self._db.durable() if not hidden else contextlib.nullcontext():
+                owner = rec.uid_base if rec is not None else self.settings.idmap.host_base  # the writer's range
                 self._db.insert_layer(LayerRecord(lid, dest, lowers[0] if lowers else None, self._driver.name,
-                                                  layer.size_bytes, layer.files, now))  # fmt: skip
+                                                  layer.size_bytes, layer.files, now, owner))  # fmt: skip
                 self._db.insert_snapshot(replace(snap, timings=timer.as_dict()), hidden=hidden)
         except Exception as exc:
             await asyncio.to_thread(self._driver.remove_layer, dest)
@@ -1066,7 +1076,15 @@ class Manager:
         if len(chain) > snaps.MAX_CHAIN:
             with timer.phase("flatten"):
                 chain = [await self._flatten_now(chain)]
-        if self._driver.clones_layers and chain and not stack:
+        idmap = self._idmap_for(info.id, be, existing=existing)
+        # the upper starts as a clone of the top layer only when that layer is owned in the sandbox's own range
+        # (a reset to its own snapshot); else every layer is a lower, mounted idmapped where its range differs
+        if (
+            self._driver.clones_layers
+            and chain
+            and not stack
+            and self._db.layer_uid_bases(chain[:1])[0] == idmap.host_base
+        ):
             base, lowers = chain[0], list(chain[1:])
         else:
             base, lowers = None, list(chain)
@@ -1081,22 +1099,35 @@ class Manager:
             existing=existing,
             pool=pool,
             policy=policy,
+            idmap=idmap,
         )
 
     async def _prepare_dirs(
-        self, sid: str, base: Path | None, lowers: Sequence[Path], machine_id: bool, disk_mb: int = 0
-    ) -> SandboxDirs:
+        self, sid: str, base: Path | None, lowers: Sequence[Path], machine_id: bool, disk_mb: int = 0,
+        idmap: IdMap | None = None, bases: Sequence[int] = (),
+    ) -> SandboxDirs:  # fmt: skip
+        idmap = idmap or self.settings.idmap
+
         def prepare() -> SandboxDirs:
-            dirs = self._driver.prepare_sandbox(self._sandbox_dir(sid), self.settings.idmap, base=base)
+            dirs = self._driver.prepare_sandbox(self._sandbox_dir(sid), idmap, base=base)
             if self._driver.disk_limits is not None:  # a few ioctls on btrfs (no commit); before the machine-id
                 self._driver.set_disk_limit(self._sandbox_dir(sid), disk_mb)
             if machine_id:
-                snaps.write_machine_id(dirs.upper, lowers, self.settings.idmap)
+                snaps.write_machine_id(dirs.upper, lowers, idmap, bases)
             return dirs
 
         if base is None:  # a few mkdirs (a subvolume on btrfs: ~0.1 ms) and a machine-id: cheaper than a thread hop
             return prepare()
         return await asyncio.to_thread(prepare)  # a clone of ``base``: a btrfs snapshot commits a transaction
+
+    def _idmap_for(self, sid: str, be: Backend, *, existing: bool) -> IdMap:
+        """The host uid range sandbox ``sid`` boots in: its own (kept across a reset), or the canonical one
+        (backends without host uids, daemons without a uid block, records of older daemons)."""
+        if existing and (rec := self._db.get(sid)) is not None:
+            return IdMap(rec.uid_base, self.settings.idmap.count)
+        if self._ids is not None and isinstance(be, HostIdRanges):
+            return be.choose_idmap(sid)
+        return self.settings.idmap
 
     def _layer_path(self, layer_id: str) -> Path:
         return self.settings.data_dir / "layers" / layer_id
@@ -1120,7 +1151,8 @@ class Manager:
         dest = self._layer_path(lid)
         paths = [self._lower_path(x) for x in chain]
         try:
-            layer = await asyncio.to_thread(self._driver.flatten, paths, dest)
+            layer = await asyncio.to_thread(snaps.flatten_canonical, self._driver, paths, dest,
+                                            self._db.layer_uid_bases(chain), self.settings.idmap)  # fmt: skip
         except BaseException:
             await asyncio.to_thread(self._driver.remove_layer, dest)
             raise
@@ -1135,7 +1167,8 @@ class Manager:
         dest = self._layer_path(lid)
         paths = [self._lower_path(x) for x in snap.layers]
         try:
-            layer = await asyncio.to_thread(self._driver.flatten, paths, dest)
+            layer = await asyncio.to_thread(snaps.flatten_canonical, self._driver, paths, dest,
+                                            self._db.layer_uid_bases(snap.layers), self.settings.idmap)  # fmt: skip
         except Exception:
             log.exception("flattening snapshot %s failed; it keeps its chain", snap.id)
             await asyncio.to_thread(self._driver.remove_layer, dest)
@@ -1166,6 +1199,8 @@ class Manager:
     def _forget(self, sandbox_id: str) -> None:
         """Delete a sandbox record; layers only it used are freed in the background."""
         self._db.delete(sandbox_id)
+        if self._ids is not None:
+            self._ids.release(sandbox_id)
         self._schedule_gc()
 
     def _schedule_gc(self) -> None:
@@ -1223,6 +1258,10 @@ class Manager:
             for lid in (layer_id, *below):
                 self._db.pin_layer(lid, owner)
         self._spawn_bg(self._measure(layer_id, self._layer_path(layer_id)))
+
+    def layer_uid_bases(self, layer_ids: Sequence[str]) -> builtins.list[int]:
+        """The host uid range each layer's files are owned in (its writer's; flattened and cached ones: canonical)."""
+        return self._db.layer_uid_bases(layer_ids)
 
     def pin_layers(self, layers: Sequence[str], owner: str) -> None:
         """Keep the recorded ``layers`` (a snapshot's chain) alive under the pin ``owner``."""
@@ -1421,7 +1460,7 @@ class Manager:
     async def _backend(self, kind: str) -> Backend:
         be = self._backends.get(kind)
         if be is None:
-            be = make_backend(kind, self.settings)
+            be = make_backend(kind, self.settings, self._ids)
             await be.start()
             self._backends[kind] = be
         return be

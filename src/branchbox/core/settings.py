@@ -40,7 +40,10 @@ class ManagerSettings:
     default_backend: str = "container"
     keep_sandboxes_on_shutdown: bool = True  # False: aclose() destroys every sandbox
     cgroup_parent: str = "branchbox"  # name of the parent cgroup (unique per daemon sharing a host)
-    idmap: IdMap = field(default_factory=IdMap)
+    idmap: IdMap = field(default_factory=IdMap)  # the canonical range: template trees are owned in it on disk
+    # per-sandbox ranges (issue 22.1): (first host uid, number of ranges of 65536 ids) of this daemon's block; each
+    # container sandbox maps to a range of its own. None: every sandbox maps to ``idmap`` (the daemon claims a block)
+    uid_ranges: tuple[int, int] | None = None
     agent_connect_timeout: float = 10.0
     tmp_tmpfs_mb: int = 0  # containers: 0 keeps /tmp in the sandbox's files; N mounts an N MiB tmpfs (no snapshots)
     default_disk_mb: int = DEFAULT_DISK_MB  # a sandbox's writable layer when create() names none (0: no limit)

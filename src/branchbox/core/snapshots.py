@@ -9,8 +9,10 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
-from branchbox.backends.base import IdMap
+from branchbox.backends.base import IdMap, LayerInfo
 from branchbox.errors import BadRequestError, LimitExceededError
+from branchbox.images.shift import rebase_id, rebase_tree
+from branchbox.storage.base import StorageDriver
 
 FLATTEN_DEPTH = 16  # snapshot chains deeper than this are flattened in the background
 MAX_CHAIN = 64  # a restore onto a deeper chain flattens it first (overlay mount options fit in one page)
@@ -51,14 +53,17 @@ def fork_count(count: int, free: int) -> int:
     return count
 
 
-def write_machine_id(upper: Path, lowers: Sequence[Path], idmap: IdMap) -> str:
-    """Give a sandbox a fresh ``/etc/machine-id`` by writing it into its upper layer before boot."""
+def write_machine_id(upper: Path, lowers: Sequence[Path], idmap: IdMap, bases: Sequence[int] = ()) -> str:
+    """Give a sandbox a fresh ``/etc/machine-id`` by writing it into its upper layer (owned in ``idmap``'s range)
+    before boot. ``bases``: the range each lower is owned in (empty: ``idmap``'s)."""
     etc = upper / "etc"
     if not etc.is_dir() or etc.is_symlink():
-        ref = next((p / "etc" for p in lowers if (p / "etc").is_dir() and not (p / "etc").is_symlink()), None)
+        found = ((p / "etc", b) for p, b in zip(lowers, bases or [idmap.host_base] * len(lowers), strict=True))
+        ref, ref_base = next(((e, b) for e, b in found if e.is_dir() and not e.is_symlink()), (None, idmap.host_base))
         st = os.stat(ref) if ref is not None else None
         etc.mkdir(mode=0o755)
-        os.chown(etc, st.st_uid if st else idmap.host_base, st.st_gid if st else idmap.host_base)
+        uid = rebase_id(st.st_uid, ref_base, idmap) if st else idmap.host_base
+        os.chown(etc, uid, rebase_id(st.st_gid, ref_base, idmap) if st else idmap.host_base)
         os.chmod(etc, stat.S_IMODE(st.st_mode) if st else 0o755)
         if st is not None:
             os.utime(etc, ns=(st.st_atime_ns, st.st_mtime_ns))
@@ -74,3 +79,14 @@ def write_machine_id(upper: Path, lowers: Sequence[Path], idmap: IdMap) -> str:
     finally:
         os.close(fd)
     return value
+
+
+def flatten_canonical(
+    driver: StorageDriver, layers: Sequence[Path], dest: Path, bases: Sequence[int], canonical: IdMap
+) -> LayerInfo:
+    """Flatten ``layers`` (owned in the ranges ``bases``) into ``dest``, its owners rewritten to the canonical range:
+    one flat layer has one range, and the canonical one is read by every sandbox through its idmapped mount."""
+    layer = driver.flatten(layers, dest)
+    if any(b != canonical.host_base for b in bases):
+        rebase_tree(dest, set(bases), canonical)
+    return layer

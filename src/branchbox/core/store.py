@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from branchbox.backends.base import SandboxHandle
+from branchbox.backends.idranges import CANONICAL_BASE
 from branchbox.core.models import Resources, SandboxInfo, SandboxState, SnapshotInfo
 
 _SCHEMA = """
@@ -79,6 +80,7 @@ class SandboxRecord:
     handle: SandboxHandle | None
     pool: str | None = None  # set while the sandbox waits, unclaimed, in the warm pool of that template
     layers: tuple[str, ...] = ()  # the lower chain its overlay mounts above the template, topmost first
+    uid_base: int = CANONICAL_BASE  # host uid of its root (its own range; older daemons' sandboxes: the canonical)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +92,7 @@ class LayerRecord:
     size_bytes: int | None
     files: int | None
     created_at: float
+    uid_base: int = CANONICAL_BASE  # host uid of root in the range its files are owned by (the writer's)
 
 
 def _resources_json(res: Resources) -> str:
@@ -143,6 +146,10 @@ class Store:
         cols = {r[1] for r in self._db.execute("PRAGMA table_info(sandboxes)")}
         if "layers" not in cols:  # data dirs made before snapshots existed
             self._db.execute("ALTER TABLE sandboxes ADD COLUMN layers TEXT NOT NULL DEFAULT '[]'")
+        # per-sandbox uid ranges (issue 22.1): records of older daemons are in the canonical range they all shared
+        for table in ("sandboxes", "layers"):
+            if "uid_base" not in {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN uid_base INTEGER NOT NULL DEFAULT {CANONICAL_BASE}")
 
     @contextlib.contextmanager
     def durable(self) -> Iterator[None]:
@@ -169,11 +176,12 @@ class Store:
         *,
         pool: str | None = None,
         layers: Sequence[str] = (),
+        uid_base: int = CANONICAL_BASE,
     ) -> None:
         self._db.execute(
             "INSERT INTO sandboxes (id, template, template_digest, backend, state, created_at, expires_at,"
-            " resources, metadata, env, hostname, source, timings, error, handle, pool, layers)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " resources, metadata, env, hostname, source, timings, error, handle, pool, layers, uid_base)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 info.id,
                 info.template,
@@ -192,6 +200,7 @@ class Store:
                 _handle_to_json(handle),
                 pool,
                 json.dumps(list(layers)),
+                uid_base,
             ),
         )
 
@@ -235,7 +244,7 @@ class Store:
     @staticmethod
     def _record(row: tuple[Any, ...]) -> SandboxRecord:
         (sid, template, digest, backend, state, created_at, expires_at, resources, metadata, env, hostname,
-         source, timings, error, handle, pool, layers) = row  # fmt: skip
+         source, timings, error, handle, pool, layers, uid_base) = row  # fmt: skip
         r = json.loads(resources)
         info = SandboxInfo(
             id=sid,
@@ -259,15 +268,30 @@ class Store:
             error=error,
         )
         return SandboxRecord(
-            info=info, handle=_handle_from_json(handle), pool=pool, layers=tuple(json.loads(layers or "[]"))
+            info=info,
+            handle=_handle_from_json(handle),
+            pool=pool,
+            layers=tuple(json.loads(layers or "[]")),
+            uid_base=int(uid_base),
         )
 
     # ------------------------------------------------------------------ layers and snapshots
     def insert_layer(self, layer: LayerRecord) -> None:
         self._db.execute(
-            "INSERT INTO layers (id, path, parent, driver, size_bytes, files, created_at) VALUES (?,?,?,?,?,?,?)",
-            (layer.id, str(layer.path), layer.parent, layer.driver, layer.size_bytes, layer.files, layer.created_at),
-        )
+            "INSERT INTO layers (id, path, parent, driver, size_bytes, files, created_at, uid_base)"
+            " VALUES (?,?,?,?,?,?,?,?)",
+            (layer.id, str(layer.path), layer.parent, layer.driver, layer.size_bytes, layer.files, layer.created_at,
+             layer.uid_base),
+        )  # fmt: skip
+
+    def id_ranges_in_use(self) -> set[int]:
+        """The uid ranges (host uid of root) that sandbox records and layers own files or processes in."""
+        rows = self._db.execute("SELECT uid_base FROM sandboxes UNION SELECT uid_base FROM layers")
+        return {int(r[0]) for r in rows}
+
+    def layer_uid_bases(self, layer_ids: Sequence[str]) -> list[int]:
+        """The range each layer's files are owned in (the canonical one for a layer not recorded)."""
+        return [x.uid_base if (x := self.get_layer(lid)) is not None else CANONICAL_BASE for lid in layer_ids]
 
     def set_layer_usage(self, layer_id: str, size_bytes: int | None, files: int | None) -> None:
         self._db.execute("UPDATE layers SET size_bytes=?, files=? WHERE id=?", (size_bytes, files, layer_id))
@@ -333,8 +357,8 @@ class Store:
 
     @staticmethod
     def _layer(row: tuple[Any, ...]) -> LayerRecord:
-        lid, path, parent, driver, size, files, created = row
-        return LayerRecord(lid, Path(path), parent, driver, size, files, created)
+        lid, path, parent, driver, size, files, created, uid_base = row
+        return LayerRecord(lid, Path(path), parent, driver, size, files, created, int(uid_base))
 
     @staticmethod
     def _snapshot(row: tuple[Any, ...]) -> SnapshotInfo:

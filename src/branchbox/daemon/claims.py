@@ -1,12 +1,12 @@
 """Host claims: the names and ranges each daemon on a host owns, so that neighbouring daemons never touch each
 other's sandboxes (issue 21.2).
 
-A daemon owns a cgroup parent, an nftables table, a veth name prefix and a subnet (its runtime dirs are inside its
-data dir). Names not configured are derived from the data dir (:func:`derive`); a subnet not configured is
-allocated, free of every other claim and of the host's routes. What a daemon resolved is persisted in
-``DATA/host.json``, so a restart keeps it, and registered host-wide in ``claims.json`` under an flock
-(``/var/lib/branchbox-host``; ``BRANCHBOX_CLAIMS_DIR`` moves it), persistent so that a reboot cannot hand a stopped
-daemon's subnet to another one.
+A daemon owns a cgroup parent, an nftables table, a veth name prefix, a subnet and a block of host uid ranges (one
+range per sandbox, issue 22.1; its runtime dirs are inside its data dir). Names not configured are derived from the
+data dir (:func:`derive`); a subnet not configured is allocated, free of every other claim and of the host's routes.
+What a daemon resolved is persisted in ``DATA/host.json``, so a restart keeps it, and registered host-wide in
+``claims.json`` under an flock (``/var/lib/branchbox-host``; ``BRANCHBOX_CLAIMS_DIR`` moves it), persistent so that
+a reboot cannot hand a stopped daemon's subnet to another one.
 
 Liveness: a daemon holds an flock on ``DATA/daemon.lock`` for as long as it runs (the kernel drops it when the
 process dies, so a crash releases it); it is taken and probed only under the registry's lock, so probing never
@@ -35,6 +35,9 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from branchbox.backends.idranges import CANONICAL_BASE, RANGE_SIZE
+from branchbox.backends.microvm.jail import UID_BASE as VM_UID_BASE
+from branchbox.backends.microvm.jail import UID_COUNT as VM_UID_COUNT
 from branchbox.core.settings import DEFAULT_DATA_DIR, ManagerSettings
 from branchbox.errors import ConflictError
 from branchbox.net.settings import NetworkSettings
@@ -50,6 +53,10 @@ LOCK_FILE = "daemon.lock"
 ALLOC_POOL = ipaddress.IPv4Network("10.224.0.0/11")
 ALLOC_PREFIX = 19
 VM_SUFFIX = "-vm"  # the microVM backend's cgroups are under <cgroup_parent>-vm (backends/microvm/config.py)
+# uid blocks (per-sandbox ranges) are allocated in [UID_POOL_START, UID_POOL_END), aligned to their size, away from
+# the canonical range (templates on disk, 100000) and the microVM jail's uids
+UID_POOL_START = 1 << 26
+UID_POOL_END = (1 << 32) - (1 << 24)  # below uid -1 and the ids some tools treat as special near the top
 _SALTS = 16  # derived names that collide with another claim are derived again with a salt, this many times
 
 
@@ -65,6 +72,14 @@ class HostNames:
     table: str | None = None
     if_prefix: str | None = None
     subnet: str | None = None
+    uid_first: int | None = None  # the block of per-sandbox uid ranges: first host uid ...
+    uid_ranges: int | None = None  # ... and number of ranges of RANGE_SIZE ids (None: ranges off)
+
+    def uid_block(self) -> tuple[int, int] | None:
+        """[start, end) host uids of the block, if any."""
+        if self.uid_first is None or not self.uid_ranges:
+            return None
+        return self.uid_first, self.uid_first + self.uid_ranges * RANGE_SIZE
 
     def clashes(self, other: HostNames) -> list[str]:
         """The settings (config names) in which ``self`` and ``other`` collide."""
@@ -78,6 +93,9 @@ class HostNames:
             out.append(f"network_if_prefix ({self.if_prefix})")
         if self.subnet is not None and other.subnet is not None and _overlap(self.subnet, other.subnet):
             out.append(f"network_subnet ({self.subnet} overlaps {other.subnet})")
+        a, b = self.uid_block(), other.uid_block()
+        if a is not None and b is not None and a[0] < b[1] and b[0] < a[1]:
+            out.append(f"uid_first (host uids {a[0]}-{a[1] - 1} overlap {b[0]}-{b[1] - 1})")
         return out
 
 
@@ -90,6 +108,8 @@ class Wanted:
     table: str | None = None
     if_prefix: str | None = None
     subnet: str | None = None
+    uid_first: int | None = None
+    uid_ranges: int = 0  # 0: no per-sandbox ranges (every sandbox in the canonical range, as before issue 22.1)
 
 
 def network_names(cgroup_parent: str) -> tuple[str, str]:
@@ -198,6 +218,12 @@ def _resolve(data_dir: Path, wanted: Wanted, others: dict[str, dict[str, Any]]) 
                 if_prefix=wanted.if_prefix or prefix,
                 subnet=wanted.subnet or (saved.subnet if saved else None) or _default_subnet(data_dir, taken),
             )
+        if wanted.uid_ranges:
+            keep = saved is not None and saved.uid_ranges == wanted.uid_ranges and salt == 0
+            first = wanted.uid_first or (saved.uid_first if keep and saved is not None else None)
+            if first is None:
+                first = allocate_uid_block(wanted.uid_ranges, [t.uid_block() for t in taken.values()], data_dir)
+            names = replace(names, uid_first=first, uid_ranges=wanted.uid_ranges)
         clashes = {d: names.clashes(t) for d, t in taken.items()}
         clashes = {d: c for d, c in clashes.items() if c}
         if not clashes:
@@ -223,6 +249,7 @@ def _only_derived(clashes: list[str], wanted: Wanted) -> bool:
         "network_table": wanted.table,
         "network_if_prefix": wanted.if_prefix,
         "network_subnet": wanted.subnet,
+        "uid_first": wanted.uid_first,
     }
     return all(configured[c.split(" ")[0]] is None for c in clashes)
 
@@ -244,6 +271,28 @@ def allocate_subnet(claimed: list[str], routes: list[ipaddress.IPv4Network], dat
         if not any(block.overlaps(u) for u in used):
             return str(block)
     raise ClaimError(f"no free /{ALLOC_PREFIX} left in {ALLOC_POOL} for sandbox networks: configure network_subnet")
+
+
+def allocate_uid_block(ranges: int, claimed: list[tuple[int, int] | None], data_dir: Path) -> int:
+    """The first host uid of a free block of ``ranges`` ranges: aligned to its size, inside the uid pool, clear
+    of every claimed block, of the canonical range and of the microVM jail's uids; the search starts at a block
+    derived from the data dir."""
+    size = ranges * RANGE_SIZE
+    lo = -(-UID_POOL_START // size) * size
+    starts = list(range(lo, UID_POOL_END - size + 1, size))
+    if not starts:
+        raise ClaimError(f"uid_ranges = {ranges} is too large for the host's uid space: configure fewer")
+    reserved = [(CANONICAL_BASE, CANONICAL_BASE + RANGE_SIZE), (VM_UID_BASE, VM_UID_BASE + VM_UID_COUNT)]
+    used = [c for c in claimed if c is not None] + reserved
+    first = int(hashlib.sha256(os.path.realpath(data_dir).encode()).hexdigest(), 16) % len(starts)
+    for i in range(len(starts)):
+        start = starts[(first + i) % len(starts)]
+        if not any(start < end and begin < start + size for begin, end in used):
+            return start
+    raise ClaimError(
+        f"no free block of {ranges} uid ranges left on this host (other daemons' data dirs hold them): configure "
+        "uid_ranges smaller, or remove data dirs no longer used"
+    )
 
 
 def host_routes() -> list[ipaddress.IPv4Network]:

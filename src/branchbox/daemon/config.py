@@ -46,6 +46,7 @@ from typing import Any
 
 from branchbox.api.auth import is_key_hash
 from branchbox.api.settings import ApiSettings
+from branchbox.backends.idranges import RANGE_SIZE
 from branchbox.core.limits import MAX_TIMEOUT_S, MIN_DISK_MB
 from branchbox.core.pool import PoolConfig
 from branchbox.core.settings import DEFAULT_DATA_DIR, ManagerSettings, WorkspaceSettings
@@ -107,6 +108,10 @@ class DaemonConfig:
     default_disk_mb: int = _core("default_disk_mb")  # a sandbox's disk when the create names none (0: no limit)
     reserve_mb: int = _core("reserve_mb")  # free space kept for the daemon's state: creates refused below it
     snapshot_budget_mb: int = _core("snapshot_budget_mb")  # all snapshot layers together (0: no budget)
+    # per-sandbox host uid ranges (issue 22.1): a block of this many ranges of 65536 ids (0: every sandbox maps to
+    # the one canonical range, as before); its first host uid is allocated host-wide unless configured
+    uid_ranges: int = 1024
+    uid_first: int | None = None
     pools: tuple[PoolConfig, ...] = ()  # [pools.<template>] tables; only from the config file
 
     def wanted_names(self) -> Wanted:
@@ -117,6 +122,8 @@ class DaemonConfig:
             table=self.network_table,
             if_prefix=self.network_if_prefix,
             subnet=self.network_subnet,
+            uid_first=self.uid_first,
+            uid_ranges=self.uid_ranges,
         )
 
     def with_names(self, names: HostNames) -> DaemonConfig:
@@ -127,6 +134,7 @@ class DaemonConfig:
             network_table=names.table,
             network_if_prefix=names.if_prefix,
             network_subnet=names.subnet,
+            uid_first=names.uid_first,
         )
 
     def network_settings(self) -> NetworkSettings | None:
@@ -155,8 +163,15 @@ class DaemonConfig:
             raise ConfigError(
                 f"default_disk_mb must be 0 (no limit) or at least {MIN_DISK_MB}, not {self.default_disk_mb}"
             )
+        if self.uid_ranges < 0 or (self.uid_first is not None and self.uid_first % RANGE_SIZE):
+            raise ConfigError(
+                f"uid_ranges must be 0 or more and uid_first a multiple of {RANGE_SIZE}, not {self.uid_ranges} and "
+                f"{self.uid_first}"
+            )
+        ranges = (self.uid_first, self.uid_ranges) if self.uid_first is not None and self.uid_ranges else None
         return ManagerSettings(
             data_dir=self.data_dir,
+            uid_ranges=ranges,
             templates_dir=self.templates_dir,
             default_timeout=self.default_timeout,
             max_timeout=self.max_timeout,

@@ -45,6 +45,7 @@ from branchbox.images.dockerfile_context import (
     repack_archive,
 )
 from branchbox.images.dockerfile_parse import Instruction, expand, expand_words, key_values, parse
+from branchbox.images.shift import rebase_tree
 from branchbox.images.spec import check_name
 from branchbox.images.store import TemplateStore
 from branchbox.storage.flatten import flatten_into, is_whiteout
@@ -72,6 +73,8 @@ class BuildHost(Protocol):
     def templates(self) -> TemplateStore: ...
 
     def lower_path(self, layer_id: str) -> Path: ...
+
+    def layer_uid_bases(self, layer_ids: Sequence[str]) -> list[int]: ...
 
     def pin_layers(self, layers: Sequence[str], owner: str) -> None: ...
 
@@ -535,11 +538,14 @@ class DockerfileBuild:
         digest = _h("dockerfile-template", BUILD_VERSION, stage.key, stage.env, stage.workdir, stage.user)
         base_meta = store.metadata(stage.base.digest)
         lowers = [self.host.lower_path(x) for x in stage.layers]
+        bases = set(self.host.layer_uid_bases(stage.layers))  # the build sandboxes' uid ranges (issue 22.1)
         base_root = store.rootfs(stage.base.digest)
 
         def fill(rootfs: Path) -> None:
             flatten_into([*lowers, base_root], rootfs)
             strip_overlay_marks(rootfs)
+            if bases - {store.idmap.host_base}:  # a template is owned by the canonical range, like its base
+                rebase_tree(rootfs, bases, store.idmap)
             wd = rootfs / stage.workdir.lstrip("/")
             if not wd.exists():
                 wd.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,10 @@ def shift_id(value: int, idmap: IdMap) -> int:
 
 
 def _shift_one(path: str, st: os.stat_result, idmap: IdMap) -> None:
-    uid, gid = shift_id(st.st_uid, idmap), shift_id(st.st_gid, idmap)
+    _chown_keeping_bits(path, st, shift_id(st.st_uid, idmap), shift_id(st.st_gid, idmap))
+
+
+def _chown_keeping_bits(path: str, st: os.stat_result, uid: int, gid: int) -> None:
     if stat.S_ISLNK(st.st_mode):
         os.lchown(path, uid, gid)
         return
@@ -61,3 +64,39 @@ def shift_tree(root: Path, idmap: IdMap) -> None:
         for name in (*dirnames, *filenames):
             path = os.path.join(dirpath, name)
             visit(path, os.lstat(path))
+
+
+def rebase_id(value: int, base: int, idmap: IdMap) -> int:
+    """The id in ``idmap``'s range of host id ``value`` of the range starting at ``base`` (other ids: unchanged)."""
+    if base <= value < base + idmap.count:
+        return idmap.host_base + value - base
+    return value
+
+
+def rebase_tree(root: Path, bases: set[int], idmap: IdMap) -> None:
+    """Move the owners of every entry under ``root`` from any of the ranges starting at ``bases`` into
+    ``idmap``'s range (uid x of a range stays uid x inside); setuid/setgid bits and file capabilities are kept."""
+    ranges = sorted(bases)
+
+    def rebase(value: int) -> int:
+        for base in ranges:
+            if base <= value < base + idmap.count:
+                return idmap.host_base + value - base
+        return value
+
+    seen: set[tuple[int, int]] = set()
+
+    def visit(path: str) -> None:
+        st = os.lstat(path)
+        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+            if (st.st_dev, st.st_ino) in seen:
+                return
+            seen.add((st.st_dev, st.st_ino))
+        uid, gid = rebase(st.st_uid), rebase(st.st_gid)
+        if (uid, gid) != (st.st_uid, st.st_gid):
+            _chown_keeping_bits(path, st, uid, gid)
+
+    visit(str(root))
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in (*dirnames, *filenames):
+            visit(os.path.join(dirpath, name))

@@ -24,15 +24,17 @@ from branchbox.backends.base import BootSpec, Capabilities, IdMap, SandboxHandle
 from branchbox.backends.container import cgroups as cg_mod
 from branchbox.backends.container import syscalls
 from branchbox.backends.container.child import SHELL_DIR
-from branchbox.backends.container.zygote import AGENT_SOCKET, MAX_MESSAGE, SPARE_PREFIX
+from branchbox.backends.container.zygote import AGENT_SOCKET, MAX_MESSAGE, MAX_SPARES, SPARE_PREFIX
+from branchbox.backends.idranges import CANONICAL_BASE, IdRanges
 from branchbox.backends.process import wait_pid_exit
 from branchbox.core.timing import PhaseTimer
-from branchbox.errors import BackendError, TimeoutError_
+from branchbox.errors import BackendError, LimitExceededError, TimeoutError_
 
 PAUSE_TIMEOUT_S = 10.0
 BACKGROUND_NICE = 10  # pool refills: nice 10 in an idle cgroup (cgroups.set_idle), so they yield to users' work
 DESTROY_TIMEOUT_S = 10.0
 ZYGOTE_START_TIMEOUT_S = 30.0
+SPARE_OWNER = "zygote"  # the holder of the ranges lent to the zygote for spare shells
 
 
 class ContainerBackend:
@@ -42,12 +44,23 @@ class ContainerBackend:
     capabilities = Capabilities(pause=True, fs_snapshot=True, fork=True, memory_snapshot=False, network=True)
 
     def __init__(
-        self, run_root: Path, *, cgroup_parent: str = "branchbox", idmap: IdMap | None = None, tmp_tmpfs_mb: int = 0
+        self,
+        run_root: Path,
+        *,
+        cgroup_parent: str = "branchbox",
+        idmap: IdMap | None = None,
+        tmp_tmpfs_mb: int = 0,
+        ids: IdRanges | None = None,
     ) -> None:
         self.run_root = Path(run_root)
         self.tmp_tmpfs_mb = tmp_tmpfs_mb  # 0: /tmp is part of the sandbox's files; else a tmpfs of this size
         self.cgroup_parent = cgroup_parent
-        self.idmap = idmap or IdMap()  # the range the zygote's spare shells are mapped to
+        self.idmap = idmap or IdMap()  # without ``ids``: the one range every sandbox (and spare shell) maps to
+        # per-sandbox ranges (issue 22.1): ``ids`` hands them out; ``_lent`` are the ranges of the zygote's spare
+        # shells (oldest first: the likeliest to be ready), ``_lend`` the range lent in place of a claimed one
+        self.ids = ids
+        self._lent: list[int] = []
+        self._lend: dict[str, int] = {}
         self._cgroups: cg_mod.Cgroups | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
@@ -77,8 +90,17 @@ class ContainerBackend:
 
     async def _spawn_zygote(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        if self.ids is not None:
+            # a new zygote's spares take the ranges of the old one's (those died with it; a respawn lends the
+            # same ranges again), topped up to MAX_SPARES
+            with contextlib.suppress(LimitExceededError):  # a full block: fewer spares
+                while len(self._lent) < MAX_SPARES:
+                    self._lent.append(self.ids.take(SPARE_OWNER))
+        spare_ranges = None if self.ids is None else list(self._lent)
         try:
-            self._proc = _popen_zygote(theirs, self.run_root / "zygote.log", self.cgroup_parent, self.idmap)
+            self._proc = _popen_zygote(
+                theirs, self.run_root / "zygote.log", self.cgroup_parent, self.idmap, spare_ranges
+            )
         finally:
             theirs.close()
         ours.setblocking(False)
@@ -161,6 +183,22 @@ class ContainerBackend:
         return self._cgroups
 
     # -- lifecycle -----------------------------------------------------------------------------------
+    def choose_idmap(self, sandbox_id: str) -> IdMap:
+        """The range ``sandbox_id`` boots in: the oldest range lent for a spare shell (its spare is likely ready;
+        the boot lends a fresh range in its place), else a fresh one. Without ranges: the one shared range."""
+        if self.ids is None:
+            return self.idmap
+        if not self._lent:
+            return IdMap(self.ids.take(sandbox_id), self.idmap.count)
+        base = self._lent.pop(0)
+        self.ids.transfer(base, sandbox_id)
+        try:
+            self._lend[sandbox_id] = fresh = self.ids.take(SPARE_OWNER)
+            self._lent.append(fresh)
+        except LimitExceededError:
+            pass  # none free: one spare fewer
+        return IdMap(base, self.idmap.count)
+
     async def boot(self, spec: BootSpec, timer: PhaseTimer) -> SandboxHandle:
         req = {
             "sandbox_id": spec.sandbox_id,
@@ -174,6 +212,8 @@ class ContainerBackend:
             "pids": spec.resources.pids,
             "uid_base": spec.idmap.host_base,
             "id_count": spec.idmap.count,
+            "layer_bases": [int(b) for b in spec.layer_bases],
+            "spare_uid_base": self._lend.pop(spec.sandbox_id, 0),
             "workdir": spec.workdir,
             "env": dict(spec.env),
             "network": spec.network,
@@ -296,7 +336,9 @@ class ContainerBackend:
                     await self.destroy(name, None)
 
 
-def _popen_zygote(sock: socket.socket, log_path: Path, parent: str, idmap: IdMap) -> subprocess.Popen[bytes]:
+def _popen_zygote(
+    sock: socket.socket, log_path: Path, parent: str, idmap: IdMap, spare_ranges: list[int] | None
+) -> subprocess.Popen[bytes]:
     """Spawn the zygote (once per backend start; not on the boot path)."""
     src = str(Path(__file__).resolve().parents[3])  # src/, holding the branchbox package
     env = dict(os.environ)
@@ -304,6 +346,8 @@ def _popen_zygote(sock: socket.socket, log_path: Path, parent: str, idmap: IdMap
     cmd = [sys.executable, "-m", "branchbox.backends.container.zygote", "--fd", str(sock.fileno())]
     with open(log_path, "ab") as log:
         args = ["--parent", parent, "--id-base", str(idmap.host_base), "--id-count", str(idmap.count)]
+        if spare_ranges is not None:
+            args += ["--spare-ranges", ",".join(map(str, spare_ranges)), "--canonical-base", str(CANONICAL_BASE)]
         return subprocess.Popen(
             [*cmd, *args, "--shell-dir", str(log_path.parent / SHELL_DIR)],
             pass_fds=(sock.fileno(),),

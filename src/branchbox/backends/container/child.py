@@ -58,6 +58,8 @@ class BootRequest:
     network: bool = False
     nice: int = 0  # niceness of the boot and of the idle agent (raised for warm pool refills)
     tmp_tmpfs_mb: int = 0  # 0: /tmp is a directory of the overlay root (snapshots capture it); else a tmpfs
+    layer_bases: list[int] = field(default_factory=list)  # range each layer is owned in (empty: uid_base's)
+    spare_uid_base: int = 0  # a range the daemon lends the zygote for its next spare shell (0: none)
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,6 +47,15 @@ MS_STRICTATIME = 1 << 24
 MNT_DETACH = 2
 
 # New mount API (same numbers on every architecture since 5.2).
+_NR_OPEN_TREE = 428
+_NR_MOVE_MOUNT = 429
+_NR_MOUNT_SETATTR = 442
+_AT_FDCWD = -100
+_AT_EMPTY_PATH = 0x1000
+_OPEN_TREE_CLONE = 1
+_OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+_MOVE_MOUNT_F_EMPTY_PATH = 4
+_MOUNT_ATTR_IDMAP = 0x00100000
 
 # Architecture-specific syscall numbers.
 _ARCH_NR = {
@@ -108,6 +117,35 @@ def sethostname(name: str) -> None:
 
 def setns(fd: int, nstype: int) -> None:
     _check(_libc.setns(fd, nstype), "setns")
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = (
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    )
+
+
+def idmapped_mount(path: str, userns_fd: int, target: str) -> None:
+    """Mount a copy of the mount at ``path`` on ``target`` (both in the caller's mount namespace), its owners
+    mapped through the user namespace ``userns_fd``: an on-disk id X shows as the host id that X maps to there
+    (open_tree + mount_setattr(MOUNT_ATTR_IDMAP) + move_mount; needs CAP_SYS_ADMIN over the filesystem)."""
+    fd = _check(
+        _syscall(_NR_OPEN_TREE, _AT_FDCWD, _b(path), _OPEN_TREE_CLONE | _OPEN_TREE_CLOEXEC), f"open_tree {path}"
+    )
+    try:
+        attr = _MountAttr(_MOUNT_ATTR_IDMAP, 0, 0, userns_fd)
+        _check(
+            _syscall(_NR_MOUNT_SETATTR, fd, b"", _AT_EMPTY_PATH, ctypes.byref(attr), ctypes.sizeof(attr)),
+            f"mount_setattr {path}",
+        )
+        _check(
+            _syscall(_NR_MOVE_MOUNT, fd, b"", _AT_FDCWD, _b(target), _MOVE_MOUNT_F_EMPTY_PATH), f"move_mount {target}"
+        )
+    finally:
+        os.close(fd)
 
 
 def set_hostname_of(pid: int, name: str) -> None:

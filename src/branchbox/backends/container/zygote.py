@@ -29,7 +29,7 @@ from typing import Any
 
 from branchbox.agent.wire import short_unix_path
 from branchbox.backends.container import cgroups as cg_mod
-from branchbox.backends.container import seccomp_policy, syscalls
+from branchbox.backends.container import idmaps, seccomp_policy, syscalls
 from branchbox.backends.container.child import ROOT, STAGE, BootRequest, HolderFds, run_holder
 
 MAX_MESSAGE = 1 << 20
@@ -69,6 +69,8 @@ class _Shell:
     cgroup: str  # a spare's "shell-<zygote pid>-<n>", or the sandbox id it was made for
     id_base: int
     id_count: int
+    spare: bool = False  # a spare shell (its range goes back to the spare ranges if it dies unclaimed)
+    doomed: bool = False  # a spare whose range a boot took while it was being made: discarded once it reports
     pid: int = 0  # the holder until the shell is ready, then the init
     stage: str = "unshare"  # then "prime", then "ready"
     data: bytes = b""
@@ -110,6 +112,8 @@ class Zygote:
         spares: int = 0,
         id_base: int = 100000,
         id_count: int = 65536,
+        spare_ranges: list[int] | None = None,
+        canonical_base: int = 100000,
     ) -> None:
         self.cgroups = cgroups
         self.seccomp_bpf = seccomp_bpf
@@ -119,7 +123,13 @@ class Zygote:
         self.spares = spares  # the base number of spares; bursts raise the target for a while (``want``)
         self.target = spares
         self.burst_at = 0.0
-        self.id_base, self.id_count = id_base, id_count  # the range spares map (others make their own shell)
+        self.id_base, self.id_count = id_base, id_count  # the range spares map (without spare_ranges)
+        # per-sandbox ranges (issue 22.1): the daemon lends ranges for spare shells; a boot that claims the spare
+        # of range S takes S (the daemon chose it) and lends another (its request's spare_uid_base)
+        self.per_sandbox = spare_ranges is not None
+        self.spare_ranges: list[int] = list(spare_ranges or [])
+        self.canonical_base = canonical_base
+        self.idmappings = idmaps.Idmappings(id_count)
         self.ready: list[_Shell] = []  # spare shells that take a request
         self.making: list[_Shell] = []  # spare shells not ready yet
         self.booting: list[_Boot] = []
@@ -139,7 +149,7 @@ class Zygote:
             self.cgroups.create(cgroup, cpu, memory_mb, pids, idle=nice > 0)
         except FileExistsError:
             raise BootFailure("cgroup", f"cgroup {cgroup} exists: destroy that sandbox first") from None
-        shell = _Shell(cgroup, id_base, id_count)
+        shell = _Shell(cgroup, id_base, id_count, spare=spare)
         child_side: list[int] = []
         try:
             status_r, status_w = os.pipe2(os.O_CLOEXEC)
@@ -229,18 +239,35 @@ class Zygote:
         ``MAX_SPARES``) for ``BURST_MEMORY_S`` after it (a fork of 16 is often followed by another)."""
         if self.target > self.spares and time.monotonic() - self.burst_at > BURST_MEMORY_S:
             self.target = self.spares
+        if self.per_sandbox and not self.spare_ranges:
+            return False
         return len(self.ready) + len(self.making) < self.target
 
     def make_spare(self) -> _Shell | None:
         """Start one spare shell (default limits, primed at low priority: a claim writes the sandbox's own)."""
+        base = self.spare_ranges.pop(0) if self.per_sandbox else self.id_base
         try:
             shell = self._make_shell(f"{SPARE_PREFIX}{os.getpid()}-{next(self._count)}", 1.0, 512, 1024,
-                                     self.id_base, self.id_count, SPARE_NICE, spare=True)  # fmt: skip
+                                     base, self.id_count, SPARE_NICE, spare=True)  # fmt: skip
         except (BootFailure, OSError):
             self.spares = self.target = 0  # this host refuses (e.g. no cgroup room): no spares from now on
+            self._spare_range_back(base)
             return None
         self.making.append(shell)
+        if self.per_sandbox and base != self.canonical_base:
+            with contextlib.suppress(OSError):  # the template's idmapping, made ahead (else at the boot)
+                self.idmappings.get(self.canonical_base, base)
         return shell
+
+    def _spare_range_back(self, base: int) -> None:
+        """A spare that never took a sandbox is gone (its processes reaped): its range may serve another."""
+        if self.per_sandbox and base not in self.spare_ranges:
+            self.spare_ranges.append(base)
+
+    def _discard_spare(self, shell: _Shell) -> None:
+        self._discard(shell)
+        if shell.spare:
+            self._spare_range_back(shell.id_base)
 
     def spare_progress(self, shell: _Shell) -> int | None:
         """A spare's holder or init wrote: the fd to wait on next, or None once it is ready (or discarded)."""
@@ -249,10 +276,16 @@ class Zygote:
                 return shell.fds["sync_r"]
         except (BootFailure, OSError):
             self.making.remove(shell)
-            self._discard(shell)
+            if shell.doomed:
+                self._discard(shell)
+            else:
+                self._discard_spare(shell)
             return None
         self.making.remove(shell)
-        self.ready.append(shell)
+        if shell.doomed:  # its range serves a sandbox now; this shell never ran anything of a user's
+            self._discard(shell)
+        else:
+            self.ready.append(shell)
         return None
 
     def reaped(self, pids: set[int]) -> None:
@@ -260,7 +293,7 @@ class Zygote:
         for shell in [sh for sh in self.ready if sh.pid in pids]:
             self.ready.remove(shell)
             shell.pid = 0
-            self._discard(shell)
+            self._discard_spare(shell)
 
     def close(self) -> None:
         """At exit: spare shells go (their inits read EOF or are killed), with their cgroups."""
@@ -268,6 +301,7 @@ class Zygote:
             self._discard(shell)
         self.ready.clear()
         self.making.clear()
+        self.idmappings.close()
 
     # -- boots -----------------------------------------------------------------------------------------
     def start(self, req: BootRequest) -> tuple[_Boot, dict[str, Any] | None]:
@@ -281,7 +315,7 @@ class Zygote:
             self.target = min(MAX_SPARES, len(self.recent))
             self.burst_at = now
         try:
-            spare = self._live_spare() if (req.uid_base, req.id_count) == (self.id_base, self.id_count) else None
+            spare = self._spare_for(req)
             if spare is not None:
                 boot.shell = spare
                 boot.cgroup = spare.cgroup  # until adopted: a failure removes the spare's
@@ -303,10 +337,29 @@ class Zygote:
         except Exception as exc:  # any failure is reported to the daemon
             return boot, self._fail(boot, boot.stage, str(exc))
 
-    def _live_spare(self) -> _Shell | None:
-        """A ready spare whose init still waits (one that died meanwhile is discarded)."""
-        while self.ready:
-            shell = self.ready.pop(0)
+    def _spare_for(self, req: BootRequest) -> _Shell | None:
+        """The ready spare in the request's range, if any. Per-sandbox ranges: the range leaves the spare ranges
+        (a spare of it still being made is dropped: the boot makes its own shell in that range), and the range
+        the request lends for a next spare joins them."""
+        if not self.per_sandbox:
+            return self._live_spare() if (req.uid_base, req.id_count) == (self.id_base, self.id_count) else None
+        if req.spare_uid_base and req.spare_uid_base not in self.spare_ranges:
+            self.spare_ranges.append(req.spare_uid_base)
+        if req.uid_base in self.spare_ranges:
+            self.spare_ranges.remove(req.uid_base)
+        for shell in self.making:  # its fd stays registered with serve()'s selector until it reports
+            if shell.id_base == req.uid_base:
+                shell.doomed = True
+        spare = self._live_spare(req.uid_base)
+        if spare is not None:
+            spare.spare = False
+        return spare
+
+    def _live_spare(self, base: int | None = None) -> _Shell | None:
+        """A ready spare (in range ``base``, if given) whose init still waits (one that died meanwhile is
+        discarded)."""
+        for shell in [sh for sh in self.ready if base is None or sh.id_base == base]:
+            self.ready.remove(shell)
             try:
                 gone = os.waitpid(shell.pid, os.WNOHANG)[0] != 0
             except ChildProcessError:
@@ -314,7 +367,10 @@ class Zygote:
             if not gone:
                 return shell
             shell.pid = 0
-            self._discard(shell)
+            if base is None:
+                self._discard_spare(shell)
+            else:
+                self._discard(shell)  # its range is the request's now
         return None
 
     def _own_shell_instead(self, boot: _Boot) -> None:
@@ -349,9 +405,17 @@ class Zygote:
             passed.append(listener.detach())
             _bind_listen(passed[0], boot.sock_path)
             passed.append(os.open(Path(req.run_dir) / AGENT_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC))
+            boot.stage = "idmappings"
+            bases = req.layer_bases or [req.uid_base] * len(req.layers)
+            userns = {b: self.idmappings.get(b, req.uid_base) for b in set(bases) if b != req.uid_base}
+            points = idmaps.mount_points(self.shell_dir, len(req.layers)) if userns else []
             boot.stage = "open layers"
             with self._in_mount_ns(boot.shell.pid):  # overlayfs takes only layers of the mounter's namespace
-                passed += [_open_dir(p, "lower layer") for p in req.layers]
+                for i, (layer, base) in enumerate(zip(req.layers, bases, strict=True)):
+                    path = layer
+                    if base != req.uid_base:  # owned in another range: seen through an idmapped mount
+                        path = idmaps.mount_layer(layer, userns[base], points[i])
+                    passed.append(_open_dir(path, "lower layer"))
                 passed += [_open_dir(req.upper_dir, "upper dir"), _open_dir(req.work_dir, "work dir")]
             boot.stage = "request"
             with contextlib.suppress(OSError):  # the spare was primed at low priority
@@ -566,6 +630,9 @@ def serve(ctl: socket.socket, zygote: Zygote) -> None:
                                 "spares_ready": len(zygote.ready),
                                 "spares_making": len(zygote.making),
                                 "booting": len(zygote.booting),
+                                "spare_ranges": sorted(
+                                    [*zygote.spare_ranges, *(sh.id_base for sh in [*zygote.ready, *zygote.making])]
+                                ),
                             },
                         )
                     else:
@@ -616,6 +683,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spares", type=int, default=SPARES, help="shells kept ready for the next boots")
     parser.add_argument("--id-base", type=int, default=100000, help="host uid/gid of root in spare shells")
     parser.add_argument("--id-count", type=int, default=65536)
+    parser.add_argument(
+        "--spare-ranges",
+        default=None,
+        help="per-sandbox ranges: comma-separated host uids of root lent for spare shells",
+    )
+    parser.add_argument("--canonical-base", type=int, default=100000, help="the range template layers are owned in")
     args = parser.parse_args(argv)
     ctl = socket.socket(fileno=args.fd)
     ctl.set_inheritable(False)
@@ -643,8 +716,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     ctl.send(json.dumps(ready).encode())
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        spare_ranges = None if args.spare_ranges is None else [int(x) for x in args.spare_ranges.split(",") if x]
         zygote = Zygote(cgroups, bpf, (ctl.fileno(),), shell_dir=args.shell_dir, spares=args.spares,
-                        id_base=args.id_base, id_count=args.id_count)  # fmt: skip
+                        id_base=args.id_base, id_count=args.id_count, spare_ranges=spare_ranges,
+                        canonical_base=args.canonical_base)  # fmt: skip
         serve(ctl, zygote)
     return 0
 
