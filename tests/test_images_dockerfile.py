@@ -5,11 +5,13 @@ against a real daemon; RUN steps run in real sandboxes. Plus the pure parts (par
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -316,3 +318,25 @@ def test_http_api_streams_ndjson_and_refuses_bad_input(daemon: DaemonProc, tmp_p
     bad = httpx.post(daemon.url + "/v1/templates", params={**params, "name": "Bad/Name"}, content=body)
     assert bad.status_code == 400
     assert not list((daemon.data_dir / "build-contexts").glob("*"))
+
+
+@pytest.mark.parametrize("gone_at", ["running", "started"])
+def test_client_going_away_stops_the_build(daemon: DaemonProc, tmp_path: Path, names: Any, gone_at: str) -> None:
+    """A client that disconnects while the RUN step's sandbox boots ("running") or while its command runs
+    ("started") cancels the build: the sandbox is destroyed, no template is made, the spooled context is
+    deleted."""
+    name = names()
+    ctx = _context(tmp_path, "FROM default\nRUN echo started; sleep 600\n")
+    packed, inside = pack_context(ctx)
+    with packed:
+        body = packed.read()
+    params = {"name": name, "dockerfile": inside}
+    with httpx.stream("POST", daemon.url + "/v1/templates", params=params, content=body, timeout=300) as resp:
+        for line in resp.iter_lines():
+            event = json.loads(line)
+            if event["type"] == gone_at or (event["type"] == "log" and gone_at in event["data"]):
+                break
+    deadline = time.monotonic() + 120
+    while Sandbox.list(base_url=daemon.url) and time.monotonic() < deadline:  # the daemon cleans up after the fact
+        time.sleep(0.2)
+    _nothing_left(daemon, name)

@@ -8,7 +8,6 @@ the build: its sandbox is destroyed and nothing is committed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import tempfile
@@ -29,6 +28,7 @@ from branchbox.images.dockerfile_context import Context
 router = APIRouter(tags=["templates"])
 
 _TAR: dict[str, Any] = {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}}
+_IDLE_CHECK_S = 1.0  # while no event comes, check this often whether the client is still there
 _NDJSON: dict[str, Any] = {"application/x-ndjson": {"schema": {"type": "string"}}}
 _DESCRIPTION = """\
 The body is the build context as a tar (plain, gz, bz2 or xz), with the Dockerfile inside it (`dockerfile`,
@@ -119,16 +119,25 @@ async def build_template(
             queue.put_nowait(None)
 
     task = asyncio.get_running_loop().create_task(work())
+    builds: set[asyncio.Task[None]] = request.app.state.__dict__.setdefault("template_builds", set())
 
     async def body() -> AsyncIterator[bytes]:
         try:
-            while (event := await queue.get()) is not None:
+            while True:
+                try:
+                    event = await asyncio.wait_for(queue.get(), _IDLE_CHECK_S)
+                except TimeoutError:  # a quiet step: a client that went away is seen only by asking
+                    if await request.is_disconnected():
+                        return
+                    continue
+                if event is None:
+                    return
                 yield (json.dumps(event, separators=(",", ":")) + "\n").encode()
         finally:
             if not task.done():  # the client went away: stop the build (its sandbox is destroyed)
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
+                task.cancel()  # once: awaiting the task here would cancel it again with every cancellation of
+                builds.add(task)  # this generator, and cut its cleanup short; it finishes on its own
+                task.add_done_callback(builds.discard)
 
     return StreamingResponse(body(), media_type="application/x-ndjson")
 
