@@ -17,20 +17,19 @@ PYTEST_ARGS ?=
 # the microvm backend: QEMU (microvm machine, qemu-img), mkfs.ext4, lz4 for the kernel, busybox for the initrd,
 # cpio (only the test that reads our initrd archive back)
 VM_APT_PACKAGES := qemu-system-x86 qemu-utils e2fsprogs lz4 busybox-static cpio
-# image import: skopeo copies images into an OCI layout. Only `make test` installs the tests' local registry and
-# htpasswd (on a systemd host Debian's docker-registry package starts a registry on :5000; the tests run their own)
-TEST_APT_PACKAGES := docker-registry apache2-utils
+# image import: skopeo copies images into an OCI layout. Only `make test` installs the tests' local registry,
+# htpasswd and dockerd (on a systemd host these packages start services; the tests run their own instances)
+TEST_APT_PACKAGES := docker-registry apache2-utils docker.io
 APT_PACKAGES := mmdebstrap bubblewrap busybox-static git ca-certificates iproute2 nftables libseccomp2 \
 	python3 python3-venv tar xz-utils zstd btrfs-progs skopeo $(VM_APT_PACKAGES)
 BENCH_APT_PACKAGES := docker.io
 
-.PHONY: help setup apt test-apt venv storage template run test test-fast bench soak lint format sdk clean
+.PHONY: help setup apt test-apt venv storage template run test test-fast bench lint format sdk clean
 
 help:
 	@echo "make run    set up (apt packages, virtualenv, default template) and start the daemon on 127.0.0.1"
 	@echo "make test   same set-up, then the whole test suite"
 	@echo "make bench  benchmarks with baselines (docker, bwrap, unshare) -> bench/results/"
-	@echo "make soak   concurrent SDK clients against one daemon for SOAK_DURATION s (300) -> bench/results/"
 	@echo "make lint   ruff + mypy strict (and the generated sync SDK up to date)"
 	@echo "make sdk    regenerate src/branchbox/sdk/_sync.py from _async.py (unasync)"
 
@@ -75,11 +74,6 @@ bench: setup
 	@missing=$$(for p in $(BENCH_APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
 	$(PY) bench/run.py --data-dir $(DATA_DIR)
-
-SOAK_DURATION ?= 300
-SOAK_CLIENTS ?= 8
-soak: setup
-	$(PY) bench/soak.py --data-dir $(DATA_DIR) --duration $(SOAK_DURATION) --clients $(SOAK_CLIENTS)
 
 lint: venv
 	$(VENV)/bin/ruff check src tests bench scripts

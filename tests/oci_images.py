@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import tarfile
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -74,8 +75,8 @@ def tar_bytes(entries: list[Entry]) -> bytes:
     return buf.getvalue()
 
 
-def dir_tar(root: Path) -> bytes:
-    """A deterministic tar of a directory tree (numeric owners as on disk, mtime 0)."""
+def dir_tar(root: Path, id_offset: int = 0) -> bytes:
+    """A deterministic tar of a directory tree (numeric owners as on disk minus ``id_offset``, mtime 0)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for dirpath, dirnames, filenames in os.walk(root):
@@ -85,6 +86,9 @@ def dir_tar(root: Path) -> bytes:
                 ti = tar.gettarinfo(str(p), arcname=str(p.relative_to(root)))
                 ti.mtime = 0
                 ti.uname = ti.gname = ""
+                ti.uid, ti.gid = max(0, ti.uid - id_offset), max(0, ti.gid - id_offset)
+                if ti.ischr() or ti.isblk():
+                    continue
                 if ti.isreg():
                     with p.open("rb") as fh:
                         tar.addfile(ti, fh)
@@ -95,7 +99,7 @@ def dir_tar(root: Path) -> bytes:
 
 def compress(raw: bytes, compression: str) -> bytes:
     if compression == "gzip":
-        return gzip.compress(raw, mtime=0)
+        return gzip.compress(raw, compresslevel=1, mtime=0)
     if compression == "zstd":
         return subprocess.run(["zstd", "-q", "-c"], input=raw, capture_output=True, check=True).stdout
     return raw
@@ -231,4 +235,43 @@ def registry(root: Path, *, creds: str | None = None) -> Iterator[Registry]:
             proc.kill()
             proc.wait()
         log.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def dockerd() -> Iterator[str]:
+    """A Docker daemon of the test's own (sockets, data and exec roots in a temp dir), started without touching
+    the host's network: no iptables rules, no ip_forward, no docker0 bridge. Yields its ``unix://`` host; stopped
+    and removed afterwards (mounts under its root included)."""
+    root = Path(tempfile.mkdtemp(prefix="bb-dockerd-", dir="/var/tmp"))
+    host = f"unix://{root}/docker.sock"
+    log = (root / "dockerd.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            "dockerd", "-H", host, "--data-root", str(root / "data"), "--exec-root", str(root / "exec"),
+            "--pidfile", str(root / "dockerd.pid"), "--iptables=false", "--ip6tables=false", "--ip-forward=false",
+            "--ip-masq=false", "--bridge=none", "--userland-proxy=false", "--log-level=warn",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while subprocess.run(["docker", "-H", host, "info"], capture_output=True, check=False).returncode != 0:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"dockerd did not start: {(root / 'dockerd.log').read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield host
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        with open("/proc/self/mounts") as fh:
+            mounts = [line.split()[1] for line in fh if line.split()[1].startswith(str(root))]
+        for m in sorted(mounts, key=len, reverse=True):
+            subprocess.run(["umount", "-l", m], check=False, capture_output=True)
         shutil.rmtree(root, ignore_errors=True)

@@ -33,8 +33,11 @@ from branchbox.images.oci_fetch import FetchOptions, parse_ref
 from branchbox.images.oci_layout import read_image
 from branchbox.images.oci_unpack import Budget
 from branchbox.images.store import TemplateStore
-from tests.conftest import cli_env
-from tests.oci_images import Entry, digest_of, registry, skopeo_copy, tar_bytes, write_layout
+from branchbox.sdk import BadRequestError as SdkBadRequest
+from branchbox.sdk import PermissionDeniedError, Sandbox, Template
+from tests.conftest import DaemonProc, cli_env, templates_dir
+from tests.oci_images import Entry, digest_of, dir_tar, dockerd, registry, skopeo_copy, tar_bytes, write_layout
+from tests.rootfs_fixtures import APP_UID
 
 CAP_NET_RAW = "\x01\x00\x00\x02" + "\x00\x20\x00\x00" + "\x00" * 12  # vfs_cap_data v2: cap_net_raw permitted
 BASE = [
@@ -345,6 +348,27 @@ def test_tar_bombs_stop_at_the_caps(tmp_path: Path, store: TemplateStore) -> Non
     assert_nothing_left(store)
 
 
+def test_cancelled_import_leaves_nothing(tmp_path: Path, store: TemplateStore) -> None:
+    layout = image(tmp_path, [BASE, [Entry(f"many/f{i}", data=b"x" * 100) for i in range(5000)]])
+
+    async def go() -> None:
+        task: asyncio.Task[Any] | None = None
+        loop = asyncio.get_running_loop()
+
+        def progress(ev: Any) -> None:  # called from the unpacking thread
+            if ev.step == "unpack" and "2/2" in ev.message and task is not None:
+                loop.call_soon_threadsafe(task.cancel)
+
+        task = asyncio.ensure_future(store.import_image(f"oci:{layout}:latest", name="c", progress=progress))
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(go())
+    assert_nothing_left(store)
+    assert len(list((store.root / "layers").iterdir())) == 1  # the first layer's stack was complete: kept
+    assert not any(p.name.startswith(".tmp-") for p in store.root.iterdir())
+
+
 # ------------------------------------------------------------------ registries
 
 
@@ -382,6 +406,25 @@ def test_registry_anonymous_and_with_auth(tmp_path: Path, store: TemplateStore) 
     assert not list(store.root.rglob("auth.json"))  # the creds file went with the temp dir
 
 
+def test_docker_daemon_transport(tmp_path: Path, store: TemplateStore) -> None:
+    """docker-daemon: through a Docker daemon the test starts (its own sockets and roots, no host networking)."""
+    layout = image(tmp_path, [BASE, TOP], config=CONFIG)
+    skopeo_copy(f"oci:{layout}:latest", f"docker-archive:{tmp_path}/img.tar:test/img:1")
+    with dockerd() as host:
+        subprocess.run(["docker", "-H", host, "load", "-i", f"{tmp_path}/img.tar"], check=True, capture_output=True)
+        opts = FetchOptions(daemon_host=host)
+        info = run(store.import_image("docker-daemon:test/img:1", name="from-docker", options=opts))
+        r = store.rootfs(info.name)
+        assert (r / "etc/hosts.hard").exists()
+        assert not (r / "etc/gone").exists()
+        assert store.metadata(info.name)["user"] == "1000"
+        with pytest.raises(ImageNotFoundError):
+            run(store.import_image("docker-daemon:test/none:1", name="x", options=opts))
+    with pytest.raises(RegistryUnreachableError):  # the daemon is gone
+        run(store.import_image("docker-daemon:test/img:1", name="x", options=opts))
+    assert_nothing_left(store, keep={"from-docker"})
+
+
 # ------------------------------------------------------------------ CLI
 
 
@@ -409,3 +452,107 @@ def test_cli_import_image(tmp_path: Path) -> None:
     listing = bb("ls")
     assert "cli2" in listing.stdout
     assert "image" in listing.stdout
+
+
+# ------------------------------------------------------------------ through the daemon and the SDK
+
+OCI_BUSYBOX = "oci-busybox"
+
+
+@pytest.fixture(scope="session")
+def oci_busybox_layout(busybox_rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The busybox rootfs as a 2-layer OCI image (a whiteout, an opaque dir, ENV/WORKDIR/USER). Deterministic:
+    later runs' imports are cache hits."""
+    top = [
+        Entry("bin/.wh.vi"),
+        Entry("etc/motd", data=b"from the second layer\n"),
+        Entry("srv/app", "dir", mode=0o755, uid=APP_UID, gid=APP_UID),
+        Entry("srv/app/README", data=b"app files\n", uid=APP_UID, gid=APP_UID),
+        Entry("root/.wh..wh..opq"),
+    ]
+    layout = tmp_path_factory.mktemp("oci-busybox") / "layout"
+    write_layout(
+        layout,
+        [dir_tar(busybox_rootfs), tar_bytes(top)],
+        config={
+            "Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "GREETING=hello from an image"],
+            "WorkingDir": "/srv/app",
+            "User": "app",
+            "Cmd": ["/bin/sh"],
+        },
+    )
+    return layout
+
+
+@pytest.fixture(scope="session")
+def oci_busybox_template(oci_busybox_layout: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """``oci_busybox_layout`` pushed to a local registry and imported from it (CLI's path, in process) into the
+    tests' template store as ``oci-busybox``."""
+    store = TemplateStore(templates_dir())
+    with registry(tmp_path_factory.mktemp("oci-registry")) as reg:
+        reg.push(f"oci:{oci_busybox_layout}:latest", "test/busybox:1")
+        opts = FetchOptions(tls_verify=False)
+        run(store.import_image(reg.ref("test/busybox:1"), name=OCI_BUSYBOX, options=opts))
+    return OCI_BUSYBOX
+
+
+@pytest.mark.root
+def test_imported_image_runs_with_its_defaults(daemon: DaemonProc, oci_busybox_template: str) -> None:
+    """ENV, WORKDIR and USER of the image apply to commands (pwd, env, id); files, root on request, and a fork."""
+    meta = TemplateStore(templates_dir()).metadata(oci_busybox_template)
+    assert (meta["source"], meta["user"], meta["workdir"]) == ("image", "app", "/srv/app")
+    with Sandbox.create(template=oci_busybox_template, base_url=daemon.url, request_timeout=120) as sbx:
+        r = sbx.commands.run("pwd; echo $GREETING; id -un; id -u; cat README /etc/motd; ls /bin/vi 2>&1 | wc -l")
+        assert r.exit_code == 0, r.stderr
+        assert r.stdout.splitlines() == [
+            "/srv/app",
+            "hello from an image",
+            "app",
+            str(APP_UID),
+            "app files",
+            "from the second layer",
+            "1",  # ls: /bin/vi: No such file or directory (the whiteout)
+        ]
+        assert "GREETING=hello from an image" in sbx.commands.run(["env"]).stdout
+        assert sbx.commands.run("id -u", user="root").stdout == "0\n"
+        assert sbx.commands.run("touch mine && stat -c %U mine").stdout == "app\n"  # /srv/app is app's in the image
+        sbx.files.write("/srv/app/notes.txt", "written through the SDK\n")
+        assert sbx.commands.run("cat notes.txt").stdout == "written through the SDK\n"
+        (child,) = sbx.fork()
+        assert isinstance(child, Sandbox), child
+        with child:
+            out = child.commands.run("pwd; id -un; cat notes.txt; echo $GREETING").stdout
+            assert out.splitlines() == ["/srv/app", "app", "written through the SDK", "hello from an image"]
+
+
+@pytest.mark.root
+def test_import_through_the_api_and_sdk(daemon: DaemonProc, oci_busybox_layout: Path, tmp_path: Path) -> None:
+    """Template.import_image: the daemon pulls from a registry (with credentials), streams progress, and the
+    template runs; other transports, a registry in a blocked range and bad credentials are refused."""
+    secret = "api-Pa55"
+    events: list[dict[str, Any]] = []
+    with registry(tmp_path / "reg", creds=f"bot:{secret}") as reg:
+        reg.push(f"oci:{oci_busybox_layout}:latest", "test/busybox:api")
+        ref = reg.ref("test/busybox:api")
+        info = Template.import_image(
+            ref, name="oci-busybox-api", username="bot", password=secret, insecure=True,
+            on_event=events.append, base_url=daemon.url,
+        )  # fmt: skip
+        assert info.name == "oci-busybox-api"
+        assert {e.get("step") for e in events} >= {"fetch"}
+        with pytest.raises(PermissionDeniedError) as denied:
+            Template.import_image(ref, name="x", username="bot", password="nope", insecure=True, base_url=daemon.url)
+        assert denied.value.code == "registry_auth_failed"
+        assert "nope" not in denied.value.message
+    with Sandbox.create(template="oci-busybox-api", base_url=daemon.url, request_timeout=120) as sbx:
+        assert sbx.commands.run("id -un; pwd").stdout == "app\n/srv/app\n"
+    for bad, code in (
+        (f"oci:{oci_busybox_layout}", "invalid_image_reference"),  # host paths are the CLI's, not the API's
+        ("docker://169.254.169.254/latest/meta-data:1", "invalid_image_reference"),  # blocked range, no connect
+        ("docker-daemon:busybox:1", "invalid_image_reference"),
+    ):
+        with pytest.raises(SdkBadRequest) as exc:
+            Template.import_image(bad, name="x", base_url=daemon.url)
+        assert exc.value.code == code, (bad, exc.value)
+    names = [t.name for t in TemplateStore(templates_dir()).list()]
+    assert "x" not in names

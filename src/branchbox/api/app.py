@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from branchbox.api import (
     routes_commands,
     routes_files,
+    routes_images,
     routes_network,
     routes_pools,
     routes_sandboxes,
@@ -187,7 +188,7 @@ def _build(settings: ApiSettings) -> _App:
     )
     auth = [Depends(require_api_key), Depends(HTTPBearer(auto_error=False))]
     routes = (routes_sandboxes, routes_commands, routes_files, routes_pools, routes_snapshots, routes_network)
-    for module in (*routes, routes_templates, routes_workspaces):
+    for module in (*routes, routes_templates, routes_images, routes_workspaces):
         app.include_router(module.router, dependencies=auth)
     app.include_router(streams.router)
 

@@ -213,6 +213,7 @@ def _size(value: str) -> int:
     "--authfile", type=click.Path(path_type=Path, dir_okay=False), default=None, help="A containers-auth.json."
 )
 @click.option("--insecure", is_flag=True, help="Plain HTTP or unverified TLS to the registry (--src-tls-verify=false).")
+@click.option("--daemon-host", default=None, help="Docker daemon of docker-daemon: (unix:///PATH or tcp://HOST:PORT).")
 @click.option("--max-size", default="16G", show_default=True, help="Refuse images that unpack to more than this.")
 @click.option("--max-files", default=1_000_000, show_default=True, help="Refuse images with more entries than this.")
 @_with_dirs
@@ -222,6 +223,7 @@ def import_image(
     creds: str | None,
     authfile: Path | None,
     insecure: bool,
+    daemon_host: str | None,
     max_size: str,
     max_files: int,
     data_dir: Path | None,
@@ -232,7 +234,7 @@ def import_image(
     if creds is not None and ":" not in creds:
         creds = f"{creds}:{click.prompt(f'password for {creds}', hide_input=True, err=True)}"
     store = _store(data_dir, templates_dir)
-    opts = FetchOptions(creds=creds, authfile=authfile, tls_verify=not insecure)
+    opts = FetchOptions(creds=creds, authfile=authfile, tls_verify=not insecure, daemon_host=daemon_host)
     budget = Budget(max_bytes=_size(max_size), max_files=max_files)
 
     def work(p: object) -> object:

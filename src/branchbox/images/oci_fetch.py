@@ -187,11 +187,13 @@ def classify(stderr: str, ref: ImageRef, secrets_: tuple[str, ...] = ()) -> Bran
 
 @dataclass(frozen=True, slots=True)
 class FetchOptions:
-    """How to reach the image: ``creds`` 'user:pass' or an ``authfile`` (registry only), ``tls_verify``."""
+    """How to reach the image: ``creds`` 'user:pass' or an ``authfile`` (registry only), ``tls_verify``;
+    ``daemon_host`` the Docker daemon of ``docker-daemon:`` (default: its own default, /var/run/docker.sock)."""
 
     creds: str | None = None
     authfile: Path | None = None
     tls_verify: bool = True
+    daemon_host: str | None = None
     timeout: float = 3600.0
 
 
@@ -215,6 +217,10 @@ def skopeo_argv(ref: ImageRef, layout: Path, blobs: Path, opts: FetchOptions) ->
         argv.append(f"--src-tls-verify={'true' if opts.tls_verify else 'false'}")
     elif opts.creds or opts.authfile:
         raise ImageReferenceError(f"credentials apply to docker:// references only, not {ref.transport}:")
+    if opts.daemon_host:
+        if ref.transport != "docker-daemon" or not re.fullmatch(r"(unix|tcp)://[^\s]+", opts.daemon_host):
+            raise ImageReferenceError("daemon_host applies to docker-daemon: only, as unix:///PATH or tcp://HOST:PORT")
+        argv.append(f"--src-daemon-host={opts.daemon_host}")
     return [*argv, "--", str(ref), f"oci:{layout}:image"]
 
 

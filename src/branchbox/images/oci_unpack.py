@@ -61,8 +61,11 @@ class Budget:
     max_files: int = 1_000_000
     bytes: int = 0
     files: int = 0
+    cancelled: bool = False  # set from another thread: the unpack stops at the next entry
 
     def take(self, size: int) -> None:
+        if self.cancelled:
+            raise TemplateBuildError("the import was cancelled", step="unpack")
         self.files += 1
         self.bytes += size
         if self.files > self.max_files:
@@ -175,10 +178,21 @@ class _Applier:
         self.dirs: list[tuple[str, float]] = []
         self.skipped_devices = 0
         self.root_id = shift_id(0, idmap)
+        # layer dir -> its resolved host dir; valid until something is removed (only a removal can turn a
+        # directory into a symlink or take it away: see _drop)
+        self.parents: dict[str, Path] = {}
+
+    def _drop(self, path: Path | str) -> None:
+        self.parents.clear()
+        _remove(path)
 
     def _parent(self, rel_parts: list[str]) -> Path:
         """The host dir for the layer path ``rel_parts`` (symlinks followed inside the root), made if missing."""
-        parent = resolve_in_root(self.root, "/".join(rel_parts))
+        key = "/".join(rel_parts)
+        hit = self.parents.get(key)
+        if hit is not None:
+            return hit
+        parent = resolve_in_root(self.root, key)
         rel = parent.relative_to(self.root)
         cur = self.root
         for comp in rel.parts:
@@ -193,6 +207,7 @@ class _Applier:
                 raise UnsupportedImageError(
                     f"layer {self.layer.digest}: /{'/'.join(rel_parts)} has a non-directory parent ({cur.name})"
                 )
+        self.parents[key] = parent
         return parent
 
     def _opaque(self, rel_parts: list[str]) -> None:
@@ -203,7 +218,7 @@ class _Applier:
             for name in (*dirnames, *filenames):
                 p = os.path.join(dirpath, name)
                 if os.path.relpath(p, self.root) not in self.created:
-                    _remove(p)
+                    self._drop(p)
             dirnames[:] = [n for n in dirnames if os.path.lexists(os.path.join(dirpath, n))]
 
     def _whiteout(self, rel_parts: list[str], name: str, member: tarfile.TarInfo) -> None:
@@ -211,7 +226,7 @@ class _Applier:
             raise UnsafeImageError(f"whiteout {member.name[:200]!r} names no file: refusing the image")
         target = resolve_in_root(self.root, "/".join(rel_parts)) / name
         if os.path.lexists(target):
-            _remove(target)
+            self._drop(target)
 
     def _link_target(self, member: tarfile.TarInfo) -> str:
         parts = _parts(member.linkname, f"(hard link of {member.name[:100]!r}) ")
@@ -252,7 +267,7 @@ class _Applier:
                 pass
             else:
                 if not (member.isdir() and stat.S_ISDIR(st.st_mode)):
-                    _remove(dest)
+                    self._drop(dest)
             rel = str(dest.relative_to(self.root))
             new = member.replace(
                 name=rel,
@@ -288,7 +303,9 @@ def apply_layer(root: Path, blob: Path, layer: Layer, idmap: IdMap, budget: Budg
     try:
         with _decompressed(blob, layer.compression) as raw:
             reader = _HashingReader(raw, budget.stream_cap())
-            with tarfile.open(fileobj=reader, mode="r|", tarinfo=_BoundedTarInfo) as tar:  # type: ignore[call-overload]
+            with tarfile.open(  # type: ignore[call-overload]
+                fileobj=reader, mode="r|", tarinfo=_BoundedTarInfo, copybufsize=1 << 20
+            ) as tar:
                 tar.errorlevel = 2
                 applier.apply(tar)
             reader.drain()

@@ -423,7 +423,15 @@ class TemplateStore:
                             progress, "cached", f"{image.manifest_digest[:19]} was imported before ({digest[:12]})", 1
                         )
                         return self._info(digest, name)
-                    meta = await asyncio.to_thread(self._unpack_image, image, tmp, budget or Budget(), progress)
+                    budget = budget or Budget()
+                    work = asyncio.ensure_future(asyncio.to_thread(self._unpack_image, image, tmp, budget, progress))
+                    try:
+                        meta = await asyncio.shield(work)
+                    except asyncio.CancelledError:  # stop the thread before the temp dir goes
+                        budget.cancelled = True
+                        with contextlib.suppress(BaseException):
+                            await work
+                        raise
                     meta.update(name=name, digest=digest, image={**meta["image"], "reference": str(image_ref)[:1024]})
                     await asyncio.to_thread(self._commit, tmp, digest, meta)
                     self._set_name(name, digest)

@@ -134,6 +134,7 @@ class _AsyncHttp:
                 req.path,
                 params=req.params or None,
                 content=content,
+                json=req.json,
                 timeout=self._timeout(req, request_timeout),
             ) as resp:
                 if resp.status_code >= 400:
@@ -940,3 +941,36 @@ class AsyncTemplate:
         finally:
             await http.aclose()
         raise SandboxError("the build log ended without a result: the daemon stopped during the build")
+
+    @staticmethod
+    async def import_image(
+        reference: str,
+        *,
+        name: str,
+        username: str | None = None,
+        password: str | None = None,
+        insecure: bool = False,
+        on_event: Callable[[dict[str, Any]], object] | None = None,
+        base_url: str | None = None,
+        api_key: str | None = None,
+    ) -> TemplateInfo:
+        """Import template ``name`` from a container image in a registry (``docker://HOST/REPO:TAG``), pulled by
+        the daemon. ``username``/``password``: registry credentials; ``insecure``: plain HTTP or unverified TLS.
+        ``on_event`` gets each progress event (``step`` fetch/verify/unpack/cached, ``message``, ``fraction``).
+        Errors: ``invalid_image_reference`` (also a registry in a blocked range), ``image_not_found``,
+        ``registry_auth_failed``, ``registry_unreachable``, ``unsupported_image``, ``image_digest_mismatch``,
+        ``unsafe_image``, ``image_too_large``; a failed import leaves no template behind."""
+        http = _AsyncHttp(ConnectionConfig.resolve(base_url=base_url, api_key=api_key))
+        try:
+            req = rq.import_template(reference, name, username=username, password=password, insecure=insecure)
+            async with http.stream(req) as resp:
+                async for line in resp.aiter_lines():
+                    if not line.strip():
+                        continue
+                    event = rq.build_event(line.encode())
+                    await acall(on_event, event)
+                    if event.get("type") == "done":
+                        return TemplateInfo.from_json(event["template"])
+        finally:
+            await http.aclose()
+        raise SandboxError("the import log ended without a result: the daemon stopped during the import")

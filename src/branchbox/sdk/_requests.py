@@ -215,6 +215,16 @@ def build_template(name: str, dockerfile: str, build_args: Mapping[str, str] | N
     return Req("POST", "/v1/templates", params=params, use_default_timeout=False, timeout=None)
 
 
+def import_template(reference: str, name: str, *, username: str | None, password: str | None, insecure: bool) -> Req:
+    """An image import from a registry (docker://...); no time limit: a large image takes a while."""
+    if not name:
+        raise ValueError("name must not be empty")
+    body: dict[str, Any] = {"reference": reference, "name": name, "insecure": insecure}
+    if username is not None or password is not None:
+        body.update(username=username, password=password)
+    return Req("POST", "/v1/templates/import", json=body, use_default_timeout=False, timeout=None)
+
+
 def build_event(line: bytes) -> dict[str, Any]:
     """One line of a build log; an ``error`` event raises its SDK exception."""
     try:
