@@ -565,3 +565,25 @@ async def test_cancelled_build_leaves_nothing(store_dir: Path) -> None:
     assert _tmp_dirs(store_dir / "t") == []
     assert _mounts_under(store_dir) == []
     assert _procs_mentioning(str(store_dir)) == []
+
+
+NOPY = """
+name = "bbtest-nopython"
+packages = []
+"""
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@pytest.mark.template
+def test_spec_build_without_python() -> None:
+    """A spec whose image has no python3 builds (the agent brings its own): minbase without python3. The default
+    python path may be missing; a python the spec names must exist. Built once, cached across runs."""
+    store = TemplateStore(shared_templates_dir())
+    spec = parse_spec(tomllib.loads(NOPY), base_dir=Path("/"))
+    info = asyncio.run(store.build(spec))
+    assert info.python is None
+    meta = store.metadata("bbtest-nopython")
+    assert meta["python_version"] == "" and meta["python"] is None
+    root = store.rootfs("bbtest-nopython")
+    assert not os.path.lexists(root / "usr/bin/python3") and (root / "bin/sh").exists()

@@ -19,9 +19,9 @@ from pathlib import Path
 
 from branchbox.backends.base import IdMap
 from branchbox.errors import TemplateBuildError
-from branchbox.images.importer import check_rootfs, resolve_in_root
+from branchbox.images.importer import check_rootfs, has_executable, resolve_in_root
 from branchbox.images.shift import shift_tree
-from branchbox.images.spec import TemplateSpec
+from branchbox.images.spec import DEFAULT_PYTHON, TemplateSpec
 
 TAIL_LINES = 40
 _BUILD_DIR = ".branchbox-build"  # in the rootfs during the build only (CA bundle for pip/curl/git)
@@ -261,13 +261,15 @@ async def build_rootfs(spec: TemplateSpec, rootfs: Path, *, idmap: IdMap, progre
                 label=f"{step} ({command!r})",
             )
         resolve_in_root(rootfs, spec.workdir).mkdir(mode=0o755, parents=True, exist_ok=True)
-        check_rootfs(rootfs, spec.python)
-        lines = await run_logged(
-            _chroot_argv(rootfs, [spec.python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"]),
-            step="inspect python",
-            progress=progress,
-            env=env,
-        )
+        lines: list[str] = []
+        if spec.python != DEFAULT_PYTHON or has_executable(rootfs, spec.python):  # none at all is fine
+            check_rootfs(rootfs, spec.python)
+            lines = await run_logged(
+                _chroot_argv(rootfs, [spec.python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"]),
+                step="inspect python",
+                progress=progress,
+                env=env,
+            )
     if not _has_user(rootfs, spec.user):
         raise TemplateBuildError(
             f"user: {spec.user!r} does not exist in the built rootfs: create it in a run step "

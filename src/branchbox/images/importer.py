@@ -61,10 +61,15 @@ def python_version_from_name(host_path: Path) -> str:
     return m.group(1) if m else ""
 
 
+def has_executable(root: Path, path: str) -> bool:
+    """True when ``path`` (resolved inside the rootfs) is an executable file."""
+    f = resolve_in_root(root, path)
+    return f.is_file() and bool(os.stat(f).st_mode & 0o111)
+
+
 def has_shell(root: Path) -> bool:
     """True when the rootfs has an executable /bin/sh (command strings run under it; argv lists do not need it)."""
-    sh = resolve_in_root(root, "/bin/sh")
-    return sh.is_file() and bool(os.stat(sh).st_mode & 0o111)
+    return has_executable(root, "/bin/sh")
 
 
 def check_rootfs(root: Path, python: str | None) -> Path | None:

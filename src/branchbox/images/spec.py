@@ -66,6 +66,8 @@ _KEYS = {
 }
 _FILE_KEYS = {"content", "source", "mode"}
 
+DEFAULT_PYTHON = "/usr/bin/python3"
+
 
 @dataclass(frozen=True, slots=True)
 class FileSpec:
@@ -107,7 +109,7 @@ class TemplateSpec:
     run: tuple[str, ...] = ()  # shell steps run as root in the rootfs, in order
     workdir: str = "/"
     user: str = "root"
-    python: str = "/usr/bin/python3"
+    python: str = DEFAULT_PYTHON  # the default may be missing (the template then has none); another must exist
     mirror: str | None = None
 
     def __post_init__(self) -> None:

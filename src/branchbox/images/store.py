@@ -302,7 +302,7 @@ class TemplateStore:
                     "created_at": time.time(),
                     "build_seconds": round(time.monotonic() - t0, 3),
                     "size_bytes": size,
-                    "python": spec.python,
+                    "python": spec.python if python_version else None,  # a spec's image may have none
                     "python_version": python_version,
                     "env": dict(spec.env),
                     "workdir": spec.workdir,
