@@ -3,6 +3,9 @@
 Called from bench/run.py as ``bench_snapshots(settings, runs, results)``; also runnable alone:
 ``python bench/snapshot_bench.py [--data-dir DIR] [--runs N]``. The btrfs driver is measured on a btrfs loop
 filesystem made for the run (needs mkfs.btrfs) and always unmounted afterwards.
+
+``--uid-ranges`` compares create and fork with one shared uid range (as before issue 22.1) and with per-sandbox
+ranges, interleaved on one btrfs loop filesystem (rows marked ``[shared range]`` / ``[own ranges]``).
 """
 
 from __future__ import annotations
@@ -168,10 +171,58 @@ async def bench_snapshots(settings: ManagerSettings, runs: int, results: Results
             await bench_driver(s, runs, results)
 
 
+async def bench_uid_ranges(settings: ManagerSettings, runs: int, results: Results) -> None:
+    """Create, fork and restore with one shared uid range (as before issue 22.1) and with per-sandbox ranges (a
+    block claimed like a daemon's), two Managers on one btrfs loop filesystem, measured interleaved (A, B, A, B...)
+    so that the host's load hits both alike. Each row is the call until the new sandbox ran a first command."""
+    from branchbox.daemon.claims import Wanted, claim  # noqa: PLC0415 - only this comparison claims a block
+
+    with btrfs_loop(settings.data_dir) as mnt:
+        if mnt is None:
+            return
+        async with contextlib.AsyncExitStack() as stack:
+            managers: dict[str, Manager] = {}
+            sources: dict[str, str] = {}
+            for tag, ranges in (("shared range", 0), ("own ranges", 64)):
+                data = mnt / f"data-{ranges}"
+                data.mkdir(mode=0o711, exist_ok=True)
+                parent = f"{settings.cgroup_parent}-uid{ranges}"
+                host = claim(data, Wanted(network=False, cgroup_parent=parent, uid_ranges=ranges))
+                stack.callback(host.release)
+                block = host.names.uid_block()
+                s = dataclasses.replace(settings, data_dir=data, cgroup_parent=parent,
+                                        uid_ranges=None if block is None else (block[0], ranges))  # fmt: skip
+                m = managers[tag] = await stack.enter_async_context(Manager.open(s))
+                src = await m.create(timeout=3600)
+                r = await m.exec(src.id, ["python3", "-c", TREE.replace("200", "20")])  # 2k files
+                assert r.exit_code == 0, r.stderr
+                sources[tag] = src.id
+            samples: dict[str, list[float]] = {}
+            for i in range(runs):
+                for tag, m in managers.items() if i % 2 == 0 else reversed(managers.items()):
+                    await _spares_settled(m)
+                    t0 = time.perf_counter()
+                    info = await m.create()
+                    await m.exec(info.id, "true")
+                    samples.setdefault(f"create -> first exec [{tag}]", []).append((time.perf_counter() - t0) * 1e3)
+                    await m.destroy(info.id)
+                    await _spares_settled(m)
+                    t0 = time.perf_counter()
+                    kid = (await m.fork(sources[tag], count=1))[0]
+                    assert isinstance(kid, SandboxInfo), kid
+                    await m.exec(kid.id, "true")
+                    samples.setdefault(f"fork x1 -> first exec [{tag}]", []).append((time.perf_counter() - t0) * 1e3)
+                    await m.destroy(kid.id)
+                    await m.wait_background()
+            for name in sorted(samples):
+                results[f"snapshot[btrfs]: {name}"] = summarize(samples[name])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data-dir", type=Path, default=Path(os.environ.get("BRANCHBOX_DATA_DIR", "/var/lib/branchbox")))
     ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--uid-ranges", action="store_true", help="btrfs only: shared uid range vs per-sandbox ranges")
     args = ap.parse_args()
     bench_data = args.data_dir / "bench"
     bench_data.mkdir(parents=True, exist_ok=True)
@@ -183,7 +234,8 @@ def main() -> None:
         keep_sandboxes_on_shutdown=False,
     )
     results: Results = {}
-    asyncio.run(bench_snapshots(settings, args.runs, results))
+    bench = bench_uid_ranges if args.uid_ranges else bench_snapshots
+    asyncio.run(bench(settings, args.runs, results))
     print("| benchmark | n | p50 | p95 | p99 | mean |\n|---|---:|---:|---:|---:|---:|")
     for name, s in results.items():
         print(f"| {name} | {s.n} | {s.p50:.2f} | {s.p95:.2f} | {s.p99:.2f} | {s.mean:.2f} |")

@@ -57,6 +57,20 @@ def default_template() -> TemplateInfo:
     return asyncio.run(store.ensure_default())
 
 
+@pytest.fixture(scope="session")
+def base_template(default_template: Any) -> Any:
+    """The E2B-style ``base`` template (src/branchbox/templates/base.toml): built once (~1 min), then cached."""
+    import asyncio
+    from importlib import resources
+    from pathlib import Path
+
+    from branchbox.images.spec import load_spec
+    from branchbox.images.store import TemplateStore
+
+    spec = load_spec(Path(str(resources.files("branchbox.templates").joinpath("base.toml"))))
+    return asyncio.run(TemplateStore(templates_dir()).build(spec))
+
+
 @pytest.fixture
 def internet() -> Iterator[Internet]:
     """The test's own "internet" (tests/net_env.py): public-looking web servers and DNS in a namespace."""

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
+import stat
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -196,3 +199,48 @@ def test_sandboxes_of_an_older_daemon_keep_working_after_the_upgrade(daemon_fact
         kids[0].kill()
     finally:
         old.kill()
+
+
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+
+
+def test_sudo_works_and_a_setuid_binary_reaches_only_the_sandboxs_own_range(
+    daemon: DaemonProc, base_template: Any, tmp_path: Path
+) -> None:
+    """Issue 22.0: with a range of its own a sandbox runs without no_new_privs (as Docker's default does), so
+    E2B's `user` with passwordless sudo works; a setuid-root binary it makes is owned by its own root on the host."""
+    with Sandbox.create("base", base_url=daemon.url) as sbx, Sandbox.create(base_url=daemon.url) as other:
+        base = _base(sbx)
+        as_user = {"user": "user"}  # E2B's user of the base template, with passwordless sudo
+        assert _run(sbx, "id -un", **as_user) == "user"
+        assert _run(sbx, "grep NoNewPrivs /proc/self/status", **as_user).split() == ["NoNewPrivs:", "0"]
+        assert _run(sbx, "grep ^Seccomp: /proc/self/status", **as_user).split() == ["Seccomp:", "2"]  # kept
+        assert _run(sbx, "sudo -n id -u; sudo -n id -un", **as_user) == "0\nroot"
+        assert _run(sbx, "sudo -n touch /root/by-sudo && sudo -n stat -c %U /root/by-sudo", **as_user) == "root"
+        bg = sbx.commands.run("sudo -n id -u", background=True, user="user").wait()
+        assert bg.exit_code == 0 and bg.stdout.strip() == "0"
+        # a setuid-root shell made inside: on the host it belongs to this sandbox's root, nobody else's
+        _run(sbx, "sudo -n cp /bin/bash /tmp/rootbash && sudo -n chmod 4755 /tmp/rootbash", **as_user)
+        assert _run(sbx, "/tmp/rootbash -p -c 'id -u'", **as_user) == "0"  # inside: root of the sandbox
+        found = _upper(daemon, sbx) / "tmp" / "rootbash"
+        st = os.lstat(found)
+        assert st.st_uid == base and st.st_mode & stat.S_ISUID
+        _run(other, "echo secret > /root/secret && chmod 600 /root/secret")
+        other_secret = _upper(daemon, other) / "root" / "secret"
+        # the attack: the binary leaves the sandbox (host root copies it out, owner and mode kept) and an
+        # unprivileged host user runs it: it becomes the sandbox's host uid, which owns nothing of the host's
+        # or of another sandbox
+        out = tmp_path / "out"
+        out.mkdir()
+        os.chmod(tmp_path, 0o755)
+        os.chmod(out, 0o755)
+        copy = out / "rootbash"
+        shutil.copy2(found, copy)
+        os.chown(copy, st.st_uid, st.st_gid)
+        os.chmod(copy, 0o4755)
+        script = f"id -u; cat /etc/shadow; cat {other_secret}; touch /etc/escaped"
+        run = subprocess.run([*NOBODY, str(copy), "-p", "-c", script], capture_output=True, text=True, check=False)
+        assert run.stdout.split("\n")[0] == str(base), (run.stdout, run.stderr)
+        assert run.stdout.count("\n") == 1, run.stdout  # nothing read
+        assert "/etc/shadow: Permission denied" in run.stderr and "Permission denied" in run.stderr.split("\n")[1]
+        assert not Path("/etc/escaped").exists()

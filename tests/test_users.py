@@ -72,7 +72,7 @@ def test_su_runuser_setpriv_inside(daemon: DaemonProc) -> None:
             "uid=1500(dev) gid=1500(dev) groups=1500(dev)"
         )
         assert _run(sbx, "setpriv --reuid 1500 --regid 1500 --init-groups id -un") == "dev"
-        # a non-root user cannot become root again (no password, and no_new_privs makes setuid bits inert)
+        # a non-root user cannot become root by su (root has no password; sudo is tests/test_uid_ranges.py's)
         back = sbx.commands.run("su root -c id < /dev/null", user="dev")
         assert back.exit_code != 0
 

@@ -53,18 +53,3 @@ def e2b_env(e2b_daemon: E2BDaemon, monkeypatch: pytest.MonkeyPatch) -> E2BDaemon
     monkeypatch.delenv("E2B_DEBUG", raising=False)
     monkeypatch.delenv("E2B_DOMAIN", raising=False)
     return e2b_daemon
-
-
-@pytest.fixture(scope="session")
-def base_template(default_template: Any) -> Any:
-    """The E2B-style ``base`` template (src/branchbox/templates/base.toml): built once (~1 min), then cached."""
-    import asyncio
-    from importlib import resources
-    from pathlib import Path
-
-    from branchbox.images.spec import load_spec
-    from branchbox.images.store import TemplateStore
-    from tests.conftest import templates_dir
-
-    spec = load_spec(Path(str(resources.files("branchbox.templates").joinpath("base.toml"))))
-    return asyncio.run(TemplateStore(templates_dir()).build(spec))

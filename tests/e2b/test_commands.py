@@ -180,10 +180,10 @@ def test_users(sbx: Sandbox) -> None:
 def test_base_template_is_what_e2b_code_expects(e2b_env: E2BDaemon, base_template: object) -> None:
     with Sandbox.create("base", timeout=120) as sbx:
         assert sbx.commands.run("id -un; pwd; echo $HOME").stdout == "user\n/home/user\n/home/user\n"
-        # root is one user= away; sudo is configured without password but cannot raise privileges here: every
-        # sandbox process has no_new_privs (docs/e2b.md)
+        # root is one user= away, and sudo without password (the sandbox has a uid range of its own: docs/e2b.md)
         assert sbx.commands.run("id -un", user="root").stdout == "root\n"
         assert "user ALL=(ALL:ALL) NOPASSWD: ALL" in sbx.files.read("/etc/sudoers.d/user", user="root")
+        assert sbx.commands.run("sudo -n id -un; id -un").stdout == "root\nuser\n"
         info = sbx.files.write("hello.txt", "hi")
         assert info.path == "/home/user/hello.txt"
         assert sbx.commands.run("stat -c %U hello.txt && echo more >> hello.txt && cat hello.txt").stdout == (

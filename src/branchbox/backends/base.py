@@ -7,10 +7,11 @@ hands the core the path of a unix socket on which the in-sandbox agent listens.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from branchbox.agent.wire import VsockAddress
 from branchbox.core.models import Resources
@@ -149,4 +150,9 @@ class HostIdRanges(Protocol):
 
     def choose_idmap(self, sandbox_id: str) -> IdMap:
         """The range sandbox ``sandbox_id`` will boot in (held for it until the Manager releases it)."""
+        ...
+
+    def prepare_idmaps(self, src_base: int, count: int) -> asyncio.Task[dict[str, Any]] | None:
+        """Start making what the next ``count`` boots need to read layers of range ``src_base`` (a fork's
+        children), in the background; None when there is nothing to make."""
         ...

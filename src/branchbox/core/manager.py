@@ -794,6 +794,12 @@ class Manager:
         snaps.fork_count(count, self.settings.max_sandboxes - len(self._live) - len(self._creating))
         disk.check_reserve(self.settings.data_dir, self.settings.reserve_mb, "fork")
         self._poke_reserve()
+        if self._ids is not None and isinstance(live.backend, HostIdRanges):
+            rec = self._db.get(sandbox_id)  # the children's idmappings of its range, made during the capture
+            ahead = live.backend.prepare_idmaps(rec.uid_base, count) if rec is not None else None
+            if ahead is not None:
+                self._background.add(ahead)
+                ahead.add_done_callback(self._background.discard)
         snap = await self._capture(live, None, timer, hidden=True)
         snap_ms = timer.total_ms
         parent = live.info

@@ -199,6 +199,22 @@ class ContainerBackend:
             pass  # none free: one spare fewer
         return IdMap(base, self.idmap.count)
 
+    def prepare_idmaps(self, src_base: int, count: int) -> asyncio.Task[dict[str, Any]] | None:
+        """Have the zygote make, in the background, the idmappings from range ``src_base`` (a parent about to be
+        forked) to the ranges the next ``count`` boots will take (a fork's children: they read the parent's layer
+        idmapped). Runs while the parent is captured; a boot that comes first makes its own."""
+        if self.ids is None or not self._lent:
+            return None
+        pairs = [[src_base, dst] for dst in self._lent[:count] if dst != src_base]
+
+        async def ahead() -> dict[str, Any]:
+            try:
+                return await self._call({"op": "idmap", "pairs": pairs})
+            except (BackendError, OSError) as exc:  # only a head start: the boots make what is missing
+                return {"ok": False, "error": str(exc)}
+
+        return asyncio.create_task(ahead())
+
     async def boot(self, spec: BootSpec, timer: PhaseTimer) -> SandboxHandle:
         req = {
             "sandbox_id": spec.sandbox_id,
@@ -214,6 +230,8 @@ class ContainerBackend:
             "id_count": spec.idmap.count,
             "layer_bases": [int(b) for b in spec.layer_bases],
             "spare_uid_base": self._lend.pop(spec.sandbox_id, 0),
+            # no_new_privs only while every sandbox shares one range (a setuid root there is every sandbox's root)
+            "no_new_privs": self.ids is None or spec.idmap == self.idmap,
             "workdir": spec.workdir,
             "env": dict(spec.env),
             "network": spec.network,

@@ -9,8 +9,8 @@ Process chain for one sandbox (all forks of the single-threaded zygote)::
                                     *shell* (spares wait here, made ahead of demand). On a boot request: the
                                     overlay root from the layers the zygote opened, the staged mounts moved
                                     into it, /tmp (a directory of the root, or a tmpfs), pivot_root, hostname,
-                                    capabilities, no_new_privs, seccomp, then the agent serves (no exec: it is
-                                    preloaded in the zygote)
+                                    seccomp, capabilities (no_new_privs only in the shared uid range), then
+                                    the agent serves (no exec: it is preloaded in the zygote)
 
 Errors go to the status pipe as ``"<step>: <message>"``; the init acknowledges a boot with ``b"ok"`` on its
 control socket. Nothing here returns: every path ends in ``os._exit``.
@@ -60,6 +60,9 @@ class BootRequest:
     tmp_tmpfs_mb: int = 0  # 0: /tmp is a directory of the overlay root (snapshots capture it); else a tmpfs
     layer_bases: list[int] = field(default_factory=list)  # range each layer is owned in (empty: uid_base's)
     spare_uid_base: int = 0  # a range the daemon lends the zygote for its next spare shell (0: none)
+    # setuid bits inert: kept while sandboxes share a uid range; with a range of its own a setuid binary reaches
+    # only the sandbox's own ids (sudo works, as in Docker's default)
+    no_new_privs: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,12 +242,18 @@ def _claim(raw: bytes, passed: list[int], fds: HolderFds, seccomp_bpf: bytes) ->
         os.dup2(log, 2)
         os.close(devnull)
         os.close(log)
-        step = "capabilities"
-        caps.drop_to_default_caps()
-        step = "no_new_privs"
-        syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
-        step = "seccomp"
-        syscalls.load_seccomp_bpf(seccomp_bpf)
+        if req.no_new_privs:
+            step = "capabilities"
+            caps.drop_to_default_caps()
+            step = "no_new_privs"
+            syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
+            step = "seccomp"
+            syscalls.load_seccomp_bpf(seccomp_bpf)
+        else:  # a filter without no_new_privs needs CAP_SYS_ADMIN (of this user namespace): load it first
+            step = "seccomp"
+            syscalls.load_seccomp_bpf(seccomp_bpf)
+            step = "capabilities"
+            caps.drop_to_default_caps()
         os.close(fds.status_w)
         os.set_inheritable(listen, False)
         return listen, req.env, req.workdir

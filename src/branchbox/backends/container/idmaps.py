@@ -5,16 +5,20 @@ A sandbox maps its root to host uid R (its own range); a lower layer whose files
 through an idmapped mount whose user namespace maps P+x to R+x, so the sandbox sees the layer's owners as they
 were written (uid x inside) and copy-up writes them to its upper as R+x. The layer on disk is never changed.
 
-An idmapping is a user namespace with that map. Making one costs a fork (~3-7 ms here); the zygote keeps the last
-``USERNS_CACHE`` of them open (a pair is used again by every boot in the same range: a spare shell's range gets
-its template mapping when the spare is made, off the boot path). The mount itself (open_tree, mount_setattr,
-move_mount into the shell's mount namespace) costs ~0.3 ms per layer.
+An idmapping is a user namespace with that map, unshared by a child process. A fork of the zygote (its preloaded
+agent makes it large) cost ~24 ms p50 at load ~12, so the namespaces come from a *maker*: a small process forked by
+the zygote before it preloads anything, whose own forks are cheap (``Maker``). The zygote keeps the last
+``USERNS_CACHE`` namespaces open (a spare shell's range gets its template mapping when the spare is made, off the
+boot path; a fork child's mapping of its parent's layer is new and made at its boot). The mount itself (open_tree,
+mount_setattr, move_mount into the shell's mount namespace) costs ~0.3 ms per layer.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import socket
 from collections import OrderedDict
 from pathlib import Path
 
@@ -57,16 +61,72 @@ def make_userns(src: int, dst: int, count: int) -> int:
             os.waitpid(pid, 0)
 
 
+class Maker:
+    """A small helper process that makes user namespaces on request (``make``) and passes their fds back."""
+
+    def __init__(self, keep: int | None = None) -> None:
+        """Fork the maker now (call it while this process is small); ``keep``: an fd the maker keeps open besides
+        its socket (none: it closes every other descriptor)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.pid = os.fork()
+        if self.pid == 0:  # pragma: no cover - runs in the maker
+            code = 1
+            try:
+                ours.close()
+                os.closerange(3, theirs.fileno())
+                os.closerange(theirs.fileno() + 1, 65536)
+                syscalls.prctl(syscalls.PR_SET_PDEATHSIG, signal.SIGKILL)
+                _serve_maker(theirs)
+                code = 0
+            finally:
+                os._exit(code)
+        theirs.close()
+        self.sock = ours
+        self.fd = ours.fileno()
+
+    def make(self, src: int, dst: int, count: int) -> int:
+        self.sock.send(f"{src} {dst} {count}".encode())
+        msg, fds, _, _ = socket.recv_fds(self.sock, 4096, 1)
+        if not fds:
+            raise OSError(f"idmapping {src}->{dst}: {msg.decode(errors='replace') or 'the maker exited'}")
+        return fds[0]
+
+    def close(self) -> None:
+        self.sock.close()
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
+
+
+def _serve_maker(sock: socket.socket) -> None:  # pragma: no cover - runs in the maker
+    while raw := sock.recv(4096):
+        try:
+            src, dst, count = (int(x) for x in raw.split())
+            fd = make_userns(src, dst, count)
+        except (OSError, ValueError) as exc:
+            sock.send(str(exc).encode() or b"failed")
+            continue
+        try:
+            socket.send_fds(sock, [b"ok"], [fd])
+        finally:
+            os.close(fd)
+
+
 class Idmappings:
     """User namespaces mapping one range onto another, kept open (least recently used dropped first)."""
 
-    def __init__(self, count: int, size: int = USERNS_CACHE) -> None:
+    def __init__(self, count: int, size: int = USERNS_CACHE, maker: Maker | None = None) -> None:
         self.count, self.size = count, size
+        self.maker = maker
         self._fds: OrderedDict[tuple[int, int], int] = OrderedDict()
 
     def get(self, src: int, dst: int) -> int:
         key = (src, dst)
         fd = self._fds.pop(key, None)
+        if fd is None and self.maker is not None:
+            try:
+                fd = self.maker.make(src, dst, self.count)
+            except OSError:  # the maker died: make them here from now on (slower, still correct)
+                self.maker = None
         if fd is None:
             fd = make_userns(src, dst, self.count)
         self._fds[key] = fd
@@ -78,6 +138,8 @@ class Idmappings:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        if self.maker is not None:
+            self.maker.close()
 
 
 def mount_points(shell_dir: Path, count: int) -> list[Path]:

@@ -2,7 +2,8 @@
 
 Started by :class:`~branchbox.backends.container.backend.ContainerBackend` as
 ``python -m branchbox.backends.container.zygote --fd N --parent NAME``; fd N is a SOCK_SEQPACKET socket on
-which it receives JSON requests (``{"id", "op": "boot", "req": {...}}``, or ``"op": "status"``) and answers
+which it receives JSON requests (``{"id", "op": "boot", "req": {...}}``, ``"op": "status"``, or ``"op": "idmap"``
+with ``"pairs"`` of ranges to map ahead) and answers
 ``{"id", "ok", "sandbox_id", "pid", "start_time", "cgroups", "phases"}`` or ``{"id", "ok": false, "step",
 "error"}``. It builds the seccomp program once, is the child subreaper of every sandbox init (so none is left
 a zombie) and exits on EOF; running sandboxes outlive it.
@@ -114,6 +115,7 @@ class Zygote:
         id_count: int = 65536,
         spare_ranges: list[int] | None = None,
         canonical_base: int = 100000,
+        maker: idmaps.Maker | None = None,
     ) -> None:
         self.cgroups = cgroups
         self.seccomp_bpf = seccomp_bpf
@@ -129,7 +131,7 @@ class Zygote:
         self.per_sandbox = spare_ranges is not None
         self.spare_ranges: list[int] = list(spare_ranges or [])
         self.canonical_base = canonical_base
-        self.idmappings = idmaps.Idmappings(id_count)
+        self.idmappings = idmaps.Idmappings(id_count, maker=maker)
         self.ready: list[_Shell] = []  # spare shells that take a request
         self.making: list[_Shell] = []  # spare shells not ready yet
         self.booting: list[_Boot] = []
@@ -621,6 +623,12 @@ def serve(ctl: socket.socket, zygote: Zygote) -> None:
                     msg = json.loads(raw)
                     if msg.get("op") == "boot":
                         queued.append(msg)
+                    elif msg.get("op") == "idmap":  # mappings a fork's children will need, made ahead
+                        in_flight += 1
+                        for src, dst in msg.get("pairs", []):
+                            with contextlib.suppress(OSError):  # else made at the boot (and failing there)
+                                zygote.idmappings.get(int(src), int(dst))
+                        reply(msg.get("id"), {"ok": True})
                     elif msg.get("op") == "status":
                         in_flight += 1
                         reply(
@@ -693,8 +701,11 @@ def main(argv: list[str] | None = None) -> int:
     ctl = socket.socket(fileno=args.fd)
     ctl.set_inheritable(False)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon's ^C is not ours; EOF stops us
+    maker: idmaps.Maker | None = None
     try:
         syscalls.prctl(syscalls.PR_SET_CHILD_SUBREAPER, 1)
+        if args.spare_ranges is not None:  # per-sandbox ranges: forked while this process is still small
+            maker = idmaps.Maker()
         bpf = seccomp_policy.build_bpf()
         preload_agent()
         # Everything imported so far moves to the permanent generation: the collector of a forked sandbox init
@@ -717,9 +728,10 @@ def main(argv: list[str] | None = None) -> int:
     ctl.send(json.dumps(ready).encode())
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):
         spare_ranges = None if args.spare_ranges is None else [int(x) for x in args.spare_ranges.split(",") if x]
-        zygote = Zygote(cgroups, bpf, (ctl.fileno(),), shell_dir=args.shell_dir, spares=args.spares,
+        keep = (ctl.fileno(),) if maker is None else (ctl.fileno(), maker.fd)
+        zygote = Zygote(cgroups, bpf, keep, shell_dir=args.shell_dir, spares=args.spares,
                         id_base=args.id_base, id_count=args.id_count, spare_ranges=spare_ranges,
-                        canonical_base=args.canonical_base)  # fmt: skip
+                        canonical_base=args.canonical_base, maker=maker)  # fmt: skip
         serve(ctl, zygote)
     return 0
 
