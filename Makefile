@@ -24,12 +24,13 @@ APT_PACKAGES := mmdebstrap bubblewrap busybox-static git ca-certificates iproute
 	python3 python3-venv tar xz-utils zstd btrfs-progs skopeo $(VM_APT_PACKAGES)
 BENCH_APT_PACKAGES := docker.io
 
-.PHONY: help setup apt test-apt venv storage template run test test-fast bench lint format sdk clean
+.PHONY: help setup apt test-apt venv storage template run test test-fast bench soak lint format sdk clean
 
 help:
 	@echo "make run    set up (apt packages, virtualenv, default template) and start the daemon on 127.0.0.1"
 	@echo "make test   same set-up, then the whole test suite"
 	@echo "make bench  benchmarks with baselines (docker, bwrap, unshare) -> bench/results/"
+	@echo "make soak   concurrent SDK clients against one daemon for SOAK_DURATION s (300) -> bench/results/"
 	@echo "make lint   ruff + mypy strict (and the generated sync SDK up to date)"
 	@echo "make sdk    regenerate src/branchbox/sdk/_sync.py from _async.py (unasync)"
 
@@ -74,6 +75,11 @@ bench: setup
 	@missing=$$(for p in $(BENCH_APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
 	$(PY) bench/run.py --data-dir $(DATA_DIR)
+
+SOAK_DURATION ?= 300
+SOAK_CLIENTS ?= 8
+soak: setup
+	$(PY) bench/soak.py --data-dir $(DATA_DIR) --duration $(SOAK_DURATION) --clients $(SOAK_CLIENTS)
 
 lint: venv
 	$(VENV)/bin/ruff check src tests bench scripts

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from branchbox.sdk import BadRequestError, DiskFullError, NotSupportedError, Sandbox
+from branchbox.sdk import BadRequestError, DiskFullError, NotSupportedError, RateLimitError, Sandbox
 from tests.conftest import TEST_ROOT, DaemonProc
 
 pytestmark = [
@@ -59,7 +59,7 @@ def btrfs_daemon(default_template: Any) -> Iterator[Callable[..., DaemonProc]]:
 
     def make(size_mb: int = 1024, config: str | None = None) -> DaemonProc:
         fs = LoopFs(size_mb)
-        data = fs.mnt / "data"
+        data = fs.mnt / f"data-{secrets.token_hex(4)}"  # DaemonProc's cgroup parent comes from the name
         data.mkdir(mode=0o711)
         d = DaemonProc(data, config=config)
         made.append((fs, d))
@@ -73,6 +73,14 @@ def btrfs_daemon(default_template: Any) -> Iterator[Callable[..., DaemonProc]]:
             d.cleanup()
         finally:
             fs.remove()
+
+
+def gone(sbx: Sandbox) -> None:
+    """Destroy the sandbox and close its client's connection."""
+    try:
+        sbx.kill()
+    finally:
+        sbx.close()
 
 
 def write(sbx: Sandbox, path: str, mb: int) -> Any:
@@ -108,10 +116,24 @@ def test_a_sandbox_writing_past_its_disk_limit_gets_edquot_and_others_write_on(
             assert r.exit_code != 0 and QUOTA_MSG in r.stderr
             assert "again" in child.commands.run("ls /").stdout
         finally:
-            child.kill()
+            gone(child)
+
+        # a restore inherits the limit of the sandbox its snapshot was taken from, unless the create names one
+        snap = small.create_snapshot()
+        restored = Sandbox.create(snapshot=snap.snapshot_id, base_url=d.url, allow_internet_access=False)
+        bigger = Sandbox.create(snapshot=snap.snapshot_id, disk_mb=128, base_url=d.url, allow_internet_access=False)
+        try:
+            assert restored.info.disk_mb == 64
+            assert bigger.info.disk_mb == 128
+            r = write(restored, "/big", 100)  # the restored files (a clone of the layer) are not charged again
+            assert r.exit_code != 0 and QUOTA_MSG in r.stderr
+            assert write(bigger, "/big", 100).exit_code == 0
+        finally:
+            gone(restored)
+            gone(bigger)
     finally:
-        small.kill()
-        other.kill()
+        gone(small)
+        gone(other)
 
 
 def test_disk_mb_bad_input_and_drivers_that_cannot_limit(
@@ -128,7 +150,7 @@ def test_disk_mb_bad_input_and_drivers_that_cannot_limit(
     try:
         assert sbx.info.disk_mb == 0
     finally:
-        sbx.kill()
+        gone(sbx)
 
 
 def health(d: DaemonProc) -> dict[str, Any]:
@@ -185,7 +207,27 @@ def test_a_nearly_full_data_dir_keeps_the_reserve_refuses_new_work_and_recovers(
             time.sleep(0.2)
         assert health(d)["status"] == "ok"
         again = Sandbox.create(base_url=d.url, allow_internet_access=False)
-        again.kill()
+        gone(again)
     finally:
-        filler.kill()
-        other.kill()
+        gone(filler)
+        gone(other)
+
+
+def test_snapshots_count_towards_the_daemons_snapshot_budget(daemon_factory: Any) -> None:
+    d: DaemonProc = daemon_factory(config="snapshot_budget_mb = 8\n")  # the overlay driver: budgets work anywhere
+    sbx = Sandbox.create(base_url=d.url, allow_internet_access=False)
+    try:
+        assert sbx.commands.run("head -c 12M /dev/urandom > /data").exit_code == 0
+        first = sbx.create_snapshot()
+        deadline = time.monotonic() + 60  # layers are measured in the background once snapshots pause
+        while Sandbox.get_snapshot(first.snapshot_id, base_url=d.url).size_bytes is None:
+            assert time.monotonic() < deadline, "the snapshot's layer was never measured"
+            time.sleep(0.2)
+        with pytest.raises(RateLimitError, match="snapshot_budget_mb") as info:
+            sbx.create_snapshot()
+        assert info.value.code == "limit_exceeded"
+        assert [s.snapshot_id for s in Sandbox.snapshots(base_url=d.url)] == [first.snapshot_id]  # nothing made
+        Sandbox.delete_snapshot(first.snapshot_id, base_url=d.url)
+        Sandbox.delete_snapshot(sbx.create_snapshot().snapshot_id, base_url=d.url)  # room again
+    finally:
+        gone(sbx)

@@ -13,11 +13,14 @@ from typing import Any
 
 import pytest
 
+import branchbox.sdk as sdk
 from branchbox.images.store import TemplateStore
 from branchbox.sdk import BadRequestError, Sandbox
+from branchbox.workspaces.testing import GitDaemon
 from tests.conftest import DaemonProc, cli_env, templates_dir, vm_cache
 from tests.rootfs_fixtures import APP_UID, BUSYBOX, GROUP, PASSWD, build_busybox_rootfs, write_busybox_tar
 from tests.test_pools_api import wait_pool
+from tests.test_workspaces import git_base, git_daemon  # noqa: F401 - session fixtures of that module
 
 
 def test_busybox_rootfs_fixture(busybox_rootfs: Path, busybox_rootfs_tar: Path) -> None:
@@ -110,12 +113,12 @@ def test_busybox_template_runs_in_containers(daemon: DaemonProc, busybox_templat
         assert sbx.commands.run("cat /data/sub/a.txt").stdout == "a\n"
         sbx.files.download_dir("/data", tmp_path / "down")
         assert (tmp_path / "down/sub/a.txt").read_text() == "a\n"
-        # a PTY with the image's shell (the default /bin/bash -l is not in busybox)
+        # a PTY: the default login shell is the image's /bin/sh (busybox has no bash)
         out: list[bytes] = []
-        term = sbx.pty.create(cmd=["/bin/sh"], on_data=out.append)
-        term.send_input("echo pty-$((40+2))\nexit 3\n")
+        term = sbx.pty.create(on_data=out.append)
+        term.send_input("echo pty-$((40+2)) $0\nexit 3\n")
         assert term.wait(timeout=60).exit_code == 3
-        assert "pty-42" in b"".join(out).decode()
+        assert "pty-42 /bin/sh" in b"".join(out).decode()
         # snapshot and fork keep the image's files and what the sandbox wrote
         sbx.files.write("/root/state", "before\n")
         snap = sbx.create_snapshot()
@@ -218,3 +221,23 @@ def test_runtime_runs_the_agent_in_a_root_without_python(tmp_path: Path) -> None
     assert argv[-1].endswith("from bbagent.server import main;main()")
     shim = (Path(runtime.__file__).parent / "guest/shim.sh").read_text()
     assert "$rt/lib/ld-linux-x86-64.so.2 --library-path $rt/lib $rt/bin/python3 -I -S -B" in shim
+
+
+@pytest.mark.root
+def test_workspace_on_the_busybox_template(
+    daemon: DaemonProc,
+    busybox_template: str,
+    git_daemon: GitDaemon,  # noqa: F811
+) -> None:
+    """A workspace checks a repository out into a busybox sandbox: the host's git makes the commit layer, so the
+    image needs no git (its files are there; running git inside is the image's business)."""
+    with sdk.Workspace.create(
+        git_daemon.url("repo.git"), branch="main", template=busybox_template, base_url=daemon.url
+    ) as w:
+        assert w.sandbox.files.exists("/bin/busybox") and not w.sandbox.files.exists("/usr/bin/python3")
+        names = [e.name for e in w.sandbox.files.list(w.path)]
+        assert ".git" in names and len(names) > 1
+        head = w.sandbox.commands.run(f"cat {w.path}/.git/HEAD; ls {w.path} | wc -l")
+        assert head.exit_code == 0, head.stderr
+        assert head.stdout.startswith("ref: refs/heads/") or head.stdout.startswith(w.commit)
+        assert w.sandbox.commands.run("git --version").exit_code == 127  # busybox has no git

@@ -5,6 +5,7 @@ against a real daemon; RUN steps run in real sandboxes. Plus the pure parts (par
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import secrets
@@ -24,6 +25,7 @@ from branchbox.images.store import TemplateStore
 from branchbox.sdk import BadRequestError, Sandbox, SandboxError, Template, TemplateNotFoundError
 from branchbox.sdk._context import DockerIgnore, pack_context
 from tests.conftest import DaemonProc, cli_env, templates_dir
+from tests.oci_images import write_layout
 
 # ---------------------------------------------------------------------------------------------- pure logic
 
@@ -151,6 +153,11 @@ def names() -> Any:
         made.append(f"{prefix}-{secrets.token_hex(4)}")
         return made[-1]
 
+    def track(name: str) -> str:
+        made.append(name)
+        return name
+
+    new.track = track  # type: ignore[attr-defined]
     yield new
     store = TemplateStore(templates_dir())
     for n in made:
@@ -238,7 +245,7 @@ def test_failing_run_says_line_exit_code_and_output(daemon: DaemonProc, tmp_path
     ("dockerfile", "error", "match"),
     [
         ("FROM no-such-template\nRUN true\n", TemplateNotFoundError, "line 1.*no-such-template"),
-        ("FROM python:3.12-slim\n", TemplateNotFoundError, "import-image"),
+        ("FROM docker://127.0.0.1:9/nothing:1\n", SandboxError, r"line 1 \(FROM\)"),
         ("FROM default\nONBUILD RUN true\n", BadRequestError, "line 2 \\(ONBUILD\\)"),
         ("FROM default\nFROBNICATE x\n", BadRequestError, "line 2.*unknown instruction FROBNICATE"),
         ("FROM default\nRUN true\nFROM default\n", BadRequestError, "line 3.*multi-stage"),
@@ -340,3 +347,30 @@ def test_client_going_away_stops_the_build(daemon: DaemonProc, tmp_path: Path, n
     while Sandbox.list(base_url=daemon.url) and time.monotonic() < deadline:  # the daemon cleans up after the fact
         time.sleep(0.2)
     _nothing_left(daemon, name)
+
+
+def test_from_an_image_reference_imports_it_once(
+    daemon: DaemonProc, tmp_path: Path, names: Any, busybox_rootfs_tar: Path
+) -> None:
+    """FROM an image (here an OCI layout of a busybox-only rootfs: no python, no libc) imports it as a template
+    (image-<hash>) once; RUN runs in a sandbox of it; the rebuild is all CACHED without importing again."""
+    layout = tmp_path / "layout"
+    write_layout(layout, [busybox_rootfs_tar.read_bytes()], config={"Env": ["FROM_IMAGE=yes"]})
+    ref = f"oci:{layout}"
+    auto = names.track("image-" + hashlib.sha256(ref.encode()).hexdigest()[:16])
+    name = names()
+    ctx = _context(tmp_path / "ctx", f"FROM {ref}\nRUN echo from-busybox > /made && echo $FROM_IMAGE\nUSER app\n")
+    log = _Log()
+    Template.build(ctx, name=name, on_event=log, base_url=daemon.url)
+    assert f"importing {ref} as template {auto}" in log.output()
+    assert "yes\n" in log.output()
+    with Sandbox.create(template=name, base_url=daemon.url) as sbx:
+        r = sbx.commands.run("cat /made; id -un; echo $FROM_IMAGE")
+        assert r.stdout == "from-busybox\napp\nyes\n", r.stderr
+    log = _Log()
+    Template.build(ctx, name=name, on_event=log, base_url=daemon.url)
+    assert log.kinds() == ["cached"] * 3
+    assert "importing" not in log.output()
+    with pytest.raises(SandboxError, match=r"line 1 \(FROM\)") as info:
+        Template.build(_context(tmp_path / "bad", "FROM oci:/nonexistent/layout\n"), name=name, base_url=daemon.url)
+    assert info.value.details["line"] == 1

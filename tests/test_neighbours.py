@@ -285,6 +285,23 @@ def test_claims_in_a_private_registry(tmp_path: Path, monkeypatch: pytest.Monkey
     claim(tmp_path / "three", Wanted(network=False, cgroup_parent=derive(two))).release()
 
 
+def test_a_registry_entry_with_fields_of_a_newer_daemon_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A newer daemon's entry (a name this version does not know) neither stops an older daemon nor is lost by it."""
+    monkeypatch.setenv("BRANCHBOX_CLAIMS_DIR", str(tmp_path / "claims"))
+    newer = tmp_path / "newer"
+    newer.mkdir()
+    names = {"cgroup_parent": derive(tmp_path / "mine"), "table": None, "if_prefix": None, "subnet": None}
+    entry = {"pid": 1, "names": {**names, "a_future_name": 1 << 20}}
+    (tmp_path / "claims").mkdir()
+    (tmp_path / "claims" / "claims.json").write_text(json.dumps({str(newer): entry}))
+    mine = claim(tmp_path / "mine", Wanted(network=False))
+    mine.release()
+    assert mine.names.cgroup_parent == derive(tmp_path / "mine", salt=1)  # its names are still taken
+    assert json.loads((tmp_path / "claims" / "claims.json").read_text())[str(newer)] == entry
+
+
 @pytest.mark.root
 def test_orphan_veths_are_matched_by_the_whole_prefix() -> None:
     """``bbq`` owns ``bbq-<slot>`` only: a neighbour's ``bbqx-1`` is not its orphan."""

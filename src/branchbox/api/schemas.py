@@ -324,7 +324,7 @@ class PtyStart(_Strict):
 
     cols: Annotated[int, Field(ge=1, le=10_000)] = 80
     rows: Annotated[int, Field(ge=1, le=10_000)] = 24
-    cmd: Cmd = Field(default_factory=lambda: ["/bin/bash", "-l"])
+    cmd: Cmd | None = Field(default=None, description="Default: /bin/bash -l, or /bin/sh -l in an image without bash.")
     envs: EnvMap | None = None
     cwd: Cwd = None
     user: User = None

@@ -218,6 +218,10 @@ async def attach_command(ws: WebSocket, sandbox_id: str, pid: int, encoding: Enc
     await _guarded(ws, body)
 
 
+# a PTY's default command: bash where the image has it, else its POSIX shell (busybox, alpine)
+LOGIN_SHELL = "if [ -x /bin/bash ]; then exec /bin/bash -l; fi; exec /bin/sh -l"
+
+
 @router.websocket("/v1/sandboxes/{sandbox_id}/pty")
 async def pty(ws: WebSocket, sandbox_id: str, encoding: Encoding = "text") -> None:
     async def body() -> None:
@@ -226,7 +230,7 @@ async def pty(ws: WebSocket, sandbox_id: str, encoding: Encoding = "text") -> No
         env = {"TERM": "xterm-256color", **(start.envs or {})}
         handle = await get_ctx(ws).manager.spawn(
             sandbox_id,
-            start.cmd,
+            start.cmd if start.cmd is not None else LOGIN_SHELL,
             env=env,
             cwd=start.cwd,
             user=start.user,

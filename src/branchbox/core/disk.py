@@ -30,8 +30,11 @@ from branchbox.errors import BadRequestError, DiskFullError, LimitExceededError,
 log = logging.getLogger("branchbox.disk")
 
 
-def resolve(requested: int | None, *, default: int, enforcer: str | None, vm: bool) -> int:
-    """The ``disk_mb`` a new sandbox gets: ``requested`` (checked), else ``default``; 0 where nothing enforces it.
+def resolve(
+    requested: int | None, *, default: int, enforcer: str | None, vm: bool, inherited: int | None = None
+) -> int:
+    """The ``disk_mb`` a new sandbox gets: ``requested`` (checked), else ``inherited`` (a restore: the limit of
+    the sandbox its snapshot was taken from, when it had one), else ``default``; 0 where nothing enforces it.
 
     ``enforcer``: the storage driver's ``disk_limits`` (None: it cannot limit); ``vm``: the backend keeps the
     sandbox's files in a disk image of its own (a microVM), not in the driver's upper."""
@@ -53,7 +56,9 @@ def resolve(requested: int | None, *, default: int, enforcer: str | None, vm: bo
                 "leave it out, or move the data dir to btrfs (`branchbox storage prepare` on a fresh data dir)"
             )
         return requested
-    return default if enforcer is not None and not vm else 0
+    if enforcer is None or vm:
+        return 0
+    return inherited or default
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,15 +109,18 @@ def check_reserve(data_dir: Path, reserve_mb: int, what: str) -> None:
 
 
 class ReserveKeeper:
-    """Keeps the reserve out of the sandboxes' reach: ``keep`` (the driver's ``keep_free``: the sandboxes' group
-    limit = what they hold + free - reserve) runs in a thread after creates, forks and scrapes, at most one at a
-    time and at most once per ``interval`` seconds, never on the caller's path."""
+    """Keeps the reserve out of the sandboxes' reach: ``keep`` (the driver's ``keep_free``: new uppers join the
+    sandboxes' group, whose limit = what they hold + free - reserve) runs in a thread after creates, forks and
+    scrapes, never on the caller's path: one at a time, at most once per ``interval`` seconds, and at most
+    ``interval`` seconds after a poke."""
 
     def __init__(self, keep: Callable[[int], tuple[int, int] | None], reserve_mb: int, interval: float = 1.0) -> None:
         self._keep = keep
         self._reserve = max(0, reserve_mb) << 20
         self._interval = interval
         self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._again = False
         self._last = -interval
         self.state: tuple[int, int] | None = None  # (bytes, limit) of the sandboxes at the last refresh
 
@@ -122,23 +130,39 @@ class ReserveKeeper:
         self._last = time.monotonic()
 
     def poke(self) -> None:
-        now = time.monotonic()
-        if (self._task is not None and not self._task.done()) or now - self._last < self._interval:
-            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # not on the event loop's thread: the next poke from there refreshes
             return
-        self._last = now
-        self._task = loop.create_task(self._run())
+        if self._task is not None and not self._task.done():
+            self._again = True  # once this one ends
+            return
+        if self._timer is not None:
+            return
+        wait = self._last + self._interval - time.monotonic()
+        if wait > 0:
+            self._timer = loop.call_later(wait, self._start)
+        else:
+            self._start()
+
+    def _start(self) -> None:
+        self._timer = None
+        self._last = time.monotonic()
+        self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
         try:
             self.state = await asyncio.to_thread(self._keep, self._reserve)
         except OSError as exc:
             log.warning("keeping the disk reserve failed: %s", exc)
+        if self._again:
+            self._again = False
+            self.poke()
 
     async def aclose(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
 

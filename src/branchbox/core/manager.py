@@ -294,10 +294,9 @@ class Manager:
                     template = snap.template_digest
                 tpl = self.templates.get(template)
                 be = await self._backend(kind)
-                disk_mb = self._disk_mb(disk_mb, be)
+                disk_mb = self._disk_mb(disk_mb, be, None if snapshot is None else self._db.snapshot_disk_mb(snap.id))
                 policy = self._policy_for(be, allow_internet_access, network)
                 disk.check_reserve(self.settings.data_dir, self.settings.reserve_mb, "create")
-                self._poke_reserve()
                 if snapshot is not None:
                     snap = self._snapshot_or_raise(snapshot)  # again: it may have been deleted meanwhile
         except BranchboxError as exc:
@@ -351,10 +350,11 @@ class Manager:
             )
         return env_, meta, ttl
 
-    def _disk_mb(self, requested: int | None, be: Backend) -> int:
-        """A new sandbox's disk limit (core/disk.py): ``requested`` or the default; 0 where nothing limits it."""
+    def _disk_mb(self, requested: int | None, be: Backend, inherited: int | None = None) -> int:
+        """A new sandbox's disk limit (core/disk.py): ``requested``, else ``inherited`` (a restore: the snapshot's
+        source had it), else the default; 0 where nothing limits it."""
         return disk.resolve(requested, default=self.settings.default_disk_mb, enforcer=self._driver.disk_limits,
-                            vm=be.capabilities.memory_snapshot)  # fmt: skip
+                            vm=be.capabilities.memory_snapshot, inherited=inherited)  # fmt: skip
 
     def _poke_reserve(self) -> None:
         if self._reserve is not None:
@@ -433,6 +433,7 @@ class Manager:
                 root = self.templates.rootfs(tpl.digest)
                 dirs = await self._prepare_dirs(sid, base_path, [*lower_paths, root], fresh_machine_id,
                                                 info.resources.disk_mb, idmap, bases)  # fmt: skip
+                self._poke_reserve()  # its upper joins the daemon's disk group, in the background
             spec = BootSpec(
                 sandbox_id=sid,
                 layers=[*lower_paths, root],
@@ -793,7 +794,6 @@ class Manager:
             raise NotSupportedError(f"backend {live.backend.name} cannot fork sandboxes")
         snaps.fork_count(count, self.settings.max_sandboxes - len(self._live) - len(self._creating))
         disk.check_reserve(self.settings.data_dir, self.settings.reserve_mb, "fork")
-        self._poke_reserve()
         if self._ids is not None and isinstance(live.backend, HostIdRanges):
             rec = self._db.get(sandbox_id)  # the children's idmappings of its range, made during the capture
             ahead = live.backend.prepare_idmaps(rec.uid_base, count) if rec is not None else None
@@ -1023,7 +1023,8 @@ class Manager:
                 owner = rec.uid_base if rec is not None else self.settings.idmap.host_base  # the writer's range
                 self._db.insert_layer(LayerRecord(lid, dest, lowers[0] if lowers else None, self._driver.name,
                                                   layer.size_bytes, layer.files, now, owner))  # fmt: skip
-                self._db.insert_snapshot(replace(snap, timings=timer.as_dict()), hidden=hidden)
+                self._db.insert_snapshot(replace(snap, timings=timer.as_dict()), hidden=hidden,
+                                         disk_mb=live.info.resources.disk_mb)  # fmt: skip
         except Exception as exc:
             await asyncio.to_thread(self._driver.remove_layer, dest)
             if name is not None and self._db.get_snapshot(name, hidden=True) is not None:
@@ -1116,7 +1117,7 @@ class Manager:
 
         def prepare() -> SandboxDirs:
             dirs = self._driver.prepare_sandbox(self._sandbox_dir(sid), idmap, base=base)
-            if self._driver.disk_limits is not None:  # a few ioctls on btrfs (no commit); before the machine-id
+            if self._driver.disk_limits is not None:  # one ioctl on btrfs (no commit); before the machine-id
                 self._driver.set_disk_limit(self._sandbox_dir(sid), disk_mb)
             if machine_id:
                 snaps.write_machine_id(dirs.upper, lowers, idmap, bases)

@@ -68,7 +68,8 @@ CREATE TABLE IF NOT EXISTS snapshots (
     driver TEXT NOT NULL,
     created_at REAL NOT NULL,
     hidden INTEGER NOT NULL DEFAULT 0,
-    timings TEXT NOT NULL
+    timings TEXT NOT NULL,
+    disk_mb INTEGER
 );
 """
 SCHEMA_VERSION = "1"
@@ -150,6 +151,8 @@ class Store:
         for table in ("sandboxes", "layers"):
             if "uid_base" not in {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}:
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN uid_base INTEGER NOT NULL DEFAULT {CANONICAL_BASE}")
+        if "disk_mb" not in {r[1] for r in self._db.execute("PRAGMA table_info(snapshots)")}:  # before disk limits
+            self._db.execute("ALTER TABLE snapshots ADD COLUMN disk_mb INTEGER")
 
     @contextlib.contextmanager
     def durable(self) -> Iterator[None]:
@@ -321,13 +324,18 @@ class Store:
     def unpin_layers(self, owner: str) -> None:
         self._db.execute("DELETE FROM layer_pins WHERE owner=?", (owner,))
 
-    def insert_snapshot(self, snap: SnapshotInfo, *, hidden: bool = False) -> None:
+    def insert_snapshot(self, snap: SnapshotInfo, *, hidden: bool = False, disk_mb: int | None = None) -> None:
+        """``disk_mb``: the disk limit of the sandbox it was taken from (its restores inherit it)."""
         self._db.execute(
             "INSERT INTO snapshots (id, name, sandbox_id, template, template_digest, layers, driver, created_at,"
-            " hidden, timings) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            " hidden, timings, disk_mb) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             (snap.id, snap.name, snap.sandbox_id, snap.template, snap.template_digest, json.dumps(list(snap.layers)),
-             snap.driver, snap.created_at, int(hidden), json.dumps(dict(snap.timings))),
+             snap.driver, snap.created_at, int(hidden), json.dumps(dict(snap.timings)), disk_mb),
         )  # fmt: skip
+
+    def snapshot_disk_mb(self, snapshot_id: str) -> int | None:
+        row = self._db.execute("SELECT disk_mb FROM snapshots WHERE id=?", (snapshot_id,)).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
 
     def set_snapshot_layers(self, snapshot_id: str, layers: Sequence[str]) -> None:
         self._db.execute("UPDATE snapshots SET layers=? WHERE id=?", (json.dumps(list(layers)), snapshot_id))

@@ -204,7 +204,12 @@ def _running(data_dir: str) -> bool:
 
 def _resolve(data_dir: Path, wanted: Wanted, others: dict[str, dict[str, Any]]) -> HostNames:
     saved = _read_names(data_dir)
-    taken = {d: HostNames(**e["names"]) for d, e in others.items() if isinstance(e.get("names"), dict)}
+    known = {f.name for f in fields(HostNames)}  # a newer daemon's entry may have more: not ours to read
+    taken = {
+        d: HostNames(**{k: v for k, v in e["names"].items() if k in known})
+        for d, e in others.items()
+        if isinstance(e.get("names"), dict)
+    }
     for salt in range(_SALTS):
         parent = wanted.cgroup_parent or (saved.cgroup_parent if saved else None) or derive(data_dir, salt)
         names = HostNames(cgroup_parent=parent)

@@ -45,6 +45,7 @@ from branchbox.images.dockerfile_context import (
     repack_archive,
 )
 from branchbox.images.dockerfile_parse import Instruction, expand, expand_words, key_values, parse
+from branchbox.images.oci_fetch import TRANSPORTS
 from branchbox.images.shift import rebase_tree
 from branchbox.images.spec import check_name
 from branchbox.images.store import TemplateStore
@@ -189,7 +190,7 @@ class DockerfileBuild:
         text = self.ctx.read(normalise_source(self.dockerfile, "dockerfile")).decode("utf-8", "replace")
         instructions = parse(text)
         try:
-            stage, steps = self._from(instructions)
+            stage, steps = await self._from(instructions)
             total = len(steps) + 1
             for n, ins in enumerate(steps, 2):
                 self._emit({"type": "step", "step": n, "total": total, "line": ins.line, "instruction": ins.source})
@@ -204,7 +205,34 @@ class DockerfileBuild:
                     "seconds": round(time.monotonic() - t0, 3)})  # fmt: skip
         return info
 
-    def _from(self, instructions: list[Instruction]) -> tuple[_Stage, list[Instruction]]:
+    async def _base(self, ref: str, ins: Instruction) -> TemplateInfo:
+        """The template FROM names: a template, else an image reference (skopeo's transports; a bare
+        ``name:tag`` or ``host/name`` means ``docker://`` as in Docker), imported once as ``image-<hash>``."""
+        store = self.host.templates
+        with contextlib.suppress(TemplateNotFoundError):
+            return store.get(ref)
+        if ref.partition(":")[0] in TRANSPORTS:
+            image = ref
+        elif any(c in ref for c in ":/@"):
+            image = "docker://" + ref
+        else:
+            raise TemplateNotFoundError(
+                f"Dockerfile line {ins.line} (FROM): template {ref!r} does not exist: build or import it first "
+                "(`branchbox template ls` lists them), or name an image (docker://..., oci:DIR, ...)",
+                template=ref,
+                line=ins.line,
+            )
+        auto = "image-" + hashlib.sha256(image.encode()).hexdigest()[:16]
+        with contextlib.suppress(TemplateNotFoundError):
+            return store.get(auto)  # imported by an earlier build: not fetched again
+        self._log(f"importing {image} as template {auto}\n")
+        try:
+            return await store.import_image(image, name=auto, progress=lambda ev: self._log(f"{ev.message}\n"))
+        except BranchboxError as exc:
+            details = {**exc.details, "line": ins.line}
+            raise type(exc)(f"Dockerfile line {ins.line} (FROM): {exc.message}", **details) from exc
+
+    async def _from(self, instructions: list[Instruction]) -> tuple[_Stage, list[Instruction]]:
         global_args: dict[str, str | None] = {}
         i = 0
         while i < len(instructions) and instructions[i].keyword == "ARG":
@@ -236,19 +264,7 @@ class DockerfileBuild:
                     "instruction": ins.source})  # fmt: skip
         if ref == "scratch":
             raise ins.error("FROM scratch is not supported: start from a template (branchbox template ls)")
-        try:
-            base = self.host.templates.get(ref)
-        except TemplateNotFoundError as exc:
-            hint = (
-                f"import the image first (branchbox template import-image docker://{ref} --name NAME) and use FROM NAME"
-                if any(c in ref for c in ":/@")
-                else "build or import it first; list templates with `branchbox template ls`"
-            )
-            raise TemplateNotFoundError(
-                f"Dockerfile line {ins.line} (FROM): template {ref!r} does not exist: {hint}",
-                template=ref,
-                line=ins.line,
-            ) from exc
+        base = await self._base(ref, ins)
         meta = self.host.templates.metadata(base.digest)
         self._cached(True)
         stage = _Stage(
@@ -554,6 +570,7 @@ class DockerfileBuild:
             "source": "dockerfile",
             "python": base_meta.get("python", stage.base.python),
             "python_version": base_meta.get("python_version", ""),
+            **({"shell": base_meta["shell"]} if "shell" in base_meta else {}),
             "env": stage.env,
             "workdir": stage.workdir,
             "user": stage.user,

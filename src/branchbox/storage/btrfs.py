@@ -8,10 +8,12 @@ snapshot commits a btrfs transaction). A restore clones the snapshot's layer as 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
 import struct
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -109,20 +111,26 @@ class BtrfsDriver:
         upper joins the data dir's group (the reserve's limit)."""
         self.disk_limits: str | None = None if quota_mode is None else f"btrfs {quota_mode}"
         self._root = data_dir
+        self._joining: deque[Path] = deque()  # uppers to put in the group, by keep_free (off the hot path)
         self._group: int | None = None
-        if quota_mode is not None and data_dir is not None:
+        if quota_mode == "squota" and data_dir is not None:  # full qgroups: a clone joining a group would make
+            # the accounting inconsistent (a rescan); there the reserve only refuses new work
             self._group = quota.group_id(os.path.realpath(data_dir))
             quota.create_group(data_dir, self._group)
 
     def set_disk_limit(self, sandbox_dir: Path, disk_mb: int) -> None:
         fs = sandbox_dir / "fs"
-        if self._group is not None:
-            quota.assign(fs, self._group)
-        quota.set_limit(fs, disk_mb << 20 if disk_mb > 0 else None)
+        quota.set_limit(fs, disk_mb << 20 if disk_mb > 0 else None)  # ~5 us
+        if self._group is not None:  # joining waits for a running commit (up to ~12 ms here): keep_free does it
+            self._joining.append(fs)
 
     def keep_free(self, reserve_bytes: int) -> tuple[int, int] | None:
         if self._group is None or self._root is None:
             return None
+        while self._joining:
+            fs = self._joining.popleft()
+            with contextlib.suppress(FileNotFoundError):  # destroyed meanwhile
+                quota.assign(fs, self._group)  # squota: what it wrote already moves into the group with it
         used = quota.usage(self._root, self._group) or 0
         st = os.statvfs(self._root)
         limit = max(used, used + st.f_bavail * st.f_frsize - reserve_bytes)
