@@ -30,13 +30,23 @@ from branchbox.errors import (
     UnsupportedImageError,
 )
 from branchbox.images.oci_fetch import FetchOptions, parse_ref
-from branchbox.images.oci_layout import read_image
-from branchbox.images.oci_unpack import Budget
+from branchbox.images.oci_layout import Layer, read_image
+from branchbox.images.oci_unpack import Budget, apply_layer
 from branchbox.images.store import TemplateStore
 from branchbox.sdk import BadRequestError as SdkBadRequest
 from branchbox.sdk import PermissionDeniedError, Sandbox, Template
 from tests.conftest import DaemonProc, cli_env, templates_dir
-from tests.oci_images import Entry, digest_of, dir_tar, dockerd, registry, skopeo_copy, tar_bytes, write_layout
+from tests.oci_images import (
+    LAYER_MEDIA,
+    Entry,
+    digest_of,
+    dir_tar,
+    dockerd,
+    registry,
+    skopeo_copy,
+    tar_bytes,
+    write_layout,
+)
 from tests.rootfs_fixtures import APP_UID
 
 CAP_NET_RAW = "\x01\x00\x00\x02" + "\x00\x20\x00\x00" + "\x00" * 12  # vfs_cap_data v2: cap_net_raw permitted
@@ -260,6 +270,14 @@ def test_errors_are_typed_and_leave_nothing(tmp_path: Path, store: TemplateStore
     with pytest.raises(UnsupportedImageError, match="media type"):
         run(store.import_image(f"oci:{odd}:latest", name="x"))
     assert_nothing_left(store)
+    # a layer that is not what its media type says (skopeo recompresses such blobs, so straight to the unpacker)
+    plain = tmp_path / "plain.tar"
+    plain.write_bytes(tar_bytes(BASE))
+    for compression in ("gzip", "zstd"):
+        fake = Layer("sha256:" + "0" * 64, 0, LAYER_MEDIA[compression], compression, digest_of(plain.read_bytes()))
+        (tmp_path / "root").mkdir(exist_ok=True)
+        with pytest.raises(UnsupportedImageError, match=compression):
+            apply_layer(tmp_path / "root", plain, fake, store.idmap, Budget())
 
 
 def test_digest_mismatch(tmp_path: Path, store: TemplateStore) -> None:
