@@ -9,6 +9,7 @@ import asyncio
 import base64
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -296,6 +297,21 @@ def test_digest_mismatch(tmp_path: Path, store: TemplateStore) -> None:
         run(store.import_image(f"oci:{lying}:latest", name="x"))
     assert_nothing_left(store)
     assert not list((store.root / "layers").iterdir())
+
+
+def test_a_shared_blob_gone_bad_is_fetched_again(tmp_path: Path, store: TemplateStore) -> None:
+    layout = image(tmp_path, [BASE, TOP])
+    run(store.import_image(f"oci:{layout}:latest", name="a"))
+    store.remove("a")
+    shutil.rmtree(store.root / "layers")  # no cached stacks: the blobs are read again
+    blob = store.root / "blobs/sha256" / read_image(layout, layout / "blobs").layers[0].digest[7:]
+    blob.write_bytes(b"rotten" + blob.read_bytes()[6:])
+    with pytest.raises(ImageDigestMismatchError):
+        run(store.import_image(f"oci:{layout}:latest", name="a"))  # skopeo reuses the blob it has; we check it
+    assert not blob.exists()
+    assert_nothing_left(store)
+    run(store.import_image(f"oci:{layout}:latest", name="a"))  # downloaded afresh
+    assert (store.rootfs("a") / "etc/hosts").exists()
 
 
 # ------------------------------------------------------------------ attacks

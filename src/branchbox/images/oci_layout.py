@@ -131,6 +131,7 @@ def verify_blob(blobs: Path, layer: Layer) -> Path:
     except FileNotFoundError:
         raise ImageNotFoundError(f"layer {layer.digest} is missing from the image") from None
     if n != layer.size or "sha256:" + h.hexdigest() != layer.digest:
+        path.unlink(missing_ok=True)  # a shared blob gone bad: the next import downloads it again
         raise _mismatch(layer.digest, "layer")
     return path
 
