@@ -53,6 +53,11 @@ class IdRanges:
             "and spare shells; destroy sandboxes or delete snapshots, or raise uid_ranges in the daemon's config"
         )
 
+    def hold(self, base: int, owner: str) -> None:
+        """Keep a range out of use for ``owner`` (a sandbox whose teardown failed: processes may still run in it)
+        until this process ends; a restart's reconcile kills what is left of it."""
+        self._holds[base] = owner
+
     def transfer(self, base: int, owner: str) -> None:
         """Hand a held range to another owner (a spare shell's range becomes its sandbox's)."""
         self._holds[base] = owner

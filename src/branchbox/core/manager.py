@@ -1597,6 +1597,8 @@ class Manager:
             await be.destroy(sandbox_id, handle)
         except Exception:
             log.exception("backend cleanup of %s failed", sandbox_id, extra={"sandbox_id": sandbox_id})
+            if self._ids is not None and (rec := self._db.get(sandbox_id)) is not None:
+                self._ids.hold(rec.uid_base, f"unclean:{sandbox_id}")  # its processes may live: never lend it again
         if self._net is not None:
             try:
                 await self._net.detach(sandbox_id, handle.extra if handle is not None else None)
