@@ -433,7 +433,7 @@ class Manager:
                 root = self.templates.rootfs(tpl.digest)
                 dirs = await self._prepare_dirs(sid, base_path, [*lower_paths, root], fresh_machine_id,
                                                 info.resources.disk_mb, idmap, bases)  # fmt: skip
-                self._poke_reserve()  # its upper joins the daemon's disk group, in the background
+                self._poke_reserve()  # the group's limit follows the free space, in the background
             spec = BootSpec(
                 sandbox_id=sid,
                 layers=[*lower_paths, root],
@@ -1116,9 +1116,8 @@ class Manager:
         idmap = idmap or self.settings.idmap
 
         def prepare() -> SandboxDirs:
-            dirs = self._driver.prepare_sandbox(self._sandbox_dir(sid), idmap, base=base)
-            if self._driver.disk_limits is not None:  # one ioctl on btrfs (no commit); before the machine-id
-                self._driver.set_disk_limit(self._sandbox_dir(sid), disk_mb)
+            # disk_mb: btrfs sets it (and the daemon's disk group) by the ioctl that makes the upper
+            dirs = self._driver.prepare_sandbox(self._sandbox_dir(sid), idmap, base=base, disk_mb=disk_mb)
             if machine_id:
                 snaps.write_machine_id(dirs.upper, lowers, idmap, bases)
             return dirs

@@ -32,12 +32,15 @@ class StorageDriver(Protocol):
     clones_layers: bool  # True: a restore clones the top layer as the new upper in O(1) (btrfs snapshots)
     disk_limits: str | None  # how set_disk_limit enforces a limit ("btrfs squota", ...); None: it cannot
 
-    def prepare_sandbox(self, sandbox_dir: Path, idmap: IdMap, *, base: Path | None = None) -> SandboxDirs:
-        """Create ``sandbox_dir/{upper,work,run}``. ``base``: a layer whose content the upper starts with."""
+    def prepare_sandbox(
+        self, sandbox_dir: Path, idmap: IdMap, *, base: Path | None = None, disk_mb: int = 0
+    ) -> SandboxDirs:
+        """Create ``sandbox_dir/{upper,work,run}``. ``base``: a layer whose content the upper starts with;
+        ``disk_mb``: what the upper may hold (0: no limit), where ``disk_limits`` is set."""
 
     def set_disk_limit(self, sandbox_dir: Path, disk_mb: int) -> None:
-        """Limit what the sandbox's upper may hold to ``disk_mb`` MiB (0: no limit); writes past it fail with
-        EDQUOT/ENOSPC inside. Only called when ``disk_limits`` is set. Cheap: no transaction commit."""
+        """Change the limit of a prepared sandbox's upper to ``disk_mb`` MiB (0: no limit); writes past it fail
+        with EDQUOT inside. Only called when ``disk_limits`` is set. Cheap: no transaction commit."""
 
     def keep_free(self, reserve_bytes: int) -> tuple[int, int] | None:
         """Limit this daemon's sandboxes together so that ``reserve_bytes`` stay free on the filesystem (0: no

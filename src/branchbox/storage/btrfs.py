@@ -8,12 +8,10 @@ snapshot commits a btrfs transaction). A restore clones the snapshot's layer as 
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
 import shutil
 import struct
-from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,7 +27,9 @@ _IOW = (1 << 30) | (_ARGS_SIZE << 16) | (0x94 << 8)
 BTRFS_IOC_SUBVOL_CREATE = _IOW | 14
 BTRFS_IOC_SNAP_DESTROY = _IOW | 15
 BTRFS_IOC_SNAP_CREATE_V2 = _IOW | 23
+BTRFS_IOC_SUBVOL_CREATE_V2 = _IOW | 24
 BTRFS_SUBVOL_RDONLY = 1 << 1
+BTRFS_SUBVOL_QGROUP_INHERIT = 1 << 2
 BTRFS_FIRST_FREE_OBJECTID = 256  # the inode number of every subvolume's root directory
 _NAME_MAX_V1 = 4087
 _V2_NAME_OFFSET = 56
@@ -49,26 +49,38 @@ def _vol_args(name: str, fd: int = 0) -> bytearray:
     return buf
 
 
-def create_subvolume(path: Path) -> None:
+def _vol_args_v2(name: str, fd: int, flags: int, inherit: quota.Inherit | None) -> bytearray:
+    raw = os.fsencode(name)
+    if len(raw) >= _ARGS_SIZE - _V2_NAME_OFFSET or b"/" in raw:
+        raise ValueError(f"bad subvolume name {name!r}")
+    buf = bytearray(_ARGS_SIZE)
+    if inherit is not None:
+        flags |= BTRFS_SUBVOL_QGROUP_INHERIT
+        struct.pack_into("QQ", buf, 24, inherit.size, inherit.address)
+    struct.pack_into("qQQ", buf, 0, fd, 0, flags)
+    buf[_V2_NAME_OFFSET : _V2_NAME_OFFSET + len(raw)] = raw
+    return buf
+
+
+def create_subvolume(path: Path, *, inherit: quota.Inherit | None = None) -> None:
+    """Create subvolume ``path``; ``inherit``: its qgroups and limit, set by the same ioctl."""
     parent = _dir_fd(path.parent)
     try:
-        fcntl.ioctl(parent, BTRFS_IOC_SUBVOL_CREATE, _vol_args(path.name))
+        if inherit is None:
+            fcntl.ioctl(parent, BTRFS_IOC_SUBVOL_CREATE, _vol_args(path.name))
+        else:
+            fcntl.ioctl(parent, BTRFS_IOC_SUBVOL_CREATE_V2, _vol_args_v2(path.name, 0, 0, inherit))
     finally:
         os.close(parent)
 
 
-def snapshot(src: Path, dest: Path, *, readonly: bool) -> None:
-    """Snapshot subvolume ``src`` as ``dest`` (a new subvolume)."""
-    raw = os.fsencode(dest.name)
-    if len(raw) >= _ARGS_SIZE - _V2_NAME_OFFSET or b"/" in raw:
-        raise ValueError(f"bad subvolume name {dest.name!r}")
+def snapshot(src: Path, dest: Path, *, readonly: bool, inherit: quota.Inherit | None = None) -> None:
+    """Snapshot subvolume ``src`` as ``dest`` (a new subvolume); ``inherit`` as for ``create_subvolume``."""
     src_fd = _dir_fd(src)
     try:
+        buf = _vol_args_v2(dest.name, src_fd, BTRFS_SUBVOL_RDONLY if readonly else 0, inherit)
         parent = _dir_fd(dest.parent)
         try:
-            buf = bytearray(_ARGS_SIZE)
-            struct.pack_into("qQQ", buf, 0, src_fd, 0, BTRFS_SUBVOL_RDONLY if readonly else 0)
-            buf[_V2_NAME_OFFSET : _V2_NAME_OFFSET + len(raw)] = raw
             fcntl.ioctl(parent, BTRFS_IOC_SNAP_CREATE_V2, buf)
         finally:
             os.close(parent)
@@ -111,7 +123,6 @@ class BtrfsDriver:
         upper joins the data dir's group (the reserve's limit)."""
         self.disk_limits: str | None = None if quota_mode is None else f"btrfs {quota_mode}"
         self._root = data_dir
-        self._joining: deque[Path] = deque()  # uppers to put in the group, by keep_free (off the hot path)
         self._group: int | None = None
         if quota_mode == "squota" and data_dir is not None:  # full qgroups: a clone joining a group would make
             # the accounting inconsistent (a rescan); there the reserve only refuses new work
@@ -121,16 +132,12 @@ class BtrfsDriver:
     def set_disk_limit(self, sandbox_dir: Path, disk_mb: int) -> None:
         fs = sandbox_dir / "fs"
         quota.set_limit(fs, disk_mb << 20 if disk_mb > 0 else None)  # ~5 us
-        if self._group is not None:  # joining waits for a running commit (up to ~12 ms here): keep_free does it
-            self._joining.append(fs)
+        if self._group is not None:
+            quota.assign(fs, self._group)  # one it is in already: nothing to do
 
     def keep_free(self, reserve_bytes: int) -> tuple[int, int] | None:
         if self._group is None or self._root is None:
             return None
-        while self._joining:
-            fs = self._joining.popleft()
-            with contextlib.suppress(FileNotFoundError):  # destroyed meanwhile
-                quota.assign(fs, self._group)  # squota: what it wrote already moves into the group with it
         used = quota.usage(self._root, self._group) or 0
         st = os.statvfs(self._root)
         limit = max(used, used + st.f_bavail * st.f_frsize - reserve_bytes)
@@ -143,17 +150,24 @@ class BtrfsDriver:
     def layer_lower(self, layer: Path) -> Path:
         return layer / "upper"
 
-    def prepare_sandbox(self, sandbox_dir: Path, idmap: IdMap, *, base: Path | None = None) -> SandboxDirs:
+    def prepare_sandbox(
+        self, sandbox_dir: Path, idmap: IdMap, *, base: Path | None = None, disk_mb: int = 0
+    ) -> SandboxDirs:
         sandbox_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(sandbox_dir, 0o711)  # noqa: S103 - no listing; fs/upper and fs/work belong to the sandbox uid
         fs = sandbox_dir / "fs"
         if not is_subvolume(fs):
+            inherit = None  # no quotas: plain subvolumes
+            if self.disk_limits is not None:  # its limit and the daemon's group, by the ioctl that makes it
+                inherit = quota.Inherit([] if self._group is None else [self._group], disk_mb << 20 or None)
             if base is not None:
-                snapshot(base, fs, readonly=False)
+                snapshot(base, fs, readonly=False, inherit=inherit)
                 shutil.rmtree(fs / "work", ignore_errors=True)  # the layer's stale overlay work dir
             else:
-                create_subvolume(fs)
+                create_subvolume(fs, inherit=inherit)
             os.chmod(fs, 0o711)  # noqa: S103 - traversal only
+        elif self.disk_limits is not None:  # kept from before (a restart's prepare): limit and group again
+            self.set_disk_limit(sandbox_dir, disk_mb)
         upper, work = fs / "upper", fs / "work"
         for d in (upper, work):
             if not d.exists():

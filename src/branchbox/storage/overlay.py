@@ -60,7 +60,9 @@ class OverlayDriver:
     def keep_free(self, reserve_bytes: int) -> tuple[int, int] | None:
         return None
 
-    def prepare_sandbox(self, sandbox_dir: Path, idmap: IdMap, *, base: Path | None = None) -> SandboxDirs:
+    def prepare_sandbox(
+        self, sandbox_dir: Path, idmap: IdMap, *, base: Path | None = None, disk_mb: int = 0
+    ) -> SandboxDirs:
         upper, work, run = prepare_sandbox_dirs(sandbox_dir, idmap)
         if base is not None:
             os.rmdir(upper)

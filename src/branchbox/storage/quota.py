@@ -17,12 +17,14 @@ limit). Deleting a subvolume drops its qgroup once its extents are freed.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import hashlib
 import os
 import struct
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 _TYPE = 0x94
@@ -41,6 +43,8 @@ BTRFS_IOC_QGROUP_CREATE = _ioc(_W, 42, 16)
 BTRFS_IOC_QGROUP_LIMIT = _ioc(_R, 43, 48)  # _IOR in the kernel's header, although it only reads the argument
 QUOTA_CTL_ENABLE_SIMPLE = 4
 QGROUP_LIMIT_MAX_EXCL = 1 << 1
+QGROUP_INHERIT_SET_LIMITS = 1 << 0
+_INHERIT_SIZE = 72  # flags, num_qgroups, num_ref_copies, num_excl_copies, btrfs_qgroup_limit (5 x u64)
 BTRFS_FIRST_FREE_OBJECTID = 256
 SYSFS = Path("/sys/fs/btrfs")
 
@@ -107,6 +111,30 @@ def set_limit(path: Path, limit_bytes: int | None, qgroup: int = 0) -> None:
     flags = 0 if limit_bytes is None else QGROUP_LIMIT_MAX_EXCL
     arg = bytearray(struct.pack("QQQQQQ", qgroup, flags, 0, limit_bytes or 0, 0, 0))
     _ioctl(path, BTRFS_IOC_QGROUP_LIMIT, arg)
+
+
+class Inherit:
+    """What a new subvolume starts with (``btrfs_qgroup_inherit``): membership of ``groups`` and a limit, applied
+    by the ioctl that creates it, in the same transaction: no window in which it writes unlimited, no ioctl more."""
+
+    def __init__(self, groups: Sequence[int], limit_bytes: int | None) -> None:
+        self._buf = ctypes.create_string_buffer(_INHERIT_SIZE + 8 * len(groups))
+        struct.pack_into(
+            "QQQQQQQQQ", self._buf, 0,
+            QGROUP_INHERIT_SET_LIMITS if limit_bytes else 0, len(groups), 0, 0,  # flags, qgroups, (deprecated) copies
+            QGROUP_LIMIT_MAX_EXCL if limit_bytes else 0, 0, limit_bytes or 0, 0, 0,  # btrfs_qgroup_limit
+        )  # fmt: skip
+        for i, q in enumerate(groups):
+            struct.pack_into("Q", self._buf, _INHERIT_SIZE + 8 * i, q)
+
+    @property
+    def size(self) -> int:
+        return len(self._buf.raw)
+
+    @property
+    def address(self) -> int:
+        """Where the struct is (valid while this object lives)."""
+        return ctypes.addressof(self._buf)
 
 
 def group_id(key: str) -> int:
