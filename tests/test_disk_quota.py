@@ -3,6 +3,7 @@ filesystem the test makes (a loop device, unmounted and detached even when the t
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import shutil
@@ -15,8 +16,11 @@ from typing import Any
 import httpx
 import pytest
 
+from branchbox.core.manager import Manager
 from branchbox.sdk import BadRequestError, DiskFullError, NotSupportedError, RateLimitError, Sandbox
-from tests.conftest import TEST_ROOT, DaemonProc
+from branchbox.storage import quota
+from branchbox.storage.btrfs import BtrfsDriver
+from tests.conftest import TEST_ROOT, DaemonProc, make_settings
 
 pytestmark = [
     pytest.mark.root,
@@ -231,3 +235,54 @@ def test_snapshots_count_towards_the_daemons_snapshot_budget(daemon_factory: Any
         Sandbox.delete_snapshot(sbx.create_snapshot().snapshot_id, base_url=d.url)  # room again
     finally:
         gone(sbx)
+
+
+async def test_quotas_turned_on_next_to_a_daemon_without_them_change_nothing_for_it(default_template: Any) -> None:
+    """Quotas are per filesystem: a daemon that turns them on where another one (here an embedded Manager that
+    never does, as a daemon of an older version) keeps its data dir leaves that one's sandboxes, snapshots, forks
+    and restores as they were, without limits."""
+    fs = LoopFs(1024)
+    daemon: DaemonProc | None = None
+    try:
+        old_dir = fs.mnt / f"data-{secrets.token_hex(4)}"
+        old_dir.mkdir(mode=0o711)
+        m = Manager(make_settings(old_dir), storage=BtrfsDriver(None))  # None: it never turns quotas on
+        await m.start()
+        try:
+            assert quota.mode(fs.mnt) is None
+            before = await m.create()
+            assert before.resources.disk_mb == 0
+            new_dir = fs.mnt / f"data-{secrets.token_hex(4)}"
+            new_dir.mkdir(mode=0o711)
+            daemon = DaemonProc(new_dir)
+            await asyncio.to_thread(daemon.start)
+            assert quota.mode(fs.mnt) == "squota"
+            limited = await asyncio.to_thread(Sandbox.create, base_url=daemon.url, disk_mb=32)
+            try:
+                r = await asyncio.to_thread(write, limited, "/big", 64)
+                assert r.exit_code != 0
+                assert QUOTA_MSG in r.stderr
+            finally:
+                await asyncio.to_thread(gone, limited)
+            # the neighbour: no limit on a sandbox made before or after, snapshots, forks and restores work
+            after = await m.create()
+            for sid in (before.id, after.id):
+                r2 = await m.exec(sid, "head -c 100M /dev/zero > /big && sync /big && stat -c %s /big")
+                assert r2.exit_code == 0, r2.stderr
+                assert r2.stdout_text == f"{100 << 20}\n"
+            snap = await m.snapshot(before.id)
+            (child,) = await m.fork(before.id, 1)
+            assert not isinstance(child, BaseException), child
+            restored = await m.create(snapshot=snap.id)
+            for sid in (child.id, restored.id):
+                r3 = await m.exec(sid, "stat -c %s /big && head -c 50M /dev/zero > /more && sync /more")
+                assert r3.exit_code == 0, r3.stderr
+                assert r3.stdout_text == f"{100 << 20}\n"
+            for sid in (before.id, after.id, child.id, restored.id):
+                await m.destroy(sid)
+        finally:
+            await m.aclose()
+    finally:
+        if daemon is not None:
+            await asyncio.to_thread(daemon.cleanup)
+        fs.remove()
