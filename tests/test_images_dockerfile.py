@@ -99,6 +99,29 @@ def test_pack_context_applies_dockerignore_and_keeps_symlinks(tmp_path: Path) ->
     assert members["evil"].issym() and members["evil"].linkname == "/etc/shadow"
 
 
+def test_copy_and_add_sizes_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What one step stages on the host is bounded (a gzip bomb in the context or in an ADD archive)."""
+    from branchbox.images import dockerfile_context as dc
+
+    src = tmp_path / "big.bin"
+    src.write_bytes(b"\0" * 4096)
+    ctx_tar = tmp_path / "ctx.tar.gz"
+    with tarfile.open(ctx_tar, "w:gz") as tar:
+        tar.add(src, arcname="big.bin")
+    inner = tmp_path / "inner.tar"
+    with tarfile.open(inner, "w") as tar:
+        tar.add(src, arcname="big.bin")
+    monkeypatch.setattr(dc, "MAX_STEP_BYTES", 1024)
+    ctx = dc.Context(ctx_tar)
+    try:
+        with pytest.raises(TemplateSpecError, match="larger than"):
+            ctx.pack([dc.Source("big.bin", "big.bin", ctx.members["big.bin"])])
+    finally:
+        ctx.close()
+    with tarfile.open(inner) as archive, pytest.raises(TemplateSpecError, match="ADD archive is larger"):
+        dc.repack_archive(archive)
+
+
 # ---------------------------------------------------------------------------------------------- daemon
 
 

@@ -25,6 +25,14 @@ from branchbox.errors import TemplateSpecError
 DOCKERFILE_MEMBER = ".branchbox.Dockerfile"  # where clients put a Dockerfile that is not inside the context
 _MAX_HOPS = 40
 _SPOOL = 8 << 20
+MAX_STEP_BYTES = 4 << 30  # what one COPY/ADD may stage on the host (a gzip bomb in the context or an ADD tar)
+
+
+def _too_big(what: str) -> TemplateSpecError:
+    return TemplateSpecError(
+        f"{what} is larger than {MAX_STEP_BYTES >> 30} GiB unpacked: copy less per step, or fetch large data in a "
+        "RUN step"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +150,8 @@ class Context:
 
     def pack(self, sources: list[Source]) -> IO[bytes]:
         """A tar of ``sources`` under their ``dest`` names, owned by root (a spooled temporary file, at 0)."""
+        if sum(s.member.size for s in sources if s.member is not None) > MAX_STEP_BYTES:
+            raise _too_big("what this step copies")
         spool = tempfile.SpooledTemporaryFile(max_size=_SPOOL)  # noqa: SIM115 - the caller closes it
         with tarfile.open(fileobj=spool, mode="w", format=tarfile.PAX_FORMAT) as out:
             for s in sources:
@@ -195,16 +205,17 @@ def normalise_source(src: str, where: str) -> str:
 
 def repack_archive(archive: tarfile.TarFile) -> IO[bytes]:
     """An ADD archive as a plain tar the agent can unpack (owners root, devices dropped, links kept)."""
+    members = [m for m in archive.getmembers() if not (m.isdev() or m.isfifo())]
+    if sum(m.size for m in members) > MAX_STEP_BYTES:
+        raise _too_big("the ADD archive")
     spool = tempfile.SpooledTemporaryFile(max_size=_SPOOL)  # noqa: SIM115 - the caller closes it
-    with tarfile.open(fileobj=spool, mode="w", format=tarfile.PAX_FORMAT) as out:
-        for m in archive:
-            if m.isdev() or m.isfifo():
-                continue
-            info = m.replace(uid=0, gid=0, uname="", gname="", deep=False)
-            if m.isfile():
-                fh = archive.extractfile(m)
-                out.addfile(info, fh)
-            else:
-                out.addfile(info)
+    try:
+        with tarfile.open(fileobj=spool, mode="w", format=tarfile.PAX_FORMAT) as out:
+            for m in members:
+                info = m.replace(uid=0, gid=0, uname="", gname="", deep=False)
+                out.addfile(info, archive.extractfile(m) if m.isfile() else None)
+    except BaseException:
+        spool.close()
+        raise
     spool.seek(0)
     return spool
