@@ -25,7 +25,7 @@ from branchbox.images.store import TemplateStore
 from branchbox.sdk import BadRequestError, Sandbox, SandboxError, Template, TemplateNotFoundError
 from branchbox.sdk._context import DockerIgnore, pack_context
 from tests.conftest import DaemonProc, cli_env, templates_dir
-from tests.oci_images import write_layout
+from tests.oci_images import registry, write_layout
 
 # ---------------------------------------------------------------------------------------------- pure logic
 
@@ -375,25 +375,31 @@ def test_client_going_away_stops_the_build(daemon: DaemonProc, tmp_path: Path, n
 def test_from_an_image_reference_imports_it_once(
     daemon: DaemonProc, tmp_path: Path, names: Any, busybox_rootfs_tar: Path
 ) -> None:
-    """FROM an image (here an OCI layout of a busybox-only rootfs: no python, no libc) imports it as a template
-    (image-<hash>) once; RUN runs in a sandbox of it; the rebuild is all CACHED without importing again."""
+    """FROM an image in a registry (a busybox-only rootfs: no python, no libc, pushed to a docker-registry on
+    loopback, which the tests' daemons allow like their git servers) imports it as a template (image-<hash>) once;
+    RUN runs in a sandbox of it; the rebuild is all CACHED without importing again. Over the API, FROM cannot
+    read the daemon host's files (oci:, docker-archive:, ...) or its Docker daemon."""
     layout = tmp_path / "layout"
     write_layout(layout, [busybox_rootfs_tar.read_bytes()], config={"Env": ["FROM_IMAGE=yes"]})
-    ref = f"oci:{layout}"
-    auto = names.track("image-" + hashlib.sha256(ref.encode()).hexdigest()[:16])
-    name = names()
-    ctx = _context(tmp_path / "ctx", f"FROM {ref}\nRUN echo from-busybox > /made && echo $FROM_IMAGE\nUSER app\n")
-    log = _Log()
-    Template.build(ctx, name=name, on_event=log, base_url=daemon.url)
-    assert f"importing {ref} as template {auto}" in log.output()
-    assert "yes\n" in log.output()
-    with Sandbox.create(template=name, base_url=daemon.url) as sbx:
-        r = sbx.commands.run("cat /made; id -un; echo $FROM_IMAGE")
-        assert r.stdout == "from-busybox\napp\nyes\n", r.stderr
-    log = _Log()
-    Template.build(ctx, name=name, on_event=log, base_url=daemon.url)
-    assert log.kinds() == ["cached"] * 3
-    assert "importing" not in log.output()
-    with pytest.raises(SandboxError, match=r"line 1 \(FROM\)") as info:
-        Template.build(_context(tmp_path / "bad", "FROM oci:/nonexistent/layout\n"), name=name, base_url=daemon.url)
-    assert info.value.details["line"] == 1
+    with registry(tmp_path / "registry") as reg:
+        reg.push(f"oci:{layout}:latest", "busybox:1")
+        ref = f"{reg.host}/busybox:1"  # Docker's form: docker:// implied
+        auto = names.track("image-" + hashlib.sha256(f"docker://{ref}".encode()).hexdigest()[:16])
+        name = names()
+        ctx = _context(tmp_path / "ctx", f"FROM {ref}\nRUN echo from-busybox > /made && echo $FROM_IMAGE\nUSER app\n")
+        log = _Log()
+        Template.build(ctx, name=name, on_event=log, base_url=daemon.url)
+        assert f"importing docker://{ref} as template {auto}" in log.output()
+        assert "yes\n" in log.output()
+        with Sandbox.create(template=name, base_url=daemon.url) as sbx:
+            r = sbx.commands.run("cat /made; id -un; echo $FROM_IMAGE")
+            assert r.stdout == "from-busybox\napp\nyes\n", r.stderr
+        log = _Log()
+        Template.build(ctx, name=name, on_event=log, base_url=daemon.url)
+        assert log.kinds() == ["cached"] * 3
+        assert "importing" not in log.output()
+    for bad in (f"oci:{layout}", f"docker-archive:{tmp_path}/x.tar", "docker-daemon:busybox:1"):
+        with pytest.raises(BadRequestError, match=r"line 1 \(FROM\).*registry images only") as info:
+            Template.build(_context(tmp_path / "bad", f"FROM {bad}\n"), name=name, base_url=daemon.url)
+        assert info.value.details["line"] == 1
+    _nothing_left(daemon, "no-such-template-made")

@@ -58,7 +58,7 @@ class ImportRequest(BaseModel):
     max_files: int = Field(default=1_000_000, ge=1, le=10_000_000, description="Refuse images with more entries.")
 
 
-async def _check_registry(ref: ImageRef, allow: tuple[str, ...]) -> None:
+async def check_registry(ref: ImageRef, allow: tuple[str, ...]) -> None:
     host, _, port = ref.registry.rpartition(":") if ref.registry.count(":") == 1 else (ref.registry, "", "")
     host = host or ref.registry
     if ref.registry == "docker.io":
@@ -100,7 +100,7 @@ async def import_template(body: ImportRequest, ctx: Ctx) -> StreamingResponse:
         )
     if (body.username is None) != (body.password is None):
         raise ImageReferenceError("give username and password together (or neither, for an anonymous pull)")
-    await _check_registry(ref, ctx.manager.settings.workspaces.allow_cidrs)
+    await check_registry(ref, ctx.manager.settings.workspaces.allow_cidrs)
     creds = None if body.username is None else f"{body.username}:{body.password}"
     opts = FetchOptions(creds=creds, tls_verify=not body.insecure)
     budget = Budget(max_bytes=body.max_size_mb << 20, max_files=body.max_files)

@@ -19,11 +19,13 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
 from branchbox.api.context import Ctx
+from branchbox.api.routes_images import check_registry
 from branchbox.api.schemas import TemplateResponse
 from branchbox.core.models import TemplateInfo
-from branchbox.errors import BadRequestError, BranchboxError
+from branchbox.errors import BadRequestError, BranchboxError, ImageReferenceError
 from branchbox.images.dockerfile_build import DockerfileBuild
 from branchbox.images.dockerfile_context import Context
+from branchbox.images.oci_fetch import parse_ref
 
 router = APIRouter(tags=["templates"])
 
@@ -95,9 +97,27 @@ async def build_template(
         path.unlink(missing_ok=True)
         raise
     queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+
+    def emit(event: dict[str, Any]) -> None:  # also called from an image import's unpacking thread
+        loop.call_soon_threadsafe(queue.put_nowait, event)
+
+    async def check_image(reference: str) -> None:
+        """FROM an image, over the API: registries only (checked before the reference is parsed: parsing an
+        archive's reference looks at the daemon host's file), none in a range sandboxes cannot reach (as
+        POST /v1/templates/import)."""
+        transport = reference.partition(":")[0]
+        if transport != "docker":
+            raise ImageReferenceError(
+                f"FROM takes registry images only over the API (docker://... or name:tag), not {transport}:; "
+                "import archives, layouts and a local Docker daemon's images on the host with `branchbox template "
+                "import-image` and use FROM NAME"
+            )
+        await check_registry(parse_ref(reference), ctx.manager.settings.workspaces.allow_cidrs)
+
     try:
-        build = DockerfileBuild(ctx.manager, context, name=name, dockerfile=dockerfile, build_args=args,
-                                emit=queue.put_nowait, cache_dir=data / "build-cache")  # fmt: skip
+        build = DockerfileBuild(ctx.manager, context, name=name, dockerfile=dockerfile, build_args=args, emit=emit,
+                                cache_dir=data / "build-cache", check_image=check_image)  # fmt: skip
     except BaseException:
         context.close()
         path.unlink(missing_ok=True)
@@ -107,16 +127,16 @@ async def build_template(
         try:
             info = await build.run()
             ctx.log.info("template_built", template=info.name, digest=info.digest)
-            queue.put_nowait({"type": "done", "template": _template(info)})
+            emit({"type": "done", "template": _template(info)})
         except BranchboxError as exc:
-            queue.put_nowait({"type": "error", "error": exc.to_dict()})
+            emit({"type": "error", "error": exc.to_dict()})
         except Exception as exc:
             ctx.log.exception("template_build_crashed")
-            queue.put_nowait({"type": "error", "error": {"code": "internal", "message": f"build failed: {exc}"}})
+            emit({"type": "error", "error": {"code": "internal", "message": f"build failed: {exc}"}})
         finally:
             context.close()
             path.unlink(missing_ok=True)
-            queue.put_nowait(None)
+            loop.call_soon_threadsafe(queue.put_nowait, None)
 
     task = asyncio.get_running_loop().create_task(work())
     builds: set[asyncio.Task[None]] = request.app.state.__dict__.setdefault("template_builds", set())

@@ -18,13 +18,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import ipaddress
 import json
 import os
 import posixpath
 import stat
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -45,7 +46,7 @@ from branchbox.images.dockerfile_context import (
     repack_archive,
 )
 from branchbox.images.dockerfile_parse import Instruction, expand, expand_words, key_values, parse
-from branchbox.images.oci_fetch import TRANSPORTS
+from branchbox.images.oci_fetch import TRANSPORTS, FetchOptions, parse_ref
 from branchbox.images.shift import rebase_tree
 from branchbox.images.spec import check_name
 from branchbox.images.store import TemplateStore
@@ -171,6 +172,7 @@ class DockerfileBuild:
         build_args: Mapping[str, str] | None = None,
         emit: Emit | None = None,
         cache_dir: Path,
+        check_image: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         check_name(name)
         self.host = host
@@ -180,6 +182,7 @@ class DockerfileBuild:
         self.build_args = dict(build_args or {})
         self._emit = emit or (lambda ev: None)
         self.cache = BuildCache(cache_dir, host)
+        self.check_image = check_image  # the API's policy for FROM image references (transports, registries)
         self.sandbox: str | None = None
         self._used_args: set[str] = set()
 
@@ -225,9 +228,16 @@ class DockerfileBuild:
         auto = "image-" + hashlib.sha256(image.encode()).hexdigest()[:16]
         with contextlib.suppress(TemplateNotFoundError):
             return store.get(auto)  # imported by an earlier build: not fetched again
-        self._log(f"importing {image} as template {auto}\n")
         try:
-            return await store.import_image(image, name=auto, progress=lambda ev: self._log(f"{ev.message}\n"))
+            if self.check_image is not None:
+                await self.check_image(image)
+            image_ref = parse_ref(image)
+            # as Docker, a registry on the loopback is spoken to over plain HTTP / without TLS checks
+            opts = FetchOptions(tls_verify=not (image_ref.transport == "docker" and _loopback(image_ref.registry)))
+            self._log(f"importing {image} as template {auto}\n")
+            return await store.import_image(
+                image, name=auto, options=opts, progress=lambda ev: self._log(f"{ev.message}\n")
+            )
         except BranchboxError as exc:
             details = {**exc.details, "line": ins.line}
             raise type(exc)(f"Dockerfile line {ins.line} (FROM): {exc.message}", **details) from exc
@@ -592,6 +602,17 @@ class _Prepared:
 async def _chunks(fh: IO[bytes]) -> AsyncIterator[bytes]:
     while chunk := await asyncio.to_thread(fh.read, _CHUNK):
         yield chunk
+
+
+def _loopback(registry: str) -> bool:
+    host = registry.rsplit(":", 1)[0] if registry.count(":") == 1 else registry
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def strip_overlay_marks(root: Path) -> None:
