@@ -184,6 +184,10 @@ def test_base_template_is_what_e2b_code_expects(e2b_env: E2BDaemon, base_templat
         assert sbx.commands.run("id -un", user="root").stdout == "root\n"
         assert "user ALL=(ALL:ALL) NOPASSWD: ALL" in sbx.files.read("/etc/sudoers.d/user", user="root")
         assert sbx.commands.run("sudo -n id -un; id -un").stdout == "root\nuser\n"
+        assert sbx.commands.run("sudo -n id -u", user="user").stdout == "0\n"
+        done = sbx.commands.run("sudo -n touch /root/x && sudo -n stat -c %U /root/x && sudo -n apt-get --version")
+        assert done.stdout.startswith("root\napt ")
+        assert sbx.commands.run("stat -c %U /root/x", user="root").stdout == "root\n"
         info = sbx.files.write("hello.txt", "hi")
         assert info.path == "/home/user/hello.txt"
         assert sbx.commands.run("stat -c %U hello.txt && echo more >> hello.txt && cat hello.txt").stdout == (
