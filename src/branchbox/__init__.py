@@ -27,16 +27,20 @@ _LAZY = {
     "ManagerSettings": "branchbox.core.settings",
     "Sandbox": "branchbox.sdk",
     "AsyncSandbox": "branchbox.sdk",
+    "Template": "branchbox.sdk",
+    "AsyncTemplate": "branchbox.sdk",
     "explore": "branchbox.sdk",
     "aexplore": "branchbox.sdk",
 }
 
 __all__ = [
     "AsyncSandbox",
+    "AsyncTemplate",
     "BranchboxError",
     "Manager",
     "ManagerSettings",
     "Sandbox",
+    "Template",
     "__version__",
     "aexplore",
     "explore",
@@ -45,7 +49,7 @@ __all__ = [
 if TYPE_CHECKING:
     from branchbox.core.manager import Manager
     from branchbox.core.settings import ManagerSettings
-    from branchbox.sdk import AsyncSandbox, Sandbox, aexplore, explore
+    from branchbox.sdk import AsyncSandbox, AsyncTemplate, Sandbox, Template, aexplore, explore
 
 
 def __getattr__(name: str) -> Any:
