@@ -94,3 +94,19 @@ def test_the_agents_own_parser_of_passwd_and_group(tmp_path: Path) -> None:
         f.truncate(users.MAX_BYTES + 1)
     with pytest.raises(users.UserError, match="larger than"):
         users.lookup("alice", etc)
+
+
+def test_owner_names_of_file_entries(tmp_path: Path) -> None:
+    """Names of a file's owner (envd's EntryInfo.owner/group): first entry wins, the number when there is none,
+    re-read when the database changes, and a hostile database (a FIFO) gives numbers instead of blocking."""
+    etc = str(tmp_path)
+    (tmp_path / "passwd").write_text("root:x:0:0::/root:/bin/sh\nalice:x:1234:100::/h:/bin/sh\ntwin:x:1234:1::/:\n")
+    (tmp_path / "group").write_text("# c\nusers:x:100:\nodd:x:oops:\n")
+    assert users.owner_names(1234, 100, etc) == ("alice", "users")
+    assert users.owner_names(0, 0, etc) == ("root", "0")
+    assert users.owner_names(99, 99, etc) == ("99", "99")
+    (tmp_path / "passwd").write_text("bob:x:1234:100::/h:/bin/sh\n")  # another size: read again
+    assert users.owner_names(1234, 100, etc) == ("bob", "users")
+    (tmp_path / "group").unlink()
+    os.mkfifo(tmp_path / "group")
+    assert users.owner_names(1234, 100, etc) == ("bob", "100")

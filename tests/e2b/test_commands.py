@@ -190,6 +190,8 @@ def test_base_template_is_what_e2b_code_expects(e2b_env: E2BDaemon, base_templat
         assert sbx.commands.run("stat -c %U /root/x", user="root").stdout == "root\n"
         info = sbx.files.write("hello.txt", "hi")
         assert info.path == "/home/user/hello.txt"
+        got = sbx.files.get_info("hello.txt")
+        assert (got.owner, got.group) == ("user", "user")  # envd's EntryInfo: the names of the sandbox's owner
         assert sbx.commands.run("stat -c %U hello.txt && echo more >> hello.txt && cat hello.txt").stdout == (
             "user\nhimore\n"
         )

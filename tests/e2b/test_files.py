@@ -51,6 +51,17 @@ def test_list_stat_mkdir_rename_remove(sbx: Sandbox) -> None:
     assert sorted(e.path for e in f.list("/w", depth=2)) == ["/w/link", "/w/sub", "/w/sub/y.txt", "/w/x.txt"]
     info = f.get_info("/w/x.txt")
     assert (info.size, info.permissions, info.mode) == (5, "-rw-r--r--", 0o644)
+    assert (info.owner, info.group) == ("root", "root")
+    # owner and group are the sandbox's names (its own /etc/passwd and /etc/group), the number when it has none
+    sbx.commands.run("useradd -M -u 4321 meta && groupadd -g 4322 crew && chown meta:crew /w/x.txt")
+    sbx.commands.run("chmod 4750 /w/x.txt && chown 7777:7778 /w/sub && touch -h -d @1700000000 /w/link")
+    info = f.get_info("/w/x.txt")
+    assert (info.owner, info.group, info.permissions, info.mode) == ("meta", "crew", "-rwsr-x---", 0o4750)
+    listed = {e.name: e for e in f.list("/w")}
+    assert (listed["x.txt"].owner, listed["x.txt"].group) == ("meta", "crew")
+    assert (listed["sub"].owner, listed["sub"].group, listed["sub"].permissions) == ("7777", "7778", "drwxr-xr-x")
+    assert listed["link"].modified_time.timestamp() == 1700000000  # the link's own time, not its target's
+    assert listed["link"].permissions == "lrwxrwxrwx" and listed["link"].symlink_target == "/w/x.txt"
     assert abs(info.modified_time.timestamp() - time.time()) < 3600
     assert f.exists("/w/x.txt") and not f.exists("/w/nope")
     assert f.make_dir("/w/new/deeper") is True
@@ -92,7 +103,8 @@ async def test_async_files(e2b_env: E2BDaemon) -> None:
         await f.write_files([{"path": "/tmp/b", "data": b"b"}, {"path": "/tmp/c", "data": "c"}])
         assert {e.name for e in await f.list("/tmp")} >= {"a", "b", "c"}
         assert await f.exists("/tmp/b") and not await f.exists("/tmp/zz")
-        assert (await f.get_info("/tmp/a")).size == 5
+        info = await f.get_info("/tmp/a")
+        assert (info.size, info.owner, info.group) == (5, "root", "root")
         assert await f.make_dir("/tmp/d") is True
         await f.rename("/tmp/a", "/tmp/d/a")
         assert await f.read("/tmp/d/a") == "async"

@@ -54,6 +54,10 @@ def _entry(d: Mapping[str, Any]) -> FileEntry:
         mode=d["mode"],
         mtime=d["mtime"],
         symlink_target=d.get("symlink_target"),
+        uid=d.get("uid", 0),
+        gid=d.get("gid", 0),
+        owner=d.get("owner", ""),
+        group=d.get("group", ""),
     )
 
 

@@ -977,6 +977,7 @@ def entry(path: str, name: str, st: os.stat_result | None = None) -> dict[str, A
             target = os.readlink(path)
     else:
         kind = "other"
+    owner, group = users.owner_names(st.st_uid, st.st_gid)
     return {
         "path": path,
         "name": name,
@@ -985,6 +986,10 @@ def entry(path: str, name: str, st: os.stat_result | None = None) -> dict[str, A
         "mode": stat.S_IMODE(mode),
         "mtime": st.st_mtime,
         "symlink_target": target,
+        "uid": st.st_uid,
+        "gid": st.st_gid,
+        "owner": owner,
+        "group": group,
     }
 
 

@@ -91,3 +91,36 @@ def lookup(user: str | int, etc: str = "/etc") -> User:
         if member_gid is not None and member_gid not in groups and name in rec[3].split(","):
             groups.append(member_gid)
     return User(uid, gid, groups, name, found[5] or "/")
+
+
+_names_cache: dict[str, tuple[tuple[int, int, int], dict[int, str]]] = {}
+
+
+def _id_names(path: str, id_field: int) -> dict[int, str]:
+    """id -> name of a database, re-read only when the file changes (size, mtime, inode), first name wins."""
+    try:
+        st = os.stat(path)
+        key = (st.st_size, st.st_mtime_ns, st.st_ino)
+    except OSError:
+        key = (-1, -1, -1)
+    cached = _names_cache.get(path)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    names: dict[int, str] = {}
+    try:
+        records = _records(path, id_field + 1)
+    except UserError:
+        records = []
+    for rec in records:
+        num = _id(rec[id_field])
+        if num is not None:
+            names.setdefault(num, rec[0])
+    _names_cache[path] = (key, names)
+    return names
+
+
+def owner_names(uid: int, gid: int, etc: str = "/etc") -> tuple[str, str]:
+    """The user and group names of a file's owner as ``ls -l`` shows them (the number when it has no name)."""
+    user = _id_names(f"{etc}/passwd", 2).get(uid)
+    group = _id_names(f"{etc}/group", 2).get(gid)
+    return user if user is not None else str(uid), group if group is not None else str(gid)

@@ -86,6 +86,10 @@ class FileEntry:
     mode: int
     mtime: float
     symlink_target: str | None = None
+    uid: int = 0
+    gid: int = 0
+    owner: str = ""  # the owner's user name in the sandbox (its uid as digits when it has none)
+    group: str = ""
 
 
 @dataclass(frozen=True, slots=True)

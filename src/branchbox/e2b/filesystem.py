@@ -28,8 +28,8 @@ def entry_json(e: FileEntry) -> Message:
         "size": str(e.size),
         "mode": e.mode & 0o7777,
         "permissions": stat_.filemode(_IFMT.get(e.type, 0) | (e.mode & 0o7777)),
-        "owner": "",
-        "group": "",
+        "owner": e.owner,
+        "group": e.group,
         "modifiedTime": iso(e.mtime),
         "isSymlink": e.type == "symlink",
     }
