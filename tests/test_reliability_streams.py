@@ -84,8 +84,8 @@ def test_a_stalled_then_abandoned_download_is_freed(daemon: DaemonProc, sandbox:
     url = f"{daemon.url}/v1/sandboxes/{sandbox.sandbox_id}/files"
     with httpx.Client(timeout=60) as client, client.stream("GET", url, params={"path": "/work/huge"}) as r:
         assert r.status_code == 200
-        first = next(r.iter_raw())
-        assert first
+        chunks = r.iter_raw()  # held: a dropped iterator closes the response (httpx 0.29)
+        assert next(chunks)
         peak = peak_rss_while_stalled(daemon)
     assert peak - base["process_resident_memory_bytes"] < RSS_SLACK, "a stalled download is buffered in the daemon"
     assert_freed(daemon, base, "download")
@@ -167,7 +167,8 @@ def test_a_stalled_then_abandoned_port_proxy_download_is_freed(daemon: DaemonPro
     url = sandbox.get_host(8000) + f"big?n={2 << 30}"
     with httpx.Client(timeout=60) as client, client.stream("GET", url) as r:
         assert r.status_code == 200 and int(r.headers["content-length"]) == 2 << 30
-        assert next(r.iter_raw())
+        chunks = r.iter_raw()  # held: a dropped iterator closes the response (httpx 0.29)
+        assert next(chunks)
         peak = peak_rss_while_stalled(daemon)  # the server in the sandbox writes 2 GiB; the client reads none
         assert _upstream_connections(sandbox, 8000) == 1
     assert peak - base["process_resident_memory_bytes"] < RSS_SLACK, "a stalled proxied body is buffered"

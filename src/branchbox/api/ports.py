@@ -50,6 +50,9 @@ SANDBOX_CSP = b"sandbox allow-scripts allow-forms allow-popups allow-modals allo
 _WS_SKIP = HOP | {b"sec-websocket-key", b"sec-websocket-version", b"sec-websocket-extensions",
                    b"sec-websocket-protocol", b"host"}  # fmt: skip
 CONNECT_TIMEOUT_S = 10.0
+# a WebSocket's closing handshake with the upstream: one that stopped reading (a sandbox's server whose echoes are
+# stuck behind a client that went away) cannot answer, and its connection is dropped after this long
+WS_CLOSE_TIMEOUT_S = 2.0
 LOOPBACK = "127.0.0.1"
 
 
@@ -205,6 +208,7 @@ class PortProxy:
             "additional_headers": extra,
             "subprotocols": scope.get("subprotocols") or None,
             "open_timeout": CONNECT_TIMEOUT_S,
+            "close_timeout": WS_CLOSE_TIMEOUT_S,
             "max_size": ctx.settings.max_ws_message_bytes,  # bigger: closed with 1009 (message too big)
             "compression": None,
             "proxy": None,
@@ -256,7 +260,11 @@ async def relay_websocket(upstream: ClientConnection, receive: Receive, send: Se
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await upstream.close()
+        try:  # a closing handshake, bounded: websockets waits for a full write buffer to drain before its own timeout
+            async with asyncio.timeout(WS_CLOSE_TIMEOUT_S):
+                await upstream.close()
+        except TimeoutError:
+            upstream.transport.abort()
 
 
 def _authorize(
