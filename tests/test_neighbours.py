@@ -155,7 +155,11 @@ def test_colliding_settings_are_refused_naming_the_other(daemon_factory: Any) ->
     with Sandbox.create(base_url=first.url) as sbx:
         for env, setting in (
             ({"BRANCHBOX_CGROUP_PARENT": names["cgroup_parent"]}, "cgroup_parent"),
-            ({"BRANCHBOX_NETWORK_SUBNET": str(ipaddress.ip_network(names["subnet"]).supernet(2))}, "network_subnet"),
+            # a part of its subnet: it overlaps only that daemon's (a wider one could meet another daemon of the host)
+            (
+                {"BRANCHBOX_NETWORK_SUBNET": str(next(ipaddress.ip_network(names["subnet"]).subnets(1)))},
+                "network_subnet",
+            ),
             ({"BRANCHBOX_NETWORK_TABLE": names["table"]}, "network_table"),
             ({"BRANCHBOX_NETWORK_IF_PREFIX": names["if_prefix"]}, "network_if_prefix"),
         ):
