@@ -89,6 +89,16 @@ def check_rootfs(root: Path, python: str | None) -> Path | None:
     return py
 
 
+DEFAULT_PYTHON = "/usr/bin/python3"
+
+
+def default_python(root: Path) -> Path | None:
+    """The resolved host path of the image's ``/usr/bin/python3`` when it is an executable file (recorded in the
+    template's metadata for callers that want it; the agent never needs it), else None."""
+    py = resolve_in_root(root, DEFAULT_PYTHON)
+    return py if py.is_file() and bool(os.stat(py).st_mode & 0o111) else None
+
+
 def _within(root: str, path: str) -> bool:
     return path == root or path.startswith(root + os.sep)
 

@@ -32,7 +32,9 @@ from branchbox.core.models import TemplateInfo
 from branchbox.errors import TemplateNotFoundError, TemplateSpecError
 from branchbox.images.build import BuildEvent, Progress, build_rootfs
 from branchbox.images.importer import (
+    DEFAULT_PYTHON,
     check_rootfs,
+    default_python,
     extract_rootfs,
     has_shell,
     python_version_from_name,
@@ -360,7 +362,7 @@ class TemplateStore:
                     if skipped:
                         _emit(progress, "extract", f"skipped {skipped} device node(s)")
                     _emit(progress, "check", f"checking the rootfs{f' and {python}' if python else ''}")
-                    py = check_rootfs(rootfs, python)
+                    py = check_rootfs(rootfs, python) or default_python(rootfs)
                     if not has_shell(rootfs):
                         _emit(progress, "check", "no /bin/sh in the image: run commands as argv lists")
                     wd = resolve_in_root(rootfs, workdir)
@@ -373,7 +375,7 @@ class TemplateStore:
                         "source": "import",
                         "created_at": time.time(),
                         "size_bytes": await asyncio.to_thread(disk_usage, rootfs),
-                        "python": python,
+                        "python": python or (DEFAULT_PYTHON if py else None),
                         "python_version": python_version_from_name(py.resolve()) if py else "",
                         "shell": has_shell(rootfs),
                         "env": options["env"],
@@ -465,15 +467,14 @@ class TemplateStore:
             if not missing.exists():  # owned by root inside, like the image's own directories
                 missing.mkdir(mode=0o755)
                 os.lchown(missing, shift_id(0, self.idmap), shift_id(0, self.idmap))
-        py = resolve_in_root(rootfs, "/usr/bin/python3")
-        has_python = py.is_file() and bool(os.stat(py).st_mode & 0o111)
+        py = default_python(rootfs)
         return {
             "source": "image",
             "created_at": time.time(),
             "build_seconds": round(time.monotonic() - t0, 3),
             "size_bytes": disk_usage(rootfs),
-            "python": "/usr/bin/python3" if has_python else None,
-            "python_version": python_version_from_name(py.resolve()) if has_python else "",
+            "python": DEFAULT_PYTHON if py else None,
+            "python_version": python_version_from_name(py.resolve()) if py else "",
             "shell": has_shell(rootfs),
             "env": d["env"],
             "workdir": d["workdir"],
