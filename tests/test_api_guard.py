@@ -15,7 +15,8 @@ from websockets.sync.client import connect as ws_connect
 from branchbox.api.auth import generate_api_key, hash_api_key
 from branchbox.api.guard import Guard, hostname
 from branchbox.api.settings import ApiSettings
-from branchbox.sdk import Sandbox
+from branchbox.sdk import PermissionDeniedError, Sandbox
+from branchbox.sdk._requests import raise_for_status
 from tests.conftest import DaemonProc
 from tests.test_net_api import serve_in
 
@@ -90,7 +91,12 @@ def test_browser_requests_to_the_api_are_refused(daemon_factory: Any) -> None:
         ({"origin": "null"}, "origin_not_allowed"),  # a sandboxed document, a file:// page
         ({"sec-fetch-site": "cross-site", "sec-fetch-mode": "no-cors"}, "origin_not_allowed"),  # <img src=...>
     ):
-        assert _code(c.get("/v1/sandboxes", headers=headers)) == (403, code)
+        refused = c.get("/v1/sandboxes", headers=headers)
+        assert _code(refused) == (403, code)
+        # the SDK's table makes it a typed error whose message names the setting to change
+        with pytest.raises(PermissionDeniedError, match="allowed_hosts|allowed_origins") as info:
+            raise_for_status(refused.status_code, refused.content)
+        assert (info.value.code, info.value.status) == (code, 403)
         assert _code(c.get(f"/v1/sandboxes/{sid}", headers=headers)) == (403, code)  # a fast-path route
         assert _code(c.post("/v1/sandboxes", json={}, headers=headers)) == (403, code)  # fast path
         run = c.post(f"/v1/sandboxes/{sid}/commands", json={"cmd": "touch /tmp/pwned"}, headers=headers)

@@ -71,9 +71,12 @@ def test_sdk_imports_nothing_of_the_daemon() -> None:
 
 def test_error_table_covers_every_core_code() -> None:
     for code, core_cls in ERROR_CLASSES.items():
+        assert code in sdk.ERROR_TABLE, f"{code} is missing from the SDK's ERROR_TABLE"
         exc = sdk.error_for(code, "m", status=core_cls.http_status)
         assert exc.code == code
         assert exc.status == core_cls.http_status
+        family = sdk._errors._BY_STATUS.get(core_cls.http_status)  # e.g. every 403 is a PermissionDeniedError
+        assert family is None or isinstance(exc, family), code
         # the builtin families match: LookupError, ValueError, TimeoutError
         for builtin in (LookupError, ValueError, TimeoutError):
             assert isinstance(exc, builtin) == issubclass(core_cls, builtin), code

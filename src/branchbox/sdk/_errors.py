@@ -7,10 +7,11 @@ Hierarchy::
     │                                 is_a_directory, invalid_network_policy, invalid_repository_url,
     │                                 invalid_image_reference, unsupported_image, unsafe_image, image_too_large
     ├── AuthenticationError           unauthorized
-    ├── PermissionDeniedError         permission_denied, repository_auth_failed, registry_auth_failed
+    ├── PermissionDeniedError         permission_denied, repository_auth_failed, registry_auth_failed,
+    │                                 host_not_allowed, origin_not_allowed
     ├── NotFoundError (LookupError)   not_found, sandbox_not_found, template_not_found, snapshot_not_found,
     │                                 file_not_found, process_not_found, workspace_not_found,
-    │                                 repository_not_found, ref_not_found, image_not_found
+    │                                 repository_not_found, ref_not_found, image_not_found, node_not_found
     ├── ConflictError                 conflict, invalid_state, file_exists
     ├── RateLimitError                limit_exceeded
     ├── TimeoutException (TimeoutError) timeout, and client-side request timeouts
@@ -18,7 +19,8 @@ Hierarchy::
     ├── AgentError                    agent_error, agent_disconnected
     ├── ServerError                   internal, backend_error, network_error, port_unreachable,
     │   │                             template_build_failed, git_error, repository_unreachable,
-    │   │                             registry_unreachable, image_digest_mismatch, unknown codes
+    │   │                             registry_unreachable, image_digest_mismatch, no_capacity,
+    │   │                             sandbox_lost, unknown codes
     │   └── DiskFullError             disk_full (the daemon's disk is below its reserve: free space)
     └── ConnectionError_ (ConnectionError) the daemon could not be reached
 """
@@ -153,6 +155,13 @@ ERROR_TABLE: dict[str, type[SandboxError]] = {
     "registry_auth_failed": PermissionDeniedError,
     "registry_unreachable": ServerError,
     "image_digest_mismatch": ServerError,
+    # the API's guard (403): a Host not among the daemon's names (DNS rebinding) or a browser origin not allowed;
+    # the message names the setting to change (allowed_hosts, allowed_origins)
+    "host_not_allowed": PermissionDeniedError,
+    "origin_not_allowed": PermissionDeniedError,
+    "node_not_found": NotFoundError,
+    "no_capacity": ServerError,  # 503: no fleet node can take the sandbox now
+    "sandbox_lost": ServerError,  # 503: the fleet node holding the sandbox is unreachable
 }
 
 
