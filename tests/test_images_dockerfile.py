@@ -403,3 +403,12 @@ def test_from_an_image_reference_imports_it_once(
             Template.build(_context(tmp_path / "bad", f"FROM {bad}\n"), name=name, base_url=daemon.url)
         assert info.value.details["line"] == 1
     _nothing_left(daemon, "no-such-template-made")
+
+
+def test_stale_spooled_contexts_are_removed(daemon: DaemonProc, tmp_path: Path, names: Any) -> None:
+    """A context spooled by a build the daemon never finished (killed in the middle) goes with the next build."""
+    stale = daemon.data_dir / "build-contexts" / ".build-context-stale"
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_bytes(b"left by a killed daemon")
+    Template.build(_context(tmp_path, "FROM default\n"), name=names(), base_url=daemon.url)
+    assert not list(stale.parent.iterdir())

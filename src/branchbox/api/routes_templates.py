@@ -8,6 +8,7 @@ the build: its sandbox is destroyed and nothing is committed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import tempfile
@@ -30,6 +31,7 @@ from branchbox.images.oci_fetch import parse_ref
 router = APIRouter(tags=["templates"])
 
 _TAR: dict[str, Any] = {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}}
+_PREFIX = ".build-context-"
 _IDLE_CHECK_S = 1.0  # while no event comes, check this often whether the client is still there
 _NDJSON: dict[str, Any] = {"application/x-ndjson": {"schema": {"type": "string"}}}
 _DESCRIPTION = """\
@@ -59,15 +61,28 @@ def _build_args(values: list[str]) -> dict[str, str]:
     return out
 
 
-async def _spool(request: Request, directory: Path) -> Path:
+def _clear_stale(directory: Path, active: set[Path]) -> None:
+    """Remove spooled contexts no build of this daemon uses (a daemon killed in the middle of a build left them;
+    one daemon owns its data dir). Runs on the event loop, so no build can spool a context meanwhile (a few
+    names: no thread hop)."""
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(directory):
+            if entry.name.startswith(_PREFIX) and Path(entry.path) not in active:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+
+
+async def _spool(request: Request, directory: Path, active: set[Path]) -> Path:
     await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=".build-context-", dir=directory)
+    fd, name = tempfile.mkstemp(prefix=_PREFIX, dir=directory)
+    active.add(Path(name))  # before any await: a build starting meanwhile must not take it for stale
     try:
         with os.fdopen(fd, "wb") as fh:
             async for chunk in request.stream():
                 if chunk:
                     await asyncio.to_thread(fh.write, chunk)
     except BaseException:
+        active.discard(Path(name))
         os.unlink(name)
         raise
     return Path(name)
@@ -90,11 +105,18 @@ async def build_template(
 ) -> StreamingResponse:
     args = _build_args(build_arg or [])
     data = ctx.manager.settings.data_dir
-    path = await _spool(request, data / "build-contexts")
+    active: set[Path] = request.app.state.__dict__.setdefault("template_contexts", set())
+    _clear_stale(data / "build-contexts", active)
+    path = await _spool(request, data / "build-contexts", active)
+
+    def drop_context() -> None:
+        active.discard(path)
+        path.unlink(missing_ok=True)
+
     try:
         context = await asyncio.to_thread(Context, path)
     except BaseException:
-        path.unlink(missing_ok=True)
+        drop_context()
         raise
     queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
     loop = asyncio.get_running_loop()
@@ -120,7 +142,7 @@ async def build_template(
                                 cache_dir=data / "build-cache", check_image=check_image)  # fmt: skip
     except BaseException:
         context.close()
-        path.unlink(missing_ok=True)
+        drop_context()
         raise
 
     async def work() -> None:
@@ -135,7 +157,7 @@ async def build_template(
             emit({"type": "error", "error": {"code": "internal", "message": f"build failed: {exc}"}})
         finally:
             context.close()
-            path.unlink(missing_ok=True)
+            drop_context()
             loop.call_soon_threadsafe(queue.put_nowait, None)
 
     task = asyncio.get_running_loop().create_task(work())
