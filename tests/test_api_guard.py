@@ -94,7 +94,7 @@ def test_browser_requests_to_the_api_are_refused(daemon_factory: Any) -> None:
         refused = c.get("/v1/sandboxes", headers=headers)
         assert _code(refused) == (403, code)
         # the SDK's table makes it a typed error whose message names the setting to change
-        with pytest.raises(PermissionDeniedError, match="allowed_hosts|allowed_origins") as info:
+        with pytest.raises(PermissionDeniedError, match=r"allowed_hosts|allowed_origins") as info:
             raise_for_status(refused.status_code, refused.content)
         assert (info.value.code, info.value.status) == (code, 403)
         assert _code(c.get(f"/v1/sandboxes/{sid}", headers=headers)) == (403, code)  # a fast-path route
