@@ -19,9 +19,8 @@ from pathlib import Path
 import pytest
 
 import branchbox.agent
-from branchbox.agent import server as agent_server
-from branchbox.agent import wire
-from branchbox.agent.client import AgentClient, OutputChunk, ProcessExit, ProcessHandle
+from branchbox.agent import handlers, shell, wire
+from branchbox.agentclient.client import AgentClient, OutputChunk, ProcessExit, ProcessHandle
 from branchbox.errors import (
     AgentDisconnectedError,
     BadRequestError,
@@ -194,7 +193,7 @@ async def test_raw_protocol_duplicate_channel_and_garbage(agent: RunningAgent) -
 
 
 def test_simple_command_detection() -> None:
-    simple = agent_server.is_simple_command
+    simple = shell.is_simple_command
     assert simple("ls -la /tmp")
     assert simple("python3 -m http.server 8000")
     assert simple("  git commit -m x  ")
@@ -207,37 +206,37 @@ def test_simple_command_detection() -> None:
     assert not simple("if true")
     assert not simple("ls 'a b'")
     assert not simple("")
-    assert agent_server.shell_argv("ls -l") == ["ls", "-l"]
-    assert agent_server.shell_argv("echo a && echo b")[1:] == ["-c", "echo a && echo b"]
+    assert shell.shell_argv("ls -l") == ["ls", "-l"]
+    assert shell.shell_argv("echo a && echo b")[1:] == ["-c", "echo a && echo b"]
 
 
 def test_host_files_name_the_sandbox_and_keep_a_templates_own_hosts(tmp_path: Path) -> None:
     etc = tmp_path / "etc"
     etc.mkdir()
     (etc / "hostname").write_text("buildhost\n")  # what mmdebstrap copies from the build host; no /etc/hosts
-    agent_server.write_host_files("bb-one", str(etc))
+    handlers.write_host_files("bb-one", str(etc))
     hosts = (etc / "hosts").read_text()
     assert (etc / "hostname").read_text() == "bb-one\n"
     assert "127.0.0.1\tlocalhost\n" in hosts and "::1\tlocalhost" in hosts and "127.0.1.1\tbb-one\n" in hosts
     assert (etc / "hosts").stat().st_mode & 0o777 == 0o644
-    agent_server.write_host_files("bb-two", str(etc))  # ours: rewritten for the new name (a fork, a rename)
+    handlers.write_host_files("bb-two", str(etc))  # ours: rewritten for the new name (a fork, a rename)
     assert "bb-one" not in (etc / "hosts").read_text() and "\tbb-two\n" in (etc / "hosts").read_text()
     (etc / "hosts").write_text("10.0.0.7 db\n")  # the template's own: kept
-    agent_server.write_host_files("bb-three", str(etc))
+    handlers.write_host_files("bb-three", str(etc))
     assert (etc / "hosts").read_text() == "10.0.0.7 db\n" and (etc / "hostname").read_text() == "bb-three\n"
     (etc / "hosts").write_text("")  # empty, as a docker export leaves it: ours
-    agent_server.write_host_files("bb-four", str(etc))
+    handlers.write_host_files("bb-four", str(etc))
     assert "\tbb-four\n" in (etc / "hosts").read_text()
     assert sorted(p.name for p in etc.iterdir()) == ["hostname", "hosts"]  # nothing else written
     (etc / "hostname").unlink()
     (etc / "hostname").symlink_to(tmp_path / "elsewhere")
-    agent_server.write_host_files("bb-five", str(etc))  # never written through a link
+    handlers.write_host_files("bb-five", str(etc))  # never written through a link
     assert not (tmp_path / "elsewhere").exists()
 
 
 def test_builtins_with_a_program_twin_skip_the_shell(tmp_path: Path) -> None:
     """true/false/echo run as programs when they exist on PATH and mean the same; otherwise the shell runs them."""
-    argv = agent_server.shell_argv
+    argv = shell.shell_argv
     assert argv("true") == ["true"]
     assert argv("echo hello world") == ["echo", "hello", "world"]
     assert argv("echo --help")[1] == "-c"  # coreutils echo would print its help

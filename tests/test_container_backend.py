@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from branchbox.agent.client import AgentClient
+from branchbox.agentclient.client import AgentClient
 from branchbox.backends.base import BootSpec, IdMap, SandboxHandle
 from branchbox.backends.container import ContainerBackend
 from branchbox.backends.container.zygote import MAX_SPARES, SPARE_PREFIX, SPARES

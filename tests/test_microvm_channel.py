@@ -18,7 +18,7 @@ import pytest
 import branchbox.agent
 from branchbox.agent import vsock as entry
 from branchbox.agent import wire
-from branchbox.agent.client import AgentClient
+from branchbox.agentclient.client import AgentClient
 from branchbox.backends.base import SandboxHandle
 from branchbox.backends.microvm import accel, qemu, vsock
 from branchbox.backends.microvm.config import config_from_env

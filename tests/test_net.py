@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from branchbox.agent.client import OutputChunk
+from branchbox.agentclient.client import OutputChunk
 from branchbox.core.manager import Manager
 from branchbox.core.models import TemplateInfo
 from branchbox.core.pool import PoolConfig

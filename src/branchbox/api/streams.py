@@ -24,7 +24,7 @@ from fastapi import APIRouter, Query, WebSocket, WebSocketDisconnect
 from pydantic import BaseModel, ValidationError
 
 from branchbox.agent import wire
-from branchbox.agent.client import OutputChunk, ProcessHandle
+from branchbox.agentclient.client import OutputChunk, ProcessHandle
 from branchbox.api.context import get_ctx
 from branchbox.api.schemas import ClientFrame, PtyStart, StreamStart
 from branchbox.errors import BadRequestError, BranchboxError

@@ -10,7 +10,7 @@ import time
 from collections.abc import Awaitable, Mapping
 from typing import Any
 
-from branchbox.agent.client import AgentClient
+from branchbox.agentclient.client import AgentClient
 
 
 async def personalise(

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from branchbox.agent.client import AgentClient
+from branchbox.agentclient.client import AgentClient
 from branchbox.backends.base import Backend, SandboxHandle
 from branchbox.core.models import SandboxState
 from branchbox.core.runtime import Live, Runtime

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from branchbox.agent.client import AgentClient
+from branchbox.agentclient.client import AgentClient
 from branchbox.backends.base import Backend, SandboxHandle
 from branchbox.core.boot import BootService
 from branchbox.core.models import SandboxState

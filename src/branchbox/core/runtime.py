@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from branchbox.agent.client import AgentClient
+from branchbox.agentclient.client import AgentClient
 from branchbox.backends.base import Backend, HostIdRanges, IdMap, SandboxHandle
 from branchbox.backends.idranges import IdRanges
 from branchbox.core import disk

@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import TypeVar
 
-from branchbox.agent.client import ProcessHandle
+from branchbox.agentclient.client import ProcessHandle
 from branchbox.core import validate
 from branchbox.core.events import ManagerEvent
 from branchbox.core.liveness import Watchdog, is_stopped

@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from branchbox.agent.client import OutputChunk, ProcessExit, ProcessHandle
+from branchbox.agentclient.client import OutputChunk, ProcessExit, ProcessHandle
 from branchbox.e2b.connect import RpcError, from_branchbox
 from branchbox.e2b.state import E2BState, resolve_path, run_as
 from branchbox.errors import AgentDisconnectedError, BranchboxError, SandboxNotFoundError, TimeoutError_

@@ -15,7 +15,7 @@ from branchbox.e2b.tokens import Tokens, load_secret
 from branchbox.errors import BranchboxError
 
 if TYPE_CHECKING:
-    from branchbox.agent.client import ProcessHandle
+    from branchbox.agentclient.client import ProcessHandle
     from branchbox.core.manager import Manager
 
 # the version of envd this facade answers as: the SDK turns features on by it (stdin 0.3.0, default user 0.4.0,

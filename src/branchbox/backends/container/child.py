@@ -183,6 +183,7 @@ def _run_init(fds: HolderFds, seccomp_bpf: bytes, *, warm_up: bool) -> None:
         caps.limit_bounding_set()
         step = "agent"
         from branchbox.agent import server  # noqa: PLC0415 - in sys.modules already (preloaded by the zygote)
+        from branchbox.backends.container import warmup  # noqa: PLC0415 - preloaded likewise
 
         syscalls.scrub_process_image(b"branchbox-agent")
         # Not dumpable: the sandbox's root (no CAP_SYS_PTRACE) cannot ptrace or read the memory this process
@@ -203,7 +204,9 @@ def _run_init(fds: HolderFds, seccomp_bpf: bytes, *, warm_up: bool) -> None:
     def claim(raw: bytes, passed: list[int]) -> tuple[int, dict[str, str], str]:
         return _claim(raw, passed, fds, seccomp_bpf)
 
-    server.run_primed(fds.ctl, claim, max_fds=MAX_PASSED_FDS, ready=ready, warm_up=warm_up)
+    server.run_primed(
+        fds.ctl, claim, max_fds=MAX_PASSED_FDS, ready=ready, warm_up=warmup.exec_true if warm_up else None
+    )
     os._exit(0)
 
 

@@ -668,7 +668,7 @@ _AGENT_PRELOAD = ("asyncio.unix_events", "encodings.idna", "encodings.latin_1", 
 def preload_agent() -> None:
     """Import the agent once here so every sandbox init becomes the agent by fork, without exec (~0 ms start)."""
     importlib.import_module("branchbox.agent.server")
-    importlib.import_module("branchbox.agent.client")  # a primed agent warms itself up through a client
+    importlib.import_module("branchbox.backends.container.warmup")  # a primed agent warms itself up through a client
     for name in _AGENT_PRELOAD:
         with contextlib.suppress(ImportError):
             importlib.import_module(name)

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from branchbox.agent.client import AgentClient
 from branchbox.agent.wire import VsockAddress
+from branchbox.agentclient.client import AgentClient
 from branchbox.backends.base import BootSpec, Capabilities, LayerInfo, SandboxHandle
 from branchbox.backends.microvm import accel as accel_mod
 from branchbox.backends.microvm import image, memfile, qemu, runtime, tplcache, vsock

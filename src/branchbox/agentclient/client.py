@@ -9,40 +9,24 @@ returns become :mod:`branchbox.errors` classes by code; a dropped connection fai
 from __future__ import annotations
 
 import asyncio
-import itertools
 import secrets
 import socket
 import time
-from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
 from branchbox.agent import wire
-from branchbox.agent.process import OutputChunk, ProcessExit, ProcessHandle
+from branchbox.agentclient.calls import ACK_EVERY, Call, Connection, ExecCall, ListCall, StreamCall
+from branchbox.agentclient.process import OutputChunk, ProcessExit, ProcessHandle
 from branchbox.core.models import ArchiveResult, ExecResult, FileEntry, ProcessInfo
 from branchbox.errors import (
     AgentDisconnectedError,
     AgentError,
-    BranchboxError,
     TimeoutError_,
-    error_from_code,
 )
 
-ACK_EVERY = wire.INITIAL_WINDOW // 4
 __all__ = ["ACK_EVERY", "AgentClient", "OutputChunk", "ProcessExit", "ProcessHandle"]
-
-
-def _error(body: Mapping[str, Any]) -> BranchboxError:
-    err = body.get("error")
-    if not isinstance(err, dict):
-        return AgentError(f"malformed RESULT from the agent: {body!r}")
-    details = err.get("details")
-    return error_from_code(
-        str(err.get("code", "internal")),
-        str(err.get("message", "")),
-        **(details if isinstance(details, dict) else {}),
-    )
 
 
 def _entry(d: Mapping[str, Any]) -> FileEntry:
@@ -59,302 +43,6 @@ def _entry(d: Mapping[str, Any]) -> FileEntry:
         owner=d.get("owner", ""),
         group=d.get("group", ""),
     )
-
-
-class _Call:
-    """One call in flight: receives the frames of its channel; RESULT resolves ``future``."""
-
-    __slots__ = ("channel", "conn", "credit", "credit_waiter", "done", "future", "unacked", "window")
-
-    def __init__(self, conn: _Connection) -> None:
-        self.conn = conn
-        self.channel = conn.register(self)
-        self.future: asyncio.Future[Any] = conn.loop.create_future()
-        self.credit = wire.INITIAL_WINDOW  # DATA bytes we may still send the agent
-        self.credit_waiter: asyncio.Future[None] | None = None
-        self.done = False
-        self.unacked = 0
-        self.window = wire.INITIAL_WINDOW  # DATA bytes the agent may still send us (checked on receipt)
-
-    def on_data(self, stream: int, data: bytes) -> None:
-        """Agent output (ignored unless overridden)."""
-
-    def on_event(self, event: Any) -> None:
-        """EVENT frame (ignored unless overridden)."""
-
-    def on_result(self, body: Any) -> None:
-        if not isinstance(body, dict):
-            self.fail(AgentError(f"malformed RESULT from the agent: {body!r}"))
-        elif "error" in body:
-            self.fail(_error(body))
-        else:
-            self.finish(body.get("result"))
-
-    def finish(self, result: Any) -> None:
-        self.done = True
-        if not self.future.done():
-            self.future.set_result(result)
-        self._wake()
-
-    def fail(self, exc: BaseException) -> None:
-        self.done = True
-        if not self.future.done():
-            self.future.set_exception(exc)
-            self.future.exception()  # whoever awaits still gets it; nobody may (a dropped handle)
-        self._wake()
-
-    def on_window(self, credit: int) -> None:
-        self.credit += credit
-        self._wake()
-
-    def _wake(self) -> None:
-        waiter = self.credit_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def received(self, n: int) -> None:
-        """``n`` bytes of DATA arrived: an agent that sends beyond the credit we granted breaks the protocol."""
-        self.window -= n
-        if self.window < 0:
-            raise wire.ProtocolError(f"the agent sent DATA beyond its window on channel {self.channel}")
-
-    def ack(self, n: int) -> None:
-        """We consumed ``n`` bytes of the agent's DATA: return credit in batches."""
-        self.unacked += n
-        if self.unacked >= ACK_EVERY and not self.done:
-            self.window += self.unacked
-            self.conn.write(wire.encode_window(self.channel, self.unacked))
-            self.unacked = 0
-
-    async def send_stream(self, stream: int, data: bytes) -> None:
-        """Send DATA within the agent's credit and the transport's buffer limits."""
-        view = memoryview(data)
-        while view and not self.done:
-            while self.credit <= 0 and not self.done:
-                self.credit_waiter = self.conn.loop.create_future()
-                await self.credit_waiter
-                self.credit_waiter = None
-            if self.done:
-                break
-            n = min(len(view), self.credit, wire.CHUNK_SIZE)
-            self.credit -= n
-            self.conn.write(wire.encode_data(self.channel, stream, bytes(view[:n])))
-            view = view[n:]
-            await self.conn.drain()
-
-    def cancel(self) -> None:
-        """Tell the agent to stop this call and forget it locally."""
-        if not self.done:
-            self.done = True
-            self.conn.write(wire.encode_cancel(self.channel))
-        self.conn.forget(self)
-
-
-class _ExecCall(_Call):
-    """A foreground exec: keeps at most ``limit`` bytes of each stream (the rest is counted, handed to the
-    callbacks and dropped, and its credit returned at once: the process is drained, never blocked or killed)."""
-
-    __slots__ = ("kept", "limit", "on_stderr", "on_stdout", "stderr", "stdout", "truncated")
-
-    def __init__(
-        self,
-        conn: _Connection,
-        on_stdout: Callable[[bytes], object] | None,
-        on_stderr: Callable[[bytes], object] | None,
-        limit: int | None,
-    ) -> None:
-        super().__init__(conn)
-        self.stdout: list[bytes] = []
-        self.stderr: list[bytes] = []
-        self.on_stdout, self.on_stderr, self.limit = on_stdout, on_stderr, limit
-        self.kept, self.truncated = [0, 0, 0], [False, False, False]  # per stream
-
-    def on_data(self, stream: int, data: bytes) -> None:
-        if stream == wire.STDERR:
-            chunks, callback = self.stderr, self.on_stderr
-        else:
-            stream, chunks, callback = wire.STDOUT, self.stdout, self.on_stdout
-        keep = data
-        if self.limit is not None and self.kept[stream] + len(data) > self.limit:
-            keep = data[: self.limit - self.kept[stream]]
-            self.truncated[stream] = True
-        if keep:
-            chunks.append(keep)
-            self.kept[stream] += len(keep)
-        self.ack(len(data))
-        if callback is not None:
-            try:
-                callback(data)
-            except Exception as exc:  # a failing callback fails this call, not the connection
-                self.cancel()
-                self.fail(exc)
-
-
-_END = object()
-
-
-class _StreamCall(_Call):
-    """A call whose DATA is consumed by an async reader (process output, file download)."""
-
-    __slots__ = ("items", "started", "waiter")
-
-    def __init__(self, conn: _Connection) -> None:
-        super().__init__(conn)
-        self.items: deque[tuple[int, bytes]] = deque()
-        self.waiter: asyncio.Future[None] | None = None
-        self.started: asyncio.Future[dict[str, Any]] = conn.loop.create_future()
-
-    def on_data(self, stream: int, data: bytes) -> None:
-        self.items.append((stream, data))
-        self._notify()
-
-    def on_event(self, event: Any) -> None:
-        if isinstance(event, dict) and event.get("event") in ("started", "attached") and not self.started.done():
-            self.started.set_result(event)
-
-    def finish(self, result: Any) -> None:
-        super().finish(result)
-        self._settle_started()
-        self._notify()
-
-    def fail(self, exc: BaseException) -> None:
-        super().fail(exc)
-        self._settle_started()
-        self._notify()
-
-    def _settle_started(self) -> None:
-        if not self.started.done():
-            exc = self.future.exception() if self.future.done() else None
-            self.started.set_exception(exc or AgentError("the call ended before the process started"))
-            self.started.exception()  # mark retrieved: the caller may be gone
-
-    def _notify(self) -> None:
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def next_chunk(self) -> tuple[int, bytes] | None:
-        """The next DATA (credit returned), or None after RESULT (raises the call's error)."""
-        while not self.items:
-            if self.future.done():
-                self.future.result()  # raises the error, if any
-                return None
-            self.waiter = self.conn.loop.create_future()
-            try:
-                await self.waiter
-            finally:
-                self.waiter = None
-        stream, data = self.items.popleft()
-        self.ack(len(data))
-        return stream, data
-
-
-class _Connection(asyncio.Protocol):
-    """The protocol object: frame parsing, the call table, write flow control."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.parser = wire.FrameParser()
-        self.calls: dict[int, _Call] = {}
-        self.channels = itertools.count(1)
-        self.transport: asyncio.Transport | None = None
-        self.hello: asyncio.Future[dict[str, Any]] = loop.create_future()
-        self.lost: asyncio.Future[None] = loop.create_future()
-        self.closing = False
-        self.broken: str | None = None  # why this client cut the connection (the agent broke the protocol)
-        self.write_paused: asyncio.Future[None] | None = None
-        self.nonce: str | None = None  # set when this client opens the session (character-device agents)
-
-    # -- asyncio.Protocol ----------------------------------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not subclasses of asyncio.Transport but have the same interface
-        self.transport = cast(asyncio.Transport, transport)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
-        if self.broken is not None:
-            err = AgentDisconnectedError(self.broken)
-        elif self.closing:
-            err = AgentDisconnectedError("the agent connection was closed by this client")
-        else:
-            err = AgentDisconnectedError(f"lost the connection to the agent ({exc or 'closed by the agent'})")
-        if not self.hello.done():
-            self.hello.set_exception(err)
-            self.hello.exception()
-        calls = list(self.calls.values())
-        self.calls.clear()
-        for call in calls:
-            call.fail(err)
-        if self.write_paused is not None and not self.write_paused.done():
-            self.write_paused.set_result(None)
-        if not self.lost.done():
-            self.lost.set_result(None)
-
-    def pause_writing(self) -> None:
-        if self.write_paused is None:
-            self.write_paused = self.loop.create_future()
-
-    def resume_writing(self) -> None:
-        waiter, self.write_paused = self.write_paused, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            frames = self.parser.feed(data)
-            for kind, channel, payload in frames:
-                call = self.calls.get(channel)
-                if kind == wire.DATA:
-                    if call is not None:
-                        stream, chunk = wire.split_stream(payload)
-                        call.received(len(chunk))
-                        call.on_data(stream, chunk)
-                elif kind == wire.RESULT:
-                    if call is not None:
-                        del self.calls[channel]
-                        call.on_result(wire.decode_json(payload))
-                elif kind == wire.EVENT:
-                    if call is not None:
-                        call.on_event(wire.decode_json(payload))
-                elif kind == wire.WINDOW:
-                    if call is not None:
-                        call.on_window(wire.decode_window(payload))
-                elif kind == wire.HELLO and not self.hello.done():
-                    self.on_hello(wire.decode_json(payload))
-        except wire.ProtocolError as exc:
-            self.broken = f"agent protocol error: {exc}"
-            if not self.hello.done():
-                self.hello.set_exception(AgentError(self.broken))
-            if self.transport is not None:
-                self.transport.abort()
-
-    def on_hello(self, hello: Any) -> None:
-        if not isinstance(hello, dict):
-            raise wire.ProtocolError("HELLO payload is not an object")
-        if self.nonce is not None and hello.get("nonce") != self.nonce:
-            return  # the answer to an earlier session's HELLO (a restored memory snapshot): not ours
-        self.hello.set_result(hello)
-
-    # -- helpers -------------------------------------------------------------------------------------
-    def register(self, call: _Call) -> int:
-        if self.transport is None:
-            raise AgentDisconnectedError("the agent connection is closed: reconnect with AgentClient.connect")
-        channel = next(self.channels) & 0xFFFFFFFF
-        self.calls[channel] = call
-        return channel
-
-    def forget(self, call: _Call) -> None:
-        if self.calls.get(call.channel) is call:
-            del self.calls[call.channel]
-
-    def write(self, data: bytes) -> None:
-        if self.transport is not None:
-            self.transport.write(data)
-
-    async def drain(self) -> None:
-        waiter = self.write_paused
-        if waiter is not None:
-            await waiter
 
 
 def _call_frame(channel: int, method: str, params: Mapping[str, Any]) -> bytes:
@@ -395,7 +83,7 @@ async def _vsock_connect(address: wire.VsockAddress) -> socket.socket:
 class AgentClient:
     """One connection to one agent. Create with :meth:`connect`; close with :meth:`aclose`."""
 
-    def __init__(self, conn: _Connection, hello: dict[str, Any]) -> None:
+    def __init__(self, conn: Connection, hello: dict[str, Any]) -> None:
         self._conn = conn
         self.hello: dict[str, object] = hello
 
@@ -409,7 +97,7 @@ class AgentClient:
         ``open_session``: the stream may be a character device relayed by a VMM (virtio-serial), not an accepted
         connection: send HELLO first (with a nonce) and wait for the agent's HELLO echoing it."""
         loop = asyncio.get_running_loop()
-        conn = _Connection(loop)
+        conn = Connection(loop)
         where = f"vsock {address}" if isinstance(address, wire.VsockAddress) else str(address)
         try:
             async with asyncio.timeout(timeout):
@@ -445,7 +133,7 @@ class AgentClient:
     async def over_socket(cls, sock: socket.socket, *, timeout: float = 10.0) -> AgentClient:
         """A client on a connected unix stream socket (an agent warming itself up through a socket pair)."""
         loop = asyncio.get_running_loop()
-        conn = _Connection(loop)
+        conn = Connection(loop)
         async with asyncio.timeout(timeout):
             await loop.create_unix_connection(lambda: conn, sock=sock)
             hello = await conn.hello
@@ -485,7 +173,7 @@ class AgentClient:
         await self.aclose()
 
     # -- plumbing ------------------------------------------------------------------------------------
-    async def _wait(self, call: _Call) -> Any:
+    async def _wait(self, call: Call) -> Any:
         try:
             return await call.future
         except asyncio.CancelledError:
@@ -493,7 +181,7 @@ class AgentClient:
             raise
 
     async def _request(self, method: str, params: Mapping[str, Any]) -> Any:
-        call = _Call(self._conn)
+        call = Call(self._conn)
         self._conn.write(_call_frame(call.channel, method, params))
         return await self._wait(call)
 
@@ -552,7 +240,7 @@ class AgentClient:
         most this many bytes of each stream in the result (the rest is drained and dropped; the result says
         ``stdout_truncated`` / ``stderr_truncated``); None keeps everything."""
         conn = self._conn
-        call = _ExecCall(conn, on_stdout, on_stderr, max_output)
+        call = ExecCall(conn, on_stdout, on_stderr, max_output)
         params = _exec_params(cmd, env, cwd, user, timeout)
         start = time.perf_counter()
         frame = _call_frame(call.channel, "exec", params)
@@ -613,14 +301,14 @@ class AgentClient:
         return await self._open_stream("processes.attach", {"pid": pid})
 
     async def _open_stream(self, method: str, params: Mapping[str, Any]) -> ProcessHandle:
-        call = _StreamCall(self._conn)
+        call = StreamCall(self._conn)
         self._conn.write(_call_frame(call.channel, method, params))
         try:
             event = await call.started
         except asyncio.CancelledError:
             call.cancel()
             raise
-        return ProcessHandle(self, call, int(event["pid"]))
+        return ProcessHandle(self._request, call, int(event["pid"]))
 
     async def list_processes(self) -> list[ProcessInfo]:
         result = await self._request("processes.list", {})
@@ -654,7 +342,7 @@ class AgentClient:
         return self._stream_out("files.archive", path)
 
     async def _stream_out(self, method: str, path: str, extra: Mapping[str, Any] | None = None) -> AsyncIterator[bytes]:
-        call = _StreamCall(self._conn)
+        call = StreamCall(self._conn)
         self._conn.write(_call_frame(call.channel, method, {"path": path, **(extra or {})}))
         try:
             while True:
@@ -670,7 +358,7 @@ class AgentClient:
         """Atomically replace ``path`` (parent directories are created)."""
         if len(data) > wire.CHUNK_SIZE:
             return await self.upload(path, _one(data), mode=mode)
-        call = _Call(self._conn)
+        call = Call(self._conn)
         frames = _call_frame(call.channel, "files.write", _write_params(path, mode))
         if data:
             frames += wire.encode_data(call.channel, wire.STDIN, data)
@@ -687,7 +375,7 @@ class AgentClient:
 
     async def _stream_in(self, method: str, params: dict[str, Any], chunks: AsyncIterable[bytes]) -> dict[str, Any]:
         conn = self._conn
-        call = _Call(conn)
+        call = Call(conn)
         conn.write(_call_frame(call.channel, method, params))
         try:
             async for chunk in chunks:
@@ -703,7 +391,7 @@ class AgentClient:
             raise
 
     async def list_dir(self, path: str, *, depth: int = 1) -> list[FileEntry]:
-        call = _ListCall(self._conn)
+        call = ListCall(self._conn)
         self._conn.write(_call_frame(call.channel, "files.list", {"path": path, "depth": depth}))
         result = await self._wait(call)
         return [_entry(e) for e in [*call.entries, *result["entries"]]]
@@ -720,18 +408,6 @@ class AgentClient:
 
     async def rename(self, src: str, dst: str) -> FileEntry:
         return _entry(await self._request("files.rename", {"src": src, "dst": dst}))
-
-
-class _ListCall(_Call):
-    __slots__ = ("entries",)
-
-    def __init__(self, conn: _Connection) -> None:
-        super().__init__(conn)
-        self.entries: list[dict[str, Any]] = []
-
-    def on_event(self, event: Any) -> None:
-        if isinstance(event, dict) and isinstance(event.get("entries"), list):
-            self.entries.extend(event["entries"])
 
 
 def _write_params(path: str, mode: int | None) -> dict[str, Any]:

@@ -1,18 +1,19 @@
 """A process streamed through the agent (:meth:`AgentClient.spawn`, :meth:`AgentClient.attach`): its output
-chunks and exit, stdin, resize, kill, detach. Split from :mod:`branchbox.agent.client`, which re-exports it."""
+chunks and exit, stdin, resize, kill, detach. :mod:`branchbox.agentclient.client` re-exports it."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
 from branchbox.agent import wire
+from branchbox.agentclient.calls import StreamCall
 from branchbox.errors import AgentDisconnectedError, InvalidStateError
 
-if TYPE_CHECKING:
-    from branchbox.agent.client import AgentClient, _StreamCall
+Request = Callable[[str, Mapping[str, Any]], Awaitable[Any]]  # AgentClient._request: one call, its result
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,9 +34,9 @@ _STREAMS: dict[int, Literal["stdout", "stderr"]] = {wire.STDOUT: "stdout", wire.
 class ProcessHandle:
     """A background process: iterate for OutputChunk items and a final ProcessExit."""
 
-    def __init__(self, client: AgentClient, call: _StreamCall, pid: int) -> None:
+    def __init__(self, request: Request, call: StreamCall, pid: int) -> None:
         self.pid = pid
-        self._client = client
+        self._request = request
         self._call = call
         self._exit: ProcessExit | None = None
         self._ended = False
@@ -85,10 +86,10 @@ class ProcessHandle:
             self._call.conn.write(wire.encode_eof(self._call.channel, wire.STDIN))
 
     async def resize(self, cols: int, rows: int) -> None:
-        await self._client._request("pty.resize", {"pid": self.pid, "cols": cols, "rows": rows})
+        await self._request("pty.resize", {"pid": self.pid, "cols": cols, "rows": rows})
 
     async def kill(self, signal: int = 9) -> None:
-        await self._client.kill(self.pid, signal)
+        await self._request("processes.kill", {"pid": self.pid, "signal": signal})
 
     async def detach(self) -> None:
         """Stop streaming; the process keeps running."""
