@@ -7,25 +7,21 @@ sandbox would see it, never onto the host: ``importer.resolve_in_root``); absolu
 hard links must point at an existing non-directory inside the root, device nodes are skipped, owners are shifted
 into the store's id range (``shift.shift_id``), setuid/setgid bits and ``security.capability`` survive. Every
 entry counts against a :class:`Budget` (unpacked bytes, entries): a tar bomb stops with ``image_too_large``
-before it fills the disk. The uncompressed stream is hashed as it is read: a layer whose diff id does not match
-fails with ``image_digest_mismatch``.
+before it fills the disk. The uncompressed stream (``layer_stream.LayerStream``: inflated and hashed on another
+thread) is checked against the config's diff id: a layer whose diff id does not match fails with
+``image_digest_mismatch``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gzip
-import hashlib
 import os
 import shutil
 import stat
-import subprocess
 import tarfile
-import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from branchbox.backends.base import IdMap
 from branchbox.errors import (
@@ -37,12 +33,14 @@ from branchbox.errors import (
     UnsupportedImageError,
 )
 from branchbox.images.importer import resolve_in_root
+from branchbox.images.layer_stream import CHUNK, LayerStream
 from branchbox.images.oci_layout import Layer
 from branchbox.images.shift import shift_id
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 _CAP_PAX = "SCHILY.xattr.security.capability"
+TAR_BUFSIZE = 16 << 10  # tarfile's read size from the stream (it re-slices its buffer on every read: keep it small)
 _MAX_META = 1 << 20  # a long name or pax header above 1 MiB is an attack, not a file name
 _META_TYPES = (
     tarfile.GNUTYPE_LONGNAME,
@@ -93,59 +91,6 @@ class _BoundedTarInfo(tarfile.TarInfo):
         if self.type in _META_TYPES and self.size > _MAX_META:
             raise UnsafeImageError(f"a tar header of {self.size} bytes (over {_MAX_META}): refusing the layer")
         return super()._proc_member(tarfile)  # type: ignore[misc]
-
-
-class _HashingReader:
-    """Reads from ``raw``, hashing and counting; more than ``cap`` bytes is a tar bomb."""
-
-    def __init__(self, raw: IO[bytes], cap: int) -> None:
-        self.raw = raw
-        self.cap = cap
-        self.count = 0
-        self.sha = hashlib.sha256()
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.raw.read(n if 0 <= n <= 1 << 20 else 1 << 20)
-        self.count += len(data)
-        if self.count > self.cap:
-            raise ImageTooLargeError(
-                "a layer's uncompressed stream is larger than the image's unpack cap: refusing it (--max-size)",
-                limit="max_bytes",
-            )
-        self.sha.update(data)
-        return data
-
-    def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
-
-
-@contextlib.contextmanager
-def _decompressed(path: Path, compression: str) -> Iterator[IO[bytes]]:
-    """The layer's tar stream; gzip and zstd are decompressed by their tools in a process of their own (another
-    core: Python's in-thread gzip made unpacking ~20% slower)."""
-    if compression not in ("gzip", "zstd"):
-        with path.open("rb") as fh:
-            yield fh
-        return
-    argv = ["gzip", "-dc", "--", str(path)] if compression == "gzip" else ["zstd", "-dcq", "--", str(path)]
-    ok = (0, 2) if compression == "gzip" else (0,)  # gzip: 2 is a warning (trailing zeros after the stream)
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-    assert proc.stdout is not None
-    assert proc.stderr is not None
-    try:
-        yield proc.stdout
-        if proc.stdout.read(1):
-            raise UnsupportedImageError(f"layer {path.name}: data after the end of the tar stream")
-        err = proc.stderr.read(4096).decode(errors="replace").strip()
-        if proc.wait() not in ok:
-            raise UnsupportedImageError(f"layer {path.name} is not valid {compression}: {err[-300:]}")
-    finally:
-        proc.stdout.close()
-        proc.stderr.close()
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
 
 
 def _remove(path: Path | str) -> None:
@@ -298,25 +243,25 @@ def apply_layer(root: Path, blob: Path, layer: Layer, idmap: IdMap, budget: Budg
     """Unpack ``blob`` (already checked against ``layer.digest``) onto ``root``; returns skipped device nodes."""
     applier = _Applier(root, idmap, budget, layer)
     try:
-        with _decompressed(blob, layer.compression) as raw:
-            reader = _HashingReader(raw, budget.stream_cap())
+        with LayerStream(blob, layer.compression, budget.stream_cap()) as stream:
             with tarfile.open(  # type: ignore[call-overload]
-                fileobj=reader, mode="r|", tarinfo=_BoundedTarInfo, copybufsize=1 << 20
+                fileobj=stream, mode="r|", tarinfo=_BoundedTarInfo, bufsize=TAR_BUFSIZE, copybufsize=CHUNK
             ) as tar:
                 tar.errorlevel = 2
                 applier.apply(tar)
-            reader.drain()
+            stream.drain()
+            diff_id = stream.sha256()
     except BranchboxError:
         raise
-    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, UnicodeError) as exc:
+    except (tarfile.TarError, EOFError, UnicodeError) as exc:
         raise UnsupportedImageError(
             f"layer {layer.digest} is not a valid {layer.compression or 'plain'} tar: {exc}", digest=layer.digest
         ) from exc
     except OSError as exc:
         raise TemplateBuildError(f"unpacking layer {layer.digest} failed: {exc}", step="unpack") from exc
-    if "sha256:" + reader.sha.hexdigest() != layer.diff_id:
+    if diff_id != layer.diff_id:
         raise ImageDigestMismatchError(
-            f"layer {layer.digest} unpacks to sha256:{reader.sha.hexdigest()}, but the image config says "
+            f"layer {layer.digest} unpacks to {diff_id}, but the image config says "
             f"{layer.diff_id}: the image is corrupt or was tampered with; nothing was imported",
             digest=layer.digest,
         )
