@@ -3,7 +3,6 @@ filesystem.Filesystem service, signed URLs."""
 
 from __future__ import annotations
 
-import asyncio
 import io
 import time
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -110,59 +109,5 @@ async def test_async_files(e2b_env: E2BDaemon) -> None:
         assert await f.read("/tmp/d/a") == "async"
         await f.remove("/tmp/d")
         assert not await f.exists("/tmp/d")
-    finally:
-        await sbx.kill()
-
-
-def _events_until(wh: object, want: set[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Poll a sync watcher until ``want`` was reported (the facade lists the directory every 0.2 s)."""
-    seen: list[tuple[str, str]] = []
-    deadline = time.monotonic() + 30
-    while not want <= set(seen) and time.monotonic() < deadline:
-        seen += [(e.name, e.type.value) for e in wh.get_new_events()]  # type: ignore[attr-defined]
-        time.sleep(0.1)
-    return seen
-
-
-def test_watch_dir(sbx: Sandbox) -> None:
-    f = sbx.files
-    f.make_dir("/tmp/w/sub")
-    wh = f.watch_dir("/tmp/w", recursive=True)
-    f.write("/tmp/w/a.txt", "1")
-    f.write("/tmp/w/sub/b.txt", "2")
-    seen = _events_until(wh, {("a.txt", "create"), ("sub/b.txt", "create")})
-    assert {("a.txt", "create"), ("sub/b.txt", "create")} <= set(seen)
-    f.write("/tmp/w/a.txt", "longer")
-    f.remove("/tmp/w/sub/b.txt")
-    seen = _events_until(wh, {("a.txt", "write"), ("sub/b.txt", "remove")})
-    assert {("a.txt", "write"), ("sub/b.txt", "remove")} <= set(seen)
-    wh.stop()
-    flat = f.watch_dir("/tmp/w")  # not recursive: what happens below sub/ is not reported
-    f.write("/tmp/w/sub/c.txt", "3")
-    f.write("/tmp/w/top.txt", "4")
-    seen = _events_until(flat, {("top.txt", "create")})
-    assert ("top.txt", "create") in seen and not any(name.startswith("sub/") for name, _ in seen)
-    flat.stop()
-    with pytest.raises(NotFoundException):
-        f.watch_dir("/tmp/nope")
-
-
-async def test_async_watch_dir(e2b_env: E2BDaemon) -> None:
-    sbx = await AsyncSandbox.create("default", timeout=120)
-    try:
-        await sbx.files.make_dir("/tmp/aw")
-        got = asyncio.Event()
-        events: list[tuple[str, str]] = []
-
-        def on_event(e: object) -> None:
-            events.append((e.name, e.type.value))  # type: ignore[attr-defined]
-            if ("x", "create") in events:
-                got.set()
-
-        wh = await sbx.files.watch_dir("/tmp/aw", on_event=on_event)
-        await sbx.files.write("/tmp/aw/x", "1")
-        await asyncio.wait_for(got.wait(), 30)
-        await wh.stop()
-        assert events[0] == ("x", "create")
     finally:
         await sbx.kill()

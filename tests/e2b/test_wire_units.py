@@ -15,7 +15,6 @@ from branchbox.e2b import connect
 from branchbox.e2b.connect import RpcError
 from branchbox.e2b.state import basic_user, resolve_path
 from branchbox.e2b.tokens import Tokens, file_signature, load_secret
-from branchbox.e2b.watch import diff
 from branchbox.errors import FileExistsInSandboxError, FileNotFoundInSandboxError, SandboxNotFoundError
 
 
@@ -104,20 +103,6 @@ def test_basic_user_and_paths() -> None:
     assert basic_user(None) is None and basic_user("Bearer x") is None and basic_user("Basic !!!") is None
     assert resolve_path("a/b", None) == "/root/a/b" and resolve_path("~/x", "user") == "/home/user/x"
     assert resolve_path("/abs", "user") == "/abs"
-
-
-def test_watch_diff() -> None:
-    old = {"a": ("file", 1, 1.0, 0o644), "d": ("dir", 0, 1.0, 0o755), "m": ("file", 1, 1.0, 0o644)}
-    new = {"a": ("file", 2, 2.0, 0o644), "d": ("file", 0, 1.0, 0o755), "m": ("file", 1, 1.0, 0o600),
-           "n": ("file", 0, 3.0, 0o644)}  # fmt: skip
-    assert diff(old, new) == [
-        {"name": "n", "type": "EVENT_TYPE_CREATE"},
-        {"name": "a", "type": "EVENT_TYPE_WRITE"},
-        {"name": "d", "type": "EVENT_TYPE_REMOVE"},
-        {"name": "d", "type": "EVENT_TYPE_CREATE"},
-        {"name": "m", "type": "EVENT_TYPE_CHMOD"},
-    ]
-    assert diff(new, {}) == [{"name": n, "type": "EVENT_TYPE_REMOVE"} for n in sorted(new)]
 
 
 def test_cli_makes_keys_in_e2b_format() -> None:

@@ -1,7 +1,8 @@
 """The in-sandbox agent (stdlib only): ``server`` (entry points), ``protocol`` (frames and dispatch),
-``handlers`` (the methods), ``flow`` (flow-controlled calls), ``supervise`` (processes), ``spawn`` (starting one),
-``shell``, ``errors``, ``chardev`` (virtio-serial) and ``vsock`` (transports), ``archive``, ``users``, and ``wire``
-(the framing, shared with the host's client in :mod:`branchbox.agentclient`)."""
+``handlers`` (the methods), ``flow`` (flow-controlled calls), ``watch`` (directory watches by inotify),
+``supervise`` (processes), ``spawn`` (starting one), ``shell``, ``errors``, ``chardev`` (virtio-serial) and
+``vsock`` (transports), ``archive``, ``users``, and ``wire`` (the framing, shared with the host's client in
+:mod:`branchbox.agentclient`)."""
 
 # What runs inside a sandbox: a microVM guest (and the tests' agents) get copies of exactly these files.
 FILES = (
@@ -18,5 +19,6 @@ FILES = (
     "supervise.py",
     "users.py",
     "vsock.py",
+    "watch.py",
     "wire.py",
 )

@@ -17,6 +17,7 @@ from . import archive, users, wire
 from .errors import CallError, os_error
 from .protocol import Connection, Handler
 from .supervise import Proc
+from .watch import note_replace
 
 ACK_EVERY = wire.INITIAL_WINDOW // 4  # return credit to the host once this much of its DATA was consumed
 
@@ -240,6 +241,8 @@ class FileWriter(Receiver):
             os.fsync(self.fd)
             os.close(self.fd)
             self.fd = -1
+            if self.conn.agent.watches:  # a watch reports this rename as the file's create or write
+                note_replace(self.conn.agent.replacing, self.tmp, old is not None)
             os.rename(self.tmp, self.path)
             body: dict[str, Any] = entry(self.path, os.path.basename(self.path))
         except OSError as exc:

@@ -26,6 +26,7 @@ from .protocol import Connection, Method
 from .shell import DEFAULT_PATH, in_shell, shell_argv
 from .spawn import resolve_user, winsize
 from .supervise import Proc
+from .watch import m_files_watch
 
 
 def m_ping(conn: Connection, channel: int, params: dict[str, Any]) -> dict[str, Any]:
@@ -420,4 +421,5 @@ METHODS: dict[str, Method] = {
     "files.mkdir": m_files_mkdir,
     "files.remove": m_files_remove,
     "files.rename": m_files_rename,
+    "files.watch": m_files_watch,
 }

@@ -46,6 +46,8 @@ class Agent:
         self.procs: dict[int, Proc] = {}
         self.exited: deque[int] = deque()
         self.connections: set[object] = set()  # the open connections (protocol.Connection)
+        self.watches: list[Any] = []  # the open directory watches (watch.Watch)
+        self.replacing: dict[str, bool] = {}  # files.write's temp file -> replaces a file (read by open watches)
         self.loop = asyncio.get_running_loop()
         self.devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         self.oom = OomScore()

@@ -19,6 +19,7 @@ from typing import Any, cast
 from branchbox.agent import wire
 from branchbox.agentclient.calls import ACK_EVERY, Call, Connection, ExecCall, ListCall, StreamCall
 from branchbox.agentclient.process import OutputChunk, ProcessExit, ProcessHandle
+from branchbox.agentclient.watch import DirWatch
 from branchbox.core.models import ArchiveResult, ExecResult, FileEntry, ProcessInfo
 from branchbox.errors import (
     AgentDisconnectedError,
@@ -408,6 +409,18 @@ class AgentClient:
 
     async def rename(self, src: str, dst: str) -> FileEntry:
         return _entry(await self._request("files.rename", {"src": src, "dst": dst}))
+
+    async def watch(self, path: str, *, recursive: bool = False) -> DirWatch:
+        """Watch a directory (inotify in the sandbox; ``recursive``: its subdirectories too, new ones as they
+        appear): returns once the watches are in place; iterate the handle for the events, ``aclose`` it to stop."""
+        call = StreamCall(self._conn)
+        self._conn.write(_call_frame(call.channel, "files.watch", {"path": path, "recursive": recursive}))
+        try:
+            await call.started
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+        return DirWatch(call, path)
 
 
 def _write_params(path: str, mode: int | None) -> dict[str, Any]:

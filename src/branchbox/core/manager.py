@@ -118,6 +118,7 @@ class Manager:
         self.mkdir = calls.mkdir
         self.remove = calls.remove
         self.rename = calls.rename
+        self.watch_dir = calls.watch_dir
         self.open_agent_calls = calls.open_agent_calls
         self.snapshot = snaps.snapshot
         self.list_snapshots = snaps.list_snapshots

@@ -93,6 +93,16 @@ class FileEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class FileEvent:
+    """A change in a watched sandbox directory (``Manager.watch_dir``)."""
+
+    type: str  # create | write | remove | rename (the old name; the new one is a create) | chmod | overflow
+    name: str  # relative to the watched directory ("" for an overflow: events were lost)
+    is_dir: bool = False
+    reason: str = ""  # an overflow's: queue (the kernel's event queue overflowed) | watch_limit
+
+
+@dataclass(frozen=True, slots=True)
 class ArchiveResult:
     """What unpacking a tar into a sandbox directory made."""
 

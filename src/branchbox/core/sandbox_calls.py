@@ -12,6 +12,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, M
 from typing import TypeVar
 
 from branchbox.agentclient.client import ProcessHandle
+from branchbox.agentclient.watch import DirWatch
 from branchbox.core import validate
 from branchbox.core.events import ManagerEvent
 from branchbox.core.liveness import Watchdog, is_stopped
@@ -154,6 +155,12 @@ class SandboxCalls:
     async def rename(self, sandbox_id: str, src: str, dst: str) -> FileEntry:
         live = self._running(sandbox_id)
         return await self._agent_call(live, live.agent.rename(src, dst))
+
+    async def watch_dir(self, sandbox_id: str, path: str, *, recursive: bool = False) -> DirWatch:
+        """Watch a sandbox directory (inotify, by its agent): the handle yields FileEvents as they happen until
+        the directory is removed or the handle is closed (``aclose``, which removes the watches)."""
+        live = self._running(sandbox_id)
+        return await self._agent_call(live, live.agent.watch(path, recursive=recursive))
 
     def open_agent_calls(self) -> int:
         """Calls and streams open on the agents of live sandboxes (0 when nothing waits on any agent)."""

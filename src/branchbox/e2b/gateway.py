@@ -173,7 +173,7 @@ class E2BGateway:
             streams: dict[str, Callable[[], AsyncIterator[dict[str, Any]]]] = {
                 "/process.Process/Start": lambda: procs.start(sid, req, user, deadline, keepalive),
                 "/process.Process/Connect": lambda: procs.connect(sid, req, deadline, keepalive),
-                "/filesystem.Filesystem/WatchDir": lambda: watch.watch_dir(sid, req, user, deadline),
+                "/filesystem.Filesystem/WatchDir": lambda: watch.watch_dir(sid, req, user, deadline, keepalive),
             }
             make = streams.get(path)
             if make is None:

@@ -33,6 +33,7 @@ class E2BState:
     tokens: Tokens
     handles: dict[tuple[str, int], ProcessHandle] = field(default_factory=dict)
     watchers: dict[str, Any] = field(default_factory=dict)  # watcher id -> branchbox.e2b.watch.Watcher
+    watch_streams: dict[str, int] = field(default_factory=dict)  # sandbox id -> WatchDir streams open
     _users: dict[str, str | None] = field(default_factory=dict)  # template digest -> its default user
 
     @classmethod

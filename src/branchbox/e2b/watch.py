@@ -1,14 +1,19 @@
-"""envd's directory watches (``WatchDir`` stream; ``CreateWatcher``/``GetWatcherEvents``/``RemoveWatcher`` polling)
-on ``Manager.list_files``: the agent has no inotify, so a watch lists the directory every ``POLL_S`` and reports
-the differences. Limits (docs/e2b.md): changes that come and go between two polls are not seen, a rename is a
-REMOVE and a CREATE, and a WRITE is a change of size or modification time.
+"""envd's directory watches (the ``WatchDir`` stream; ``CreateWatcher``/``GetWatcherEvents``/``RemoveWatcher``)
+on ``Manager.watch_dir``: the sandbox's agent watches with inotify and streams the events as they happen (no
+polling). Events are envd's: a name relative to the watched directory and one of CREATE, WRITE, REMOVE, RENAME
+(the old name; the new one is a CREATE), CHMOD.
+
+Bounded: at most :data:`MAX_WATCHERS` watchers per sandbox (streams and polled ones), a polled watcher keeps at
+most :data:`MAX_EVENTS` events between two ``GetWatcherEvents`` (then it stops reading, the agent and the
+kernel's queue hold the rest, and when that overflows the watcher fails as envd's does on ``IN_Q_OVERFLOW``).
+A stream ends cleanly when the watched directory is removed; a polled watcher then answers its last events and
+``not_found``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import posixpath
 import secrets
 import time
 from collections import deque
@@ -16,47 +21,47 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from branchbox.core.models import FileEntry
+from branchbox.agentclient.watch import DirWatch
+from branchbox.core.models import FileEvent
 from branchbox.e2b.connect import RpcError, from_branchbox
 from branchbox.e2b.state import E2BState, resolve_path
-from branchbox.errors import BranchboxError
+from branchbox.errors import AgentDisconnectedError, BranchboxError, SandboxNotFoundError
 
-POLL_S = 0.2
-MAX_WATCHERS = 16  # per sandbox
-MAX_EVENTS = 10_000  # kept per polled watcher between two GetWatcherEvents (the oldest are dropped)
-RECURSIVE_DEPTH = 32
+MAX_WATCHERS = 16  # per sandbox, streams and polled watchers together
+MAX_EVENTS = 10_000  # kept per polled watcher between two GetWatcherEvents
+KEEPALIVE_DEFAULT_S = 50.0
 Message = dict[str, Any]
-Snapshot = dict[str, tuple[str, int, float, int]]
+_TYPES = {
+    "create": "EVENT_TYPE_CREATE",
+    "write": "EVENT_TYPE_WRITE",
+    "remove": "EVENT_TYPE_REMOVE",
+    "rename": "EVENT_TYPE_RENAME",
+    "chmod": "EVENT_TYPE_CHMOD",
+}
+OVERFLOW = (
+    "watcher error: the event queue overflowed and events were lost (the watcher was not read fast enough, or "
+    "the tree has more directories than a sandbox may watch): read events sooner, or watch a smaller tree"
+)
 
 
-def _snapshot(root: str, entries: list[FileEntry]) -> Snapshot:
-    return {posixpath.relpath(e.path, root): (e.type, e.size, e.mtime, e.mode) for e in entries}
+def event_json(e: FileEvent) -> Message:
+    """envd's ``FilesystemEvent`` of an agent event (an overflow has none: the watch fails)."""
+    if e.type == "overflow":
+        raise RpcError("internal", OVERFLOW)
+    return {"name": e.name, "type": _TYPES.get(e.type, "EVENT_TYPE_UNSPECIFIED")}
 
 
-def diff(old: Snapshot, new: Snapshot) -> list[Message]:
-    """The events that turn ``old`` into ``new``, as envd's ``FilesystemEvent`` JSON."""
-    out: list[Message] = []
-    for name in sorted(new.keys() - old.keys()):
-        out.append({"name": name, "type": "EVENT_TYPE_CREATE"})
-    for name in sorted(old.keys() & new.keys()):
-        a, b = old[name], new[name]
-        if a[0] != b[0]:
-            out += [{"name": name, "type": "EVENT_TYPE_REMOVE"}, {"name": name, "type": "EVENT_TYPE_CREATE"}]
-        elif a[1:3] != b[1:3]:
-            out.append({"name": name, "type": "EVENT_TYPE_WRITE"})
-        elif a[3] != b[3]:
-            out.append({"name": name, "type": "EVENT_TYPE_CHMOD"})
-    for name in sorted(old.keys() - new.keys()):
-        out.append({"name": name, "type": "EVENT_TYPE_REMOVE"})
-    return out
+def _gone(sid: str) -> RpcError:
+    return RpcError("unavailable", f"The sandbox {sid} was not found: it was killed or paused while watched")
 
 
 @dataclass(slots=True)
 class Watcher:
     sid: str
     path: str
-    depth: int
-    events: deque[Message] = field(default_factory=lambda: deque(maxlen=MAX_EVENTS))
+    handle: DirWatch
+    events: deque[Message] = field(default_factory=deque)
+    room: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     error: RpcError | None = None
 
@@ -65,77 +70,106 @@ class WatchService:
     def __init__(self, state: E2BState) -> None:
         self.state = state
         self.watchers: dict[str, Watcher] = state.watchers
+        self.streams = state.watch_streams
 
-    async def _list(self, w: Watcher) -> Snapshot:
-        try:
-            return _snapshot(w.path, await self.state.manager.list_files(w.sid, w.path, depth=w.depth))
-        except BranchboxError as exc:
-            raise from_branchbox(exc) from exc
+    def _count(self, sid: str) -> int:
+        return sum(w.sid == sid for w in self.watchers.values()) + self.streams.get(sid, 0)
 
-    async def _open(self, sid: str, req: Message, user: str | None) -> tuple[Watcher, Snapshot]:
+    async def _open(self, sid: str, req: Message, user: str | None) -> tuple[str, DirWatch]:
         path = req.get("path")
         if not isinstance(path, str) or not path:
             raise RpcError("invalid_argument", "path (a directory) is required")
-        w = Watcher(sid, resolve_path(path, user), RECURSIVE_DEPTH if req.get("recursive") else 1)
+        if self._count(sid) >= MAX_WATCHERS:
+            raise RpcError("resource_exhausted", f"a sandbox has at most {MAX_WATCHERS} watchers: stop one first")
+        full = resolve_path(path, user)
         try:
-            info = await self.state.manager.stat(sid, w.path)
+            return full, await self.state.manager.watch_dir(sid, full, recursive=bool(req.get("recursive")))
         except BranchboxError as exc:
             raise from_branchbox(exc) from exc
-        if info.type != "dir":
-            raise RpcError("invalid_argument", f"{w.path} is not a directory")
-        return w, await self._list(w)
 
+    # -- the stream ----------------------------------------------------------------------------------
     async def watch_dir(
-        self, sid: str, req: Message, user: str | None, deadline: float | None
+        self, sid: str, req: Message, user: str | None, deadline: float | None, keepalive: float | None = None
     ) -> AsyncIterator[Message]:
-        w, snap = await self._open(sid, req, user)
-        yield {"start": {}}
-        last = time.monotonic()
-        while deadline is None or time.monotonic() < deadline:
-            await asyncio.sleep(POLL_S)
-            new = await self._list(w)
-            for event in diff(snap, new):
-                yield {"filesystem": event}
-                last = time.monotonic()
-            snap = new
-            if time.monotonic() - last > 50:
-                yield {"keepalive": {}}
-                last = time.monotonic()
-        raise RpcError("deadline_exceeded", "the watch's timeout passed")
+        _, handle = await self._open(sid, req, user)
+        self.streams[sid] = self.streams.get(sid, 0) + 1
+        nxt: asyncio.Future[FileEvent] | None = None
+        try:
+            yield {"start": {}}
+            interval = keepalive or KEEPALIVE_DEFAULT_S
+            while True:
+                if nxt is None:
+                    nxt = asyncio.ensure_future(handle.__anext__())
+                wait = interval if deadline is None else min(interval, deadline - time.monotonic())
+                done, _ = await asyncio.wait({nxt}, timeout=max(0.0, wait))
+                if not done:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise RpcError("deadline_exceeded", "the watch's timeout passed")
+                    yield {"keepalive": {}}
+                    continue
+                nxt = None
+                try:
+                    event = done.pop().result()
+                except StopAsyncIteration:
+                    return  # the watched directory was removed: the stream ends cleanly
+                except (AgentDisconnectedError, SandboxNotFoundError) as exc:
+                    raise _gone(sid) from exc
+                except BranchboxError as exc:
+                    raise from_branchbox(exc) from exc
+                yield {"filesystem": event_json(event)}
+        finally:
+            left = self.streams.get(sid, 1) - 1
+            if left > 0:
+                self.streams[sid] = left
+            else:
+                self.streams.pop(sid, None)
+            if nxt is not None:
+                nxt.cancel()
+            with contextlib.suppress(BranchboxError, asyncio.CancelledError):
+                await handle.aclose()
 
+    # -- polled watchers -----------------------------------------------------------------------------
     async def create(self, sid: str, req: Message, user: str | None) -> Message:
-        if sum(w.sid == sid for w in self.watchers.values()) >= MAX_WATCHERS:
-            raise RpcError("resource_exhausted", f"a sandbox has at most {MAX_WATCHERS} watchers: stop one first")
-        w, snap = await self._open(sid, req, user)
-        wid = secrets.token_hex(8)
-        self.watchers[wid] = w
-        w.task = asyncio.ensure_future(self._poll(w, snap))
+        path, handle = await self._open(sid, req, user)
+        wid = "w" + secrets.token_hex(8)
+        w = self.watchers[wid] = Watcher(sid, path, handle)
+        w.task = asyncio.ensure_future(self._pump(wid, w))
         return {"watcherId": wid}
 
-    async def _poll(self, w: Watcher, snap: Snapshot) -> None:
+    async def _pump(self, wid: str, w: Watcher) -> None:
+        """Keep the watcher's events until GetWatcherEvents takes them; a full queue stops reading (the agent
+        holds the rest, then the kernel's queue, whose overflow fails the watcher)."""
         try:
-            while True:
-                await asyncio.sleep(POLL_S)
-                new = await self._list(w)
-                w.events.extend(diff(snap, new))
-                snap = new
-        except RpcError as exc:  # the directory or the sandbox went away: the next GetWatcherEvents says so
+            async for event in w.handle:
+                while len(w.events) >= MAX_EVENTS:
+                    w.room.clear()
+                    await w.room.wait()
+                w.events.append(event_json(event))
+            w.error = RpcError("not_found", f"the watched directory {w.path} was removed")
+        except RpcError as exc:
             w.error = exc
-            if exc.code == "unavailable":  # the sandbox is gone: nobody can ask any more
-                for wid in [k for k, v in self.watchers.items() if v is w]:
-                    del self.watchers[wid]
+        except (AgentDisconnectedError, SandboxNotFoundError):
+            w.error = _gone(w.sid)
+            if self.watchers.get(wid) is w:  # the sandbox is gone: nobody can ask any more
+                del self.watchers[wid]
+        except BranchboxError as exc:
+            w.error = from_branchbox(exc)
+        finally:
+            with contextlib.suppress(BranchboxError, asyncio.CancelledError):
+                await w.handle.aclose()
 
     def _get(self, sid: str, req: Message) -> tuple[str, Watcher]:
         wid = req.get("watcherId", req.get("watcher_id"))
         w = self.watchers.get(wid) if isinstance(wid, str) else None
         if w is None or w.sid != sid:
-            raise RpcError("not_found", f"no watcher {wid!r} in this sandbox")
+            raise RpcError("not_found", f"watcher with id {wid!r} not found in this sandbox")
         return wid, w  # type: ignore[return-value]
 
     async def events(self, sid: str, req: Message) -> Message:
         _, w = self._get(sid, req)
         out = list(w.events)
         w.events.clear()
+        w.room.set()
         if not out and w.error is not None:
             raise w.error
         return {"events": out}
