@@ -23,18 +23,16 @@ from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from branchbox.api import (
-    routes_commands,
-    routes_files,
-    routes_images,
-    routes_network,
-    routes_pools,
-    routes_sandboxes,
-    routes_snapshots,
-    routes_templates,
-    routes_workspaces,
-    streams,
-)
+import branchbox.api.routes_commands as routes_commands
+import branchbox.api.routes_files as routes_files
+import branchbox.api.routes_images as routes_images
+import branchbox.api.routes_network as routes_network
+import branchbox.api.routes_pools as routes_pools
+import branchbox.api.routes_sandboxes as routes_sandboxes
+import branchbox.api.routes_snapshots as routes_snapshots
+import branchbox.api.routes_templates as routes_templates
+import branchbox.api.routes_workspaces as routes_workspaces
+import branchbox.api.streams as streams
 from branchbox.api.auth import ApiKeyChecker
 from branchbox.api.context import AppContext, Ctx, require_api_key
 from branchbox.api.fastpath import FastPath

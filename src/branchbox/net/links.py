@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+import branchbox.net.netlink as netlink
 from branchbox.errors import NetworkError
-from branchbox.net import netlink
 from branchbox.net.addresses import Slot
 
 T = TypeVar("T")

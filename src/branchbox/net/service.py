@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 
 from dnslib import DNSRecord
 
+import branchbox.net.links as links
+import branchbox.net.rules as rules
 from branchbox.errors import NetworkError
-from branchbox.net import links, rules
 from branchbox.net.addresses import AddressPool, Slot
 from branchbox.net.dns import Client, DnsForwarder, addresses_of, ask_upstream
 from branchbox.net.nftables import Nft

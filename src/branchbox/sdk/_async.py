@@ -28,8 +28,10 @@ import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from branchbox.sdk import _awire, _context, _tar
-from branchbox.sdk import _requests as rq
+import branchbox.sdk._awire as _awire
+import branchbox.sdk._context as _context
+import branchbox.sdk._requests as rq
+import branchbox.sdk._tar as _tar
 from branchbox.sdk._concurrency import acall, aoffload
 from branchbox.sdk._config import UNSET, ConnectionConfig, _Unset, default_ssl_context
 from branchbox.sdk._errors import (

@@ -13,7 +13,7 @@ from websockets.asyncio.client import ClientConnection as AsyncConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection as SyncConnection
 
-from branchbox.sdk import _requests as rq
+import branchbox.sdk._requests as rq
 from branchbox.sdk._concurrency import acall
 from branchbox.sdk._errors import TimeoutException
 from branchbox.sdk._models import CommandResult

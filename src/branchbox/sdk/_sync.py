@@ -29,8 +29,10 @@ import httpx
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from branchbox.sdk import _context, _tar, _wire
-from branchbox.sdk import _requests as rq
+import branchbox.sdk._context as _context
+import branchbox.sdk._requests as rq
+import branchbox.sdk._tar as _tar
+import branchbox.sdk._wire as _wire
 from branchbox.sdk._concurrency import call, offload
 from branchbox.sdk._config import UNSET, ConnectionConfig, _Unset, default_ssl_context
 from branchbox.sdk._errors import (

@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import branchbox.backends.container.cgroups as cg_mod
+import branchbox.backends.container.syscalls as syscalls
 from branchbox.backends.base import BootSpec, Capabilities, IdMap, SandboxHandle
-from branchbox.backends.container import cgroups as cg_mod
-from branchbox.backends.container import syscalls
 from branchbox.backends.container.child import SHELL_DIR
 from branchbox.backends.container.zygote import AGENT_SOCKET, MAX_MESSAGE, MAX_SPARES, SPARE_PREFIX
 from branchbox.backends.idranges import CANONICAL_BASE, IdRanges

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from branchbox.backends.container import syscalls
+import branchbox.backends.container.syscalls as syscalls
 
 # Numbers from linux/capability.h.
 CAP_NUMBERS = {

@@ -26,7 +26,9 @@ import stat
 import sys
 from dataclasses import dataclass, field
 
-from branchbox.backends.container import caps, devices, syscalls
+import branchbox.backends.container.caps as caps
+import branchbox.backends.container.devices as devices
+import branchbox.backends.container.syscalls as syscalls
 from branchbox.backends.container.cgroups import Cgroups
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -182,8 +184,8 @@ def _run_init(fds: HolderFds, seccomp_bpf: bytes, *, warm_up: bool) -> None:
         step = "capability bounding set"
         caps.limit_bounding_set()
         step = "agent"
+        import branchbox.backends.container.warmup as warmup  # noqa: PLC0415 - preloaded likewise
         from branchbox.agent import server  # noqa: PLC0415 - in sys.modules already (preloaded by the zygote)
-        from branchbox.backends.container import warmup  # noqa: PLC0415 - preloaded likewise
 
         syscalls.scrub_process_image(b"branchbox-agent")
         # Not dumpable: the sandbox's root (no CAP_SYS_PTRACE) cannot ptrace or read the memory this process

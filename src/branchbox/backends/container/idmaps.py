@@ -22,7 +22,7 @@ import socket
 from collections import OrderedDict
 from pathlib import Path
 
-from branchbox.backends.container import syscalls
+import branchbox.backends.container.syscalls as syscalls
 
 USERNS_CACHE = 64
 LOWERS = "lowers"  # mount points of idmapped layers: shell_dir/lowers/<i>

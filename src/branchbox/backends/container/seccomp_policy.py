@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import tempfile
 
-from branchbox.backends.container import syscalls
+import branchbox.backends.container.syscalls as syscalls
 
 # Each group: why it is denied -> syscall names. Names unknown to this architecture are skipped.
 DENIED: dict[str, tuple[str, ...]] = {

@@ -28,9 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import branchbox.backends.container.cgroups as cg_mod
+import branchbox.backends.container.idmaps as idmaps
+import branchbox.backends.container.seccomp_policy as seccomp_policy
+import branchbox.backends.container.syscalls as syscalls
 from branchbox.agent.wire import short_unix_path
-from branchbox.backends.container import cgroups as cg_mod
-from branchbox.backends.container import idmaps, seccomp_policy, syscalls
 from branchbox.backends.container.child import ROOT, STAGE, BootRequest, HolderFds, run_holder
 
 MAX_MESSAGE = 1 << 20

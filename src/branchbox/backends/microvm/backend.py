@@ -21,12 +21,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import branchbox.backends.microvm.accel as accel_mod
+import branchbox.backends.microvm.image as image
+import branchbox.backends.microvm.memfile as memfile
+import branchbox.backends.microvm.qemu as qemu
+import branchbox.backends.microvm.runtime as runtime
+import branchbox.backends.microvm.tplcache as tplcache
+import branchbox.backends.microvm.vsock as vsock
 from branchbox.agent.wire import VsockAddress
 from branchbox.agentclient.client import AgentClient
 from branchbox.backends.base import BootSpec, Capabilities, LayerInfo, SandboxHandle
-from branchbox.backends.microvm import accel as accel_mod
-from branchbox.backends.microvm import image, memfile, qemu, runtime, tplcache, vsock
 from branchbox.backends.microvm.jail import Jail, JailConfig, Launch
+from branchbox.backends.microvm.qemu import Saved
 from branchbox.backends.microvm.qmp import QMP
 from branchbox.backends.microvm.vmpool import IncomingPool, Slot
 from branchbox.core.timing import PhaseTimer
@@ -52,23 +58,6 @@ class MicroVMConfig:
     jail: JailConfig = dataclasses.field(
         default_factory=JailConfig
     )  # every QEMU's uid, cgroup and mount namespace (jail.py)
-
-
-@dataclass(frozen=True, slots=True)
-class Saved:
-    """A saved VM: device state + RAM file + disk, and the machine it ran on."""
-
-    dir: Path
-    ram: Path
-    machine: qemu.Machine
-
-    @property
-    def state(self) -> Path:
-        return self.dir / "state"
-
-    @property
-    def disk(self) -> Path:
-        return self.dir / "disk.qcow2"
 
 
 def _machine_json(m: qemu.Machine) -> dict[str, Any]:

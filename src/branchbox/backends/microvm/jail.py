@@ -44,8 +44,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from branchbox.backends.container import cgroups as cg_mod
-from branchbox.backends.microvm import qemu, tplcache
+import branchbox.backends.container.cgroups as cg_mod
+import branchbox.backends.microvm.qemu as qemu
+import branchbox.backends.microvm.tplcache as tplcache
 from branchbox.errors import BackendError
 
 log = logging.getLogger("branchbox.microvm")

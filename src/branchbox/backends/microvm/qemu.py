@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import branchbox.backends.microvm.vsock as vsock
 from branchbox.agent import wire
-from branchbox.backends.microvm import vsock
 from branchbox.backends.process import wait_pid_exit
 from branchbox.errors import BackendError
 
@@ -53,6 +53,23 @@ class Machine:
         boot = hashlib.sha256(self.cmdline.encode()).hexdigest()[:8]
         rt = f".rt{self.runtime.stem[:8]}" if self.runtime is not None else ""
         return f"{self.accel}-{self.vcpus}c-{self.memory_mb}m-{self.initrd.stem}.{boot}{rt}"
+
+
+@dataclass(frozen=True, slots=True)
+class Saved:
+    """A saved VM: device state + RAM file + disk, and the machine it ran on."""
+
+    dir: Path
+    ram: Path
+    machine: Machine
+
+    @property
+    def state(self) -> Path:
+        return self.dir / "state"
+
+    @property
+    def disk(self) -> Path:
+        return self.dir / "disk.qcow2"
 
 
 @dataclass(frozen=True, slots=True)

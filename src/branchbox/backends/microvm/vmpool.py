@@ -10,13 +10,12 @@ import logging
 import secrets
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Protocol
 
-from branchbox.backends.microvm import qemu
+import branchbox.backends.microvm.qemu as qemu
+from branchbox.backends.microvm.qemu import Saved
 from branchbox.backends.microvm.qmp import QMP
-
-if TYPE_CHECKING:
-    from branchbox.backends.microvm.backend import MicroVMBackend, Saved
 
 log = logging.getLogger("branchbox.microvm")
 
@@ -29,8 +28,21 @@ class Slot:
     qmp: QMP
 
 
+class VmHost(Protocol):
+    """What the pool needs of its backend (``MicroVMBackend``): a VM's files, its RAM and disk made ready to
+    restore ``saved``, QEMU started waiting for it, and the VM removed."""
+
+    def paths(self, vmid: str) -> qemu.VmPaths: ...
+
+    async def prepare(self, vmid: str, saved: Saved) -> None: ...
+
+    def spawn_vm(self, vmid: str, m: qemu.Machine, *, incoming: bool, nice: int = 0) -> int: ...
+
+    async def remove_vm(self, d: Path) -> None: ...
+
+
 class IncomingPool:
-    def __init__(self, backend: MicroVMBackend, saved: Saved, size: int) -> None:
+    def __init__(self, backend: VmHost, saved: Saved, size: int) -> None:
         self.backend = backend
         self.saved = saved
         self.size = size
