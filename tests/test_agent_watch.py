@@ -13,8 +13,9 @@ import pytest
 
 from branchbox.agent import supervise, watch, wire
 from branchbox.agentclient.client import AgentClient
-from branchbox.agentclient.watch import DirWatch
-from branchbox.errors import FileNotFoundInSandboxError, LimitExceededError, NotADirectoryInSandboxError
+from branchbox.agentclient.watch import DirWatch, parse_event
+from branchbox.core.models import FileEvent
+from branchbox.errors import AgentError, FileNotFoundInSandboxError, LimitExceededError, NotADirectoryInSandboxError
 from tests import test_agent
 from tests.test_agent import GUARD, RunningAgent
 
@@ -266,3 +267,12 @@ async def test_the_watch_limit_refuses_a_big_tree_and_reports_a_late_one(
         assert b'{"type":"overflow","reason":"watch_limit"}' in conn.lines()
     finally:
         w.close()
+
+
+def test_the_host_refuses_malformed_watch_lines() -> None:
+    """A sandbox's PID 1 is not trusted: its watch lines are checked, never trusted to be JSON of the right shape."""
+    assert parse_event(b'{"type":"create","name":"a/b","dir":true}') == FileEvent("create", "a/b", is_dir=True)
+    assert parse_event(b'{"type":"overflow","reason":"queue"}') == FileEvent("overflow", "", reason="queue")
+    for bad in (b"not json", b"[1]", b'{"type":"explode","name":"x"}', b'{"type":"create","name":3}', b"{}"):
+        with pytest.raises(AgentError, match="malformed watch event"):
+            parse_event(bad)
