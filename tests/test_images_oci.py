@@ -367,6 +367,92 @@ def test_symlinks_never_reach_the_host(tmp_path: Path, store: TemplateStore) -> 
     assert os.stat(host / "passwd").st_nlink == 1
 
 
+def test_a_hard_link_to_a_symlink_never_changes_what_it_points_at(tmp_path: Path, store: TemplateStore) -> None:
+    """A hard link naming a symlink of the image (`stolen` -> `evil` -> /HOST/victim) is a second name of that
+    symlink: its owner, mode and mtime are set without following it (tarfile's extract chowned, chmodded and
+    stamped the host file through it)."""
+    host = tmp_path / "host"
+    host.mkdir()
+    victim = host / "victim"
+    victim.write_text("host secret")
+    os.chmod(victim, 0o600)
+    os.utime(victim, (1_000_000, 1_000_000))
+    before = os.stat(victim)
+    layers = [
+        BASE,
+        [Entry("evil", "symlink", link=str(victim)), Entry("evil-dir", "symlink", link=str(host))],
+        [Entry("stolen", "hardlink", link="evil", uid=1000, gid=1000, mode=0o4777)],
+    ]
+    layout = image(tmp_path, layers)
+    info = run(store.import_image(f"oci:{layout}:latest", name="hl"))
+    r = store.rootfs(info.name)
+    after = os.stat(victim)
+    assert (after.st_uid, after.st_gid, stat.S_IMODE(after.st_mode), after.st_mtime, after.st_nlink) == (
+        before.st_uid,
+        before.st_gid,
+        0o600,
+        1_000_000,
+        1,
+    )
+    assert os.readlink(r / "stolen") == str(victim)  # the symlink's second name, resolved inside the sandbox
+    assert os.lstat(r / "stolen").st_ino == os.lstat(r / "evil").st_ino
+    assert os.lstat(r / "stolen").st_uid == store.idmap.host_base + 1000
+    # entries of a later layer over those symlinks replace the symlinks, never write through them
+    over = [
+        Entry("evil", data=b"a file replaces the symlink", mode=0o4755),
+        Entry("evil-dir", "dir", mode=0o777),
+        Entry("evil-dir/planted", data=b"inside"),
+    ]
+    layout2 = image(tmp_path, [*layers, over], name="img2")
+    info2 = run(store.import_image(f"oci:{layout2}:latest", name="hl2"))
+    r2 = store.rootfs(info2.name)
+    assert (r2 / "evil").read_bytes() == b"a file replaces the symlink"
+    assert stat.S_IMODE(os.lstat(r2 / "evil").st_mode) == 0o4755
+    assert (r2 / "evil-dir").is_dir() and not (r2 / "evil-dir").is_symlink()
+    assert victim.read_text() == "host secret"
+    assert sorted(os.listdir(host)) == ["victim"]
+    assert stat.S_IMODE(os.stat(host).st_mode) != 0o777
+    assert os.readlink(r2 / "stolen") == str(victim)  # the hard-linked name of the old symlink stays one
+
+
+def test_entries_that_clash_within_and_across_layers(tmp_path: Path, store: TemplateStore) -> None:
+    """The last entry of a path wins (a dir over a dir only changes its attributes and keeps its contents),
+    fifos are made, and directory mtimes are the image's after their contents are written."""
+    layers = [
+        [
+            Entry("d", "dir", mode=0o755),
+            Entry("d/keep", data=b"kept"),
+            Entry("f", data=b"first"),
+            Entry("f", data=b"second", mode=0o600, uid=1000),
+            Entry("pipe", "fifo", mode=0o640),
+            Entry("s", "symlink", link="d"),
+        ],
+        [
+            Entry("d", "dir", mode=0o700, uid=1000, gid=1000),
+            Entry("s", "symlink", link="f"),
+            Entry("pipe", data=b"a file now"),
+            Entry("f", "dir", mode=0o755),
+        ],
+    ]
+    layout = image(tmp_path, layers)
+    info = run(store.import_image(f"oci:{layout}:latest", name="clash"))
+    r = store.rootfs(info.name)
+    base = store.idmap.host_base
+    st = os.lstat(r / "d")
+    assert (stat.S_IMODE(st.st_mode), st.st_uid - base, st.st_mtime) == (0o700, 1000, 0)
+    assert (r / "d/keep").read_bytes() == b"kept"
+    assert os.readlink(r / "s") == "f"
+    assert (r / "pipe").read_bytes() == b"a file now"
+    assert (r / "f").is_dir()
+    one = image(tmp_path, [layers[0]], name="one")
+    r1 = store.rootfs(run(store.import_image(f"oci:{one}:latest", name="one")).name)
+    f = os.lstat(r1 / "f")
+    assert (r1 / "f").read_bytes() == b"second"
+    assert (stat.S_IMODE(f.st_mode), f.st_uid - base, f.st_nlink) == (0o600, 1000, 1)
+    p = os.lstat(r1 / "pipe")
+    assert stat.S_ISFIFO(p.st_mode) and stat.S_IMODE(p.st_mode) == 0o640 and p.st_uid == base
+
+
 def test_tar_bombs_stop_at_the_caps(tmp_path: Path, store: TemplateStore) -> None:
     bomb = image(tmp_path, [BASE, [Entry("zeros", data=bytes(4 << 20))]], name="bomb")
     assert sum(f.stat().st_size for f in (bomb / "blobs/sha256").iterdir()) < 64 << 10  # small on the wire

@@ -110,9 +110,18 @@ def _parts(name: str, what: str) -> list[str]:
     return parts
 
 
+_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 class _Applier:
+    """Applies one layer's entries. Every entry is written by its own few syscalls, never through tarfile's
+    extract (which follows a hard-linked symlink when it chowns, chmods and stamps the link: see
+    ``_hardlink``): a regular file is created with ``O_EXCL | O_NOFOLLOW`` and its owner, mode, capabilities and
+    mtime are set on that descriptor; directories and symlinks are made in a parent resolved inside the root."""
+
     def __init__(self, root: Path, idmap: IdMap, budget: Budget, layer: Layer) -> None:
         self.root = root
+        self.root_s = str(root)
         self.idmap = idmap
         self.budget = budget
         self.layer = layer
@@ -120,16 +129,17 @@ class _Applier:
         self.dirs: list[tuple[str, float]] = []
         self.skipped_devices = 0
         self.root_id = shift_id(0, idmap)
-        # layer dir -> its resolved host dir; valid until something is removed (only a removal can turn a
-        # directory into a symlink or take it away: see _drop)
-        self.parents: dict[str, Path] = {}
+        # layer dir -> (its resolved host dir, that dir relative to the root); valid until something is removed
+        # (only a removal can turn a directory into a symlink or take it away: see _drop)
+        self.parents: dict[str, tuple[str, str]] = {}
 
     def _drop(self, path: Path | str) -> None:
         self.parents.clear()
         _remove(path)
 
-    def _parent(self, rel_parts: list[str]) -> Path:
-        """The host dir for the layer path ``rel_parts`` (symlinks followed inside the root), made if missing."""
+    def _parent(self, rel_parts: list[str]) -> tuple[str, str]:
+        """The host dir for the layer path ``rel_parts`` (symlinks followed inside the root), made if missing,
+        and its path relative to the root ('' for the root)."""
         key = "/".join(rel_parts)
         hit = self.parents.get(key)
         if hit is not None:
@@ -149,8 +159,9 @@ class _Applier:
                 raise UnsupportedImageError(
                     f"layer {self.layer.digest}: /{'/'.join(rel_parts)} has a non-directory parent ({cur.name})"
                 )
-        self.parents[key] = parent
-        return parent
+        rel_s = "" if not rel.parts else str(rel)
+        hit = self.parents[key] = (str(parent), rel_s)
+        return hit
 
     def _opaque(self, rel_parts: list[str]) -> None:
         d = resolve_in_root(self.root, "/".join(rel_parts))
@@ -170,7 +181,8 @@ class _Applier:
         if os.path.lexists(target):
             self._drop(target)
 
-    def _link_target(self, member: tarfile.TarInfo) -> str:
+    def _link_target(self, member: tarfile.TarInfo) -> tuple[str, bool]:
+        """The host path of a hard link's target (inside the root) and whether that target is a symlink."""
         parts = _parts(member.linkname, f"(hard link of {member.name[:100]!r}) ")
         if not parts:
             raise UnsafeImageError(f"hard link {member.name[:200]!r} points at the root: refusing the image")
@@ -183,9 +195,10 @@ class _Applier:
             ) from None
         if stat.S_ISDIR(st.st_mode):
             raise UnsafeImageError(f"hard link {member.name[:200]!r} points at a directory: refusing the image")
-        return str(target.relative_to(self.root))
+        return str(target), stat.S_ISLNK(st.st_mode)
 
     def apply(self, tar: tarfile.TarFile) -> None:
+        idmap = self.idmap
         for member in tar:
             parts = _parts(member.name, "")
             if not parts:
@@ -197,46 +210,105 @@ class _Applier:
                 elif not base.startswith(WHITEOUT + WHITEOUT):  # .wh..wh.* (aufs internals) mean nothing here
                     self._whiteout(parent_parts, base[len(WHITEOUT) :], member)
                 continue
-            self.budget.take(member.size if member.isreg() else 0)
+            is_file = member.isreg()
+            self.budget.take(member.size if is_file else 0)
             if member.ischr() or member.isblk():
                 self.skipped_devices += 1
                 continue
-            linkname = self._link_target(member) if member.islnk() else member.linkname
-            dest = self._parent(parent_parts) / base
-            try:
-                st = os.lstat(dest)
-            except FileNotFoundError:
-                pass
-            else:
-                if not (member.isdir() and stat.S_ISDIR(st.st_mode)):
+            link = self._link_target(member) if member.islnk() else None
+            parent, parent_rel = self._parent(parent_parts)
+            dest = f"{parent}/{base}"
+            rel = f"{parent_rel}/{base}" if parent_rel else base
+            uid, gid = shift_id(member.uid, idmap), shift_id(member.gid, idmap)
+            if (is_file and member.issparse()) or not (is_file or member.isdir() or member.issym() or link):
+                # fifos, sparse files: tarfile's own code, on a path that is made free first
+                with contextlib.suppress(FileNotFoundError):
                     self._drop(dest)
-            rel = str(dest.relative_to(self.root))
-            new = member.replace(
-                name=rel,
-                linkname=linkname,
-                uid=shift_id(member.uid, self.idmap),
-                gid=shift_id(member.gid, self.idmap),
-                uname="",
-                gname="",
-                deep=False,
-            )
-            tar.extract(new, self.root, set_attrs=True, numeric_owner=True, filter="fully_trusted")
+                new = member.replace(name=rel, uid=uid, gid=gid, uname="", gname="", deep=False)
+                tar.extract(new, self.root, set_attrs=True, numeric_owner=True, filter="fully_trusted")
+            else:
+                try:  # most paths are new: one syscall makes the entry, and only a clash looks at what is there
+                    self._make(tar, member, dest, link, uid, gid, existing_dir=False)
+                except FileExistsError:
+                    st = os.lstat(dest)
+                    keep = member.isdir() and stat.S_ISDIR(st.st_mode)  # dir over dir: only its attributes change
+                    if not keep:
+                        self._drop(dest)
+                    self._make(tar, member, dest, link, uid, gid, existing_dir=keep)
             self.created.add(rel)
-            if member.isdir():
-                self.dirs.append((rel, float(member.mtime)))
+        for path, mtime in reversed(self.dirs):  # entries written into a dir changed its mtime
+            with contextlib.suppress(OSError):
+                os.utime(path, (mtime, mtime), follow_symlinks=False)
+
+    def _make(
+        self,
+        tar: tarfile.TarFile,
+        member: tarfile.TarInfo,
+        dest: str,
+        link: tuple[str, bool] | None,
+        uid: int,
+        gid: int,
+        *,
+        existing_dir: bool,
+    ) -> None:
+        """Make the entry at ``dest``; FileExistsError (before anything is read or changed) when the path is taken
+        (except by a directory when ``existing_dir``)."""
+        if member.isreg():
+            self._file(tar, member, dest, uid, gid)
+        elif member.isdir():
+            if not existing_dir:
+                os.mkdir(dest, 0o700)
+            os.lchown(dest, uid, gid)
+            os.chmod(dest, member.mode & 0o7777)
+            self.dirs.append((dest, float(member.mtime)))
+        elif member.issym():
+            os.symlink(member.linkname, dest)
+            os.lchown(dest, uid, gid)
+        else:
+            assert link is not None
+            self._hardlink(link, dest, member, uid, gid)
+
+    def _file(self, tar: tarfile.TarFile, member: tarfile.TarInfo, dest: str, uid: int, gid: int) -> None:
+        """A regular file: created (never opened through a symlink), filled from the stream, then owner, mode
+        (after the owner: chown clears setuid bits), capabilities and mtime on its descriptor."""
+        stream = tar.fileobj
+        assert stream is not None
+        stream.seek(member.offset_data)  # where the stream is already (tarfile only moves forwards)
+        fd = os.open(dest, _FILE_FLAGS, 0o600)
+        try:
+            left = member.size
+            while left:
+                data = stream.read(min(left, CHUNK))
+                if not data:
+                    raise tarfile.ReadError(f"unexpected end of data in {member.name[:200]!r}")
+                left -= len(data)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            os.fchown(fd, uid, gid)
+            os.fchmod(fd, member.mode & 0o7777)
             caps = member.pax_headers.get(_CAP_PAX)
-            if caps is not None and member.isreg():
+            if caps is not None:
                 try:
-                    os.setxattr(
-                        dest, "security.capability", caps.encode("utf-8", "surrogateescape"), follow_symlinks=False
-                    )
+                    os.setxattr(fd, "security.capability", caps.encode("utf-8", "surrogateescape"))
                 except OSError as exc:
                     raise UnsupportedImageError(
                         f"{member.name[:200]!r}: its file capabilities are invalid ({exc})"
                     ) from exc
-        for rel, mtime in reversed(self.dirs):  # entries written into a dir changed its mtime
-            with contextlib.suppress(OSError):
-                os.utime(self.root / rel, (mtime, mtime), follow_symlinks=False)
+            os.utime(fd, (member.mtime, member.mtime))
+        finally:
+            os.close(fd)
+
+    def _hardlink(self, link: tuple[str, bool], dest: str, member: tarfile.TarInfo, uid: int, gid: int) -> None:
+        """A hard link to a file of the root. Its target may be a symlink (a second name of that symlink, as
+        Docker makes it): linked without following it, and then only its owner changes, never through it (a
+        chown, chmod or utime following ``evil -> /etc/shadow`` would change the host's file)."""
+        target, is_symlink = link
+        os.link(target, dest, follow_symlinks=False)
+        os.lchown(dest, uid, gid)
+        if not is_symlink:
+            os.chmod(dest, member.mode & 0o7777)  # dest is the regular file (or fifo) just linked, not a symlink
+            os.utime(dest, (member.mtime, member.mtime))
 
 
 def apply_layer(root: Path, blob: Path, layer: Layer, idmap: IdMap, budget: Budget) -> int:
