@@ -17,6 +17,7 @@ pytestmark = pytest.mark.timeout(300)
 GUARD = 60  # seconds: a hang guard, never asserted on
 Seen = list[tuple[str, str]]
 ORDER = "cd {d} && echo 1 > a && echo 2 >> a && mv a b && chmod 600 b && rm b && mkdir end"
+FLOOD = "import os\nfor i in range(100000):\n os.close(os.open(f'f{i}', os.O_CREAT | os.O_WRONLY))\n os.unlink(f'f{i}')"
 EXPECTED = [("a", "create"), ("a", "write"), ("a", "rename"), ("b", "create"), ("b", "chmod"), ("b", "remove"),
             ("end", "create")]  # fmt: skip
 
@@ -166,3 +167,19 @@ def test_watching_proc_is_bounded_and_quiet(sbx: Sandbox) -> None:
         assert [e for e in wh.get_new_events() if not e.name.split("/")[0].isdigit()] == []
     finally:
         wh.stop()
+
+
+def test_a_flood_nobody_reads_stays_bounded_and_fails_the_watcher(sbx: Sandbox) -> None:
+    """100,000 files made and removed under a watcher nobody reads: the facade keeps at most 10,000 events and
+    then stops reading, the agent and the kernel hold a bounded rest, and the kernel's overflow fails the watcher
+    (as envd's does: events were lost) once what was kept has been read; the sandbox and the daemon go on."""
+    sbx.files.make_dir("/tmp/flood")
+    wh = sbx.files.watch_dir("/tmp/flood")
+    sbx.files.write("/tmp/flood.py", FLOOD)
+    sbx.commands.run("python3 /tmp/flood.py", cwd="/tmp/flood", timeout=120)
+    seen: Seen = []
+    with pytest.raises(SandboxException, match="overflowed"):
+        _drain(wh, seen)
+    assert 10_000 <= len(seen) < 200_000 and seen[0] == ("f0", "create")
+    wh.stop()
+    assert sbx.commands.run("echo alive").stdout == "alive\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import deque
 from typing import Any
@@ -41,6 +42,7 @@ class DirWatch:
         self.path = path
         self._events: deque[FileEvent] = deque()
         self._rest = b""
+        self._next: asyncio.Future[FileEvent] | None = None
 
     def __aiter__(self) -> DirWatch:
         return self
@@ -53,6 +55,17 @@ class DirWatch:
                 raise StopAsyncIteration
             self._feed(item[1])
         return self._events.popleft()
+
+    async def next(self, timeout: float) -> FileEvent | None:
+        """The next event, or None when none came within ``timeout`` seconds (the wait goes on at the next call:
+        nothing is lost); raises StopAsyncIteration at the end, or the call's error."""
+        if self._next is None:
+            self._next = asyncio.ensure_future(self.__anext__())
+        done, _ = await asyncio.wait({self._next}, timeout=max(0.0, timeout))
+        if not done:
+            return None
+        fut, self._next = self._next, None
+        return fut.result()
 
     def _feed(self, data: bytes) -> None:
         *lines, rest = (self._rest + data).split(b"\n")
@@ -73,5 +86,8 @@ class DirWatch:
 
     async def aclose(self) -> None:
         """Stop watching (the agent closes its inotify descriptor: every watch of this call goes)."""
+        if self._next is not None:
+            self._next.cancel()
+            self._next = None
         if not self._call.future.done():
             self._call.cancel()

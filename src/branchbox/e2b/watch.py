@@ -93,38 +93,31 @@ class WatchService:
     ) -> AsyncIterator[Message]:
         _, handle = await self._open(sid, req, user)
         self.streams[sid] = self.streams.get(sid, 0) + 1
-        nxt: asyncio.Future[FileEvent] | None = None
         try:
             yield {"start": {}}
             interval = keepalive or KEEPALIVE_DEFAULT_S
             while True:
-                if nxt is None:
-                    nxt = asyncio.ensure_future(handle.__anext__())
                 wait = interval if deadline is None else min(interval, deadline - time.monotonic())
-                done, _ = await asyncio.wait({nxt}, timeout=max(0.0, wait))
-                if not done:
-                    if deadline is not None and time.monotonic() >= deadline:
-                        raise RpcError("deadline_exceeded", "the watch's timeout passed")
-                    yield {"keepalive": {}}
-                    continue
-                nxt = None
                 try:
-                    event = done.pop().result()
+                    event = await handle.next(wait)
                 except StopAsyncIteration:
                     return  # the watched directory was removed: the stream ends cleanly
                 except (AgentDisconnectedError, SandboxNotFoundError) as exc:
                     raise _gone(sid) from exc
                 except BranchboxError as exc:
                     raise from_branchbox(exc) from exc
-                yield {"filesystem": event_json(event)}
+                if event is not None:
+                    yield {"filesystem": event_json(event)}
+                elif deadline is not None and time.monotonic() >= deadline:
+                    raise RpcError("deadline_exceeded", "the watch's timeout passed")
+                else:
+                    yield {"keepalive": {}}
         finally:
             left = self.streams.get(sid, 1) - 1
             if left > 0:
                 self.streams[sid] = left
             else:
                 self.streams.pop(sid, None)
-            if nxt is not None:
-                nxt.cancel()
             with contextlib.suppress(BranchboxError, asyncio.CancelledError):
                 await handle.aclose()
 
