@@ -41,11 +41,11 @@ from branchbox.backends.microvm import MicroVMBackend, MicroVMConfig  # noqa: E4
 from branchbox.backends.microvm import image as vm_image  # noqa: E402
 from branchbox.backends.microvm.jail import JailConfig  # noqa: E402
 from branchbox.core.manager import Manager  # noqa: E402
-from branchbox.core.models import SandboxInfo  # noqa: E402
 from branchbox.core.pool import PoolConfig  # noqa: E402
 from branchbox.core.settings import ManagerSettings  # noqa: E402
-from branchbox.core.timing import PhaseTimer  # noqa: E402
 from branchbox.images.store import TemplateStore  # noqa: E402
+from branchbox.models import SandboxInfo  # noqa: E402
+from branchbox.timing import PhaseTimer  # noqa: E402
 from quiet import wait_quiet  # noqa: E402
 from stats import Summary, summarize  # noqa: E402
 

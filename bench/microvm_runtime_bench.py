@@ -29,8 +29,8 @@ from branchbox.backends.microvm import MicroVMBackend, MicroVMConfig  # noqa: E4
 from branchbox.backends.microvm import image as vm_image  # noqa: E402
 from branchbox.backends.microvm.jail import JailConfig  # noqa: E402
 from branchbox.backends.microvm.qemu import Machine  # noqa: E402
-from branchbox.core.timing import PhaseTimer  # noqa: E402
 from branchbox.images.store import TemplateStore  # noqa: E402
+from branchbox.timing import PhaseTimer  # noqa: E402
 from stats import summarize  # noqa: E402
 
 

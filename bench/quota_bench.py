@@ -23,9 +23,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from branchbox.core.manager import Manager  # noqa: E402
-from branchbox.core.models import SandboxInfo  # noqa: E402
 from branchbox.core.pool import PoolConfig  # noqa: E402
 from branchbox.core.settings import ManagerSettings  # noqa: E402
+from branchbox.models import SandboxInfo  # noqa: E402
 from branchbox.storage.btrfs import BtrfsDriver  # noqa: E402
 from snapshot_bench import btrfs_loop  # noqa: E402
 from stats import summarize  # noqa: E402

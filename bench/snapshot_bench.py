@@ -28,8 +28,8 @@ sys.path.insert(0, str(HERE))
 
 from branchbox.backends.container import ContainerBackend  # noqa: E402
 from branchbox.core.manager import Manager  # noqa: E402
-from branchbox.core.models import SandboxInfo  # noqa: E402
 from branchbox.core.settings import ManagerSettings  # noqa: E402
+from branchbox.models import SandboxInfo  # noqa: E402
 from stats import Summary, summarize  # noqa: E402
 
 Results = dict[str, Summary]

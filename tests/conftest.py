@@ -23,8 +23,8 @@ import httpx
 import pytest
 
 import branchbox
-from branchbox.core.models import TemplateInfo
 from branchbox.core.settings import ManagerSettings, WorkspaceSettings
+from branchbox.models import TemplateInfo
 from branchbox.net.settings import NetworkSettings
 from tests.leaks import _cgroup_dirs, _in_cgroup_tree
 from tests.net_env import Internet, make_internet

@@ -14,8 +14,8 @@ import pytest
 from branchbox.agent import supervise, watch, wire
 from branchbox.agentclient.client import AgentClient
 from branchbox.agentclient.watch import DirWatch, parse_event
-from branchbox.core.models import FileEvent
 from branchbox.errors import AgentError, FileNotFoundInSandboxError, LimitExceededError, NotADirectoryInSandboxError
+from branchbox.models import FileEvent
 from tests import test_agent
 from tests.test_agent import GUARD, RunningAgent
 

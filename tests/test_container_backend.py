@@ -27,12 +27,12 @@ from branchbox.agentclient.client import AgentClient
 from branchbox.backends.base import BootSpec, IdMap, SandboxHandle
 from branchbox.backends.container import ContainerBackend
 from branchbox.backends.container.zygote import MAX_SPARES, SPARE_PREFIX, SPARES
-from branchbox.core.models import ExecResult, Resources, TemplateInfo
-from branchbox.core.timing import PhaseTimer
 from branchbox.errors import BackendError
 from branchbox.images.shift import shift_tree
 from branchbox.images.store import TemplateStore
+from branchbox.models import ExecResult, Resources, TemplateInfo
 from branchbox.storage.overlay import prepare_sandbox_dirs, remove_sandbox_dirs
+from branchbox.timing import PhaseTimer
 from tests.conftest import templates_dir
 from tests.leaks import _mounts
 

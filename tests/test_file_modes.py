@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from branchbox.core.manager import Manager
-from branchbox.core.models import TemplateInfo
+from branchbox.models import TemplateInfo
 from tests.conftest import make_settings
 
 pytestmark = pytest.mark.root

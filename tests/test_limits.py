@@ -1,4 +1,4 @@
-"""One set of limits (core/limits.py): the API's schema bounds are core's, they show in the OpenAPI document,
+"""One set of limits (limits.py): the API's schema bounds are core's, they show in the OpenAPI document,
 requests above a size bound get 413 payload_too_large (400 for a value out of range) and change nothing, and the
 bounds are true (a command at Linux's argument limit runs). One place for the daemon's defaults and the version."""
 
@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 import branchbox
+from branchbox import limits as L
 from branchbox.api.schemas import CreateSandboxRequest, PoolSettings, RunCommandRequest
 from branchbox.api.settings import ApiSettings
-from branchbox.core import limits as L
 from branchbox.core import validate
 from branchbox.core.settings import ManagerSettings, WorkspaceSettings
 from branchbox.daemon.config import ConfigError, DaemonConfig, load_config

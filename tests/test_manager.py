@@ -13,7 +13,7 @@ import pytest
 from branchbox import errors
 from branchbox.core.events import ManagerEvent
 from branchbox.core.manager import Manager
-from branchbox.core.models import SandboxState
+from branchbox.models import SandboxState
 from tests.conftest import make_settings
 from tests.leaks import HostSnapshot
 

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 
 from branchbox.core.manager import Manager
-from branchbox.core.models import SandboxInfo, SandboxState
 from branchbox.core.pool import PoolConfig
 from branchbox.errors import InvalidStateError, NotFoundError
+from branchbox.models import SandboxInfo, SandboxState
 from tests.conftest import make_settings, new_data_dir, vm_cache
 
 pytestmark = [pytest.mark.microvm, pytest.mark.root]

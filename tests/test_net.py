@@ -16,9 +16,9 @@ import pytest
 
 from branchbox.agentclient.client import OutputChunk
 from branchbox.core.manager import Manager
-from branchbox.core.models import TemplateInfo
 from branchbox.core.pool import PoolConfig
 from branchbox.errors import NetworkPolicyError, NotSupportedError, TimeoutError_
+from branchbox.models import TemplateInfo
 from branchbox.net.settings import NetworkSettings
 from tests.conftest import make_settings
 from tests.net_env import Internet, host_network_state, network_settings, sh

@@ -13,8 +13,8 @@ import pytest
 from branchbox import errors
 from branchbox.backends.container import ContainerBackend
 from branchbox.core.manager import Manager
-from branchbox.core.models import TemplateInfo
 from branchbox.core.pool import PoolConfig
+from branchbox.models import TemplateInfo
 from tests.conftest import make_settings
 from tests.leaks import HostSnapshot
 

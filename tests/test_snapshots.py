@@ -18,7 +18,7 @@ import branchbox
 from branchbox import errors
 from branchbox.core import snapshots as snaps
 from branchbox.core.manager import Manager
-from branchbox.core.models import SandboxInfo, SandboxState, TemplateInfo
+from branchbox.models import SandboxInfo, SandboxState, TemplateInfo
 from branchbox.sdk import AsyncSandbox, NotFoundError, RateLimitError, Sandbox, SandboxError, aexplore
 from branchbox.sdk import BadRequestError as SdkBadRequest
 from tests.conftest import TEST_ROOT, DaemonProc, make_settings

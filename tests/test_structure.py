@@ -20,8 +20,6 @@ import functools
 from collections.abc import Iterable
 from pathlib import Path
 
-import pytest
-
 SRC = Path(__file__).resolve().parent.parent / "src" / "branchbox"
 
 # top to bottom: a package imports packages of its own row or below (rows: docs/architecture.md, "Layers")
@@ -36,10 +34,10 @@ LAYERS: list[tuple[str, ...]] = [
     ("agentclient",),  # the host's client of the agent
     ("agent", "net"),  # agent: the guest side (stdlib only, shipped into sandboxes as agent.FILES)
     ("sdk",),
-    ("errors", "_version", "templates"),  # templates: the built-in template specs (data)
+    # plain data and helpers with no I/O that every layer shares (models, limits, timing); templates: the built-in
+    # template specs (data)
+    ("errors", "_version", "models", "limits", "timing", "templates"),
 ]
-# plain data and helpers with no I/O that every layer shares: they sit with errors, at the bottom
-SHARED = frozenset({"branchbox.core.models", "branchbox.core.limits", "branchbox.core.timing"})
 
 ALLOWED_UPWARD = {
     # issue 20.1: the Manager (a facade over core's services since that split) still builds the workspaces service,
@@ -100,12 +98,10 @@ def _src_graph() -> tuple[Edge, ...]:
 
 
 def rank(module: str) -> int:
-    """0 is the top row. The package root is above everything; SHARED modules are with the bottom row."""
+    """0 is the top row. The package root is above everything."""
     parts = module.split(".")
     if len(parts) == 1:
         return -1
-    if module in SHARED:
-        return len(LAYERS) - 1
     for i, row in enumerate(LAYERS):
         if parts[1] in row:
             return i
@@ -182,24 +178,35 @@ def test_no_import_cycles() -> None:
     )
 
 
-def _package(module: str) -> str:
-    return "shared" if module in SHARED else module.split(".")[1]
+def package_edges(edges: Iterable[Edge]) -> dict[tuple[str, str], Edge]:
+    """The imports between sub-packages and top-level modules of branchbox (``branchbox.core``, ``branchbox.errors``):
+    one example module-level edge per pair. The root is left out (the facade of lazy exports)."""
+    out: dict[tuple[str, str], Edge] = {}
+    for a, b, line in edges:
+        pa, pb = ".".join(a.split(".")[:2]), ".".join(b.split(".")[:2])
+        if "." in a and "." in b and pa != pb:
+            out.setdefault((pa, pb), (a, b, line))
+    return out
 
 
 def test_no_cycles_between_packages() -> None:
-    pkgs = {(_package(a), _package(b), 0) for a, b, _ in _src_graph() if a.count(".") and b.count(".")}
-    edges = [(a, b, 0) for a, b, _ in pkgs if a != b]
-    allowed = {("core", "workspaces")}  # the ALLOWED_UPWARD exception above, at package level
-    assert not cycles(e for e in edges if (e[0], e[1]) not in allowed)
+    """A package (or top-level module) never imports one that imports it back, through any of their modules."""
+    between = package_edges(_src_graph())
+    allowed = {(".".join(a.split(".")[:2]), ".".join(b.split(".")[:2])) for a, b in ALLOWED_UPWARD}
+    found = cycles((a, b, 0) for a, b in between if (a, b) not in allowed)
+    assert not found, "import cycles between packages:\n" + "\n".join(
+        f"  {' <-> '.join(sorted(c))}: "
+        + ", ".join(f"{e[0]} -> {e[1]} (line {e[2]})" for (a, b), e in sorted(between.items()) if {a, b} <= c)
+        for c in found
+    )
 
 
-def test_every_package_has_a_row_and_the_shared_modules_import_only_the_bottom() -> None:
+def test_every_package_has_a_row_and_every_row_names_a_package() -> None:
     mods = modules(SRC)
     for name in mods:
         rank(name)  # raises for a package missing from LAYERS
-    for name in SHARED:
-        for _, b, line in imports(name, mods[name], mods):
-            assert rank(b) == len(LAYERS) - 1, f"{name} (shared by every layer) imports {b} (line {line})"
+    tops = {name.split(".")[1] for name in mods if "." in name}
+    assert not {p for row in LAYERS for p in row} - tops, "LAYERS names a package that is gone"
 
 
 def test_the_checks_catch_what_they_look_for(tmp_path: Path) -> None:
@@ -233,11 +240,8 @@ def test_the_checks_catch_what_they_look_for(tmp_path: Path) -> None:
         frozenset({"branchbox.net.x", "branchbox.net.y"}),
         frozenset({"branchbox.api", "branchbox.api.app"}),
     }
-
-
-@pytest.mark.parametrize("module", sorted(SHARED))
-def test_shared_modules_exist(module: str) -> None:
-    assert module in modules(SRC)
+    # and between packages: core and cli import each other (through core.a and cli.main)
+    assert cycles((a, b, 0) for a, b in package_edges(edges)) == [frozenset({"branchbox.core", "branchbox.cli"})]
 
 
 def test_http_front_overrides_only_hooks_the_pinned_uvicorn_has() -> None:

@@ -17,8 +17,8 @@ import pytest
 
 from branchbox import errors
 from branchbox.core.manager import Manager
-from branchbox.core.models import TemplateInfo
 from branchbox.core.settings import WorkspaceSettings
+from branchbox.models import TemplateInfo
 from branchbox.workspaces import WorkspaceStatus, parse_repo_url
 from branchbox.workspaces.gitcmd import GitResult, base_env, classify
 from branchbox.workspaces.locks import SingleFlight

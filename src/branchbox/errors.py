@@ -17,7 +17,7 @@ Hierarchy::
     │   ├── ImageReferenceError         invalid_image_reference 400 (not a transport:target skopeo knows)
     │   ├── UnsupportedImageError       unsupported_image   400  (media type, platform or schema)
     │   ├── UnsafeImageError            unsafe_image        400  (a layer escapes the root, bad whiteout, ...)
-    │   └── PayloadTooLargeError        payload_too_large   413  (a size bound of core/limits.py)
+    │   └── PayloadTooLargeError        payload_too_large   413  (a size bound of limits.py)
     │       └── ImageTooLargeError      image_too_large     413  (an image over its unpacked size/file cap)
     ├── UnauthorizedError               unauthorized        401
     ├── NotFoundError (LookupError)     not_found           404
@@ -159,7 +159,7 @@ class IsADirectoryInSandboxError(BadRequestError):
 
 
 class PayloadTooLargeError(BadRequestError):
-    """An input above one of the size bounds of :mod:`branchbox.core.limits` (a command, stdin, env, metadata,
+    """An input above one of the size bounds of :mod:`branchbox.limits` (a command, stdin, env, metadata,
     a path): the message names the bound."""
 
     code = "payload_too_large"

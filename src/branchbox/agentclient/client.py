@@ -20,12 +20,12 @@ from branchbox.agent import wire
 from branchbox.agentclient.calls import ACK_EVERY, Call, Connection, ExecCall, ListCall, StreamCall
 from branchbox.agentclient.process import OutputChunk, ProcessExit, ProcessHandle
 from branchbox.agentclient.watch import DirWatch
-from branchbox.core.models import ArchiveResult, ExecResult, FileEntry, ProcessInfo
 from branchbox.errors import (
     AgentDisconnectedError,
     AgentError,
     TimeoutError_,
 )
+from branchbox.models import ArchiveResult, ExecResult, FileEntry, ProcessInfo
 
 __all__ = ["ACK_EVERY", "AgentClient", "OutputChunk", "ProcessExit", "ProcessHandle"]
 

@@ -8,8 +8,8 @@ from collections import deque
 from typing import Any
 
 from branchbox.agentclient.calls import StreamCall
-from branchbox.core.models import FileEvent
 from branchbox.errors import AgentError
+from branchbox.models import FileEvent
 
 EVENT_TYPES = frozenset({"create", "write", "remove", "rename", "chmod", "overflow"})
 MAX_LINE = 64 * 1024  # a path is at most 4 KiB: a longer line is an agent that breaks the protocol

@@ -227,7 +227,7 @@ def _build(settings: ApiSettings) -> _App:
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        # a size bound of core/limits.py (also when it is one branch of a union: cmd is a string or a list)
+        # a size bound of limits.py (also when it is one branch of a union: cmd is a string or a list)
         if any(e.get("type") in _TOO_LONG for e in exc.errors()):
             _count(request, PayloadTooLargeError.code)
             return _error_json(413, PayloadTooLargeError.code, _validation_message(exc))

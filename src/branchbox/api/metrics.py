@@ -13,8 +13,8 @@ from prometheus_client.registry import Collector
 
 from branchbox.core.disk import Pressure
 from branchbox.core.events import ManagerEvent
-from branchbox.core.models import SandboxState
 from branchbox.core.pool import PoolStats
+from branchbox.models import SandboxState
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

@@ -10,7 +10,7 @@ from fastapi.responses import StreamingResponse
 
 from branchbox.api.context import Ctx, SandboxId
 from branchbox.api.schemas import ArchiveResponse, FileEntryResponse, PathRequest, RenameRequest
-from branchbox.core.limits import MAX_PATH_BYTES
+from branchbox.limits import MAX_PATH_BYTES
 
 router = APIRouter(tags=["files"])
 

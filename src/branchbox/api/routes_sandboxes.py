@@ -11,8 +11,8 @@ from fastapi import APIRouter, Query, Response
 from branchbox.api.context import AppContext, Ctx, SandboxId
 from branchbox.api.responses import json_response
 from branchbox.api.schemas import CreateSandboxRequest, SandboxResponse, TemplateResponse, TimeoutRequest
-from branchbox.core.models import SandboxState
 from branchbox.errors import BadRequestError
+from branchbox.models import SandboxState
 
 router = APIRouter(tags=["sandboxes"])
 

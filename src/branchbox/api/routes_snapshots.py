@@ -21,7 +21,7 @@ from branchbox.api.schemas import (
     SandboxResponse,
     SnapshotResponse,
 )
-from branchbox.core.models import SandboxInfo
+from branchbox.models import SandboxInfo
 
 router = APIRouter(tags=["snapshots"])
 SnapshotRef = Annotated[str, Path(min_length=1, max_length=255, description="Snapshot id or name.")]

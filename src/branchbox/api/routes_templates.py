@@ -22,11 +22,11 @@ from fastapi.responses import StreamingResponse
 from branchbox.api.context import Ctx
 from branchbox.api.routes_images import check_registry
 from branchbox.api.schemas import TemplateResponse
-from branchbox.core.models import TemplateInfo
 from branchbox.errors import BadRequestError, BranchboxError, ImageReferenceError
 from branchbox.images.dockerfile_build import DockerfileBuild
 from branchbox.images.dockerfile_context import Context
 from branchbox.images.oci_fetch import parse_ref
+from branchbox.models import TemplateInfo
 
 router = APIRouter(tags=["templates"])
 

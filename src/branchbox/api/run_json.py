@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from branchbox.api.schemas import CommandResult
-from branchbox.core.models import ExecResult
+from branchbox.models import ExecResult
 
 STREAM_ABOVE = 1 << 20  # kept output (both streams) above which the body is written in parts
 PART = 1 << 18  # bytes of output per part (at most 1.5 MiB of JSON, ~4 ms to encode)

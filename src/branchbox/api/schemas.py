@@ -13,8 +13,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from branchbox.core import limits as L
-from branchbox.core.models import (
+from branchbox import limits as L
+from branchbox.core.pool import PoolConfig, PoolStats
+from branchbox.models import (
     ArchiveResult,
     FileEntry,
     ProcessInfo,
@@ -23,9 +24,8 @@ from branchbox.core.models import (
     SnapshotInfo,
     TemplateInfo,
 )
-from branchbox.core.pool import PoolConfig, PoolStats
 
-# Every bound below comes from branchbox.core.limits (core/validate.py enforces the same ones, in bytes, and the
+# Every bound below comes from branchbox.limits (core/validate.py enforces the same ones, in bytes, and the
 # host-dependent ones: cores and memory of this host, the daemon's max_timeout).
 MAX_TIMEOUT_S = L.MAX_TIMEOUT_S
 Timeout = Annotated[float | None, Field(gt=0, le=L.MAX_TIMEOUT_S)]

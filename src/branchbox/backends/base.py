@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from branchbox.agent.wire import VsockAddress
-from branchbox.core.models import Resources
-from branchbox.core.timing import PhaseTimer
+from branchbox.models import Resources
+from branchbox.timing import PhaseTimer
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,12 +13,12 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from branchbox.cli.tables import Listing
-from branchbox.core.models import TemplateInfo
 from branchbox.core.settings import DEFAULT_DATA_DIR
 from branchbox.errors import BranchboxError
 from branchbox.images import BuildEvent, TemplateStore, default_spec, load_spec
 from branchbox.images.oci_fetch import FetchOptions
 from branchbox.images.oci_unpack import Budget
+from branchbox.models import TemplateInfo
 from branchbox.sdk import SandboxError, Template
 
 err = Console(stderr=True)

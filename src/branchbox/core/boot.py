@@ -16,12 +16,12 @@ from branchbox.core import disk, identity
 from branchbox.core import snapshots as snaps
 from branchbox.core.events import ManagerEvent
 from branchbox.core.layers import LayerService
-from branchbox.core.models import Resources, SandboxInfo, SandboxState, TemplateInfo
 from branchbox.core.network import NetworkService
 from branchbox.core.runtime import Live, Runtime, new_sandbox_id
-from branchbox.core.timing import PhaseTimer
 from branchbox.errors import BranchboxError
+from branchbox.models import Resources, SandboxInfo, SandboxState, TemplateInfo
 from branchbox.net import NetworkPolicy
+from branchbox.timing import PhaseTimer
 
 log = logging.getLogger("branchbox.manager")
 

@@ -24,8 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from branchbox.core.limits import MAX_DISK_MB, MIN_DISK_MB
 from branchbox.errors import BadRequestError, DiskFullError, LimitExceededError, NotSupportedError
+from branchbox.limits import MAX_DISK_MB, MIN_DISK_MB
 
 log = logging.getLogger("branchbox.disk")
 

@@ -16,13 +16,13 @@ from pathlib import Path
 
 from branchbox.backends.base import IdMap, MemorySnapshots
 from branchbox.core import snapshots as snaps
-from branchbox.core.models import SandboxState, SnapshotInfo
 from branchbox.core.runtime import Live, Runtime
 from branchbox.core.store import LayerRecord
-from branchbox.core.timing import PhaseTimer
 from branchbox.errors import ConflictError, InvalidStateError, NotSupportedError, SandboxNotFoundError
+from branchbox.models import SandboxState, SnapshotInfo
 from branchbox.storage.base import SandboxDirs
 from branchbox.storage.fsutil import disk_usage_niced
+from branchbox.timing import PhaseTimer
 
 log = logging.getLogger("branchbox.manager")
 MEASURE_QUIET_S = 0.5  # layer sizes are measured once no snapshot was taken for this long

@@ -14,14 +14,14 @@ from typing import Any
 from branchbox.core import disk, validate
 from branchbox.core.boot import BootService, image_user
 from branchbox.core.events import ManagerEvent
-from branchbox.core.limits import DEFAULT_CPU, DEFAULT_MEMORY_MB, DEFAULT_PIDS
-from branchbox.core.models import Resources, SandboxInfo, SandboxState
 from branchbox.core.network import NetworkService
 from branchbox.core.pool import Pool
 from branchbox.core.runtime import Live, Runtime
-from branchbox.core.timing import PhaseTimer
 from branchbox.errors import BranchboxError, LimitExceededError, NotSupportedError, SandboxNotFoundError
+from branchbox.limits import DEFAULT_CPU, DEFAULT_MEMORY_MB, DEFAULT_PIDS
+from branchbox.models import Resources, SandboxInfo, SandboxState
 from branchbox.net import NetworkPolicy
+from branchbox.timing import PhaseTimer
 
 log = logging.getLogger("branchbox.manager")
 

@@ -56,7 +56,6 @@ from branchbox.core.boot import BootService
 from branchbox.core.events import Subscriber
 from branchbox.core.layers import LayerService
 from branchbox.core.lifecycle import Lifecycle
-from branchbox.core.models import TemplateInfo
 from branchbox.core.network import NetworkService
 from branchbox.core.pool import Pool
 from branchbox.core.recovery import reconcile
@@ -67,6 +66,7 @@ from branchbox.core.snapshotting import SnapshotService
 from branchbox.core.store import Store
 from branchbox.core.warmpools import WarmPools
 from branchbox.images.store import TemplateStore
+from branchbox.models import TemplateInfo
 from branchbox.net import Network
 from branchbox.storage.base import StorageDriver
 from branchbox.storage.select import make_driver

@@ -12,11 +12,11 @@ from typing import Any
 
 from branchbox.agentclient.client import AgentClient
 from branchbox.backends.base import Backend, SandboxHandle
-from branchbox.core.models import SandboxState
 from branchbox.core.runtime import Live, Runtime
-from branchbox.core.timing import PhaseTimer
 from branchbox.errors import NotSupportedError
+from branchbox.models import SandboxState
 from branchbox.net import Attachment, NetworkPolicy
+from branchbox.timing import PhaseTimer
 
 
 class NetworkService:

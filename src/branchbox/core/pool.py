@@ -24,8 +24,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Generic, TypeVar
 
-from branchbox.core.limits import DEFAULT_CPU, DEFAULT_MEMORY_MB, DEFAULT_PIDS
 from branchbox.errors import BadRequestError
+from branchbox.limits import DEFAULT_CPU, DEFAULT_MEMORY_MB, DEFAULT_PIDS
 
 log = logging.getLogger("branchbox.pool")
 

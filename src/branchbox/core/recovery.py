@@ -10,9 +10,9 @@ import logging
 from branchbox.agentclient.client import AgentClient
 from branchbox.backends.base import Backend, SandboxHandle
 from branchbox.core.boot import BootService
-from branchbox.core.models import SandboxState
 from branchbox.core.runtime import ACTIVE, Live, Runtime
 from branchbox.errors import BranchboxError
+from branchbox.models import SandboxState
 
 log = logging.getLogger("branchbox.manager")
 

@@ -21,12 +21,12 @@ from branchbox.backends.base import Backend, HostIdRanges, IdMap, SandboxHandle
 from branchbox.backends.idranges import IdRanges
 from branchbox.core import disk
 from branchbox.core.events import EventBus, ManagerEvent
-from branchbox.core.models import SandboxInfo, SandboxState, SnapshotInfo
 from branchbox.core.pool import Pool
 from branchbox.core.settings import ManagerSettings
 from branchbox.core.store import Store
 from branchbox.errors import InvalidStateError, NotSupportedError, SandboxNotFoundError, SnapshotNotFoundError
 from branchbox.images.store import TemplateStore
+from branchbox.models import SandboxInfo, SandboxState, SnapshotInfo
 from branchbox.net import Network
 from branchbox.storage.base import StorageDriver
 

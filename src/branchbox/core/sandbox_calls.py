@@ -16,9 +16,9 @@ from branchbox.agentclient.watch import DirWatch
 from branchbox.core import validate
 from branchbox.core.events import ManagerEvent
 from branchbox.core.liveness import Watchdog, is_stopped
-from branchbox.core.models import ArchiveResult, ExecResult, FileEntry, ProcessInfo, SandboxState
 from branchbox.core.runtime import Live, Runtime
 from branchbox.errors import AgentDisconnectedError, BranchboxError, InvalidStateError
+from branchbox.models import ArchiveResult, ExecResult, FileEntry, ProcessInfo, SandboxState
 
 log = logging.getLogger("branchbox.manager")
 OutputCallback = Callable[[bytes], object]

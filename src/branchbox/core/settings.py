@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from branchbox.backends.base import IdMap
-from branchbox.core.limits import DEFAULT_DISK_MB
 from branchbox.core.pool import PoolConfig
+from branchbox.limits import DEFAULT_DISK_MB
 from branchbox.net.settings import NetworkSettings
 
 DEFAULT_DATA_DIR = Path("/var/lib/branchbox")

@@ -12,11 +12,11 @@ from branchbox.core import disk, validate
 from branchbox.core import snapshots as snaps
 from branchbox.core.boot import BootService
 from branchbox.core.events import ManagerEvent
-from branchbox.core.models import SandboxInfo, SandboxState, SnapshotInfo
 from branchbox.core.network import NetworkService
 from branchbox.core.runtime import Runtime
-from branchbox.core.timing import PhaseTimer
 from branchbox.errors import BackendError, BranchboxError, ConflictError, InvalidStateError, NotSupportedError
+from branchbox.models import SandboxInfo, SandboxState, SnapshotInfo
+from branchbox.timing import PhaseTimer
 
 
 class SnapshotService:

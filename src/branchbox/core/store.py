@@ -22,7 +22,7 @@ from typing import Any
 
 from branchbox.backends.base import SandboxHandle
 from branchbox.backends.idranges import CANONICAL_BASE
-from branchbox.core.models import Resources, SandboxInfo, SandboxState, SnapshotInfo
+from branchbox.models import Resources, SandboxInfo, SandboxState, SnapshotInfo
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sandboxes (

@@ -8,8 +8,9 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 
-from branchbox.core import limits
-from branchbox.core.limits import (
+from branchbox import limits
+from branchbox.errors import BadRequestError, LimitExceededError, PayloadTooLargeError
+from branchbox.limits import (
     MAX_ARG_BYTES,
     MAX_ARGV,
     MAX_CMD_BYTES,
@@ -27,7 +28,6 @@ from branchbox.core.limits import (
     MIN_MEMORY_MB,
     MIN_PIDS,
 )
-from branchbox.errors import BadRequestError, LimitExceededError, PayloadTooLargeError
 
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _HOSTNAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -110,7 +110,7 @@ def resources(cpu: float, memory_mb: int, pids: int) -> None:
 
 def command(cmd: str | Sequence[str]) -> None:
     """A command the agent can start: a non-empty string (run by /bin/sh -c) or argv list, without NUL bytes, in
-    Linux's argument bounds (:mod:`branchbox.core.limits`)."""
+    Linux's argument bounds (:mod:`branchbox.limits`)."""
     args = [cmd] if isinstance(cmd, str) else cmd
     if not isinstance(args, Sequence) or not args or not all(isinstance(a, str) for a in args):
         raise BadRequestError("cmd must be a non-empty string or a non-empty list of strings")

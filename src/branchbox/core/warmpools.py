@@ -12,12 +12,12 @@ from dataclasses import replace
 
 from branchbox.core.boot import BootService
 from branchbox.core.lifecycle import Lifecycle
-from branchbox.core.limits import DEFAULT_CPU, DEFAULT_MEMORY_MB, DEFAULT_PIDS
-from branchbox.core.models import Resources, SandboxInfo
 from branchbox.core.pool import REFILL_DELAY_S, Pool, PoolConfig, PoolStats
 from branchbox.core.runtime import Live, Runtime
-from branchbox.core.timing import PhaseTimer
 from branchbox.errors import BranchboxError, NotFoundError
+from branchbox.limits import DEFAULT_CPU, DEFAULT_MEMORY_MB, DEFAULT_PIDS
+from branchbox.models import Resources, SandboxInfo
+from branchbox.timing import PhaseTimer
 
 log = logging.getLogger("branchbox.manager")
 LAYER_POOLS = 4  # chains of layers (hot git commits) that keep one spare sandbox booted

@@ -47,11 +47,11 @@ from typing import Any
 from branchbox.api.auth import is_key_hash
 from branchbox.api.settings import ApiSettings
 from branchbox.backends.idranges import RANGE_SIZE
-from branchbox.core.limits import MAX_TIMEOUT_S, MIN_DISK_MB
 from branchbox.core.pool import PoolConfig
 from branchbox.core.settings import DEFAULT_DATA_DIR, ManagerSettings, WorkspaceSettings
 from branchbox.daemon.claims import LEGACY_CGROUP_PARENT, LEGACY_SUBNET, HostNames, Wanted, network_names
 from branchbox.errors import BadRequestError
+from branchbox.limits import MAX_TIMEOUT_S, MIN_DISK_MB
 from branchbox.net.settings import NetworkSettings
 
 DEFAULT_CONFIG_FILE = Path("/etc/branchbox/config.toml")

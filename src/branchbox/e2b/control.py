@@ -17,9 +17,9 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qs, parse_qsl
 
-from branchbox.core.models import SandboxInfo, SandboxState
 from branchbox.e2b.state import ENVD_VERSION, E2BState, iso
 from branchbox.errors import BranchboxError, TemplateNotFoundError, UnauthorizedError
+from branchbox.models import SandboxInfo, SandboxState
 
 ROUTE = re.compile(r"^/(?:v2/)?sandboxes(?:/([^/]+)(?:/([a-z]+))?)?/?$")
 CLIENT_ID = "branchbox"

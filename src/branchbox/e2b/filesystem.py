@@ -6,11 +6,11 @@ import stat as stat_
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
-from branchbox.core.models import FileEntry
 from branchbox.e2b.connect import RpcError, from_branchbox
 from branchbox.e2b.files import FilesError, give_to
 from branchbox.e2b.state import E2BState, iso, resolve_path
 from branchbox.errors import BranchboxError, FileNotFoundInSandboxError
+from branchbox.models import FileEntry
 
 Message = dict[str, Any]
 T = TypeVar("T")

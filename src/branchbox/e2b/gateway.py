@@ -25,7 +25,6 @@ from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from branchbox.core.models import SandboxState
 from branchbox.e2b import connect, control, files
 from branchbox.e2b.connect import RpcError
 from branchbox.e2b.filesystem import FilesystemService
@@ -34,6 +33,7 @@ from branchbox.e2b.state import E2BState, basic_user, resolve_path
 from branchbox.e2b.tokens import file_signature
 from branchbox.e2b.watch import WatchService
 from branchbox.errors import BranchboxError
+from branchbox.models import SandboxState
 
 MAX_BODY = 1024 * 1024  # a control-plane or RPC request body
 _SANDBOX_HEADER = b"e2b-sandbox-id"

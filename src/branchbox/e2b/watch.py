@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from branchbox.agentclient.watch import DirWatch
-from branchbox.core.models import FileEvent
 from branchbox.e2b.connect import RpcError, from_branchbox
 from branchbox.e2b.state import E2BState, resolve_path
 from branchbox.errors import AgentDisconnectedError, BranchboxError, SandboxNotFoundError
+from branchbox.models import FileEvent
 
 MAX_WATCHERS = 16  # per sandbox, streams and polled watchers together
 MAX_EVENTS = 10_000  # kept per polled watcher between two GetWatcherEvents

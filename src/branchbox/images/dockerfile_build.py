@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from branchbox.core.models import ArchiveResult, ExecResult, FileEntry, SandboxInfo, SnapshotInfo, TemplateInfo
 from branchbox.errors import (
     BranchboxError,
     FileNotFoundInSandboxError,
@@ -50,6 +49,7 @@ from branchbox.images.oci_fetch import TRANSPORTS, FetchOptions, parse_ref
 from branchbox.images.shift import rebase_tree
 from branchbox.images.spec import check_name
 from branchbox.images.store import TemplateStore
+from branchbox.models import ArchiveResult, ExecResult, FileEntry, SandboxInfo, SnapshotInfo, TemplateInfo
 from branchbox.storage.flatten import flatten_into, is_whiteout
 from branchbox.storage.fsutil import OPAQUE_XATTR
 

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 from branchbox.backends.base import IdMap
-from branchbox.core.models import TemplateInfo
 from branchbox.errors import TemplateNotFoundError, TemplateSpecError
 from branchbox.images.build import BuildEvent, Progress, build_rootfs
 from branchbox.images.importer import (
@@ -46,6 +45,7 @@ from branchbox.images.oci_layout import defaults, read_image
 from branchbox.images.oci_unpack import Budget
 from branchbox.images.shift import shift_id
 from branchbox.images.spec import BUILDER_VERSION, TemplateSpec, check_name, default_spec, is_digest
+from branchbox.models import TemplateInfo
 
 _DEFAULT_IDMAP = IdMap()
 _META = "template.json"

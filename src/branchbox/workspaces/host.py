@@ -7,9 +7,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from branchbox.core.models import SandboxInfo
 from branchbox.core.settings import ManagerSettings
 from branchbox.images.store import TemplateStore
+from branchbox.models import SandboxInfo
 
 
 class WorkspaceHost(Protocol):

@@ -30,7 +30,6 @@ from typing import Any
 
 import branchbox.workspaces.layers as layer_fs
 from branchbox.core.snapshots import new_layer_id
-from branchbox.core.timing import PhaseTimer
 from branchbox.errors import (
     BadRequestError,
     BranchboxError,
@@ -40,6 +39,7 @@ from branchbox.errors import (
     WorkspaceNotFoundError,
 )
 from branchbox.storage.fsutil import disk_usage, syncfs
+from branchbox.timing import PhaseTimer
 from branchbox.workspaces.checkout import build_checkout, build_diff
 from branchbox.workspaces.host import WorkspaceHost
 from branchbox.workspaces.locks import RepoLocks, SingleFlight

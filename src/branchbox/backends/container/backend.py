@@ -27,8 +27,8 @@ from branchbox.backends.container.child import SHELL_DIR
 from branchbox.backends.container.zygote import AGENT_SOCKET, MAX_MESSAGE, MAX_SPARES, SPARE_PREFIX
 from branchbox.backends.idranges import CANONICAL_BASE, IdRanges
 from branchbox.backends.process import wait_pid_exit
-from branchbox.core.timing import PhaseTimer
 from branchbox.errors import BackendError, LimitExceededError, TimeoutError_
+from branchbox.timing import PhaseTimer
 
 PAUSE_TIMEOUT_S = 10.0
 BACKGROUND_NICE = 10  # pool refills: nice 10 in an idle cgroup (cgroups.set_idle), so they yield to users' work

@@ -35,8 +35,8 @@ from branchbox.backends.microvm.jail import Jail, JailConfig, Launch
 from branchbox.backends.microvm.qemu import Saved
 from branchbox.backends.microvm.qmp import QMP
 from branchbox.backends.microvm.vmpool import IncomingPool, Slot
-from branchbox.core.timing import PhaseTimer
 from branchbox.errors import BackendError, BranchboxError, NotSupportedError
+from branchbox.timing import PhaseTimer
 
 log = logging.getLogger("branchbox.microvm")
 
