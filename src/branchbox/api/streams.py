@@ -1,4 +1,4 @@
-"""WebSocket endpoints: streaming command runs, re-attach to a process, interactive PTY.
+"""WebSocket endpoints: streaming command runs, re-attach to a process, interactive PTY, directory watches.
 
 Every message is a JSON text frame (protocol in docs/api.md). Server -> client: ``started {pid}``,
 ``stdout``/``stderr {data}``, ``exit {exit_code, signal}``, ``error {error: {code, message}}``.
@@ -240,5 +240,45 @@ async def pty(ws: WebSocket, sandbox_id: str, encoding: Encoding = "text") -> No
             timeout=start.timeout,
         )
         await _session(ws, handle, encoding, kill_on_disconnect=start.kill_on_disconnect)
+
+    await _guarded(ws, body)
+
+
+@router.websocket("/v1/sandboxes/{sandbox_id}/files/watch")
+async def watch_files(ws: WebSocket, sandbox_id: str, path: str = "", recursive: bool = False) -> None:
+    """A directory's changes (the agent's inotify watch): ``started`` once the watches are in place, then one
+    message per event (``create``/``write``/``remove``/``rename``/``chmod`` with ``name`` relative to ``path`` and
+    ``is_dir``; ``overflow`` with ``reason`` when events were lost), ``end`` when the directory is removed. The
+    client closing the socket stops the watch."""
+
+    async def body() -> None:
+        structlog.contextvars.bind_contextvars(sandbox_id=sandbox_id)
+        handle = await get_ctx(ws).manager.watch_dir(sandbox_id, path, recursive=recursive)
+        try:
+            await ws.send_json({"type": "started", "path": path})
+
+            async def pump() -> None:
+                async for e in handle:
+                    if e.type == "overflow":
+                        await ws.send_json({"type": "overflow", "reason": e.reason})
+                    else:
+                        await ws.send_json({"type": e.type, "name": e.name, "is_dir": e.is_dir})
+                await ws.send_json({"type": "end", "reason": handle.ended or "removed"})
+
+            async def read() -> None:
+                while True:  # nothing is expected from the client: its close ends the watch
+                    await ws.receive_text()
+
+            tasks = {asyncio.create_task(pump()), asyncio.create_task(read())}
+            try:
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+            for task in done:
+                task.result()  # the agent's failure becomes an error frame; the client's close ends quietly
+        finally:
+            await handle.aclose()
 
     await _guarded(ws, body)

@@ -163,6 +163,16 @@ class EntryInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class FilesystemEvent:
+    """A change in a watched sandbox directory (``sbx.files.watch_dir``)."""
+
+    type: str  # create | write | remove | rename (the old name; the new one is a create) | chmod | overflow
+    name: str  # relative to the watched directory ("" for an overflow: events were lost)
+    is_dir: bool = False
+    reason: str = ""  # an overflow's: queue (the kernel's event queue overflowed) | watch_limit
+
+
+@dataclass(frozen=True, slots=True)
 class ArchiveInfo:
     """What a tar unpacked into a sandbox directory made."""
 

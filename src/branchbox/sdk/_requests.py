@@ -7,9 +7,10 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 from branchbox.sdk._errors import SandboxError, error_for
+from branchbox.sdk._models import FilesystemEvent
 
 Param = str | int | float | bool | None
 COMMAND_GRACE_S = 10.0  # an HTTP run waits this much longer than the command's own timeout
@@ -200,6 +201,35 @@ def remove(sandbox_id: str, path: str, recursive: bool) -> Req:
 
 def rename(sandbox_id: str, src: str, dst: str) -> Req:
     return Req("POST", _sbx(sandbox_id) + "/files/rename", json={"src": src, "dst": dst})
+
+
+WATCH_TYPES = frozenset({"create", "write", "remove", "rename", "chmod"})
+
+
+def watch_path(sandbox_id: str) -> str:
+    """The WebSocket of a directory watch."""
+    return _sbx(sandbox_id) + "/files/watch"
+
+
+def watch_query(path: str, recursive: bool) -> str:
+    return urlencode({"path": path, "recursive": str(recursive).lower()})
+
+
+def watch_message(raw: str | bytes) -> FilesystemEvent | str:
+    """One message of a watch socket: an event, or ``started`` / ``end`` (the directory was removed); an error
+    message raises its error."""
+    msg = json.loads(raw)
+    kind = msg.get("type", "") if isinstance(msg, dict) else ""
+    if kind in ("started", "end"):
+        return str(kind)
+    if kind == "error":
+        err = msg.get("error") or {}
+        raise error_for(str(err.get("code", "internal")), str(err.get("message", "watch error")))
+    if kind == "overflow":
+        return FilesystemEvent("overflow", "", reason=str(msg.get("reason", "")))
+    if kind in WATCH_TYPES and isinstance(msg.get("name"), str):
+        return FilesystemEvent(kind, msg["name"], is_dir=msg.get("is_dir") is True)
+    raise SandboxError(f"unexpected message from the daemon: {msg!r}")
 
 
 def list_templates() -> Req:

@@ -48,6 +48,7 @@ from branchbox.sdk._models import (
     ArchiveInfo,
     CommandResult,
     EntryInfo,
+    FilesystemEvent,
     NetworkInfo,
     OutputCollector,
     PoolInfo,
@@ -146,8 +147,9 @@ class _Http:
                 f"connection to {self.config.base_url} failed: {exc}", code="connection_error"
             ) from exc
 
-    def ws(self, path: str, *, binary: bool) -> ClientConnection:
-        url = self.config.ws_url(path, encoding="base64" if binary else "text")
+    def ws(self, path: str, *, binary: bool, query: str = "") -> ClientConnection:
+        """A WebSocket to an API path; ``query``: more of the query string, already encoded."""
+        url = self.config.ws_url(path, encoding="base64" if binary else "text") + (f"&{query}" if query else "")
         try:
             ws = connect(
                 url,
@@ -503,6 +505,42 @@ class Files:
     def rename(self, old_path: str, new_path: str, *, request_timeout: Timeout = UNSET) -> EntryInfo:
         resp = self._sandbox._http.send(rq.rename(self._sid, old_path, new_path), request_timeout=request_timeout)
         return EntryInfo.from_json(resp.json())
+
+    @contextmanager
+    def watch_dir(self, path: str, *, recursive: bool = False) -> Iterator[Iterator[FilesystemEvent]]:
+        """Watch a sandbox directory (inotify, in the sandbox): iterate what the block gets for its changes as
+        they happen, until the block ends or the directory is removed. ``recursive``: its subdirectories too, new
+        ones as they appear. Each :class:`FilesystemEvent` has a ``type`` (create, write, remove, rename: the old
+        name, chmod; overflow: events were lost) and a ``name`` relative to ``path``. Events made after the
+        ``with`` line are all seen::
+
+            with sbx.files.watch_dir("/work", recursive=True) as events:
+                for event in events:
+                    print(event.type, event.name)
+        """
+        ws = self._sandbox._http.ws(rq.watch_path(self._sid), binary=False, query=rq.watch_query(path, recursive))
+        try:
+            try:
+                rq.watch_message(ws.recv())  # "started": the watches are in place (or the error raises)
+            except ConnectionClosed as exc:
+                rcvd = exc.rcvd
+                raise rq.ws_close_error(rcvd.code if rcvd else None, rcvd.reason if rcvd else "") from exc
+            yield _watch_events(ws)
+        finally:
+            ws.close()
+
+
+def _watch_events(ws: ClientConnection) -> Iterator[FilesystemEvent]:
+    try:
+        for raw in ws:
+            item = rq.watch_message(raw)
+            if item == "end":
+                return
+            if isinstance(item, FilesystemEvent):
+                yield item
+    except ConnectionClosed as exc:
+        rcvd = exc.rcvd
+        raise rq.ws_close_error(rcvd.code if rcvd else None, rcvd.reason if rcvd else "") from exc
 
 
 def _chunks(f: IO[bytes]) -> Iterator[bytes]:
