@@ -32,7 +32,7 @@ help:
 	@echo "make bench  benchmarks with baselines (docker, bwrap, unshare) -> bench/results/"
 	@echo "make soak   concurrent SDK clients against one daemon for SOAK_DURATION s (300) -> bench/results/"
 	@echo "make lint   ruff + mypy strict (and the generated sync SDK up to date)"
-	@echo "make sdk    regenerate src/branchbox/sdk/_sync.py from _async.py (unasync)"
+	@echo "make sdk    regenerate src/branchbox/sdk/_sync*.py from _async*.py (unasync)"
 
 setup: apt venv storage template
 
@@ -87,7 +87,7 @@ lint: venv
 	$(VENV)/bin/mypy
 	$(PY) scripts/gen_sync.py --check
 
-# the SDK is written once: _async.py is the source, _sync.py is generated (tests/test_sdk_generated.py checks)
+# the SDK is written once: _async*.py are the source, _sync*.py are generated (tests/test_sdk_generated.py checks)
 sdk: venv
 	$(PY) scripts/gen_sync.py
 

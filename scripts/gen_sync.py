@@ -1,10 +1,12 @@
-"""Generate the sync SDK (``src/branchbox/sdk/_sync.py``) from the async one (``_async.py``) with unasync.
+"""Generate the sync SDK from the async one with unasync: each ``src/branchbox/sdk/_async*.py`` (the sandbox object,
+its commands, files and connections) has a twin ``_sync*.py``.
 
-    python scripts/gen_sync.py            # rewrite _sync.py
-    python scripts/gen_sync.py --check    # exit 1 (and say so) when the committed _sync.py is out of date
+    python scripts/gen_sync.py            # rewrite the _sync*.py twins
+    python scripts/gen_sync.py --check    # exit 1 (and say which) when a committed twin is out of date or missing
 
-``make sdk`` runs the first. The async module is the only one to edit; tests/test_sdk_generated.py re-runs
-:func:`generate` in memory and fails when the committed file differs. unasync drops ``async``/``await`` and
+``make sdk`` runs the first. The async modules are the only ones to edit; tests/test_sdk_generated.py re-runs
+:func:`generate` in memory and fails when a committed twin differs (or a source has none). Module names are
+renamed too (``_async_files`` -> ``_sync_files``). unasync drops ``async``/``await`` and
 renames tokens by the table below (plus its own: ``__aenter__``, ``asynccontextmanager``, ``AsyncIterator``...);
 names are also renamed inside strings (docstrings, messages, ``__repr__``), word by word, and ``await``
 (``async`` before with/for/def) written in a docstring's example is dropped. Other ``AsyncX`` names become ``X``.
@@ -24,8 +26,16 @@ import tokenize_rt
 import unasync
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCE = ROOT / "src" / "branchbox" / "sdk" / "_async.py"
-TARGET = ROOT / "src" / "branchbox" / "sdk" / "_sync.py"
+SDK = ROOT / "src" / "branchbox" / "sdk"
+
+
+def twin(source: Path) -> Path:
+    """``_async_files.py`` -> ``_sync_files.py``."""
+    return source.with_name("_sync" + source.name.removeprefix("_async"))
+
+
+SOURCES = sorted(SDK.glob("_async*.py"))
+PAIRS = [(s, twin(s)) for s in SOURCES]
 
 # async name -> sync name (besides unasync's defaults and the AsyncX -> X rule)
 REPLACEMENTS = {
@@ -41,9 +51,11 @@ REPLACEMENTS = {
     "acall": "call",  # _concurrency
     "aoffload": "offload",  # _concurrency
     "_achunks": "_chunks",
+    # the source modules themselves: _async_http -> _sync_http, ...
+    **{s.stem: twin(s).stem for s in SOURCES if s.stem != "_async"},
 }
 
-HEADER = "# Generated from _async.py by scripts/gen_sync.py (unasync). Do not edit: edit _async.py, run `make sdk`.\n"
+HEADER = "# Generated from {0} by scripts/gen_sync.py (unasync): edit {0}, then run `make sdk`.\n"
 
 _ASYNC_NAME = re.compile(r"\b_?Async([A-Z]\w*)")
 _AWAIT_IN_TEXT = re.compile(r"\bawait (?=\w)|\basync (?=with |for |def )")
@@ -81,9 +93,9 @@ def _ruff() -> str:
     return found
 
 
-def _tidy(text: str) -> str:
+def _tidy(text: str, target: Path) -> str:
     """Imports sorted and lines re-wrapped as ``make format`` would (renames change names' lengths and order)."""
-    name = str(TARGET.relative_to(ROOT))
+    name = str(target.relative_to(ROOT))
     for argv in (["check", "--select", "I", "--fix", "--quiet", "--exit-zero"], ["format", "--quiet"]):
         text = subprocess.run(
             [_ruff(), *argv, "--stdin-filename", name, "-"],
@@ -92,27 +104,30 @@ def _tidy(text: str) -> str:
     return text
 
 
-def generate(source: str) -> str:
-    """The sync module for the async module's text ``source``."""
+def generate(source: str, name: str = "_async.py") -> str:
+    """The sync module for the text ``source`` of the async module ``name`` (a file of ``SOURCES``)."""
     tokens = tokenize_rt.src_to_tokens(source)
-    return _tidy(HEADER + tokenize_rt.tokens_to_src(_Rule().tokens(tokens)))
+    return _tidy(HEADER.format(name) + tokenize_rt.tokens_to_src(_Rule().tokens(tokens)), twin(SDK / name))
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--check", action="store_true", help="only check that _sync.py is up to date")
+    ap.add_argument("--check", action="store_true", help="only check that the _sync*.py twins are up to date")
     args = ap.parse_args()
-    want = generate(SOURCE.read_text(encoding="utf-8"))
-    have = TARGET.read_text(encoding="utf-8") if TARGET.exists() else ""
-    if args.check:
-        if want != have:
-            print(f"{TARGET} is out of date: run `make sdk` (python scripts/gen_sync.py)", file=sys.stderr)
-            return 1
-        return 0
-    if want != have:
-        TARGET.write_text(want, encoding="utf-8")
-        print(f"wrote {TARGET.relative_to(ROOT)}")
-    return 0
+    stale = []
+    for source, target in PAIRS:
+        want = generate(source.read_text(encoding="utf-8"), source.name)
+        have = target.read_text(encoding="utf-8") if target.exists() else ""
+        if want == have:
+            continue
+        if args.check:
+            stale.append(target)
+        else:
+            target.write_text(want, encoding="utf-8")
+            print(f"wrote {target.relative_to(ROOT)}")
+    for target in stale:
+        print(f"{target} is out of date: run `make sdk` (python scripts/gen_sync.py)", file=sys.stderr)
+    return 1 if stale else 0
 
 
 if __name__ == "__main__":

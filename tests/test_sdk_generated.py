@@ -1,8 +1,9 @@
-"""The SDK is written once: ``sdk/_sync.py`` is generated from ``sdk/_async.py`` (scripts/gen_sync.py, unasync).
+"""The SDK is written once: each ``sdk/_sync*.py`` is generated from its ``sdk/_async*.py`` (scripts/gen_sync.py,
+unasync): the sandbox object (``_sync.py``), its commands, files and connections (``_sync_commands.py``...).
 
-The generation is re-run in memory and compared with the committed file, so an edit to one flavour alone fails
-here; the public classes of both flavours are compared name by name and signature by signature (the generated
-ones and the hand-written pairs: terminals, workspaces)."""
+The generation is re-run in memory and compared with each committed twin, so an edit to one flavour alone fails
+here (and so does a source module without a twin); the public classes of both flavours are compared name by name
+and signature by signature (the generated ones and the hand-written pairs: terminals, workspaces)."""
 
 from __future__ import annotations
 
@@ -28,11 +29,33 @@ def _gen() -> ModuleType:
     return mod
 
 
-def test_committed_sync_sdk_is_generated_from_async() -> None:
+SDK = ROOT / "src" / "branchbox" / "sdk"
+SOURCES = sorted(p.name for p in SDK.glob("_async*.py"))
+
+
+def test_every_async_module_is_a_source() -> None:
+    assert SOURCES == ["_async.py", "_async_commands.py", "_async_files.py", "_async_http.py"]
+    assert [s.name for s, _ in _gen().PAIRS] == SOURCES
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_committed_sync_sdk_is_generated_from_async(source: str) -> None:
     gen = _gen()
-    want = gen.generate(gen.SOURCE.read_text(encoding="utf-8"))
-    have = gen.TARGET.read_text(encoding="utf-8")
-    assert want == have, "sdk/_sync.py differs from what sdk/_async.py generates: edit _async.py, run `make sdk`"
+    target = gen.twin(SDK / source)
+    assert target.exists(), f"{source} has no sync twin {target.name}: run `make sdk`"
+    want = gen.generate((SDK / source).read_text(encoding="utf-8"), source)
+    have = target.read_text(encoding="utf-8")
+    assert want == have, f"sdk/{target.name} differs from what sdk/{source} generates: edit {source}, run `make sdk`"
+
+
+def test_a_drifted_twin_is_caught(tmp_path: Path) -> None:
+    """The comparison above sees a one-character edit of a twin (the check cannot pass vacuously)."""
+    gen = _gen()
+    source = SDK / "_async_files.py"
+    want = gen.generate(source.read_text(encoding="utf-8"), source.name)
+    have = gen.twin(source).read_text(encoding="utf-8")
+    assert want == have
+    assert want != have.replace("def exists(", "def exist(", 1)
 
 
 def test_generation_renames_and_strips() -> None:
@@ -91,10 +114,15 @@ def test_flavours_have_the_same_methods_and_signatures(sync_name: str, async_nam
 
 
 def test_parts_have_the_same_methods_and_signatures() -> None:
-    from branchbox.sdk import _async, _sync
+    from branchbox.sdk import _async_commands, _async_files, _sync_commands, _sync_files
 
-    for part in ("Commands", "Files", "Pty", "Git"):
-        s, a = _public(getattr(_sync, part)), _public(getattr(_async, "Async" + part))
+    for sync_mod, async_mod, part in [
+        (_sync_commands, _async_commands, "Commands"),
+        (_sync_files, _async_files, "Files"),
+        (_sync_commands, _async_commands, "Pty"),
+        (_sync_commands, _async_commands, "Git"),
+    ]:
+        s, a = _public(getattr(sync_mod, part)), _public(getattr(async_mod, "Async" + part))
         assert sorted(s) == sorted(a), part
         for name in s:
             assert _strip(s[name]) == _strip(a[name]), (part, name)

@@ -22,7 +22,8 @@ checked out from the daemon's cache (``ws.sandbox``, ``ws.path``, ``ws.commit``,
 ``sbx.git.clone(url, path)`` runs ``git clone`` inside an existing sandbox.
 """
 
-from branchbox.sdk._async import AsyncCommandHandle, AsyncSandbox, AsyncTemplate
+from branchbox.sdk._async import AsyncSandbox, AsyncTemplate
+from branchbox.sdk._async_commands import AsyncCommandHandle
 from branchbox.sdk._config import DEFAULT_URL, ConnectionConfig
 from branchbox.sdk._errors import (
     ERROR_TABLE,
@@ -61,7 +62,8 @@ from branchbox.sdk._models import (
     TemplateInfo,
 )
 from branchbox.sdk._pty import AsyncPtyHandle, PtyHandle
-from branchbox.sdk._sync import CommandHandle, Sandbox, Template
+from branchbox.sdk._sync import Sandbox, Template
+from branchbox.sdk._sync_commands import CommandHandle
 from branchbox.sdk._workspace import AsyncWorkspace, Workspace
 from branchbox.sdk._workspaces import WorkspaceInfo
 

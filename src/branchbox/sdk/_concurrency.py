@@ -1,6 +1,6 @@
 """The few primitives the SDK's two flavours cannot share, one hand-written pair each (as httpcore keeps its
 ``_synchronization`` module): ``scripts/gen_sync.py`` turns ``acall`` into ``call`` and ``aoffload`` into
-``offload`` when it generates ``_sync.py`` from ``_async.py``."""
+``offload`` when it generates the ``_sync*.py`` twins from ``_async*.py``."""
 
 from __future__ import annotations
 

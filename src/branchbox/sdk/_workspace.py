@@ -7,9 +7,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from branchbox.sdk._async import AsyncSandbox
-from branchbox.sdk._async import _oneshot as _aoneshot
+from branchbox.sdk._async_http import _oneshot as _aoneshot
 from branchbox.sdk._config import UNSET
-from branchbox.sdk._sync import Sandbox, _oneshot
+from branchbox.sdk._sync import Sandbox
+from branchbox.sdk._sync_http import _oneshot
 from branchbox.sdk._workspaces import (
     Timeout,
     WorkspaceInfo,

@@ -1,6 +1,6 @@
 """Git workspaces in the SDK, the part without I/O: what a workspace is (:class:`WorkspaceInfo`), the requests,
 and the argv of a ``git clone`` inside a sandbox. ``Workspace``/``AsyncWorkspace`` are in ``_workspace.py``;
-``sbx.git`` (``AsyncGit``, and the generated ``Git``) is in ``_async.py``."""
+``sbx.git`` (``AsyncGit``, and the generated ``Git``) is in ``_async_commands.py``."""
 
 from __future__ import annotations
 
