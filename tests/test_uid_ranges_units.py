@@ -16,7 +16,7 @@ from branchbox.images.shift import rebase_id
 FIRST = 1 << 26
 
 
-def test_ranges_are_handed_out_round_robin_and_only_when_free() -> None:
+def test_ranges_are_handed_out_lowest_first_and_only_when_free() -> None:
     stored: set[int] = set()
     ids = IdRanges(FIRST, 4, in_use=lambda: set(stored))
     a, b = ids.take("a"), ids.take("b")
@@ -24,9 +24,9 @@ def test_ranges_are_handed_out_round_robin_and_only_when_free() -> None:
     stored.add(a)  # the record of a is written
     ids.release("a")  # the hold goes, the record keeps it in use
     assert ids.take("c") == FIRST + 2 * RANGE_SIZE
-    stored.discard(a)  # a's record is gone: a is free again, but served last (round robin)
-    assert ids.take("d") == FIRST + 3 * RANGE_SIZE
-    assert ids.take("e") == a
+    stored.discard(a)  # a's record is gone: a is free again and serves next (its user namespaces are cached)
+    assert ids.take("d") == a
+    assert ids.take("e") == FIRST + 3 * RANGE_SIZE
     with pytest.raises(LimitExceededError, match="no free uid range"):
         ids.take("f")
     ids.release("b")
