@@ -261,8 +261,25 @@ class DaemonProc:
                     self.start()
             self.destroy_all()
         finally:
-            self.stop()
+            if self.proc is not None:
+                self.stop()
+            self._drop_network()
             shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def _drop_network(self) -> None:
+        """What a daemon killed without its shutdown (SIGKILL, a failed restart) left of its network: its nftables
+        table and veths, by the names it claimed in host.json (the daemon is stopped: nobody else has them)."""
+        try:
+            names = json.loads((self.data_dir / "host.json").read_text())
+        except (OSError, ValueError):
+            return
+        table, prefix = names.get("table"), names.get("if_prefix")
+        if table:
+            subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True, check=False)
+        if prefix:
+            for link in os.listdir("/sys/class/net"):
+                if link.startswith(f"{prefix}-"):
+                    subprocess.run(["ip", "link", "del", link], capture_output=True, check=False)
 
 
 @pytest.fixture
