@@ -13,6 +13,9 @@ once to a docker-registry on loopback. Rows (ms, p50/p95/p99 of --runs):
 - ``import cached``: the same image again under another name (blobs and stacks cached)
 - ``import shared base``: image B into a store holding A: the base stack is reused, one small layer unpacked
 - ``clone: btrfs snapshot`` vs ``clone: cp -a --reflink=auto``: making a template rootfs from a cached stack
+- ``CPU`` rows: CPU time (user + system, ms) of the cold import (this process's threads + skopeo) and of the pull +
+  create (the bench's dockerd with its containerd and helpers, + the docker CLI). On a shared host the wall times
+  mostly measure the scheduler; CPU time is what an import costs whatever the load.
 
 Run: ``python bench/images_bench.py [--data-dir /var/lib/branchbox] [--runs 5]`` (root; the store is made under
 DATA/bench/images, the btrfs data dir `make` prepares).
@@ -24,6 +27,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -48,6 +52,39 @@ Results = dict[str, Summary]
 
 def _ms(t0: float) -> float:
     return (time.perf_counter() - t0) * 1e3
+
+
+def _cpu_self() -> float:
+    """CPU seconds of this process (all threads) and of its reaped children (skopeo, zstd, the docker CLI)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _cpu_tree(pid: int) -> float:
+    """CPU seconds of ``pid`` and its live descendants, each with its reaped children (/proc/PID/stat)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parent: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(name)] = int(fields[1])
+        cpu[int(name)] = sum(int(x) for x in fields[11:15]) / tick  # utime stime cutime cstime
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += cpu.get(p, 0.0)
+        todo += [c for c, pp in parent.items() if pp == p]
+    return total
+
+
+def _dockerd_pid(host: str) -> int:
+    return int((Path(host[len("unix://") :]).parent / "dockerd.pid").read_text())
 
 
 def _rm(path: Path) -> None:
@@ -82,7 +119,8 @@ def bench_images(data_dir: Path, runs: int, results: Results) -> None:
             reg.push(f"oci:{work / 'b'}:latest", "bench/b:1")
             ref_a, ref_b = reg.ref("bench/a:1"), reg.ref("bench/b:1")
             opts = FetchOptions(tls_verify=False)
-            rows: dict[str, list[float]] = {k: [] for k in ("floor", "cold", "cached", "shared", "docker")}
+            keys = ("floor", "cold", "cached", "shared", "docker", "cold_cpu", "docker_cpu")
+            rows: dict[str, list[float]] = {k: [] for k in keys}
             for i in range(runs):  # interleaved, so load drifts hit every row alike
                 layout = work / f"floor-{i}"
                 t0 = time.perf_counter()
@@ -92,9 +130,10 @@ def bench_images(data_dir: Path, runs: int, results: Results) -> None:
                 rows["floor"].append(_ms(t0))
                 shutil.rmtree(layout)
                 store = TemplateStore(work / f"store-{i}")
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), _cpu_self()
                 asyncio.run(store.import_image(ref_a, name="a", options=opts))
                 rows["cold"].append(_ms(t0))
+                rows["cold_cpu"].append((_cpu_self() - c0) * 1e3)
                 t0 = time.perf_counter()
                 asyncio.run(store.import_image(ref_a, name="a2", options=opts))
                 rows["cached"].append(_ms(t0))
@@ -104,12 +143,14 @@ def bench_images(data_dir: Path, runs: int, results: Results) -> None:
                 assert store.metadata("b")["image"]["layers_cached"] == 1
                 if host is not None:  # 127.0.0.0/8 registries are plain HTTP for dockerd by default
                     d, name = ["docker", "-H", host], ref_a[len("docker://") :]
-                    t0 = time.perf_counter()
+                    daemon = _dockerd_pid(host)
+                    t0, c0 = time.perf_counter(), _cpu_self() + _cpu_tree(daemon)
                     subprocess.run([*d, "pull", "-q", name], check=True, capture_output=True)
                     cid = subprocess.run(
                         [*d, "create", "--network", "none", name], check=True, capture_output=True, text=True
                     ).stdout
                     rows["docker"].append(_ms(t0))
+                    rows["docker_cpu"].append((_cpu_self() + _cpu_tree(daemon) - c0) * 1e3)
                     subprocess.run([*d, "rm", cid.strip()], check=False, capture_output=True)
                     subprocess.run([*d, "rmi", name], check=False, capture_output=True)
                 for p in store.root.iterdir():
@@ -123,6 +164,8 @@ def bench_images(data_dir: Path, runs: int, results: Results) -> None:
                 "cached": "images: import cached (same image again)",
                 "shared": "images: import shared base (1 new layer)",
                 "docker": "images: docker pull + docker create",
+                "cold_cpu": "images: CPU of import cold",
+                "docker_cpu": "images: CPU of docker pull + create",
             }
             for key, label in names.items():
                 if rows[key]:
