@@ -577,3 +577,27 @@ async def test_50_parallel_creates_and_execs(daemon: DaemonProc) -> None:
 
     assert all(await asyncio.gather(*(kill(s) for s in ids)))
     assert await AsyncSandbox.list(base_url=url) == []
+
+
+def test_async_wire_parses_a_chunked_answer_fed_in_pieces_once() -> None:
+    """The async client's parser takes each chunk once as bytes arrive (it re-parsed the whole body on every read,
+    quadratic for a foreground run's JSON, which comes in parts), whatever the split points."""
+    body = [os.urandom(n) for n in (1, 70_000, 3, 65_536, 12)]
+    wire = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+    wire += b"".join(b"%x;ext=1\r\n%s\r\n" % (len(c), c) for c in body) + b"0\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n"
+    loop = asyncio.new_event_loop()
+    try:
+        for step in (1, 7, 4096, len(wire)):
+            conn = _awire._Conn()
+            conn.waiter = waiter = loop.create_future()
+            seen: list[tuple[int, int]] = []  # (where the next chunk starts, chunks taken) after each read
+            for i in range(0, len(wire), step):
+                conn.data_received(wire[i : i + step])  # once the answer is complete, bytes only pile up
+                if conn._chunks is not None:
+                    seen.append((conn._chunks.pos, len(conn._chunks.parts)))
+            reply = waiter.result()
+            assert (reply.status_code, reply.content) == (200, b"".join(body))
+            assert conn.buf.startswith(b"HTTP/1.1 204")  # the next answer's bytes stay
+            assert seen == sorted(seen)  # progress is kept between reads, never parsed again from the start
+    finally:
+        loop.close()

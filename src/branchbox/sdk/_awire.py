@@ -46,6 +46,7 @@ class _Conn(asyncio.Protocol):
         self.head_only = False
         self.closed = False
         self._head: tuple[int, dict[str, str], int] | None = None  # status, headers, where the body starts
+        self._chunks: _Chunks | None = None  # a chunked body's progress: each byte is parsed once
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -97,16 +98,18 @@ class _Conn(asyncio.Protocol):
                 return False
             content = bytes(buf[start:used])
         elif headers.get("transfer-encoding", "").lower() == "chunked":
-            done = _chunked(buf, start)
-            if done is None:
+            if self._chunks is None:
+                self._chunks = _Chunks(start)
+            used = self._chunks.advance(buf)
+            if used < 0:
                 return False
-            content, used = done
+            content = b"".join(self._chunks.parts)
         elif eof:
             content, used, close = bytes(buf[start:]), len(buf), True
         else:
             return False  # the body ends when the connection closes
         del buf[:used]
-        self._head = None
+        self._head = self._chunks = None
         if close:
             self.close()
         assert self.waiter is not None
@@ -119,23 +122,31 @@ class _Conn(asyncio.Protocol):
             self.transport.close()
 
 
-def _chunked(buf: bytearray, pos: int) -> tuple[bytes, int] | None:
-    """A whole chunked body from ``pos`` (our daemon sends no trailers): its bytes and where it ends, or None."""
-    parts: list[bytes] = []
-    while True:
-        eol = buf.find(b"\r\n", pos)
-        if eol < 0:
-            return None
-        size = int(bytes(buf[pos:eol]).split(b";", 1)[0].strip(), 16)
-        pos = eol + 2
-        if size == 0:
-            if len(buf) < pos + 2:
-                return None
-            return b"".join(parts), pos + 2
-        if len(buf) < pos + size + 2:
-            return None
-        parts.append(bytes(buf[pos : pos + size]))
-        pos += size + 2
+class _Chunks:
+    """A chunked body parsed as its bytes arrive (our daemon sends no trailers): ``parts`` so far and where the
+    next chunk's size line starts. Parsing from the start on every read made a large chunked answer quadratic (a
+    foreground run's JSON comes in parts)."""
+
+    __slots__ = ("parts", "pos")
+
+    def __init__(self, pos: int) -> None:
+        self.pos = pos
+        self.parts: list[bytes] = []
+
+    def advance(self, buf: bytearray) -> int:
+        """Take the complete chunks in ``buf``; where the body ends once its last chunk came, else -1."""
+        while True:
+            eol = buf.find(b"\r\n", self.pos)
+            if eol < 0:
+                return -1
+            size = int(bytes(buf[self.pos : eol]).split(b";", 1)[0].strip(), 16)
+            end = eol + 2 + size + 2
+            if len(buf) < end:
+                return -1
+            if size == 0:
+                return end
+            self.parts.append(bytes(buf[eol + 2 : eol + 2 + size]))
+            self.pos = end
 
 
 def _expire(waiter: asyncio.Future[Reply], timeout: float | None) -> None:
