@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 import os
 import shutil
 import stat
 import subprocess
 import sys
+import tarfile
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -462,6 +464,16 @@ def test_tar_bombs_stop_at_the_caps(tmp_path: Path, store: TemplateStore) -> Non
     many = image(tmp_path, [BASE, [Entry(f"f{i}") for i in range(200)]], name="many")
     with pytest.raises(ImageTooLargeError, match="more than 100 files"):
         run(store.import_image(f"oci:{many}:latest", name="many", budget=Budget(max_files=100)))
+    # a member of a type tarfile does not know is written as a file: its data counts too
+    odd = io.BytesIO()
+    with tarfile.open(fileobj=odd, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        ti = tarfile.TarInfo("blob")
+        ti.type, ti.size = b"Z", 4 << 20
+        tar.addfile(ti, io.BytesIO(bytes(4 << 20)))
+    odd_type = tmp_path / "odd-type"
+    write_layout(odd_type, [odd.getvalue()])
+    with pytest.raises(ImageTooLargeError, match="more than 1048576 bytes"):
+        run(store.import_image(f"oci:{odd_type}:latest", name="odd", budget=Budget(max_bytes=1 << 20)))
     huge_name = image(tmp_path, [[Entry("x" * 100, pax={"comment": "y" * (2 << 20)})]], name="pax")
     with pytest.raises(UnsafeImageError, match="tar header"):
         run(store.import_image(f"oci:{huge_name}:latest", name="pax"))
