@@ -42,6 +42,7 @@ LAYERS: list[tuple[str, ...]] = [
 ALLOWED_UPWARD = {
     # issue 20.1: the Manager (a facade over core's services since that split) still builds the workspaces service,
     # because Manager.workspaces is the embedded API (docs/workspaces.md). The service sees it only as WorkspaceHost.
+    # The only package cycle left (core <-> workspaces); why, and what removes it: docs/architecture.md, "Layers".
     ("branchbox.core.manager", "branchbox.workspaces.service"),
 }
 
