@@ -17,7 +17,7 @@ from branchbox.api.guard import Guard, hostname
 from branchbox.api.settings import ApiSettings
 from branchbox.sdk import PermissionDeniedError, Sandbox
 from branchbox.sdk._requests import raise_for_status
-from tests.conftest import DaemonProc
+from tests.conftest import DaemonProc, templates_dir
 from tests.test_net_api import serve_in
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
@@ -216,3 +216,36 @@ def test_port_hosts_need_a_token_when_the_daemon_requires_keys(daemon_factory: A
         with pytest.raises(InvalidStatus) as info:
             ws_connect(f"ws://127.0.0.1:{d.port}/v1/sandboxes/{sbx.sandbox_id}/pty", open_timeout=30)
         assert info.value.response.status_code == 403
+
+
+def test_error_messages_name_no_host_paths(daemon: DaemonProc) -> None:
+    """Errors an API caller can provoke (issue 22.8) say what to change without the daemon's host paths: no data
+    dir, template store or other host directory appears in a message or its details."""
+    c = httpx.Client(base_url=daemon.url, headers=daemon.headers, timeout=60)
+    sid = c.post("/v1/sandboxes", json={}).json()["sandbox_id"]
+    try:
+        box = f"/v1/sandboxes/{sid}"
+        probes: list[tuple[str, str, dict[str, Any]]] = [
+            ("POST", "/v1/sandboxes", {"json": {"template": "nosuch"}}),
+            ("POST", "/v1/sandboxes", {"json": {"template": "../../etc"}}),
+            ("POST", "/v1/sandboxes", {"json": {"snapshot": "nosuch"}}),
+            ("GET", f"{box}/files", {"params": {"path": "/nope"}}),
+            ("GET", f"{box}/files", {"params": {"path": "/etc"}}),
+            ("PUT", f"{box}/files", {"params": {"path": "/etc/hostname/x"}, "content": b"x"}),
+            ("POST", f"{box}/commands", {"json": {"cmd": "true", "cwd": "/nope"}}),
+            ("POST", f"{box}/commands", {"json": {"cmd": "true", "user": "nouser"}}),
+            ("POST", f"{box}/snapshots", {"json": {"name": "../x"}}),
+            ("DELETE", "/v1/snapshots/nosuch", {}),
+            ("POST", "/v1/workspaces", {"json": {"repository_url": "file:///etc"}}),
+            ("POST", "/v1/workspaces", {"json": {"repository_url": "https://127.0.0.1:1/x.git"}}),
+            ("POST", "/v1/templates/import", {"json": {"reference": "docker://127.0.0.1:1/x:y", "name": "x"}}),
+        ]
+        host_dirs = {str(daemon.data_dir), str(templates_dir()), "/var/lib/", "/var/tmp/", "/run/", "/sys/fs/cgroup"}
+        for method, path, kw in probes:
+            r = c.request(method, path, **kw)
+            body = r.text
+            assert r.status_code >= 400 or '"error"' in body, (method, path, r.status_code, body)  # NDJSON: in-stream
+            assert not [d for d in host_dirs if d in body], (method, path, body)
+    finally:
+        c.delete(f"/v1/sandboxes/{sid}")
+        c.close()

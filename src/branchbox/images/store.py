@@ -127,7 +127,10 @@ class TemplateStore:
             "import a rootfs tar (TemplateStore.import_tar / "
             f"`branchbox template import ROOTFS.tar --name {what}`)"
         )
-        return TemplateNotFoundError(f"template {what!r} does not exist in {self.root}: {hint}", template=what)
+        # the store's host path stays out: this message reaches API callers (`branchbox template ls` lists them)
+        return TemplateNotFoundError(
+            f"template {what!r} does not exist in this daemon's template store: {hint}", template=what
+        )
 
     def resolve(self, name_or_digest: str) -> str:
         """The digest a name (or digest, or unique digest prefix of 12+ characters) refers to."""
