@@ -202,3 +202,12 @@ def test_prepare_keeps_a_data_dir_that_holds_data(fresh_data_dir: Path) -> None:
     assert "move" in done.message  # says what to do for snapshots in O(1)
     assert not image_path(fresh_data_dir).exists()
     assert (fresh_data_dir / "state.db").read_bytes() == b"x"
+
+
+def test_the_overlay_driver_refuses_a_disk_limit_with_the_api_error(tmp_path: Path) -> None:
+    """core never asks it (its disk_limits is None); an embedder who does gets not_supported, as API callers do."""
+    driver = OverlayDriver()
+    assert driver.disk_limits is None
+    with pytest.raises(NotSupportedError, match="btrfs") as info:
+        driver.set_disk_limit(tmp_path, 64)
+    assert info.value.code == "not_supported"

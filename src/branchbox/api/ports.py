@@ -50,8 +50,9 @@ SANDBOX_CSP = b"sandbox allow-scripts allow-forms allow-popups allow-modals allo
 _WS_SKIP = HOP | {b"sec-websocket-key", b"sec-websocket-version", b"sec-websocket-extensions",
                    b"sec-websocket-protocol", b"host"}  # fmt: skip
 CONNECT_TIMEOUT_S = 10.0
-# a WebSocket's closing handshake with the upstream: one that stopped reading (a sandbox's server whose echoes are
-# stuck behind a client that went away) cannot answer, and its connection is dropped after this long
+# a WebSocket's closing handshake with the upstream, bounded in relay_websocket (for the port proxy and the fleet
+# controller alike): one that stopped reading (a sandbox's server whose echoes are stuck behind a client that went
+# away) cannot answer, and its connection is dropped after this long
 WS_CLOSE_TIMEOUT_S = 2.0
 LOOPBACK = "127.0.0.1"
 
@@ -208,7 +209,6 @@ class PortProxy:
             "additional_headers": extra,
             "subprotocols": scope.get("subprotocols") or None,
             "open_timeout": CONNECT_TIMEOUT_S,
-            "close_timeout": WS_CLOSE_TIMEOUT_S,
             "max_size": ctx.settings.max_ws_message_bytes,  # bigger: closed with 1009 (message too big)
             "compression": None,
             "proxy": None,

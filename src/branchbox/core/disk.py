@@ -26,6 +26,7 @@ from pathlib import Path
 
 from branchbox.errors import BadRequestError, DiskFullError, LimitExceededError, NotSupportedError
 from branchbox.limits import MAX_DISK_MB, MIN_DISK_MB
+from branchbox.storage.base import NO_DISK_LIMITS
 
 log = logging.getLogger("branchbox.disk")
 
@@ -51,10 +52,7 @@ def resolve(
                 "leave it out or use the container backend"
             )
         if enforcer is None:
-            raise NotSupportedError(
-                "disk_mb needs a data dir on btrfs (the overlay storage driver cannot limit a sandbox's disk): "
-                "leave it out, or move the data dir to btrfs (`branchbox storage prepare` on a fresh data dir)"
-            )
+            raise NotSupportedError(NO_DISK_LIMITS)
         return requested
     if enforcer is None or vm:
         return 0

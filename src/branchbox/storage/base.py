@@ -15,6 +15,12 @@ from typing import Protocol
 
 from branchbox.backends.base import IdMap, LayerInfo
 
+# what a caller who asked for disk_mb hears where the storage driver cannot limit a sandbox's disk
+NO_DISK_LIMITS = (
+    "disk_mb needs a data dir on btrfs (the overlay storage driver cannot limit a sandbox's disk): leave it out, or "
+    "move the data dir to btrfs (`branchbox storage prepare` on a fresh data dir)"
+)
+
 __all__ = ["LayerInfo", "SandboxDirs", "StorageDriver"]  # LayerInfo: defined with the backends (a layer boots them)
 
 

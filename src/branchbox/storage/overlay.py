@@ -12,7 +12,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from branchbox.backends.base import IdMap
-from branchbox.storage.base import LayerInfo, SandboxDirs
+from branchbox.errors import NotSupportedError
+from branchbox.storage.base import NO_DISK_LIMITS, LayerInfo, SandboxDirs
 from branchbox.storage.flatten import flatten_into
 from branchbox.storage.fsutil import copy_tree, disk_usage, fsync_dir, syncfs
 
@@ -55,7 +56,9 @@ class OverlayDriver:
     disk_limits: str | None = None  # a plain directory upper: nothing limits it (docs/snapshots.md)
 
     def set_disk_limit(self, sandbox_dir: Path, disk_mb: int) -> None:
-        raise NotImplementedError("the overlay driver cannot limit a sandbox's disk")
+        """Refused: core never asks (``disk_limits`` is None, and ``core.disk.resolve`` refuses ``disk_mb``
+        first); an embedder who calls it gets the same stable error as the API's callers."""
+        raise NotSupportedError(NO_DISK_LIMITS)
 
     def keep_free(self, reserve_bytes: int) -> tuple[int, int] | None:
         return None
