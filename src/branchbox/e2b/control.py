@@ -3,7 +3,10 @@
 Routes: ``POST /sandboxes`` and ``/v2/sandboxes`` (create), ``GET /sandboxes`` and ``/v2/sandboxes`` (list: metadata
 and state filters, newest first, ``limit`` + ``nextToken`` paging with ``X-Next-Token``), ``GET|DELETE
 /sandboxes/{id}``, ``POST /sandboxes/{id}/{timeout,refreshes,connect,pause,resume,snapshots,fork}`` and
-``/v2/sandboxes/{id}/connect``. Errors are ``{"code": <HTTP status>, "message": str}``: the SDK reads nothing else.
+``/v2/sandboxes/{id}/connect``; ``GET /snapshots`` (``Sandbox.list_snapshots``: ``sandboxID`` and ``name``
+filters, newest first, paged as the list) and ``DELETE /templates/{id}`` (``Sandbox.delete_snapshot``: a snapshot's
+id or name; templates are not deleted here). Errors are ``{"code": <HTTP status>, "message": str}``: the SDK
+reads nothing else.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ from typing import Any
 from urllib.parse import parse_qs, parse_qsl
 
 from branchbox.e2b.state import ENVD_VERSION, E2BState, iso
-from branchbox.errors import BranchboxError, TemplateNotFoundError, UnauthorizedError
+from branchbox.errors import BranchboxError, SnapshotNotFoundError, TemplateNotFoundError, UnauthorizedError
 from branchbox.models import SandboxInfo, SandboxState
 
 ROUTE = re.compile(r"^/(?:v2/)?sandboxes(?:/([^/]+)(?:/([a-z]+))?)?/?$")
+TEMPLATE_ROUTE = re.compile(r"^/templates/([^/]+)/?$")
+PREFIXES = ("/sandboxes", "/v2/sandboxes", "/snapshots", "/templates")  # the paths the gateway sends here
 CLIENT_ID = "branchbox"
 MAX_PAGE = 1000
 _FOREVER = 253402300799.0  # 9999-12-31T23:59:59Z: endAt of a sandbox without a time to live
@@ -125,16 +130,24 @@ async def handle(state: E2BState, method: str, path: str, query: str, headers: d
     denied = check_api_key(state, headers)
     if denied is not None:
         return denied
-    m = ROUTE.match(path)
-    if m is None:
-        return error(404, f"no such route {method} {path}")
-    sid, action = m.group(1), m.group(2)
     try:
-        return await _dispatch(state, method, sid, action, query, _body(raw) if method == "POST" else {})
+        return await _route(state, method, path, query, raw)
     except _BadRequest as exc:
         return error(400, str(exc))
     except BranchboxError as exc:
         return _from_branchbox(exc)
+
+
+async def _route(state: E2BState, method: str, path: str, query: str, raw: bytes) -> Reply:
+    m = ROUTE.match(path)
+    if m is not None:
+        return await _dispatch(state, method, m.group(1), m.group(2), query, _body(raw) if method == "POST" else {})
+    if path.rstrip("/") == "/snapshots" and method == "GET":
+        return await _list_snapshots(state, query)
+    t = TEMPLATE_ROUTE.match(path)
+    if t is not None and method == "DELETE":
+        return await _delete_snapshot(state, t.group(1))
+    return error(404, f"no such route {method} {path}")
 
 
 async def _dispatch(  # noqa: PLR0911 (one return per route)
@@ -286,6 +299,40 @@ def _cursor(token: str) -> tuple[float, str]:
         return float(ts), sid
     except ValueError:
         raise _BadRequest("nextToken is not one this server gave out: pass the X-Next-Token of the last page") from None
+
+
+async def _list_snapshots(state: E2BState, query: str) -> Reply:
+    """E2B's ``SnapshotInfo`` list: the snapshots the daemon keeps (not forks' internal ones), newest first."""
+    params = parse_qs(query)
+    limit = _query_int(params, "limit", 100)
+    if not 1 <= limit <= MAX_PAGE:
+        raise _BadRequest(f"limit must be 1 to {MAX_PAGE}")
+    snaps = await state.manager.list_snapshots()
+    if "sandboxID" in params:
+        snaps = [s for s in snaps if s.sandbox_id == params["sandboxID"][0]]
+    if "name" in params:
+        wanted = params["name"][0]  # E2B filters by name or id
+        snaps = [s for s in snaps if wanted in (s.name, s.id)]
+    snaps.sort(key=lambda s: (s.created_at, s.id), reverse=True)
+    token = params.get("nextToken", [None])[0]
+    if token:
+        cursor = _cursor(token)
+        snaps = [s for s in snaps if (s.created_at, s.id) < cursor]
+    page = snaps[:limit]
+    headers = {}
+    if len(snaps) > limit:
+        headers["x-next-token"] = f"{page[-1].created_at!r}_{page[-1].id}"
+    return Reply(200, [{"snapshotID": s.id, "names": [s.name] if s.name else []} for s in page], headers)
+
+
+async def _delete_snapshot(state: E2BState, id_or_name: str) -> Reply:
+    """``DELETE /templates/{id}``: E2B deletes a snapshot as the template it is; here only snapshots are deleted
+    (a template name is 404, so ``delete_snapshot`` answers False): templates are managed by ``branchbox template``."""
+    try:
+        await state.manager.delete_snapshot(id_or_name)
+    except SnapshotNotFoundError:
+        return error(404, f"no snapshot {id_or_name!r}: this route deletes snapshots (ids or names) only")
+    return Reply(204)
 
 
 async def _extend(state: E2BState, sid: str, seconds: int) -> SandboxInfo:

@@ -6,7 +6,8 @@ thing to configure, open and secure. Nothing collides with branchbox's own route
 
 * a request carrying ``E2b-Sandbox-Id`` is envd's data plane (``/health``, ``/files``, ``/process.Process/*``,
   ``/filesystem.Filesystem/*``), checked against that sandbox's ``X-Access-Token``;
-* ``/sandboxes...`` and ``/v2/sandboxes...`` are E2B's control plane (branchbox's API lives under ``/v1``);
+* ``/sandboxes...``, ``/v2/sandboxes...``, ``/snapshots`` and ``/templates...`` are E2B's control plane
+  (branchbox's API lives under ``/v1``);
 * ``GET|POST /files?...&signature=...`` without the header is a signed URL: the sandbox whose token made the
   signature is the one it opens;
 * everything else (``/health`` without the header, ``/v1/...``) goes on to branchbox's app unchanged.
@@ -67,7 +68,7 @@ class E2BGateway:
                 break
         if sid is not None:
             await self._data_plane(self.state(scope), sid, scope, receive, send)
-        elif path.startswith(("/sandboxes", "/v2/sandboxes")):
+        elif path.startswith(control.PREFIXES):
             scope["route"] = RouteName("/e2b" + _template(path))
             state = self.state(scope)
             try:
