@@ -131,6 +131,20 @@ def daemon_env(address: str, name: str, ray_node_id: str, slot: int) -> dict[str
     }
 
 
+def fleet_table(env: dict[str, str]) -> str:
+    """The same join settings as a config file's ``[fleet]`` table (TOML)."""
+    labels = ", ".join(f'{k} = "{v}"' for k, v in (p.split("=") for p in env["BRANCHBOX_FLEET_LABELS"].split(",")))
+    return (
+        "[fleet]\n"
+        f'address = "{env["BRANCHBOX_FLEET_ADDRESS"]}"\n'
+        f'name = "{env["BRANCHBOX_FLEET_NAME"]}"\n'
+        f'ray_node_id = "{env["BRANCHBOX_FLEET_RAY_NODE_ID"]}"\n'
+        f"memory_mb = {env['BRANCHBOX_FLEET_MEMORY_MB']}\n"
+        f"cpu = {env['BRANCHBOX_FLEET_CPU']}\n"
+        f"labels = {{ {labels} }}\n"
+    )
+
+
 @pytest.fixture(scope="module")
 def fleet(default_template: Any) -> Iterator[Fleet]:
     pytest.importorskip("ray", reason="the fleet tests need Ray: pip install 'branchbox[fleet]' (make test does)")
@@ -148,8 +162,11 @@ def fleet(default_template: Any) -> Iterator[Fleet]:
         fl.ray_nodes += [cluster.add_node(num_cpus=1) for _ in range(2)]
         for i, node in enumerate(fl.ray_nodes):
             name = f"n{i}"
-            # keep: sandboxes outlive a daemon restart (the rejoin test restarts one)
-            d = DaemonProc(new_data_dir(), keep=True, env=daemon_env(cluster.address, name, node.node_id, i))
+            env = daemon_env(cluster.address, name, node.node_id, i)
+            # keep: sandboxes outlive a daemon restart (the rejoin test restarts one); the last node joins with
+            # its config file's [fleet] table instead of the environment, as a user's config would
+            conf = fleet_table(env) if i == 2 else None
+            d = DaemonProc(new_data_dir(), keep=True, env={} if conf else env, config=conf)
             daemons.append(d)
             fl.names.append(name)
             d.start()

@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
+from branchbox.daemon.config import ConfigError, load_config
 from branchbox.errors import BadRequestError, NoCapacityError, SandboxLostError
 from branchbox.fleet.controller import Controller, ControllerSettings
 from branchbox.fleet.node import JoinSettings, capacity_of, parse_labels
@@ -41,6 +43,41 @@ def test_labels_and_join_settings_from_env() -> None:
     s = JoinSettings.from_env(None, env, name="n1")
     assert (s.address, s.name, dict(s.labels), s.memory_mb) == ("h:1", "n1", {"r": "eu"}, 64)
     assert JoinSettings.from_env("flag:2", env).address == "flag:2"  # the flag wins
+
+
+def test_the_config_files_fleet_table_under_env_and_flags(tmp_path: Path) -> None:
+    """``[fleet]`` in the daemon's config file: read by load_config, checked by JoinSettings, below the
+    environment and the flags (the Ray test joins one of its three daemons this way)."""
+    conf = tmp_path / "config.toml"
+    conf.write_text(
+        "port = 7123\n[fleet]\naddress = 'head:6379'\nname = 'a'\nlabels = {region = 'eu', kvm = '1'}\n"
+        "memory_mb = 2048\ncpu = 3.5\nbackends = ['container', 'microvm']\nurl = 'http://a:7123'\n"
+    )
+    cfg = load_config(conf, env={})
+    s = JoinSettings.from_env(None, {}, table=cfg.fleet)
+    assert (s.address, s.name, dict(s.labels), s.memory_mb, s.cpu) == ("head:6379", "a", {"region": "eu", "kvm": "1"},
+                                                                        2048, 3.5)  # fmt: skip
+    assert (s.backends, s.url) == (("container", "microvm"), "http://a:7123")
+    env = {"BRANCHBOX_FLEET_MEMORY_MB": "64", "BRANCHBOX_FLEET_LABELS": "region=us"}
+    s = JoinSettings.from_env("flag:1", env, table=cfg.fleet, name="from-flag")
+    assert (s.address, s.name, dict(s.labels), s.memory_mb) == ("flag:1", "from-flag", {"region": "us"}, 64)
+    assert JoinSettings.from_env(None, {}, table={}).address == ""  # no table, no env, no flag: no fleet
+    bad = [
+        ({"adress": "h:1"}, "unknown setting\\(s\\) adress in the config file's \\[fleet\\] table; known: address"),
+        ({"memory_mb": "lots"}, r"invalid fleet setting memory_mb='lots' from \[fleet\] memory_mb"),
+        ({"memory_mb": -1}, "must be >= 0"),
+        ({"cpu": True}, "expected a number"),
+        ({"interval": 0}, "must be positive"),
+        ({"labels": "region"}, "KEY=VALUE"),
+    ]
+    for table, match in bad:
+        with pytest.raises(BadRequestError, match=match):
+            JoinSettings.from_env(None, {}, table=table)
+    with pytest.raises(BadRequestError, match=r"BRANCHBOX_FLEET_CPU"):
+        JoinSettings.from_env(None, {"BRANCHBOX_FLEET_CPU": "x"})
+    conf.write_text("fleet = 'head:6379'\n")
+    with pytest.raises(ConfigError, match=r"must be a table: \[fleet\]"):
+        load_config(conf, env={})
 
 
 class Clock:

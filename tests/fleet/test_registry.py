@@ -92,6 +92,25 @@ def test_release_gives_back_and_commit_keeps_for_its_grace() -> None:
     assert r.allocate(req(1024), now=3.5).node_id == "n0"
 
 
+def test_a_destroy_gives_a_held_commit_back_at_once() -> None:
+    """A burst of short-lived sandboxes: created and destroyed through the controller within the commit grace,
+    each must give its room back at its destroy, not 2 s later (a one-sandbox node took only one before)."""
+    for policy in ("spread", "pack"):
+        r = fleet(cap(1024, cpu=1000), policy=policy)
+        for i in range(5):
+            a = r.allocate(req(1024, 1000), now=0)
+            r.commit(a, now=0.1 * i, sandbox_id=f"s{i}")
+            r.update("n0", cap(0, cpu=0, running=1), seq=i + 1, now=0.1 * i)  # a push that counts it too
+            assert r.get("n0").memory_mb == 0
+            assert r.forget("n0", f"s{i}")
+            assert not r.forget("n0", f"s{i}")  # once
+            assert r.get("n0").memory_mb == 1024  # its room is back before the node's next push
+        r.update("n0", cap(0, cpu=0, running=1), seq=99, now=0.6)  # a direct create on the node: pushes count
+        with pytest.raises(NoCapacityError):
+            r.allocate(req(1024, 1000), now=0.6)
+    assert not r.forget("n0", "unknown") and not r.forget("nope", "s1") and not r.forget("n0", "")
+
+
 def test_stale_pushes_are_ignored() -> None:
     r = fleet(cap(1024))
     assert r.update("n0", cap(4096), seq=5, now=1)

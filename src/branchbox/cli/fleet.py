@@ -5,7 +5,7 @@ Nothing here imports Ray until a fleet command runs (the extra ``branchbox[fleet
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,28 +28,31 @@ def _need_ray() -> None:
 
 
 def fleet_join_hook(
-    host: str, address: str | None, name: str | None, labels: tuple[str, ...]
+    host: str,
+    address: str | None,
+    name: str | None,
+    labels: tuple[str, ...],
+    table: Mapping[str, Any] | None = None,
 ) -> Callable[[int], Callable[[], None]] | None:
-    """The daemon's join hook when ``--fleet`` or ``BRANCHBOX_FLEET_ADDRESS`` is given, else None."""
+    """The daemon's join hook when ``--fleet``, ``BRANCHBOX_FLEET_ADDRESS`` or the config file's ``[fleet]``
+    ``address`` is given, else None."""
     from branchbox.errors import BadRequestError  # noqa: PLC0415
     from branchbox.fleet.node import JoinSettings, join, parse_labels  # noqa: PLC0415 - light (no Ray import)
 
     try:
-        settings = JoinSettings.from_env(address, name=name, labels=parse_labels(labels))
+        settings = JoinSettings.from_env(address, table=table, name=name, labels=parse_labels(labels))
     except (BadRequestError, ValueError) as exc:
-        err.print(f"[red]config error[/red]: fleet: {escape(str(exc))}", highlight=False)
+        msg = exc.message if isinstance(exc, BadRequestError) else str(exc)
+        err.print(f"[red]config error[/red]: fleet: {escape(msg)}", highlight=False)
         sys.exit(2)
     if not settings.address:
         return None
     _need_ray()
-    import os  # noqa: PLC0415
     import socket  # noqa: PLC0415
-
-    advertise = os.environ.get("BRANCHBOX_FLEET_URL", "")
 
     def hook(port: int) -> Callable[[], None]:
         where = host if host not in ("0.0.0.0", "::", "") else socket.getfqdn()  # noqa: S104 - compared, not bound
-        url = advertise or f"http://{where}:{port}"
+        url = settings.url or f"http://{where}:{port}"
         return join(settings, url, port).leave
 
     return hook

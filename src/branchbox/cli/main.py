@@ -337,7 +337,7 @@ def serve(
     except ConfigError as exc:
         err.print(f"[red]config error[/red]: {escape(exc.message)}", highlight=False)
         sys.exit(2)
-    run(cfg, fleet_join_hook(cfg.host, fleet_address, fleet_name, fleet_labels))
+    run(cfg, fleet_join_hook(cfg.host, fleet_address, fleet_name, fleet_labels, cfg.fleet))
 
 
 @cli.command()

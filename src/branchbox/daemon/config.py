@@ -19,6 +19,10 @@ default one is ``[pools."<template>@<backend>"]``::
     min_size = 1
     memory_mb = 256
 
+A daemon joins a fleet (docs/fleet.md) with a ``[fleet]`` table (``address = "HEAD:6379"``, ``name``, ``labels =
+{region = "eu"}``, ``memory_mb``, ``cpu``, ``backends``, ``url``...; the ``BRANCHBOX_FLEET_*`` variables and the
+``--fleet`` flags win over it), checked by :class:`branchbox.fleet.node.JoinSettings`.
+
 Networking (docs/networking.md) is on by default: ``network = false`` gives sandboxes loopback only. The
 ``network_*`` settings are those of :class:`~branchbox.net.NetworkSettings`.
 
@@ -40,7 +44,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +117,9 @@ class DaemonConfig:
     uid_ranges: int = 1024
     uid_first: int | None = None
     pools: tuple[PoolConfig, ...] = ()  # [pools.<template>] tables; only from the config file
+    # the [fleet] table as written (only from the config file; BRANCHBOX_FLEET_* and the --fleet flags win over
+    # it): read and checked by branchbox.fleet.node.JoinSettings when the daemon joins a fleet (docs/fleet.md)
+    fleet: Mapping[str, Any] = field(default_factory=dict)
 
     def wanted_names(self) -> Wanted:
         """The host-unique names as configured (None: not configured)."""
@@ -226,7 +233,7 @@ class DaemonConfig:
 
 
 _CGROUP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_FIELDS = {f.name: f for f in fields(DaemonConfig) if f.name != "pools"}
+_FIELDS = {f.name: f for f in fields(DaemonConfig) if f.name not in ("pools", "fleet")}
 
 
 def _convert(name: str, value: Any, source: str) -> Any:
@@ -339,7 +346,7 @@ def parse_pools(doc: Any, source: str) -> tuple[PoolConfig, ...]:
 def _flatten(doc: Mapping[str, Any], path: Path) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in doc.items():
-        if key == "pools":
+        if key in ("pools", "fleet"):
             continue
         if key in _TABLES and isinstance(value, Mapping):
             flat.update(value)
@@ -380,6 +387,10 @@ def load_config(
             values[name] = _convert(name, value, str(path))
         if "pools" in doc:
             values["pools"] = parse_pools(doc["pools"], str(path))
+        if "fleet" in doc:
+            if not isinstance(doc["fleet"], Mapping):
+                raise ConfigError(f"fleet in {path} must be a table: [fleet] (docs/fleet.md)")
+            values["fleet"] = dict(doc["fleet"])
     for name in _FIELDS:
         var = "BRANCHBOX_" + name.upper()
         if var in env:

@@ -55,28 +55,79 @@ class JoinSettings:
     """The agent stops pushing when its daemon has not answered for this long (a hung daemon is lost then)."""
     api_key: str = ""
     """A key the agent sends to its own daemon, when the daemon requires one."""
+    url: str = ""
+    """The URL the controller calls this daemon at (default ``http://BIND_HOST:PORT``, the FQDN when bound to
+    0.0.0.0)."""
 
     @classmethod
-    def from_env(cls, address: str | None, env: Mapping[str, str] | None = None, **overrides: Any) -> JoinSettings:
-        """``address`` (the ``--fleet`` flag) or ``BRANCHBOX_FLEET_ADDRESS``; the rest from ``BRANCHBOX_FLEET_*``
-        (``NAME``, ``LABELS`` as ``k=v,k=v``, ``MEMORY_MB``, ``CPU``, ``BACKENDS``, ``RAY_NODE_ID``, ``INTERVAL``,
-        ``API_KEY``); flags win over the environment."""
+    def from_env(
+        cls,
+        address: str | None,
+        env: Mapping[str, str] | None = None,
+        *,
+        table: Mapping[str, Any] | None = None,
+        **overrides: Any,
+    ) -> JoinSettings:
+        """Flags (``address``, the ``--fleet`` flag, and ``overrides``) > ``BRANCHBOX_FLEET_*`` (``ADDRESS``,
+        ``NAME``, ``LABELS`` as ``k=v,k=v``, ``MEMORY_MB``, ``CPU``, ``BACKENDS``, ``RAY_NODE_ID``, ``INTERVAL``,
+        ``API_KEY``, ``URL``) > the config file's ``[fleet]`` table (``table``: the same names in lower case;
+        ``labels`` a table or ``"k=v,k=v"``, ``backends`` a list) > defaults. Raises BadRequestError naming the
+        setting and where it came from."""
+        from branchbox.errors import BadRequestError  # noqa: PLC0415 - keeps this module's import light
+
         env = os.environ if env is None else env
-        get = env.get
-        labels = parse_labels(get("BRANCHBOX_FLEET_LABELS", ""))
-        kw: dict[str, Any] = {
-            "address": address or get("BRANCHBOX_FLEET_ADDRESS", ""),
-            "name": get("BRANCHBOX_FLEET_NAME", ""),
-            "labels": labels,
-            "memory_mb": int(get("BRANCHBOX_FLEET_MEMORY_MB", "0") or 0),
-            "cpu": float(get("BRANCHBOX_FLEET_CPU", "0") or 0),
-            "backends": tuple(b for b in get("BRANCHBOX_FLEET_BACKENDS", "container").split(",") if b),
-            "ray_node_id": get("BRANCHBOX_FLEET_RAY_NODE_ID", ""),
-            "interval": float(get("BRANCHBOX_FLEET_INTERVAL", "0.5") or 0.5),
-            "api_key": get("BRANCHBOX_FLEET_API_KEY", ""),
-        }
+        kw: dict[str, Any] = {"address": ""}
+        unknown = sorted(set(table or {}) - set(_SETTINGS))
+        if unknown:
+            raise BadRequestError(
+                f"unknown setting(s) {', '.join(unknown)} in the config file's [fleet] table; known: "
+                + ", ".join(sorted(_SETTINGS))
+            )
+        sources = [(k, v, f"[fleet] {k}") for k, v in (table or {}).items()]
+        sources += [(k, env[v], f"${v}") for k, v in _SETTINGS.items() if env.get(v)]
+        for key, value, source in sources:
+            try:
+                kw[key] = _setting(key, value)
+            except (TypeError, ValueError, BadRequestError) as exc:
+                why = exc.message if isinstance(exc, BadRequestError) else str(exc)
+                raise BadRequestError(f"invalid fleet setting {key}={value!r} from {source}: {why}") from None
+        if address:
+            kw["address"] = address
         kw.update({k: v for k, v in overrides.items() if v})
         return cls(**kw)
+
+
+# the settings a [fleet] table may hold, and their environment variables
+_SETTINGS = {
+    name: f"BRANCHBOX_FLEET_{name.upper()}"
+    for name in (
+        "address", "name", "labels", "memory_mb", "cpu", "backends", "ray_node_id", "interval", "api_key", "url",
+    )
+}  # fmt: skip
+
+
+def _setting(key: str, value: Any) -> Any:
+    """One fleet setting from TOML (typed) or the environment (text)."""
+    if key == "labels":
+        if isinstance(value, Mapping):
+            return {str(k): str(v) for k, v in value.items()}
+        return parse_labels(value if isinstance(value, str) else [str(v) for v in value])
+    if key == "backends":
+        items = value.split(",") if isinstance(value, str) else list(value)
+        return tuple(str(b).strip() for b in items if str(b).strip())
+    if isinstance(value, bool | Mapping | list):
+        raise TypeError(f"expected {'a number' if key in ('memory_mb', 'cpu', 'interval') else 'text'}")
+    if key == "memory_mb":
+        mb = int(value)
+        if mb < 0:
+            raise ValueError("must be >= 0 (0: the host's memory less 1 GiB)")
+        return mb
+    if key in ("cpu", "interval"):
+        got = float(value)
+        if got <= 0 if key == "interval" else got < 0:
+            raise ValueError("must be positive")
+        return got
+    return str(value)
 
 
 def parse_labels(text: str | Sequence[str]) -> dict[str, str]:

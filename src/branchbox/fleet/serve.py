@@ -36,7 +36,7 @@ async def serve_fleet(settings: ControllerSettings, *, host: str, port: int, key
     try:
         await _Server(config).serve()
     finally:
-        await front.client.aclose()
+        await front.aclose()
         await controller.close()
     log.info("fleet.stopped")
 

@@ -157,7 +157,8 @@ def _expire(waiter: asyncio.Future[Reply], timeout: float | None) -> None:
 class AsyncWire:
     """Pooled keep-alive connections to one daemon, used from one event loop."""
 
-    def __init__(self, config: ConnectionConfig) -> None:
+    def __init__(self, config: ConnectionConfig, *, connect_timeout: float | None = None) -> None:
+        self._connect_timeout = connect_timeout  # None: a request's own timeout bounds its connect too
         parts = urlsplit(config.base_url)
         self._https = parts.scheme == "https"
         self._host = parts.hostname or "127.0.0.1"
@@ -188,9 +189,12 @@ class AsyncWire:
             conn.close()
         return None
 
-    async def request(self, method: str, path: str, body: bytes | None, timeout: float | None) -> Reply:
-        """One request. A reused connection the daemon closed meanwhile is retried once on a new one."""
-        lines = [f"{method} {self._prefix}{path} HTTP/1.1\r\n".encode("latin-1"), self._head]
+    async def request(
+        self, method: str, path: str, body: bytes | None, timeout: float | None, *, extra: bytes = b""
+    ) -> Reply:
+        """One request. A reused connection the daemon closed meanwhile is retried once on a new one. ``extra``:
+        more header lines, each ending in CRLF (the fleet controller passes its caller's ``authorization``)."""
+        lines = [f"{method} {self._prefix}{path} HTTP/1.1\r\n".encode("latin-1"), self._head, extra]
         if body is not None:
             lines.append(b"content-type: application/json\r\n")
         if body is not None or method in ("POST", "PUT", "PATCH"):
@@ -203,7 +207,8 @@ class AsyncWire:
                 return await self._exchange(conn, raw, method, timeout, reused=True)
             except _Stale:
                 pass
-        return await self._exchange(await self._new(timeout), raw, method, timeout, reused=False)
+        connect = timeout if self._connect_timeout is None else self._connect_timeout
+        return await self._exchange(await self._new(connect), raw, method, timeout, reused=False)
 
     async def _exchange(self, conn: _Conn, raw: bytes, method: str, timeout: float | None, *, reused: bool) -> Reply:
         loop = asyncio.get_running_loop()

@@ -1,0 +1,131 @@
+"""The controller's HTTP front against one real daemon that requires API keys, without Ray: the controller is fed
+one push by hand (as its inbox would), served by uvicorn on loopback, and reached with the SDK as a user does.
+
+It checks what the Ray test does not: the caller's key goes with the create to the node (the create is sent over
+pooled keep-alive connections, not httpx, so the header is passed by hand), a wrong key is the node's own
+``unauthorized`` and reserves nothing, and a burst of short-lived sandboxes through the controller does not wait
+for the node's next push (a destroy gives its create's held room back at once)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from branchbox import Sandbox
+from branchbox.api.auth import ApiKeyChecker, hash_api_key
+from branchbox.fleet.controller import Controller, ControllerSettings
+from branchbox.fleet.proxy import FleetFront, create_fleet_app
+from branchbox.sdk import AuthenticationError
+from branchbox.sdk._wire import close_shared
+from tests.conftest import DaemonProc, free_port, new_data_dir
+
+KEY = "fleet-front-key-0123456789"
+
+
+def checker(*keys: str) -> ApiKeyChecker:
+    return ApiKeyChecker([hash_api_key(k) for k in keys], required=True)
+
+
+class Front:
+    """A controller with no Ray, its front served by uvicorn in a thread of its own."""
+
+    def __init__(self, node_url: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.loop = asyncio.new_event_loop()
+        # no push comes after the first one (nothing drains an inbox here): every room a create finds after
+        # the first one is room the controller gave back itself
+        settings = ControllerSettings(address="unused", placement_timeout=2.0)
+        self.controller = Controller(settings)
+        self.front = FleetFront(self.controller, keys=checker(KEY), version="test")
+        cap = {"memory_mb": 512, "cpu_millis": 1000, "running": 0, "templates": [["default", "container"]],
+               "warm": []}  # fmt: skip
+        self.controller.apply(
+            {"node": "n0", "url": node_url, "labels": {}, "incarnation": "a", "seq": 1, "capacity": cap}
+        )
+        config = uvicorn.Config(
+            create_fleet_app(self.front), host="127.0.0.1", port=self.port, log_config=None, lifespan="off"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        for _ in range(200):
+            if self.server.started:
+                break
+            threading.Event().wait(0.05)
+        assert self.server.started, "the fleet front did not start"
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self.server.serve())
+        self.loop.run_until_complete(self.front.aclose())
+        self.loop.close()
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+
+
+@pytest.fixture(scope="module")
+def keyed(default_template: Any) -> Iterator[tuple[DaemonProc, Front]]:
+    keyed_env = {"BRANCHBOX_API_KEY_HASHES": hash_api_key(KEY), "BRANCHBOX_REQUIRE_AUTH": "true"}
+    daemon = DaemonProc(new_data_dir(), api_key=KEY, env=keyed_env)
+    front = None
+    try:
+        daemon.start()
+        front = Front(daemon.url)
+        yield daemon, front
+    finally:
+        if front is not None:
+            front.stop()
+        daemon.cleanup()
+        close_shared()
+
+
+def test_the_callers_key_goes_to_the_node_and_a_burst_does_not_wait_for_pushes(
+    keyed: tuple[DaemonProc, Front],
+) -> None:
+    daemon, front = keyed
+    # the node offers room for one 512 MiB sandbox, and no push will come: three in a row each get the room
+    # the previous one gave back when it was killed through the controller
+    for _ in range(3):
+        sbx = Sandbox.create(base_url=front.url, api_key=KEY, memory_mb=512)
+        try:
+            assert sbx.commands.run("echo hi").stdout == "hi\n"
+            timings = sbx.info.timings
+            assert {"fleet_allocate", "fleet_node_call", "fleet_total"} <= set(timings)
+            # it is on the node, which checked the same key
+            on_node = httpx.get(f"{daemon.url}/v1/sandboxes/{sbx.sandbox_id}", headers=daemon.headers, timeout=10)
+            assert on_node.status_code == 200
+        finally:
+            sbx.kill()
+    assert front.controller.registry.get("n0").memory_mb == 512
+
+
+def test_a_key_the_node_refuses_is_its_own_error_and_reserves_nothing(keyed: tuple[DaemonProc, Front]) -> None:
+    daemon, front = keyed
+    # the controller's own check first: no key at all is refused before anything is allocated
+    with pytest.raises(AuthenticationError):
+        Sandbox.create(base_url=front.url, api_key=None, memory_mb=512)
+    # a key the controller takes but the node does not (a fleet whose key files differ): the node's answer
+    front.front.keys = checker(KEY, "only-the-controller-knows-this")
+    try:
+        resp = httpx.post(
+            f"{front.url}/v1/sandboxes",
+            json={"memory_mb": 512},
+            headers={"authorization": "Bearer only-the-controller-knows-this"},
+            timeout=30,
+        )
+    finally:
+        front.front.keys = checker(KEY)
+    assert resp.status_code == 401, resp.text
+    assert resp.json()["error"]["code"] == "unauthorized"
+    assert front.controller.registry.get("n0").memory_mb == 512  # released
+    listed = httpx.get(f"{daemon.url}/v1/sandboxes", headers=daemon.headers, timeout=10).json()
+    assert listed == []
