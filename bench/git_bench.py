@@ -32,6 +32,7 @@ sys.path.insert(0, str(HERE))
 from branchbox.core.manager import Manager  # noqa: E402
 from branchbox.core.settings import ManagerSettings  # noqa: E402
 from branchbox.workspaces.gitcmd import base_env  # noqa: E402
+from branchbox.workspaces.service import WorkspaceService  # noqa: E402
 from branchbox.workspaces.testing import GitDaemon, commit_file, generate_repo  # noqa: E402
 from stats import Summary, summarize  # noqa: E402
 
@@ -66,8 +67,9 @@ async def bench_git(settings: ManagerSettings, runs: int, results: Results) -> N
     s = dataclasses.replace(settings, data_dir=root / "data", workspaces=loopback)
     n_first = max(3, min(8, runs // 8))
     try:
-        async with Manager.open(s) as m:
-            ws = m.workspaces
+        m = Manager(s)
+        ws = m.add_service(WorkspaceService(m))  # as the daemon runs it (daemon/serve.py)
+        async with m:
             clone_ms: list[float] = []
             clone4_ms: list[float] = []
             first_ms: list[float] = []

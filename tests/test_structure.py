@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -39,12 +40,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("errors", "_version", "models", "limits", "timing", "templates"),
 ]
 
-ALLOWED_UPWARD = {
-    # issue 20.1: the Manager (a facade over core's services since that split) still builds the workspaces service,
-    # because Manager.workspaces is the embedded API (docs/workspaces.md). The service sees it only as WorkspaceHost.
-    # The only package cycle left (core <-> workspaces); why, and what removes it: docs/architecture.md, "Layers".
-    ("branchbox.core.manager", "branchbox.workspaces.service"),
-}
+# none left: the last one (core.manager building the workspaces service, issue 20.1) went when the service moved
+# above core, added to the Manager as a ManagedService (docs/architecture.md, "Layers"); keep it empty
+ALLOWED_UPWARD: set[tuple[str, str]] = set()
 
 Edge = tuple[str, str, int]  # importer, imported, line
 
@@ -243,6 +241,20 @@ def test_the_checks_catch_what_they_look_for(tmp_path: Path) -> None:
     }
     # and between packages: core and cli import each other (through core.a and cli.main)
     assert cycles((a, b, 0) for a, b in package_edges(edges)) == [frozenset({"branchbox.core", "branchbox.cli"})]
+
+
+def test_the_core_workspaces_cycle_cannot_come_back(tmp_path: Path) -> None:
+    """Issue 20.1: core names no workspaces type (the service is added to the Manager from above). The source with
+    core.manager building the service again, even in a function, fails the upward and the package-cycle checks."""
+    shutil.copytree(SRC, tmp_path / "branchbox", ignore=shutil.ignore_patterns("__pycache__"))
+    manager = tmp_path / "branchbox" / "core" / "manager.py"
+    back = "def _ws(m):\n    from branchbox.workspaces.service import WorkspaceService\n    return WorkspaceService\n"
+    manager.write_text(manager.read_text() + "\n\n" + back)
+    edges = graph(tmp_path / "branchbox")
+    assert ("branchbox.core.manager", "branchbox.workspaces.service") in {(a, b) for a, b, _ in upward(edges)}
+    found = cycles((a, b, 0) for a, b in package_edges(edges))
+    assert any({"branchbox.core", "branchbox.workspaces"} <= c for c in found), found
+    assert not [e for e in upward(graph(SRC)) if e[0].startswith("branchbox.core")]  # and today there is none
 
 
 def test_http_front_overrides_only_hooks_the_pinned_uvicorn_has() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import os
 import secrets
@@ -17,12 +18,13 @@ import pytest
 
 from branchbox import errors
 from branchbox.core.manager import Manager
-from branchbox.core.settings import WorkspaceSettings
+from branchbox.core.settings import ManagerSettings, WorkspaceSettings
 from branchbox.models import TemplateInfo
 from branchbox.workspaces import WorkspaceStatus, parse_repo_url
 from branchbox.workspaces.gitcmd import GitResult, base_env, classify
 from branchbox.workspaces.locks import SingleFlight
 from branchbox.workspaces.mirror import config_text
+from branchbox.workspaces.service import WorkspaceService
 from branchbox.workspaces.testing import CuttingProxy, GitDaemon, HttpGitServer, commit_file, generate_repo
 from tests.conftest import GIT_SERVERS, TEST_ROOT, make_settings
 
@@ -72,10 +74,29 @@ def proxy(git_daemon: GitDaemon) -> Iterator[CuttingProxy]:
         p.stop()
 
 
+@contextlib.asynccontextmanager
+async def open_manager(settings: ManagerSettings) -> AsyncIterator[tuple[Manager, WorkspaceService]]:
+    """A Manager with the workspace service added, as the daemon runs it (daemon/serve.py)."""
+    m = Manager(settings)
+    workspaces = m.add_service(WorkspaceService(m))
+    async with m:
+        yield m, workspaces
+
+
 @pytest.fixture
-async def wm(default_template: TemplateInfo, data_dir: Path) -> AsyncIterator[Manager]:
-    async with Manager.open(make_settings(data_dir)) as m:
-        yield m
+async def opened(default_template: TemplateInfo, data_dir: Path) -> AsyncIterator[tuple[Manager, WorkspaceService]]:
+    async with open_manager(make_settings(data_dir)) as pair:
+        yield pair
+
+
+@pytest.fixture
+def wm(opened: tuple[Manager, WorkspaceService]) -> Manager:
+    return opened[0]
+
+
+@pytest.fixture
+def workspaces(opened: tuple[Manager, WorkspaceService]) -> WorkspaceService:
+    return opened[1]
 
 
 async def sh(m: Manager, sid: str, cmd: str, cwd: str) -> str:
@@ -166,10 +187,12 @@ def test_config_values_are_quoted(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ the cache, on the real backend
 
 
-async def test_first_and_repeated_workspace(wm: Manager, git_daemon: GitDaemon, git_base: Path) -> None:
+async def test_first_and_repeated_workspace(
+    wm: Manager, workspaces: WorkspaceService, git_daemon: GitDaemon, git_base: Path
+) -> None:
     url = git_daemon.url("repo.git")
     tip = git_host(git_base / "repo.git", "rev-parse", "main").strip()
-    first = await wm.workspaces.create(url, branch="main")
+    first = await workspaces.create(url, branch="main")
     assert first.status is WorkspaceStatus.READY and first.commit == tip and not first.cached
     assert first.path == "/workspace/repo" and first.sandbox_id is not None
     assert {"fetch", "checkout", "layer", "sandbox", "total"} <= set(first.timings)
@@ -191,7 +214,7 @@ async def test_first_and_repeated_workspace(wm: Manager, git_daemon: GitDaemon, 
     # repeated: the same commit layer, no fetch and no checkout; its own copy-on-write tree, on the spare that
     # booted on this commit's layer after the first create (in the background: wait for it, on a loaded host too)
     await asyncio.wait_for(wm.wait_layer_spares(), 60)
-    again = await wm.workspaces.create(url, branch="main")
+    again = await workspaces.create(url, branch="main")
     assert again.cached and again.commit == tip and "fetch" not in again.timings and "checkout" not in again.timings
     assert (await wm.get(again.sandbox_id or "")).source == "warm"
     assert again.sandbox_id != sid
@@ -202,47 +225,47 @@ async def test_first_and_repeated_workspace(wm: Manager, git_daemon: GitDaemon, 
     assert (await sh(wm, again.sandbox_id or "", "git branch --list feature", again.path)) == ""
 
     # a pinned commit the mirror has (after the history arrived) needs no server at all
-    await wm.workspaces.wait_background()
+    await workspaces.wait_background()
     old = git_host(git_base / "repo.git", "rev-parse", "main~7").strip()
-    pinned = await wm.workspaces.create(url, commit=old[:12], path="/root/src")
+    pinned = await workspaces.create(url, commit=old[:12], path="/root/src")
     assert pinned.commit == old and "fetch" not in pinned.timings and "resolve" not in pinned.timings
     out = await sh(wm, pinned.sandbox_id or "", "git status --porcelain; git rev-parse HEAD; git log --oneline | wc -l",
                    "/root/src")  # fmt: skip
     assert out.split() == [old, "293"]  # full history (blobless) once the background fetch is done
 
-    listed = await wm.workspaces.list()
+    listed = await workspaces.list()
     assert {w.id for w in listed} == {first.id, again.id, pinned.id}
-    await wm.workspaces.delete(again.id)
+    await workspaces.delete(again.id)
     with pytest.raises(errors.SandboxNotFoundError):
         await wm.get(again.sandbox_id or "")
     with pytest.raises(errors.WorkspaceNotFoundError):
-        await wm.workspaces.get(again.id)
+        await workspaces.get(again.id)
 
 
-async def test_concurrent_requests_do_one_fetch(wm: Manager, proxy: CuttingProxy, fresh_repo: str,
+async def test_concurrent_requests_do_one_fetch(workspaces: WorkspaceService, proxy: CuttingProxy, fresh_repo: str,
                                                 git_daemon: GitDaemon) -> None:  # fmt: skip
     url = git_daemon.url(fresh_repo, port=proxy.port)
-    results = await asyncio.gather(*(wm.workspaces.create(url, branch="main") for _ in range(20)))
+    results = await asyncio.gather(*(workspaces.create(url, branch="main") for _ in range(20)))
     assert all(r.status is WorkspaceStatus.READY for r in results)
     assert len({r.commit for r in results}) == 1 and len({r.sandbox_id for r in results}) == 20
     assert sum("fetch" in r.timings for r in results) == 1
     assert sum("checkout" in r.timings for r in results) == 1
-    await wm.workspaces.wait_background()
+    await workspaces.wait_background()
     # one fetch (it resolves the branch of a repository the cache lacks) and one background history fetch
     assert proxy.connections == 2, proxy.connections
 
 
-async def test_updates_and_force_push_are_seen(wm: Manager, git_daemon: GitDaemon, git_base: Path,
-                                               fresh_repo: str) -> None:  # fmt: skip
+async def test_updates_and_force_push_are_seen(wm: Manager, workspaces: WorkspaceService, git_daemon: GitDaemon,
+                                               git_base: Path, fresh_repo: str) -> None:  # fmt: skip
     repo, url = git_base / fresh_repo, git_daemon.url(fresh_repo)
-    a = await wm.workspaces.create(url, branch="main")
-    await wm.workspaces.wait_background()  # the history arrived: the next commit needs a fetch of its own
+    a = await workspaces.create(url, branch="main")
+    await workspaces.wait_background()  # the history arrived: the next commit needs a fetch of its own
     b_commit = commit_file(repo, "main", "NEW.txt", "new content\n", message="a new commit")
-    b = await wm.workspaces.create(url, branch="main")
+    b = await workspaces.create(url, branch="main")
     assert b.commit == b_commit != a.commit and not b.cached and "fetch" in b.timings
     assert await sh(wm, b.sandbox_id or "", "git status --porcelain; cat NEW.txt", b.path) == "new content\n"
     # a new commit of a known repository is a small layer holding the difference, above the first one
-    layers = {x.layer_id: x for x in wm.workspaces._db.layers()}
+    layers = {x.layer_id: x for x in workspaces._db.layers()}
     b_layer = next(x for x in layers.values() if x.commit_id == b_commit)
     assert len(b_layer.chain) == 1 and layers[b_layer.chain[0]].commit_id == a.commit
     assert not (wm.layer_path(b_layer.layer_id) / "workspace/repo/d000").exists()
@@ -252,14 +275,14 @@ async def test_updates_and_force_push_are_seen(wm: Manager, git_daemon: GitDaemo
     assert out.splitlines() == ["20001", "a new commit", "commit 299", "301"]  # full history now: no shallow file
     # a deleted file is a whiteout in the difference layer
     d_commit = commit_file(repo, "main", "NEW.txt", "", message="remove", delete=True)
-    d = await wm.workspaces.create(url, branch="main")
+    d = await workspaces.create(url, branch="main")
     assert d.commit == d_commit
     assert (
         await sh(wm, d.sandbox_id or "", "git status --porcelain; ls NEW.txt 2>&1 | grep -c 'No such'", d.path) == "1\n"
     )
     # rewrite history: main now has one unrelated root commit
     c_commit = commit_file(repo, "main", "ONLY.txt", "rewritten\n", parent="", message="rewritten history")
-    c = await wm.workspaces.create(url, branch="main")
+    c = await workspaces.create(url, branch="main")
     assert c.commit == c_commit
     out = await sh(wm, c.sandbox_id or "", "git status --porcelain; git log --format=%s; ls", c.path)
     assert out == "rewritten history\nONLY.txt\n"
@@ -267,92 +290,96 @@ async def test_updates_and_force_push_are_seen(wm: Manager, git_daemon: GitDaemo
     assert (await sh(wm, a.sandbox_id or "", "git rev-parse HEAD", a.path)).strip() == a.commit
 
 
-async def test_bad_requests_have_stable_errors(wm: Manager, git_daemon: GitDaemon, git_base: Path) -> None:
+async def test_bad_requests_have_stable_errors(
+    wm: Manager, workspaces: WorkspaceService, git_daemon: GitDaemon, git_base: Path
+) -> None:
     url = git_daemon.url("repo.git")
     with pytest.raises(errors.RepositoryUrlError):
-        await wm.workspaces.create("file:///etc", branch="main")
+        await workspaces.create("file:///etc", branch="main")
     with pytest.raises(errors.RepositoryUrlError):
-        await wm.workspaces.create(str(git_base / "repo.git"), branch="main")
+        await workspaces.create(str(git_base / "repo.git"), branch="main")
     with pytest.raises(errors.BadRequestError):
-        await wm.workspaces.create(url, branch="main", commit="abcd")
+        await workspaces.create(url, branch="main", commit="abcd")
     with pytest.raises(errors.BadRequestError):
-        await wm.workspaces.create(url, branch="bad..name")
+        await workspaces.create(url, branch="bad..name")
     with pytest.raises(errors.BadRequestError):
-        await wm.workspaces.create(url, branch="main", path="/etc/x")
+        await workspaces.create(url, branch="main", path="/etc/x")
     with pytest.raises(errors.TemplateNotFoundError):
-        await wm.workspaces.create(url, branch="main", template="no-such-template")
+        await workspaces.create(url, branch="main", template="no-such-template")
     with pytest.raises(errors.RefNotFoundError):
-        await wm.workspaces.create(url, branch="no-such-branch")
+        await workspaces.create(url, branch="no-such-branch")
     with pytest.raises(errors.RefNotFoundError):
-        await wm.workspaces.create(url, commit="0123456789abcdef0123456789abcdef01234567")
+        await workspaces.create(url, commit="0123456789abcdef0123456789abcdef01234567")
     with pytest.raises(errors.RepositoryNotFoundError):
-        await wm.workspaces.create(git_daemon.url("missing.git"), branch="main")
+        await workspaces.create(git_daemon.url("missing.git"), branch="main")
     closed = CuttingProxy(1, None)  # a port nobody listens on
     closed.stop()
     with pytest.raises(errors.RepositoryUnreachableError):
-        await wm.workspaces.create(f"git://127.0.0.1:{closed.port}/repo.git", branch="main")
-    assert await wm.workspaces.list() == []  # failed requests leave no record (wait=True)
+        await workspaces.create(f"git://127.0.0.1:{closed.port}/repo.git", branch="main")
+    assert await workspaces.list() == []  # failed requests leave no record (wait=True)
     assert await wm.list() == []
     # wait=False: the error is kept in the record
-    ws = await wm.workspaces.create(url, branch="nope", wait=False)
+    ws = await workspaces.create(url, branch="nope", wait=False)
     assert ws.status is WorkspaceStatus.CREATING
     await asyncio.sleep(0)
-    while (ws := await wm.workspaces.get(ws.id)).status is WorkspaceStatus.CREATING:
+    while (ws := await workspaces.get(ws.id)).status is WorkspaceStatus.CREATING:
         await asyncio.sleep(0.02)
     assert ws.status is WorkspaceStatus.ERROR and ws.error is not None and ws.error["code"] == "ref_not_found"
-    await wm.workspaces.delete(ws.id)
+    await workspaces.delete(ws.id)
 
 
-async def test_server_dies_mid_fetch(wm: Manager, proxy: CuttingProxy, git_daemon: GitDaemon, git_base: Path,
-                                     fresh_repo: str) -> None:  # fmt: skip
+async def test_server_dies_mid_fetch(wm: Manager, workspaces: WorkspaceService, proxy: CuttingProxy,
+                                     git_daemon: GitDaemon, git_base: Path, fresh_repo: str) -> None:  # fmt: skip
     url = git_daemon.url(fresh_repo, port=proxy.port)
     mirrors = wm.settings.data_dir / "git" / "mirrors"
     # 1. the first fetch of a new repository is cut: clear error, no mirror left behind
     proxy.cut_after = 300_000
     with pytest.raises(errors.RepositoryUnreachableError) as ei:
-        await wm.workspaces.create(url, branch="main")
+        await workspaces.create(url, branch="main")
     assert "closed the connection" in str(ei.value) and proxy.cut_count >= 1
     assert list(mirrors.iterdir()) == []
     # 2. the next request works
     proxy.cut_after = None
-    ok = await wm.workspaces.create(url, branch="main")
-    await wm.workspaces.wait_background()
+    ok = await workspaces.create(url, branch="main")
+    await workspaces.wait_background()
     mirror = next(mirrors.iterdir())
     refs_before = git_host(mirror, "for-each-ref")
     # 3. a fetch into an existing mirror is cut (the lazy fetch of a big new blob): the mirror stays as it was
     commit_file(git_base / fresh_repo, "main", "big.bin", secrets.token_hex(400_000), message="big")
     proxy.cut_after = 100_000
     with pytest.raises(errors.RepositoryUnreachableError):
-        await wm.workspaces.create(url, branch="main")
+        await workspaces.create(url, branch="main")
     git_host(mirror, "fsck", "--connectivity-only", "--no-progress")
     assert not [p for p in (mirror / "objects" / "pack").iterdir() if p.name.startswith("tmp_")]
     assert git_host(mirror, "for-each-ref").count("refs/heads/main") == refs_before.count("refs/heads/main")
     proxy.cut_after = None
-    new = await wm.workspaces.create(url, branch="main")
+    new = await workspaces.create(url, branch="main")
     assert new.commit != ok.commit
     assert await sh(wm, new.sandbox_id or "", "git status --porcelain; wc -c < big.bin", new.path) == "800000\n"
 
 
-async def test_credentials_are_never_stored(wm: Manager, git_base: Path, caplog: pytest.LogCaptureFixture) -> None:
+async def test_credentials_are_never_stored(
+    wm: Manager, workspaces: WorkspaceService, git_base: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     token = "tok-" + secrets.token_hex(12)
     server = HttpGitServer(git_base, token).start()
     try:
         secret_url = server.url("repo.git", credentials=f"git:{token}")
-        ws = await wm.workspaces.create(secret_url, branch="main")
+        ws = await workspaces.create(secret_url, branch="main")
         assert ws.repository_url == server.url("repo.git") and token not in repr(ws)
         assert server.seen_authorization  # git sent the header from its environment
-        await wm.workspaces.wait_background()
+        await workspaces.wait_background()
         # the token as a separate argument works too (same cache entry)
-        ws2 = await wm.workspaces.create(server.url("repo.git"), branch="main", token=token, path="/workspace/b")
+        ws2 = await workspaces.create(server.url("repo.git"), branch="main", token=token, path="/workspace/b")
         assert ws2.status is WorkspaceStatus.READY
         # without credentials: refused, even for a commit the cache has
         with pytest.raises(errors.RepositoryAuthError):
-            await wm.workspaces.create(server.url("repo.git"), branch="main")
+            await workspaces.create(server.url("repo.git"), branch="main")
         with pytest.raises(errors.RepositoryAuthError):
-            await wm.workspaces.create(server.url("repo.git"), commit=ws.commit)
+            await workspaces.create(server.url("repo.git"), commit=ws.commit)
         with pytest.raises(errors.RepositoryAuthError) as ei:
-            await wm.workspaces.create(server.url("repo.git", credentials="git:wrong-token-1234"), branch="main")
+            await workspaces.create(server.url("repo.git", credentials="git:wrong-token-1234"), branch="main")
         assert "wrong-token-1234" not in str(ei.value)
         out = await sh(wm, ws.sandbox_id or "", "git config --get remote.origin.url; cat .git/config", ws.path)
         assert token not in out
@@ -371,18 +398,18 @@ async def test_lru_eviction_by_budget(default_template: TemplateInfo, data_dir: 
                                       git_base: Path) -> None:  # fmt: skip
     settings = make_settings(data_dir, workspaces=WorkspaceSettings(cache_budget_mb=1, allow_cidrs=GIT_SERVERS))
     url = git_daemon.url("repo.git")
-    async with Manager.open(settings) as m:
-        a = await m.workspaces.create(url, branch="main")
-        await m.workspaces.wait_background()
-        await m.workspaces.delete(a.id)
-        b = await m.workspaces.create(url, commit=git_host(git_base / "repo.git", "rev-parse", "main~1").strip())
-        await m.workspaces.wait_background()
+    async with open_manager(settings) as (m, workspaces):
+        a = await workspaces.create(url, branch="main")
+        await workspaces.wait_background()
+        await workspaces.delete(a.id)
+        b = await workspaces.create(url, commit=git_host(git_base / "repo.git", "rev-parse", "main~1").strip())
+        await workspaces.wait_background()
         await m.wait_background()
         git_layers = [x for x in os.listdir(data_dir / "layers") if not x.endswith(".tmp")]
         assert len(git_layers) == 1  # the first (unused) layer went; the newest stays even above the budget
         assert not (data_dir / "git" / "mirrors").exists() or list((data_dir / "git" / "mirrors").iterdir()) == []
         # an evicted repository is simply fetched again
-        c = await m.workspaces.create(url, branch="main")
+        c = await workspaces.create(url, branch="main")
         assert not c.cached and "fetch" in c.timings
         assert await sh(m, c.sandbox_id or "", "git status --porcelain | wc -l", c.path) == "0\n"
         assert b.status is WorkspaceStatus.READY
@@ -391,17 +418,19 @@ async def test_lru_eviction_by_budget(default_template: TemplateInfo, data_dir: 
 async def test_layers_survive_a_restart(default_template: TemplateInfo, data_dir: Path, git_daemon: GitDaemon) -> None:
     url = git_daemon.url("repo.git")
     settings = make_settings(data_dir)
-    async with Manager.open(settings) as m:
-        first = await m.workspaces.create(url, branch="main")
-        await m.workspaces.wait_background()
-    async with Manager.open(settings) as m:
-        again = await m.workspaces.create(url, branch="main")
+    async with open_manager(settings) as (_, workspaces):
+        first = await workspaces.create(url, branch="main")
+        await workspaces.wait_background()
+    async with open_manager(settings) as (_, workspaces):
+        again = await workspaces.create(url, branch="main")
         assert again.cached and again.commit == first.commit
-        assert (await m.workspaces.get(first.id)).status is WorkspaceStatus.READY
+        assert (await workspaces.get(first.id)).status is WorkspaceStatus.READY
 
 
-async def test_fork_of_a_workspace_keeps_the_agents_work(wm: Manager, git_daemon: GitDaemon) -> None:
-    ws = await wm.workspaces.create(git_daemon.url("repo.git"), branch="main")
+async def test_fork_of_a_workspace_keeps_the_agents_work(
+    wm: Manager, workspaces: WorkspaceService, git_daemon: GitDaemon
+) -> None:
+    ws = await workspaces.create(git_daemon.url("repo.git"), branch="main")
     sid = ws.sandbox_id or ""
     await sh(wm, sid, "echo wip > WIP.txt && git add WIP.txt && git -c user.name=a -c user.email=a@b commit -qm wip",
              ws.path)  # fmt: skip
@@ -419,12 +448,12 @@ async def test_ref_ttl_reuses_a_branch_resolution(default_template: TemplateInfo
     cfg = load_config(None, env={"BRANCHBOX_GIT_CACHE_BUDGET_MB": "5", "BRANCHBOX_GIT_REF_TTL": "60"})
     assert cfg.manager_settings().workspaces == WorkspaceSettings(cache_budget_mb=5, ref_ttl=60.0)
     url = git_daemon.url("repo.git", port=proxy.port)
-    async with Manager.open(
+    async with open_manager(
         make_settings(data_dir, workspaces=WorkspaceSettings(ref_ttl=60.0, allow_cidrs=GIT_SERVERS))
-    ) as m:
-        await m.workspaces.create(url, branch="main")
-        await m.workspaces.wait_background()
-        await m.workspaces.create(url, branch="main")  # asks the server (ls-remote) once ...
+    ) as (_, workspaces):
+        await workspaces.create(url, branch="main")
+        await workspaces.wait_background()
+        await workspaces.create(url, branch="main")  # asks the server (ls-remote) once ...
         before = proxy.connections
-        again = await m.workspaces.create(url, branch="main")  # ... then reuses the answer for 60 s
+        again = await workspaces.create(url, branch="main")  # ... then reuses the answer for 60 s
         assert again.cached and proxy.connections == before

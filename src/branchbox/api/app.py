@@ -53,6 +53,7 @@ from branchbox.errors import (
 
 if TYPE_CHECKING:
     from branchbox.core.manager import Manager
+    from branchbox.workspaces.service import WorkspaceService
 
 _HTTP_CODES = {401: "unauthorized", 403: "permission_denied", 404: "not_found", 429: "limit_exceeded"}
 # an id with an encoded "/" (the SDK quotes ids) is decoded before routing, so it matches no route: it is still
@@ -265,14 +266,23 @@ def _count(request: Request, code: str) -> None:
         ctx.metrics.count_api_error(code)
 
 
-def create_app(manager: Manager, settings: ApiSettings | None = None, *, metrics: Metrics | None = None) -> FastAPI:
-    """The HTTP app over one open Manager. Subscribes the app's metrics to the Manager's events."""
+def create_app(
+    manager: Manager,
+    settings: ApiSettings | None = None,
+    *,
+    metrics: Metrics | None = None,
+    workspaces: WorkspaceService | None = None,
+) -> FastAPI:
+    """The HTTP app over one open Manager and, for ``/v1/workspaces``, the workspace service attached to it
+    (without one those routes answer ``not_supported``). Subscribes the app's metrics to the Manager's events."""
     settings = settings or ApiSettings()
     metrics = metrics or Metrics()
     log: structlog.typing.FilteringBoundLogger = structlog.get_logger("branchbox.api")
     app = _build(settings)
     checker = ApiKeyChecker(settings.api_key_hashes, required=settings.auth_required)
-    app.state.ctx = AppContext(manager=manager, settings=settings, metrics=metrics, checker=checker, log=log)
+    app.state.ctx = AppContext(
+        manager=manager, settings=settings, metrics=metrics, checker=checker, log=log, workspaces=workspaces
+    )
     guard = Guard(settings)
     manager.subscribe(metrics.on_event, kinds=Metrics.EVENT_KINDS)
     metrics.watch_pools(manager.pool_statistics)

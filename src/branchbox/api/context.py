@@ -12,9 +12,11 @@ from starlette.requests import HTTPConnection
 from branchbox.api.auth import ApiKeyChecker, PortTokens
 from branchbox.api.metrics import Metrics
 from branchbox.api.settings import ApiSettings
+from branchbox.errors import NotSupportedError
 
 if TYPE_CHECKING:
     from branchbox.core.manager import Manager
+    from branchbox.workspaces.service import WorkspaceService
 
 
 @dataclass(slots=True)
@@ -25,6 +27,16 @@ class AppContext:
     checker: ApiKeyChecker
     log: structlog.typing.FilteringBoundLogger
     port_tokens: PortTokens = field(default_factory=PortTokens)
+    workspaces: WorkspaceService | None = None  # added to ``manager`` (create_app(..., workspaces=))
+
+    def workspace_service(self) -> WorkspaceService:
+        """The workspace service, or ``not_supported`` for an app made without one."""
+        if self.workspaces is None:
+            raise NotSupportedError(
+                "this server has no git workspaces: its app was made without a workspace service "
+                "(create_app(manager, workspaces=manager.add_service(WorkspaceService(manager))))"
+            )
+        return self.workspaces
 
 
 def get_ctx(conn: HTTPConnection) -> AppContext:

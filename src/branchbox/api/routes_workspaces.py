@@ -96,7 +96,7 @@ class WorkspaceResponse(BaseModel):
     "seen before come from the cache (a commit layer): tens of milliseconds.",
 )
 async def create_workspace(body: CreateWorkspaceRequest, ctx: Ctx, x_git_token: GitToken = None) -> Response:
-    ws = await ctx.manager.workspaces.create(
+    ws = await ctx.workspace_service().create(
         body.repository_url, branch=body.branch, commit=body.commit, template=body.template, depth=body.depth,
         path=body.path, token=body.token or x_git_token, wait=body.wait, timeout=body.timeout, metadata=body.metadata,
         env=body.envs,
@@ -109,7 +109,7 @@ async def create_workspace(body: CreateWorkspaceRequest, ctx: Ctx, x_git_token: 
 @router.post("/api/v1/agent/workspaces", status_code=201, response_model=WorkspaceResponse, include_in_schema=False)
 async def create_agent_workspace(body: AgentWorkspaceRequest, ctx: Ctx, x_git_token: GitToken = None) -> Response:
     """The seed's route: ``{repository_url, branch, base_image}`` (base_image = template)."""
-    ws = await ctx.manager.workspaces.create(
+    ws = await ctx.workspace_service().create(
         body.repository_url, branch=body.branch, template=body.base_image, token=x_git_token
     )
     return json_response(WorkspaceResponse.of(ws), status_code=201)
@@ -117,12 +117,12 @@ async def create_agent_workspace(body: AgentWorkspaceRequest, ctx: Ctx, x_git_to
 
 @router.get("/v1/workspaces", response_model=list[WorkspaceResponse], summary="List workspaces")
 async def list_workspaces(ctx: Ctx) -> list[WorkspaceResponse]:
-    return [WorkspaceResponse.of(w) for w in await ctx.manager.workspaces.list()]
+    return [WorkspaceResponse.of(w) for w in await ctx.workspace_service().list()]
 
 
 @router.get("/v1/workspaces/{workspace_id}", response_model=WorkspaceResponse, summary="Get one workspace")
 async def get_workspace(workspace_id: WorkspaceId, ctx: Ctx) -> Response:
-    return json_response(WorkspaceResponse.of(await ctx.manager.workspaces.get(workspace_id)))
+    return json_response(WorkspaceResponse.of(await ctx.workspace_service().get(workspace_id)))
 
 
 @router.delete(
@@ -133,5 +133,5 @@ async def get_workspace(workspace_id: WorkspaceId, ctx: Ctx) -> Response:
     description="Destroys its sandbox. The cached commit layer stays for the next request.",
 )
 async def delete_workspace(workspace_id: WorkspaceId, ctx: Ctx) -> Response:
-    await ctx.manager.workspaces.delete(workspace_id)
+    await ctx.workspace_service().delete(workspace_id)
     return Response(status_code=204)

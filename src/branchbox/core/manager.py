@@ -22,8 +22,9 @@ create(snapshot=)      (new); list/get/delete_snapshot: any
 =====================  ===========================
 
 Snapshots, restores and forks (container backend: filesystem only, running processes are not copied) are
-described in docs/snapshots.md. Git workspaces (``Manager.workspaces``: create, get, list, delete) are sandboxes
-booted on cached commit layers (``create_on_layers``), described in docs/workspaces.md.
+described in docs/snapshots.md. Git workspaces (docs/workspaces.md) are sandboxes booted on cached commit layers
+(``create_on_layers``); their service lives above core (``branchbox.workspaces``) and is added to a Manager
+(:meth:`Manager.add_service`), which then starts and closes it in order with its own services.
 
 The Manager is a facade: each command is a method of one service, and the services share one
 :class:`~branchbox.core.runtime.Runtime`, the only owner of the state (records, live sandboxes, pools, events):
@@ -49,6 +50,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Collection, Mapping
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 from branchbox.backends.base import Backend
 from branchbox.core import disk
@@ -65,6 +67,7 @@ from branchbox.core.settings import ManagerSettings
 from branchbox.core.snapshotting import SnapshotService
 from branchbox.core.store import Store
 from branchbox.core.warmpools import WarmPools
+from branchbox.errors import InvalidStateError
 from branchbox.images.store import TemplateStore
 from branchbox.models import TemplateInfo
 from branchbox.net import Network
@@ -74,8 +77,21 @@ from branchbox.storage.select import make_driver
 log = logging.getLogger("branchbox.manager")
 
 
+class ManagedService(Protocol):
+    """A service built above core on a Manager (the git workspaces: ``branchbox.workspaces.WorkspaceService``),
+    started and closed by the Manager in order with its own (:meth:`Manager.add_service`)."""
+
+    async def start(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+S = TypeVar("S", bound=ManagedService)
+
+
 class Manager:
-    """In-process core. Use ``async with Manager.open(settings) as m``."""
+    """In-process core. Use ``async with Manager.open(settings) as m``, or with services added above core (the git
+    workspaces): ``m = Manager(settings)``, ``ws = m.add_service(WorkspaceService(m))``, then ``async with m``."""
 
     def __init__(
         self,
@@ -144,9 +160,18 @@ class Manager:
         self.unpin_layers = layers.unpin_layers
         self.state_counts = rt.state_counts
         self.disk_pressure = rt.disk_pressure
-        from branchbox.workspaces.service import WorkspaceService  # noqa: PLC0415 - the git cache is optional
+        self._services: builtins.list[ManagedService] = []
+        self._started = False
 
-        self.workspaces = WorkspaceService(self)  # git workspaces: docs/workspaces.md
+    def add_service(self, service: S) -> S:
+        """Start ``service`` with this Manager (after its recovery, before its warm pools: the service may rely on
+        recovered sandboxes and layers, and pins what it keeps before spares are made) and close it first (before
+        the warm pools and sandboxes), services in the reverse order of adding. Only before the Manager starts."""
+        if self._started:
+            raise InvalidStateError("add services before the Manager starts: Manager(settings), add_service(...), "
+                                    "then `async with manager`")  # fmt: skip
+        self._services.append(service)
+        return service
 
     # ------------------------------------------------------------------ lifecycle of the Manager
     @classmethod
@@ -156,15 +181,23 @@ class Manager:
             settings = ManagerSettings()
         elif not isinstance(settings, ManagerSettings):
             settings = ManagerSettings(data_dir=Path(settings))
-        m = cls(settings)
-        try:
-            await m.start()  # a failed start (bad pool config, ...) still releases what it made
+        async with cls(settings) as m:
             yield m
-        finally:
-            await m.aclose()
+
+    async def __aenter__(self) -> Manager:
+        try:
+            await self.start()
+        except BaseException:
+            await self.aclose()  # a failed start (bad pool config, ...) still releases what it made
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
 
     async def start(self) -> None:
         s, rt = self.settings, self._rt
+        self._started = True
         # private: state, uppers and layers hold sandboxes' files (setuid ones of the sandbox uid range too); the
         # zygote passes layers to sandboxes as open fds, QEMU sees its files through its jail
         for d in (s.data_dir, s.data_dir / "sandboxes", s.data_dir / "layers"):
@@ -184,7 +217,8 @@ class Manager:
             await rt.net.start()
         await self._warm.open_configured()
         await reconcile(rt, self._boot)
-        await self.workspaces.start()
+        for service in self._services:
+            await service.start()
         self._warm.start()
 
     async def aclose(self) -> None:
@@ -195,7 +229,8 @@ class Manager:
         await self._calls.liveness.aclose()
         if rt.reserve is not None:
             await rt.reserve.aclose()
-        await self.workspaces.aclose()
+        for service in reversed(self._services):
+            await service.aclose()
         await self._warm.aclose()
         if not self.settings.keep_sandboxes_on_shutdown:
             await asyncio.gather(*(self._boot.destroy_now(sid) for sid in list(rt.live)), return_exceptions=True)

@@ -101,10 +101,14 @@ async def serve(cfg: DaemonConfig, join: JoinHook | None = None) -> None:
 
 async def _serve(cfg: DaemonConfig, api_settings: ApiSettings, join: JoinHook | None) -> None:
     from branchbox.core.manager import Manager  # noqa: PLC0415 - heavy; keeps `branchbox --help` fast
+    from branchbox.workspaces.service import WorkspaceService  # noqa: PLC0415 - likewise
 
     log = structlog.get_logger("branchbox.daemon")
-    async with Manager.open(cfg.manager_settings()) as manager:
-        app = create_app(manager, api_settings)
+    manager = Manager(cfg.manager_settings())
+    # git workspaces, above core: the Manager starts them after its recovery and closes them before its sandboxes
+    workspaces = manager.add_service(WorkspaceService(manager))
+    async with manager:
+        app = create_app(manager, api_settings, workspaces=workspaces)
         config = uvicorn.Config(
             app,
             host=cfg.host,

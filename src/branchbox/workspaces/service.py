@@ -1,7 +1,9 @@
 """Git workspaces: a sandbox booted on a cached commit layer of a repository (docs/workspaces.md).
 
-``Manager.workspaces`` is the one instance; HTTP, CLI and SDK call :meth:`WorkspaceService.create`,
-:meth:`get`, :meth:`list` and :meth:`delete`.
+One instance per Manager, built on it and added to it (the Manager starts it after its recovery and closes it
+before its own services: ``workspaces = manager.add_service(WorkspaceService(manager))``, then ``async with manager``);
+the daemon hands it to the HTTP app (``create_app(..., workspaces=)``). HTTP, CLI and SDK call
+:meth:`WorkspaceService.create`, :meth:`get`, :meth:`list` and :meth:`delete`.
 
 Request path::
 
@@ -125,7 +127,10 @@ class WorkspaceService:
     @property
     def _db(self) -> WorkspaceRecords:
         if self._records is None:
-            raise BranchboxError("the manager is not started: use `async with Manager.open(...)`")
+            raise BranchboxError(
+                "the workspace service is not started: add it to its Manager before that starts "
+                "(workspaces = manager.add_service(WorkspaceService(manager)); async with manager: ...)"
+            )
         return self._records
 
     # ------------------------------------------------------------------ commands
