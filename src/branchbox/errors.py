@@ -228,6 +228,10 @@ class RepositoryUrlError(BadRequestError):
     code = "invalid_repository_url"
 
 
+class InvalidSshKeyError(BadRequestError):
+    code = "invalid_ssh_key"
+
+
 class WorkspaceNotFoundError(NotFoundError):
     code = "workspace_not_found"
 

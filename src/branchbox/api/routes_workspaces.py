@@ -1,8 +1,8 @@
 """Git workspaces: ``/v1/workspaces`` and the seed's ``POST /api/v1/agent/workspaces``. See docs/workspaces.md.
 
 Credentials: put them in ``repository_url`` (``https://user:token@host/...``), or send the token in the body's
-``token`` field or the ``X-Git-Token`` header. Either way they reach git only; responses and records hold the
-credential-free URL.
+``token`` field or the ``X-Git-Token`` header; for ssh repositories, an ``ssh_key`` (and ``known_hosts``) in the
+body. Either way they reach git only; responses and records hold the credential-free URL.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from branchbox.api.context import Ctx
 from branchbox.api.responses import json_response
 from branchbox.api.schemas import MAX_TIMEOUT_S, EnvMap, ErrorBody, MetadataMap
 from branchbox.workspaces.models import WorkspaceInfo, WorkspaceStatus
+from branchbox.workspaces.sshauth import MAX_KNOWN_HOSTS_CHARS, MAX_SSH_KEY_CHARS
 
 router = APIRouter(tags=["workspaces"])
 WorkspaceId = Annotated[str, Path(min_length=1, max_length=64, description="Workspace id (ws-...).")]
@@ -50,6 +51,16 @@ class CreateWorkspaceRequest(BaseModel):
     wait: bool = Field(default=True, description="false: return at once with status creating; poll GET.")
     token: Annotated[str | None, Field(min_length=1, max_length=4096)] = Field(
         default=None, description="Token for an http(s) git server (or the X-Git-Token header); never stored."
+    )
+    ssh_key: Annotated[str | None, Field(min_length=1, max_length=MAX_SSH_KEY_CHARS)] = Field(
+        default=None,
+        description="Private key (OpenSSH or PEM text, no passphrase) for an ssh repository: offered to that server "
+        "only, as a file that exists while one git process runs; never stored or echoed.",
+    )
+    known_hosts: Annotated[str | None, Field(min_length=1, max_length=MAX_KNOWN_HOSTS_CHARS)] = Field(
+        default=None,
+        description="The ssh server's host keys (known_hosts lines, as `ssh-keyscan -p PORT HOST` prints them): "
+        "checked strictly. Without it the host key of an ssh server is not checked.",
     )
 
 
@@ -98,7 +109,8 @@ class WorkspaceResponse(BaseModel):
 async def create_workspace(body: CreateWorkspaceRequest, ctx: Ctx, x_git_token: GitToken = None) -> Response:
     ws = await ctx.workspace_service().create(
         body.repository_url, branch=body.branch, commit=body.commit, template=body.template, depth=body.depth,
-        path=body.path, token=body.token or x_git_token, wait=body.wait, timeout=body.timeout, metadata=body.metadata,
+        path=body.path, token=body.token or x_git_token, ssh_key=body.ssh_key, known_hosts=body.known_hosts,
+        wait=body.wait, timeout=body.timeout, metadata=body.metadata,
         env=body.envs,
     )  # fmt: skip
     ctx.log.info("workspace.created", workspace_id=ws.id, status=ws.status.value, cached=ws.cached,

@@ -6,7 +6,7 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Any, Protocol
+from typing import Any, Protocol, TextIO
 
 import click
 from rich.console import Console
@@ -43,18 +43,26 @@ def workspace() -> None:
 @click.option("--path", default=None, help="Checkout path in the sandbox [default: /workspace/<name>].")
 @click.option("--depth", type=int, default=None, help="Depth of the first fetch of a new repository.")
 @click.option("--token-env", default=None, metavar="VAR", help="Read an http(s) token from this env variable.")
+@click.option("--ssh-key-file", default=None, metavar="FILE", type=click.File("r"),
+              help="Private key (no passphrase) for an ssh repository; sent, never stored.")  # fmt: skip
+@click.option("--known-hosts-file", default=None, metavar="FILE", type=click.File("r"),
+              help="The ssh server's host keys (ssh-keyscan lines): checked strictly.")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def workspace_create(conn: _Conn, repository_url: str, branch: str | None, commit: str | None, template: str,
-                     path: str | None, depth: int | None, token_env: str | None, as_json: bool) -> None:  # fmt: skip
+                     path: str | None, depth: int | None, token_env: str | None, ssh_key_file: TextIO | None,
+                     known_hosts_file: TextIO | None, as_json: bool) -> None:  # fmt: skip
     """Create a workspace; print its id, sandbox id, commit and path."""
     token = os.environ.get(token_env) if token_env else None
     if token_env and not token:
         err.print(f"error: environment variable {token_env} is empty or unset", highlight=False, markup=False)
         sys.exit(2)
+    ssh_key = ssh_key_file.read() if ssh_key_file is not None else None
+    known_hosts = known_hosts_file.read() if known_hosts_file is not None else None
     try:
         ws = Workspace.create(repository_url, branch=branch, commit=commit, template=template, path=path,
-                              depth=depth, token=token, base_url=conn.url, api_key=conn.api_key)  # fmt: skip
+                              depth=depth, token=token, ssh_key=ssh_key, known_hosts=known_hosts, base_url=conn.url,
+                              api_key=conn.api_key)  # fmt: skip
     except SandboxError as exc:
         err.print(f"error: {escape(f'{exc.message} [{exc.code}]')}", highlight=False)
         sys.exit(1)

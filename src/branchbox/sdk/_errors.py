@@ -4,7 +4,7 @@ Hierarchy::
 
     SandboxError
     ├── BadRequestError (ValueError)  bad_request, invalid_path, invalid_template_spec, not_a_directory,
-    │                                 is_a_directory, invalid_network_policy, invalid_repository_url,
+    │                                 is_a_directory, invalid_network_policy, invalid_repository_url, invalid_ssh_key,
     │                                 invalid_image_reference, unsupported_image, unsafe_image, image_too_large
     ├── AuthenticationError           unauthorized
     ├── PermissionDeniedError         permission_denied, repository_auth_failed, registry_auth_failed,
@@ -139,6 +139,7 @@ ERROR_TABLE: dict[str, type[SandboxError]] = {
     "network_error": ServerError,
     "port_unreachable": ServerError,
     "invalid_repository_url": BadRequestError,
+    "invalid_ssh_key": BadRequestError,
     "payload_too_large": BadRequestError,  # a size bound (status 413); the message names it
     "workspace_not_found": NotFoundError,
     "repository_not_found": NotFoundError,

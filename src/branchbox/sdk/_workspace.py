@@ -43,14 +43,18 @@ class Workspace(_WorkspaceView):
     def create(
         cls, repository_url: str, *, branch: str | None = None, commit: str | None = None,
         template: str = "default", depth: int | None = None, path: str | None = None, token: str | None = None,
-        timeout: float | None = None, metadata: Mapping[str, str] | None = None,
-        envs: Mapping[str, str] | None = None, wait: bool = True, base_url: str | None = None,
-        api_key: str | None = None, request_timeout: Timeout = UNSET,
+        ssh_key: str | None = None, known_hosts: str | None = None, timeout: float | None = None,
+        metadata: Mapping[str, str] | None = None, envs: Mapping[str, str] | None = None, wait: bool = True,
+        base_url: str | None = None, api_key: str | None = None, request_timeout: Timeout = UNSET,
     ) -> Workspace:  # fmt: skip
-        """Check out ``branch`` (default: the server's default branch) or ``commit`` of ``repository_url``."""
+        """Check out ``branch`` (default: the server's default branch) or ``commit`` of ``repository_url``.
+
+        ``token``: for an http(s) server. ``ssh_key``: the text of a private key (no passphrase) for an ssh
+        repository (``ssh://git@host/org/repo.git`` or ``git@host:org/repo.git``); ``known_hosts``: the server's
+        host keys (``ssh-keyscan`` lines), checked strictly when given. The daemon keeps neither."""
         req = create_workspace(
             repository_url, branch=branch, commit=commit, template=template, depth=depth, path=path, token=token,
-            timeout=timeout, metadata=metadata, envs=envs, wait=wait,
+            timeout=timeout, metadata=metadata, envs=envs, wait=wait, ssh_key=ssh_key, known_hosts=known_hosts,
         )  # fmt: skip
         info = WorkspaceInfo.from_json(
             _oneshot(req, base_url=base_url, api_key=api_key, request_timeout=request_timeout).json()
@@ -110,13 +114,13 @@ class AsyncWorkspace(_WorkspaceView):
     async def create(
         cls, repository_url: str, *, branch: str | None = None, commit: str | None = None,
         template: str = "default", depth: int | None = None, path: str | None = None, token: str | None = None,
-        timeout: float | None = None, metadata: Mapping[str, str] | None = None,
-        envs: Mapping[str, str] | None = None, wait: bool = True, base_url: str | None = None,
-        api_key: str | None = None, request_timeout: Timeout = UNSET,
+        ssh_key: str | None = None, known_hosts: str | None = None, timeout: float | None = None,
+        metadata: Mapping[str, str] | None = None, envs: Mapping[str, str] | None = None, wait: bool = True,
+        base_url: str | None = None, api_key: str | None = None, request_timeout: Timeout = UNSET,
     ) -> AsyncWorkspace:  # fmt: skip
         req = create_workspace(
             repository_url, branch=branch, commit=commit, template=template, depth=depth, path=path, token=token,
-            timeout=timeout, metadata=metadata, envs=envs, wait=wait,
+            timeout=timeout, metadata=metadata, envs=envs, wait=wait, ssh_key=ssh_key, known_hosts=known_hosts,
         )  # fmt: skip
         resp = await _aoneshot(req, base_url=base_url, api_key=api_key, request_timeout=request_timeout)
         return cls(WorkspaceInfo.from_json(resp.json()), base_url=base_url, api_key=api_key)

@@ -77,11 +77,12 @@ def _ws(workspace_id: str) -> str:
 def create_workspace(
     repository_url: str, *, branch: str | None, commit: str | None, template: str, depth: int | None,
     path: str | None, token: str | None, timeout: float | None, metadata: Mapping[str, str] | None,
-    envs: Mapping[str, str] | None, wait: bool,
+    envs: Mapping[str, str] | None, wait: bool, ssh_key: str | None = None, known_hosts: str | None = None,
 ) -> Req:  # fmt: skip
     body = _drop_none({
         "repository_url": repository_url, "branch": branch, "commit": commit, "template": template, "depth": depth,
-        "path": path, "token": token, "timeout": timeout, "metadata": dict(metadata) if metadata else None,
+        "path": path, "token": token, "ssh_key": ssh_key, "known_hosts": known_hosts, "timeout": timeout,
+        "metadata": dict(metadata) if metadata else None,
         "envs": dict(envs) if envs else None, "wait": None if wait else False,
     })  # fmt: skip
     return Req("POST", "/v1/workspaces", json=body, use_default_timeout=False, timeout=None)

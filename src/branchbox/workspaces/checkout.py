@@ -115,18 +115,19 @@ async def build_diff(
             "BB_MNT": str(mnt), "BB_PATH": sandbox_path, "BB_MIRROR": str(mirror.path), "BB_BASE": base,
             "BB_NEW": commit,
         }  # fmt: skip
-        env.update(await repo.git_env())  # a promisor fetch may reach the server: pinned too
-        proc = await asyncio.create_subprocess_exec(
-            "unshare", "-m", "--propagation", "private", "--", "sh", "-c", _DIFF_SCRIPT,
-            env=base_env(env), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        try:
-            _, err = await asyncio.wait_for(proc.communicate(), timeout)
-        except BaseException:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await asyncio.shield(proc.wait())
-            raise
+        async with repo.git_env() as remote:  # a promisor fetch may reach the server: pinned, its key's files
+            env.update(remote)
+            proc = await asyncio.create_subprocess_exec(
+                "unshare", "-m", "--propagation", "private", "--", "sh", "-c", _DIFF_SCRIPT,
+                env=base_env(env), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            try:
+                _, err = await asyncio.wait_for(proc.communicate(), timeout)
+            except BaseException:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await asyncio.shield(proc.wait())
+                raise
         if proc.returncode != 0:
             raise classify(GitResult(proc.returncode or 1, b"", repo.redact(err.decode(errors="replace"))),
                            what=f"checking out {commit[:12]} over {base[:12]}", url=repo.url)  # fmt: skip

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import errno
 import ipaddress
+import shlex
 import socket
 
 from branchbox.errors import RepositoryUnreachableError, RepositoryUrlError
@@ -98,14 +99,28 @@ async def pinned_config(
     return []  # ssh: see ssh_command
 
 
-def ssh_command(host: str | None = None, addr: str | None = None) -> str:
-    """The ssh git runs: none of the host's configuration, keys, agent or known hosts; pinned to ``addr``."""
+def ssh_command(
+    host: str | None = None,
+    addr: str | None = None,
+    *,
+    port: int | None = None,
+    identity: str | None = None,
+    known_hosts: str | None = None,
+) -> str:
+    """The ssh git runs: none of the host's configuration, keys, agent or known hosts; pinned to ``addr``.
+
+    ``identity``: the only key offered (a file of the request's key, workspaces/sshauth.py); ``known_hosts``: the
+    only host keys trusted, checked strictly (without it the server's key is not checked). The host key is looked
+    up as ``host`` (``[host]:port`` off port 22: what ``ssh-keyscan -p PORT host`` prints), not as ``addr``."""
     argv = [
-        "ssh", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "IdentityFile=none",
-        "-o", "IdentityAgent=none", "-o", "UserKnownHostsFile=/dev/null", "-o", "GlobalKnownHostsFile=/dev/null",
-        "-o", "StrictHostKeyChecking=accept-new", "-o", "ProxyCommand=none", "-o", "ProxyJump=none",
-        "-o", "PermitLocalCommand=no", "-o", "ForwardAgent=no",
+        "ssh", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
+        "-o", f"IdentityFile={identity or 'none'}", "-o", "IdentityAgent=none", "-o", "CertificateFile=none",
+        "-o", "PreferredAuthentications=publickey", "-o", "GlobalKnownHostsFile=/dev/null",
+        "-o", f"UserKnownHostsFile={known_hosts or '/dev/null'}",
+        "-o", f"StrictHostKeyChecking={'yes' if known_hosts else 'accept-new'}", "-o", "UpdateHostKeys=no",
+        "-o", "ProxyCommand=none", "-o", "ProxyJump=none", "-o", "PermitLocalCommand=no", "-o", "ForwardAgent=no",
     ]  # fmt: skip
     if host is not None and addr is not None:
-        argv += ["-o", f"HostName={addr}", "-o", f"HostKeyAlias={host}"]
-    return " ".join(argv)
+        alias = host if port in (None, 22) else f"[{host}]:{port}"
+        argv += ["-o", f"HostName={addr}", "-o", f"HostKeyAlias={alias}"]
+    return " ".join(shlex.quote(a) for a in argv)  # git runs it through the shell

@@ -35,6 +35,8 @@ _DIED = (
 )  # fmt: skip
 _AUTH = ("authentication failed", "terminal prompts disabled", "could not read username", "could not read password",
          "http basic: access denied", "permission denied", "returned error: 403", "returned error: 401")  # fmt: skip
+_HOST_KEY = ("host key verification failed", "remote host identification has changed",
+             "no matching host key type", "host key for ")  # fmt: skip
 _NO_REPO = ("repository not found", "does not appear to be a git repository", "returned error: 404",
             "no such repository", "access denied", "not exported", "not found")  # fmt: skip
 _NO_REF = ("couldn't find remote ref", "not our ref", "no such remote ref", "unadvertised object",
@@ -85,22 +87,23 @@ async def run_git(
 ) -> GitResult:
     """Run ``git args``; with ``repo``, its credentials reach this process only. ``check``: raise a typed
     error on a non-zero exit (the message names ``what`` and the redacted tail of git's stderr)."""
-    full_env = base_env(env)
-    if repo is not None:
-        full_env.update(await repo.git_env())  # credentials, and the server's checked address pinned
-    proc = await asyncio.create_subprocess_exec(
-        GIT, *args, cwd=cwd, env=full_env,
-        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
-    except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        with contextlib.suppress(Exception):
-            await asyncio.shield(proc.wait())
-        raise
+    async with contextlib.AsyncExitStack() as stack:
+        full_env = base_env(env)
+        if repo is not None:  # credentials, the server's checked address pinned, an ssh key's files (this block)
+            full_env.update(await stack.enter_async_context(repo.git_env()))
+        proc = await asyncio.create_subprocess_exec(
+            GIT, *args, cwd=cwd, env=full_env,
+            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            with contextlib.suppress(Exception):
+                await asyncio.shield(proc.wait())
+            raise
     text = err.decode(errors="replace")
     if repo is not None:
         text = repo.redact(text)
@@ -123,12 +126,24 @@ def classify(res: GitResult, *, what: str, url: str | None) -> BranchboxError:
         )
     if any(s in low for s in _UNREACHABLE):
         return RepositoryUnreachableError(f"{what}: cannot reach the git server{where} ({tail}): check the URL")
-    if any(s in low for s in _AUTH):
-        return RepositoryAuthError(
-            f"{what}: the git server{where} refused the credentials ({tail}): pass a token with read access"
-        )
+    if any(s in low for s in (*_HOST_KEY, *_AUTH)):
+        return _auth_error(low, what=what, where=where, tail=tail, ssh=url is not None and _is_ssh(url))
     if any(s in low for s in _NO_REF):
         return RefNotFoundError(f"{what}: {tail}")
     if any(s in low for s in _NO_REPO):
         return RepositoryNotFoundError(f"{what}: there is no repository at{where} ({tail})")
     return GitError(f"{what} failed: {tail}")
+
+
+def _is_ssh(url: str) -> bool:
+    return url.startswith("ssh://") or "://" not in url
+
+
+def _auth_error(low: str, *, what: str, where: str, tail: str, ssh: bool) -> RepositoryAuthError:
+    if any(s in low for s in _HOST_KEY):
+        return RepositoryAuthError(
+            f"{what}: the ssh server{where} did not show a host key listed in known_hosts ({tail}): pass its "
+            "keys in known_hosts (what `ssh-keyscan -p PORT HOST` prints, checked out of band)"
+        )
+    hint = "pass an ssh_key the server accepts (with read access)" if ssh else "pass a token with read access"
+    return RepositoryAuthError(f"{what}: the git server{where} refused the credentials ({tail}): {hint}")

@@ -48,7 +48,14 @@ from branchbox.workspaces.locks import RepoLocks, SingleFlight
 from branchbox.workspaces.mirror import Mirror, check_access, default_branch, ls_remote
 from branchbox.workspaces.models import WorkspaceInfo, WorkspaceStatus
 from branchbox.workspaces.records import CommitLayer, WorkspaceRecords
-from branchbox.workspaces.urls import RepoUrl, check_branch, check_commit, check_sandbox_path, parse_repo_url
+from branchbox.workspaces.urls import (
+    RepoUrl,
+    check_branch,
+    check_commit,
+    check_sandbox_path,
+    parse_repo_url,
+    with_ssh_auth,
+)
 
 log = logging.getLogger("branchbox.workspaces")
 MAX_DEPTH = 1_000_000
@@ -144,6 +151,8 @@ class WorkspaceService:
         depth: int | None = None,
         path: str | None = None,
         token: str | None = None,
+        ssh_key: str | None = None,
+        known_hosts: str | None = None,
         wait: bool = True,
         timeout: float | None = None,
         metadata: Mapping[str, str] | None = None,
@@ -154,8 +163,10 @@ class WorkspaceService:
 
         ``depth``: depth of the first fetch when the cache has never seen the repository (default 1; its history
         follows in the background). ``token``: credentials for an http(s) server (or put them in the URL); used
-        for git processes only, never stored."""
+        for git processes only, never stored. ``ssh_key`` (and ``known_hosts``, the server's host keys): for an ssh
+        repository; a file for each git process only, never stored (workspaces/sshauth.py)."""
         repo = replace(parse_repo_url(repository_url, token), allow_cidrs=self.settings.allow_cidrs)
+        repo = with_ssh_auth(repo, ssh_key, known_hosts)
         if branch is not None and commit is not None:
             raise BadRequestError("give either branch or commit, not both")
         br = check_branch(branch) if branch is not None else None

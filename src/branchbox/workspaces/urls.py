@@ -3,19 +3,23 @@
 Credentials come from the URL's userinfo (``https://user:token@host/repo.git``) or a separate token. They are
 turned into an ``Authorization`` header that reaches git only through its environment
 (``GIT_CONFIG_COUNT``/``GIT_CONFIG_KEY_n``/``GIT_CONFIG_VALUE_n``: not on a command line other users can read),
-and are never written to a mirror's config, the store, logs or API responses.
+and are never written to a mirror's config, the store, logs or API responses. An ssh repository's key (the
+request's ``ssh_key``) rides along as :class:`SshAuth` and becomes a file for one git process only (sshauth.py).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import re
 import urllib.parse
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
 
 import branchbox.workspaces.egress as git_egress
 from branchbox.errors import BadRequestError, RepositoryUrlError
+from branchbox.workspaces.sshauth import SshAuth, auth_files, ssh_auth
 
 ALLOWED_SCHEMES = ("https", "http", "git", "ssh")
 DEFAULT_TOKEN_USER = "x-access-token"  # noqa: S105 - a user name sent with a bare token (GitHub, Gitea accept it)
@@ -37,32 +41,45 @@ class RepoUrl:
     port: int | None = None
     netloc: str = ""  # as in ``url`` (git:// URLs are rewritten to the checked address by this prefix)
     allow_cidrs: tuple[str, ...] = ()  # blocked ranges the operator allows anyway (workspaces/egress.py)
+    ssh: SshAuth | None = field(default=None, repr=False)  # the request's ssh key (workspaces/sshauth.py)
 
     def git_config(self) -> list[tuple[str, str]]:
         """git config entries that give one git process the credentials (empty without credentials)."""
         return [] if self.auth_header is None else [("http.extraHeader", self.auth_header)]
 
-    async def git_env(self) -> dict[str, str]:
-        """Environment entries for one git process that reaches this repository: its credentials, and the
-        checked, pinned address of its server (raises when that is in a blocked range: workspaces/egress.py)."""
+    @contextlib.asynccontextmanager
+    async def git_env(self) -> AsyncIterator[dict[str, str]]:
+        """Environment entries for one git process that reaches this repository, valid inside the block: its
+        credentials, and the checked, pinned address of its server (raises when that is in a blocked range:
+        workspaces/egress.py). An ssh key exists as a file only inside the block (workspaces/sshauth.py)."""
         pairs = self.git_config()
         pairs += await git_egress.pinned_config(self.scheme, self.host, self.port, self.netloc, self.allow_cidrs)
         env = {"GIT_CONFIG_COUNT": str(len(pairs))}
         for i, (key, value) in enumerate(pairs):
             env[f"GIT_CONFIG_KEY_{i}"], env[f"GIT_CONFIG_VALUE_{i}"] = key, value
-        if self.scheme == "ssh":
-            real_port = self.port or 22
-            addr = await git_egress.resolve(self.host, real_port, self.allow_cidrs)
-            env["GIT_SSH_COMMAND"] = git_egress.ssh_command(self.host, str(addr))
-        return env
+        if self.scheme != "ssh":
+            yield env
+            return
+        addr = str(await git_egress.resolve(self.host, self.port or 22, self.allow_cidrs))
+        if self.ssh is None:
+            env["GIT_SSH_COMMAND"] = git_egress.ssh_command(self.host, addr, port=self.port)
+            yield env
+            return
+        with auth_files(self.ssh) as (key_file, known):
+            env["GIT_SSH_COMMAND"] = git_egress.ssh_command(
+                self.host, addr, port=self.port, identity=str(key_file) if key_file else None,
+                known_hosts=str(known) if known else None,
+            )  # fmt: skip
+            yield env
 
     @property
     def secrets(self) -> tuple[str, ...]:
-        """Strings that must never appear in a message (the header and its base64 payload)."""
+        """Strings that must never appear in a message (the header and its base64 payload, an ssh key's lines)."""
+        out = list(self.ssh.secrets) if self.ssh is not None else []
         if self.auth_header is None:
-            return ()
+            return tuple(out)
         payload = self.auth_header.split(" ", 2)[-1]
-        out = [self.auth_header, payload]
+        out += [self.auth_header, payload]
         try:
             user_pass = base64.b64decode(payload).decode()
             out += [p for p in user_pass.split(":", 1) if len(p) >= 4]
@@ -72,7 +89,8 @@ class RepoUrl:
 
     def fingerprint(self, salt: bytes) -> str:
         """A salted hash of the credentials (or of their absence): which callers proved access to this repo."""
-        return hashlib.sha256(salt + (self.auth_header or "").encode()).hexdigest()
+        key = self.ssh.key if self.ssh is not None else ""
+        return hashlib.sha256(salt + (self.auth_header or "").encode() + b"\0" + key.encode()).hexdigest()
 
     def redact(self, text: str) -> str:
         for s in self.secrets:
@@ -144,6 +162,20 @@ def parse_repo_url(raw: str, token: str | None = None) -> RepoUrl:
         name = "repo"
     return RepoUrl(url=clean, key=key, name=name, auth_header=header, scheme=scheme, host=host, port=port,
                    netloc=netloc)  # fmt: skip
+
+
+def with_ssh_auth(repo: RepoUrl, ssh_key: str | None, known_hosts: str | None) -> RepoUrl:
+    """``repo`` with the request's ssh key and known hosts, checked (workspaces/sshauth.py); they are only for
+    ssh repositories (``ssh://`` or ``user@host:path``)."""
+    auth = ssh_auth(ssh_key, known_hosts)
+    if auth is None:
+        return repo
+    if repo.scheme != "ssh":
+        raise BadRequestError(
+            "ssh_key and known_hosts are only used for ssh repositories (ssh://user@host/path or user@host:path): "
+            f"this one is {repo.scheme}://; use token for http(s)"
+        )
+    return replace(repo, ssh=auth)
 
 
 def check_branch(branch: str) -> str:
