@@ -30,6 +30,21 @@ class Resources:
     disk_mb: int = 0  # MiB its writable layer may hold; 0: no limit
 
 
+ON_TIMEOUT = ("destroy", "pause")
+
+
+@dataclass(frozen=True, slots=True)
+class TimeoutPolicy:
+    """What reaching a sandbox's time to live does: ``destroy`` it (the default) or ``pause`` it (kept until it is
+    resumed or destroyed). ``auto_resume``: a paused sandbox is resumed by the next request that reaches it (the
+    E2B facade's data plane). ``timeout``: the time to live it was created with, started again on each resume of a
+    sandbox its timeout paused (as E2B's auto-resume does)."""
+
+    on_timeout: str = "destroy"
+    auto_resume: bool = False
+    timeout: float | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class SandboxInfo:
     id: str
@@ -46,6 +61,7 @@ class SandboxInfo:
     source: str = "cold"  # cold | warm | snapshot
     timings: Mapping[str, float] = field(default_factory=dict)
     error: str | None = None
+    lifecycle: TimeoutPolicy = TimeoutPolicy()
 
 
 @dataclass(frozen=True, slots=True)

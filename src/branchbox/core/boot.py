@@ -241,8 +241,37 @@ class BootService:
         live.expiry = loop.call_at(loop.time() + delay, self._expire, live.info.id)
 
     def _expire(self, sandbox_id: str) -> None:
+        live = self.rt.live.get(sandbox_id)
+        if live is not None and live.info.lifecycle.on_timeout == "pause":
+            self.rt.spawn_bg(self._pause_on_timeout(live))
+            return
         log.info("sandbox %s reached its timeout; destroying it", sandbox_id, extra={"sandbox_id": sandbox_id})
         self.rt.spawn_bg(self.destroy_now(sandbox_id))
+
+    async def _pause_on_timeout(self, live: Live) -> None:
+        """``on_timeout="pause"``: the sandbox is paused (or stays paused) and keeps no time to live until it is
+        resumed. A pause that fails destroys it, so that nothing runs past its timeout."""
+        sid = live.info.id
+        log.info("sandbox %s reached its timeout; pausing it", sid, extra={"sandbox_id": sid})
+        try:
+            if live.info.state is SandboxState.RUNNING:
+                await self.pause_live(live)
+        except BranchboxError as exc:
+            log.warning("pause on timeout of %s failed (%s); destroying it", sid, exc, extra={"sandbox_id": sid})
+            await self.destroy_now(sid)
+            return
+        if live.destroying or live.info.state is not SandboxState.PAUSED:
+            return
+        live.info = replace(live.info, expires_at=None)
+        self.rt.db.update(sid, expires_at=None)
+
+    async def pause_live(self, live: Live) -> SandboxInfo:
+        """Freeze a running sandbox (under its lock; a sandbox being destroyed or no longer running is left)."""
+        async with live.lock:
+            if live.destroying or live.info.state is not SandboxState.RUNNING:
+                return live.info
+            await live.backend.pause(live.handle)
+            return self.rt.set_state(live, SandboxState.PAUSED)
 
     def watch(self, live: Live) -> None:
         rt = self.rt

@@ -19,7 +19,7 @@ from branchbox.core.pool import Pool
 from branchbox.core.runtime import Live, Runtime
 from branchbox.errors import BranchboxError, LimitExceededError, NotSupportedError, SandboxNotFoundError
 from branchbox.limits import DEFAULT_CPU, DEFAULT_MEMORY_MB, DEFAULT_PIDS
-from branchbox.models import Resources, SandboxInfo, SandboxState
+from branchbox.models import Resources, SandboxInfo, SandboxState, TimeoutPolicy
 from branchbox.net import NetworkPolicy
 from branchbox.timing import PhaseTimer
 
@@ -48,12 +48,15 @@ class Lifecycle:
         snapshot: str | None = None,
         allow_internet_access: bool | None = None,
         network: Mapping[str, Any] | None = None,
+        on_timeout: str = "destroy",
+        auto_resume: bool = False,
     ) -> SandboxInfo:
         """Create a sandbox from a template (or restore ``snapshot``: its template wins) and return it running.
 
         ``allow_internet_access`` (default True) and ``network`` (``allow_out``/``deny_out`` lists) set its egress
         policy (docs/networking.md). ``disk_mb`` limits its writable layer (default: the daemon's
-        ``default_disk_mb``; core/disk.py). Bad input changes nothing."""
+        ``default_disk_mb``; core/disk.py). ``on_timeout`` (``destroy`` or ``pause``) and ``auto_resume`` are its
+        :class:`~branchbox.models.TimeoutPolicy`. Bad input changes nothing."""
         rt = self.rt
         timer = PhaseTimer()
         kind = backend or rt.settings.default_backend
@@ -71,6 +74,7 @@ class Lifecycle:
                     disk_mb, be, None if snapshot is None else rt.db.snapshot_disk_mb(snap.id)
                 )
                 policy = self.network.policy_for(be, allow_internet_access, network)
+                life = validate.timeout_policy(on_timeout, auto_resume, ttl, pause=be.capabilities.pause)
                 disk.check_reserve(rt.settings.data_dir, rt.settings.reserve_mb, "create")
                 if snapshot is not None:
                     snap = rt.snapshot_or_raise(snapshot)  # again: it may have been deleted meanwhile
@@ -79,19 +83,21 @@ class Lifecycle:
             raise
         if snapshot is not None:
             res = Resources(cpu=float(cpu), memory_mb=memory_mb, pids=pids, disk_mb=disk_mb)
-            info = replace(self.boot.new_info(tpl, kind, res, env_, meta, ttl, hostname), source="snapshot")
+            info = replace(self.boot.new_info(tpl, kind, res, env_, meta, ttl, hostname), source="snapshot",
+                           lifecycle=life)  # fmt: skip
             return await self.boot.restore(info, tpl, be, snap.layers, timer, policy=policy)
         pool = rt.pools.get(rt.pool_key(tpl.name, kind))
         if pool is not None and pool.config.matches(cpu, memory_mb, pids):
             member = pool.take()
             if member is not None:
                 try:
-                    return await self.claim(member, pool, env_, meta, ttl, hostname, timer, policy, disk_mb=disk_mb)
+                    return await self.claim(member, pool, env_, meta, ttl, hostname, timer, policy, disk_mb=disk_mb,
+                                            lifecycle=life)  # fmt: skip
                 except BranchboxError as exc:  # a broken member: drop it, fall back to a cold create
                     log.warning("pool %s: claim of %s failed (%s)", tpl.name, member.info.id, exc)
                     rt.spawn_bg(self.boot.destroy_now(member.info.id))
         res = Resources(cpu=float(cpu), memory_mb=memory_mb, pids=pids, disk_mb=disk_mb)
-        info = self.boot.new_info(tpl, kind, res, env_, meta, ttl, hostname)
+        info = replace(self.boot.new_info(tpl, kind, res, env_, meta, ttl, hostname), lifecycle=life)
         try:
             live = await self.boot.boot_live(info, tpl, be, timer, policy=policy)
         except BaseException as exc:
@@ -137,6 +143,7 @@ class Lifecycle:
         pool_name: str | None = None,
         *,
         disk_mb: int | None = None,
+        lifecycle: TimeoutPolicy | None = None,
     ) -> SandboxInfo:
         """The fast path: personalise a ready pool member in at most one agent round trip."""
         rt = self.rt
@@ -170,13 +177,14 @@ class Lifecycle:
                 hostname=hostname or live.info.hostname,
                 source="warm",
                 timings=timer.as_dict(),
+                lifecycle=lifecycle or TimeoutPolicy(timeout=ttl),
             )
             live.pooled = None
             live.from_pool = pool_name or rt.pool_key(pool.config.template, pool.config.backend)
             i = live.info
             rt.db.update(i.id, pool=None, created_at=i.created_at, expires_at=i.expires_at, metadata=i.metadata,
                          env=i.env, hostname=i.hostname, source=i.source, timings=i.timings,
-                         handle=live.handle)  # fmt: skip
+                         handle=live.handle, lifecycle=i.lifecycle)  # fmt: skip
         self.boot.schedule_expiry(live)
         pool.record_claim(timer.total_ms)
         rt.emit(ManagerEvent("create", i.id, i.backend, "warm", "ok", timer.total_ms / 1e3, timings=i.timings))
@@ -223,15 +231,21 @@ class Lifecycle:
         live = self.rt.require(sandbox_id, SandboxState.RUNNING)
         if not live.backend.capabilities.pause:
             raise NotSupportedError(f"backend {live.backend.name} cannot pause sandboxes")
-        async with live.lock:
-            await live.backend.pause(live.handle)
-            return self.rt.set_state(live, SandboxState.PAUSED)
+        return await self.boot.pause_live(live)
 
     async def resume(self, sandbox_id: str) -> SandboxInfo:
+        """Thaw a paused sandbox. One its timeout paused (``on_timeout="pause"``) gets its creation time to live
+        again, counted from now."""
         live = self.rt.require(sandbox_id, SandboxState.PAUSED)
         async with live.lock:
             await live.backend.resume(live.handle)
-            return self.rt.set_state(live, SandboxState.RUNNING)
+            info = self.rt.set_state(live, SandboxState.RUNNING)
+            ttl = info.lifecycle.timeout
+            if info.expires_at is None and info.lifecycle.on_timeout == "pause" and ttl is not None:
+                live.info = info = replace(info, expires_at=time.time() + ttl)
+                self.rt.db.update(sandbox_id, expires_at=info.expires_at)
+                self.boot.schedule_expiry(live)
+            return info
 
     async def destroy(self, sandbox_id: str) -> None:
         """Kill the sandbox and remove everything it used. Destroying a destroyed sandbox is not_found."""

@@ -22,7 +22,7 @@ from typing import Any
 
 from branchbox.backends.base import SandboxHandle
 from branchbox.backends.idranges import CANONICAL_BASE
-from branchbox.models import Resources, SandboxInfo, SandboxState, SnapshotInfo
+from branchbox.models import Resources, SandboxInfo, SandboxState, SnapshotInfo, TimeoutPolicy
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sandboxes (
@@ -100,6 +100,16 @@ def _resources_json(res: Resources) -> str:
     return json.dumps({"cpu": res.cpu, "memory_mb": res.memory_mb, "pids": res.pids, "disk_mb": res.disk_mb})
 
 
+def _lifecycle_json(policy: TimeoutPolicy) -> str:
+    return json.dumps({"on_timeout": policy.on_timeout, "auto_resume": policy.auto_resume, "timeout": policy.timeout})
+
+
+def _lifecycle_from_json(raw: str | None) -> TimeoutPolicy:
+    d = json.loads(raw or "{}")  # records older than pause on timeout: {}
+    return TimeoutPolicy(on_timeout=d.get("on_timeout", "destroy"), auto_resume=bool(d.get("auto_resume", False)),
+                         timeout=d.get("timeout"))  # fmt: skip
+
+
 def _handle_to_json(h: SandboxHandle | None) -> str | None:
     if h is None:
         return None
@@ -151,6 +161,8 @@ class Store:
         for table in ("sandboxes", "layers"):
             if "uid_base" not in {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}:
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN uid_base INTEGER NOT NULL DEFAULT {CANONICAL_BASE}")
+        if "lifecycle" not in {r[1] for r in self._db.execute("PRAGMA table_info(sandboxes)")}:  # before on_timeout
+            self._db.execute("ALTER TABLE sandboxes ADD COLUMN lifecycle TEXT NOT NULL DEFAULT '{}'")
         if "disk_mb" not in {r[1] for r in self._db.execute("PRAGMA table_info(snapshots)")}:  # before disk limits
             self._db.execute("ALTER TABLE snapshots ADD COLUMN disk_mb INTEGER")
 
@@ -183,8 +195,8 @@ class Store:
     ) -> None:
         self._db.execute(
             "INSERT INTO sandboxes (id, template, template_digest, backend, state, created_at, expires_at,"
-            " resources, metadata, env, hostname, source, timings, error, handle, pool, layers, uid_base)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " resources, metadata, env, hostname, source, timings, error, handle, pool, layers, uid_base, lifecycle)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 info.id,
                 info.template,
@@ -204,6 +216,7 @@ class Store:
                 pool,
                 json.dumps(list(layers)),
                 uid_base,
+                _lifecycle_json(info.lifecycle),
             ),
         )
 
@@ -217,6 +230,8 @@ class Store:
                 v = _handle_to_json(value)
             elif k == "resources":
                 v = _resources_json(value)
+            elif k == "lifecycle":
+                v = _lifecycle_json(value)
             elif isinstance(value, SandboxState):
                 v = value.value
             elif isinstance(value, Mapping):
@@ -247,7 +262,7 @@ class Store:
     @staticmethod
     def _record(row: tuple[Any, ...]) -> SandboxRecord:
         (sid, template, digest, backend, state, created_at, expires_at, resources, metadata, env, hostname,
-         source, timings, error, handle, pool, layers, uid_base) = row  # fmt: skip
+         source, timings, error, handle, pool, layers, uid_base, lifecycle) = row  # fmt: skip
         r = json.loads(resources)
         info = SandboxInfo(
             id=sid,
@@ -269,6 +284,7 @@ class Store:
             source=source,
             timings=json.loads(timings),
             error=error,
+            lifecycle=_lifecycle_from_json(lifecycle),
         )
         return SandboxRecord(
             info=info,

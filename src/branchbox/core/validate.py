@@ -9,7 +9,7 @@ import re
 from collections.abc import Mapping, Sequence
 
 from branchbox import limits
-from branchbox.errors import BadRequestError, LimitExceededError, PayloadTooLargeError
+from branchbox.errors import BadRequestError, LimitExceededError, NotSupportedError, PayloadTooLargeError
 from branchbox.limits import (
     MAX_ARG_BYTES,
     MAX_ARGV,
@@ -28,6 +28,7 @@ from branchbox.limits import (
     MIN_MEMORY_MB,
     MIN_PIDS,
 )
+from branchbox.models import ON_TIMEOUT, TimeoutPolicy
 
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _HOSTNAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -95,6 +96,19 @@ def timeout(value: float | None, *, default: float, maximum: float) -> float | N
     if value > maximum:
         raise LimitExceededError(f"timeout is {value:g} s; the maximum is {maximum:g} s (set max_timeout to raise it)")
     return float(value)
+
+
+def timeout_policy(on_timeout: str, auto_resume: bool, ttl: float | None, *, pause: bool) -> TimeoutPolicy:
+    """A create's :class:`TimeoutPolicy`; ``pause``: whether the sandbox's backend can pause sandboxes."""
+    if on_timeout not in ON_TIMEOUT:
+        raise BadRequestError(f"on_timeout is {on_timeout!r}: pass one of {', '.join(ON_TIMEOUT)}")
+    if not isinstance(auto_resume, bool):
+        raise BadRequestError(f"auto_resume is {auto_resume!r}: pass true or false")
+    if auto_resume and on_timeout != "pause":
+        raise BadRequestError("auto_resume needs on_timeout='pause' (a destroyed sandbox cannot resume)")
+    if on_timeout == "pause" and not pause:
+        raise NotSupportedError("this backend cannot pause sandboxes: on_timeout='pause' needs one that can")
+    return TimeoutPolicy(on_timeout=on_timeout, auto_resume=auto_resume, timeout=ttl)
 
 
 def resources(cpu: float, memory_mb: int, pids: int) -> None:

@@ -80,6 +80,9 @@ def listed_json(info: SandboxInfo, *, detail: bool = False, state: E2BState | No
     if detail and state is not None:
         out["envdAccessToken"] = state.tokens.token(info.id)
         out["domain"] = None
+        life = info.lifecycle
+        on_timeout = "pause" if life.on_timeout == "pause" else "kill"
+        out["lifecycle"] = {"onTimeout": on_timeout, "autoResume": life.auto_resume}
     return out
 
 
@@ -219,6 +222,7 @@ async def _create(state: E2BState, body: dict[str, Any]) -> Reply:
         "timeout": timeout,
         "allow_internet_access": allow if isinstance(allow, bool) else None,
         "network": policy or None,
+        **_lifecycle(body),
     }
     mgr = state.manager
     try:
@@ -230,6 +234,21 @@ async def _create(state: E2BState, body: dict[str, Any]) -> Reply:
             raise TemplateNotFoundError(f"template {template!r} does not exist (nor a snapshot of that name)") from None
         info = await mgr.create(snapshot=template, **kwargs)
     return Reply(201, sandbox_json(state, info))
+
+
+def _lifecycle(body: dict[str, Any]) -> dict[str, Any]:
+    """``autoPause`` (the SDK's ``lifecycle.on_timeout="pause"``) and ``autoResume.enabled``. ``autoPauseMemory``
+    (``mode``) is accepted and changes nothing: a container's pause (the cgroup freezer) always keeps its processes."""
+    pause = body.get("autoPause", False)
+    if not isinstance(pause, bool):
+        raise _BadRequest(f"autoPause must be true or false, not {pause!r}")
+    memory = body.get("autoPauseMemory", True)
+    if not isinstance(memory, bool):
+        raise _BadRequest(f"autoPauseMemory must be true or false, not {memory!r}")
+    resume = body.get("autoResume") or {}
+    if not isinstance(resume, dict) or not isinstance(resume.get("enabled", False), bool):
+        raise _BadRequest('autoResume must be an object {"enabled": true|false}')
+    return {"on_timeout": "pause" if pause else "destroy", "auto_resume": resume.get("enabled", False)}
 
 
 def _template_name(state: E2BState, template: str) -> str:

@@ -33,8 +33,8 @@ from branchbox.e2b.process import ProcessService
 from branchbox.e2b.state import E2BState, basic_user, resolve_path
 from branchbox.e2b.tokens import file_signature
 from branchbox.e2b.watch import WatchService
-from branchbox.errors import BranchboxError
-from branchbox.models import SandboxState
+from branchbox.errors import BranchboxError, InvalidStateError
+from branchbox.models import SandboxInfo, SandboxState
 
 MAX_BODY = 1024 * 1024  # a control-plane or RPC request body
 _SANDBOX_HEADER = b"e2b-sandbox-id"
@@ -93,10 +93,7 @@ class E2BGateway:
         if not state.tokens.check(sid, headers.get("x-access-token")):
             await _envd_error(send, rpc, headers, RpcError("unauthenticated", "invalid or missing X-Access-Token"), 401)
             return
-        try:
-            info = await state.manager.get(sid)
-        except BranchboxError:
-            info = None
+        info = await _awake(state, sid)
         if info is None or info.state is not SandboxState.RUNNING:  # what E2B's proxy answers for a sandbox that is
             message = f"The sandbox {sid} was not found"  # gone (or paused)
             await _envd_error(send, rpc, headers, RpcError("unavailable", message), 502, sandbox=sid)
@@ -141,9 +138,15 @@ class E2BGateway:
             return
         user = query.get("username", "")
         exp = None if expiration is None else int(expiration)
-        for info in await state.manager.list(states={SandboxState.RUNNING}):
+        for info in await state.manager.list(states={SandboxState.RUNNING, SandboxState.PAUSED}):
+            if info.state is SandboxState.PAUSED and not info.lifecycle.auto_resume:
+                continue
             token = state.tokens.token(info.id)
             if file_signature(path, operation, user, token, exp) == signature:
+                awake = await _awake(state, info.id)  # a paused sandbox with auto_resume wakes for it
+                if awake is None or awake.state is not SandboxState.RUNNING:
+                    await _json(send, 502, {"code": 502, "message": f"The sandbox {info.id} was not found"})
+                    return
                 default = state.default_user(info.template_digest)
                 await self._files(state, info.id, scope, receive, send, query, user or default)
                 return
@@ -246,6 +249,21 @@ async def _bytes(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[byte
         yield first
     async for chunk in rest:
         yield chunk
+
+
+async def _awake(state: E2BState, sid: str) -> SandboxInfo | None:
+    """The sandbox a data-plane request names (None: unknown). A paused one with ``auto_resume`` is resumed first
+    (E2B's auto-resume on traffic); one a concurrent request resumed meanwhile is simply running."""
+    try:
+        info = await state.manager.get(sid)
+        if info.state is SandboxState.PAUSED and info.lifecycle.auto_resume:
+            try:
+                info = await state.manager.resume(sid)
+            except InvalidStateError:
+                info = await state.manager.get(sid)
+    except BranchboxError:
+        return None
+    return info
 
 
 def _template(path: str) -> str:
