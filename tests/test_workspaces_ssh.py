@@ -194,7 +194,17 @@ def test_ssh_key_through_the_sdk_and_cli(daemon_factory: Any, sshd: SshGitServer
     only and kept nowhere; no key, a wrong key or a wrong host key fail with clear errors without key material."""
     scratch = tmp_path / "scratch"  # the daemon's TMPDIR: where a key's per-process directory goes
     scratch.mkdir(mode=0o700)
+    # what a daemon killed during a fetch left (named for its pid, gone now), and a live daemon's directory
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale, live = scratch / f"branchbox-ssh-{gone.pid}-x1", scratch / f"branchbox-ssh-{os.getpid()}-x2"
+    for leftover in (stale, live):
+        leftover.mkdir(mode=0o700)
+        (leftover / "id").write_text("a key\n")
     d: DaemonProc = daemon_factory(env={"TMPDIR": str(scratch), "SSH_AUTH_SOCK": agent})
+    assert os.listdir(scratch) == [live.name]  # the dead one's is removed at start, the live one's is not
+    shutil.rmtree(live)
+    assert "removed the ssh key directory" in d.log()
     key, other = sshd.key_text("key"), sshd.key_text("stranger")
     needles = _body_lines(key)
     url = sshd.url

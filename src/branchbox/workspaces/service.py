@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import branchbox.workspaces.layers as layer_fs
+import branchbox.workspaces.sshauth as sshauth
 from branchbox.core.snapshots import new_layer_id
 from branchbox.errors import (
     BadRequestError,
@@ -100,6 +101,8 @@ class WorkspaceService:
             d.mkdir(mode=0o700, exist_ok=True)
         self._records = WorkspaceRecords(self._m.settings.data_dir / "state.db")
         db = self._db
+        for name in await asyncio.to_thread(sshauth.sweep_stale):  # a key file a killed daemon left
+            log.warning("removed the ssh key directory %s of a daemon that stopped during a fetch", name)
         for p in (self.root / "mirrors").iterdir():  # a first fetch interrupted by a crash
             if p.name.startswith(".tmp-"):
                 await asyncio.to_thread(shutil.rmtree, p, True)

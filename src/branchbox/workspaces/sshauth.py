@@ -4,8 +4,9 @@ A request may carry an ssh private key (``ssh_key``) and the server's host keys 
 ``ssh-keyscan`` prints). They are checked here (bounded, the shape of an unencrypted private key), kept in memory
 for the operations of that request only (its fetches, including the background history fetch), and reach ssh
 through files that exist for one git process: a fresh 0700 directory (on a memory filesystem when the host has
-``/dev/shm``) holding the key (0600) and the known hosts, removed when the process ends, also when it failed.
-Nothing is stored in the data dir, the store, logs, errors or the workspace's record.
+``/dev/shm``) holding the key (0600) and the known hosts, removed when the process ends, also when it failed;
+what a daemon killed meanwhile left behind is removed when a daemon starts (:func:`sweep_stale`). Nothing is
+stored in the data dir, the store, logs, errors or the workspace's record.
 
 Host keys: with ``known_hosts`` ssh checks strictly (``StrictHostKeyChecking=yes``, that file only). Without it
 the server's host key is not checked (``accept-new`` against an empty list): the connection is encrypted and the
@@ -36,6 +37,7 @@ _PEM = re.compile(
     r"-----END (?P=kind)PRIVATE KEY-----\n?"
 )
 _OPENSSH_MAGIC = b"openssh-key-v1\x00"
+_PREFIX = "branchbox-ssh-"  # + the daemon's pid + "-" + random: one directory per git process
 _KNOWN_HOSTS_LINE = re.compile(r"^(@(?:cert-authority|revoked) )?[^\s]+ [A-Za-z0-9@.+-]+ [A-Za-z0-9+/]+=*( .*)?$")
 
 
@@ -138,10 +140,39 @@ def _write_private(path: Path, text: str) -> None:
         f.write(text)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale() -> list[str]:
+    """Remove the key directories of daemons that died while a git process ran (SIGKILL, a crash): those named
+    for a process that no longer exists and owned by this user. Another live daemon's are left alone. Returns
+    the names removed."""
+    root = Path(_scratch_root() or tempfile.gettempdir())
+    removed = []
+    with contextlib.suppress(OSError), os.scandir(root) as entries:
+        for e in entries:
+            pid = e.name.removeprefix(_PREFIX).split("-", 1)[0]
+            if not e.name.startswith(_PREFIX) or not pid.isdigit() or not e.is_dir(follow_symlinks=False):
+                continue
+            with contextlib.suppress(OSError):
+                if e.stat(follow_symlinks=False).st_uid == os.geteuid() and not _alive(int(pid)):
+                    shutil.rmtree(e.path)
+                    removed.append(e.name)
+    return removed
+
+
 @contextlib.contextmanager
 def auth_files(auth: SshAuth) -> Iterator[tuple[Path | None, Path | None]]:
-    """(key file, known hosts file) for one process: in a fresh 0700 directory, removed afterwards."""
-    d = Path(tempfile.mkdtemp(prefix="branchbox-ssh-", dir=_scratch_root()))
+    """(key file, known hosts file) for one process: in a fresh 0700 directory named for this process (see
+    :func:`sweep_stale`), removed afterwards."""
+    d = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=_scratch_root()))
     try:
         key = known = None
         if auth.key:
