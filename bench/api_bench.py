@@ -69,8 +69,10 @@ def running_daemon(settings: ManagerSettings, name: str = "api", config: str | N
     env = {k: v for k, v in os.environ.items() if not k.startswith("BRANCHBOX_")}
     src = str(Path(__file__).resolve().parent.parent / "src")
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    # its host-unique names (cgroup parent, nftables table, subnet, uid ranges) are the daemon's own, derived from
+    # its data dir and claimed host-wide, as for a user's `branchbox serve`: a bench next to another daemon or
+    # another bench (a second --data-dir) neither collides nor is refused
     env.update(
-        BRANCHBOX_CGROUP_PARENT=f"{settings.cgroup_parent}-{name}",
         BRANCHBOX_KEEP_SANDBOXES_ON_SHUTDOWN="false",
         BRANCHBOX_LOG_LEVEL="warning",
     )

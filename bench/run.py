@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import hashlib
 import json
 import os
 import platform
@@ -252,7 +253,9 @@ def main() -> None:
     settings = ManagerSettings(
         data_dir=bench_data,
         templates_dir=args.data_dir / "templates",
-        cgroup_parent="branchbox-bench",
+        # in-process Managers claim nothing: a name of this data dir's own keeps two benches (two --data-dir)
+        # out of each other's cgroups
+        cgroup_parent="branchbox-bench-" + hashlib.sha256(str(bench_data.resolve()).encode()).hexdigest()[:8],
         keep_sandboxes_on_shutdown=False,
     )
     store = TemplateStore(settings.template_root)
