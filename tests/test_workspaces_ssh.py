@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from branchbox import errors, sdk
+from branchbox.daemon.config import ConfigError, load_config
 from branchbox.workspaces.egress import ssh_command
 from branchbox.workspaces.sshauth import MAX_SSH_KEY_CHARS, check_known_hosts, check_ssh_key
 from tests.conftest import SRC, TEST_ROOT, DaemonProc, free_port
@@ -296,6 +297,48 @@ def test_ssh_key_through_the_sdk_and_cli(daemon_factory: Any, sshd: SshGitServer
     assert os.listdir(scratch) == []
     assert _files_holding(d.data_dir, needles) == []
     assert (d.data_dir / "state.db").exists() and (d.data_dir / "daemon.log").exists()
+
+
+@pytest.mark.root
+@pytest.mark.template
+def test_operator_known_hosts_checks_every_ssh_fetch(daemon_factory: Any, sshd: SshGitServer, tmp_path: Path) -> None:
+    """git_ssh_known_hosts (BRANCHBOX_GIT_SSH_KNOWN_HOSTS): every ssh fetch checks the host key strictly against
+    the operator's file (and a request's own known_hosts), read at each fetch."""
+    trusted = tmp_path / "ssh_known_hosts"
+    trusted.write_text(sshd.known_hosts)
+    d: DaemonProc = daemon_factory(env={"BRANCHBOX_GIT_SSH_KNOWN_HOSTS": str(trusted)})
+    key = sshd.key_text("key")
+    with sdk.Workspace.create(sshd.url, branch="main", ssh_key=key, base_url=d.url) as ws:  # listed: verified
+        assert ws.info.status == "ready"
+    impostor = f"[127.0.0.1]:{sshd.port} " + " ".join(sshd.key_text("stranger.pub").split()[:2]) + "\n"
+    trusted.write_text(impostor)  # the operator's list names another key for this server
+    with pytest.raises(sdk.PermissionDeniedError) as changed:
+        sdk.Workspace.create(sshd.url, branch="main", ssh_key=key, base_url=d.url)
+    assert changed.value.code == "repository_auth_failed" and "known_hosts" in changed.value.message
+    trusted.write_text("# nothing trusted\n")  # a server the list does not name: no longer accepted unchecked
+    with pytest.raises(sdk.PermissionDeniedError) as unknown:
+        sdk.Workspace.create(sshd.url, branch="main", ssh_key=key, base_url=d.url)
+    assert "known_hosts" in unknown.value.message
+    # the request's own known_hosts is trusted next to the operator's
+    with sdk.Workspace.create(sshd.url, branch="main", ssh_key=key, known_hosts=sshd.known_hosts, base_url=d.url) as w2:
+        assert w2.info.status == "ready"
+
+
+def test_operator_known_hosts_config(tmp_path: Path) -> None:
+    good = tmp_path / "kh"
+    good.write_text(
+        "git.example.com ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl\n"
+    )
+    cfg = load_config(env={"BRANCHBOX_GIT_SSH_KNOWN_HOSTS": str(good)})
+    assert cfg.manager_settings().workspaces.ssh_known_hosts == good
+    assert load_config(env={}).manager_settings().workspaces.ssh_known_hosts is None
+    bad = tmp_path / "bad"
+    bad.write_text("not a known_hosts line\n")
+    spaced = tmp_path / "a b"
+    spaced.write_text(good.read_text())
+    for path, says in ((bad, "line 1"), (tmp_path / "missing", "cannot read"), (spaced, "without spaces")):
+        with pytest.raises(ConfigError, match=says):
+            load_config(env={"BRANCHBOX_GIT_SSH_KNOWN_HOSTS": str(path)}).manager_settings()
 
 
 @pytest.mark.root

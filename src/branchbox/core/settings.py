@@ -28,6 +28,9 @@ class WorkspaceSettings:
     git_timeout: float = 600.0  # seconds one git network operation may take
     default_depth: int = 1  # depth of the first fetch of a repository the cache has never seen
     allow_cidrs: tuple[str, ...] = ()  # blocked ranges git may fetch from anyway (workspaces/egress.py)
+    # known_hosts file every ssh fetch checks host keys against, strictly (with a request's own known_hosts);
+    # None: only a request's known_hosts, and without one the host key is not checked (workspaces/sshauth.py)
+    ssh_known_hosts: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)

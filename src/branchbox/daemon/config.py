@@ -57,6 +57,7 @@ from branchbox.daemon.claims import LEGACY_CGROUP_PARENT, LEGACY_SUBNET, HostNam
 from branchbox.errors import BadRequestError
 from branchbox.limits import MAX_TIMEOUT_S, MIN_DISK_MB
 from branchbox.net.settings import NetworkSettings
+from branchbox.workspaces.sshauth import check_known_hosts
 
 DEFAULT_CONFIG_FILE = Path("/etc/branchbox/config.toml")
 _TABLES = ("server", "manager", "log")
@@ -108,6 +109,7 @@ class DaemonConfig:
     git_cache_budget_mb: int = _core("cache_budget_mb", WorkspaceSettings)  # git workspace cache, LRU-evicted
     git_ref_ttl: float = _core("ref_ttl", WorkspaceSettings)  # seconds a branch's commit is reused (0: always ask)
     git_allow_cidrs: tuple[str, ...] = ()  # blocked ranges (private, loopback...) git may fetch from anyway
+    git_ssh_known_hosts: Path | None = None  # host keys every ssh fetch is checked against (strict; see workspaces)
     tmp_tmpfs_mb: int = _core("tmp_tmpfs_mb")  # containers: a memory-backed /tmp of this size; 0: on disk
     default_disk_mb: int = _core("default_disk_mb")  # a sandbox's disk when the create names none (0: no limit)
     reserve_mb: int = _core("reserve_mb")  # free space kept for the daemon's state: creates refused below it
@@ -194,9 +196,28 @@ class DaemonConfig:
             pools=self.pools,
             network=self.network_settings(),
             workspaces=WorkspaceSettings(
-                cache_budget_mb=self.git_cache_budget_mb, ref_ttl=self.git_ref_ttl, allow_cidrs=self.git_allow_cidrs
+                cache_budget_mb=self.git_cache_budget_mb,
+                ref_ttl=self.git_ref_ttl,
+                allow_cidrs=self.git_allow_cidrs,
+                ssh_known_hosts=self._ssh_known_hosts(),
             ),
         )
+
+    def _ssh_known_hosts(self) -> Path | None:
+        """``git_ssh_known_hosts``, checked: a readable file of known_hosts lines at a path without spaces (ssh
+        takes a space-separated list of such files)."""
+        path = self.git_ssh_known_hosts
+        if path is None:
+            return None
+        if any(c.isspace() for c in str(path)) or not path.is_absolute():
+            raise ConfigError(f"git_ssh_known_hosts must be an absolute path without spaces, not {str(path)!r}")
+        try:
+            check_known_hosts(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read git_ssh_known_hosts {path}: {exc.strerror}") from exc
+        except BadRequestError as exc:
+            raise ConfigError(f"git_ssh_known_hosts {path}: {exc.message}") from exc
+        return path
 
     def api_settings(self, version: str) -> ApiSettings:
         return ApiSettings(

@@ -20,6 +20,7 @@ import errno
 import ipaddress
 import shlex
 import socket
+from collections.abc import Sequence
 
 from branchbox.errors import RepositoryUnreachableError, RepositoryUrlError
 from branchbox.net.policy import BLOCKED_V4, BLOCKED_V6
@@ -105,19 +106,21 @@ def ssh_command(
     *,
     port: int | None = None,
     identity: str | None = None,
-    known_hosts: str | None = None,
+    known_hosts: Sequence[str] = (),
 ) -> str:
     """The ssh git runs: none of the host's configuration, keys, agent or known hosts; pinned to ``addr``.
 
-    ``identity``: the only key offered (a file of the request's key, workspaces/sshauth.py); ``known_hosts``: the
-    only host keys trusted, checked strictly (without it the server's key is not checked). The host key is looked
-    up as ``host`` (``[host]:port`` off port 22: what ``ssh-keyscan -p PORT host`` prints), not as ``addr``."""
+    ``identity``: the only key offered (a file of the request's key, workspaces/sshauth.py); ``known_hosts``: files
+    of the only host keys trusted (the operator's, the request's), checked strictly (none: the server's key is not
+    checked). The host key is looked up as ``host`` (``[host]:port`` off port 22: what ``ssh-keyscan -p PORT host``
+    prints), not as ``addr``."""
+    files = [known_hosts] if isinstance(known_hosts, str) else list(known_hosts)  # a str is a Sequence too
     argv = [
         "ssh", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
         "-o", f"IdentityFile={identity or 'none'}", "-o", "IdentityAgent=none", "-o", "CertificateFile=none",
         "-o", "PreferredAuthentications=publickey", "-o", "GlobalKnownHostsFile=/dev/null",
-        "-o", f"UserKnownHostsFile={known_hosts or '/dev/null'}",
-        "-o", f"StrictHostKeyChecking={'yes' if known_hosts else 'accept-new'}", "-o", "UpdateHostKeys=no",
+        "-o", f"UserKnownHostsFile={' '.join(files) or '/dev/null'}",
+        "-o", f"StrictHostKeyChecking={'yes' if files else 'accept-new'}", "-o", "UpdateHostKeys=no",
         "-o", "ProxyCommand=none", "-o", "ProxyJump=none", "-o", "PermitLocalCommand=no", "-o", "ForwardAgent=no",
     ]  # fmt: skip
     if host is not None and addr is not None:

@@ -168,7 +168,9 @@ class WorkspaceService:
         follows in the background). ``token``: credentials for an http(s) server (or put them in the URL); used
         for git processes only, never stored. ``ssh_key`` (and ``known_hosts``, the server's host keys): for an ssh
         repository; a file for each git process only, never stored (workspaces/sshauth.py)."""
-        repo = replace(parse_repo_url(repository_url, token), allow_cidrs=self.settings.allow_cidrs)
+        known_file = self.settings.ssh_known_hosts
+        repo = replace(parse_repo_url(repository_url, token), allow_cidrs=self.settings.allow_cidrs,
+                       ssh_known_hosts=str(known_file) if known_file is not None else None)  # fmt: skip
         repo = with_ssh_auth(repo, ssh_key, known_hosts)
         if branch is not None and commit is not None:
             raise BadRequestError("give either branch or commit, not both")

@@ -8,8 +8,9 @@ through files that exist for one git process: a fresh 0700 directory (on a memor
 what a daemon killed meanwhile left behind is removed when a daemon starts (:func:`sweep_stale`). Nothing is
 stored in the data dir, the store, logs, errors or the workspace's record.
 
-Host keys: with ``known_hosts`` ssh checks strictly (``StrictHostKeyChecking=yes``, that file only). Without it
-the server's host key is not checked (``accept-new`` against an empty list): the connection is encrypted and the
+Host keys: with ``known_hosts`` ssh checks strictly (``StrictHostKeyChecking=yes``, that file and the operator's
+``WorkspaceSettings.ssh_known_hosts`` only); with the operator's file alone, against it. Without either the
+server's host key is not checked (``accept-new`` against an empty list): the connection is encrypted and the
 key cannot be replayed by an impostor (public-key authentication signs this session only), but an impostor on the
 path could serve other code. Never the host's own ``~/.ssh/known_hosts`` or ``/etc/ssh/ssh_known_hosts``.
 """

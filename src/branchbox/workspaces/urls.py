@@ -42,6 +42,7 @@ class RepoUrl:
     netloc: str = ""  # as in ``url`` (git:// URLs are rewritten to the checked address by this prefix)
     allow_cidrs: tuple[str, ...] = ()  # blocked ranges the operator allows anyway (workspaces/egress.py)
     ssh: SshAuth | None = field(default=None, repr=False)  # the request's ssh key (workspaces/sshauth.py)
+    ssh_known_hosts: str | None = None  # the operator's known_hosts file (checked strictly with the request's)
 
     def git_config(self) -> list[tuple[str, str]]:
         """git config entries that give one git process the credentials (empty without credentials)."""
@@ -61,14 +62,15 @@ class RepoUrl:
             yield env
             return
         addr = str(await git_egress.resolve(self.host, self.port or 22, self.allow_cidrs))
+        trusted = [self.ssh_known_hosts] if self.ssh_known_hosts else []
         if self.ssh is None:
-            env["GIT_SSH_COMMAND"] = git_egress.ssh_command(self.host, addr, port=self.port)
+            env["GIT_SSH_COMMAND"] = git_egress.ssh_command(self.host, addr, port=self.port, known_hosts=trusted)
             yield env
             return
         with auth_files(self.ssh) as (key_file, known):
             env["GIT_SSH_COMMAND"] = git_egress.ssh_command(
                 self.host, addr, port=self.port, identity=str(key_file) if key_file else None,
-                known_hosts=str(known) if known else None,
+                known_hosts=[*trusted, str(known)] if known else trusted,
             )  # fmt: skip
             yield env
 
