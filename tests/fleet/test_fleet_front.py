@@ -17,13 +17,15 @@ import httpx
 import pytest
 import uvicorn
 
-from branchbox import Sandbox
+from branchbox import Sandbox, sdk
 from branchbox.api.auth import ApiKeyChecker, hash_api_key
 from branchbox.fleet.controller import Controller, ControllerSettings
 from branchbox.fleet.proxy import FleetFront, create_fleet_app
 from branchbox.sdk import AuthenticationError
 from branchbox.sdk._wire import close_shared
+from branchbox.workspaces.testing import GitDaemon
 from tests.conftest import DaemonProc, free_port, new_data_dir
+from tests.test_workspaces import git_base, git_daemon  # noqa: F401 - session fixtures shared with that module
 
 KEY = "fleet-front-key-0123456789"
 
@@ -39,9 +41,9 @@ class Front:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.loop = asyncio.new_event_loop()
-        # no push comes after the first one (nothing drains an inbox here): every room a create finds after
-        # the first one is room the controller gave back itself
-        settings = ControllerSettings(address="unused", placement_timeout=2.0)
+        # no push comes after the first one (nothing drains an inbox here, hence no heartbeat verdict for an
+        # hour): every room a create finds after the first one is room the controller gave back itself
+        settings = ControllerSettings(address="unused", placement_timeout=2.0, stale_after=3600.0)
         self.controller = Controller(settings)
         self.front = FleetFront(self.controller, keys=checker(KEY), version="test")
         cap = {"memory_mb": 512, "cpu_millis": 1000, "running": 0, "templates": [["default", "container"]],
@@ -129,3 +131,30 @@ def test_a_key_the_node_refuses_is_its_own_error_and_reserves_nothing(keyed: tup
     assert front.controller.registry.get("n0").memory_mb == 512  # released
     listed = httpx.get(f"{daemon.url}/v1/sandboxes", headers=daemon.headers, timeout=10).json()
     assert listed == []
+
+
+def test_a_workspace_through_the_controller(keyed: tuple[DaemonProc, Front], git_daemon: GitDaemon) -> None:  # noqa: F811
+    """A git workspace is placed like a create, and its routes and its sandbox's go to its node."""
+    daemon, front = keyed
+    url = git_daemon.url("repo.git")
+    with sdk.Workspace.create(url, branch="main", base_url=front.url, api_key=KEY) as ws:
+        assert ws.info.status == "ready" and len(ws.commit or "") == 40
+        assert {"fleet_allocate", "fleet_node_call"} <= set(ws.info.timings)
+        head = ws.sandbox.commands.run("git rev-parse HEAD", cwd=ws.path)  # the sandbox, through the controller
+        assert head.stdout == f"{ws.commit}\n"
+        # it is on the node, and the controller lists and finds it there
+        on_node = httpx.get(f"{daemon.url}/v1/workspaces/{ws.workspace_id}", headers=daemon.headers, timeout=10)
+        assert on_node.status_code == 200
+        assert [w.workspace_id for w in sdk.Workspace.list(base_url=front.url, api_key=KEY)] == [ws.workspace_id]
+        front.controller.workspace_owners.clear()  # a controller that restarted: it asks the nodes
+        assert sdk.Workspace.get(ws.workspace_id, base_url=front.url, api_key=KEY).commit == ws.commit
+        wid, sid = ws.workspace_id, ws.info.sandbox_id
+    assert httpx.get(f"{daemon.url}/v1/sandboxes/{sid}", headers=daemon.headers, timeout=10).status_code == 404
+    with pytest.raises(sdk.NotFoundError) as info:
+        sdk.Workspace.get(wid, base_url=front.url, api_key=KEY)
+    assert info.value.code == "workspace_not_found"
+    # the node's own errors pass through with their codes, and reserve nothing
+    with pytest.raises(sdk.NotFoundError) as missing:
+        sdk.Workspace.create(url, branch="no-such", base_url=front.url, api_key=KEY)
+    assert missing.value.code == "ref_not_found"
+    assert front.controller.registry.get("n0").memory_mb == 512

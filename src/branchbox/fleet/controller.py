@@ -90,6 +90,7 @@ class Controller:
         self.registry = Registry(policy=settings.policy, stale_after=settings.stale_after)
         self.owners: dict[str, str] = {}  # sandbox id -> node
         self.snapshot_owners: dict[str, str] = {}  # snapshot id or name -> node
+        self.workspace_owners: dict[str, str] = {}  # workspace id -> node
         self.lost_why: dict[str, str] = {}
         self.incarnation: dict[str, str] = {}
         self.ray_node: dict[str, str] = {}
@@ -225,8 +226,9 @@ class Controller:
     def _reconcile(self, node: str) -> None:
         for sid in [s for s, n in self.owners.items() if n == node]:
             del self.owners[sid]
-        for snap in [s for s, n in self.snapshot_owners.items() if n == node]:
-            del self.snapshot_owners[snap]
+        for table in (self.snapshot_owners, self.workspace_owners):
+            for ident in [i for i, n in table.items() if n == node]:
+                del table[ident]
         if self.reconcile is not None:
             task = asyncio.get_running_loop().create_task(self.reconcile(node))
             self._tasks.append(task)

@@ -15,7 +15,9 @@ network the controller alone reaches, and a sandbox id stays valid when its node
   snapshot is not moved between nodes, and one on a lost node answers ``sandbox_lost``.
 * A sandbox whose node is lost answers ``503 sandbox_lost``; one no node knows, ``404 sandbox_not_found``.
 * ``GET /v1/fleet/nodes``; ``POST /v1/fleet/nodes/{node}/drain`` (``{"draining": false}`` undoes it).
-* Workspaces and pools are per node: the controller answers ``501 not_supported`` for them (docs/fleet.md).
+* ``POST /v1/workspaces`` is placed like a create (by its template; ``fleet.labels`` in its metadata), the
+  caller's ``X-Git-Token`` goes with it; a workspace's own routes go to its node; ``GET /v1/workspaces`` merges
+  every node's. Warm pools are per node: the controller answers ``501 not_supported`` for them (docs/fleet.md).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from branchbox.errors import (
     SandboxLostError,
     SandboxNotFoundError,
     SnapshotNotFoundError,
+    WorkspaceNotFoundError,
 )
 from branchbox.fleet.controller import Controller
 from branchbox.fleet.node import parse_labels
@@ -95,6 +98,8 @@ class FleetFront:
         # creates go over the SDK's pooled keep-alive connections, one pool per node: httpx's async client adds
         # ~1.6 ms per request (docs/api.md), most of what the controller added to a create (docs/fleet.md)
         self.wires: dict[str, AsyncWire] = {}
+        # the sandbox of each workspace created through this controller (its hold is given back at the delete)
+        self.workspace_sandbox: dict[str, str] = {}
         self.metrics = CollectorRegistry()
         self.create_seconds = Histogram(
             "branchbox_fleet_create_seconds",
@@ -139,7 +144,8 @@ class FleetFront:
 
     async def owner(self, kind: str, ident: str, headers: dict[str, str]) -> str:
         """The node holding sandbox (or snapshot) ``ident``: remembered, else asked of every live node."""
-        table = self.controller.owners if kind == "sandboxes" else self.controller.snapshot_owners
+        tables = {"sandboxes": self.controller.owners, "workspaces": self.controller.workspace_owners}
+        table = tables.get(kind, self.controller.snapshot_owners)
         node = table.get(ident)
         if node is not None:
             return node
@@ -152,6 +158,10 @@ class FleetFront:
             hint = f" (nodes lost right now: {', '.join(sorted(lost))})" if lost else ""
             raise SandboxNotFoundError(
                 f"no node of the fleet has sandbox {ident!r}{hint}: list them with `branchbox ls`"
+            )
+        if kind == "workspaces":
+            raise WorkspaceNotFoundError(
+                f"no node of the fleet has workspace {ident!r}: list them with GET /v1/workspaces"
             )
         raise SnapshotNotFoundError(f"no node of the fleet has snapshot {ident!r}: list them with GET /v1/snapshots")
 
@@ -218,16 +228,22 @@ def create_fleet_app(front: FleetFront) -> Starlette:
         desc = next(d for d in controller.describe() if d["node"] == node)
         return JSONResponse(desc)
 
-    async def create(request: HttpRequest) -> Response:
+    async def create(request: HttpRequest, kind: str = "sandboxes") -> Response:
+        """A sandbox, or a workspace (a sandbox with a checkout: placed the same way, by its template)."""
         t0 = time.perf_counter()
         front.check(request)
         raw = await request.body()
         body = _json_object(raw)
+        schema = "CreateSandboxRequest" if kind == "sandboxes" else "CreateWorkspaceRequest"
         if body is None:
-            raise BadRequestError("the body must be a JSON object (see docs/openapi.json: CreateSandboxRequest)")
-        key = request.headers.get("authorization")
-        auth = f"authorization: {key}\r\n".encode("latin-1") if key else b""
-        snapshot = body.get("snapshot")
+            raise BadRequestError(f"the body must be a JSON object (see docs/openapi.json: {schema})")
+        # what the node reads from headers: the caller's key, and a workspace's git token
+        extra = b"".join(
+            f"{name}: {value}\r\n".encode("latin-1")
+            for name in ("authorization", "x-git-token")
+            if (value := request.headers.get(name))
+        )
+        snapshot = body.get("snapshot") if kind == "sandboxes" else None
         alloc = None
         if snapshot:  # a restore runs where its snapshot is: snapshots are not moved between nodes
             node = await front.owner("snapshots", str(snapshot), _auth_only(request.headers))
@@ -244,12 +260,12 @@ def create_fleet_app(front: FleetFront) -> Starlette:
                     tuple(sorted(labels.items())),
                 )
             except (TypeError, ValueError) as exc:
-                raise BadRequestError(f"invalid request: {exc} (see docs/openapi.json: CreateSandboxRequest)") from None
+                raise BadRequestError(f"invalid request: {exc} (see docs/openapi.json: {schema})") from None
             alloc = await controller.place(req, controller.settings.placement_timeout)
             node, url = alloc.node_id, alloc.url
         t1 = time.perf_counter()
         try:
-            resp = await front.wire(url).request("POST", "/v1/sandboxes", raw, 300.0, extra=auth)
+            resp = await front.wire(url).request("POST", f"/v1/{kind}", raw, 300.0, extra=extra)
         except httpx.TransportError as exc:
             if alloc is not None:
                 controller.registry.release(alloc)
@@ -264,9 +280,15 @@ def create_fleet_app(front: FleetFront) -> Starlette:
                 controller.registry.release(alloc)
             return Response(resp.content, status_code=resp.status_code, media_type="application/json")
         data = resp.json()
+        sandbox_id = data.get("sandbox_id")  # a workspace made with wait=false has none yet
         if alloc is not None:
-            controller.registry.commit(alloc, now=controller.clock(), sandbox_id=str(data.get("sandbox_id", "")))
-        controller.owners[data["sandbox_id"]] = node
+            controller.registry.commit(alloc, now=controller.clock(), sandbox_id=str(sandbox_id or ""))
+        if sandbox_id:
+            controller.owners[sandbox_id] = node
+        if kind == "workspaces":
+            controller.workspace_owners[data["id"]] = node
+            if sandbox_id:
+                front.workspace_sandbox[data["id"]] = sandbox_id
         timings = data.setdefault("timings", {})
         node_create = float(timings.get("total", 0.0))
         t3 = time.perf_counter()
@@ -281,7 +303,8 @@ def create_fleet_app(front: FleetFront) -> Starlette:
             ("node_create", node_create / 1e3),
             ("total", t3 - t0),
         ):
-            front.create_seconds.labels(phase).observe(secs)
+            if kind == "sandboxes":  # a workspace's time is mostly git's: it would blur the sandbox figures
+                front.create_seconds.labels(phase).observe(secs)
         return JSONResponse(data, status_code=201, headers={"x-branchbox-node": node})
 
     async def list_all(request: HttpRequest, kind: str) -> Response:
@@ -295,6 +318,10 @@ def create_fleet_app(front: FleetFront) -> Starlette:
                 ident = item.get("sandbox_id") or item.get("snapshot_id") or item.get("name")
                 if kind == "sandboxes":
                     controller.owners[item["sandbox_id"]] = node
+                elif kind == "workspaces":
+                    controller.workspace_owners[item["id"]] = node
+                    if item.get("sandbox_id"):
+                        controller.owners[item["sandbox_id"]] = node
                 elif kind == "snapshots":
                     controller.snapshot_owners[item["snapshot_id"]] = node
                 if kind == "templates":
@@ -309,6 +336,11 @@ def create_fleet_app(front: FleetFront) -> Starlette:
             return await create(request)
         return await list_all(request, "sandboxes")
 
+    async def workspaces(request: HttpRequest) -> Response:
+        if request.method == "POST":
+            return await create(request, "workspaces")
+        return await list_all(request, "workspaces")
+
     async def snapshots(request: HttpRequest) -> Response:
         return await list_all(request, "snapshots")
 
@@ -317,16 +349,20 @@ def create_fleet_app(front: FleetFront) -> Starlette:
 
     async def one(request: HttpRequest) -> Response:
         kind, ident = request.path_params["kind"], request.path_params["ident"]
-        if kind not in ("sandboxes", "snapshots"):
+        if kind not in ("sandboxes", "snapshots", "workspaces"):
             return await unsupported(request)
         front.check(request)
         rest = request.path_params.get("rest", "")
         node = await front.owner(kind, ident, _auth_only(request.headers))
         path = f"/v1/{kind}/{quote(ident, safe='')}" + (f"/{rest}" if rest else "")
         resp = await front.forward(request, node, path)
-        if kind == "sandboxes" and request.method == "DELETE" and not rest and resp.status_code in (200, 204):
-            controller.owners.pop(ident, None)
-            controller.registry.forget(node, ident)  # a hold still kept for its create gives its room back
+        if request.method == "DELETE" and not rest and resp.status_code in (200, 204):
+            if kind == "sandboxes":
+                controller.owners.pop(ident, None)
+                controller.registry.forget(node, ident)  # a hold still kept for its create gives its room back
+            elif kind == "workspaces":  # its sandbox went with it
+                controller.workspace_owners.pop(ident, None)
+                controller.registry.forget(node, front.workspace_sandbox.pop(ident, ""))
         return resp
 
     async def unsupported(request: HttpRequest) -> Response:
@@ -360,6 +396,7 @@ def create_fleet_app(front: FleetFront) -> Starlette:
             Route("/v1/fleet/nodes", nodes),
             Route("/v1/fleet/nodes/{node}/drain", drain, methods=["POST"]),
             Route("/v1/sandboxes", sandboxes, methods=["GET", "POST"]),
+            Route("/v1/workspaces", workspaces, methods=["GET", "POST"]),
             Route("/v1/snapshots", snapshots),
             Route("/v1/templates", templates),
             WebSocketRoute("/v1/sandboxes/{ident}/{rest:path}", ws),
