@@ -183,3 +183,73 @@ def test_a_flood_nobody_reads_stays_bounded_and_fails_the_watcher(sbx: Sandbox) 
     assert 10_000 <= len(seen) < 200_000 and seen[0] == ("f0", "create")
     wh.stop()
     assert sbx.commands.run("echo alive").stdout == "alive\n"
+
+
+ENTRIES = "cd {d} && printf hello > a && mkdir d && ln -s a l && rm a && mv d e && mkdir end"
+
+
+def _entries(events: list[object]) -> dict[tuple[str, str], object]:
+    return {(e.name, e.type.value): e.entry for e in events}  # type: ignore[attr-defined]
+
+
+def _check_entries(by_event: dict[tuple[str, str], object], d: str) -> None:
+    """Entries as the paths are when the event is handled: none for a removal or a rename (the name is gone)."""
+    assert by_event[("a", "remove")] is None and by_event[("d", "rename")] is None
+    a = by_event[("a", "create")]  # a file, if it was still there when its create was handled
+    assert a is None or (a.type.value == "file" and a.path == f"{d}/a")  # type: ignore[attr-defined]
+    e, link = by_event[("e", "create")], by_event[("l", "create")]
+    assert e is not None and e.type.value == "dir" and e.path == f"{d}/e" and e.name == "e"  # type: ignore[attr-defined]
+    assert link is not None and link.symlink_target == "a" and link.path == f"{d}/l"  # type: ignore[attr-defined]
+
+
+def test_watch_events_carry_entries_when_asked(sbx: Sandbox) -> None:
+    assert Sandbox.get_info(sbx.sandbox_id).envd_version == "0.6.3"
+    f = sbx.files
+    f.make_dir("/tmp/ie")
+    plain = f.watch_dir("/tmp/ie")
+    wh = f.watch_dir("/tmp/ie", include_entry=True)
+    try:
+        f.write("/tmp/ie/w.txt", "12345")  # the file stays: its entry is there when the events are handled
+        sbx.commands.run(ENTRIES.format(d="/tmp/ie"))
+        events: list[object] = []
+        deadline = time.monotonic() + GUARD
+        while not any(e.name == "end" for e in events) and time.monotonic() < deadline:  # type: ignore[attr-defined]
+            events += wh.get_new_events()
+            time.sleep(0.02)
+        by_event = _entries(events)
+        _check_entries(by_event, "/tmp/ie")
+        written = by_event[("w.txt", "write")]
+        assert written is not None and written.size == 5 and written.type.value == "file"  # type: ignore[attr-defined]
+        assert all(e.entry is None for e in plain.get_new_events())  # a watch that did not ask gets none
+    finally:
+        wh.stop()
+        plain.stop()
+
+
+async def test_async_watch_events_carry_entries_when_asked(e2b_env: E2BDaemon) -> None:
+    sbx = await AsyncSandbox.create("default", timeout=120)
+    try:
+        await sbx.files.make_dir("/tmp/aie")
+        events: list[object] = []
+        done = asyncio.Event()
+
+        def on_event(e: object) -> None:
+            events.append(e)
+            if e.name == "end":  # type: ignore[attr-defined]
+                done.set()
+
+        wh = await sbx.files.watch_dir("/tmp/aie", on_event=on_event, include_entry=True)
+        await sbx.commands.run(ENTRIES.format(d="/tmp/aie"))
+        await asyncio.wait_for(done.wait(), GUARD)
+        await wh.stop()
+        _check_entries(_entries(events), "/tmp/aie")
+    finally:
+        await sbx.kill()
+
+
+def test_file_metadata_is_refused_and_nothing_is_written(sbx: Sandbox) -> None:
+    with pytest.raises(InvalidArgumentException, match="metadata"):
+        sbx.files.write("/tmp/meta.txt", "x", metadata={"owner": "me"})
+    assert not sbx.files.exists("/tmp/meta.txt")
+    sbx.files.write("/tmp/meta.txt", "x")  # without metadata it is written
+    assert sbx.files.read("/tmp/meta.txt") == "x"

@@ -35,6 +35,9 @@ def _status(exc: BranchboxError) -> int:
     return exc.http_status if exc.http_status < 500 else 500
 
 
+METADATA_PREFIX = "x-metadata-"  # envd 0.6.2's per-file metadata, stored as user.e2b.* xattrs there
+
+
 async def give_to(state: E2BState, sid: str, paths: list[str], user: str | None) -> None:
     """Files written for a user other than root become that user's, as envd writes them (the agent writes as
     root): one ``chown`` in the sandbox."""
@@ -57,6 +60,14 @@ async def download(state: E2BState, sid: str, path: str) -> tuple[bytes, AsyncIt
     except BranchboxError as exc:
         raise FilesError(_status(exc), exc.message) from exc
     return first, chunks
+
+
+async def _discard(receive: Receive) -> None:
+    """Read a refused request's body to its end (the request guard bounds its size)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect" or not message.get("more_body", False):
+            return
 
 
 async def _body(receive: Receive, gzipped: bool) -> AsyncIterator[bytes]:
@@ -91,6 +102,10 @@ async def upload(
     state: E2BState, sid: str, scope: Scope, receive: Receive, send: Send, query: dict[str, str], user: str | None
 ) -> list[dict[str, Any]]:
     headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+    if any(k.startswith(METADATA_PREFIX) for k in headers):
+        await _discard(receive)  # the client sends it all before it reads an answer
+        raise FilesError(400, "file metadata (X-Metadata-* headers, write(metadata=...)) is not kept by this server:"
+                              " write the files without metadata")  # fmt: skip
     ctype = headers.get("content-type", "")
     mgr = state.manager
     try:

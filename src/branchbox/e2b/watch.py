@@ -8,12 +8,17 @@ most :data:`MAX_EVENTS` events between two ``GetWatcherEvents`` (then it stops r
 kernel's queue hold the rest, and when that overflows the watcher fails as envd's does on ``IN_Q_OVERFLOW``).
 A stream ends cleanly when the watched directory is removed; a polled watcher then answers its last events and
 ``not_found``.
+
+``include_entry`` (envd 0.6.3): each event carries the ``EntryInfo`` of its entry, a ``Manager.stat`` of the path
+when the event is handled (so it describes the entry as it is then); none for REMOVE and RENAME (the name is gone)
+nor when the entry is gone by then, as envd sends it "when available".
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import posixpath
 import secrets
 import time
 from collections import deque
@@ -23,6 +28,7 @@ from typing import Any
 
 from branchbox.agentclient.watch import DirWatch
 from branchbox.e2b.connect import RpcError, from_branchbox
+from branchbox.e2b.filesystem import entry_json
 from branchbox.e2b.state import E2BState, resolve_path
 from branchbox.errors import AgentDisconnectedError, BranchboxError, SandboxNotFoundError
 from branchbox.models import FileEvent
@@ -55,11 +61,34 @@ def _gone(sid: str) -> RpcError:
     return RpcError("unavailable", f"The sandbox {sid} was not found: it was killed or paused while watched")
 
 
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """A watch as the request asked for it: the agent's watch of ``path``, and whether events carry entries."""
+
+    sid: str
+    path: str
+    handle: DirWatch
+    include_entry: bool
+
+
+async def describe(state: E2BState, w: Opened, e: FileEvent) -> Message:
+    """The event as envd sends it, with its entry when the watch asked for entries and the entry is there."""
+    out = event_json(e)
+    if not w.include_entry or e.type in ("remove", "rename"):
+        return out
+    try:
+        entry = await state.manager.stat(w.sid, posixpath.join(w.path, e.name))
+    except BranchboxError:  # gone since (or the sandbox is): no entry, as envd's "when available"
+        return out
+    return {**out, "entry": entry_json(entry)}
+
+
 @dataclass(slots=True)
 class Watcher:
     sid: str
     path: str
     handle: DirWatch
+    opened: Opened
     events: deque[Message] = field(default_factory=deque)
     room: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
@@ -75,23 +104,28 @@ class WatchService:
     def _count(self, sid: str) -> int:
         return sum(w.sid == sid for w in self.watchers.values()) + self.streams.get(sid, 0)
 
-    async def _open(self, sid: str, req: Message, user: str | None) -> tuple[str, DirWatch]:
+    async def _open(self, sid: str, req: Message, user: str | None) -> Opened:
         path = req.get("path")
         if not isinstance(path, str) or not path:
             raise RpcError("invalid_argument", "path (a directory) is required")
         if self._count(sid) >= MAX_WATCHERS:
             raise RpcError("resource_exhausted", f"a sandbox has at most {MAX_WATCHERS} watchers: stop one first")
         full = resolve_path(path, user)
+        include = req.get("includeEntry", req.get("include_entry", False))
+        if not isinstance(include, bool):
+            raise RpcError("invalid_argument", "includeEntry must be true or false")
         try:
-            return full, await self.state.manager.watch_dir(sid, full, recursive=bool(req.get("recursive")))
+            handle = await self.state.manager.watch_dir(sid, full, recursive=bool(req.get("recursive")))
         except BranchboxError as exc:
             raise from_branchbox(exc) from exc
+        return Opened(sid, full, handle, include)
 
     # -- the stream ----------------------------------------------------------------------------------
     async def watch_dir(
         self, sid: str, req: Message, user: str | None, deadline: float | None, keepalive: float | None = None
     ) -> AsyncIterator[Message]:
-        _, handle = await self._open(sid, req, user)
+        opened = await self._open(sid, req, user)
+        handle = opened.handle
         self.streams[sid] = self.streams.get(sid, 0) + 1
         try:
             yield {"start": {}}
@@ -107,7 +141,7 @@ class WatchService:
                 except BranchboxError as exc:
                     raise from_branchbox(exc) from exc
                 if event is not None:
-                    yield {"filesystem": event_json(event)}
+                    yield {"filesystem": await describe(self.state, opened, event)}
                 elif deadline is not None and time.monotonic() >= deadline:
                     raise RpcError("deadline_exceeded", "the watch's timeout passed")
                 else:
@@ -123,9 +157,9 @@ class WatchService:
 
     # -- polled watchers -----------------------------------------------------------------------------
     async def create(self, sid: str, req: Message, user: str | None) -> Message:
-        path, handle = await self._open(sid, req, user)
+        opened = await self._open(sid, req, user)
         wid = "w" + secrets.token_hex(8)
-        w = self.watchers[wid] = Watcher(sid, path, handle)
+        w = self.watchers[wid] = Watcher(sid, opened.path, opened.handle, opened)
         w.task = asyncio.ensure_future(self._pump(wid, w))
         return {"watcherId": wid}
 
@@ -137,7 +171,7 @@ class WatchService:
                 while len(w.events) >= MAX_EVENTS:
                     w.room.clear()
                     await w.room.wait()
-                w.events.append(event_json(event))
+                w.events.append(await describe(self.state, w.opened, event))
             w.error = RpcError("not_found", f"the watched directory {w.path} was removed")
         except RpcError as exc:
             w.error = exc
