@@ -128,6 +128,17 @@ def test_a_key_the_node_refuses_is_its_own_error_and_reserves_nothing(keyed: tup
         front.front.keys = checker(KEY)
     assert resp.status_code == 401, resp.text
     assert resp.json()["error"]["code"] == "unauthorized"
+    # bodies the controller must read to place a sandbox: a clear 400 each, nothing reserved or made
+    auth = {"authorization": f"Bearer {KEY}", "content-type": "application/json"}
+    for raw in (b"[1]", b"{", b'{"cpu": Infinity}', b'{"cpu": 1e400}', b'{"cpu": NaN}', b'{"memory_mb": "x"}',
+                b'{"metadata": {"fleet.labels": "region"}}'):  # fmt: skip
+        bad = httpx.post(f"{front.url}/v1/sandboxes", content=raw, headers=auth, timeout=30)
+        assert bad.status_code == 400, (raw, bad.text)
+        assert bad.json()["error"]["code"] == "bad_request", raw
+    # a negative size reserves no negative room (which would make the node look bigger): the node refuses it
+    neg = httpx.post(f"{front.url}/v1/sandboxes", json={"memory_mb": -4096}, headers=auth, timeout=30)
+    assert neg.status_code == 400 and neg.json()["error"]["code"] == "bad_request", neg.text
+    assert front.controller.registry.get("n0").memory_mb == 512
     assert front.controller.registry.get("n0").memory_mb == 512  # released
     listed = httpx.get(f"{daemon.url}/v1/sandboxes", headers=daemon.headers, timeout=10).json()
     assert listed == []

@@ -255,11 +255,11 @@ def create_fleet_app(front: FleetFront) -> Starlette:
                 req = Request(
                     str(body.get("template") or "default"),
                     str(body.get("backend") or controller.settings.default_backend),
-                    int(body.get("memory_mb") or 512),
-                    round(float(body.get("cpu") or 1.0) * 1000),
+                    max(0, int(body.get("memory_mb") or 512)),  # below 0: the node's own error says why
+                    max(0, round(float(body.get("cpu") or 1.0) * 1000)),
                     tuple(sorted(labels.items())),
                 )
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ValueError, OverflowError) as exc:  # Infinity is JSON to Python
                 raise BadRequestError(f"invalid request: {exc} (see docs/openapi.json: {schema})") from None
             alloc = await controller.place(req, controller.settings.placement_timeout)
             node, url = alloc.node_id, alloc.url
