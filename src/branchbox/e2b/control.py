@@ -26,7 +26,12 @@ from branchbox.models import SandboxInfo, SandboxState
 
 ROUTE = re.compile(r"^/(?:v2/)?sandboxes(?:/([^/]+)(?:/([a-z]+))?)?/?$")
 TEMPLATE_ROUTE = re.compile(r"^/templates/([^/]+)/?$")
-PREFIXES = ("/sandboxes", "/v2/sandboxes", "/snapshots", "/templates")  # the paths the gateway sends here
+ALIAS_ROUTE = re.compile(r"^/templates/aliases/([^/]+)/?$")
+PREFIXES = ("/sandboxes", "/v2/sandboxes", "/snapshots", "/templates", "/volumes", "/secrets")  # sent here
+_UNSUPPORTED = {  # E2B APIs without a branchbox counterpart: a clear 501 in E2B's shape, not a 404 of the native API
+    "/volumes": "volumes are not supported by this server: share files through snapshots or files.write",
+    "/secrets": "secrets are not supported by this server: pass values to a sandbox as envs",
+}
 CLIENT_ID = "branchbox"
 MAX_PAGE = 1000
 _FOREVER = 253402300799.0  # 9999-12-31T23:59:59Z: endAt of a sandbox without a time to live
@@ -144,12 +149,19 @@ async def handle(state: E2BState, method: str, path: str, query: str, headers: d
 async def _route(state: E2BState, method: str, path: str, query: str, raw: bytes) -> Reply:
     m = ROUTE.match(path)
     if m is not None:
-        return await _dispatch(state, method, m.group(1), m.group(2), query, _body(raw) if method == "POST" else {})
+        body = _body(raw) if method in ("POST", "PUT") else {}
+        return await _dispatch(state, method, m.group(1), m.group(2), query, body)
     if path.rstrip("/") == "/snapshots" and method == "GET":
         return await _list_snapshots(state, query)
     t = TEMPLATE_ROUTE.match(path)
     if t is not None and method == "DELETE":
         return await _delete_snapshot(state, t.group(1))
+    unsupported = _UNSUPPORTED.get("/" + path.strip("/").split("/")[0])
+    if unsupported is not None:
+        return error(501, unsupported)
+    a = ALIAS_ROUTE.match(path)
+    if a is not None and method == "GET":
+        return _alias(state, a.group(1))
     return error(404, f"no such route {method} {path}")
 
 
@@ -174,6 +186,9 @@ async def _dispatch(  # noqa: PLR0911 (one return per route)
         if method == "DELETE":
             await mgr.destroy(sid)
             return Reply(204)
+    elif action == "network" and method == "PUT":
+        await mgr.update_network(sid, _network_patch(body))
+        return Reply(204)
     elif method == "POST":
         if action in ("timeout", "refreshes"):
             refresh = action == "refreshes"
@@ -205,13 +220,26 @@ async def _dispatch(  # noqa: PLR0911 (one return per route)
 
 
 _VISIBLE = (SandboxState.RUNNING, SandboxState.PAUSED)
-_ACTIONS = frozenset({"timeout", "refreshes", "connect", "resume", "pause", "snapshots", "fork"})
+_ACTIONS = frozenset({"timeout", "refreshes", "connect", "resume", "pause", "snapshots", "fork", "network"})
+_NETWORK_KEYS = {"allowOut": "allow_out", "denyOut": "deny_out", "allow_internet_access": "allow_internet_access"}
+
+
+def _network_patch(body: dict[str, Any]) -> dict[str, Any]:
+    """``update_network``'s body as the Manager's egress patch: the keys present replace the current values.
+    What branchbox's egress policy has no counterpart for is refused, so that nothing is half applied."""
+    unknown = sorted(set(body) - set(_NETWORK_KEYS))
+    if unknown:
+        raise _BadRequest(f"network setting(s) {', '.join(unknown)} are not supported here: use allowOut, denyOut,"
+                          " allow_internet_access")  # fmt: skip
+    return {_NETWORK_KEYS[k]: v for k, v in body.items()}
 
 
 async def _create(state: E2BState, body: dict[str, Any]) -> Reply:
     template = body.get("templateID")
     if not isinstance(template, str) or not template:
         raise _BadRequest("templateID is required")
+    if body.get("volumeMounts"):  # refused rather than ignored: the code would expect the volume's files there
+        raise _BadRequest("volume mounts are not supported by this server: create the sandbox without volume_mounts")
     timeout = _int(body, "timeout", 300)
     allow = body.get("allow_internet_access", body.get("allowInternetAccess"))
     network = body.get("network") or {}
@@ -318,6 +346,15 @@ def _cursor(token: str) -> tuple[float, str]:
         return float(ts), sid
     except ValueError:
         raise _BadRequest("nextToken is not one this server gave out: pass the X-Next-Token of the last page") from None
+
+
+def _alias(state: E2BState, name: str) -> Reply:
+    """``Template.exists`` / ``alias_exists``: the daemon's templates by name (the path arrives decoded)."""
+    try:
+        state.manager.templates.get(_template_name(state, name))
+    except BranchboxError:
+        return error(404, f"template {name!r} does not exist: build it with branchbox template build")
+    return Reply(200, {"templateID": name, "public": False})
 
 
 async def _list_snapshots(state: E2BState, query: str) -> Reply:
