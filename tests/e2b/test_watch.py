@@ -253,3 +253,23 @@ def test_file_metadata_is_refused_and_nothing_is_written(sbx: Sandbox) -> None:
     assert not sbx.files.exists("/tmp/meta.txt")
     sbx.files.write("/tmp/meta.txt", "x")  # without metadata it is written
     assert sbx.files.read("/tmp/meta.txt") == "x"
+
+
+def test_a_file_written_for_a_user_is_theirs_without_a_chmod_event(sbx: Sandbox) -> None:
+    f = sbx.files
+    f.make_dir("/tmp/uw")
+    wh = f.watch_dir("/tmp/uw")
+    try:
+        f.write("/tmp/uw/n.txt", "1", user="nobody")
+        f.write("/tmp/uw/n.txt", "22", user="nobody")  # an overwrite keeps the owner
+        sbx.commands.run("mkdir /tmp/uw/end")
+        seen = squeeze(_events_until(wh, [("end", "create")]))
+        assert seen == [("n.txt", "create"), ("n.txt", "write"), ("end", "create")]  # envd's events: no chmod
+    finally:
+        wh.stop()
+    assert f.get_info("/tmp/uw/n.txt").owner == "nobody"
+    f.write("/tmp/uw/a/b/deep.txt", "x", user="nobody")  # the parents the write makes are the user's too
+    assert [f.get_info(p).owner for p in ("/tmp/uw/a", "/tmp/uw/a/b", "/tmp/uw/a/b/deep.txt")] == ["nobody"] * 3
+    with pytest.raises(InvalidArgumentException):
+        f.write("/tmp/uw/x.txt", "x", user="no-such-user")
+    assert not f.exists("/tmp/uw/x.txt")  # nothing is written for a user that does not exist

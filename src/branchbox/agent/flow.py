@@ -194,16 +194,36 @@ def fd_chunks(fd: int, limit: int | None = None) -> Iterator[bytes]:
         yield data
 
 
+def _makedirs(path: str, owner: tuple[int, int] | None) -> None:
+    """``os.makedirs(path, exist_ok=True)``; with ``owner`` the directories it creates are given to that uid/gid."""
+    if owner is None or os.path.isdir(path):
+        os.makedirs(path, exist_ok=True)
+        return
+    missing = []
+    head = path
+    while head not in ("", "/") and not os.path.isdir(head):
+        missing.append(head)
+        head = os.path.dirname(head)
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(d)
+            os.chown(d, *owner)
+    if not os.path.isdir(path):
+        raise FileExistsError(errno.EEXIST, "File exists", path)
+
+
 class FileWriter(Receiver):
     """files.write: DATA to a temp file next to the target; EOF -> fsync, chmod, rename."""
 
-    def __init__(self, conn: Connection, channel: int, path: str, mode: int | None) -> None:
+    def __init__(
+        self, conn: Connection, channel: int, path: str, mode: int | None, owner: tuple[int, int] | None = None
+    ) -> None:
         parent = os.path.dirname(path) or "/"
         try:
             if os.path.isdir(path) and not os.path.islink(path):
                 raise CallError("is_a_directory", f"Is a directory: {path}")
             try:
-                os.makedirs(parent, exist_ok=True)
+                _makedirs(parent, owner)
             except FileExistsError:
                 raise CallError("not_a_directory", f"Not a directory: {parent}") from None
             self.tmp = f"{parent.rstrip('/')}/.{os.path.basename(path)}.bbtmp-{os.urandom(6).hex()}"
@@ -213,6 +233,7 @@ class FileWriter(Receiver):
         super().__init__(conn, channel)
         self.path = path
         self.mode = mode
+        self.owner = owner
 
     def on_data(self, stream: int, data: bytes) -> None:
         try:
@@ -237,6 +258,8 @@ class FileWriter(Receiver):
             if old is not None:
                 with contextlib.suppress(OSError):
                     os.fchown(self.fd, old.st_uid, old.st_gid)
+            elif self.owner is not None:  # a new file is its owner's before it appears (no chown event after)
+                os.fchown(self.fd, *self.owner)
             os.fchmod(self.fd, mode)
             os.fsync(self.fd)
             os.close(self.fd)

@@ -301,7 +301,9 @@ def m_files_write(conn: Connection, channel: int, params: dict[str, Any]) -> Non
     path = conn.agent.path(params.get("path"))
     if path == "/":
         raise CallError("is_a_directory", "cannot write to /")
-    FileWriter(conn, channel, path, _int_param(params, "mode"))
+    owner = params.get("owner")  # a user name or uid: a new file (and new parents) become theirs
+    ids = None if owner is None else resolve_user(owner)[:2]
+    FileWriter(conn, channel, path, _int_param(params, "mode"), ids)
 
 
 def m_files_archive(conn: Connection, channel: int, params: dict[str, Any]) -> None:

@@ -366,9 +366,11 @@ class AgentClient:
         self._conn.write(frames + wire.encode_eof(call.channel, wire.STDIN))
         return _entry(await self._wait(call))
 
-    async def upload(self, path: str, chunks: AsyncIterable[bytes], *, mode: int | None = None) -> FileEntry:
+    async def upload(
+        self, path: str, chunks: AsyncIterable[bytes], *, mode: int | None = None, owner: str | None = None
+    ) -> FileEntry:
         """Stream ``chunks`` into ``path`` atomically, holding at most one window in flight."""
-        return _entry(await self._stream_in("files.write", _write_params(path, mode), chunks))
+        return _entry(await self._stream_in("files.write", _write_params(path, mode, owner), chunks))
 
     async def upload_archive(self, path: str, chunks: AsyncIterable[bytes]) -> ArchiveResult:
         """Unpack a tar stream into the directory ``path`` (created with its parents) as it is sent."""
@@ -423,8 +425,13 @@ class AgentClient:
         return DirWatch(call, path)
 
 
-def _write_params(path: str, mode: int | None) -> dict[str, Any]:
-    return {"path": path} if mode is None else {"path": path, "mode": mode}
+def _write_params(path: str, mode: int | None, owner: str | None = None) -> dict[str, Any]:
+    params: dict[str, Any] = {"path": path}
+    if mode is not None:
+        params["mode"] = mode
+    if owner is not None:
+        params["owner"] = owner
+    return params
 
 
 async def _one(data: bytes) -> AsyncIterator[bytes]:

@@ -126,10 +126,18 @@ class SandboxCalls:
         return await self._agent_call(live, live.agent.write_file(path, data, mode=mode))
 
     async def upload(
-        self, sandbox_id: str, path: str, chunks: AsyncIterable[bytes], *, mode: int | None = None
+        self,
+        sandbox_id: str,
+        path: str,
+        chunks: AsyncIterable[bytes],
+        *,
+        mode: int | None = None,
+        owner: str | None = None,
     ) -> FileEntry:
+        """Stream a file into the sandbox (temp file, then renamed into place). ``owner`` (a user of the sandbox):
+        a new file and the parent directories the write creates are that user's, not root's."""
         live = self._running(sandbox_id)
-        return await self._agent_call(live, live.agent.upload(path, chunks, mode=mode))
+        return await self._agent_call(live, live.agent.upload(path, chunks, mode=mode, owner=owner))
 
     async def upload_archive(self, sandbox_id: str, path: str, chunks: AsyncIterable[bytes]) -> ArchiveResult:
         """Unpack a tar stream into the sandbox directory ``path`` (created with its parents)."""

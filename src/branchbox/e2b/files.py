@@ -39,8 +39,9 @@ METADATA_PREFIX = "x-metadata-"  # envd 0.6.2's per-file metadata, stored as use
 
 
 async def give_to(state: E2BState, sid: str, paths: list[str], user: str | None) -> None:
-    """Files written for a user other than root become that user's, as envd writes them (the agent writes as
-    root): one ``chown`` in the sandbox."""
+    """Directories made for a user other than root (``MakeDir``) become that user's, as envd makes them (the agent
+    works as root): one ``chown`` in the sandbox. Uploads need none: the agent gives a new file to its owner before
+    renaming it into place."""
     if run_as(user) is None or not paths:
         return
     res = await state.manager.exec(sid, ["chown", "--", f"{user}:", *paths], timeout=60)
@@ -122,17 +123,16 @@ async def upload(
                     if not name:
                         raise FilesError(400, "a file part has no filename: name each part by its target path")
                     path = resolve_path(name, user)
-                    await mgr.upload(sid, path, _upload_file(part))
+                    await mgr.upload(sid, path, _upload_file(part), owner=run_as(user))
                     out.append(_written(path))
-                await give_to(state, sid, [w["path"] for w in out], user)
                 return out
             finally:
                 await form.close()
         if "path" not in query:
             raise FilesError(400, "path= is required for an octet-stream upload")
         path = resolve_path(query["path"], user)
-        await mgr.upload(sid, path, _body(receive, headers.get("content-encoding", "").lower() == "gzip"))
-        await give_to(state, sid, [path], user)
+        gzipped = headers.get("content-encoding", "").lower() == "gzip"
+        await mgr.upload(sid, path, _body(receive, gzipped), owner=run_as(user))
         return [_written(path)]
     except BranchboxError as exc:
         raise FilesError(_status(exc), exc.message) from exc
