@@ -136,6 +136,17 @@ def test_memory_template_key_covers_the_kernel_command_line() -> None:
     assert a.key().rsplit("-", 1)[0] == b.key().rsplit("-", 1)[0] == "tcg-1c-256m"
 
 
+def test_the_kvm_probe_loads_the_jails_seccomp_filter() -> None:
+    """The accelerator probe is the one QEMU started outside the jail (branchbox's own kernel and initrd, no disk,
+    no network, no sandbox input, once per host): it still runs with the VMs' -sandbox options."""
+    from branchbox.backends.microvm.image import GuestImages
+
+    argv = accel.probe_argv(GuestImages(Path("/k/vmlinux"), Path("/i/x.cpio"), "r"), Path("/t/console.log"))
+    assert argv[argv.index("-sandbox") + 1] == qemu.SECCOMP
+    assert {"obsolete=deny", "elevateprivileges=deny", "spawn=deny"} <= set(qemu.SECCOMP.split(","))
+    assert "-drive" not in argv and "-netdev" not in argv and "-device" not in argv
+
+
 def test_tcg_guests_run_without_aslr_where_it_is_expensive() -> None:
     assert "norandmaps" in accel.guest_cmdline("tcg").split()
     assert "norandmaps" not in accel.guest_cmdline("tcg", tcg_aslr=True).split()

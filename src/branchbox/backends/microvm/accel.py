@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from branchbox.backends.microvm.image import GuestImages
-from branchbox.backends.microvm.qemu import QEMU
+from branchbox.backends.microvm.qemu import QEMU, SECCOMP
 
 log = logging.getLogger("branchbox.microvm")
 PROBE_MARKER = "branchbox-probe-ok"
@@ -90,13 +90,20 @@ def _kvm_usable() -> str | None:
     return None
 
 
+def probe_argv(guest: GuestImages, console: Path) -> list[str]:
+    """The probe's QEMU: branchbox's own kernel and initrd, no disk, no network, no device a sandbox controls,
+    at most ``PROBE_TIMEOUT`` s once per host. It is the one QEMU not started through the jail (it runs before
+    the backend has one, and parses nothing a sandbox wrote); it still loads the same seccomp filter."""
+    return [QEMU, "-M", "microvm,x-option-roms=off,rtc=on", "-accel", "kvm", "-cpu", "host", "-m", "128M",
+            "-kernel", str(guest.kernel), "-initrd", str(guest.initrd),
+            "-append", guest_cmdline("kvm", "bb.probe"), "-nodefaults", "-no-user-config", "-nographic",
+            "-no-reboot", "-serial", f"file:{console}", "-sandbox", SECCOMP]  # fmt: skip
+
+
 async def _probe_kvm(guest: GuestImages) -> Accel:
     with tempfile.TemporaryDirectory(prefix="branchbox-kvm-probe-") as tmp:
         console = Path(tmp) / "console.log"
-        argv = [QEMU, "-M", "microvm,x-option-roms=off,rtc=on", "-accel", "kvm", "-cpu", "host", "-m", "128M",
-                "-kernel", str(guest.kernel), "-initrd", str(guest.initrd),
-                "-append", guest_cmdline("kvm", "bb.probe"), "-nodefaults", "-no-user-config", "-nographic",
-                "-no-reboot", "-serial", f"file:{console}"]  # fmt: skip
+        argv = probe_argv(guest, console)
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
         )
