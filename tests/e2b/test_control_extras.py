@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import secrets
+
 import httpx
 import pytest
 from e2b.exceptions import InvalidArgumentException, SandboxException, SandboxNotFoundException
@@ -27,6 +30,9 @@ def test_update_network_changes_the_egress_policy(sbx: Sandbox, e2b_env: E2BDaem
     after = _policy(e2b_env, sbx.sandbox_id)
     assert after["allow_out"] == ["1.1.1.1/32"] and after["deny_out"] == ["8.8.8.8/32"]  # absent keys stay
     assert after["allow_internet_access"] is False
+    info = sbx.get_info()  # get_info reports the policy as E2B does
+    assert info.network == {"allow_out": ["1.1.1.1/32"], "deny_out": ["8.8.8.8/32"]}
+    assert info.allow_internet_access is False
     sbx.update_network({"deny_out": []})
     assert _policy(e2b_env, sbx.sandbox_id)["deny_out"] == []
     with pytest.raises(SandboxNotFoundException):
@@ -109,3 +115,22 @@ def test_the_rest_of_the_surface(e2b_env: E2BDaemon) -> None:
         assert Sandbox.delete_snapshot(snap.snapshot_id) is True
     finally:
         sbx.kill()
+
+
+async def test_idempotency_key_makes_one_sandbox(e2b_env: E2BDaemon) -> None:
+    key = "retry-" + secrets.token_hex(6)
+    before = {s.sandbox_id for s in await AsyncSandbox.list().next_items()}
+    made = await asyncio.gather(*(AsyncSandbox.create("default", timeout=60, idempotency_key=key) for _ in range(3)))
+    try:
+        assert len({s.sandbox_id for s in made}) == 1  # three concurrent tries, one sandbox
+        again = Sandbox.create("default", timeout=60, idempotency_key=key)  # a later retry: the same one
+        assert again.sandbox_id == made[0].sandbox_id and again.commands.run("echo ok").stdout == "ok\n"
+        with pytest.raises(SandboxException, match="another request"):  # the key with another body: refused
+            Sandbox.create("default", timeout=60, metadata={"x": "y"}, idempotency_key=key)
+        after = {s.sandbox_id for s in await AsyncSandbox.list().next_items()}
+        assert after - before == {made[0].sandbox_id}
+        r = httpx.post(f"{e2b_env.url}/v2/sandboxes", json={"templateID": "default"},
+                       headers={"X-API-KEY": e2b_env.key, "Idempotency-Key": "Not Allowed"})  # fmt: skip
+        assert r.status_code == 400 and set(r.json()) == {"code", "message"}
+    finally:
+        await made[0].kill()

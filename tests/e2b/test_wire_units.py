@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gzip
 import json
@@ -13,6 +14,7 @@ from e2b.sandbox.signature import get_signature
 
 from branchbox.e2b import connect
 from branchbox.e2b.connect import RpcError
+from branchbox.e2b.idempotency import IdempotencyKeys, KeyReusedError
 from branchbox.e2b.state import basic_user, resolve_path
 from branchbox.e2b.tokens import Tokens, file_signature, load_secret
 from branchbox.errors import FileExistsInSandboxError, FileNotFoundInSandboxError, SandboxNotFoundError
@@ -117,3 +119,44 @@ def test_cli_makes_keys_in_e2b_format() -> None:
     assert out.exit_code == 0, out.output
     m = re.fullmatch(r"key:  (e2b_[0-9a-f]{40})\nhash: ([0-9a-f]{64})\n", out.output)
     assert m is not None and hash_api_key(m.group(1)) == m.group(2)
+
+
+async def test_idempotency_keys_make_one_sandbox_per_caller_and_key() -> None:
+    keys = IdempotencyKeys()
+    made: list[str] = []
+    gate = asyncio.Event()
+
+    async def create() -> str:
+        await gate.wait()
+        made.append(f"sbx-{len(made)}")
+        return made[-1]
+
+    first = [asyncio.ensure_future(keys.once("alice", "k", b"{}", create)) for _ in range(3)]
+    other = asyncio.ensure_future(keys.once("bob", "k", b"{}", create))  # another caller's key is its own
+    await asyncio.sleep(0)
+    gate.set()
+    assert await asyncio.gather(*first) == ["sbx-0"] * 3
+    assert await other == "sbx-1"
+    with pytest.raises(KeyReusedError):
+        await keys.once("alice", "k", b'{"other": 1}', create)
+
+    async def fails() -> str:
+        raise ValueError("bad template")
+
+    with pytest.raises(ValueError, match="bad template"):
+        await keys.once("alice", "f", b"{}", fails)
+    assert await keys.once("alice", "f", b"{}", create) == "sbx-2"  # a failed first create frees the key
+
+    slow = asyncio.Event()
+
+    async def hangs() -> str:
+        await slow.wait()
+        return "never"
+
+    gone = asyncio.ensure_future(keys.once("alice", "c", b"{}", hangs))
+    await asyncio.sleep(0)
+    waiter = asyncio.ensure_future(keys.once("alice", "c", b"{}", create))
+    await asyncio.sleep(0)
+    gone.cancel()  # the first caller went away: the one waiting creates instead
+    assert await waiter == "sbx-3"
+    assert len(keys) == 4

@@ -238,6 +238,8 @@ class Lifecycle:
         again, counted from now."""
         live = self.rt.require(sandbox_id, SandboxState.PAUSED)
         async with live.lock:
+            if live.info.state is not SandboxState.PAUSED:  # a concurrent resume (or destroy) came first
+                return self.rt.require(sandbox_id, SandboxState.RUNNING).info
             await live.backend.resume(live.handle)
             info = self.rt.set_state(live, SandboxState.RUNNING)
             ttl = info.lifecycle.timeout

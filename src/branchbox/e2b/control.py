@@ -11,6 +11,7 @@ reads nothing else.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -20,6 +21,7 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qs, parse_qsl
 
+from branchbox.e2b import idempotency
 from branchbox.e2b.state import ENVD_VERSION, E2BState, iso
 from branchbox.errors import BranchboxError, SnapshotNotFoundError, TemplateNotFoundError, UnauthorizedError
 from branchbox.models import SandboxInfo, SandboxState
@@ -139,6 +141,9 @@ async def handle(state: E2BState, method: str, path: str, query: str, headers: d
     if denied is not None:
         return denied
     try:
+        key = headers.get("idempotency-key")
+        if key is not None and method == "POST" and ROUTE.match(path) and path.rstrip("/").endswith("sandboxes"):
+            return await _create_once(state, headers, key, raw)
         return await _route(state, method, path, query, raw)
     except _BadRequest as exc:
         return error(400, str(exc))
@@ -182,7 +187,7 @@ async def _dispatch(  # noqa: PLR0911 (one return per route)
             info = await mgr.get(sid)
             if info.state not in _VISIBLE:  # E2B knows running and paused sandboxes only
                 return error(404, f"sandbox {sid} is not running (it is {info.state.value}: {info.error or 'gone'})")
-            return Reply(200, listed_json(info, detail=True, state=state))
+            return Reply(200, {**listed_json(info, detail=True, state=state), **await _network_json(state, sid)})
         if method == "DELETE":
             await mgr.destroy(sid)
             return Reply(204)
@@ -224,6 +229,19 @@ _ACTIONS = frozenset({"timeout", "refreshes", "connect", "resume", "pause", "sna
 _NETWORK_KEYS = {"allowOut": "allow_out", "denyOut": "deny_out", "allow_internet_access": "allow_internet_access"}
 
 
+async def _network_json(state: E2BState, sid: str) -> dict[str, Any]:
+    """``SandboxDetail``'s ``allowInternetAccess`` and ``network`` (``allowOut``, ``denyOut``) from the sandbox's
+    egress policy; nothing for a sandbox without a network (networking off in the daemon)."""
+    try:
+        policy = (await state.manager.get_network(sid)).policy.as_dict()
+    except BranchboxError:
+        return {}
+    return {
+        "allowInternetAccess": policy["allow_internet_access"],
+        "network": {"allowOut": policy["allow_out"], "denyOut": policy["deny_out"]},
+    }
+
+
 def _network_patch(body: dict[str, Any]) -> dict[str, Any]:
     """``update_network``'s body as the Manager's egress patch: the keys present replace the current values.
     What branchbox's egress policy has no counterpart for is refused, so that nothing is half applied."""
@@ -234,7 +252,29 @@ def _network_patch(body: dict[str, Any]) -> dict[str, Any]:
     return {_NETWORK_KEYS[k]: v for k, v in body.items()}
 
 
+async def _create_once(state: E2BState, headers: dict[str, str], key: str, raw: bytes) -> Reply:
+    """A create with an ``Idempotency-Key``: the sandbox the key's first create made (branchbox.e2b.idempotency)."""
+    if not idempotency.KEY.match(key):
+        raise _BadRequest("Idempotency-Key must be 1-255 lowercase letters, digits and hyphens")
+    body = _body(raw)
+    credential = headers.get("x-api-key") or headers.get("authorization") or ""
+    caller = hashlib.sha256(credential.encode()).hexdigest()  # keys are the caller's own
+
+    async def create() -> str:
+        return (await _create_info(state, body)).id
+
+    try:
+        sid = await state.idempotency.once(caller, key, raw, create)
+    except idempotency.KeyReusedError:
+        return error(422, f"Idempotency-Key {key!r} was used for another request: use a new key for a new sandbox")
+    return Reply(201, sandbox_json(state, await state.manager.get(sid)))
+
+
 async def _create(state: E2BState, body: dict[str, Any]) -> Reply:
+    return Reply(201, sandbox_json(state, await _create_info(state, body)))
+
+
+async def _create_info(state: E2BState, body: dict[str, Any]) -> SandboxInfo:
     template = body.get("templateID")
     if not isinstance(template, str) or not template:
         raise _BadRequest("templateID is required")
@@ -261,7 +301,7 @@ async def _create(state: E2BState, body: dict[str, Any]) -> Reply:
         except BranchboxError:
             raise TemplateNotFoundError(f"template {template!r} does not exist (nor a snapshot of that name)") from None
         info = await mgr.create(snapshot=template, **kwargs)
-    return Reply(201, sandbox_json(state, info))
+    return info
 
 
 def _lifecycle(body: dict[str, Any]) -> dict[str, Any]:

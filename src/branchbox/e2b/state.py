@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from branchbox.e2b.idempotency import IdempotencyKeys
 from branchbox.e2b.tokens import Tokens, load_secret
 from branchbox.errors import BranchboxError
 
@@ -36,6 +37,7 @@ class E2BState:
     handles: dict[tuple[str, int], ProcessHandle] = field(default_factory=dict)
     watchers: dict[str, Any] = field(default_factory=dict)  # watcher id -> branchbox.e2b.watch.Watcher
     watch_streams: dict[str, int] = field(default_factory=dict)  # sandbox id -> WatchDir streams open
+    idempotency: IdempotencyKeys = field(default_factory=IdempotencyKeys)  # Idempotency-Key of creates
     _users: dict[str, str | None] = field(default_factory=dict)  # template digest -> its default user
 
     @classmethod
