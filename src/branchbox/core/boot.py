@@ -256,7 +256,7 @@ class BootService:
         try:
             if live.info.state is SandboxState.RUNNING:
                 await self.pause_live(live)
-        except BranchboxError as exc:
+        except Exception as exc:  # any failure (a backend's OSError too): nothing may run past its timeout
             log.warning("pause on timeout of %s failed (%s); destroying it", sid, exc, extra={"sandbox_id": sid})
             await self.destroy_now(sid)
             return
