@@ -106,6 +106,7 @@ class FileEntry:
     gid: int = 0
     owner: str = ""  # the owner's user name in the sandbox (its uid as digits when it has none)
     group: str = ""
+    xattrs: Mapping[str, str] = field(default_factory=dict)  # extended attributes, when the call asked for them
 
 
 @dataclass(frozen=True, slots=True)

@@ -111,3 +111,37 @@ async def test_async_files(e2b_env: E2BDaemon) -> None:
         assert not await f.exists("/tmp/d")
     finally:
         await sbx.kill()
+
+
+def test_file_metadata_is_kept_as_extended_attributes(sbx: Sandbox, e2b_env: E2BDaemon) -> None:
+    f = sbx.files
+    written = f.write("/tmp/meta.txt", "x", metadata={"Owner": "me", "job": "42"})
+    assert written.metadata == {"owner": "me", "job": "42"}  # keys lowercased, as envd does
+    assert f.get_info("/tmp/meta.txt").metadata == {"owner": "me", "job": "42"}
+    f.write("/tmp/meta.txt", "overwritten")  # a write without metadata keeps it (envd writes in place)
+    f.write("/tmp/meta.txt", "again", metadata={"job": "43"}, use_octet_stream=False)  # multipart: merged
+    assert f.get_info("/tmp/meta.txt").metadata == {"owner": "me", "job": "43"}
+    assert f.read("/tmp/meta.txt") == "again"
+    f.write_files([{"path": "/tmp/m/a", "data": "a"}, {"path": "/tmp/m/b", "data": "b"}], metadata={"batch": "1"})
+    f.write("/tmp/m/plain", "p")
+    listed = {e.name: e.metadata for e in f.list("/tmp/m")}
+    assert listed == {"a": {"batch": "1"}, "b": {"batch": "1"}, "plain": None}
+    xattr = "import os; print(os.getxattr('/tmp/m/a', 'user.e2b.batch').decode(), end='')"
+    assert sbx.commands.run(f'python3 -c "{xattr}"').stdout == "1"  # where envd keeps it
+    # bad metadata is 400 in envd's shape and writes nothing
+    detail = httpx.get(f"{e2b_env.url}/sandboxes/{sbx.sandbox_id}", headers={"X-API-KEY": e2b_env.key}).json()
+    headers = {"E2b-Sandbox-Id": sbx.sandbox_id, "X-Access-Token": detail["envdAccessToken"]}
+    url = f"{e2b_env.url}/files?path=/tmp/bad.txt"
+    for extra in ({"X-Metadata-k": "v" * 5000}, {f"X-Metadata-k{i}": "v" for i in range(65)}):
+        r = httpx.post(url, content=b"x", headers={**headers, **extra, "content-type": "application/octet-stream"})
+        assert r.status_code == 400 and set(r.json()) == {"code", "message"}, r.text
+    assert not f.exists("/tmp/bad.txt")
+
+
+async def test_async_file_metadata(e2b_env: E2BDaemon) -> None:
+    sbx = await AsyncSandbox.create("default", timeout=60)
+    try:
+        await sbx.files.write("/tmp/am.txt", "x", metadata={"k": "v"})
+        assert (await sbx.files.get_info("/tmp/am.txt")).metadata == {"k": "v"}
+    finally:
+        await sbx.kill()

@@ -247,14 +247,6 @@ async def test_async_watch_events_carry_entries_when_asked(e2b_env: E2BDaemon) -
         await sbx.kill()
 
 
-def test_file_metadata_is_refused_and_nothing_is_written(sbx: Sandbox) -> None:
-    with pytest.raises(InvalidArgumentException, match="metadata"):
-        sbx.files.write("/tmp/meta.txt", "x", metadata={"owner": "me"})
-    assert not sbx.files.exists("/tmp/meta.txt")
-    sbx.files.write("/tmp/meta.txt", "x")  # without metadata it is written
-    assert sbx.files.read("/tmp/meta.txt") == "x"
-
-
 def test_a_file_written_for_a_user_is_theirs_without_a_chmod_event(sbx: Sandbox) -> None:
     f = sbx.files
     f.make_dir("/tmp/uw")

@@ -216,7 +216,13 @@ class FileWriter(Receiver):
     """files.write: DATA to a temp file next to the target; EOF -> fsync, chmod, rename."""
 
     def __init__(
-        self, conn: Connection, channel: int, path: str, mode: int | None, owner: tuple[int, int] | None = None
+        self,
+        conn: Connection,
+        channel: int,
+        path: str,
+        mode: int | None,
+        owner: tuple[int, int] | None = None,
+        xattrs: dict[str, str] | None = None,
     ) -> None:
         parent = os.path.dirname(path) or "/"
         try:
@@ -234,6 +240,7 @@ class FileWriter(Receiver):
         self.path = path
         self.mode = mode
         self.owner = owner
+        self.xattrs = xattrs or {}
 
     def on_data(self, stream: int, data: bytes) -> None:
         try:
@@ -260,6 +267,12 @@ class FileWriter(Receiver):
                     os.fchown(self.fd, old.st_uid, old.st_gid)
             elif self.owner is not None:  # a new file is its owner's before it appears (no chown event after)
                 os.fchown(self.fd, *self.owner)
+            if old is not None:  # a file written in place keeps its extended attributes: so does this one
+                for name, value in read_xattrs(self.path, XATTR_NAMESPACE).items():
+                    with contextlib.suppress(OSError):
+                        os.setxattr(self.fd, name, value.encode())
+            for name, value in self.xattrs.items():
+                os.setxattr(self.fd, name, value.encode())
             os.fchmod(self.fd, mode)
             os.fsync(self.fd)
             os.close(self.fd)
@@ -327,8 +340,33 @@ class ArchiveWriter(Receiver):
         self.extractor.abort()
 
 
-def entry(path: str, name: str, st: os.stat_result | None = None) -> dict[str, Any]:
-    """A FileEntry as a dict (lstat: symlinks are reported as symlinks)."""
+XATTR_NAMESPACE = "user."  # the only extended attributes the file calls read or write
+
+
+def read_xattrs(path: str, prefix: str) -> dict[str, str]:
+    """The entry's extended attributes whose names start with ``prefix`` (not following a symlink); none where the
+    filesystem keeps none."""
+    out: dict[str, str] = {}
+    try:
+        for name in os.listxattr(path, follow_symlinks=False):
+            if name.startswith(prefix):
+                out[name] = os.getxattr(path, name, follow_symlinks=False).decode("utf-8", "replace")
+    except OSError:
+        return out
+    return out
+
+
+def check_xattr_prefix(prefix: Any) -> str | None:
+    if prefix is None:
+        return None
+    if not isinstance(prefix, str) or not prefix.startswith(XATTR_NAMESPACE):
+        raise CallError("bad_request", f"xattrs must be a name prefix in the {XATTR_NAMESPACE} namespace")
+    return prefix
+
+
+def entry(path: str, name: str, st: os.stat_result | None = None, xattrs: str | None = None) -> dict[str, Any]:
+    """A FileEntry as a dict (lstat: symlinks are reported as symlinks); with ``xattrs`` (a name prefix) the
+    extended attributes of those names."""
     if st is None:
         st = os.lstat(path)
     mode = st.st_mode
@@ -356,4 +394,5 @@ def entry(path: str, name: str, st: os.stat_result | None = None) -> dict[str, A
         "gid": st.st_gid,
         "owner": owner,
         "group": group,
+        **({"xattrs": read_xattrs(path, xattrs)} if xattrs is not None else {}),
     }

@@ -21,7 +21,7 @@ from typing import Any
 
 from . import archive, wire
 from .errors import NOT_RUNNABLE, CallError, os_error
-from .flow import ArchiveWriter, ChunkSender, FileWriter, Sink, entry, fd_chunks
+from .flow import XATTR_NAMESPACE, ArchiveWriter, ChunkSender, FileWriter, Sink, check_xattr_prefix, entry, fd_chunks
 from .protocol import Connection, Method
 from .shell import DEFAULT_PATH, in_shell, shell_argv
 from .spawn import resolve_user, winsize
@@ -303,7 +303,13 @@ def m_files_write(conn: Connection, channel: int, params: dict[str, Any]) -> Non
         raise CallError("is_a_directory", "cannot write to /")
     owner = params.get("owner")  # a user name or uid: a new file (and new parents) become theirs
     ids = None if owner is None else resolve_user(owner)[:2]
-    FileWriter(conn, channel, path, _int_param(params, "mode"), ids)
+    xattrs = params.get("xattrs") or {}  # extended attributes the written file gets (user.* only)
+    if not isinstance(xattrs, dict) or not all(
+        isinstance(k, str) and k.startswith(XATTR_NAMESPACE) and len(k) > len(XATTR_NAMESPACE) and isinstance(v, str)
+        for k, v in xattrs.items()
+    ):
+        raise CallError("bad_request", f"xattrs must map {XATTR_NAMESPACE}* names to strings")
+    FileWriter(conn, channel, path, _int_param(params, "mode"), ids, xattrs)
 
 
 def m_files_archive(conn: Connection, channel: int, params: dict[str, Any]) -> None:
@@ -325,6 +331,7 @@ def m_files_list(conn: Connection, channel: int, params: dict[str, Any]) -> None
     assert depth is not None
     if depth < 1:
         raise CallError("bad_request", "depth must be >= 1")
+    xattrs = check_xattr_prefix(params.get("xattrs"))
     batch: list[bytes] = []
     size = 0
 
@@ -339,7 +346,7 @@ def m_files_list(conn: Connection, channel: int, params: dict[str, Any]) -> None
             return
         for item in items:
             try:
-                data = wire.dumps(entry(item.path, item.name, item.stat(follow_symlinks=False)))
+                data = wire.dumps(entry(item.path, item.name, item.stat(follow_symlinks=False), xattrs))
             except OSError:
                 continue
             if size + len(data) > wire.MAX_PAYLOAD // 2:
@@ -357,8 +364,9 @@ def m_files_list(conn: Connection, channel: int, params: dict[str, Any]) -> None
 
 def m_files_stat(conn: Connection, channel: int, params: dict[str, Any]) -> dict[str, Any]:
     path = conn.agent.path(params.get("path"))
+    xattrs = check_xattr_prefix(params.get("xattrs"))
     try:
-        return entry(path, os.path.basename(path) or "/")
+        return entry(path, os.path.basename(path) or "/", xattrs=xattrs)
     except OSError as exc:
         raise os_error(exc, path) from exc
 

@@ -43,6 +43,7 @@ def _entry(d: Mapping[str, Any]) -> FileEntry:
         gid=d.get("gid", 0),
         owner=d.get("owner", ""),
         group=d.get("group", ""),
+        xattrs=d.get("xattrs") or {},
     )
 
 
@@ -367,10 +368,20 @@ class AgentClient:
         return _entry(await self._wait(call))
 
     async def upload(
-        self, path: str, chunks: AsyncIterable[bytes], *, mode: int | None = None, owner: str | None = None
+        self,
+        path: str,
+        chunks: AsyncIterable[bytes],
+        *,
+        mode: int | None = None,
+        owner: str | None = None,
+        xattrs: Mapping[str, str] | None = None,
     ) -> FileEntry:
-        """Stream ``chunks`` into ``path`` atomically, holding at most one window in flight."""
-        return _entry(await self._stream_in("files.write", _write_params(path, mode, owner), chunks))
+        """Stream ``chunks`` into ``path`` atomically, holding at most one window in flight. ``xattrs``: extended
+        attributes (``user.*``) the file gets."""
+        params = _write_params(path, mode, owner)
+        if xattrs:
+            params["xattrs"] = dict(xattrs)
+        return _entry(await self._stream_in("files.write", params, chunks))
 
     async def upload_archive(self, path: str, chunks: AsyncIterable[bytes]) -> ArchiveResult:
         """Unpack a tar stream into the directory ``path`` (created with its parents) as it is sent."""
@@ -393,14 +404,19 @@ class AgentClient:
                 call.cancel()
             raise
 
-    async def list_dir(self, path: str, *, depth: int = 1) -> list[FileEntry]:
+    async def list_dir(self, path: str, *, depth: int = 1, xattrs: str | None = None) -> list[FileEntry]:
+        """Entries under ``path``; ``xattrs``: also their extended attributes whose names start with it."""
         call = ListCall(self._conn)
-        self._conn.write(_call_frame(call.channel, "files.list", {"path": path, "depth": depth}))
+        params: dict[str, Any] = {"path": path, "depth": depth}
+        if xattrs is not None:
+            params["xattrs"] = xattrs
+        self._conn.write(_call_frame(call.channel, "files.list", params))
         result = await self._wait(call)
         return [_entry(e) for e in [*call.entries, *result["entries"]]]
 
-    async def stat(self, path: str) -> FileEntry:
-        return _entry(await self._request("files.stat", {"path": path}))
+    async def stat(self, path: str, *, xattrs: str | None = None) -> FileEntry:
+        return _entry(await self._request("files.stat", {"path": path} if xattrs is None else
+                                          {"path": path, "xattrs": xattrs}))  # fmt: skip
 
     async def mkdir(self, path: str) -> FileEntry:
         """Create a directory and its parents (no error when it exists)."""

@@ -133,24 +133,29 @@ class SandboxCalls:
         *,
         mode: int | None = None,
         owner: str | None = None,
+        xattrs: Mapping[str, str] | None = None,
     ) -> FileEntry:
         """Stream a file into the sandbox (temp file, then renamed into place). ``owner`` (a user of the sandbox):
-        a new file and the parent directories the write creates are that user's, not root's."""
+        a new file and the parent directories the write creates are that user's, not root's. ``xattrs``: extended
+        attributes (``user.*`` names) the file gets; a replaced file's ``user.*`` attributes are kept."""
         live = self._running(sandbox_id)
-        return await self._agent_call(live, live.agent.upload(path, chunks, mode=mode, owner=owner))
+        return await self._agent_call(live, live.agent.upload(path, chunks, mode=mode, owner=owner, xattrs=xattrs))
 
     async def upload_archive(self, sandbox_id: str, path: str, chunks: AsyncIterable[bytes]) -> ArchiveResult:
         """Unpack a tar stream into the sandbox directory ``path`` (created with its parents)."""
         live = self._running(sandbox_id)
         return await self._agent_call(live, live.agent.upload_archive(path, chunks))
 
-    async def list_files(self, sandbox_id: str, path: str, *, depth: int = 1) -> builtins.list[FileEntry]:
+    async def list_files(
+        self, sandbox_id: str, path: str, *, depth: int = 1, xattrs: str | None = None
+    ) -> builtins.list[FileEntry]:
+        """Entries under ``path``; ``xattrs`` (a ``user.*`` name prefix): with those extended attributes."""
         live = self._running(sandbox_id)
-        return await self._agent_call(live, live.agent.list_dir(path, depth=depth))
+        return await self._agent_call(live, live.agent.list_dir(path, depth=depth, xattrs=xattrs))
 
-    async def stat(self, sandbox_id: str, path: str) -> FileEntry:
+    async def stat(self, sandbox_id: str, path: str, *, xattrs: str | None = None) -> FileEntry:
         live = self._running(sandbox_id)
-        return await self._agent_call(live, live.agent.stat(path))
+        return await self._agent_call(live, live.agent.stat(path, xattrs=xattrs))
 
     async def mkdir(self, sandbox_id: str, path: str) -> FileEntry:
         live = self._running(sandbox_id)

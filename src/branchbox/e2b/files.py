@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import posixpath
+import re
 import zlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,7 +14,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
-from branchbox.e2b.state import E2BState, resolve_path, run_as
+from branchbox.e2b.state import XATTR_PREFIX, E2BState, resolve_path, run_as
 from branchbox.errors import BranchboxError
 
 CHUNK = 256 * 1024
@@ -35,7 +36,12 @@ def _status(exc: BranchboxError) -> int:
     return exc.http_status if exc.http_status < 500 else 500
 
 
-METADATA_PREFIX = "x-metadata-"  # envd 0.6.2's per-file metadata, stored as user.e2b.* xattrs there
+METADATA_PREFIX = "x-metadata-"  # envd 0.6.2's per-file metadata, kept as user.e2b.* extended attributes
+MAX_METADATA = 64  # keys per upload
+MAX_METADATA_KEY = 200  # characters (an extended attribute's name is at most 255 bytes with its prefix)
+MAX_METADATA_VALUE = 4096  # characters
+_META_KEY = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
+_META_VALUE = re.compile(r"^[\x20-\x7e]*$")
 
 
 async def give_to(state: E2BState, sid: str, paths: list[str], user: str | None) -> None:
@@ -49,8 +55,25 @@ async def give_to(state: E2BState, sid: str, paths: list[str], user: str | None)
         raise FilesError(400, f"cannot give the files to {user!r}: {res.stderr_text.strip()[:300]}")
 
 
-def _written(path: str) -> dict[str, Any]:
-    return {"name": posixpath.basename(path), "type": "file", "path": path}
+def _written(path: str, meta: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": posixpath.basename(path), "type": "file", "path": path}
+    if meta:
+        out["metadata"] = meta
+    return out
+
+
+def metadata_of(headers: dict[str, str]) -> dict[str, str]:
+    """envd 0.6.2's per-file metadata: ``X-Metadata-<key>: <value>`` headers, keys lowercased; bounded and
+    checked as the SDK checks them (HTTP token keys, printable ASCII values)."""
+    meta = {k[len(METADATA_PREFIX) :]: v for k, v in headers.items() if k.startswith(METADATA_PREFIX)}
+    if len(meta) > MAX_METADATA:
+        raise FilesError(400, f"at most {MAX_METADATA} metadata keys per upload")
+    for k, v in meta.items():
+        if not _META_KEY.match(k) or len(k) > MAX_METADATA_KEY:
+            raise FilesError(400, f"metadata key {k!r} is invalid: 1-{MAX_METADATA_KEY} HTTP token characters")
+        if not _META_VALUE.match(v) or len(v) > MAX_METADATA_VALUE:
+            raise FilesError(400, f"metadata value of {k!r} is invalid: printable ASCII, at most {MAX_METADATA_VALUE}")
+    return meta
 
 
 async def download(state: E2BState, sid: str, path: str) -> tuple[bytes, AsyncIterator[bytes]]:
@@ -103,10 +126,12 @@ async def upload(
     state: E2BState, sid: str, scope: Scope, receive: Receive, send: Send, query: dict[str, str], user: str | None
 ) -> list[dict[str, Any]]:
     headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-    if any(k.startswith(METADATA_PREFIX) for k in headers):
+    try:
+        meta = metadata_of(headers)
+    except FilesError:
         await _discard(receive)  # the client sends it all before it reads an answer
-        raise FilesError(400, "file metadata (X-Metadata-* headers, write(metadata=...)) is not kept by this server:"
-                              " write the files without metadata")  # fmt: skip
+        raise
+    xattrs = {XATTR_PREFIX + k: v for k, v in meta.items()}
     ctype = headers.get("content-type", "")
     mgr = state.manager
     try:
@@ -123,8 +148,8 @@ async def upload(
                     if not name:
                         raise FilesError(400, "a file part has no filename: name each part by its target path")
                     path = resolve_path(name, user)
-                    await mgr.upload(sid, path, _upload_file(part), owner=run_as(user))
-                    out.append(_written(path))
+                    await mgr.upload(sid, path, _upload_file(part), owner=run_as(user), xattrs=xattrs)
+                    out.append(_written(path, meta))
                 return out
             finally:
                 await form.close()
@@ -132,8 +157,8 @@ async def upload(
             raise FilesError(400, "path= is required for an octet-stream upload")
         path = resolve_path(query["path"], user)
         gzipped = headers.get("content-encoding", "").lower() == "gzip"
-        await mgr.upload(sid, path, _body(receive, gzipped), owner=run_as(user))
-        return [_written(path)]
+        await mgr.upload(sid, path, _body(receive, gzipped), owner=run_as(user), xattrs=xattrs)
+        return [_written(path, meta)]
     except BranchboxError as exc:
         raise FilesError(_status(exc), exc.message) from exc
 

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 from branchbox.e2b.connect import RpcError, from_branchbox
 from branchbox.e2b.files import FilesError, give_to
-from branchbox.e2b.state import E2BState, iso, resolve_path
+from branchbox.e2b.state import XATTR_PREFIX, E2BState, iso, resolve_path
 from branchbox.errors import BranchboxError, FileNotFoundInSandboxError
 from branchbox.models import FileEntry
 
@@ -35,6 +35,9 @@ def entry_json(e: FileEntry) -> Message:
     }
     if e.symlink_target is not None:
         out["symlinkTarget"] = e.symlink_target
+    meta = {k[len(XATTR_PREFIX) :]: v for k, v in e.xattrs.items() if k.startswith(XATTR_PREFIX)}
+    if meta:
+        out["metadata"] = meta
     return out
 
 
@@ -57,13 +60,15 @@ class FilesystemService:
         self.state = state
 
     async def stat(self, sid: str, req: Message, user: str | None) -> Message:
-        return {"entry": entry_json(await _call(self.state.manager.stat(sid, _path(req, "path", user))))}
+        path = _path(req, "path", user)
+        return {"entry": entry_json(await _call(self.state.manager.stat(sid, path, xattrs=XATTR_PREFIX)))}
 
     async def list_dir(self, sid: str, req: Message, user: str | None) -> Message:
         depth = req.get("depth") or 1
         if not isinstance(depth, int) or not 1 <= depth <= MAX_DEPTH:
             raise RpcError("invalid_argument", f"depth must be 1 to {MAX_DEPTH}")
-        entries = await _call(self.state.manager.list_files(sid, _path(req, "path", user), depth=depth))
+        path = _path(req, "path", user)
+        entries = await _call(self.state.manager.list_files(sid, path, depth=depth, xattrs=XATTR_PREFIX))
         return {"entries": [entry_json(e) for e in entries]}
 
     async def make_dir(self, sid: str, req: Message, user: str | None) -> Message:

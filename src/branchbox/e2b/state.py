@@ -21,9 +21,9 @@ if TYPE_CHECKING:
 
 # the version of envd this facade answers as: the SDK turns features on by it (stdin 0.3.0, default user 0.4.0,
 # close_stdin 0.5.2, octet-stream uploads 0.5.7, per-file metadata 0.6.2, include_entry on watch events 0.6.3).
-# Metadata is not kept: an upload carrying X-Metadata-* headers is refused (files.METADATA_PREFIX). 0.6.4 would let
-# the SDK ask for watches on network mounts, which the facade has no check for.
+# 0.6.4 would let the SDK ask for watches on network mounts, which the facade has no check for.
 ENVD_VERSION = "0.6.3"
+XATTR_PREFIX = "user.e2b."  # where envd keeps a file's metadata (one extended attribute per key), as here
 DEFAULT_USER = "root"
 
 

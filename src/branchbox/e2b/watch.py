@@ -29,7 +29,7 @@ from typing import Any
 from branchbox.agentclient.watch import DirWatch
 from branchbox.e2b.connect import RpcError, from_branchbox
 from branchbox.e2b.filesystem import entry_json
-from branchbox.e2b.state import E2BState, resolve_path
+from branchbox.e2b.state import XATTR_PREFIX, E2BState, resolve_path
 from branchbox.errors import AgentDisconnectedError, BranchboxError, SandboxNotFoundError
 from branchbox.models import FileEvent
 
@@ -77,7 +77,7 @@ async def describe(state: E2BState, w: Opened, e: FileEvent) -> Message:
     if not w.include_entry or e.type in ("remove", "rename"):
         return out
     try:
-        entry = await state.manager.stat(w.sid, posixpath.join(w.path, e.name))
+        entry = await state.manager.stat(w.sid, posixpath.join(w.path, e.name), xattrs=XATTR_PREFIX)
     except BranchboxError:  # gone since (or the sandbox is): no entry, as envd's "when available"
         return out
     return {**out, "entry": entry_json(entry)}
