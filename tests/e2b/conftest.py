@@ -46,6 +46,21 @@ def sbx(e2b_env: E2BDaemon) -> Iterator[Sandbox]:
 
 
 @pytest.fixture
+def restartable_daemon(daemon_factory: Any, monkeypatch: pytest.MonkeyPatch) -> DaemonProc:
+    """A daemon of the test's own that keeps its sandboxes when stopped (``stop()`` then ``start()``), with an API
+    key, and the e2b SDK pointed at it."""
+    key = generate_api_key()
+    d: DaemonProc = daemon_factory(
+        keep=True, env={"BRANCHBOX_REQUIRE_AUTH": "true", "BRANCHBOX_API_KEY_HASHES": hash_api_key(key)}
+    )
+    d.headers = {"authorization": f"Bearer {key}"}
+    for name in ("E2B_API_URL", "E2B_SANDBOX_URL"):
+        monkeypatch.setenv(name, d.url)
+    monkeypatch.setenv("E2B_API_KEY", key)
+    return d
+
+
+@pytest.fixture
 def e2b_env(e2b_daemon: E2BDaemon, monkeypatch: pytest.MonkeyPatch) -> E2BDaemon:
     monkeypatch.setenv("E2B_API_URL", e2b_daemon.url)
     monkeypatch.setenv("E2B_SANDBOX_URL", e2b_daemon.url)

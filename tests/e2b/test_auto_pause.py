@@ -12,8 +12,8 @@ import httpx
 import pytest
 from e2b.exceptions import SandboxNotRunningException
 
-from branchbox.api.auth import generate_api_key, hash_api_key
 from e2b import AsyncSandbox, Sandbox, SandboxState
+from tests.conftest import DaemonProc
 from tests.e2b.conftest import E2BDaemon
 
 pytestmark = pytest.mark.timeout(300)
@@ -127,15 +127,8 @@ def test_default_lifecycle_kills_and_bad_fields_are_refused(e2b_env: E2BDaemon) 
     assert {s.sandbox_id for s in Sandbox.list().next_items()} == before  # nothing was created
 
 
-def test_timeout_that_passed_while_the_daemon_was_down_pauses(
-    daemon_factory: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    key = generate_api_key()
-    d = daemon_factory(keep=True, env={"BRANCHBOX_REQUIRE_AUTH": "true", "BRANCHBOX_API_KEY_HASHES": hash_api_key(key)})
-    d.headers = {"authorization": f"Bearer {key}"}
-    for name in ("E2B_API_URL", "E2B_SANDBOX_URL"):
-        monkeypatch.setenv(name, d.url)
-    monkeypatch.setenv("E2B_API_KEY", key)
+def test_timeout_that_passed_while_the_daemon_was_down_pauses(restartable_daemon: DaemonProc) -> None:
+    d = restartable_daemon
     sbx = Sandbox.create("default", timeout=20, lifecycle={"on_timeout": "pause", "auto_resume": True})
     end_at = sbx.get_info().end_at
     sbx.files.write("/root/kept.txt", "kept")

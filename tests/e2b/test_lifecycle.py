@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import secrets
 import time
-from typing import Any
 
 import httpx
 import pytest
 from e2b.exceptions import AuthenticationException, NotFoundException, SandboxException, SandboxNotRunningException
 
-from branchbox.api.auth import generate_api_key, hash_api_key
 from e2b import AsyncSandbox, Sandbox, SandboxQuery, SandboxState
+from tests.conftest import DaemonProc
 from tests.e2b.conftest import E2BDaemon
 
 pytestmark = pytest.mark.timeout(300)
@@ -182,13 +181,8 @@ def test_snapshot_and_fork(e2b_env: E2BDaemon) -> None:
             s.kill()
 
 
-def test_paused_sandbox_survives_daemon_restart(daemon_factory: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    key = generate_api_key()
-    d = daemon_factory(keep=True, env={"BRANCHBOX_REQUIRE_AUTH": "true", "BRANCHBOX_API_KEY_HASHES": hash_api_key(key)})
-    d.headers = {"authorization": f"Bearer {key}"}
-    for name in ("E2B_API_URL", "E2B_SANDBOX_URL"):
-        monkeypatch.setenv(name, d.url)
-    monkeypatch.setenv("E2B_API_KEY", key)
+def test_paused_sandbox_survives_daemon_restart(restartable_daemon: DaemonProc) -> None:
+    d = restartable_daemon
     sbx = Sandbox.create("default", timeout=300)
     sbx.files.write("/root/kept.txt", "kept")
     sbx.pause()
