@@ -54,6 +54,7 @@ async def create(ctx: AppContext, body: CreateSandboxRequest) -> SandboxResponse
         snapshot=body.snapshot,
         allow_internet_access=body.allow_internet_access,
         network=None if body.network is None else body.network.model_dump(exclude_none=True),
+        on_timeout=body.on_timeout,
     )
     return SandboxResponse.of(info)
 

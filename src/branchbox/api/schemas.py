@@ -126,6 +126,11 @@ class CreateSandboxRequest(_Strict):
         default=None, description="Egress to the public internet (default true); false: no egress at all."
     )
     network: NetworkPolicyRequest | None = None
+    on_timeout: Literal["destroy", "pause"] = Field(
+        default="destroy",
+        description="What reaching the timeout does: destroy the sandbox, or pause it (kept until resumed or "
+        "destroyed; a resume starts its timeout again).",
+    )
 
 
 class SandboxResponse(BaseModel):
@@ -145,6 +150,7 @@ class SandboxResponse(BaseModel):
     source: str = Field(description="cold, warm, snapshot (a restore) or fork.")
     timings: dict[str, float] = Field(description="Per-phase duration of the create, in milliseconds.")
     error: str | None = None
+    on_timeout: str = Field(default="destroy", description="destroy or pause: what reaching end_at does.")
 
     @classmethod
     def of(cls, info: SandboxInfo) -> SandboxResponse:
@@ -165,6 +171,7 @@ class SandboxResponse(BaseModel):
             source=info.source,
             timings=dict(info.timings),
             error=info.error,
+            on_timeout=info.lifecycle.on_timeout,
         )
 
 

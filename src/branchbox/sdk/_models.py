@@ -31,6 +31,7 @@ class SandboxInfo:
     template_digest: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    on_timeout: str = "destroy"  # or "pause": what reaching end_at does
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> SandboxInfo:
@@ -53,6 +54,7 @@ class SandboxInfo:
             template_digest=d.get("template_digest", ""),
             timings={k: float(v) for k, v in (d.get("timings") or {}).items()},
             error=d.get("error"),
+            on_timeout=d.get("on_timeout", "destroy"),
         )
 
 

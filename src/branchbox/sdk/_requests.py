@@ -53,6 +53,7 @@ def create_sandbox(
     disk_mb: int | None = None,
     allow_internet_access: bool | None = None,
     network: Mapping[str, Any] | None = None,
+    on_timeout: str | None = None,
 ) -> Req:
     body = _drop_none(
         {
@@ -69,6 +70,7 @@ def create_sandbox(
             "snapshot": snapshot,
             "allow_internet_access": allow_internet_access,
             "network": dict(network) if network is not None else None,
+            "on_timeout": on_timeout,
         }
     )
     if snapshot is not None and template == "default":
