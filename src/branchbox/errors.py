@@ -47,6 +47,7 @@ Hierarchy::
     ├── BackendError                    backend_error       500
     ├── NoCapacityError                 no_capacity         503  (fleet: no node can take the sandbox)
     ├── SandboxLostError                sandbox_lost        503  (fleet: the sandbox's node is gone)
+    ├── NodeUnreachableError            node_unreachable    503  (fleet: a node did not answer a fleet-wide call)
     │   └── NetworkError                network_error       500
     ├── PortUnreachableError            port_unreachable    502
     ├── GitError                        git_error           500
@@ -214,6 +215,13 @@ class SandboxLostError(BranchboxError):
     """The fleet node that holds the sandbox is unreachable (lost, or left the fleet)."""
 
     code = "sandbox_lost"
+    http_status = 503
+
+
+class NodeUnreachableError(BranchboxError):
+    """A fleet node did not answer a request the controller sent it for the whole fleet (e.g. a pool's PUT)."""
+
+    code = "node_unreachable"
     http_status = 503
 
 

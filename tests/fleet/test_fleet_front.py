@@ -169,3 +169,33 @@ def test_a_workspace_through_the_controller(keyed: tuple[DaemonProc, Front], git
         sdk.Workspace.create(url, branch="no-such", base_url=front.url, api_key=KEY)
     assert missing.value.code == "ref_not_found"
     assert front.controller.registry.get("n0").memory_mb == 512
+
+
+def test_warm_pools_through_the_controller(keyed: tuple[DaemonProc, Front]) -> None:
+    """A pool configured through the controller is made on the nodes holding its template and counted for the
+    fleet; settings the node refuses configure nothing; removed everywhere."""
+    daemon, front = keyed
+    kw = {"base_url": front.url, "api_key": KEY}
+    with pytest.raises(sdk.NotFoundError) as none:
+        Sandbox.get_pool("default", **kw)
+    assert none.value.code == "not_found"
+    with pytest.raises(sdk.NotFoundError) as unheld:  # no node holds it: nothing to configure
+        Sandbox.configure_pool("no-such-template", min_size=1, memory_mb=256, **kw)
+    assert unheld.value.code == "template_not_found"
+    with pytest.raises(sdk.BadRequestError):  # the node's own check of the settings: configured nowhere
+        Sandbox.configure_pool("default", min_size=5, max_size=1, **kw)
+    assert httpx.get(f"{daemon.url}/v1/pools", headers=daemon.headers, timeout=10).json() == []
+    try:
+        got = Sandbox.configure_pool("default", min_size=1, target_free=1, max_size=1, memory_mb=256, **kw)
+        assert (got.template, got.target) == ("default", 1)
+        on_node = httpx.get(f"{daemon.url}/v1/pools/default", headers=daemon.headers, timeout=10)
+        assert on_node.status_code == 200 and on_node.json()["config"]["memory_mb"] == 256
+        pools = Sandbox.pools(**kw)
+        assert [(p.template, p.target) for p in pools] == [("default", 1)]
+        one = httpx.get(f"{front.url}/v1/pools/default", headers={"authorization": f"Bearer {KEY}"}, timeout=10)
+        assert one.status_code == 200 and one.headers["x-branchbox-nodes"] == "n0"
+    finally:
+        Sandbox.remove_pool("default", **kw)
+    assert httpx.get(f"{daemon.url}/v1/pools", headers=daemon.headers, timeout=10).json() == []
+    with pytest.raises(sdk.NotFoundError):
+        Sandbox.remove_pool("default", **kw)

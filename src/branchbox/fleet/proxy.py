@@ -17,7 +17,7 @@ network the controller alone reaches, and a sandbox id stays valid when its node
 * ``GET /v1/fleet/nodes``; ``POST /v1/fleet/nodes/{node}/drain`` (``{"draining": false}`` undoes it).
 * ``POST /v1/workspaces`` is placed like a create (by its template; ``fleet.labels`` in its metadata), the
   caller's ``X-Git-Token`` goes with it; a workspace's own routes go to its node; ``GET /v1/workspaces`` merges
-  every node's. Warm pools are per node: the controller answers ``501 not_supported`` for them (docs/fleet.md).
+  every node's. ``/v1/pools``: configured on, and summed over, every node holding the template (fleet/pools.py).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
+import branchbox.fleet.pools as fleet_pools
 from branchbox.api.auth import ApiKeyChecker
 from branchbox.api.ports import relay_websocket
 from branchbox.errors import (
@@ -73,6 +74,10 @@ def _json_object(raw: bytes) -> dict[str, Any] | None:
     except ValueError:
         return None
     return body if isinstance(body, dict) else None
+
+
+def _nodes(names: list[str]) -> dict[str, str]:
+    return {"x-branchbox-nodes": ",".join(names)}
 
 
 def _forward_headers(headers: Any) -> dict[str, str]:
@@ -365,6 +370,48 @@ def create_fleet_app(front: FleetFront) -> Starlette:
                 controller.registry.forget(node, front.workspace_sandbox.pop(ident, ""))
         return resp
 
+    async def pools(request: HttpRequest) -> Response:
+        front.check(request)
+        answers = await front._ask_all("/v1/pools", _auth_only(request.headers))
+        return JSONResponse(fleet_pools.merge(answers))
+
+    async def pool(request: HttpRequest) -> Response:
+        """One template's pool on every node (fleet/pools.py)."""
+        front.check(request)
+        template = request.path_params["template"]
+        backend = request.query_params.get("backend") or controller.settings.default_backend
+        path, params = f"/v1/pools/{quote(template, safe='')}", request.url.query.encode() or None
+        auth = _auth_only(request.headers)
+        if request.method == "GET":
+            found = await front._ask_all(path, auth, params=params)
+            if not found:
+                raise fleet_pools.not_found(template, backend, held=True)
+            return JSONResponse(fleet_pools.aggregate([a for _, a in found]), headers=_nodes([n for n, _ in found]))
+        live = [v for v in controller.live_nodes() if not v.draining]
+        if request.method == "DELETE":
+            got = await asyncio.gather(
+                *(fleet_pools.send(front.client, "DELETE", v.url + path, params=params, body=None, auth=auth)
+                  for v in live)
+            )  # fmt: skip
+            removed = [v.node_id for v, r in zip(live, got, strict=True) if r is not None and r.status_code == 204]
+            if removed:
+                return Response(status_code=204, headers=_nodes(removed))
+            answered = [r for r in got if r is not None and r.status_code != 404]
+            if answered:
+                return Response(answered[0].content, answered[0].status_code, media_type="application/json")
+            raise fleet_pools.not_found(template, backend, held=True)
+        targets = [(v.node_id, v.url) for v in live if (template, backend) in v.templates]
+        if not targets:
+            raise fleet_pools.not_found(template, backend, held=False)
+        done, answers, failure = await fleet_pools.put_everywhere(
+            front.client, targets, path, params=params, body=await request.body(), auth=auth
+        )
+        if isinstance(failure, BranchboxError):
+            raise failure
+        if failure is not None:  # the node's own answer (a first node refusing the settings: nowhere configured)
+            return Response(failure.content, failure.status_code, media_type="application/json", headers=_nodes(done))
+        return JSONResponse(fleet_pools.aggregate(answers), headers=_nodes(done))
+
     async def unsupported(request: HttpRequest) -> Response:
         raise NotSupportedError(
             f"{request.url.path} is per node and not served by the fleet controller: call the node's daemon "
@@ -398,6 +445,8 @@ def create_fleet_app(front: FleetFront) -> Starlette:
             Route("/v1/sandboxes", sandboxes, methods=["GET", "POST"]),
             Route("/v1/workspaces", workspaces, methods=["GET", "POST"]),
             Route("/v1/snapshots", snapshots),
+            Route("/v1/pools", pools),
+            Route("/v1/pools/{template}", pool, methods=["GET", "PUT", "DELETE"]),
             Route("/v1/templates", templates),
             WebSocketRoute("/v1/sandboxes/{ident}/{rest:path}", ws),
             Route("/v1/{kind:str}/{ident}", one, methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"]),

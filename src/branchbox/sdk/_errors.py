@@ -20,7 +20,7 @@ Hierarchy::
     ├── ServerError                   internal, backend_error, network_error, port_unreachable,
     │   │                             template_build_failed, git_error, repository_unreachable,
     │   │                             registry_unreachable, image_digest_mismatch, no_capacity,
-    │   │                             sandbox_lost, unknown codes
+    │   │                             sandbox_lost, node_unreachable, unknown codes
     │   └── DiskFullError             disk_full (the daemon's disk is below its reserve: free space)
     └── ConnectionError_ (ConnectionError) the daemon could not be reached
 """
@@ -163,6 +163,7 @@ ERROR_TABLE: dict[str, type[SandboxError]] = {
     "node_not_found": NotFoundError,
     "no_capacity": ServerError,  # 503: no fleet node can take the sandbox now
     "sandbox_lost": ServerError,  # 503: the fleet node holding the sandbox is unreachable
+    "node_unreachable": ServerError,  # 503: a fleet node did not answer a fleet-wide call (a pool's PUT)
 }
 
 

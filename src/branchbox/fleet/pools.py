@@ -1,0 +1,103 @@
+"""Warm pools across a fleet: the controller's ``/v1/pools`` (the daemon's routes, answered for every node).
+
+* ``PUT /v1/pools/{template}`` configures the pool on every live node that holds the template for the backend
+  and is not draining. The first node goes alone and checks the settings: a body it refuses is refused as is and
+  configured nowhere. The others follow at once; a node that fails then is named, with the nodes that were
+  configured, in the error. A pool of N members per node is N x nodes members in the fleet.
+* ``GET /v1/pools`` and ``GET /v1/pools/{template}``: each (template, backend) summed over the nodes (members,
+  hits, boots...; the claim p50/p99 are the highest node's), header ``x-branchbox-nodes`` naming them.
+* ``DELETE /v1/pools/{template}``: removed on every live node that has it (404 when none has).
+
+Members stay on their node; the allocator prefers a node with a free member (its push counts them)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import httpx
+
+from branchbox.errors import BranchboxError, NodeUnreachableError, NotFoundError, TemplateNotFoundError
+
+COUNTS = ("ready", "booting", "claimed", "hits", "misses", "boots", "boot_failures", "replaced", "recycled", "target")
+HIGHEST = ("claim_p50_ms", "claim_p99_ms")
+
+
+def aggregate(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One pool's statistics over the nodes that have it (the same template and backend)."""
+    out = dict(items[0])
+    for key in COUNTS:
+        out[key] = sum(int(i.get(key) or 0) for i in items)
+    for key in HIGHEST:
+        values = [float(i[key]) for i in items if i.get(key) is not None]
+        out[key] = max(values) if values else None
+    return out
+
+
+def merge(answers: Sequence[tuple[str, Sequence[Mapping[str, Any]]]]) -> list[dict[str, Any]]:
+    """Every node's pool list -> one entry per (template, backend), in the order first seen."""
+    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for _node, items in answers:
+        for item in items:
+            groups.setdefault((str(item["template"]), str(item["backend"])), []).append(item)
+    return [aggregate(group) for group in groups.values()]
+
+
+async def send(
+    client: httpx.AsyncClient, method: str, url: str, *, params: bytes | None, body: bytes | None, auth: dict[str, str]
+) -> httpx.Response | None:
+    """One node's answer, or None when it did not answer."""
+    headers = {**auth, "content-type": "application/json"} if body is not None else auth
+    try:
+        return await client.request(method, url, params=params, content=body, headers=headers, timeout=60.0)
+    except httpx.HTTPError:
+        return None
+
+
+def node_failed(node: str, resp: httpx.Response | None, done: Sequence[str]) -> BranchboxError | httpx.Response:
+    """What a PUT answers when ``node`` failed after ``done`` were configured."""
+    where = f"; configured on {', '.join(done)} already" if done else ""
+    if resp is None:
+        return NodeUnreachableError(f"node {node!r} did not answer{where}: see `branchbox fleet nodes`", node=node)
+    return resp
+
+
+def not_found(template: str, backend: str, *, held: bool) -> NotFoundError:
+    if not held:
+        return TemplateNotFoundError(
+            f"no live node of the fleet holds template {template!r} for backend {backend!r} (draining nodes are "
+            "left out): see `branchbox fleet nodes`"
+        )
+    return NotFoundError(
+        f"no node of the fleet has a warm pool for template {template!r} on backend {backend!r}: "
+        f"PUT /v1/pools/{template} makes one on every node that holds it"
+    )
+
+
+async def put_everywhere(
+    client: httpx.AsyncClient,
+    targets: Sequence[tuple[str, str]],
+    path: str,
+    *,
+    params: bytes | None,
+    body: bytes,
+    auth: dict[str, str],
+) -> tuple[list[str], list[dict[str, Any]], BranchboxError | httpx.Response | None]:
+    """PUT on the first node, then on the others at once: (nodes configured, their answers, the failure)."""
+    first, url = targets[0]
+    resp = await send(client, "PUT", url + path, params=params, body=body, auth=auth)
+    if resp is None or resp.status_code != 200:
+        return [], [], node_failed(first, resp, [])
+    done, answers = [first], [resp.json()]
+    rest = await asyncio.gather(
+        *(send(client, "PUT", u + path, params=params, body=body, auth=auth) for _, u in targets[1:])
+    )
+    failed: tuple[str, httpx.Response | None] | None = None
+    for (node, _), got in zip(targets[1:], rest, strict=True):
+        if got is not None and got.status_code == 200:
+            done.append(node)
+            answers.append(got.json())
+        elif failed is None:
+            failed = (node, got)
+    return done, answers, None if failed is None else node_failed(*failed, done)
