@@ -9,7 +9,9 @@ for the node's next push (a destroy gives its create's held room back at once)."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -46,11 +48,6 @@ class Front:
         settings = ControllerSettings(address="unused", placement_timeout=2.0, stale_after=3600.0)
         self.controller = Controller(settings)
         self.front = FleetFront(self.controller, keys=checker(KEY), version="test")
-        cap = {"memory_mb": 512, "cpu_millis": 1000, "running": 0, "templates": [["default", "container"]],
-               "warm": []}  # fmt: skip
-        self.controller.apply(
-            {"node": "n0", "url": node_url, "labels": {}, "incarnation": "a", "seq": 1, "capacity": cap}
-        )
         config = uvicorn.Config(
             create_fleet_app(self.front), host="127.0.0.1", port=self.port, log_config=None, lifespan="off"
         )
@@ -62,6 +59,18 @@ class Front:
                 break
             threading.Event().wait(0.05)
         assert self.server.started, "the fleet front did not start"
+        self.push("n0", node_url)
+
+    def push(self, node: str, url: str) -> None:
+        """A node's push, as the inbox would hand it over (on the controller's loop)."""
+        cap = {"memory_mb": 512, "cpu_millis": 1000, "running": 0, "templates": [["default", "container"]],
+               "warm": []}  # fmt: skip
+        msg = {"node": node, "url": url, "labels": {}, "incarnation": "a", "seq": 1, "capacity": cap}
+
+        async def apply() -> None:
+            self.controller.apply(msg)
+
+        asyncio.run_coroutine_threadsafe(apply(), self.loop).result(10)
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -194,8 +203,34 @@ def test_warm_pools_through_the_controller(keyed: tuple[DaemonProc, Front]) -> N
         assert [(p.template, p.target) for p in pools] == [("default", 1)]
         one = httpx.get(f"{front.url}/v1/pools/default", headers={"authorization": f"Bearer {KEY}"}, timeout=10)
         assert one.status_code == 200 and one.headers["x-branchbox-nodes"] == "n0"
+        # a node that joins later gets the fleet's pool (as a DaemonSet's pods go to new nodes)
+        second = DaemonProc(new_data_dir(), api_key=KEY, env=daemon.extra_env)
+        try:
+            second.start()
+            front.push("n1", second.url)
+            deadline = time.monotonic() + 30
+            while (
+                late := httpx.get(f"{second.url}/v1/pools/default", headers=daemon.headers, timeout=10)
+            ).status_code != 200:
+                assert time.monotonic() < deadline, late.text
+                time.sleep(0.1)
+            assert late.json()["config"]["memory_mb"] == 256
+            summed = Sandbox.get_pool("default", **kw)
+            assert summed.target == 2  # one member per node, summed for the fleet
+        finally:
+            Sandbox.remove_pool("default", **kw)
+            try:
+                assert httpx.get(f"{second.url}/v1/pools", headers=daemon.headers, timeout=10).json() == []
+            finally:
+                second.cleanup()
+                asyncio.run_coroutine_threadsafe(_remove(front, "n1"), front.loop).result(10)
     finally:
-        Sandbox.remove_pool("default", **kw)
+        with contextlib.suppress(sdk.NotFoundError):
+            Sandbox.remove_pool("default", **kw)
     assert httpx.get(f"{daemon.url}/v1/pools", headers=daemon.headers, timeout=10).json() == []
     with pytest.raises(sdk.NotFoundError):
         Sandbox.remove_pool("default", **kw)
+
+
+async def _remove(front: Front, node: str) -> None:
+    front.controller.registry.remove(node)

@@ -96,6 +96,8 @@ class Controller:
         self.ray_node: dict[str, str] = {}
         self.changed = asyncio.Event()
         self.reconcile: Callable[[str], Coroutine[Any, Any, None]] | None = None  # set by the HTTP front
+        # a node registered (new, or a new incarnation: its daemon restarted): the front configures its pools
+        self.on_join: Callable[[str], Coroutine[Any, Any, None]] | None = None
         self._inbox: Any = None
         self._last_take = clock()
         self._tasks: list[asyncio.Task[None]] = []
@@ -215,6 +217,8 @@ class Controller:
             log.info("fleet.node_joined", node=node, url=msg["url"], rejoin=rejoin)
             if rejoin:
                 self._reconcile(node)
+            if self.on_join is not None:
+                self._tasks.append(asyncio.get_running_loop().create_task(self.on_join(node)))
         else:
             was_lost = node in self.lost_why
             if self.registry.update(node, cap, seq=seq, now=now) and was_lost:

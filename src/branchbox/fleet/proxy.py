@@ -113,7 +113,11 @@ class FleetFront:
             registry=self.metrics,
             buckets=(0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
+        # pools PUT through this controller, (template, backend) -> (path, query, body, the caller's credentials,
+        # in memory only): replayed on nodes that join later
+        self.pool_specs: dict[tuple[str, str], tuple[str, bytes | None, bytes, dict[str, str]]] = {}
         controller.reconcile = self.reconcile
+        controller.on_join = self.configure_pools
 
     # ------------------------------------------------------------------ helpers
 
@@ -179,6 +183,19 @@ class FleetFront:
                 for sbx in resp.json():
                     self.controller.owners[sbx["sandbox_id"]] = node
                 log.info("fleet.reconciled", node=node, sandboxes=len(resp.json()))
+
+    async def configure_pools(self, node: str) -> None:
+        """A node joined (or its daemon restarted): it gets the pools configured through this controller for
+        the templates it holds, as every node had them (a DaemonSet's way; a node's own [pools] tables stay)."""
+        if node not in self.controller.registry:  # gone again before its turn
+            return
+        view = self.controller.registry.get(node)
+        for (template, backend), (path, params, body, auth) in list(self.pool_specs.items()):
+            if (template, backend) not in view.templates:
+                continue
+            got = await fleet_pools.send(self.client, "PUT", view.url + path, params=params, body=body, auth=auth)
+            ok = got is not None and got.status_code == 200
+            log.info("fleet.pool_given", node=node, template=template, backend=backend, ok=ok)
 
     async def forward(self, request: HttpRequest, node: str, path: str) -> Response:
         try:
@@ -389,6 +406,7 @@ def create_fleet_app(front: FleetFront) -> Starlette:
             return JSONResponse(fleet_pools.aggregate([a for _, a in found]), headers=_nodes([n for n, _ in found]))
         live = [v for v in controller.live_nodes() if not v.draining]
         if request.method == "DELETE":
+            front.pool_specs.pop((template, backend), None)
             got = await asyncio.gather(
                 *(fleet_pools.send(front.client, "DELETE", v.url + path, params=params, body=None, auth=auth)
                   for v in live)
@@ -406,6 +424,8 @@ def create_fleet_app(front: FleetFront) -> Starlette:
         done, answers, failure = await fleet_pools.put_everywhere(
             front.client, targets, path, params=params, body=await request.body(), auth=auth
         )
+        if done:  # configured somewhere: nodes that join later get it too
+            front.pool_specs[(template, backend)] = (path, params, await request.body(), auth)
         if isinstance(failure, BranchboxError):
             raise failure
         if failure is not None:  # the node's own answer (a first node refusing the settings: nowhere configured)
