@@ -126,9 +126,12 @@ def drain_labels_and_no_capacity(fleet: Fleet) -> None:
         assert info.value.code == "bad_request"
         bad = httpx.post(ctl.url + "/v1/fleet/nodes/nope/drain")
         assert (bad.status_code, bad.json()["error"]["code"]) == (404, "node_not_found")
-        # workspaces and pools are per node: a clear refusal, not a wrong answer
-        ws = httpx.get(ctl.url + "/v1/pools")
-        assert (ws.status_code, ws.json()["error"]["code"]) == (501, "not_supported")
+        # pools are the fleet's (summed over its nodes: none here); what the controller does not serve is a clear
+        # refusal, not a wrong answer
+        pools = httpx.get(ctl.url + "/v1/pools")
+        assert (pools.status_code, pools.json()) == (200, [])
+        seed = httpx.post(ctl.url + "/api/v1/agent/workspaces", json={"repository_url": "https://x/y.git"})
+        assert (seed.status_code, seed.json()["error"]["code"]) == (501, "not_supported")
     finally:
         kill_all(made)
         cli(ctl.url, "fleet", "drain", "n0", "--undo")
