@@ -230,6 +230,19 @@ def test_warm_pools_through_the_controller(keyed: tuple[DaemonProc, Front]) -> N
     assert httpx.get(f"{daemon.url}/v1/pools", headers=daemon.headers, timeout=10).json() == []
     with pytest.raises(sdk.NotFoundError):
         Sandbox.remove_pool("default", **kw)
+    # a node that does not answer: named, with the nodes that were changed
+    front.push("n9", "http://127.0.0.1:9")  # the discard port: nothing listens there over TCP
+    try:
+        with pytest.raises(sdk.ServerError) as put:
+            Sandbox.configure_pool("default", min_size=0, target_free=0, max_size=1, memory_mb=256, **kw)
+        assert put.value.code == "node_unreachable" and "'n9'" in put.value.message
+        assert "configured on n0 already" in put.value.message
+        with pytest.raises(sdk.ServerError) as rm:
+            Sandbox.remove_pool("default", **kw)
+        assert rm.value.code == "node_unreachable" and "removed on n0 already" in rm.value.message
+    finally:
+        asyncio.run_coroutine_threadsafe(_remove(front, "n9"), front.loop).result(10)
+    assert httpx.get(f"{daemon.url}/v1/pools", headers=daemon.headers, timeout=10).json() == []
 
 
 async def _remove(front: Front, node: str) -> None:

@@ -55,12 +55,14 @@ async def send(
         return None
 
 
+def unreachable(node: str, done: Sequence[str], what: str = "configured") -> NodeUnreachableError:
+    where = f"; {what} on {', '.join(done)} already" if done else ""
+    return NodeUnreachableError(f"node {node!r} did not answer{where}: see `branchbox fleet nodes`", node=node)
+
+
 def node_failed(node: str, resp: httpx.Response | None, done: Sequence[str]) -> BranchboxError | httpx.Response:
     """What a PUT answers when ``node`` failed after ``done`` were configured."""
-    where = f"; configured on {', '.join(done)} already" if done else ""
-    if resp is None:
-        return NodeUnreachableError(f"node {node!r} did not answer{where}: see `branchbox fleet nodes`", node=node)
-    return resp
+    return unreachable(node, done) if resp is None else resp
 
 
 def not_found(template: str, backend: str, *, held: bool) -> NotFoundError:

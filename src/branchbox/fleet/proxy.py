@@ -404,21 +404,24 @@ def create_fleet_app(front: FleetFront) -> Starlette:
             if not found:
                 raise fleet_pools.not_found(template, backend, held=True)
             return JSONResponse(fleet_pools.aggregate([a for _, a in found]), headers=_nodes([n for n, _ in found]))
-        live = [v for v in controller.live_nodes() if not v.draining]
-        if request.method == "DELETE":
+        live = controller.live_nodes()
+        if request.method == "DELETE":  # draining nodes too: their members hold memory for nothing
             front.pool_specs.pop((template, backend), None)
             got = await asyncio.gather(
                 *(fleet_pools.send(front.client, "DELETE", v.url + path, params=params, body=None, auth=auth)
                   for v in live)
             )  # fmt: skip
             removed = [v.node_id for v, r in zip(live, got, strict=True) if r is not None and r.status_code == 204]
+            silent = [v.node_id for v, r in zip(live, got, strict=True) if r is None]
+            if silent:
+                raise fleet_pools.unreachable(silent[0], removed, "removed")
             if removed:
                 return Response(status_code=204, headers=_nodes(removed))
             answered = [r for r in got if r is not None and r.status_code != 404]
             if answered:
                 return Response(answered[0].content, answered[0].status_code, media_type="application/json")
             raise fleet_pools.not_found(template, backend, held=True)
-        targets = [(v.node_id, v.url) for v in live if (template, backend) in v.templates]
+        targets = [(v.node_id, v.url) for v in live if not v.draining and (template, backend) in v.templates]
         if not targets:
             raise fleet_pools.not_found(template, backend, held=False)
         done, answers, failure = await fleet_pools.put_everywhere(
