@@ -99,7 +99,7 @@ def test_a_destroy_gives_a_held_commit_back_at_once() -> None:
         r = fleet(cap(1024, cpu=1000), policy=policy)
         for i in range(5):
             a = r.allocate(req(1024, 1000), now=0)
-            r.commit(a, now=0.1 * i, sandbox_id=f"s{i}")
+            r.commit(a, now=0.1 * i, ident=f"s{i}")
             r.update("n0", cap(0, cpu=0, running=1), seq=i + 1, now=0.1 * i)  # a push that counts it too
             assert r.get("n0").memory_mb == 0
             assert r.forget("n0", f"s{i}")

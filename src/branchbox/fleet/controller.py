@@ -91,6 +91,8 @@ class Controller:
         self.owners: dict[str, str] = {}  # sandbox id -> node
         self.snapshot_owners: dict[str, str] = {}  # snapshot id or name -> node
         self.workspace_owners: dict[str, str] = {}  # workspace id -> node
+        self.owner_tables = {"sandboxes": self.owners, "snapshots": self.snapshot_owners,
+                             "workspaces": self.workspace_owners}  # fmt: skip
         self.lost_why: dict[str, str] = {}
         self.incarnation: dict[str, str] = {}
         self.ray_node: dict[str, str] = {}
@@ -228,9 +230,7 @@ class Controller:
         self.changed.set()
 
     def _reconcile(self, node: str) -> None:
-        for sid in [s for s, n in self.owners.items() if n == node]:
-            del self.owners[sid]
-        for table in (self.snapshot_owners, self.workspace_owners):
+        for table in self.owner_tables.values():
             for ident in [i for i, n in table.items() if n == node]:
                 del table[ident]
         if self.reconcile is not None:

@@ -103,8 +103,6 @@ class FleetFront:
         # creates go over the SDK's pooled keep-alive connections, one pool per node: httpx's async client adds
         # ~1.6 ms per request (docs/api.md), most of what the controller added to a create (docs/fleet.md)
         self.wires: dict[str, AsyncWire] = {}
-        # the sandbox of each workspace created through this controller (its hold is given back at the delete)
-        self.workspace_sandbox: dict[str, str] = {}
         self.metrics = CollectorRegistry()
         self.create_seconds = Histogram(
             "branchbox_fleet_create_seconds",
@@ -153,8 +151,7 @@ class FleetFront:
 
     async def owner(self, kind: str, ident: str, headers: dict[str, str]) -> str:
         """The node holding sandbox (or snapshot) ``ident``: remembered, else asked of every live node."""
-        tables = {"sandboxes": self.controller.owners, "workspaces": self.controller.workspace_owners}
-        table = tables.get(kind, self.controller.snapshot_owners)
+        table = self.controller.owner_tables[kind]
         node = table.get(ident)
         if node is not None:
             return node
@@ -303,14 +300,13 @@ def create_fleet_app(front: FleetFront) -> Starlette:
             return Response(resp.content, status_code=resp.status_code, media_type="application/json")
         data = resp.json()
         sandbox_id = data.get("sandbox_id")  # a workspace made with wait=false has none yet
+        ident = str(data["id"]) if kind == "workspaces" else str(sandbox_id or "")  # what its destroy will name
         if alloc is not None:
-            controller.registry.commit(alloc, now=controller.clock(), sandbox_id=str(sandbox_id or ""))
+            controller.registry.commit(alloc, now=controller.clock(), ident=ident)
         if sandbox_id:
             controller.owners[sandbox_id] = node
         if kind == "workspaces":
-            controller.workspace_owners[data["id"]] = node
-            if sandbox_id:
-                front.workspace_sandbox[data["id"]] = sandbox_id
+            controller.workspace_owners[ident] = node
         timings = data.setdefault("timings", {})
         node_create = float(timings.get("total", 0.0))
         t3 = time.perf_counter()
@@ -378,13 +374,10 @@ def create_fleet_app(front: FleetFront) -> Starlette:
         node = await front.owner(kind, ident, _auth_only(request.headers))
         path = f"/v1/{kind}/{quote(ident, safe='')}" + (f"/{rest}" if rest else "")
         resp = await front.forward(request, node, path)
-        if request.method == "DELETE" and not rest and resp.status_code in (200, 204):
-            if kind == "sandboxes":
-                controller.owners.pop(ident, None)
-                controller.registry.forget(node, ident)  # a hold still kept for its create gives its room back
-            elif kind == "workspaces":  # its sandbox went with it
-                controller.workspace_owners.pop(ident, None)
-                controller.registry.forget(node, front.workspace_sandbox.pop(ident, ""))
+        deleted = request.method == "DELETE" and not rest and resp.status_code in (200, 204)
+        if deleted and kind in ("sandboxes", "workspaces"):  # a workspace's sandbox goes with it
+            controller.owner_tables[kind].pop(ident, None)
+            controller.registry.forget(node, ident)  # a hold still kept for its create gives its room back
         return resp
 
     async def pools(request: HttpRequest) -> Response:
@@ -424,11 +417,12 @@ def create_fleet_app(front: FleetFront) -> Starlette:
         targets = [(v.node_id, v.url) for v in live if not v.draining and (template, backend) in v.templates]
         if not targets:
             raise fleet_pools.not_found(template, backend, held=False)
+        body = await request.body()
         done, answers, failure = await fleet_pools.put_everywhere(
-            front.client, targets, path, params=params, body=await request.body(), auth=auth
+            front.client, targets, path, params=params, body=body, auth=auth
         )
         if done:  # configured somewhere: nodes that join later get it too
-            front.pool_specs[(template, backend)] = (path, params, await request.body(), auth)
+            front.pool_specs[(template, backend)] = (path, params, body, auth)
         if isinstance(failure, BranchboxError):
             raise failure
         if failure is not None:  # the node's own answer (a first node refusing the settings: nowhere configured)

@@ -125,7 +125,7 @@ class _Node:
         self.labels: Mapping[str, str] = MappingProxyType(dict(labels))  # replaced, never changed in place
         self.held: frozenset[Key] = frozenset()
         self.mem = self.cpu = self.running = self.pending_mem = self.pending_cpu = 0
-        # creates the node answered, kept counted for ``commit_grace`` s: (when, memory, cpu, sandbox id)
+        # creates the node answered, kept counted for ``commit_grace`` s: (when, memory, cpu, id its destroy names)
         self.committed: list[tuple[float, int, int, str]] = []
         self.seq = -1
         self.seen = 0.0
@@ -402,25 +402,26 @@ class Registry:
 
     # ------------------------------------------------------------------ after the node answered
 
-    def commit(self, alloc: Allocation, *, now: float, sandbox_id: str = "") -> None:
+    def commit(self, alloc: Allocation, *, now: float, ident: str = "") -> None:
         """The node made the sandbox. Its pushes will count it, but one read before the create may still be on
-        its way: the capacity stays taken for ``commit_grace`` seconds of pushes, then the pushes alone count."""
+        its way: the capacity stays taken for ``commit_grace`` seconds of pushes, then the pushes alone count.
+        ``ident``: what a destroy of it will name (the sandbox's id, or its workspace's), for :meth:`forget`."""
         node = self._nodes.get(alloc.node_id)
         if node is not None:
             node.pending_mem = max(0, node.pending_mem - alloc.memory_mb)
             node.pending_cpu = max(0, node.pending_cpu - alloc.cpu_millis)
-            node.committed.append((now, alloc.memory_mb, alloc.cpu_millis, sandbox_id))
+            node.committed.append((now, alloc.memory_mb, alloc.cpu_millis, ident))
 
-    def forget(self, node_id: str, sandbox_id: str) -> bool:
-        """Sandbox ``sandbox_id`` of the node is gone (destroyed through the controller): a commit still held
-        for it gives its capacity back now instead of after ``commit_grace`` (a burst of short-lived sandboxes
-        would otherwise look twice as big for that long). The node's next push is authoritative again. True
-        when a hold was dropped."""
+    def forget(self, node_id: str, ident: str) -> bool:
+        """The sandbox (or workspace) ``ident`` of the node is gone (destroyed through the controller): a commit
+        still held for it gives its capacity back now instead of after ``commit_grace`` (a burst of short-lived
+        sandboxes would otherwise look twice as big for that long). The node's next push is authoritative again.
+        True when a hold was dropped."""
         node = self._nodes.get(node_id)
-        if node is None or not sandbox_id:
+        if node is None or not ident:
             return False
         for i, held in enumerate(node.committed):
-            if held[3] == sandbox_id:
+            if held[3] == ident:
                 del node.committed[i]
                 node.mem += held[1]
                 node.cpu += held[2]
