@@ -42,7 +42,6 @@ REPLACEMENTS = {
     "_AsyncHttp": "_Http",
     "_awire": "_wire",
     "AsyncWire": "Wire",
-    "AsyncClient": "Client",  # httpx
     "asyncio": "sync",  # websockets.asyncio.client -> websockets.sync.client (the module imports no asyncio)
     "aclose": "close",
     "aread": "read",

@@ -56,6 +56,7 @@ from branchbox.fleet.node import parse_labels
 from branchbox.fleet.registry import Request
 from branchbox.sdk._awire import AsyncWire
 from branchbox.sdk._config import ConnectionConfig
+from branchbox.sdk._http1 import WireError
 
 log = structlog.get_logger("branchbox.fleet")
 
@@ -285,7 +286,7 @@ def create_fleet_app(front: FleetFront) -> Starlette:
         t1 = time.perf_counter()
         try:
             resp = await front.wire(url).request("POST", f"/v1/{kind}", raw, 300.0, extra=extra)
-        except httpx.TransportError as exc:
+        except WireError as exc:
             if alloc is not None:
                 controller.registry.release(alloc)
             raise SandboxLostError(

@@ -1,4 +1,4 @@
-"""branchbox Python SDK (httpx). Imports nothing of the daemon; it could ship as its own distribution.
+"""branchbox Python SDK. Imports nothing of the daemon; it could ship as its own distribution.
 
 Settings precedence: per call (``request_timeout=``) > client (``Sandbox.create(base_url=, api_key=)``) >
 environment (``BRANCHBOX_URL``, ``BRANCHBOX_API_KEY``, ``BRANCHBOX_REQUEST_TIMEOUT``) > defaults

@@ -1,6 +1,6 @@
-"""A sandbox object's connections to its daemon: pooled keep-alive connections for small JSON requests, an httpx
-client for streams and queries, WebSockets for streamed output and terminals; ``_oneshot`` for daemon-wide
-requests.
+"""A sandbox object's connections to its daemon: pooled keep-alive HTTP/1.1 connections for every request
+(:mod:`branchbox.sdk._awire`, streamed bodies and query strings included), WebSockets for streamed output and
+terminals; ``_oneshot`` for daemon-wide requests.
 
 Written once, for both flavours: ``scripts/gen_sync.py`` generates its sync twin (``_sync*.py``, unasync);
 never edit the twin by hand.
@@ -12,107 +12,94 @@ itself, hence the ASYNC109 exemptions.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, Protocol
+from typing import Protocol
 
-import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidHandshake, InvalidStatus
 
 import branchbox.sdk._awire as _awire
 import branchbox.sdk._requests as rq
-from branchbox.sdk._config import UNSET, ConnectionConfig, _Unset, default_ssl_context
+from branchbox.sdk._config import UNSET, ConnectionConfig, _Unset
 from branchbox.sdk._errors import ConnectionError_, TimeoutException
-from branchbox.sdk._wire import Reply
+from branchbox.sdk._http1 import Reply, WireError, WireTimeout, query_string
 
 Timeout = float | None | _Unset
+Content = bytes | AsyncIterable[bytes] | None
 
 
 class _AsyncHttp:
-    """Per sandbox object: pooled keep-alive connections to its daemon for small JSON requests
-    (:mod:`branchbox.sdk._awire`) and its own httpx client, made on first use, for streams and queries."""
+    """Per sandbox object: its share of the pooled keep-alive connections to its daemon
+    (:mod:`branchbox.sdk._awire`)."""
 
     def __init__(self, config: ConnectionConfig) -> None:
         self.config = config
         self.wire: _awire.AsyncWire | None = _awire.acquire(config)
-        self._client: httpx.AsyncClient | None = None
-        self._closed = False
 
-    @property
-    def client(self) -> httpx.AsyncClient:
-        """The httpx client, made on first use (most sandbox objects never stream)."""
-        if self._closed:
+    def _pool(self) -> _awire.AsyncWire:
+        if self.wire is None:
             raise RuntimeError("this sandbox object was closed: connect again with AsyncSandbox.connect()")
-        if self._client is None:
-            self._client = httpx.AsyncClient(
-                base_url=self.config.base_url,
-                headers=self.config.headers(),
-                timeout=self.config.request_timeout,
-                verify=default_ssl_context(),
-            )
-        return self._client
+        return self.wire
 
     def _timeout(self, req: rq.Req, request_timeout: Timeout) -> float | None:
         if not req.use_default_timeout:
             return req.timeout
         return self.config.with_timeout(request_timeout).request_timeout
 
-    async def send(
-        self, req: rq.Req, *, request_timeout: Timeout = UNSET, content: Any = None
-    ) -> httpx.Response | Reply:
-        try:
-            if content is None and not req.params and not self._closed:
-                assert self.wire is not None
-                body = None if req.json is None else json.dumps(req.json, separators=(",", ":")).encode("utf-8")
-                resp: httpx.Response | Reply = await self.wire.request(
-                    req.method, req.path, body, self._timeout(req, request_timeout)
-                )
-            else:
-                resp = await self.client.request(
-                    req.method,
-                    req.path,
-                    params=req.params or None,
-                    json=req.json,
-                    content=content,
-                    timeout=self._timeout(req, request_timeout),
-                )
-        except httpx.TimeoutException as exc:
-            raise TimeoutException(
-                f"{req.method} {req.path} timed out: pass request_timeout= or set BRANCHBOX_REQUEST_TIMEOUT",
+    @staticmethod
+    def _body(req: rq.Req) -> bytes | None:
+        return None if req.json is None else json.dumps(req.json, separators=(",", ":")).encode("utf-8")
+
+    def _failed(self, req: rq.Req, exc: WireError) -> Exception:
+        if isinstance(exc, WireTimeout):
+            return TimeoutException(
+                f"{req.method} {req.path} timed out ({exc}): pass request_timeout= or set BRANCHBOX_REQUEST_TIMEOUT",
                 code="timeout",
-            ) from exc
-        except httpx.TransportError as exc:
-            raise ConnectionError_(
-                f"cannot reach the branchbox daemon at {self.config.base_url} ({exc}): is `branchbox serve` "
-                "running? set BRANCHBOX_URL or base_url=",
-                code="connection_error",
-            ) from exc
+            )
+        return ConnectionError_(
+            f"cannot reach the branchbox daemon at {self.config.base_url} ({exc}): is `branchbox serve` "
+            "running? set BRANCHBOX_URL or base_url=",
+            code="connection_error",
+        )
+
+    async def send(self, req: rq.Req, *, request_timeout: Timeout = UNSET, content: Content = None) -> Reply:
+        """One request and its whole answer; an error status raises the SDK's error for it."""
+        wire = self._pool()
+        try:
+            resp = await wire.request(
+                req.method,
+                req.path,
+                self._body(req),
+                self._timeout(req, request_timeout),
+                query=query_string(req.params),
+                content=content,
+            )
+        except WireError as exc:
+            raise self._failed(req, exc) from exc
         rq.raise_for_status(resp.status_code, resp.content)
         return resp
 
     @asynccontextmanager
     async def stream(
-        self, req: rq.Req, *, request_timeout: Timeout = UNSET, content: Any = None
-    ) -> AsyncIterator[httpx.Response]:
+        self, req: rq.Req, *, request_timeout: Timeout = UNSET, content: Content = None
+    ) -> AsyncIterator[_awire.AsyncStreamed]:
+        """One request whose answer is read as it comes inside the block; an error status raises at once."""
+        wire = self._pool()
         try:
-            async with self.client.stream(
+            async with wire.stream(
                 req.method,
                 req.path,
-                params=req.params or None,
+                self._body(req),
+                self._timeout(req, request_timeout),
+                query=query_string(req.params),
                 content=content,
-                json=req.json,
-                timeout=self._timeout(req, request_timeout),
             ) as resp:
                 if resp.status_code >= 400:
                     rq.raise_for_status(resp.status_code, await resp.aread())
                 yield resp
-        except httpx.TimeoutException as exc:
-            raise TimeoutException(f"{req.method} {req.path} timed out: pass request_timeout=", code="timeout") from exc
-        except httpx.TransportError as exc:
-            raise ConnectionError_(
-                f"connection to {self.config.base_url} failed: {exc}", code="connection_error"
-            ) from exc
+        except WireError as exc:
+            raise self._failed(req, exc) from exc
 
     async def ws(self, path: str, *, binary: bool, query: str = "") -> ClientConnection:
         """A WebSocket to an API path; ``query``: more of the query string, already encoded."""
@@ -134,16 +121,13 @@ class _AsyncHttp:
         return await ws.__aenter__()  # entered here: the caller owns it (a terminal's handle may outlive a block)
 
     async def aclose(self) -> None:
-        self._closed = True
         if self.wire is not None:
             _awire.release(self.config, self.wire)
             self.wire = None
-        if self._client is not None:
-            await self._client.aclose()
 
 
-async def _oneshot(request: rq.Req, *, base_url: str | None, api_key: str | None, request_timeout: Timeout) -> Any:
-    """One daemon-wide request (list, templates, pools, snapshots) on a connection of its own."""
+async def _oneshot(request: rq.Req, *, base_url: str | None, api_key: str | None, request_timeout: Timeout) -> Reply:
+    """One daemon-wide request (list, templates, pools, snapshots) on the pooled connections."""
     http = _AsyncHttp(ConnectionConfig.resolve(base_url=base_url, api_key=api_key, request_timeout=request_timeout))
     try:
         return await http.send(request)

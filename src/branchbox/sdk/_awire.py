@@ -1,9 +1,12 @@
-"""The async SDK's fast path for small JSON requests: keep-alive HTTP/1.1, one asyncio protocol per connection.
+"""The async SDK's HTTP client: keep-alive HTTP/1.1, one asyncio protocol per connection, for every request the
+SDK makes (small JSON requests, query strings, bodies streamed both ways).
 
-The async twin of :mod:`branchbox.sdk._wire`. A pool is shared by every ``AsyncSandbox`` of one event loop and
-daemon (URL + key) and closed when the last of them closes, so a burst of creates reuses connections instead of
-each opening its own httpx client and connection. Streams and requests with query parameters stay on httpx.
-Failures raise the httpx exceptions the rest of the SDK maps to its errors.
+The async twin of :mod:`branchbox.sdk._wire`; HTTP itself is parsed by :mod:`branchbox.sdk._http1`. A small answer
+is parsed as its bytes arrive and handed to one future (no stream reader, no drain, no task switch until it is
+complete); a streamed one (:meth:`AsyncWire.stream`) is read as it comes, with the connection's reading paused
+while more than ``HIGH_WATER`` bytes wait unread. A pool is shared by every ``AsyncSandbox`` of one event loop and
+daemon (URL + key) and closed when the last of them closes, so a burst of creates reuses connections. Failures
+raise :class:`~branchbox.sdk._http1.WireError` (``WireTimeout`` for a timeout), which the SDK maps to its errors.
 """
 
 from __future__ import annotations
@@ -11,110 +14,154 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import weakref
+from collections.abc import AsyncIterable, AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
-
 from branchbox.sdk._config import ConnectionConfig, default_ssl_context
-from branchbox.sdk._wire import Reply
+from branchbox.sdk._http1 import (
+    LAST_CHUNK,
+    Parser,
+    Reply,
+    WireError,
+    WireTimeout,
+    _Stale,
+    chunk,
+    fixed_head,
+    request_head,
+    split_lines,
+)
 
 MAX_IDLE = 64
-_MAX_HEAD = 65536
-
-
-class _Stale(Exception):
-    """A pooled connection was closed by the daemon before our request."""
+HIGH_WATER = 1 << 20  # unread bytes of a streamed answer before the connection stops reading
+Content = bytes | AsyncIterable[bytes] | None
 
 
 class _Lost(Exception):
-    """The connection closed before the whole answer came; ``partial``: some of it had come."""
+    """The connection closed before the answer's head came; ``partial``: some of it had come."""
 
     def __init__(self, partial: bool) -> None:
         super().__init__("the daemon closed the connection without an answer")
         self.partial = partial
 
 
+def _expire(fut: asyncio.Future[Any], timeout: float | None) -> None:
+    if not fut.done():
+        fut.set_exception(WireTimeout(f"no answer within {timeout} s"))
+
+
+async def _wait(fut: asyncio.Future[Any], timeout: float | None) -> Any:
+    """``await fut``, failed with WireTimeout after ``timeout`` s (one timer, no task)."""
+    if timeout is None:
+        return await fut
+    timer = asyncio.get_running_loop().call_later(timeout, _expire, fut, timeout)
+    try:
+        return await fut
+    finally:
+        timer.cancel()
+
+
 class _Conn(asyncio.Protocol):
-    """One keep-alive connection. The answer to the request in flight is parsed as its bytes arrive and handed
-    to ``waiter``: one future per request (no stream reader, no drain, no task switch until it is complete)."""
+    """One keep-alive connection. For a whole answer (``waiter``) the body is collected as its bytes arrive and the
+    waiter wakes once, when it is complete; for a streamed one, ``head`` wakes when the head is parsed and
+    ``more`` whenever bytes (or the end) came."""
 
     def __init__(self) -> None:
         self.transport: Any = None  # uvloop's transports are not asyncio.Transport subclasses
         self.buf = bytearray()
-        self.waiter: asyncio.Future[Reply] | None = None
-        self.head_only = False
+        self.parser: Parser | None = None
+        self.waiter: asyncio.Future[Reply] | None = None  # a whole answer
+        self.head: asyncio.Future[None] | None = None  # a streamed answer's head
+        self.more: asyncio.Future[None] | None = None  # a streamed answer's next bytes
+        self.parts: list[bytes] = []
         self.closed = False
-        self._head: tuple[int, dict[str, str], int] | None = None  # status, headers, where the body starts
-        self._chunks: _Chunks | None = None  # a chunked body's progress: each byte is parsed once
+        self.reading_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self._writing_paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
 
+    def start(self, parser: Parser, *, whole: bool) -> None:
+        loop = asyncio.get_running_loop()
+        self.parser, self.parts = parser, []
+        if whole:
+            self.waiter, self.head = loop.create_future(), None
+        else:
+            self.waiter, self.head = None, loop.create_future()
+
+    def done_with(self) -> None:
+        self.parser = self.waiter = self.head = self.more = None
+
     def data_received(self, data: bytes) -> None:
         self.buf += data
-        if self.waiter is not None and not self.waiter.done():
-            try:
-                self._parse(eof=False)
-            except (ValueError, IndexError) as exc:
-                self._fail(httpx.RemoteProtocolError(f"bad answer from the daemon ({exc!r})"))
+        parser = self.parser
+        if parser is None:
+            return  # bytes while idle: out of step with the daemon (the pool drops this connection)
+        try:
+            if self.waiter is not None:
+                if self.waiter.done() or not parser.parse_head():
+                    return
+                self.parts.append(parser.body())
+                if parser.done:
+                    self.waiter.set_result(Reply(parser.status, parser.headers, b"".join(self.parts)))
+            elif self.head is not None:
+                if not self.head.done():
+                    if parser.parse_head():
+                        self.head.set_result(None)
+                elif self.more is not None and not self.more.done():
+                    self.more.set_result(None)
+                if len(self.buf) > HIGH_WATER and not self.reading_paused:
+                    self.reading_paused = True
+                    self.transport.pause_reading()
+        except (ValueError, IndexError) as exc:
+            self._fail(WireError(f"bad answer from the daemon ({exc!r})"))
+
+    def resume(self) -> None:
+        """The reader took what was waiting: read again."""
+        if self.reading_paused and len(self.buf) < HIGH_WATER // 2 and not self.closed:
+            self.reading_paused = False
+            self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        waiter = self.waiter
-        if waiter is None or waiter.done():
+        for fut in (self.more, self._drain):
+            if fut is not None and not fut.done():
+                fut.set_result(None)  # the reader (or writer) sees ``closed``
+        parser, waiter = self.parser, self.waiter or self.head
+        if parser is None or waiter is None or waiter.done():
             return
-        try:
-            if self._head is not None and self._parse(eof=True):
-                return
-        except (ValueError, IndexError):
-            pass
+        if self.waiter is not None and parser.state >= 0:  # a body that ends with the connection
+            try:
+                self.parts.append(parser.body(eof=True))
+                self.waiter.set_result(Reply(parser.status, parser.headers, b"".join(self.parts)))
+            except (ValueError, IndexError) as err:
+                self.waiter.set_exception(WireError(f"bad answer from the daemon ({err})"))
+            return
         waiter.set_exception(_Lost(partial=bool(self.buf)))
 
-    def _fail(self, exc: Exception) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_exception(exc)
-        self.close()
+    def pause_writing(self) -> None:
+        self._writing_paused = True
 
-    def _parse(self, *, eof: bool) -> bool:
-        """Hand the answer to the waiter if it is complete (``eof``: the connection closed, which ends a body
-        without a length). Raises ValueError on a malformed answer."""
-        buf = self.buf
-        if self._head is None:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buf) > _MAX_HEAD:
-                    raise ValueError("response head too long")
-                return False
-            status, headers = _parse_head(bytes(buf[:end]))
-            self._head = status, headers, end + 4
-        status, headers, start = self._head
-        close = headers.get("connection", "").lower() == "close"
-        if self.head_only or status in (204, 304):
-            content, used = b"", start
-        elif "content-length" in headers:
-            used = start + int(headers["content-length"])
-            if len(buf) < used:
-                return False
-            content = bytes(buf[start:used])
-        elif headers.get("transfer-encoding", "").lower() == "chunked":
-            if self._chunks is None:
-                self._chunks = _Chunks(start)
-            used = self._chunks.advance(buf)
-            if used < 0:
-                return False
-            content = b"".join(self._chunks.parts)
-        elif eof:
-            content, used, close = bytes(buf[start:]), len(buf), True
-        else:
-            return False  # the body ends when the connection closes
-        del buf[:used]
-        self._head = self._chunks = None
-        if close:
-            self.close()
-        assert self.waiter is not None
-        self.waiter.set_result(Reply(status, headers, content))
-        return True
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    async def drain(self, timeout: float | None) -> None:
+        """Wait until the transport's write buffer has room (an upload goes no faster than the daemon takes it)."""
+        if self._writing_paused and not self.closed:
+            self._drain = asyncio.get_running_loop().create_future()
+            await _wait(self._drain, timeout)
+        if self.closed:
+            raise ConnectionResetError("the daemon closed the connection")
+
+    def _fail(self, exc: Exception) -> None:
+        for fut in (self.waiter, self.head):
+            if fut is not None and not fut.done():
+                fut.set_exception(exc)
+        self.close()
 
     def close(self) -> None:
         self.closed = True
@@ -122,36 +169,60 @@ class _Conn(asyncio.Protocol):
             self.transport.close()
 
 
-class _Chunks:
-    """A chunked body parsed as its bytes arrive (our daemon sends no trailers): ``parts`` so far and where the
-    next chunk's size line starts. Parsing from the start on every read made a large chunked answer quadratic (a
-    foreground run's JSON comes in parts)."""
+class AsyncStreamed:
+    """A response whose body is read as it comes: ``aread()``, ``aiter_bytes()``, ``aiter_lines()``. Its connection
+    goes back to the pool when the body was read to its end, else it is closed (:meth:`AsyncWire.stream` does it)."""
 
-    __slots__ = ("parts", "pos")
+    def __init__(self, conn: _Conn, parser: Parser, timeout: float | None) -> None:
+        self._conn = conn
+        self._parser = parser
+        self._timeout = timeout
+        self.status_code = parser.status
+        self.headers = parser.headers
 
-    def __init__(self, pos: int) -> None:
-        self.pos = pos
-        self.parts: list[bytes] = []
-
-    def advance(self, buf: bytearray) -> int:
-        """Take the complete chunks in ``buf``; where the body ends once its last chunk came, else -1."""
+    async def _next(self) -> bytes | None:
+        """The next body bytes (at least one), or None at the end of the body."""
+        conn, parser = self._conn, self._parser
         while True:
-            eol = buf.find(b"\r\n", self.pos)
-            if eol < 0:
-                return -1
-            size = int(bytes(buf[self.pos : eol]).split(b";", 1)[0].strip(), 16)
-            end = eol + 2 + size + 2
-            if len(buf) < end:
-                return -1
-            if size == 0:
-                return end
-            self.parts.append(bytes(buf[eol + 2 : eol + 2 + size]))
-            self.pos = end
+            try:
+                data = parser.body(eof=conn.closed)
+            except ValueError as exc:
+                raise WireError(f"bad answer from the daemon ({exc})") from exc
+            conn.resume()
+            if data:
+                return data
+            if parser.done or conn.closed:
+                return None
+            conn.more = asyncio.get_running_loop().create_future()
+            await _wait(conn.more, self._timeout)
 
+    async def aiter_bytes(self, size: int | None = None) -> AsyncIterator[bytes]:
+        """The body in pieces as they come (re-cut to ``size`` bytes, the last one shorter, when given)."""
+        pending = b""
+        while (data := await self._next()) is not None:
+            if size is None:
+                yield data
+                continue
+            pending += data
+            while len(pending) >= size:
+                yield pending[:size]
+                pending = pending[size:]
+        if pending:
+            yield pending
 
-def _expire(waiter: asyncio.Future[Reply], timeout: float | None) -> None:
-    if not waiter.done():
-        waiter.set_exception(httpx.ReadTimeout(f"no answer within {timeout} s"))
+    async def aiter_lines(self) -> AsyncIterator[str]:
+        """The body's lines (UTF-8, without their line ends) as they come."""
+        pending = b""
+        while (data := await self._next()) is not None:
+            lines, pending = split_lines(pending, data)
+            for line in lines:
+                yield line
+        if pending:
+            yield pending.decode("utf-8")
+
+    async def aread(self) -> bytes:
+        """The rest of the body."""
+        return b"".join([data async for data in self.aiter_bytes()])
 
 
 class AsyncWire:
@@ -164,8 +235,7 @@ class AsyncWire:
         self._host = parts.hostname or "127.0.0.1"
         self._port = parts.port or (443 if self._https else 80)
         self._prefix = parts.path.rstrip("/")
-        head = {**config.headers(), "host": parts.netloc, "accept": "application/json"}
-        self._head = "".join(f"{k}: {v}\r\n" for k, v in head.items()).encode("latin-1")
+        self._fixed = fixed_head({**config.headers(), "host": parts.netloc, "accept": "application/json"})
         self._idle: list[_Conn] = []
         self.users = 0
 
@@ -176,9 +246,9 @@ class AsyncWire:
             async with asyncio.timeout(timeout):
                 _, conn = await loop.create_connection(_Conn, self._host, self._port, ssl=ssl)
         except TimeoutError as exc:
-            raise httpx.ConnectTimeout(f"no connection within {timeout} s") from exc
+            raise WireTimeout(f"no connection within {timeout} s") from exc
         except OSError as exc:
-            raise httpx.ConnectError(str(exc) or type(exc).__name__) from exc
+            raise WireError(f"cannot connect ({exc.strerror or exc})") from exc
         return conn
 
     def _take(self) -> _Conn | None:
@@ -189,68 +259,160 @@ class AsyncWire:
             conn.close()
         return None
 
+    def _give_back(self, conn: _Conn, parser: Parser) -> None:
+        conn.done_with()
+        if conn.closed or not parser.done or not parser.keep_alive or conn.buf or len(self._idle) >= MAX_IDLE:
+            conn.close()
+        else:
+            self._idle.append(conn)
+
+    def _raw(
+        self, method: str, path: str, body: bytes | None, query: str, content: Content, extra: bytes
+    ) -> tuple[bytes, AsyncIterable[bytes] | None]:
+        """The request's bytes, and its body's chunks when they are to be streamed."""
+        chunks: AsyncIterable[bytes] | None = None
+        payload, content_type = body, "application/json"
+        if body is None and content is not None:
+            content_type = "application/octet-stream"
+            if isinstance(content, bytes | bytearray | memoryview):
+                payload = bytes(content)
+            else:
+                chunks = content
+        head = request_head(
+            method,
+            self._prefix + path + query,
+            self._fixed,
+            extra=extra,
+            content_type=content_type,
+            length=None if chunks is not None else len(payload or b""),
+            body=payload is not None or chunks is not None,
+        )
+        return (head + payload if payload is not None else head), chunks
+
     async def request(
-        self, method: str, path: str, body: bytes | None, timeout: float | None, *, extra: bytes = b""
+        self,
+        method: str,
+        path: str,
+        body: bytes | None,
+        timeout: float | None,
+        *,
+        query: str = "",
+        content: Content = None,
+        extra: bytes = b"",
     ) -> Reply:
-        """One request. A reused connection the daemon closed meanwhile is retried once on a new one. ``extra``:
-        more header lines, each ending in CRLF (the fleet controller passes its caller's ``authorization``)."""
-        lines = [f"{method} {self._prefix}{path} HTTP/1.1\r\n".encode("latin-1"), self._head, extra]
-        if body is not None:
-            lines.append(b"content-type: application/json\r\n")
-        if body is not None or method in ("POST", "PUT", "PATCH"):
-            lines.append(b"content-length: %d\r\n" % len(body or b""))
-        lines += [b"\r\n", body or b""]
-        raw = b"".join(lines)
-        conn = self._take()
-        if conn is not None:
+        """One request, its whole answer. ``body``: JSON; ``content``: raw bytes, or an async iterable of them
+        sent chunked as it yields; ``query``: ``?...`` already encoded; ``extra``: more header lines, each ending
+        in CRLF (the fleet controller passes its caller's ``authorization``). A reused connection the daemon
+        closed meanwhile is retried once on a new one."""
+        raw, chunks = self._raw(method, path, body, query, content, extra)
+        if chunks is None and (conn := self._take()) is not None:
             try:
-                return await self._exchange(conn, raw, method, timeout, reused=True)
+                return await self._whole(conn, raw, None, method, timeout, reused=True)
             except _Stale:
                 pass
-        connect = timeout if self._connect_timeout is None else self._connect_timeout
-        return await self._exchange(await self._new(connect), raw, method, timeout, reused=False)
+        conn = await self._new(timeout if self._connect_timeout is None else self._connect_timeout)
+        return await self._whole(conn, raw, chunks, method, timeout, reused=False)
 
-    async def _exchange(self, conn: _Conn, raw: bytes, method: str, timeout: float | None, *, reused: bool) -> Reply:
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[Reply] = loop.create_future()
-        conn.waiter, conn.head_only = waiter, method == "HEAD"
-        timer = None if timeout is None else loop.call_later(timeout, _expire, waiter, timeout)
+    async def _whole(
+        self, conn: _Conn, raw: bytes, chunks: AsyncIterable[bytes] | None, method: str, timeout: float | None, *,
+        reused: bool,
+    ) -> Reply:  # fmt: skip
+        parser = Parser(conn.buf, head_only=method == "HEAD")
+        conn.start(parser, whole=True)
+        assert conn.waiter is not None
         try:
-            conn.transport.write(raw)
-            reply = await waiter
+            await self._send(conn, raw, chunks, timeout)
+            reply: Reply = await _wait(conn.waiter, timeout)
         except _Lost as exc:
             conn.close()
             if reused and not exc.partial:
                 raise _Stale from exc
-            raise httpx.RemoteProtocolError("the daemon closed the connection without an answer") from exc
+            raise WireError("the daemon closed the connection without an answer") from exc
         except BaseException:
             conn.close()  # failed, timed out or cancelled mid-exchange: the connection's state is unknown
             raise
-        finally:
-            conn.waiter = None
-            if timer is not None:
-                timer.cancel()
-        if conn.closed or len(self._idle) >= MAX_IDLE:
-            conn.close()
-        else:
-            self._idle.append(conn)
+        self._give_back(conn, parser)
         return reply
+
+    @asynccontextmanager
+    async def stream(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None,
+        timeout: float | None,
+        *,
+        query: str = "",
+        content: Content = None,
+        extra: bytes = b"",
+    ) -> AsyncIterator[AsyncStreamed]:
+        """One request whose answer's body is read as it comes, inside the ``async with`` block."""
+        raw, chunks = self._raw(method, path, body, query, content, extra)
+        conn, parser = None, None
+        if chunks is None and (conn := self._take()) is not None:
+            try:
+                parser = await self._head(conn, raw, None, method, timeout, reused=True)
+            except _Stale:
+                conn = None
+        if conn is None or parser is None:
+            conn = await self._new(timeout if self._connect_timeout is None else self._connect_timeout)
+            parser = await self._head(conn, raw, chunks, method, timeout, reused=False)
+        try:
+            yield AsyncStreamed(conn, parser, timeout)
+        except BaseException:
+            conn.close()
+            raise
+        self._give_back(conn, parser)
+
+    async def _head(
+        self, conn: _Conn, raw: bytes, chunks: AsyncIterable[bytes] | None, method: str, timeout: float | None, *,
+        reused: bool,
+    ) -> Parser:  # fmt: skip
+        parser = Parser(conn.buf, head_only=method == "HEAD")
+        conn.start(parser, whole=False)
+        assert conn.head is not None
+        try:
+            await self._send(conn, raw, chunks, timeout)
+            await _wait(conn.head, timeout)
+        except _Lost as exc:
+            conn.close()
+            if reused and not exc.partial:
+                raise _Stale from exc
+            raise WireError("the daemon closed the connection without an answer") from exc
+        except BaseException:
+            conn.close()
+            raise
+        return parser
+
+    @staticmethod
+    async def _send(conn: _Conn, raw: bytes, chunks: AsyncIterable[bytes] | None, timeout: float | None) -> None:
+        conn.transport.write(raw)
+        if chunks is not None:
+            await AsyncWire._upload(conn, chunks, timeout)
+
+    @staticmethod
+    async def _upload(conn: _Conn, chunks: AsyncIterable[bytes], timeout: float | None) -> None:
+        """Write a chunked body as ``chunks`` yields, no faster than the daemon takes it. An answer that comes
+        first (an error, before the daemon read the whole body) ends the upload; the connection is not reused."""
+        answered = conn.waiter or conn.head
+        assert answered is not None
+        assert conn.parser is not None
+        try:
+            async for data in chunks:
+                if answered.done() or conn.closed:
+                    conn.parser.keep_alive = False
+                    return
+                if data:
+                    conn.transport.write(chunk(data))
+                    await conn.drain(timeout)
+            conn.transport.write(LAST_CHUNK)
+        except ConnectionResetError:
+            conn.parser.keep_alive = False  # the answer (or its absence) tells the rest
 
     def close(self) -> None:
         idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
-
-
-def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split(" ", 2)[1])
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        if line:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-    return status, headers
 
 
 _pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, str | None], AsyncWire]] = (

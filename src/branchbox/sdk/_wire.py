@@ -1,56 +1,51 @@
-"""The sync SDK's fast path for small JSON requests: keep-alive HTTP/1.1 on plain sockets.
-
-httpx costs about 0.5 ms of Python per request (URL merging, its h11 state machine, two sends per request);
-create, exec and get are single small request/response pairs, so they go through this lean path instead:
-one ``sendall`` per request, pooled keep-alive connections. Streams (uploads, downloads) and requests with query
-parameters stay on httpx. Failures raise the same httpx exceptions the rest of the SDK maps to its errors.
+"""The sync SDK's HTTP client: keep-alive HTTP/1.1 on plain sockets, for every request the SDK makes (small JSON
+requests, query strings, bodies streamed both ways). HTTP itself is parsed by :mod:`branchbox.sdk._http1`, shared
+with the async client (:mod:`branchbox.sdk._awire`); docs/api.md has the measurement behind a client of our own.
 
 Connections are pooled per daemon (URL + key) for the whole process (:func:`shared_wire`), so that
 ``Sandbox.create()`` reuses the connection a closed sandbox object left idle instead of connecting again
-(~0.5 ms). At most ``MAX_IDLE`` idle connections per daemon are kept; a forked child starts with none.
+(~0.5 ms). At most ``MAX_IDLE`` idle connections per daemon are kept; a forked child starts with none. Failures
+raise :class:`~branchbox.sdk._http1.WireError` (``WireTimeout`` for a timeout), which the SDK maps to its errors.
 """
 
 from __future__ import annotations
 
 import atexit
-import http.client
-import json
 import os
-import re
 import select
 import socket
 import threading
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
 from urllib.parse import urlsplit
 
-import httpx
-
 from branchbox.sdk._config import ConnectionConfig, default_ssl_context
+from branchbox.sdk._http1 import (
+    LAST_CHUNK,
+    InvalidRequest,
+    Parser,
+    Reply,
+    WireError,
+    WireTimeout,
+    _Stale,
+    chunk,
+    fixed_head,
+    request_head,
+    split_lines,
+)
+
+__all__ = ["InvalidRequest", "Reply", "Streamed", "Wire", "WireError", "WireTimeout", "shared_wire"]
 
 MAX_IDLE = 8
+_READ = 65536
 
-
-class _Stale(Exception):
-    """A pooled connection was closed by the daemon before our request."""
-
-
-class Reply:
-    """A finished response: status, headers, body (what the SDK reads of an ``httpx.Response``)."""
-
-    __slots__ = ("content", "headers", "status_code")
-
-    def __init__(self, status_code: int, headers: dict[str, str], content: bytes) -> None:
-        self.status_code = status_code
-        self.headers = headers
-        self.content = content
-
-    def json(self) -> Any:
-        return json.loads(self.content)
+Content = bytes | Iterable[bytes] | None
+_T = TypeVar("_T")
 
 
 class _Conn:
-    """One keep-alive HTTP/1.1 connection: requests written in one ``sendall``, responses parsed by hand
-    (http.client parses headers with the email package: ~0.2 ms per response)."""
+    """One keep-alive HTTP/1.1 connection and the bytes read from it but not yet parsed."""
 
     __slots__ = ("buf", "sock")
 
@@ -62,80 +57,75 @@ class _Conn:
         """An idle keep-alive connection must have nothing to read; readable means closed by the daemon."""
         return not self.buf and not select.select([self.sock], [], [], 0)[0]
 
-    def _fill(self) -> None:
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            raise http.client.RemoteDisconnected("the daemon closed the connection")
-        self.buf += chunk
-
-    def _take(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            self._fill()
-        out = bytes(self.buf[:n])
-        del self.buf[:n]
-        return out
-
-    def _line(self) -> bytes:
-        while (i := self.buf.find(b"\r\n")) < 0:
-            if len(self.buf) > _MAX_HEAD:
-                raise http.client.LineTooLong("response header line")
-            self._fill()
-        out = bytes(self.buf[:i])
-        del self.buf[: i + 2]
-        return out
-
-    def exchange(self, request: bytes, head_only: bool) -> tuple[Reply, bool]:
-        """Send ``request``; return the reply and whether the connection can be reused."""
-        self.sock.sendall(request)
-        while (end := self.buf.find(b"\r\n\r\n")) < 0:
-            if len(self.buf) > _MAX_HEAD:
-                raise http.client.LineTooLong("response header")
-            self._fill()
-        head = self.buf[:end].decode("latin-1")
-        del self.buf[: end + 4]
-        status_line, *lines = head.split("\r\n")
-        parts = status_line.split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-            raise http.client.BadStatusLine(status_line)
-        status = int(parts[1])
-        headers: dict[str, str] = {}
-        for line in lines:
-            key, sep, value = line.partition(":")
-            if sep:
-                headers[key.strip().lower()] = value.strip()
-        keep = parts[0] == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
-        if head_only or status in (204, 304) or 100 <= status < 200:
-            content = b""
-        elif "content-length" in headers:
-            content = self._take(int(headers["content-length"]))
-        elif headers.get("transfer-encoding", "").lower() == "chunked":
-            content = self._chunked()
-        else:  # delimited by the end of the connection
-            content, keep = self._rest(), False
-        return Reply(status, headers, content), keep
-
-    def _chunked(self) -> bytes:
-        chunks = []
-        while size := int(self._line().split(b";", 1)[0], 16):
-            chunks.append(self._take(size))
-            self._take(2)
-        while self._line():  # trailers, then the empty line
-            pass
-        return b"".join(chunks)
-
-    def _rest(self) -> bytes:
-        while chunk := self.sock.recv(65536):
-            self.buf += chunk
-        out = bytes(self.buf)
-        self.buf.clear()
-        return out
+    def fill(self) -> bool:
+        """Read what came; False at the end of the connection."""
+        data = self.sock.recv(_READ)
+        self.buf += data
+        return bool(data)
 
     def close(self) -> None:
         self.sock.close()
 
 
-_MAX_HEAD = 65536
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+class Streamed:
+    """A response whose body is read as it comes: ``read()``, ``iter_bytes()``, ``iter_lines()``. Its connection
+    goes back to the pool when the body was read to its end, else it is closed (:meth:`Wire.stream` does it)."""
+
+    def __init__(self, conn: _Conn, parser: Parser, timeout: float | None) -> None:
+        self._conn = conn
+        self._parser = parser
+        self._timeout = timeout
+        self.status_code = parser.status
+        self.headers = parser.headers
+
+    def _next(self) -> bytes | None:
+        """The next body bytes (at least one), or None at the end of the body."""
+        parser, timeout = self._parser, self._timeout
+        while True:
+            data = _io(parser.body, timeout)
+            if data:
+                return data
+            if parser.done:
+                return None
+            if not _io(self._conn.fill, timeout):
+                return _io(lambda: parser.body(eof=True), timeout) or None
+
+    def iter_bytes(self, size: int | None = None) -> Iterator[bytes]:
+        """The body in pieces as they come (re-cut to ``size`` bytes, the last one shorter, when given)."""
+        pending = b""
+        while (data := self._next()) is not None:
+            if size is None:
+                yield data
+                continue
+            pending += data
+            while len(pending) >= size:
+                yield pending[:size]
+                pending = pending[size:]
+        if pending:
+            yield pending
+
+    def iter_lines(self) -> Iterator[str]:
+        """The body's lines (UTF-8, without their line ends) as they come."""
+        pending = b""
+        while (data := self._next()) is not None:
+            lines, pending = split_lines(pending, data)
+            yield from lines
+        if pending:
+            yield pending.decode("utf-8")
+
+    def read(self) -> bytes:
+        """The rest of the body."""
+        return b"".join(self.iter_bytes())
+
+
+def _io(call: Callable[[], _T], timeout: float | None) -> _T:
+    """``call()``, its failures as the SDK's transport errors."""
+    try:
+        return call()
+    except TimeoutError as exc:
+        raise WireTimeout(f"no answer within {timeout} s") from exc
+    except (OSError, ValueError) as exc:
+        raise WireError(f"bad exchange with the daemon ({exc})") from exc
 
 
 class Wire:
@@ -147,20 +137,21 @@ class Wire:
         self._host = parts.hostname or "127.0.0.1"
         self._port = parts.port or (443 if self._https else 80)
         self._prefix = parts.path.rstrip("/")
-        headers = {**config.headers(), "host": parts.netloc, "accept": "application/json"}
-        for key, value in headers.items():
-            if _CONTROL.search(key) or _CONTROL.search(value):
-                raise httpx.InvalidURL(f"header {key!r} holds a control character: check the URL and API key")
-        self._head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        self._head = fixed_head({**config.headers(), "host": parts.netloc, "accept": "application/json"})
         self._idle: list[_Conn] = []
         self._lock = threading.Lock()
         self._closed = False
 
     def _new(self, timeout: float | None) -> _Conn:
-        sock = socket.create_connection((self._host, self._port), timeout=timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self._https:
-            sock = default_ssl_context().wrap_socket(sock, server_hostname=self._host)
+        try:
+            sock = socket.create_connection((self._host, self._port), timeout=timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._https:
+                sock = default_ssl_context().wrap_socket(sock, server_hostname=self._host)
+        except TimeoutError as exc:
+            raise WireTimeout(f"no connection within {timeout} s") from exc
+        except OSError as exc:
+            raise WireError(f"cannot connect ({exc.strerror or exc})") from exc
         return _Conn(sock)
 
     def _take(self) -> _Conn | None:
@@ -179,52 +170,135 @@ class Wire:
                 return
         conn.close()
 
-    def request(self, method: str, path: str, body: bytes | None, timeout: float | None) -> Reply:
-        """One request. A reused connection the daemon closed meanwhile is retried once on a new one (the
-        request never reached the daemon: it closes idle connections only between requests)."""
-        if _CONTROL.search(path) or " " in path:
-            raise httpx.InvalidURL(f"the request path {path!r} holds a space or control character")
-        head = f"{method} {self._prefix}{path} HTTP/1.1\r\n{self._head}"
-        if body is None:
-            raw = (head + "\r\n").encode("latin-1")
-        else:
-            raw = (head + f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n").encode(
-                "latin-1"
-            ) + body
-        conn = self._take()
-        if conn is not None:
-            try:
-                return self._exchange(conn, raw, method, timeout, reused=True)
-            except _Stale:
-                pass
-        try:
-            conn = self._new(timeout)
-        except TimeoutError as exc:
-            raise httpx.ConnectTimeout(f"no connection within {timeout} s") from exc
-        except OSError as exc:
-            raise httpx.ConnectError(str(exc) or type(exc).__name__) from exc
-        return self._exchange(conn, raw, method, timeout, reused=False)
-
-    def _exchange(self, conn: _Conn, raw: bytes, method: str, timeout: float | None, *, reused: bool) -> Reply:
-        try:
-            conn.sock.settimeout(timeout)
-            reply, keep = conn.exchange(raw, method == "HEAD")
-        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
-            conn.close()
-            if reused:
-                raise _Stale from exc
-            raise httpx.RemoteProtocolError(f"the daemon closed the connection ({exc})") from exc
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None,
+        timeout: float | None,
+        *,
+        query: str = "",
+        content: Content = None,
+        extra: bytes = b"",
+    ) -> Reply:
+        """One request, its whole answer. ``body``: JSON; ``content``: raw bytes, or an iterable of them sent
+        chunked as it yields; ``query``: ``?...`` already encoded; ``extra``: more header lines, each ending in
+        CRLF. A reused connection the daemon closed meanwhile is retried once on a new one."""
+        conn, parser = self._open(method, path, body, timeout, query, content, extra)
+        parts = []
+        try:  # the body read in place (no Streamed): this is every exec's and create's path
+            while True:
+                parts.append(parser.body())
+                if parser.done:
+                    break
+                if not conn.fill():
+                    parts.append(parser.body(eof=True))
+                    break
         except TimeoutError as exc:
             conn.close()
-            raise httpx.ReadTimeout(f"no answer within {timeout} s") from exc
-        except (OSError, ValueError, http.client.HTTPException) as exc:
+            raise WireTimeout(f"no answer within {timeout} s") from exc
+        except (OSError, ValueError) as exc:
             conn.close()
-            raise httpx.ConnectError(str(exc) or type(exc).__name__) from exc
-        if keep:
+            raise WireError(f"bad exchange with the daemon ({exc})") from exc
+        if parser.keep_alive and not conn.buf:
             self._give_back(conn)
         else:
             conn.close()
-        return reply
+        return Reply(parser.status, parser.headers, b"".join(parts))
+
+    @contextmanager
+    def stream(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None,
+        timeout: float | None,
+        *,
+        query: str = "",
+        content: Content = None,
+        extra: bytes = b"",
+    ) -> Iterator[Streamed]:
+        """One request whose answer's body is read as it comes, inside the ``with`` block."""
+        conn, parser = self._open(method, path, body, timeout, query, content, extra)
+        with self._finishing(conn, parser, timeout) as streamed:
+            yield streamed
+
+    @contextmanager
+    def _finishing(self, conn: _Conn, parser: Parser, timeout: float | None) -> Iterator[Streamed]:
+        """The answer as a :class:`Streamed`; afterwards its connection is pooled again if the body was read to
+        its end and the daemon keeps it alive, else closed."""
+        try:
+            yield Streamed(conn, parser, timeout)
+        except BaseException:
+            conn.close()
+            raise
+        if parser.done and parser.keep_alive and not conn.buf:
+            self._give_back(conn)
+        else:
+            conn.close()
+
+    def _open(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None,
+        timeout: float | None,
+        query: str,
+        content: Content,
+        extra: bytes,
+    ) -> tuple[_Conn, Parser]:
+        """Send the request; the connection and a parser holding the answer's head."""
+        chunks: Iterable[bytes] | None = None
+        payload, content_type = body, "application/json"
+        if body is None and content is not None:
+            content_type = "application/octet-stream"
+            if isinstance(content, bytes | bytearray | memoryview):
+                payload = bytes(content)
+            else:
+                chunks = content
+        head = request_head(
+            method,
+            self._prefix + path + query,
+            self._head,
+            extra=extra,
+            content_type=content_type,
+            length=None if chunks is not None else len(payload or b""),
+            body=payload is not None or chunks is not None,
+        )
+        raw = head + payload if payload is not None else head
+        if chunks is None:  # a request that can be sent again: try an idle connection first
+            conn = self._take()
+            if conn is not None:
+                try:
+                    return conn, self._exchange(conn, raw, None, method, timeout, reused=True)
+                except _Stale:
+                    pass
+        conn = self._new(timeout)
+        return conn, self._exchange(conn, raw, chunks, method, timeout, reused=False)
+
+    def _exchange(
+        self, conn: _Conn, raw: bytes, chunks: Iterable[bytes] | None, method: str, timeout: float | None, *,
+        reused: bool,
+    ) -> Parser:  # fmt: skip
+        parser = Parser(conn.buf, head_only=method == "HEAD")
+        try:
+            conn.sock.settimeout(timeout)
+            failed = _send(conn.sock, raw, chunks)
+            answered = _read_head(conn, parser)
+        except TimeoutError as exc:
+            conn.close()
+            raise WireTimeout(f"no answer within {timeout} s") from exc
+        except (OSError, ValueError) as exc:
+            conn.close()
+            raise WireError(f"bad exchange with the daemon ({exc})") from exc
+        if answered:  # even after a failed write: the daemon may answer (an error) before taking a whole body
+            if failed is not None:
+                parser.keep_alive = False  # the request was cut short: the connection is out of step
+            return parser
+        conn.close()
+        if reused and not conn.buf:
+            raise _Stale
+        raise WireError(f"the daemon closed the connection without an answer ({failed or 'no more bytes'})")
 
     def close(self) -> None:
         with self._lock:
@@ -232,6 +306,34 @@ class Wire:
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
+
+
+def _send(sock: socket.socket, raw: bytes, chunks: Iterable[bytes] | None) -> OSError | None:
+    """Write the request (``chunks``: its body, chunked); a write the daemon broke off is returned, not raised, as
+    is an answer that came before the whole body was sent (an error: the daemon will not read the rest)."""
+    try:
+        sock.sendall(raw)
+        if chunks is not None:
+            for data in chunks:
+                if select.select([sock], [], [], 0)[0]:
+                    return ConnectionAbortedError("the daemon answered before the whole body was sent")
+                if data:
+                    sock.sendall(chunk(data))
+            sock.sendall(LAST_CHUNK)
+    except (BrokenPipeError, ConnectionResetError) as exc:
+        return exc
+    return None
+
+
+def _read_head(conn: _Conn, parser: Parser) -> bool:
+    """Read until the answer's head is parsed; False if the connection ended first."""
+    try:
+        while not parser.parse_head():
+            if not conn.fill():
+                return False
+    except ConnectionResetError:
+        return False
+    return True
 
 
 _shared: dict[tuple[str, str | None], Wire] = {}
