@@ -198,17 +198,17 @@ class AsyncStreamed:
 
     async def aiter_bytes(self, size: int | None = None) -> AsyncIterator[bytes]:
         """The body in pieces as they come (re-cut to ``size`` bytes, the last one shorter, when given)."""
-        pending = b""
+        pending = bytearray()
         while (data := await self._next()) is not None:
             if size is None:
                 yield data
                 continue
             pending += data
             while len(pending) >= size:
-                yield pending[:size]
-                pending = pending[size:]
+                yield bytes(pending[:size])
+                del pending[:size]
         if pending:
-            yield pending
+            yield bytes(pending)
 
     async def aiter_lines(self) -> AsyncIterator[str]:
         """The body's lines (UTF-8, without their line ends) as they come."""

@@ -92,17 +92,17 @@ class Streamed:
 
     def iter_bytes(self, size: int | None = None) -> Iterator[bytes]:
         """The body in pieces as they come (re-cut to ``size`` bytes, the last one shorter, when given)."""
-        pending = b""
+        pending = bytearray()
         while (data := self._next()) is not None:
             if size is None:
                 yield data
                 continue
             pending += data
             while len(pending) >= size:
-                yield pending[:size]
-                pending = pending[size:]
+                yield bytes(pending[:size])
+                del pending[:size]
         if pending:
-            yield pending
+            yield bytes(pending)
 
     def iter_lines(self) -> Iterator[str]:
         """The body's lines (UTF-8, without their line ends) as they come."""
