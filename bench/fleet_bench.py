@@ -9,7 +9,9 @@ Figures are microseconds per operation (p50/p95/p99 of single timed calls, perf_
 ``--controller N`` (root, the default template built, Ray installed) adds create through the controller vs
 directly on the node, in the same run and interleaved one by one: a one-node Ray cluster (cluster_utils), a real
 ``branchbox serve --fleet`` daemon on it and ``branchbox fleet serve``; N creates each way (SDK over HTTP,
-destroyed after each), with the controller's per-phase breakdown (allocate, node call, node create). Milliseconds.
+destroyed after each), with the controller's per-phase breakdown (allocate, node call, node create); then 3N
+execs (``true``) and 1 KiB file reads each way in a sandbox on the node, which the controller forwards.
+Milliseconds.
 """
 
 from __future__ import annotations
@@ -234,9 +236,28 @@ def bench_controller(runs: int, templates: str) -> dict[str, dict[str, float]]:
                         samples.append(sbx.info.timings[k])
                 sbx.kill()
                 sbx.close()
+        # a sandbox's own routes, forwarded by the controller to its node: exec and a small file read
+        calls: dict[str, list[float]] = {}
+        on_node = Sandbox.create(base_url=durl, memory_mb=256)
+        through = Sandbox.create(base_url=curl, memory_mb=256)
+        try:
+            for sbx in (on_node, through):
+                sbx.files.write("/tmp/small", b"x" * 1024)
+            for _ in range(runs * 3):
+                for where, sbx in (("directly on the node", on_node), ("through the controller", through)):
+                    t0 = time.perf_counter()
+                    sbx.commands.run("true")
+                    calls.setdefault(f"exec {where} (SDK)", []).append((time.perf_counter() - t0) * 1e3)
+                    t0 = time.perf_counter()
+                    sbx.files.read("/tmp/small", format="bytes")
+                    calls.setdefault(f"files.read 1 KiB {where} (SDK)", []).append((time.perf_counter() - t0) * 1e3)
+        finally:
+            on_node.kill()
+            through.kill()
     res = {"create directly on the node (SDK)": summarize(direct).as_dict(),
            "create through the controller (SDK)": summarize(via).as_dict()}  # fmt: skip
     res.update({f"  phase {k}": summarize(v).as_dict() for k, v in phases.items()})
+    res.update({k: summarize(v).as_dict() for k, v in sorted(calls.items())})
     return res
 
 
@@ -254,7 +275,7 @@ def main() -> None:
     out: dict[str, dict[str, dict[str, float]]] = {}
     if args.controller:
         out["controller"] = bench_controller(args.controller, args.templates_dir)
-        print("\ncreate -> sandbox returned, one node, interleaved (ms)")
+        print("\ncreate -> sandbox returned; exec and read round trips; one node, interleaved (ms)")
         print(f"{'path':40} {'p50':>9} {'p95':>9} {'p99':>9} {'n':>7}")
         for name, s in out["controller"].items():
             print(f"{name:40} {s['p50']:9.2f} {s['p95']:9.2f} {s['p99']:9.2f} {s['n']:7d}")

@@ -280,3 +280,18 @@ def test_http_front_overrides_only_hooks_the_pinned_uvicorn_has() -> None:
     for name in calls_super:
         assert hasattr(HttpToolsProtocol, name), f"uvicorn's HttpToolsProtocol has no {name}: check the pin"
     assert "_start_asgi_task" in overridden
+
+
+def test_one_http_client_stack() -> None:
+    """The product makes its HTTP requests (SDK, CLI, fleet controller and agents) with the SDK's own client
+    (sdk/_http1, _wire, _awire; docs/api.md has the measurement): nothing under src imports httpx, h11 or
+    requests, at module level or inside a function. Tests and benches may (an independent client, a baseline)."""
+    other = ("httpx", "httpcore", "h11", "requests", "aiohttp", "urllib3", "http.client")
+    found = []
+    for name, path in modules(SRC).items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [node.module]
+            found += [(name, n) for n in names if n in other or n.startswith(tuple(o + "." for o in other))]
+    assert found == []

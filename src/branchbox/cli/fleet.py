@@ -4,16 +4,21 @@ Nothing here imports Ray until a fleet command runs (the extra ``branchbox[fleet
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import click
-import httpx
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from branchbox.sdk._config import ConnectionConfig
+from branchbox.sdk._http1 import WireError
+from branchbox.sdk._wire import Wire
 
 out = Console()
 err = Console(stderr=True)
@@ -58,20 +63,24 @@ def fleet_join_hook(
     return hook
 
 
-def _client(ctx: click.Context) -> tuple[str, dict[str, str]]:
+def _call(ctx: click.Context, method: str, path: str, body: Any = None) -> Any:
+    """One request to the fleet controller (the SDK's client); an error is printed and ends the command."""
     conn = ctx.find_root().obj
     url = (getattr(conn, "url", None) or "http://127.0.0.1:7080").rstrip("/")
-    key = getattr(conn, "api_key", None)
-    return url, ({"authorization": f"Bearer {key}"} if key else {})
-
-
-def _check(resp: httpx.Response) -> Any:
+    wire = Wire(ConnectionConfig(base_url=url, api_key=getattr(conn, "api_key", None), request_timeout=30.0))
+    try:
+        resp = wire.request(method, path, None if body is None else json.dumps(body).encode(), 30.0)
+    except WireError as exc:
+        err.print(f"[red]error[/red] cannot reach the fleet controller at {escape(url)} ({escape(str(exc))})")
+        sys.exit(1)
+    finally:
+        wire.close()
     if resp.status_code >= 400:
         try:
             e = resp.json()["error"]
             msg = f"({e['code']}): {e['message']}"
         except (ValueError, KeyError, TypeError):
-            msg = f"HTTP {resp.status_code}: {resp.text[:200]}"
+            msg = f"HTTP {resp.status_code}: {resp.content[:200].decode(errors='replace')}"
         err.print(f"[red]error[/red] {escape(msg)}", highlight=False)
         sys.exit(1)
     return resp.json()
@@ -146,11 +155,8 @@ def fleet_serve(
 @click.pass_context
 def fleet_nodes(ctx: click.Context, as_json: bool) -> None:
     """The fleet's nodes with their capacity and health."""
-    url, headers = _client(ctx)
-    nodes = _check(httpx.get(url + "/v1/fleet/nodes", headers=headers, timeout=30))
+    nodes = _call(ctx, "GET", "/v1/fleet/nodes")
     if as_json:
-        import json  # noqa: PLC0415
-
         click.echo(json.dumps(nodes, indent=2))
         return
     table = Table("NODE", "STATE", "RUNNING", "MEM FREE", "CPU FREE", "WARM", "LAST PUSH", "URL")
@@ -171,8 +177,5 @@ def fleet_nodes(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def fleet_drain(ctx: click.Context, node: str, undo: bool) -> None:
     """Stop new placements on NODE (its sandboxes keep running)."""
-    url, headers = _client(ctx)
-    got = _check(
-        httpx.post(f"{url}/v1/fleet/nodes/{node}/drain", json={"draining": not undo}, headers=headers, timeout=30)
-    )
+    got = _call(ctx, "POST", f"/v1/fleet/nodes/{quote(node, safe='')}/drain", {"draining": not undo})
     click.echo(f"{got['node']}: {got['state']}")

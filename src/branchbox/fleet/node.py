@@ -23,7 +23,10 @@ import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from branchbox.sdk._awire import AsyncWire
 
 NAMESPACE = "branchbox"
 INBOX = "branchbox-fleet-inbox"
@@ -248,21 +251,18 @@ class NodeAgent:
             await asyncio.sleep(self.info["interval"])
 
     async def _read_loop(self) -> None:
-        import httpx  # noqa: PLC0415
+        from branchbox.sdk._awire import AsyncWire  # noqa: PLC0415 - in the Ray actor's process only
+        from branchbox.sdk._config import ConnectionConfig  # noqa: PLC0415
 
         info = self.info
         loop = asyncio.get_running_loop()
-        headers = {"authorization": f"Bearer {info['api_key']}"} if info.get("api_key") else {}
-        async with httpx.AsyncClient(base_url=info["url"], headers=headers, timeout=5.0) as client:
+        wire = AsyncWire(ConnectionConfig(base_url=info["url"], api_key=info.get("api_key"), request_timeout=5.0))
+        try:
             while True:
                 try:
-                    answers = await asyncio.gather(
-                        client.get("/v1/templates"), client.get("/v1/pools"), client.get("/v1/sandboxes")
-                    )
-                    for resp in answers:
-                        resp.raise_for_status()
+                    answers = await _daemon_state(wire)
                     self.capacity = capacity_of(
-                        *(resp.json() for resp in answers),
+                        *answers,
                         memory_mb=info["memory_mb"],
                         cpu_millis=info["cpu_millis"],
                         backends=info["backends"],
@@ -271,6 +271,18 @@ class NodeAgent:
                 except Exception as exc:
                     self.last_error = f"daemon: {type(exc).__name__}: {exc}"
                 await asyncio.sleep(info["interval"])
+        finally:
+            wire.close()
+
+
+async def _daemon_state(wire: AsyncWire) -> list[Any]:
+    """The daemon's templates, pools and sandboxes; raises when one of them is not answered 200."""
+    paths = ("/v1/templates", "/v1/pools", "/v1/sandboxes")
+    answers = await asyncio.gather(*(wire.request("GET", path, None, 5.0) for path in paths))
+    bad = [f"GET {p} answered {r.status_code}" for p, r in zip(paths, answers, strict=True) if r.status_code != 200]
+    if bad:
+        raise RuntimeError("; ".join(bad))
+    return [r.json() for r in answers]
 
 
 @dataclass

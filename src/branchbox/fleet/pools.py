@@ -13,12 +13,14 @@ Members stay on their node; the allocator prefers a node with a free member (its
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import httpx
-
 from branchbox.errors import BranchboxError, NodeUnreachableError, NotFoundError, TemplateNotFoundError
+from branchbox.sdk._awire import AsyncWire
+from branchbox.sdk._http1 import Reply, WireError, fixed_head
+
+Wires = Callable[[str], AsyncWire]  # a node's URL -> the controller's pooled connections to it
 
 COUNTS = ("ready", "booting", "claimed", "hits", "misses", "boots", "boot_failures", "replaced", "recycled", "target")
 HIGHEST = ("claim_p50_ms", "claim_p99_ms")
@@ -45,13 +47,12 @@ def merge(answers: Sequence[tuple[str, Sequence[Mapping[str, Any]]]]) -> list[di
 
 
 async def send(
-    client: httpx.AsyncClient, method: str, url: str, *, params: bytes | None, body: bytes | None, auth: dict[str, str]
-) -> httpx.Response | None:
+    wire: AsyncWire, method: str, path: str, *, query: str, body: bytes | None, auth: Mapping[str, str]
+) -> Reply | None:
     """One node's answer, or None when it did not answer."""
-    headers = {**auth, "content-type": "application/json"} if body is not None else auth
     try:
-        return await client.request(method, url, params=params, content=body, headers=headers, timeout=60.0)
-    except httpx.HTTPError:
+        return await wire.request(method, path, body, 60.0, query=query, extra=fixed_head(dict(auth)))
+    except WireError:
         return None
 
 
@@ -60,7 +61,7 @@ def unreachable(node: str, done: Sequence[str], what: str = "configured") -> Nod
     return NodeUnreachableError(f"node {node!r} did not answer{where}: see `branchbox fleet nodes`", node=node)
 
 
-def node_failed(node: str, resp: httpx.Response | None, done: Sequence[str]) -> BranchboxError | httpx.Response:
+def node_failed(node: str, resp: Reply | None, done: Sequence[str]) -> BranchboxError | Reply:
     """What a PUT answers when ``node`` failed after ``done`` were configured."""
     return unreachable(node, done) if resp is None else resp
 
@@ -78,24 +79,24 @@ def not_found(template: str, backend: str, *, held: bool) -> NotFoundError:
 
 
 async def put_everywhere(
-    client: httpx.AsyncClient,
+    wires: Wires,
     targets: Sequence[tuple[str, str]],
     path: str,
     *,
-    params: bytes | None,
+    query: str,
     body: bytes,
-    auth: dict[str, str],
-) -> tuple[list[str], list[dict[str, Any]], BranchboxError | httpx.Response | None]:
+    auth: Mapping[str, str],
+) -> tuple[list[str], list[dict[str, Any]], BranchboxError | Reply | None]:
     """PUT on the first node, then on the others at once: (nodes configured, their answers, the failure)."""
     first, url = targets[0]
-    resp = await send(client, "PUT", url + path, params=params, body=body, auth=auth)
+    resp = await send(wires(url), "PUT", path, query=query, body=body, auth=auth)
     if resp is None or resp.status_code != 200:
         return [], [], node_failed(first, resp, [])
     done, answers = [first], [resp.json()]
     rest = await asyncio.gather(
-        *(send(client, "PUT", u + path, params=params, body=body, auth=auth) for _, u in targets[1:])
+        *(send(wires(u), "PUT", path, query=query, body=body, auth=auth) for _, u in targets[1:])
     )
-    failed: tuple[str, httpx.Response | None] | None = None
+    failed: tuple[str, Reply | None] | None = None
     for (node, _), got in zip(targets[1:], rest, strict=True):
         if got is not None and got.status_code == 200:
             done.append(node)

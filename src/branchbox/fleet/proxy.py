@@ -26,14 +26,13 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
 
-import httpx
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from starlette.applications import Starlette
-from starlette.background import BackgroundTask
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
@@ -56,11 +55,14 @@ from branchbox.fleet.node import parse_labels
 from branchbox.fleet.registry import Request
 from branchbox.sdk._awire import AsyncWire
 from branchbox.sdk._config import ConnectionConfig
-from branchbox.sdk._http1 import WireError
+from branchbox.sdk._http1 import WireError, fixed_head
 
 log = structlog.get_logger("branchbox.fleet")
 
 _HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host", "proxy-connection"}
+# the node connection's own: its fixed head (accept, user-agent), the body's framing and type (passed apart)
+_NOT_FORWARDED = _HOP | {"accept", "user-agent", "content-type", "content-length"}
+SMALL_BODY = 1 << 20  # a forwarded body up to this size is read first and sent with its length (a pooled connection)
 LABELS_KEY = "fleet.labels"
 
 
@@ -82,7 +84,11 @@ def _nodes(names: list[str]) -> dict[str, str]:
 
 
 def _forward_headers(headers: Any) -> dict[str, str]:
-    return {k: v for k, v in headers.items() if k.lower() not in _HOP}
+    return {k: v for k, v in headers.items() if k.lower() not in _NOT_FORWARDED}
+
+
+def _query(request: HttpRequest) -> str:
+    return "?" + request.url.query if request.url.query else ""
 
 
 def _auth_only(headers: Any) -> dict[str, str]:
@@ -91,18 +97,15 @@ def _auth_only(headers: Any) -> dict[str, str]:
 
 
 class FleetFront:
-    """The ASGI app's state: the controller, one HTTP client to the nodes, the create histogram."""
+    """The ASGI app's state: the controller, pooled connections to each node (the SDK's client), the create
+    histogram."""
 
     def __init__(self, controller: Controller, *, keys: ApiKeyChecker, version: str) -> None:
         self.controller = controller
         self.keys = keys
         self.version = version
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(connect=5.0, read=3600.0, write=3600.0, pool=30.0),
-            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
-        )
-        # creates go over the SDK's pooled keep-alive connections, one pool per node: httpx's async client adds
-        # ~1.6 ms per request (docs/api.md), most of what the controller added to a create (docs/fleet.md)
+        # every request to a node goes over the SDK's pooled keep-alive connections, one pool per node: httpx's
+        # async client added ~1.6 ms per request (docs/api.md), most of what the controller added to a create
         self.wires: dict[str, AsyncWire] = {}
         self.metrics = CollectorRegistry()
         self.create_seconds = Histogram(
@@ -114,7 +117,7 @@ class FleetFront:
         )
         # pools PUT through this controller, (template, backend) -> (path, query, body, the caller's credentials,
         # in memory only): replayed on nodes that join later
-        self.pool_specs: dict[tuple[str, str], tuple[str, bytes | None, bytes, dict[str, str]]] = {}
+        self.pool_specs: dict[tuple[str, str], tuple[str, str, bytes, dict[str, str]]] = {}
         controller.reconcile = self.reconcile
         controller.on_join = self.configure_pools
 
@@ -131,19 +134,19 @@ class FleetFront:
         for wire in self.wires.values():
             wire.close()
         self.wires.clear()
-        await self.client.aclose()
 
     def check(self, request: HttpRequest | WebSocket) -> None:
         self.keys.check(request.headers.get("authorization"))
 
-    async def _ask_all(self, path: str, headers: dict[str, str], params: Any = None) -> list[tuple[str, Any]]:
+    async def _ask_all(self, path: str, headers: dict[str, str], query: str = "") -> list[tuple[str, Any]]:
         """GET ``path`` on every live node at once: (node, JSON) of those that answered 200."""
         nodes = self.controller.live_nodes()
+        extra = fixed_head(headers)
 
         async def one(node: str, url: str) -> tuple[str, Any] | None:
             try:
-                resp = await self.client.get(url + path, headers=headers, params=params, timeout=10.0)
-            except httpx.HTTPError:
+                resp = await self.wire(url).request("GET", path, None, 10.0, query=query, extra=extra)
+            except WireError:
                 return None
             return (node, resp.json()) if resp.status_code == 200 else None
 
@@ -176,7 +179,7 @@ class FleetFront:
         """After a rejoin: learn which sandboxes the node holds again (an owner entry also comes back lazily)."""
         with contextlib.suppress(Exception):
             url = self.controller.node_url(node)
-            resp = await self.client.get(url + "/v1/sandboxes", timeout=10.0)
+            resp = await self.wire(url).request("GET", "/v1/sandboxes", None, 10.0)
             if resp.status_code == 200:
                 for sbx in resp.json():
                     self.controller.owners[sbx["sandbox_id"]] = node
@@ -188,10 +191,10 @@ class FleetFront:
         if node not in self.controller.registry:  # gone again before its turn
             return
         view = self.controller.registry.get(node)
-        for (template, backend), (path, params, body, auth) in list(self.pool_specs.items()):
+        for (template, backend), (path, query, body, auth) in list(self.pool_specs.items()):
             if (template, backend) not in view.templates:
                 continue
-            got = await fleet_pools.send(self.client, "PUT", view.url + path, params=params, body=body, auth=auth)
+            got = await fleet_pools.send(self.wire(view.url), "PUT", path, query=query, body=body, auth=auth)
             ok = got is not None and got.status_code == 200
             log.info("fleet.pool_given", node=node, template=template, backend=backend, ok=ok)
 
@@ -201,13 +204,27 @@ class FleetFront:
         except BranchboxError as exc:
             return _error(exc)
         headers = _forward_headers(request.headers)
-        body = request.stream() if request.method not in ("GET", "HEAD", "DELETE") else None
-        upstream = self.client.build_request(
-            request.method, base + path, params=request.url.query.encode() or None, headers=headers, content=body
-        )
+        content: bytes | AsyncIterator[bytes] | None = None
+        if request.method not in ("GET", "HEAD", "DELETE"):
+            length = request.headers.get("content-length", "")
+            small = length.isdigit() and int(length) <= SMALL_BODY
+            content = await request.body() if small else request.stream()
+        stack = contextlib.AsyncExitStack()
         try:
-            resp = await self.client.send(upstream, stream=True)
-        except httpx.TransportError as exc:
+            resp = await stack.enter_async_context(
+                self.wire(base).stream(
+                    request.method,
+                    path,
+                    None,
+                    3600.0,
+                    query=_query(request),
+                    content=content,
+                    extra=fixed_head(headers),
+                    content_type=request.headers.get("content-type"),
+                )
+            )
+        except WireError as exc:
+            await stack.aclose()
             return _error(
                 SandboxLostError(
                     f"node {node!r} did not answer ({type(exc).__name__}): the sandbox is unreachable; "
@@ -215,10 +232,16 @@ class FleetFront:
                     node=node,
                 )
             )
-        out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP}
-        return StreamingResponse(
-            resp.aiter_raw(), status_code=resp.status_code, headers=out_headers, background=BackgroundTask(resp.aclose)
-        )
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                async for part in resp.aiter_bytes():
+                    yield part
+            finally:  # read to its end: the connection is pooled again; else it is closed
+                await stack.aclose()
+
+        out_headers = {k: v for k, v in resp.headers.items() if k not in _HOP}
+        return StreamingResponse(body(), status_code=resp.status_code, headers=out_headers)
 
 
 def create_fleet_app(front: FleetFront) -> Starlette:
@@ -329,7 +352,7 @@ def create_fleet_app(front: FleetFront) -> Starlette:
     async def list_all(request: HttpRequest, kind: str) -> Response:
         front.check(request)
         headers = _auth_only(request.headers)
-        answers = await front._ask_all(f"/v1/{kind}", headers, params=request.url.query.encode() or None)
+        answers = await front._ask_all(f"/v1/{kind}", headers, query=_query(request))
         merged: list[Any] = []
         seen: set[str] = set()
         for node, items in answers:
@@ -391,10 +414,10 @@ def create_fleet_app(front: FleetFront) -> Starlette:
         front.check(request)
         template = request.path_params["template"]
         backend = request.query_params.get("backend") or controller.settings.default_backend
-        path, params = f"/v1/pools/{quote(template, safe='')}", request.url.query.encode() or None
+        path, query = f"/v1/pools/{quote(template, safe='')}", _query(request)
         auth = _auth_only(request.headers)
         if request.method == "GET":
-            found = await front._ask_all(path, auth, params=params)
+            found = await front._ask_all(path, auth, query=query)
             if not found:
                 raise fleet_pools.not_found(template, backend, held=True)
             return JSONResponse(fleet_pools.aggregate([a for _, a in found]), headers=_nodes([n for n, _ in found]))
@@ -402,7 +425,7 @@ def create_fleet_app(front: FleetFront) -> Starlette:
         if request.method == "DELETE":  # draining nodes too: their members hold memory for nothing
             front.pool_specs.pop((template, backend), None)
             got = await asyncio.gather(
-                *(fleet_pools.send(front.client, "DELETE", v.url + path, params=params, body=None, auth=auth)
+                *(fleet_pools.send(front.wire(v.url), "DELETE", path, query=query, body=None, auth=auth)
                   for v in live)
             )  # fmt: skip
             removed = [v.node_id for v, r in zip(live, got, strict=True) if r is not None and r.status_code == 204]
@@ -420,10 +443,10 @@ def create_fleet_app(front: FleetFront) -> Starlette:
             raise fleet_pools.not_found(template, backend, held=False)
         body = await request.body()
         done, answers, failure = await fleet_pools.put_everywhere(
-            front.client, targets, path, params=params, body=body, auth=auth
+            front.wire, targets, path, query=query, body=body, auth=auth
         )
         if done:  # configured somewhere: nodes that join later get it too
-            front.pool_specs[(template, backend)] = (path, params, body, auth)
+            front.pool_specs[(template, backend)] = (path, query, body, auth)
         if isinstance(failure, BranchboxError):
             raise failure
         if failure is not None:  # the node's own answer (a first node refusing the settings: nowhere configured)

@@ -267,13 +267,21 @@ class AsyncWire:
             self._idle.append(conn)
 
     def _raw(
-        self, method: str, path: str, body: bytes | None, query: str, content: Content, extra: bytes
+        self,
+        method: str,
+        path: str,
+        body: bytes | None,
+        query: str,
+        content: Content,
+        extra: bytes,
+        content_type: str | None,
     ) -> tuple[bytes, AsyncIterable[bytes] | None]:
-        """The request's bytes, and its body's chunks when they are to be streamed."""
+        """The request's bytes, and its body's chunks when they are to be streamed. The content type is
+        ``content_type``, else JSON for ``body`` and octet-stream for ``content``."""
         chunks: AsyncIterable[bytes] | None = None
-        payload, content_type = body, "application/json"
+        payload, kind = body, "application/json"
         if body is None and content is not None:
-            content_type = "application/octet-stream"
+            kind = "application/octet-stream"
             if isinstance(content, bytes | bytearray | memoryview):
                 payload = bytes(content)
             else:
@@ -283,7 +291,7 @@ class AsyncWire:
             self._prefix + path + query,
             self._fixed,
             extra=extra,
-            content_type=content_type,
+            content_type=content_type or kind,
             length=None if chunks is not None else len(payload or b""),
             body=payload is not None or chunks is not None,
         )
@@ -299,12 +307,14 @@ class AsyncWire:
         query: str = "",
         content: Content = None,
         extra: bytes = b"",
+        content_type: str | None = None,
     ) -> Reply:
         """One request, its whole answer. ``body``: JSON; ``content``: raw bytes, or an async iterable of them
         sent chunked as it yields; ``query``: ``?...`` already encoded; ``extra``: more header lines, each ending
-        in CRLF (the fleet controller passes its caller's ``authorization``). A reused connection the daemon
-        closed meanwhile is retried once on a new one."""
-        raw, chunks = self._raw(method, path, body, query, content, extra)
+        in CRLF (the fleet controller passes its caller's ``authorization``); ``content_type``: instead of JSON
+        for ``body``, octet-stream for ``content``. A reused connection the daemon closed meanwhile is retried once
+        on a new one."""
+        raw, chunks = self._raw(method, path, body, query, content, extra, content_type)
         if chunks is None and (conn := self._take()) is not None:
             try:
                 return await self._whole(conn, raw, None, method, timeout, reused=True)
@@ -345,9 +355,10 @@ class AsyncWire:
         query: str = "",
         content: Content = None,
         extra: bytes = b"",
+        content_type: str | None = None,
     ) -> AsyncIterator[AsyncStreamed]:
         """One request whose answer's body is read as it comes, inside the ``async with`` block."""
-        raw, chunks = self._raw(method, path, body, query, content, extra)
+        raw, chunks = self._raw(method, path, body, query, content, extra, content_type)
         conn, parser = None, None
         if chunks is None and (conn := self._take()) is not None:
             try:

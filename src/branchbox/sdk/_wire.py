@@ -180,11 +180,13 @@ class Wire:
         query: str = "",
         content: Content = None,
         extra: bytes = b"",
+        content_type: str | None = None,
     ) -> Reply:
         """One request, its whole answer. ``body``: JSON; ``content``: raw bytes, or an iterable of them sent
         chunked as it yields; ``query``: ``?...`` already encoded; ``extra``: more header lines, each ending in
-        CRLF. A reused connection the daemon closed meanwhile is retried once on a new one."""
-        conn, parser = self._open(method, path, body, timeout, query, content, extra)
+        CRLF; ``content_type``: instead of JSON for ``body``, octet-stream for ``content``. A reused connection
+        the daemon closed meanwhile is retried once on a new one."""
+        conn, parser = self._open(method, path, body, timeout, query, content, extra, content_type)
         parts = []
         try:  # the body read in place (no Streamed): this is every exec's and create's path
             while True:
@@ -217,9 +219,10 @@ class Wire:
         query: str = "",
         content: Content = None,
         extra: bytes = b"",
+        content_type: str | None = None,
     ) -> Iterator[Streamed]:
         """One request whose answer's body is read as it comes, inside the ``with`` block."""
-        conn, parser = self._open(method, path, body, timeout, query, content, extra)
+        conn, parser = self._open(method, path, body, timeout, query, content, extra, content_type)
         with self._finishing(conn, parser, timeout) as streamed:
             yield streamed
 
@@ -246,12 +249,13 @@ class Wire:
         query: str,
         content: Content,
         extra: bytes,
+        content_type: str | None,
     ) -> tuple[_Conn, Parser]:
         """Send the request; the connection and a parser holding the answer's head."""
         chunks: Iterable[bytes] | None = None
-        payload, content_type = body, "application/json"
+        payload, kind = body, "application/json"
         if body is None and content is not None:
-            content_type = "application/octet-stream"
+            kind = "application/octet-stream"
             if isinstance(content, bytes | bytearray | memoryview):
                 payload = bytes(content)
             else:
@@ -261,7 +265,7 @@ class Wire:
             self._prefix + path + query,
             self._head,
             extra=extra,
-            content_type=content_type,
+            content_type=content_type or kind,
             length=None if chunks is not None else len(payload or b""),
             body=payload is not None or chunks is not None,
         )
