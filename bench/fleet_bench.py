@@ -276,9 +276,9 @@ def main() -> None:
     if args.controller:
         out["controller"] = bench_controller(args.controller, args.templates_dir)
         print("\ncreate -> sandbox returned; exec and read round trips; one node, interleaved (ms)")
-        print(f"{'path':40} {'p50':>9} {'p95':>9} {'p99':>9} {'n':>7}")
+        print(f"{'path':48} {'p50':>9} {'p95':>9} {'p99':>9} {'n':>7}")
         for name, s in out["controller"].items():
-            print(f"{name:40} {s['p50']:9.2f} {s['p95']:9.2f} {s['p99']:9.2f} {s['n']:7d}")
+            print(f"{name:48} {s['p50']:9.2f} {s['p95']:9.2f} {s['p99']:9.2f} {s['n']:7d}")
     for n in (int(s) for s in args.sizes.split(",") if s):
         out[str(n)] = bench_size(n, args.ops)
         print(f"\n{n} nodes, 10 templates (us per op)")

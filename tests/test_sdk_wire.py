@@ -17,12 +17,12 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from branchbox.sdk import ConnectionError_, TimeoutException
+from branchbox.sdk import BadRequestError, ConnectionError_, TimeoutException
 from branchbox.sdk import _awire as awire_mod
 from branchbox.sdk import _requests as rq
 from branchbox.sdk._async_http import _AsyncHttp
 from branchbox.sdk._config import ConnectionConfig
-from branchbox.sdk._http1 import InvalidRequest, WireError, WireTimeout, query_string
+from branchbox.sdk._http1 import InvalidRequest, WireError, WireTimeout, fixed_head, query_string
 from branchbox.sdk._sync_http import _Http
 from branchbox.sdk._wire import Wire
 
@@ -232,8 +232,14 @@ def test_sync_timeouts_bad_answers_and_bad_requests(server: str) -> None:
             http.send(rq.Req("GET", "/slow"))
         with pytest.raises(ConnectionError_), http.stream(rq.Req("GET", "/bad-chunk")) as resp:
             resp.read()
+        with pytest.raises(BadRequestError, match="control character"):  # refused before anything is sent
+            http.send(rq.Req("GET", "/x\nHost: elsewhere"))
     finally:
         http.close()
+    assert fixed_head({"x-a": "tab\tis fine"}) == b"x-a: tab\tis fine\r\n"
+    for bad in ({"x-a": "line\r\nx-b: injected"}, {"x\na": "1"}, {"x-a": "nul\x00"}):
+        with pytest.raises(InvalidRequest):
+            fixed_head(bad)
 
 
 # ------------------------------------------------------------------ async

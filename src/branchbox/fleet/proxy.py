@@ -55,7 +55,7 @@ from branchbox.fleet.node import parse_labels
 from branchbox.fleet.registry import Request
 from branchbox.sdk._awire import AsyncWire
 from branchbox.sdk._config import ConnectionConfig
-from branchbox.sdk._http1 import WireError, fixed_head
+from branchbox.sdk._http1 import InvalidRequest, WireError, fixed_head
 
 log = structlog.get_logger("branchbox.fleet")
 
@@ -223,6 +223,9 @@ class FleetFront:
                     content_type=request.headers.get("content-type"),
                 )
             )
+        except InvalidRequest as exc:  # a header the node connection cannot carry: the caller's to fix
+            await stack.aclose()
+            return _error(BadRequestError(f"cannot forward this request: {exc}"))
         except WireError as exc:
             await stack.aclose()
             return _error(

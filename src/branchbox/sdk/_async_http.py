@@ -22,8 +22,8 @@ from websockets.exceptions import InvalidHandshake, InvalidStatus
 import branchbox.sdk._awire as _awire
 import branchbox.sdk._requests as rq
 from branchbox.sdk._config import UNSET, ConnectionConfig, _Unset
-from branchbox.sdk._errors import ConnectionError_, TimeoutException
-from branchbox.sdk._http1 import Reply, WireError, WireTimeout, query_string
+from branchbox.sdk._errors import BadRequestError, ConnectionError_, TimeoutException
+from branchbox.sdk._http1 import InvalidRequest, Reply, WireError, WireTimeout, query_string
 
 Timeout = float | None | _Unset
 Content = bytes | AsyncIterable[bytes] | None
@@ -52,6 +52,8 @@ class _AsyncHttp:
         return None if req.json is None else json.dumps(req.json, separators=(",", ":")).encode("utf-8")
 
     def _failed(self, req: rq.Req, exc: WireError) -> Exception:
+        if isinstance(exc, InvalidRequest):
+            return BadRequestError(f"{req.method} {req.path}: {exc}", code="bad_request")
         if isinstance(exc, WireTimeout):
             return TimeoutException(
                 f"{req.method} {req.path} timed out ({exc}): pass request_timeout= or set BRANCHBOX_REQUEST_TIMEOUT",

@@ -17,6 +17,7 @@ from urllib.parse import quote
 
 MAX_HEAD = 65536
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_IN_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # a header value may hold a tab
 
 # ------------------------------------------------------------------ errors
 
@@ -58,7 +59,7 @@ def query_string(params: Sequence[tuple[str, Any]]) -> str:
 def fixed_head(headers: dict[str, str]) -> bytes:
     """The header lines every request to one daemon carries (host, key...), checked once."""
     for key, value in headers.items():
-        if _CONTROL.search(key) or _CONTROL.search(value):
+        if _CONTROL.search(key) or _CONTROL_IN_VALUE.search(value):
             raise InvalidRequest(f"header {key!r} holds a control character: check the URL and API key")
     return "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode("latin-1")
 

@@ -23,8 +23,8 @@ from websockets.sync.client import ClientConnection, connect
 import branchbox.sdk._requests as rq
 import branchbox.sdk._wire as _wire
 from branchbox.sdk._config import UNSET, ConnectionConfig, _Unset
-from branchbox.sdk._errors import ConnectionError_, TimeoutException
-from branchbox.sdk._http1 import Reply, WireError, WireTimeout, query_string
+from branchbox.sdk._errors import BadRequestError, ConnectionError_, TimeoutException
+from branchbox.sdk._http1 import InvalidRequest, Reply, WireError, WireTimeout, query_string
 
 Timeout = float | None | _Unset
 Content = bytes | Iterable[bytes] | None
@@ -53,6 +53,8 @@ class _Http:
         return None if req.json is None else json.dumps(req.json, separators=(",", ":")).encode("utf-8")
 
     def _failed(self, req: rq.Req, exc: WireError) -> Exception:
+        if isinstance(exc, InvalidRequest):
+            return BadRequestError(f"{req.method} {req.path}: {exc}", code="bad_request")
         if isinstance(exc, WireTimeout):
             return TimeoutException(
                 f"{req.method} {req.path} timed out ({exc}): pass request_timeout= or set BRANCHBOX_REQUEST_TIMEOUT",
