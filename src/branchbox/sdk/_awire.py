@@ -17,20 +17,20 @@ import weakref
 from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
-from urllib.parse import urlsplit
 
 from branchbox.sdk._config import ConnectionConfig, default_ssl_context
 from branchbox.sdk._http1 import (
     LAST_CHUNK,
+    Endpoint,
+    Lines,
     Parser,
+    Recut,
     Reply,
     WireError,
     WireTimeout,
     _Stale,
     chunk,
-    fixed_head,
-    request_head,
-    split_lines,
+    encode,
 )
 
 MAX_IDLE = 64
@@ -198,27 +198,21 @@ class AsyncStreamed:
 
     async def aiter_bytes(self, size: int | None = None) -> AsyncIterator[bytes]:
         """The body in pieces as they come (re-cut to ``size`` bytes, the last one shorter, when given)."""
-        pending = bytearray()
+        cut = Recut(size)
         while (data := await self._next()) is not None:
-            if size is None:
-                yield data
-                continue
-            pending += data
-            while len(pending) >= size:
-                yield bytes(pending[:size])
-                del pending[:size]
-        if pending:
-            yield bytes(pending)
+            for piece in cut.feed(data):
+                yield piece
+        for piece in cut.rest():
+            yield piece
 
     async def aiter_lines(self) -> AsyncIterator[str]:
         """The body's lines (UTF-8, without their line ends) as they come."""
-        pending = b""
+        lines = Lines()
         while (data := await self._next()) is not None:
-            lines, pending = split_lines(pending, data)
-            for line in lines:
+            for line in lines.feed(data):
                 yield line
-        if pending:
-            yield pending.decode("utf-8")
+        for line in lines.rest():
+            yield line
 
     async def aread(self) -> bytes:
         """The rest of the body."""
@@ -230,21 +224,16 @@ class AsyncWire:
 
     def __init__(self, config: ConnectionConfig, *, connect_timeout: float | None = None) -> None:
         self._connect_timeout = connect_timeout  # None: a request's own timeout bounds its connect too
-        parts = urlsplit(config.base_url)
-        self._https = parts.scheme == "https"
-        self._host = parts.hostname or "127.0.0.1"
-        self._port = parts.port or (443 if self._https else 80)
-        self._prefix = parts.path.rstrip("/")
-        self._fixed = fixed_head({**config.headers(), "host": parts.netloc, "accept": "application/json"})
+        self._to = Endpoint.of(config.base_url, config.headers())
         self._idle: list[_Conn] = []
         self.users = 0
 
     async def _new(self, timeout: float | None) -> _Conn:
-        ssl = default_ssl_context() if self._https else None
+        ssl = default_ssl_context() if self._to.https else None
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout):
-                _, conn = await loop.create_connection(_Conn, self._host, self._port, ssl=ssl)
+                _, conn = await loop.create_connection(_Conn, self._to.host, self._to.port, ssl=ssl)
         except TimeoutError as exc:
             raise WireTimeout(f"no connection within {timeout} s") from exc
         except OSError as exc:
@@ -266,37 +255,6 @@ class AsyncWire:
         else:
             self._idle.append(conn)
 
-    def _raw(
-        self,
-        method: str,
-        path: str,
-        body: bytes | None,
-        query: str,
-        content: Content,
-        extra: bytes,
-        content_type: str | None,
-    ) -> tuple[bytes, AsyncIterable[bytes] | None]:
-        """The request's bytes, and its body's chunks when they are to be streamed. The content type is
-        ``content_type``, else JSON for ``body`` and octet-stream for ``content``."""
-        chunks: AsyncIterable[bytes] | None = None
-        payload, kind = body, "application/json"
-        if body is None and content is not None:
-            kind = "application/octet-stream"
-            if isinstance(content, bytes | bytearray | memoryview):
-                payload = bytes(content)
-            else:
-                chunks = content
-        head = request_head(
-            method,
-            self._prefix + path + query,
-            self._fixed,
-            extra=extra,
-            content_type=content_type or kind,
-            length=None if chunks is not None else len(payload or b""),
-            body=payload is not None or chunks is not None,
-        )
-        return (head + payload if payload is not None else head), chunks
-
     async def request(
         self,
         method: str,
@@ -314,7 +272,10 @@ class AsyncWire:
         in CRLF (the fleet controller passes its caller's ``authorization``); ``content_type``: instead of JSON
         for ``body``, octet-stream for ``content``. A reused connection the daemon closed meanwhile is retried once
         on a new one."""
-        raw, chunks = self._raw(method, path, body, query, content, extra, content_type)
+        raw, chunks = encode(
+            method, self._to.prefix + path + query, self._to.fixed, body=body, content=content, extra=extra,
+            content_type=content_type,
+        )  # fmt: skip
         if chunks is None and (conn := self._take()) is not None:
             try:
                 return await self._whole(conn, raw, None, method, timeout, reused=True)
@@ -358,7 +319,10 @@ class AsyncWire:
         content_type: str | None = None,
     ) -> AsyncIterator[AsyncStreamed]:
         """One request whose answer's body is read as it comes, inside the ``async with`` block."""
-        raw, chunks = self._raw(method, path, body, query, content, extra, content_type)
+        raw, chunks = encode(
+            method, self._to.prefix + path + query, self._to.fixed, body=body, content=content, extra=extra,
+            content_type=content_type,
+        )  # fmt: skip
         conn, parser = None, None
         if chunks is None and (conn := self._take()) is not None:
             try:

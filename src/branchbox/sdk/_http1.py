@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from typing import Any
-from urllib.parse import quote
+from typing import Any, NamedTuple, TypeVar
+from urllib.parse import quote, urlsplit
 
 MAX_HEAD = 65536
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -64,6 +64,25 @@ def fixed_head(headers: dict[str, str]) -> bytes:
     return "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode("latin-1")
 
 
+class Endpoint(NamedTuple):
+    """Where a client connects and what every request to that daemon carries."""
+
+    https: bool
+    host: str
+    port: int
+    prefix: str  # the base URL's path, put before every request's
+    fixed: bytes  # header lines every request carries (host, accept, user-agent, authorization)
+
+    @classmethod
+    def of(cls, base_url: str, headers: dict[str, str]) -> Endpoint:
+        parts = urlsplit(base_url)
+        https = parts.scheme == "https"
+        fixed = fixed_head({**headers, "host": parts.netloc, "accept": "application/json"})
+        return cls(
+            https, parts.hostname or "127.0.0.1", parts.port or (443 if https else 80), parts.path.rstrip("/"), fixed
+        )
+
+
 def request_head(
     method: str, target: str, fixed: bytes, *, extra: bytes, content_type: str | None, length: int | None, body: bool
 ) -> bytes:
@@ -80,6 +99,42 @@ def request_head(
         lines.append(b"content-length: %d\r\n" % (length or 0))
     lines.append(b"\r\n")
     return b"".join(lines)
+
+
+_S = TypeVar("_S")
+
+
+def encode(
+    method: str,
+    target: str,
+    fixed: bytes,
+    *,
+    body: bytes | None,
+    content: bytes | _S | None,
+    extra: bytes,
+    content_type: str | None,
+) -> tuple[bytes, _S | None]:
+    """A request's bytes (its head, and its body when it is whole), and its body's pieces when they are to be
+    streamed chunked (``content`` that is neither bytes nor None: an iterable). ``body``: JSON; ``content``:
+    raw; ``content_type`` instead of either's."""
+    pieces: _S | None = None
+    payload, kind = body, "application/json"
+    if body is None and content is not None:
+        kind = "application/octet-stream"
+        if isinstance(content, bytes | bytearray | memoryview):
+            payload = bytes(content)
+        else:
+            pieces = content
+    head = request_head(
+        method,
+        target,
+        fixed,
+        extra=extra,
+        content_type=content_type or kind,
+        length=None if pieces is not None else len(payload or b""),
+        body=payload is not None or pieces is not None,
+    )
+    return (head + payload if payload is not None else head), pieces
 
 
 def chunk(data: bytes) -> bytes:
@@ -234,7 +289,40 @@ class Parser:
         return b"".join(parts)
 
 
-def split_lines(pending: bytes, data: bytes) -> tuple[list[str], bytes]:
-    """The complete lines of ``pending + data`` (ended by \\n; a \\r before it is dropped) and the rest."""
-    *lines, rest = (pending + data).split(b"\n")
-    return [line.removesuffix(b"\r").decode("utf-8") for line in lines], rest
+class Recut:
+    """Body pieces as they come, re-cut to ``size`` bytes (the last one shorter); ``size`` None: as they come."""
+
+    __slots__ = ("pending", "size")
+
+    def __init__(self, size: int | None) -> None:
+        self.size = size
+        self.pending = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if self.size is None:
+            return [data]
+        self.pending += data
+        out = []
+        while len(self.pending) >= self.size:
+            out.append(bytes(self.pending[: self.size]))
+            del self.pending[: self.size]
+        return out
+
+    def rest(self) -> list[bytes]:
+        return [bytes(self.pending)] if self.pending else []
+
+
+class Lines:
+    """A body's lines (UTF-8, ended by \\n; a \\r before it is dropped) as its pieces come."""
+
+    __slots__ = ("pending",)
+
+    def __init__(self) -> None:
+        self.pending = b""
+
+    def feed(self, data: bytes) -> list[str]:
+        *lines, self.pending = (self.pending + data).split(b"\n")
+        return [line.removesuffix(b"\r").decode("utf-8") for line in lines]
+
+    def rest(self) -> list[str]:
+        return [self.pending.decode("utf-8")] if self.pending else []

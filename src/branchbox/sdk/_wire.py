@@ -18,21 +18,21 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
-from urllib.parse import urlsplit
 
 from branchbox.sdk._config import ConnectionConfig, default_ssl_context
 from branchbox.sdk._http1 import (
     LAST_CHUNK,
+    Endpoint,
     InvalidRequest,
+    Lines,
     Parser,
+    Recut,
     Reply,
     WireError,
     WireTimeout,
     _Stale,
     chunk,
-    fixed_head,
-    request_head,
-    split_lines,
+    encode,
 )
 
 __all__ = ["InvalidRequest", "Reply", "Streamed", "Wire", "WireError", "WireTimeout", "shared_wire"]
@@ -92,26 +92,17 @@ class Streamed:
 
     def iter_bytes(self, size: int | None = None) -> Iterator[bytes]:
         """The body in pieces as they come (re-cut to ``size`` bytes, the last one shorter, when given)."""
-        pending = bytearray()
+        cut = Recut(size)
         while (data := self._next()) is not None:
-            if size is None:
-                yield data
-                continue
-            pending += data
-            while len(pending) >= size:
-                yield bytes(pending[:size])
-                del pending[:size]
-        if pending:
-            yield bytes(pending)
+            yield from cut.feed(data)
+        yield from cut.rest()
 
     def iter_lines(self) -> Iterator[str]:
         """The body's lines (UTF-8, without their line ends) as they come."""
-        pending = b""
+        lines = Lines()
         while (data := self._next()) is not None:
-            lines, pending = split_lines(pending, data)
-            yield from lines
-        if pending:
-            yield pending.decode("utf-8")
+            yield from lines.feed(data)
+        yield from lines.rest()
 
     def read(self) -> bytes:
         """The rest of the body."""
@@ -132,22 +123,17 @@ class Wire:
     """A small pool of keep-alive connections to one daemon. Thread-safe; ``close()`` drops them all."""
 
     def __init__(self, config: ConnectionConfig) -> None:
-        parts = urlsplit(config.base_url)
-        self._https = parts.scheme == "https"
-        self._host = parts.hostname or "127.0.0.1"
-        self._port = parts.port or (443 if self._https else 80)
-        self._prefix = parts.path.rstrip("/")
-        self._head = fixed_head({**config.headers(), "host": parts.netloc, "accept": "application/json"})
+        self._to = Endpoint.of(config.base_url, config.headers())
         self._idle: list[_Conn] = []
         self._lock = threading.Lock()
         self._closed = False
 
     def _new(self, timeout: float | None) -> _Conn:
         try:
-            sock = socket.create_connection((self._host, self._port), timeout=timeout)
+            sock = socket.create_connection((self._to.host, self._to.port), timeout=timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self._https:
-                sock = default_ssl_context().wrap_socket(sock, server_hostname=self._host)
+            if self._to.https:
+                sock = default_ssl_context().wrap_socket(sock, server_hostname=self._to.host)
         except TimeoutError as exc:
             raise WireTimeout(f"no connection within {timeout} s") from exc
         except OSError as exc:
@@ -252,24 +238,10 @@ class Wire:
         content_type: str | None,
     ) -> tuple[_Conn, Parser]:
         """Send the request; the connection and a parser holding the answer's head."""
-        chunks: Iterable[bytes] | None = None
-        payload, kind = body, "application/json"
-        if body is None and content is not None:
-            kind = "application/octet-stream"
-            if isinstance(content, bytes | bytearray | memoryview):
-                payload = bytes(content)
-            else:
-                chunks = content
-        head = request_head(
-            method,
-            self._prefix + path + query,
-            self._head,
-            extra=extra,
-            content_type=content_type or kind,
-            length=None if chunks is not None else len(payload or b""),
-            body=payload is not None or chunks is not None,
-        )
-        raw = head + payload if payload is not None else head
+        raw, chunks = encode(
+            method, self._to.prefix + path + query, self._to.fixed, body=body, content=content, extra=extra,
+            content_type=content_type,
+        )  # fmt: skip
         if chunks is None:  # a request that can be sent again: try an idle connection first
             conn = self._take()
             if conn is not None:
