@@ -20,7 +20,7 @@ VM_APT_PACKAGES := qemu-system-x86 qemu-utils e2fsprogs lz4 busybox-static cpio
 # image import: skopeo copies images into an OCI layout. Only `make test` installs the tests' local registry,
 # htpasswd, dockerd and sshd (git workspaces over ssh) (on a systemd host these packages start services; the tests
 # run their own instances). openssh-client: ssh repositories of git workspaces
-TEST_APT_PACKAGES := docker-registry apache2-utils docker.io openssh-server
+TEST_APT_PACKAGES := docker-registry apache2-utils docker.io openssh-server openssl
 APT_PACKAGES := mmdebstrap bubblewrap busybox-static git openssh-client ca-certificates iproute2 nftables libseccomp2 \
 	python3 python3-venv tar xz-utils zstd btrfs-progs skopeo $(VM_APT_PACKAGES)
 BENCH_APT_PACKAGES := docker.io

@@ -14,6 +14,7 @@ import atexit
 import os
 import select
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -259,7 +260,7 @@ class Wire:
         parser = Parser(conn.buf, head_only=method == "HEAD")
         try:
             conn.sock.settimeout(timeout)
-            failed = _send(conn.sock, raw, chunks)
+            failed = _send(conn, raw, chunks, parser, timeout)
             answered = _read_head(conn, parser)
         except TimeoutError as exc:
             conn.close()
@@ -284,14 +285,17 @@ class Wire:
             conn.close()
 
 
-def _send(sock: socket.socket, raw: bytes, chunks: Iterable[bytes] | None) -> OSError | None:
+def _send(
+    conn: _Conn, raw: bytes, chunks: Iterable[bytes] | None, parser: Parser, timeout: float | None
+) -> OSError | None:
     """Write the request (``chunks``: its body, chunked); a write the daemon broke off is returned, not raised, as
     is an answer that came before the whole body was sent (an error: the daemon will not read the rest)."""
+    sock = conn.sock
     try:
         sock.sendall(raw)
         if chunks is not None:
             for data in chunks:
-                if select.select([sock], [], [], 0)[0]:
+                if _answered_early(conn, parser, timeout):
                     return ConnectionAbortedError("the daemon answered before the whole body was sent")
                 if data:
                     sock.sendall(chunk(data))
@@ -299,6 +303,22 @@ def _send(sock: socket.socket, raw: bytes, chunks: Iterable[bytes] | None) -> OS
     except (BrokenPipeError, ConnectionResetError) as exc:
         return exc
     return None
+
+
+def _answered_early(conn: _Conn, parser: Parser, timeout: float | None) -> bool:
+    """Whether the daemon answered (or closed) while the body is still being sent. Readable is not enough: over
+    TLS the server's session tickets make the socket readable with no answer in them."""
+    if not select.select([conn.sock], [], [], 0)[0]:
+        return False
+    conn.sock.settimeout(0)
+    try:
+        if not conn.fill():
+            return True  # closed: stop sending, reading the answer tells the rest
+    except (BlockingIOError, ssl.SSLWantReadError):
+        return False  # TLS housekeeping, no application data
+    finally:
+        conn.sock.settimeout(timeout)
+    return parser.parse_head()
 
 
 def _read_head(conn: _Conn, parser: Parser) -> bool:
