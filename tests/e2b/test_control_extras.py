@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import signal
 
 import httpx
 import pytest
 from e2b.exceptions import InvalidArgumentException, SandboxException, SandboxNotFoundException
 
 from e2b import AsyncSandbox, PtySize, Sandbox, Secret, Template, Volume
+from tests.conftest import DaemonProc
 from tests.e2b.conftest import E2BDaemon
 
 pytestmark = pytest.mark.timeout(300)
@@ -134,3 +136,26 @@ async def test_idempotency_key_makes_one_sandbox(e2b_env: E2BDaemon) -> None:
         assert r.status_code == 400 and set(r.json()) == {"code", "message"}
     finally:
         await made[0].kill()
+
+
+def test_an_idempotency_key_outlives_a_daemon_restart(restartable_daemon: DaemonProc) -> None:
+    """A create answered before a restart is not made again by a retry after it (nor after a kill -9): the key is
+    kept in the daemon's SQLite file before the create is answered; another body with the key is still refused."""
+    d = restartable_daemon
+    key = "restart-" + secrets.token_hex(6)
+    first = Sandbox.create("default", timeout=300, idempotency_key=key)
+    try:
+        d.stop()
+        d.start()
+        again = Sandbox.create("default", timeout=300, idempotency_key=key)
+        assert again.sandbox_id == first.sandbox_id
+        assert again.commands.run("echo same").stdout == "same\n"
+        d.stop(signal.SIGKILL)  # a crash: what was answered is kept as well
+        d.start()
+        assert Sandbox.create("default", timeout=300, idempotency_key=key).sandbox_id == first.sandbox_id
+        with pytest.raises(SandboxException, match="another request"):
+            Sandbox.create("default", timeout=300, metadata={"x": "y"}, idempotency_key=key)
+        listed = httpx.get(f"{d.url}/v1/sandboxes", headers=d.headers, timeout=30).json()
+        assert [s["sandbox_id"] for s in listed] == [first.sandbox_id]  # one sandbox, whatever the retries
+    finally:
+        Sandbox.kill(first.sandbox_id)

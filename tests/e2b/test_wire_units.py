@@ -7,12 +7,13 @@ import base64
 import gzip
 import json
 import struct
+from pathlib import Path
 from typing import Any
 
 import pytest
 from e2b.sandbox.signature import get_signature
 
-from branchbox.e2b import connect
+from branchbox.e2b import connect, idempotency
 from branchbox.e2b.connect import RpcError
 from branchbox.e2b.idempotency import IdempotencyKeys, KeyReusedError
 from branchbox.e2b.state import basic_user, resolve_path
@@ -160,3 +161,34 @@ async def test_idempotency_keys_make_one_sandbox_per_caller_and_key() -> None:
     gone.cancel()  # the first caller went away: the one waiting creates instead
     assert await waiter == "sbx-3"
     assert len(keys) == 4
+
+
+async def test_idempotency_keys_kept_in_sqlite_outlive_the_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a restarted daemon sees: a new IdempotencyKeys on the same file answers a key's sandbox without
+    creating, refuses another body, forgets keys past the TTL, and a first create that failed left nothing."""
+    db = tmp_path / "state.db"
+    calls: list[str] = []
+
+    async def create() -> str:
+        calls.append("made")
+        return f"sbx-{len(calls)}"
+
+    async def fails() -> str:
+        raise ValueError("bad template")
+
+    before = IdempotencyKeys(db)
+    assert await before.once("alice", "k", b"{}", create) == "sbx-1"
+    with pytest.raises(ValueError, match="bad template"):
+        await before.once("alice", "f", b"{}", fails)
+    after = IdempotencyKeys(db)  # the restarted daemon
+    assert await after.once("alice", "k", b"{}", create) == "sbx-1"
+    assert calls == ["made"]
+    with pytest.raises(KeyReusedError):
+        await after.once("alice", "k", b'{"other": 1}', create)
+    assert await after.once("bob", "k", b"{}", create) == "sbx-2"  # the key is the caller's own
+    assert await after.once("alice", "f", b"{}", create) == "sbx-3"  # the failed create kept nothing
+    later = idempotency._now() + idempotency.TTL_S + 1
+    monkeypatch.setattr(idempotency, "_now", lambda: later)
+    assert await IdempotencyKeys(db).once("alice", "k", b"{}", create) == "sbx-4"  # past the TTL: a new create

@@ -42,7 +42,9 @@ class E2BState:
 
     @classmethod
     def of(cls, manager: Manager, check_key: Callable[[str | None], None]) -> E2BState:
-        return cls(manager, check_key, Tokens(load_secret(manager.settings.data_dir)))
+        data_dir = manager.settings.data_dir
+        keys = IdempotencyKeys(data_dir / "state.db")  # kept across restarts with the sandboxes they made
+        return cls(manager, check_key, Tokens(load_secret(data_dir)), idempotency=keys)
 
     def default_user(self, template_digest: str) -> str | None:
         """The ``user`` of the sandbox's template spec (``base``: ``user``), what envd runs as when the request
