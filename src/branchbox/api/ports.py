@@ -142,6 +142,7 @@ class PortProxy:
             headers, query, cookie = _authorize(ctx, scope, sandbox_id, by_host=by_host)
             if not 0 < port < 65536:
                 raise BadRequestError(f"port {port} is out of range: use 1-65535")
+            await ctx.manager.awake(sandbox_id)  # paused with auto_resume: traffic wakes it; else a clear 409
             address = (await ctx.manager.get_network(sandbox_id)).address
         except BranchboxError as exc:
             ctx.metrics.count_api_error(exc.code)

@@ -36,6 +36,7 @@ async def download(
         Query(ge=0, description="Refuse (413 payload_too_large, before any byte) a file larger than this."),
     ] = None,
 ) -> StreamingResponse:
+    await ctx.manager.awake(sandbox_id)
     return await _streamed(ctx.manager.download(sandbox_id, path, max_size=max_size), "application/octet-stream")
 
 
@@ -48,6 +49,7 @@ async def download(
     "name. Symlinks are archived as links; sockets and devices are left out.",
 )
 async def download_archive(sandbox_id: SandboxId, path: PathQuery, ctx: Ctx) -> StreamingResponse:
+    await ctx.manager.awake(sandbox_id)
     return await _streamed(ctx.manager.download_archive(sandbox_id, path), "application/x-tar")
 
 

@@ -55,6 +55,7 @@ async def create(ctx: AppContext, body: CreateSandboxRequest) -> SandboxResponse
         allow_internet_access=body.allow_internet_access,
         network=None if body.network is None else body.network.model_dump(exclude_none=True),
         on_timeout=body.on_timeout,
+        auto_resume=body.auto_resume,
     )
     return SandboxResponse.of(info)
 

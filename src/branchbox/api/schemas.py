@@ -131,6 +131,11 @@ class CreateSandboxRequest(_Strict):
         description="What reaching the timeout does: destroy the sandbox, or pause it (kept until resumed or "
         "destroyed; a resume starts its timeout again).",
     )
+    auto_resume: bool = Field(
+        default=False,
+        description="With on_timeout=pause: the next call that needs the sandbox running (a command, a file, a "
+        "terminal, its ports) resumes it first.",
+    )
 
 
 class SandboxResponse(BaseModel):
@@ -151,6 +156,7 @@ class SandboxResponse(BaseModel):
     timings: dict[str, float] = Field(description="Per-phase duration of the create, in milliseconds.")
     error: str | None = None
     on_timeout: str = Field(default="destroy", description="destroy or pause: what reaching end_at does.")
+    auto_resume: bool = Field(default=False, description="Paused, it is resumed by the next call that needs it.")
 
     @classmethod
     def of(cls, info: SandboxInfo) -> SandboxResponse:
@@ -172,6 +178,7 @@ class SandboxResponse(BaseModel):
             timings=dict(info.timings),
             error=info.error,
             on_timeout=info.lifecycle.on_timeout,
+            auto_resume=info.lifecycle.auto_resume,
         )
 
 

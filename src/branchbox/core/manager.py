@@ -107,7 +107,7 @@ class Manager:
         net = NetworkService(rt)
         self._boot = boot = BootService(rt, layers, net)
         life = Lifecycle(rt, boot, net)
-        self._calls = calls = SandboxCalls(rt)
+        self._calls = calls = SandboxCalls(rt, wake=life.resume)
         snaps = SnapshotService(rt, boot, net)
         self._warm = warm = WarmPools(rt, life)
         # the commands (docstrings on the services)
@@ -118,6 +118,7 @@ class Manager:
         self.pause = life.pause
         self.resume = life.resume
         self.destroy = life.destroy
+        self.awake = calls.awake
         self.exec = calls.exec
         self.spawn = calls.spawn
         self.attach = calls.attach

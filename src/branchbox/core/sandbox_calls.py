@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -27,12 +28,34 @@ EXIT_GRACE_S = 2.0  # a lost agent connection waits this long for the init's exi
 
 
 class SandboxCalls:
-    def __init__(self, rt: Runtime) -> None:
+    """``wake``: resumes a paused sandbox (the lifecycle's resume), for those created with ``auto_resume``."""
+
+    def __init__(self, rt: Runtime, wake: Callable[[str], Awaitable[object]] | None = None) -> None:
         self.rt = rt
+        self._wake = wake
         self.liveness = Watchdog(self._check_agents)  # runs while agent calls are open (core/liveness.py)
 
     def _running(self, sandbox_id: str) -> Live:
         return self.rt.require(sandbox_id, SandboxState.RUNNING)
+
+    async def _live(self, sandbox_id: str) -> Live:
+        """The running sandbox; a paused one created with ``auto_resume`` is resumed for the call first."""
+        live = self.rt.live.get(sandbox_id)
+        if (
+            live is not None
+            and live.info.state is SandboxState.PAUSED
+            and live.info.lifecycle.auto_resume
+            and self._wake is not None
+        ):
+            with contextlib.suppress(InvalidStateError):  # destroyed meanwhile: the check below says so
+                await self._wake(sandbox_id)
+        return self._running(sandbox_id)
+
+    async def awake(self, sandbox_id: str) -> None:
+        """Resume the sandbox if it is paused and was created with ``auto_resume`` (what every call here does
+        first; for callers that reach it otherwise: a download's first check, the port proxy). Raises as a call
+        would when it is not running then."""
+        await self._live(sandbox_id)
 
     async def exec(
         self,
@@ -51,7 +74,7 @@ class SandboxCalls:
         """Run a command to its exit. The result keeps at most ``max_output`` bytes of each stream (never more
         than the ``max_output_bytes`` setting); the rest is drained, given to the callbacks and dropped, and the
         result says ``stdout_truncated`` / ``stderr_truncated``."""
-        live = self._running(sandbox_id)
+        live = await self._live(sandbox_id)
         validate.command(cmd)
         validate.stdin(stdin)
         env_ = validate.env(env)
@@ -87,7 +110,7 @@ class SandboxCalls:
         pty: tuple[int, int] | None = None,
         timeout: float | None = None,
     ) -> ProcessHandle:
-        live = self._running(sandbox_id)
+        live = await self._live(sandbox_id)
         validate.command(cmd)
         env_ = validate.env(env)
         return await self._agent_call(
@@ -95,19 +118,19 @@ class SandboxCalls:
         )
 
     async def attach(self, sandbox_id: str, pid: int) -> ProcessHandle:
-        live = self._running(sandbox_id)
+        live = await self._live(sandbox_id)
         return await self._agent_call(live, live.agent.attach(pid))
 
     async def list_processes(self, sandbox_id: str) -> builtins.list[ProcessInfo]:
-        live = self._running(sandbox_id)
+        live = await self._live(sandbox_id)
         return await self._agent_call(live, live.agent.list_processes())
 
     async def kill_process(self, sandbox_id: str, pid: int, signal: int = 9) -> None:
-        live = self._running(sandbox_id)
+        live = await self._live(sandbox_id)
         await self._agent_call(live, live.agent.kill(pid, signal))
 
     async def read_file(self, sandbox_id: str, path: str) -> bytes:
-        live = self._running(sandbox_id)
+        live = await self._live(sandbox_id)
         return await self._agent_call(live, live.agent.read_file(path))
 
     def download(self, sandbox_id: str, path: str, *, max_size: int | None = None) -> AsyncIterator[bytes]:
@@ -122,7 +145,7 @@ class SandboxCalls:
         return self._stream_out(live, live.agent.download_archive(path))
 
     async def write_file(self, sandbox_id: str, path: str, data: bytes, *, mode: int | None = None) -> FileEntry:
-        live = self._running(sandbox_id)
+        live = await self._live(sandbox_id)
         return await self._agent_call(live, live.agent.write_file(path, data, mode=mode))
 
     async def upload(
@@ -138,41 +161,41 @@ class SandboxCalls:
         """Stream a file into the sandbox (temp file, then renamed into place). ``owner`` (a user of the sandbox):
         a new file and the parent directories the write creates are that user's, not root's. ``xattrs``: extended
         attributes (``user.*`` names) the file gets; a replaced file's ``user.*`` attributes are kept."""
-        live = self._running(sandbox_id)
+        live = await self._live(sandbox_id)
         return await self._agent_call(live, live.agent.upload(path, chunks, mode=mode, owner=owner, xattrs=xattrs))
 
     async def upload_archive(self, sandbox_id: str, path: str, chunks: AsyncIterable[bytes]) -> ArchiveResult:
         """Unpack a tar stream into the sandbox directory ``path`` (created with its parents)."""
-        live = self._running(sandbox_id)
+        live = await self._live(sandbox_id)
         return await self._agent_call(live, live.agent.upload_archive(path, chunks))
 
     async def list_files(
         self, sandbox_id: str, path: str, *, depth: int = 1, xattrs: str | None = None
     ) -> builtins.list[FileEntry]:
         """Entries under ``path``; ``xattrs`` (a ``user.*`` name prefix): with those extended attributes."""
-        live = self._running(sandbox_id)
+        live = await self._live(sandbox_id)
         return await self._agent_call(live, live.agent.list_dir(path, depth=depth, xattrs=xattrs))
 
     async def stat(self, sandbox_id: str, path: str, *, xattrs: str | None = None) -> FileEntry:
-        live = self._running(sandbox_id)
+        live = await self._live(sandbox_id)
         return await self._agent_call(live, live.agent.stat(path, xattrs=xattrs))
 
     async def mkdir(self, sandbox_id: str, path: str) -> FileEntry:
-        live = self._running(sandbox_id)
+        live = await self._live(sandbox_id)
         return await self._agent_call(live, live.agent.mkdir(path))
 
     async def remove(self, sandbox_id: str, path: str, *, recursive: bool = False) -> None:
-        live = self._running(sandbox_id)
+        live = await self._live(sandbox_id)
         await self._agent_call(live, live.agent.remove(path, recursive=recursive))
 
     async def rename(self, sandbox_id: str, src: str, dst: str) -> FileEntry:
-        live = self._running(sandbox_id)
+        live = await self._live(sandbox_id)
         return await self._agent_call(live, live.agent.rename(src, dst))
 
     async def watch_dir(self, sandbox_id: str, path: str, *, recursive: bool = False) -> DirWatch:
         """Watch a sandbox directory (inotify, by its agent): the handle yields FileEvents as they happen until
         the directory is removed or the handle is closed (``aclose``, which removes the watches)."""
-        live = self._running(sandbox_id)
+        live = await self._live(sandbox_id)
         return await self._agent_call(live, live.agent.watch(path, recursive=recursive))
 
     def open_agent_calls(self) -> int:

@@ -32,6 +32,7 @@ class SandboxInfo:
     timings: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     on_timeout: str = "destroy"  # or "pause": what reaching end_at does
+    auto_resume: bool = False  # paused, it is resumed by the next call that needs it running
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> SandboxInfo:
@@ -55,6 +56,7 @@ class SandboxInfo:
             timings={k: float(v) for k, v in (d.get("timings") or {}).items()},
             error=d.get("error"),
             on_timeout=d.get("on_timeout", "destroy"),
+            auto_resume=bool(d.get("auto_resume", False)),
         )
 
 

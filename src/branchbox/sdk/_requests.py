@@ -54,6 +54,7 @@ def create_sandbox(
     allow_internet_access: bool | None = None,
     network: Mapping[str, Any] | None = None,
     on_timeout: str | None = None,
+    auto_resume: bool | None = None,
 ) -> Req:
     body = _drop_none(
         {
@@ -71,6 +72,7 @@ def create_sandbox(
             "allow_internet_access": allow_internet_access,
             "network": dict(network) if network is not None else None,
             "on_timeout": on_timeout,
+            "auto_resume": auto_resume,
         }
     )
     if snapshot is not None and template == "default":

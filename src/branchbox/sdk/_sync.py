@@ -73,13 +73,15 @@ class Sandbox:
         allow_internet_access: bool | None = None,
         network: Mapping[str, Any] | None = None,
         on_timeout: str | None = None,
+        auto_resume: bool | None = None,
         base_url: str | None = None,
         api_key: str | None = None,
         request_timeout: Timeout = UNSET,
     ) -> Sandbox:
         """Create a sandbox. ``timeout`` is its lifetime in seconds (None: the daemon's default); ``on_timeout``
         says what its end does: ``"destroy"`` (the default) or ``"pause"`` (kept paused until resumed or killed;
-        a resume starts its timeout again).
+        a resume starts its timeout again). ``auto_resume`` (with ``"pause"``): the next call that needs the
+        sandbox running (a command, a file, a terminal, its ports) resumes it first.
 
         ``snapshot`` (id or name) restores that snapshot into the new sandbox (its template wins). ``disk_mb``
         limits what the sandbox may write (MiB; None: the daemon's default): past it, writes inside fail with
@@ -101,6 +103,7 @@ class Sandbox:
                 allow_internet_access=allow_internet_access,
                 network=network,
                 on_timeout=on_timeout,
+                auto_resume=auto_resume,
             )
             info = SandboxInfo.from_json((http.send(req)).json())
         except BaseException:
