@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -191,3 +192,31 @@ def _cp_directories_and_pipes(url: str, sid: str, tmp_path: Path) -> None:
     assert "Traceback" not in missing.stderr
     gone = bb("cp", f"{sid}:/work/nope", str(tmp_path), url=url)
     assert gone.returncode == 1 and "file_not_found" in gone.stderr and "Traceback" not in gone.stderr
+
+
+@pytest.mark.root
+def test_create_with_pause_on_timeout_and_auto_resume(daemon: DaemonProc) -> None:
+    """`branchbox create --on-timeout pause --auto-resume`: paused at its timeout, woken by the next exec."""
+    made = bb("create", "--timeout", "2", "--on-timeout", "pause", "--auto-resume", "--json", url=daemon.url)
+    assert made.returncode == 0, made.stderr
+    info = json.loads(made.stdout)
+    assert (info["on_timeout"], info["auto_resume"]) == ("pause", True)
+    sid = info["sandbox_id"]
+
+    def state(sid: str) -> str:
+        return str(
+            next(s["state"] for s in json.loads(bb("ls", "--json", url=daemon.url).stdout) if s["sandbox_id"] == sid)
+        )
+
+    try:
+        deadline = time.monotonic() + 90  # a bound on a loaded host
+        while state(sid) != "paused":
+            assert time.monotonic() < deadline, "the sandbox did not pause at its timeout"
+            time.sleep(0.3)
+        woken = bb("exec", sid, "--", "echo", "awake", url=daemon.url)
+        assert (woken.returncode, woken.stdout) == (0, "awake\n"), woken.stderr
+        assert state(sid) == "running"
+        bad = bb("create", "--auto-resume", url=daemon.url)  # without --on-timeout pause: refused, clearly
+        assert bad.returncode != 0 and "auto_resume needs on_timeout='pause'" in bad.stderr
+    finally:
+        bb("rm", sid, url=daemon.url)

@@ -86,6 +86,8 @@ def _info_json(i: SandboxInfo) -> dict[str, Any]:
         "cpu": i.cpu,
         "memory_mb": i.memory_mb,
         "disk_mb": i.disk_mb,
+        "on_timeout": i.on_timeout,
+        "auto_resume": i.auto_resume,
         "timings": i.timings,
     }
 
@@ -103,6 +105,13 @@ def _info_json(i: SandboxInfo) -> dict[str, Any]:
 @click.option("--internet/--no-internet", default=None, help="Egress to the public internet (default: on).")
 @click.option("--allow-out", multiple=True, metavar="CIDR|DOMAIN", help="Allowed destinations (docs/networking.md).")
 @click.option("--deny-out", multiple=True, metavar="CIDR|DOMAIN", help="Denied destinations (allow-out wins).")
+@click.option(
+    "--on-timeout",
+    type=click.Choice(["destroy", "pause"]),
+    default=None,
+    help="What reaching the timeout does (default: destroy); pause keeps it until resumed.",
+)
+@click.option("--auto-resume", is_flag=True, help="With --on-timeout pause: the next command or file call resumes it.")
 @click.pass_obj
 def create(
     conn: _Conn,
@@ -118,6 +127,8 @@ def create(
     internet: bool | None,
     allow_out: tuple[str, ...],
     deny_out: tuple[str, ...],
+    on_timeout: str | None,
+    auto_resume: bool,
 ) -> None:
     """Create a sandbox and print its id."""
     net = network_patch(allow_out, deny_out, None)
@@ -132,6 +143,8 @@ def create(
             disk_mb=disk_mb,
             allow_internet_access=internet,
             network=net or None,
+            on_timeout=on_timeout,
+            auto_resume=auto_resume or None,
             base_url=conn.url,
             api_key=conn.api_key,
         )
