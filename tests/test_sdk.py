@@ -53,10 +53,12 @@ def test_all_is_exported() -> None:
 
 
 def test_sdk_imports_nothing_of_the_daemon() -> None:
+    """Nor httpx (one client stack, its own), nor websockets until a WebSocket is opened."""
     code = (
         "import sys, branchbox.sdk\n"
         "bad = [m for m in sys.modules\n"
-        "       if m.split('.')[0] in ('fastapi', 'uvicorn', 'starlette', 'structlog', 'httpx', 'httpcore')\n"
+        "       if m.split('.')[0] in ('fastapi', 'uvicorn', 'starlette', 'structlog', 'httpx', 'httpcore',\n"
+        "                              'websockets')\n"
         "       or m.startswith(('branchbox.core', 'branchbox.api', 'branchbox.daemon', 'branchbox.agent'))]\n"
         "print(bad)\n"
     )

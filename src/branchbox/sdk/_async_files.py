@@ -14,10 +14,7 @@ import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import IO, Any, Literal, overload
-
-from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import ConnectionClosed
+from typing import IO, TYPE_CHECKING, Any, Literal, overload
 
 import branchbox.sdk._requests as rq
 import branchbox.sdk._tar as _tar
@@ -26,6 +23,9 @@ from branchbox.sdk._concurrency import aoffload
 from branchbox.sdk._config import UNSET
 from branchbox.sdk._errors import FileNotFoundError_
 from branchbox.sdk._models import MAX_READ_BYTES, ArchiveInfo, EntryInfo, FilesystemEvent
+
+if TYPE_CHECKING:  # websockets itself is imported on first use, by ws()
+    from websockets.asyncio.client import ClientConnection
 
 CHUNK = 256 * 1024
 
@@ -188,6 +188,8 @@ class AsyncFiles:
                 async for event in events:
                     print(event.type, event.name)
         """
+        from websockets.exceptions import ConnectionClosed  # noqa: PLC0415 - websockets only once one is used
+
         ws = await self._sandbox._http.ws(rq.watch_path(self._sid), binary=False, query=rq.watch_query(path, recursive))
         try:
             try:
@@ -201,6 +203,8 @@ class AsyncFiles:
 
 
 async def _watch_events(ws: ClientConnection) -> AsyncIterator[FilesystemEvent]:
+    from websockets.exceptions import ConnectionClosed  # noqa: PLC0415
+
     try:
         async for raw in ws:
             item = rq.watch_message(raw)

@@ -14,16 +14,16 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Protocol
-
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import InvalidHandshake, InvalidStatus
+from typing import TYPE_CHECKING, Protocol
 
 import branchbox.sdk._awire as _awire
 import branchbox.sdk._requests as rq
 from branchbox.sdk._config import UNSET, ConnectionConfig, _Unset
 from branchbox.sdk._errors import BadRequestError, ConnectionError_, TimeoutException
 from branchbox.sdk._http1 import InvalidRequest, Reply, WireError, WireTimeout, query_string
+
+if TYPE_CHECKING:  # websockets itself is imported on first use, by ws()
+    from websockets.asyncio.client import ClientConnection
 
 Timeout = float | None | _Unset
 Content = bytes | AsyncIterable[bytes] | None
@@ -104,7 +104,11 @@ class _AsyncHttp:
             raise self._failed(req, exc) from exc
 
     async def ws(self, path: str, *, binary: bool, query: str = "") -> ClientConnection:
-        """A WebSocket to an API path; ``query``: more of the query string, already encoded."""
+        """A WebSocket to an API path; ``query``: more of the query string, already encoded. websockets is
+        imported here, on first use: a program making no WebSocket (most CLI commands) does not load it."""
+        from websockets.asyncio.client import connect  # noqa: PLC0415
+        from websockets.exceptions import InvalidHandshake, InvalidStatus  # noqa: PLC0415
+
         url = self.config.ws_url(path, encoding="base64" if binary else "text") + (f"&{query}" if query else "")
         try:
             ws = await connect(

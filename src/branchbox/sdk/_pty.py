@@ -8,15 +8,16 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
-
-from websockets.asyncio.client import ClientConnection as AsyncConnection
-from websockets.exceptions import ConnectionClosed
-from websockets.sync.client import ClientConnection as SyncConnection
+from typing import TYPE_CHECKING
 
 import branchbox.sdk._requests as rq
 from branchbox.sdk._concurrency import acall
 from branchbox.sdk._errors import TimeoutException
 from branchbox.sdk._models import CommandResult
+
+if TYPE_CHECKING:  # websockets is imported once a terminal is opened (sdk/_async_http.py)
+    from websockets.asyncio.client import ClientConnection as AsyncConnection
+    from websockets.sync.client import ClientConnection as SyncConnection
 
 
 class AsyncPtyHandle:
@@ -31,6 +32,8 @@ class AsyncPtyHandle:
         self._task = asyncio.create_task(self._read())
 
     async def _read(self) -> CommandResult:
+        from websockets.exceptions import ConnectionClosed  # noqa: PLC0415
+
         try:
             return await self._loop()
         except ConnectionClosed as exc:
@@ -121,6 +124,8 @@ class PtyHandle:
         self._pid.set()
 
     def _read(self) -> None:
+        from websockets.exceptions import ConnectionClosed  # noqa: PLC0415
+
         try:
             t0 = time.perf_counter()
             for raw in self._ws:

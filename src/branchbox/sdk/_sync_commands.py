@@ -15,10 +15,7 @@ import dataclasses
 import shlex
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Literal, Protocol, overload
-
-from websockets.exceptions import ConnectionClosed
-from websockets.sync.client import ClientConnection
+from typing import TYPE_CHECKING, Literal, Protocol, overload
 
 import branchbox.sdk._requests as rq
 from branchbox.sdk._concurrency import call
@@ -28,6 +25,9 @@ from branchbox.sdk._models import CommandResult, OutputCollector, ProcessInfo
 from branchbox.sdk._pty import PtyHandle
 from branchbox.sdk._sync_http import Timeout, _Owner
 from branchbox.sdk._workspaces import clone_command
+
+if TYPE_CHECKING:  # websockets itself is imported on first use, by ws()
+    from websockets.sync.client import ClientConnection
 
 OutputCallback = Callable[[str], object]  # (async flavour) may return an awaitable, which is awaited
 
@@ -47,6 +47,8 @@ def _consume(
     on_stderr: OutputCallback | None,
     max_output: int | None = None,
 ) -> CommandResult:
+    from websockets.exceptions import ConnectionClosed  # noqa: PLC0415 - websockets only once one is used
+
     t0 = time.perf_counter()
     kept = OutputCollector() if max_output is None else OutputCollector(max_output)
     try:

@@ -15,10 +15,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Literal, overload
-
-from websockets.exceptions import ConnectionClosed
-from websockets.sync.client import ClientConnection
+from typing import IO, TYPE_CHECKING, Any, Literal, overload
 
 import branchbox.sdk._requests as rq
 import branchbox.sdk._tar as _tar
@@ -27,6 +24,9 @@ from branchbox.sdk._config import UNSET
 from branchbox.sdk._errors import FileNotFoundError_
 from branchbox.sdk._models import MAX_READ_BYTES, ArchiveInfo, EntryInfo, FilesystemEvent
 from branchbox.sdk._sync_http import Timeout, _Owner
+
+if TYPE_CHECKING:  # websockets itself is imported on first use, by ws()
+    from websockets.sync.client import ClientConnection
 
 CHUNK = 256 * 1024
 
@@ -185,6 +185,8 @@ class Files:
                 for event in events:
                     print(event.type, event.name)
         """
+        from websockets.exceptions import ConnectionClosed  # noqa: PLC0415 - websockets only once one is used
+
         ws = self._sandbox._http.ws(rq.watch_path(self._sid), binary=False, query=rq.watch_query(path, recursive))
         try:
             try:
@@ -198,6 +200,8 @@ class Files:
 
 
 def _watch_events(ws: ClientConnection) -> Iterator[FilesystemEvent]:
+    from websockets.exceptions import ConnectionClosed  # noqa: PLC0415
+
     try:
         for raw in ws:
             item = rq.watch_message(raw)
