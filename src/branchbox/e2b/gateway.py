@@ -33,7 +33,7 @@ from branchbox.e2b.process import ProcessService
 from branchbox.e2b.state import E2BState, basic_user, resolve_path
 from branchbox.e2b.tokens import file_signature
 from branchbox.e2b.watch import WatchService
-from branchbox.errors import BranchboxError, InvalidStateError
+from branchbox.errors import BranchboxError
 from branchbox.models import SandboxInfo, SandboxState
 
 MAX_BODY = 1024 * 1024  # a control-plane or RPC request body
@@ -252,18 +252,14 @@ async def _bytes(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[byte
 
 
 async def _awake(state: E2BState, sid: str) -> SandboxInfo | None:
-    """The sandbox a data-plane request names (None: unknown). A paused one with ``auto_resume`` is resumed first
-    (E2B's auto-resume on traffic); one a concurrent request resumed meanwhile is simply running."""
+    """The sandbox a data-plane request names (None: unknown), resumed first by the Manager when it is paused with
+    ``auto_resume`` (E2B's auto-resume on traffic; ``Manager.awake``, as for every other front)."""
+    with contextlib.suppress(BranchboxError):  # not running afterwards: the caller answers from its state
+        await state.manager.awake(sid)
     try:
-        info = await state.manager.get(sid)
-        if info.state is SandboxState.PAUSED and info.lifecycle.auto_resume:
-            try:
-                info = await state.manager.resume(sid)
-            except InvalidStateError:
-                info = await state.manager.get(sid)
+        return await state.manager.get(sid)
     except BranchboxError:
         return None
-    return info
 
 
 def _template(path: str) -> str:

@@ -66,14 +66,17 @@ class IdempotencyKeys:
     def __init__(self, db: Path | None = None) -> None:
         self._entries: dict[tuple[str, str], _Entry] = {}  # insertion order: oldest first
         self._db = db
+        self._table = False  # created (once per process, on first use: most daemons never see a key)
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
+        """A connection to the daemon's SQLite file (WAL already, set by the Manager's store), in a transaction."""
         assert self._db is not None
         conn = sqlite3.connect(self._db, timeout=10)
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(_SCHEMA)
+            if not self._table:
+                conn.execute(_SCHEMA)
+                self._table = True
             with conn:
                 yield conn
         finally:

@@ -270,39 +270,11 @@ class AsyncWire:
         """One request, its whole answer. ``body``: JSON; ``content``: raw bytes, or an async iterable of them
         sent chunked as it yields; ``query``: ``?...`` already encoded; ``extra``: more header lines, each ending
         in CRLF (the fleet controller passes its caller's ``authorization``); ``content_type``: instead of JSON
-        for ``body``, octet-stream for ``content``. A reused connection the daemon closed meanwhile is retried once
-        on a new one."""
-        raw, chunks = encode(
-            method, self._to.prefix + path + query, self._to.fixed, body=body, content=content, extra=extra,
-            content_type=content_type,
-        )  # fmt: skip
-        if chunks is None and (conn := self._take()) is not None:
-            try:
-                return await self._whole(conn, raw, None, method, timeout, reused=True)
-            except _Stale:
-                pass
-        conn = await self._new(timeout if self._connect_timeout is None else self._connect_timeout)
-        return await self._whole(conn, raw, chunks, method, timeout, reused=False)
-
-    async def _whole(
-        self, conn: _Conn, raw: bytes, chunks: AsyncIterable[bytes] | None, method: str, timeout: float | None, *,
-        reused: bool,
-    ) -> Reply:  # fmt: skip
-        parser = Parser(conn.buf, head_only=method == "HEAD")
-        conn.start(parser, whole=True)
-        assert conn.waiter is not None
-        try:
-            await self._send(conn, raw, chunks, timeout)
-            reply: Reply = await _wait(conn.waiter, timeout)
-        except _Lost as exc:
-            conn.close()
-            if reused and not exc.partial:
-                raise _Stale from exc
-            raise WireError("the daemon closed the connection without an answer") from exc
-        except BaseException:
-            conn.close()  # failed, timed out or cancelled mid-exchange: the connection's state is unknown
-            raise
+        for ``body``, octet-stream for ``content``."""
+        raw, chunks = self._encode(method, path, body, query, content, extra, content_type)
+        conn, parser, reply = await self._open(raw, chunks, method, timeout, whole=True)
         self._give_back(conn, parser)
+        assert reply is not None
         return reply
 
     @asynccontextmanager
@@ -318,20 +290,10 @@ class AsyncWire:
         extra: bytes = b"",
         content_type: str | None = None,
     ) -> AsyncIterator[AsyncStreamed]:
-        """One request whose answer's body is read as it comes, inside the ``async with`` block."""
-        raw, chunks = encode(
-            method, self._to.prefix + path + query, self._to.fixed, body=body, content=content, extra=extra,
-            content_type=content_type,
-        )  # fmt: skip
-        conn, parser = None, None
-        if chunks is None and (conn := self._take()) is not None:
-            try:
-                parser = await self._head(conn, raw, None, method, timeout, reused=True)
-            except _Stale:
-                conn = None
-        if conn is None or parser is None:
-            conn = await self._new(timeout if self._connect_timeout is None else self._connect_timeout)
-            parser = await self._head(conn, raw, chunks, method, timeout, reused=False)
+        """One request whose answer's body is read as it comes, inside the ``async with`` block (the arguments
+        are :meth:`request`'s)."""
+        raw, chunks = self._encode(method, path, body, query, content, extra, content_type)
+        conn, parser, _ = await self._open(raw, chunks, method, timeout, whole=False)
         try:
             yield AsyncStreamed(conn, parser, timeout)
         except BaseException:
@@ -339,31 +301,50 @@ class AsyncWire:
             raise
         self._give_back(conn, parser)
 
-    async def _head(
+    def _encode(
+        self, method: str, path: str, body: bytes | None, query: str, content: Content, extra: bytes,
+        content_type: str | None,
+    ) -> tuple[bytes, AsyncIterable[bytes] | None]:  # fmt: skip
+        target = self._to.prefix + path + query
+        return encode(
+            method, target, self._to.fixed, body=body, content=content, extra=extra, content_type=content_type
+        )
+
+    async def _open(
+        self, raw: bytes, chunks: AsyncIterable[bytes] | None, method: str, timeout: float | None, *, whole: bool
+    ) -> tuple[_Conn, Parser, Reply | None]:
+        """Send the request and wait for its whole answer (``whole``) or its head: on an idle connection when the
+        request can be sent again (one the daemon closed meanwhile is replaced once), else on a new one."""
+        if chunks is None and (conn := self._take()) is not None:
+            try:
+                return conn, *await self._exchange(conn, raw, None, method, timeout, whole=whole, reused=True)
+            except _Stale:
+                pass
+        conn = await self._new(timeout if self._connect_timeout is None else self._connect_timeout)
+        return conn, *await self._exchange(conn, raw, chunks, method, timeout, whole=whole, reused=False)
+
+    async def _exchange(
         self, conn: _Conn, raw: bytes, chunks: AsyncIterable[bytes] | None, method: str, timeout: float | None, *,
-        reused: bool,
-    ) -> Parser:  # fmt: skip
+        whole: bool, reused: bool,
+    ) -> tuple[Parser, Reply | None]:  # fmt: skip
         parser = Parser(conn.buf, head_only=method == "HEAD")
-        conn.start(parser, whole=False)
-        assert conn.head is not None
+        conn.start(parser, whole=whole)
+        answered: asyncio.Future[Any] | None = conn.waiter if whole else conn.head
+        assert answered is not None
         try:
-            await self._send(conn, raw, chunks, timeout)
-            await _wait(conn.head, timeout)
+            conn.transport.write(raw)
+            if chunks is not None:
+                await self._upload(conn, chunks, timeout)
+            got = await _wait(answered, timeout)
         except _Lost as exc:
             conn.close()
             if reused and not exc.partial:
                 raise _Stale from exc
             raise WireError("the daemon closed the connection without an answer") from exc
         except BaseException:
-            conn.close()
+            conn.close()  # failed, timed out or cancelled mid-exchange: the connection's state is unknown
             raise
-        return parser
-
-    @staticmethod
-    async def _send(conn: _Conn, raw: bytes, chunks: AsyncIterable[bytes] | None, timeout: float | None) -> None:
-        conn.transport.write(raw)
-        if chunks is not None:
-            await AsyncWire._upload(conn, chunks, timeout)
+        return parser, got
 
     @staticmethod
     async def _upload(conn: _Conn, chunks: AsyncIterable[bytes], timeout: float | None) -> None:

@@ -150,11 +150,14 @@ class Wire:
                 conn.close()
         return None
 
-    def _give_back(self, conn: _Conn) -> None:
-        with self._lock:
-            if not self._closed and len(self._idle) < MAX_IDLE:
-                self._idle.append(conn)
-                return
+    def _give_back(self, conn: _Conn, parser: Parser) -> None:
+        """Pool the connection again if its answer was read to its end and the daemon keeps it alive, else close
+        it."""
+        if parser.done and parser.keep_alive and not conn.buf:
+            with self._lock:
+                if not self._closed and len(self._idle) < MAX_IDLE:
+                    self._idle.append(conn)
+                    return
         conn.close()
 
     def request(
@@ -189,10 +192,7 @@ class Wire:
         except (OSError, ValueError) as exc:
             conn.close()
             raise WireError(f"bad exchange with the daemon ({exc})") from exc
-        if parser.keep_alive and not conn.buf:
-            self._give_back(conn)
-        else:
-            conn.close()
+        self._give_back(conn, parser)
         return Reply(parser.status, parser.headers, b"".join(parts))
 
     @contextmanager
@@ -208,24 +208,15 @@ class Wire:
         extra: bytes = b"",
         content_type: str | None = None,
     ) -> Iterator[Streamed]:
-        """One request whose answer's body is read as it comes, inside the ``with`` block."""
+        """One request whose answer's body is read as it comes, inside the ``with`` block (the arguments are
+        :meth:`request`'s)."""
         conn, parser = self._open(method, path, body, timeout, query, content, extra, content_type)
-        with self._finishing(conn, parser, timeout) as streamed:
-            yield streamed
-
-    @contextmanager
-    def _finishing(self, conn: _Conn, parser: Parser, timeout: float | None) -> Iterator[Streamed]:
-        """The answer as a :class:`Streamed`; afterwards its connection is pooled again if the body was read to
-        its end and the daemon keeps it alive, else closed."""
         try:
             yield Streamed(conn, parser, timeout)
         except BaseException:
             conn.close()
             raise
-        if parser.done and parser.keep_alive and not conn.buf:
-            self._give_back(conn)
-        else:
-            conn.close()
+        self._give_back(conn, parser)
 
     def _open(
         self,
